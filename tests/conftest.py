@@ -1,0 +1,17 @@
+"""Shared pytest setup for tinytune.
+
+Sets environment switches that must be in place before any tinytune module is imported:
+Triton's interpreter on machines without CUDA (kernels are decorated at import time) and
+offline mode for Hugging Face libraries (tests never fetch from a hub).
+"""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
