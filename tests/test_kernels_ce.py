@@ -1,0 +1,159 @@
+"""Fused linear + cross-entropy: chunked PyTorch path (CPU) and Triton path (interpreter / CUDA).
+
+Rule for every check: error vs an fp64 reference <= error of the same-dtype eager torch op + small tol.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tinytune.kernels import default_chunk_size, linear_cross_entropy
+from tinytune.kernels import linear_ce
+
+IGN = -100
+
+
+def _data(n, d, v, dtype, seed=0, ignore_frac=0.25, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(n, d, generator=g) * 1.5
+    w = torch.randn(v, d, generator=g) / d**0.5 * 2
+    y = torch.randint(0, v, (n,), generator=g)
+    y[torch.rand(n, generator=g) < ignore_frac] = IGN
+    return h.to(device, dtype), w.to(device, dtype), y.to(device)
+
+
+def _ref(h, w, y, reduction, dtype):
+    """Eager torch loss and grads computed in `dtype` (logits upcast to fp32 as models do)."""
+    h = h.detach().to(dtype).requires_grad_()
+    w = w.detach().to(dtype).requires_grad_()
+    logits = F.linear(h, w)
+    if dtype != torch.float64:
+        logits = logits.float()
+    loss = F.cross_entropy(logits, y, ignore_index=IGN, reduction="sum")
+    if reduction == "mean":
+        loss = loss / (y != IGN).sum().clamp(min=1)
+    loss.backward()
+    return loss.detach().double(), h.grad.double(), w.grad.double()
+
+
+def _ours(h, w, y, **kw):
+    h = h.detach().clone().requires_grad_()
+    w = w.detach().clone().requires_grad_()
+    loss = linear_cross_entropy(h, w, y, **kw)
+    loss.backward()
+    return loss.detach().double(), h.grad.double(), w.grad.double()
+
+
+def _err(a, b):
+    return (a - b).abs().max().item()
+
+
+def _check_against_reference(h, w, y, dtype, reduction="sum", tol=None, **kw):
+    ref64 = _ref(h, w, y, reduction, torch.float64)
+    same = _ref(h, w, y, reduction, dtype)
+    ours = _ours(h, w, y, reduction=reduction, **kw)
+    for name, o, s, r in zip(("loss", "grad_hidden", "grad_weight"), ours, same, ref64):
+        scale = r.abs().max().item() + 1e-6
+        t = tol if tol is not None else (1e-5 if dtype == torch.float32 else 2e-3) * scale
+        assert _err(o, r) <= _err(s, r) + t, f"{name}: ours {_err(o, r):.3e} vs torch {_err(s, r):.3e} (tol {t:.1e})"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("n,v,chunk", [(1, 123, None), (17, 123, 4), (130, 123, 32), (33, 64, 33)])
+def test_chunked_matches_reference(dtype, n, v, chunk):
+    h, w, y = _data(n, 24, v, dtype, seed=n)
+    _check_against_reference(h, w, y, dtype, reduction="sum", chunk_size=chunk)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_mean_vs_sum_and_num_tokens(dtype):
+    h, w, y = _data(40, 16, 50, dtype, seed=3)
+    _check_against_reference(h, w, y, dtype, reduction="mean", chunk_size=8)
+    s = linear_cross_entropy(h, w, y, reduction="sum", chunk_size=8)
+    m = linear_cross_entropy(h, w, y, reduction="mean", chunk_size=8)
+    count = (y != IGN).sum()
+    torch.testing.assert_close(m, s / count)
+    # explicit normaliser (e.g. label tokens across a gradient-accumulation window)
+    nt = torch.tensor(1000)
+    hh = h.clone().requires_grad_()
+    m2 = linear_cross_entropy(hh, w, y, reduction="mean", num_tokens=nt, chunk_size=8)
+    torch.testing.assert_close(m2, s / 1000)
+    m2.backward()
+    hs = h.clone().requires_grad_()
+    (linear_cross_entropy(hs, w, y, reduction="sum", chunk_size=8) / 1000).backward()
+    torch.testing.assert_close(hh.grad, hs.grad)
+
+
+def test_ignore_index_custom_and_all_ignored():
+    h, w, y = _data(12, 8, 20, torch.float32, seed=4)
+    y2 = y.clone()
+    y2[y2 == IGN] = 7  # the class 7 is ignored instead
+    y2[::3] = 7
+    ref = F.cross_entropy(F.linear(h, w), torch.where(y2 == 7, IGN, y2), ignore_index=IGN, reduction="sum")
+    torch.testing.assert_close(linear_cross_entropy(h, w, y2, ignore_index=7, chunk_size=5), ref)
+    # all ignored: loss 0 (mean does not divide by zero), gradients exactly 0
+    yi = torch.full((12,), IGN)
+    hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
+    for red in ("sum", "mean"):
+        loss = linear_cross_entropy(hh, ww, yi, reduction=red, chunk_size=5)
+        assert loss.item() == 0.0 and torch.isfinite(loss)
+    loss.backward()
+    assert hh.grad.abs().max().item() == 0.0 and ww.grad.abs().max().item() == 0.0
+
+
+def test_batched_input_flattens():
+    h, w, y = _data(2 * 9, 16, 31, torch.float32, seed=5)
+    flat = linear_cross_entropy(h, w, y, chunk_size=4)
+    batched = linear_cross_entropy(h.view(2, 9, 16), w, y.view(2, 9), chunk_size=4)
+    torch.testing.assert_close(flat, batched)
+
+
+def test_grad_scaling_and_frozen_weight():
+    h, w, y = _data(20, 8, 30, torch.float32, seed=6)
+    hh = h.clone().requires_grad_()
+    (3.0 * linear_cross_entropy(hh, w, y, chunk_size=7)).backward()  # frozen weight: no weight grad stored
+    href = h.clone().requires_grad_()
+    (3.0 * F.cross_entropy(F.linear(href, w), y, ignore_index=IGN, reduction="sum")).backward()
+    torch.testing.assert_close(hh.grad, href.grad, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        out = linear_cross_entropy(h, w, y)
+    torch.testing.assert_close(out, F.cross_entropy(F.linear(h, w), y, ignore_index=IGN, reduction="sum"))
+
+
+def test_default_chunk_size_respects_budget():
+    c = default_chunk_size(100_000, 128_000, torch.bfloat16, budget_bytes=256 * 2**20)
+    assert 8 <= c < 100_000 and c % 8 == 0
+    assert c * 128_000 * (4 + 2 * 2) <= 256 * 2**20
+    assert default_chunk_size(5, 10, torch.float32) == 5
+    assert default_chunk_size(5, 10**9, torch.float32, budget_bytes=1) == 1
+
+
+def test_chunks_never_hold_full_logits(monkeypatch):
+    """The row step only ever sees [chunk, V] logits."""
+    seen = []
+    orig = linear_ce.torch_row_step
+
+    def spy(logits, labels, ignore_index):
+        seen.append(tuple(logits.shape))
+        return orig(logits, labels, ignore_index)
+
+    monkeypatch.setattr(linear_ce, "torch_row_step", spy)
+    h, w, y = _data(50, 8, 40, torch.float32)
+    linear_cross_entropy(h, w, y, chunk_size=16)
+    assert seen == [(16, 40), (16, 40), (16, 40), (2, 40)]
+
+
+def test_bad_inputs_have_clear_errors():
+    h, w, y = _data(6, 8, 10, torch.float32)
+    with pytest.raises(ValueError, match="outside"):
+        linear_cross_entropy(h, w, torch.full((6,), 10))
+    with pytest.raises(ValueError, match="does not match weight dim"):
+        linear_cross_entropy(h, w[:, :4], y)
+    with pytest.raises(ValueError, match="reduction"):
+        linear_cross_entropy(h, w, y, reduction="none")
+    with pytest.raises(ValueError, match="num_tokens"):
+        linear_cross_entropy(h, w, y, num_tokens=torch.tensor(3))
+    with pytest.raises(ValueError, match="labels"):
+        linear_cross_entropy(h, w, y[:5])
+    with pytest.raises(TypeError, match="dtype"):
+        linear_cross_entropy(h, w.double(), y)

@@ -1,0 +1,226 @@
+"""Fused linear + cross-entropy that never materializes the full ``[tokens, vocab]`` logits.
+
+Design (shared by the PyTorch and the Triton back ends):
+
+* Tokens are processed in chunks of ``chunk_size`` rows. For one chunk we compute the logits
+  ``h_c @ W.T`` (``[c, V]``, matmul in the input dtype, then fp32), turn that buffer *in place* into
+  ``softmax - onehot(label)`` (fp32, so the target-class gradient ``p - 1`` keeps full precision) and
+  the per-row loss, then immediately use it for ``grad_hidden[c] = g @ W`` and
+  ``grad_weight += g.T @ h_c`` (the weight gradient accumulates in an fp32 buffer).
+* Gradients are therefore computed **in the forward pass** and stored; backward only scales them by
+  the incoming scalar gradient. Why not recompute in backward: recomputation needs the logits matmul
+  twice (4 matmuls per chunk instead of 3, ~33% more FLOPs), and the loss is always a scalar consumed
+  directly by ``backward()`` in training, so the stored gradients (``[N, d]`` in the input dtype plus
+  the fp32 ``[V, d]`` accumulator) live only from the loss forward to the start of backward. When no
+  gradient is needed (``torch.no_grad()`` / eval, frozen inputs) nothing is stored.
+* Only the per-chunk "softmax + loss + gradient" step differs between back ends: a Triton kernel on
+  CUDA (one program per row, online logsumexp over vocab tiles), PyTorch ops elsewhere.
+
+Memory per chunk is about ``c * V * (4 + 2 * elem_size)`` bytes; the default chunk size is derived
+from a budget (``TINYTUNE_CE_CHUNK_BYTES``, default 256 MiB).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Callable
+
+import torch
+
+from tinytune.kernels._runtime import triton_usable
+
+_DEFAULT_CHUNK_BYTES = 256 * 1024 * 1024
+
+# (logits fp32 [c, V] (modified in place), labels [c] int64, ignore_index) -> loss per row fp32 [c]
+RowStep = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
+
+
+def default_chunk_size(num_tokens: int, vocab: int, dtype: torch.dtype, budget_bytes: int | None = None) -> int:
+    """Chunk size (tokens per chunk) that keeps the per-chunk logits/gradient buffers within a budget.
+
+    Args:
+        num_tokens: total tokens N.
+        vocab: vocabulary size V.
+        dtype: dtype of the hidden states (native logits are produced in it).
+        budget_bytes: memory budget per chunk; default from ``TINYTUNE_CE_CHUNK_BYTES`` or 256 MiB.
+
+    Returns:
+        A chunk size in ``[1, N]``; a multiple of 8 when larger than 8.
+    """
+    if budget_bytes is None:
+        budget_bytes = int(os.environ.get("TINYTUNE_CE_CHUNK_BYTES", _DEFAULT_CHUNK_BYTES))
+    elem = torch.empty((), dtype=dtype).element_size()
+    per_row = vocab * (4 + 2 * elem)  # fp32 logits/grad buffer + native logits + native grad copy
+    chunk = max(1, budget_bytes // per_row)
+    if chunk > 8:
+        chunk -= chunk % 8
+    return int(max(1, min(chunk, num_tokens)))
+
+
+def torch_row_step(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """PyTorch softmax/CE step on one chunk; turns ``logits`` into ``dloss/dlogits`` in place.
+
+    Args:
+        logits: fp32 ``[c, V]`` logits; overwritten with ``(softmax - onehot) * valid``.
+        labels: ``[c]`` int64 targets, ``ignore_index`` where masked.
+        ignore_index: label value that contributes no loss and no gradient.
+
+    Returns:
+        fp32 ``[c]`` per-row loss (0 for ignored rows).
+    """
+    valid = labels != ignore_index  # [c]
+    safe = torch.where(valid, labels, torch.zeros_like(labels))  # [c]
+    lse = torch.logsumexp(logits, dim=-1)  # [c]
+    target = logits.gather(1, safe[:, None]).squeeze(1)  # [c]
+    loss = torch.where(valid, lse - target, torch.zeros_like(lse))  # [c]
+    logits.sub_(lse[:, None]).exp_()  # softmax, in place
+    logits.scatter_add_(1, safe[:, None], torch.full_like(lse[:, None], -1.0))
+    logits.mul_(valid[:, None].to(logits.dtype))
+    return loss
+
+
+class _LinearCE(torch.autograd.Function):
+    """CE summed over non-ignored tokens (divided by ``denom`` if given); grads computed in forward."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, denom, ignore_index, chunk_size, row_step):  # noqa: D102
+        n, _ = hidden.shape
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_h = torch.empty_like(hidden) if need_h else None  # [N, d]
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        # The normaliser scales the fp32 gradient before any cast, so low-precision grads round once.
+        inv = None if denom is None else 1.0 / denom.to(device=hidden.device, dtype=torch.float32)
+        for start in range(0, n, chunk_size):
+            end = min(start + chunk_size, n)
+            h_c = hidden[start:end]  # [c, d]
+            logits = (h_c @ weight.t()).float()  # [c, V] fp32
+            total += row_step(logits, labels[start:end], ignore_index).sum()
+            if not (need_h or need_w):
+                continue
+            if hidden.dtype == torch.float32:
+                g = logits if inv is None else logits.mul_(inv)  # [c, V]
+            else:
+                g = (logits if inv is None else logits * inv).to(hidden.dtype)  # [c, V]
+            del logits
+            if need_h:
+                torch.mm(g, weight, out=grad_h[start:end])
+            if need_w:
+                if g.dtype == torch.float32:
+                    grad_w.addmm_(g.t(), h_c)
+                else:
+                    grad_w += (g.t() @ h_c).float()
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.weight_dtype = weight.dtype
+        return total if inv is None else total * inv
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):  # noqa: D102
+        grad_h, grad_w = ctx.saved_tensors
+        if grad_h is not None:
+            grad_h = grad_h * grad_out.to(grad_h.dtype)
+        if grad_w is not None:
+            grad_w = (grad_w * grad_out).to(ctx.weight_dtype)
+        return grad_h, grad_w, None, None, None, None, None
+
+
+def _check_inputs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, reduction: str) -> None:
+    if reduction not in ("sum", "mean"):
+        raise ValueError(f"linear_cross_entropy: reduction must be 'sum' or 'mean', got {reduction!r}")
+    if hidden.dim() != 2 or weight.dim() != 2:
+        raise ValueError(
+            "linear_cross_entropy: expected hidden [N, d] (or [b, s, d]) and weight [V, d], got "
+            f"hidden {tuple(hidden.shape)} and weight {tuple(weight.shape)}"
+        )
+    if hidden.shape[1] != weight.shape[1]:
+        raise ValueError(
+            f"linear_cross_entropy: hidden dim {hidden.shape[1]} does not match weight dim {weight.shape[1]} "
+            "(weight must be [vocab, dim], e.g. model.output_weight)"
+        )
+    if hidden.dtype != weight.dtype:
+        raise TypeError(
+            f"linear_cross_entropy: hidden dtype {hidden.dtype} differs from weight dtype {weight.dtype}; "
+            "cast one of them (e.g. hidden.to(weight.dtype))"
+        )
+    if labels.shape != hidden.shape[:1]:
+        raise ValueError(
+            f"linear_cross_entropy: labels shape {tuple(labels.shape)} does not match the token count "
+            f"{hidden.shape[0]} of hidden"
+        )
+    if labels.dtype.is_floating_point or labels.dtype == torch.bool:
+        raise TypeError(f"linear_cross_entropy: labels must be an integer tensor, got {labels.dtype}")
+
+
+def linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    ignore_index: int = -100,
+    reduction: str = "sum",
+    num_tokens: torch.Tensor | None = None,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """Cross-entropy of ``hidden @ weight.T`` against ``labels`` without the full logits tensor.
+
+    Uses a Triton softmax/CE kernel on CUDA and PyTorch ops elsewhere (CPU, NPU); both process the
+    tokens in chunks and compute the gradients during the forward pass (see the module docstring).
+
+    Args:
+        hidden: ``[N, d]`` (or ``[b, s, d]``, flattened) final hidden states, fp32/bf16/fp16.
+        weight: ``[V, d]`` output projection (``model.output_weight``).
+        labels: ``[N]`` (or ``[b, s]``) integer targets, already shifted; ``ignore_index`` = masked.
+        ignore_index: label value excluded from loss and normaliser.
+        reduction: ``"sum"`` (summed loss) or ``"mean"`` (divided by the normaliser).
+        num_tokens: optional scalar tensor used as the normaliser for ``reduction="mean"`` (e.g. the
+            label-token count of the whole accumulation window); no host synchronisation happens.
+            Default: the number of non-ignored labels here (clamped to >= 1, so an all-ignored batch
+            gives 0, not NaN).
+        chunk_size: tokens per chunk; default from a memory budget (:func:`default_chunk_size`).
+
+    Returns:
+        fp32 scalar loss.
+
+    Example:
+        >>> hidden = model(tokens, return_hidden=True)            # [b, s, d]
+        >>> loss = linear_cross_entropy(hidden, model.output_weight, labels, reduction="mean")
+    """
+    if hidden.dim() == 3:
+        if labels.dim() != 2 or labels.shape != hidden.shape[:2]:
+            raise ValueError(
+                f"linear_cross_entropy: hidden {tuple(hidden.shape)} is [b, s, d], so labels must be [b, s]; "
+                f"got {tuple(labels.shape)}"
+            )
+        hidden = hidden.reshape(-1, hidden.shape[-1])
+        labels = labels.reshape(-1)
+    _check_inputs(hidden, weight, labels, reduction)
+    if num_tokens is not None and reduction != "mean":
+        raise ValueError(
+            "linear_cross_entropy: num_tokens is the normaliser of reduction='mean'; pass reduction='mean' "
+            "(or divide the 'sum' result yourself)"
+        )
+    labels = labels.long()
+    n, vocab = hidden.shape[0], weight.shape[0]
+    if chunk_size is None:
+        chunk_size = default_chunk_size(n, vocab, hidden.dtype)
+    if chunk_size < 1:
+        raise ValueError(f"linear_cross_entropy: chunk_size must be >= 1, got {chunk_size}")
+    if hidden.device.type == "cpu":  # cheap here; on accelerators this would force a host sync
+        bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
+        if bool(bad.any()):
+            idx = int(bad.nonzero()[0, 0])
+            raise ValueError(
+                f"linear_cross_entropy: label {int(labels[idx])} at token {idx} is outside [0, {vocab}) and is "
+                f"not ignore_index={ignore_index}; check the tokenizer/vocab size of the dataset"
+            )
+    row_step = torch_row_step
+    if hidden.is_cuda and triton_usable(hidden, weight):
+        from tinytune.kernels.ce_triton import triton_row_step
+
+        row_step = triton_row_step
+    denom = None
+    if reduction == "mean":
+        denom = num_tokens if num_tokens is not None else (labels != ignore_index).sum().clamp(min=1)
+        denom = torch.as_tensor(denom).detach()
+    return _LinearCE.apply(hidden, weight, labels, denom, ignore_index, chunk_size, row_step)
