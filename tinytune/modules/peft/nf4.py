@@ -1,0 +1,89 @@
+"""NF4 (4-bit NormalFloat) storage for frozen QLoRA base weights, backed by torchao.
+
+torchao is imported lazily: its import is slow and only QLoRA needs it.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+_SCALER_BLOCK_CHOICES = (256, 128, 64, 32, 16, 8, 4, 2, 1)
+_BLOCK_CHOICES = (64, 32, 16)
+
+
+def _torchao_nf4():
+    """Returns torchao's ``(NF4Tensor, to_nf4, linear_nf4)``, with a clear error if missing."""
+    # torchao logs failures to load optional CUDA extensions on CPU machines; they are harmless here.
+    logging.getLogger("torchao").setLevel(logging.ERROR)
+    try:
+        from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import (  # torchao >= 0.13
+            NF4Tensor,
+            linear_nf4,
+            to_nf4,
+        )
+    except ImportError:
+        try:
+            from torchao.dtypes.nf4tensor import NF4Tensor, linear_nf4, to_nf4  # older torchao
+        except ImportError as e:  # pragma: no cover - depends on the installed torchao
+            raise ImportError(
+                "QLoRA (quantize_base=True) needs torchao with NF4 support: pip install 'torchao>=0.10'"
+            ) from e
+    return NF4Tensor, to_nf4, linear_nf4
+
+
+def pick_nf4_block_sizes(shape: torch.Size) -> tuple[int, int]:
+    """Chooses NF4 ``(block_size, scaler_block_size)`` that divide the weight's sizes.
+
+    torchao needs ``numel % block_size == 0`` and ``(numel // block_size) % scaler_block_size == 0``.
+    The standard choice is (64, 256); smaller values are used for small (test) weights.
+
+    Args:
+        shape: weight shape, e.g. ``[out_dim, in_dim]``.
+
+    Returns:
+        ``(block_size, scaler_block_size)``.
+
+    Raises:
+        ValueError: if no supported block size divides the number of elements.
+    """
+    numel = 1
+    for s in shape:
+        numel *= int(s)
+    for block in _BLOCK_CHOICES:
+        if numel % block == 0:
+            n_blocks = numel // block
+            for scaler in _SCALER_BLOCK_CHOICES:
+                if n_blocks % scaler == 0:
+                    return block, scaler
+    raise ValueError(
+        f"Cannot quantize a weight of shape {tuple(shape)} to NF4: its {numel} elements are not "
+        f"divisible by any block size in {_BLOCK_CHOICES}. Leave this module out of the LoRA "
+        "modules or use quantize_base=False."
+    )
+
+
+def is_nf4(t: torch.Tensor) -> bool:
+    """True if ``t`` is a torchao NF4 tensor (without importing torchao when not loaded)."""
+    return type(t).__name__ == "NF4Tensor"
+
+
+def to_nf4(weight: torch.Tensor) -> torch.Tensor:
+    """Quantizes a 2-D weight to a torchao ``NF4Tensor`` with block sizes that fit its shape."""
+    _, _to_nf4, _ = _torchao_nf4()
+    block, scaler = pick_nf4_block_sizes(weight.shape)
+    return _to_nf4(weight.detach().contiguous(), block_size=block, scaler_block_size=scaler)
+
+
+def dequantize(weight: torch.Tensor) -> torch.Tensor:
+    """Returns a plain tensor: NF4 weights are dequantized to their original dtype."""
+    if is_nf4(weight):
+        return weight.get_original_weight()
+    return weight
+
+
+def linear_nf4(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``x @ dequant(weight).T`` without storing a full-precision copy for backward."""
+    _, _, _linear_nf4 = _torchao_nf4()
+    return _linear_nf4(x, weight)
