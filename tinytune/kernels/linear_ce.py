@@ -31,7 +31,8 @@ from tinytune.kernels._runtime import triton_usable
 
 _DEFAULT_CHUNK_BYTES = 256 * 1024 * 1024
 
-# (logits fp32 [c, V] (modified in place), labels [c] int64, ignore_index) -> loss per row fp32 [c]
+# (logits fp32 [c, V] (overwritten with the gradient), labels [c] int64, ignore_index,
+#  grad_scale fp32 [] | None) -> loss per row fp32 [c]
 RowStep = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
 
 
@@ -57,13 +58,16 @@ def default_chunk_size(num_tokens: int, vocab: int, dtype: torch.dtype, budget_b
     return int(max(1, min(chunk, num_tokens)))
 
 
-def torch_row_step(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
+def torch_row_step(
+    logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, grad_scale: torch.Tensor | None = None
+) -> torch.Tensor:
     """PyTorch softmax/CE step on one chunk; turns ``logits`` into ``dloss/dlogits`` in place.
 
     Args:
-        logits: fp32 ``[c, V]`` logits; overwritten with ``(softmax - onehot) * valid``.
+        logits: fp32 ``[c, V]`` logits; overwritten with ``(softmax - onehot) * valid * grad_scale``.
         labels: ``[c]`` int64 targets, ``ignore_index`` where masked.
         ignore_index: label value that contributes no loss and no gradient.
+        grad_scale: optional fp32 scalar tensor multiplied into the gradient (1 / normaliser).
 
     Returns:
         fp32 ``[c]`` per-row loss (0 for ignored rows).
@@ -75,7 +79,10 @@ def torch_row_step(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int
     loss = torch.where(valid, lse - target, torch.zeros_like(lse))  # [c]
     logits.sub_(lse[:, None]).exp_()  # softmax, in place
     logits.scatter_add_(1, safe[:, None], torch.full_like(lse[:, None], -1.0))
-    logits.mul_(valid[:, None].to(logits.dtype))
+    row_scale = valid.to(logits.dtype)  # [c]
+    if grad_scale is not None:
+        row_scale = row_scale * grad_scale
+    logits.mul_(row_scale[:, None])
     return loss
 
 
@@ -95,13 +102,10 @@ class _LinearCE(torch.autograd.Function):
             end = min(start + chunk_size, n)
             h_c = hidden[start:end]  # [c, d]
             logits = (h_c @ weight.t()).float()  # [c, V] fp32
-            total += row_step(logits, labels[start:end], ignore_index).sum()
+            total += row_step(logits, labels[start:end], ignore_index, inv).sum()
             if not (need_h or need_w):
                 continue
-            if hidden.dtype == torch.float32:
-                g = logits if inv is None else logits.mul_(inv)  # [c, V]
-            else:
-                g = (logits if inv is None else logits * inv).to(hidden.dtype)  # [c, V]
+            g = logits if hidden.dtype == torch.float32 else logits.to(hidden.dtype)  # [c, V]
             del logits
             if need_h:
                 torch.mm(g, weight, out=grad_h[start:end])
@@ -219,6 +223,11 @@ def linear_cross_entropy(
         from tinytune.kernels.ce_triton import triton_row_step
 
         row_step = triton_row_step
+    return _linear_ce(hidden, weight, labels, ignore_index, reduction, num_tokens, chunk_size, row_step)
+
+
+def _linear_ce(hidden, weight, labels, ignore_index, reduction, num_tokens, chunk_size, row_step):
+    """Validated entry with an explicit row step (tests use it to run the Triton step on CPU)."""
     denom = None
     if reduction == "mean":
         denom = num_tokens if num_tokens is not None else (labels != ignore_index).sum().clamp(min=1)
