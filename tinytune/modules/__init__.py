@@ -1,0 +1,26 @@
+"""Model building blocks."""
+
+from tinytune.modules.attention import attention, packed_causal_mask, seq_lens_to_document_ids
+from tinytune.modules.feed_forward import FeedForward
+from tinytune.modules.init import init_weights
+from tinytune.modules.kv_cache import KVCache
+from tinytune.modules.multi_head_attention import MultiHeadAttention
+from tinytune.modules.position_embeddings import RotaryPositionalEmbeddings, check_rope_scaling
+from tinytune.modules.rms_norm import RMSNorm
+from tinytune.modules.transformer import TiedLinear, TransformerDecoder, TransformerSelfAttentionLayer
+
+__all__ = [
+    "FeedForward",
+    "KVCache",
+    "MultiHeadAttention",
+    "RMSNorm",
+    "RotaryPositionalEmbeddings",
+    "TiedLinear",
+    "TransformerDecoder",
+    "TransformerSelfAttentionLayer",
+    "attention",
+    "check_rope_scaling",
+    "init_weights",
+    "packed_causal_mask",
+    "seq_lens_to_document_ids",
+]
