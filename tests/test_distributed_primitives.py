@@ -1,0 +1,88 @@
+"""Distributed helpers: mesh sizes, backend choice, resumable sampler, and (via torchrun on
+gloo) FSDP / TP / HSDP / FSDP+TP training plus DCP resume against single-process training."""
+
+import json
+
+import pytest
+import torch
+
+from tests.dist_workers.launch import REPO, torchrun
+from tinytune.training.dcp import DistributedCheckpointer
+from tinytune.training.dist_sampler import ResumableDistributedSampler
+from tinytune.training.distributed import ParallelDims, get_backend
+
+
+def test_parallel_dims_infer_and_validate():
+    assert ParallelDims.from_config(8) == ParallelDims(1, 8, 1)
+    assert ParallelDims.from_config(8, tensor_parallel=2) == ParallelDims(1, 4, 2)
+    assert ParallelDims.from_config(8, data_parallel_replicate=2, data_parallel_shard=2, tensor_parallel=-1).tp == 2
+    assert ParallelDims.from_config(4, data_parallel_replicate=-1, data_parallel_shard=2).dp == 4
+    with pytest.raises(ValueError, match="not divisible"):
+        ParallelDims.from_config(6, tensor_parallel=4)
+    with pytest.raises(ValueError, match="multiply to 4"):
+        ParallelDims.from_config(8, data_parallel_shard=2, tensor_parallel=2)
+    with pytest.raises(ValueError, match="at most one may be -1"):
+        ParallelDims.from_config(8, data_parallel_shard=-1, tensor_parallel=-1)
+
+
+def test_backend_by_device():
+    assert get_backend("cpu") == "gloo"
+    assert get_backend("cuda") == "nccl"
+    assert get_backend("npu") == "hccl"
+    assert get_backend("cuda", cpu_offload=True) == "cuda:nccl,cpu:gloo"
+    with pytest.raises(ValueError, match="mps"):
+        get_backend("mps")
+
+
+def test_sampler_matches_global_batches_and_resumes():
+    n, ranks, b = 23, 2, 3
+    samplers = [ResumableDistributedSampler(n, ranks, r, seed=5) for r in range(ranks)]
+    for s in samplers:
+        s.set_epoch(1)
+    per_rank = [list(s) for s in samplers]
+    assert sorted(sum(per_rank, [])) == sorted(set(sum(per_rank, [])))  # disjoint
+    g = torch.Generator().manual_seed(5 + 1)
+    order = torch.randperm(n, generator=g).tolist()
+    for t in range(len(per_rank[0]) // b):  # step t of all ranks == step t of one process with batch b*ranks
+        union = sorted(sum((p[t * b:(t + 1) * b] for p in per_rank), []))
+        assert union == sorted(order[t * b * ranks:(t + 1) * b * ranks])
+    state = samplers[1].state_dict(samples_consumed=2 * b)
+    fresh = ResumableDistributedSampler(n, ranks, 1, seed=5)
+    fresh.load_state_dict(state)
+    assert list(fresh) == per_rank[1][2 * b:] and len(fresh) == len(per_rank[1]) - 2 * b
+    with pytest.raises(ValueError, match="same `seed`"):
+        ResumableDistributedSampler(n, ranks, 1, seed=6).load_state_dict(state)
+    padded = ResumableDistributedSampler(5, 2, 1, shuffle=False, drop_last=False)
+    assert list(padded) == [1, 3, 0]
+
+
+def test_checkpointer_ignores_incomplete(tmp_path):
+    ck = DistributedCheckpointer(tmp_path)
+    (tmp_path / "dcp" / "step_4").mkdir(parents=True)
+    (tmp_path / "dcp" / "step_2").mkdir()
+    (tmp_path / "dcp" / "step_2" / "COMPLETE").write_text("")
+    assert ck.resolve("auto").name == "step_2"
+    assert ck.resolve(None) is None
+    with pytest.raises(FileNotFoundError, match="step_4"):
+        ck.resolve(str(tmp_path / "dcp" / "step_4"))
+
+
+def _check(out, layout, tol=1e-5):
+    res = json.loads((out / f"{layout}.json").read_text())
+    assert res["keys_equal"]
+    assert res["dist"] == pytest.approx(res["ref"], abs=tol), layout
+    assert res["resumed"] == pytest.approx(res["ref"][-1:], abs=tol), layout
+    assert res["param_diff"][0] < 1e-4 and res["resumed_param_diff"][0] < 1e-4, (layout, res)
+
+
+def test_two_rank_fsdp_tp_match_single_process(tmp_path):
+    torchrun(2, [str(REPO / "tests/dist_workers/primitives_worker.py"), str(tmp_path), "fsdp", "tp", "tp_lossparallel"])
+    for layout in ("fsdp", "tp", "tp_lossparallel"):
+        _check(tmp_path, layout)
+
+
+@pytest.mark.slow
+def test_four_rank_hsdp_and_fsdp_tp_match_single_process(tmp_path):
+    torchrun(4, [str(REPO / "tests/dist_workers/primitives_worker.py"), str(tmp_path), "hsdp", "fsdp_tp"])
+    for layout in ("hsdp", "fsdp_tp"):
+        _check(tmp_path, layout)

@@ -1,0 +1,171 @@
+"""FSDP2 sharding of a ``TransformerDecoder`` and full <-> sharded state-dict movement.
+
+The model is built on the meta device, tensor-parallelised (optional), sharded here with
+``fully_shard`` (one group per decoder layer plus the root), materialised with
+``to_empty`` and then filled from a full (HF-converted) state dict: each rank copies only
+its own slice, so no rank allocates the whole model on its device.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Mapping
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    set_model_state_dict,
+)
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor, distribute_tensor
+
+__all__ = [
+    "apply_fsdp",
+    "gather_full_state_dict",
+    "load_full_state_dict",
+    "materialize_meta_model",
+    "set_gradient_sync",
+]
+
+_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+           "fp16": torch.float16, "float16": torch.float16}
+
+
+def _dtype(value: str | torch.dtype | None) -> torch.dtype | None:
+    if value is None or isinstance(value, torch.dtype):
+        return value
+    if value not in _DTYPES:
+        raise ValueError(f"Unknown dtype {value!r} in the FSDP mixed-precision settings; use one of {sorted(_DTYPES)}.")
+    return _DTYPES[value]
+
+
+def apply_fsdp(
+    model: nn.Module,
+    mesh: DeviceMesh,
+    *,
+    param_dtype: str | torch.dtype | None = None,
+    reduce_dtype: str | torch.dtype | None = torch.float32,
+    cpu_offload: bool = False,
+    reshard_after_forward: bool = True,
+) -> nn.Module:
+    """Shard every decoder layer and then the root with ``fully_shard``.
+
+    Args:
+        model: a ``TransformerDecoder`` (must have a ``layers`` ModuleList), on meta or a real device.
+        mesh: 1-D (FSDP) or 2-D ``(replicate, shard)`` (HSDP) data-parallel mesh.
+        param_dtype: dtype parameters are all-gathered and computed in (e.g. ``"bf16"``); None keeps them.
+        reduce_dtype: dtype gradients are reduced in (fp32 by default).
+        cpu_offload: keep sharded parameters, gradients and optimizer state on the CPU.
+        reshard_after_forward: free gathered layer parameters after forward (re-gather in backward).
+
+    Returns:
+        The same module, now an ``FSDPModule``.
+    """
+    if not hasattr(model, "layers"):
+        raise TypeError(f"apply_fsdp expects a TransformerDecoder with `.layers`, got {type(model).__name__}.")
+    mp = MixedPrecisionPolicy(param_dtype=_dtype(param_dtype), reduce_dtype=_dtype(reduce_dtype))
+    kwargs = {"mesh": mesh, "mp_policy": mp}
+    if cpu_offload:
+        kwargs["offload_policy"] = CPUOffloadPolicy()
+    n = len(model.layers)
+    for i, layer in enumerate(model.layers):
+        # The last layer's parameters are needed first in backward: keep them gathered.
+        fully_shard(layer, reshard_after_forward=reshard_after_forward and i < n - 1, **kwargs)
+    fully_shard(model, reshard_after_forward=reshard_after_forward, **kwargs)
+    return model
+
+
+def set_gradient_sync(model: nn.Module, enabled: bool) -> None:
+    """Turn gradient reduce-scatter on/off for the coming backward (off on non-final micro-steps)."""
+    if isinstance(model, FSDPModule):
+        model.set_requires_gradient_sync(enabled, recurse=True)
+
+
+def materialize_meta_model(model: nn.Module, device: torch.device, buffer_init: Callable[[nn.Module], None] | None = None) -> None:
+    """Allocate storage for a meta-device model and re-create its non-persistent buffers.
+
+    ``to_empty`` leaves every buffer uninitialised; buffers that are not in the state dict
+    (RoPE caches, masks) are rebuilt by calling each submodule's ``rope_init()`` /
+    ``reset_buffers()`` when defined, or by ``buffer_init(module)`` when given.
+    """
+    model.to_empty(device=device)
+    with torch.no_grad():
+        for module in model.modules():
+            if buffer_init is not None:
+                buffer_init(module)
+            for hook in ("rope_init", "reset_buffers"):
+                fn = getattr(module, hook, None)
+                if callable(fn):
+                    fn()
+                    break
+
+
+@torch.no_grad()
+def load_full_state_dict(
+    model: nn.Module,
+    full_sd: Mapping[str, torch.Tensor],
+    *,
+    broadcast_from_rank0: bool = False,
+    strict: bool = True,
+) -> None:
+    """Fill a sharded (FSDP and/or TP) model from a full, unsharded state dict.
+
+    Args:
+        model: a materialised model whose parameters may be DTensors.
+        full_sd: full tensors keyed by the contract's parameter names. With the default
+            ``broadcast_from_rank0=False`` every rank passes a (lazily read, e.g. safetensors
+            mmap) full state dict and slices its own shard locally, with no communication.
+            With ``broadcast_from_rank0=True`` only rank 0 needs the tensors (others may pass
+            ``{}``), which are broadcast and sharded tensor by tensor.
+        strict: raise on missing / unexpected keys.
+
+    Raises:
+        KeyError: naming missing or unexpected parameter names when ``strict``.
+    """
+    if broadcast_from_rank0:
+        set_model_state_dict(
+            model,
+            dict(full_sd) if dist.get_rank() == 0 else {},
+            options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=strict),
+        )
+        return
+    target = model.state_dict()
+    if strict:
+        missing = sorted(set(target) - set(full_sd))
+        unexpected = sorted(set(full_sd) - set(target))
+        if missing or unexpected:
+            raise KeyError(
+                f"State dict does not match the model: missing {missing[:8]}{'...' if len(missing) > 8 else ''}, "
+                f"unexpected {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}."
+            )
+    for name, dst in target.items():
+        if name not in full_sd:
+            continue
+        src = full_sd[name]
+        if tuple(src.shape) != tuple(dst.shape):
+            raise ValueError(f"Parameter {name}: checkpoint shape {tuple(src.shape)} != model shape {tuple(dst.shape)}.")
+        if isinstance(dst, DTensor):
+            # src_data_rank=None: slice locally from the full tensor every rank already has.
+            shard = distribute_tensor(src.to(dst.dtype), dst.device_mesh, dst.placements, src_data_rank=None)
+            dst.to_local().copy_(shard.to_local())
+        else:
+            dst.copy_(src)
+
+
+def gather_full_state_dict(model: nn.Module, *, trainable_only: bool = False) -> dict[str, torch.Tensor]:
+    """Collect the full (unsharded) model state dict on CPU on rank 0; other ranks get ``{}``.
+
+    Every rank must call this (it runs all-gathers).
+
+    Args:
+        model: the sharded model.
+        trainable_only: drop frozen parameters (LoRA adapters only).
+    """
+    sd = get_model_state_dict(
+        model,
+        options=StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=trainable_only),
+    )
+    return sd if dist.get_rank() == 0 else {}
