@@ -3,6 +3,7 @@
 Import this package after setting ``TRITON_INTERPRET=1`` if the Triton kernels should run on CPU.
 """
 
+from tinytune.kernels.flash_attn import flash_attention
 from tinytune.kernels.linear_ce import default_chunk_size, linear_cross_entropy
 
-__all__ = ["linear_cross_entropy", "default_chunk_size"]
+__all__ = ["flash_attention", "linear_cross_entropy", "default_chunk_size"]
