@@ -1,0 +1,167 @@
+"""Autoregressive generation: greedy or sampled, batched with left padding, optional KV cache.
+
+Left padding: prompts are right-aligned in a ``[b, L]`` buffer. Every row's real tokens get
+positions ``0, 1, ...`` (pad positions are never attended to), so a left-padded row produces the
+same tokens as the prompt run alone.
+"""
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+
+
+def sample_next_token(
+    logits: torch.Tensor,
+    *,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Pick the next token of each row.
+
+    Args:
+        logits: ``[b, vocab]`` scores of the last position.
+        temperature: ``<= 0`` means greedy (argmax); otherwise logits are divided by it.
+        top_k: keep only the ``top_k`` highest-scoring tokens before sampling.
+        top_p: keep the smallest set of tokens whose probability mass reaches ``top_p``.
+        generator: random generator for reproducible sampling.
+
+    Returns:
+        ``[b]`` int64 token ids.
+    """
+    if temperature is None or temperature <= 0:
+        return logits.argmax(dim=-1)  # [b]
+    scores = logits.float() / temperature  # [b, V]
+    if top_k is not None and top_k > 0:
+        k = min(int(top_k), scores.shape[-1])
+        kth = torch.topk(scores, k, dim=-1).values[:, -1:]  # [b, 1]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if top_p is not None and 0.0 < top_p < 1.0:
+        sorted_scores, order = scores.sort(dim=-1, descending=True)  # [b, V] each
+        probs = sorted_scores.softmax(dim=-1)  # [b, V]
+        mass_before = probs.cumsum(dim=-1) - probs  # [b, V] mass of strictly better tokens
+        drop_sorted = mass_before >= top_p  # the best token is always kept
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)  # [b, V]
+        scores = scores.masked_fill(drop, float("-inf"))
+    probs = scores.softmax(dim=-1)  # [b, V]
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]  # [b]
+
+
+def _validate_prompts(prompt_tokens: Sequence[Sequence[int]], vocab_size: int) -> None:
+    if not prompt_tokens:
+        raise ValueError("generate: prompt_tokens is empty; pass a list of token-id lists")
+    for i, prompt in enumerate(prompt_tokens):
+        if len(prompt) == 0:
+            raise ValueError(f"generate: prompt {i} is empty; every prompt needs at least one token (e.g. BOS)")
+        bad = [t for t in prompt if not 0 <= int(t) < vocab_size]
+        if bad:
+            raise ValueError(f"generate: prompt {i} has token ids {bad[:5]} outside the vocabulary [0, {vocab_size})")
+
+
+@torch.no_grad()
+def generate(
+    model: nn.Module,
+    prompt_tokens: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    stop_tokens: Sequence[int] | None = None,
+    pad_id: int = 0,
+    use_cache: bool = True,
+    generator: torch.Generator | None = None,
+    on_token: Callable[[int, int], None] | None = None,
+) -> list[list[int]]:
+    """Generate continuations for a batch of prompts.
+
+    Args:
+        model: a :class:`~tinytune.modules.TransformerDecoder` (any module with the same
+            ``forward(tokens, input_pos, mask=...)`` and ``setup_caches`` API).
+        prompt_tokens: one list of token ids per prompt (lengths may differ).
+        max_new_tokens: most tokens to generate per prompt.
+        temperature: ``0`` = greedy; ``> 0`` = sampling.
+        top_k: optional top-k filter for sampling.
+        top_p: optional nucleus filter for sampling.
+        stop_tokens: ids that end a row (not included in the output).
+        pad_id: id used for left padding (never attended to).
+        use_cache: decode with a KV cache (otherwise recompute the whole prefix each step).
+        generator: random generator for sampling.
+        on_token: streaming callback ``on_token(row, token_id)``, called for every emitted token.
+
+    Returns:
+        One list of generated token ids per prompt (prompt and stop token excluded).
+    """
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    vocab_size = model.tok_embeddings.num_embeddings
+    _validate_prompts(prompt_tokens, vocab_size)
+    stop = torch.tensor(sorted(set(int(t) for t in (stop_tokens or []))), dtype=torch.long)
+    device = model.tok_embeddings.weight.device
+    stop = stop.to(device)
+    b = len(prompt_tokens)
+    prompt_len = max(len(p) for p in prompt_tokens)
+    total = prompt_len + max_new_tokens
+
+    tokens = torch.full((b, total), pad_id, dtype=torch.long, device=device)  # [b, T]
+    valid = torch.ones(b, total, dtype=torch.bool, device=device)  # [b, T]
+    for i, prompt in enumerate(prompt_tokens):
+        pad = prompt_len - len(prompt)
+        tokens[i, pad:prompt_len] = torch.tensor([int(t) for t in prompt], dtype=torch.long)
+        valid[i, :pad] = False
+    input_pos = (valid.long().cumsum(-1) - 1).clamp_(min=0)  # [b, T] real tokens start at 0
+    causal = torch.ones(total, total, dtype=torch.bool, device=device).tril_()  # [T, T]
+    eye = torch.eye(total, dtype=torch.bool, device=device)  # [T, T] pads attend to themselves
+    mask = (causal[None] & valid[:, None, :]) | eye[None]  # [b, T, T]
+
+    outputs: list[list[int]] = [[] for _ in range(b)]
+    if max_new_tokens == 0:
+        return outputs
+    done = torch.zeros(b, dtype=torch.bool, device=device)  # [b]
+
+    owns_cache = False
+    if use_cache:
+        if model.caches_are_enabled():
+            cache = model.layers[0].attn.kv_cache
+            if cache.batch_size != b or cache.max_seq_len < total:
+                raise ValueError(
+                    f"generate: the model's KV caches hold batch {cache.batch_size} x {cache.max_seq_len} positions "
+                    f"but this call needs {b} x {total}; call model.clear_caches() or set them up again"
+                )
+            model.reset_caches()
+        else:
+            model.setup_caches(b, total)
+            owns_cache = True
+    elif model.caches_are_enabled():
+        raise ValueError("generate: use_cache=False but the model has KV caches attached; call model.clear_caches()")
+
+    try:
+        cur = prompt_len
+        if use_cache:  # prefill
+            logits = model(tokens[:, :cur], input_pos[:, :cur], mask=mask[:, :cur, :cur])  # [b, L, V]
+        for step in range(max_new_tokens):
+            if not use_cache:
+                logits = model(tokens[:, :cur], input_pos[:, :cur], mask=mask[:, :cur, :cur])  # [b, cur, V]
+            nxt = sample_next_token(
+                logits[:, -1], temperature=temperature, top_k=top_k, top_p=top_p, generator=generator
+            )  # [b]
+            nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
+            is_stop = torch.isin(nxt, stop) & ~done  # [b]
+            for i, tok in enumerate(nxt.tolist()):
+                if done[i] or is_stop[i]:
+                    continue
+                outputs[i].append(tok)
+                if on_token is not None:
+                    on_token(i, tok)
+            done |= is_stop
+            tokens[:, cur] = nxt
+            cur += 1
+            if bool(done.all()) or step == max_new_tokens - 1:
+                break
+            if use_cache:
+                logits = model(tokens[:, cur - 1 : cur], input_pos[:, cur - 1 : cur], mask=mask[:, cur - 1 : cur, :cur])
+    finally:
+        if owns_cache:
+            model.clear_caches()
+    return outputs
