@@ -6,6 +6,8 @@ Packed documents: per-token int32 tables ``doc_id``, ``doc_start``, ``doc_end`` 
 token's document and its ``[start, end)`` span. Each program derives its loop bounds from the spans
 of its first/last row, so key (or query) blocks wholly outside the documents it touches are never
 visited; inside the visited range a ``doc_id`` equality mask (plus causal ``n <= m``) is applied.
+Only blocks on the causal diagonal, on a document boundary or at the sequence tail build a mask; the
+others (every pair visible) skip it.
 The softmax runs in base 2 (``exp2``) with ``qk_scale = softmax_scale * log2(e)``; the stored
 log-sum-exp is in natural-log units.
 The backward is deterministic: dK/dV are produced by one program per (kv head, key block) that loops
@@ -69,6 +71,40 @@ def _q_range(doc_start_ptr, doc_end_ptr, n0, S, BLOCK_M: tl.constexpr, BLOCK_N: 
     return lo, hi
 
 
+@triton.jit
+def _kv_free_range(doc_start_ptr, doc_end_ptr, m0, S, BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr,
+                   HAS_DOCS: tl.constexpr):
+    """Keys [lo, hi) visible to *every* query of the block at m0: key blocks inside need no mask."""
+    m_last = tl.minimum(m0 + BLOCK_M, S) - 1
+    lo = 0
+    hi = S
+    if HAS_DOCS:
+        ds0 = tl.load(doc_start_ptr + m0)
+        ds1 = tl.load(doc_start_ptr + m_last)
+        lo = tl.where(ds0 == ds1, ds0, S)  # a block spanning two documents always needs the mask
+        hi = tl.load(doc_end_ptr + m0)
+    if CAUSAL:
+        hi = tl.minimum(hi, m0 + 1)
+    return lo, hi
+
+
+@triton.jit
+def _q_free_range(doc_start_ptr, doc_end_ptr, n0, S, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+                  HAS_DOCS: tl.constexpr):
+    """Queries [lo, hi) that see *every* key of the block at n0: query blocks inside need no mask."""
+    n_last = tl.minimum(n0 + BLOCK_N, S) - 1
+    lo = 0
+    hi = S
+    if HAS_DOCS:
+        ds0 = tl.load(doc_start_ptr + n0)
+        ds1 = tl.load(doc_start_ptr + n_last)
+        lo = tl.where(ds0 == ds1, ds0, S)
+        hi = tl.load(doc_end_ptr + n0)
+    if CAUSAL:
+        lo = tl.maximum(lo, n0 + BLOCK_N - 1)
+    return lo, hi
+
+
 @triton.autotune(configs=_FWD_CONFIGS, key=["S", "D", "BLOCK_D", "CAUSAL", "HAS_DOCS", "GROUP"])
 @triton.jit
 def _fwd_kernel(
@@ -98,6 +134,7 @@ def _fwd_kernel(
     v_base = V + b.to(tl.int64) * svb + hk.to(tl.int64) * svh
     doc_row = b.to(tl.int64) * S
     lo, hi = _kv_range(DOC_START + doc_row, DOC_END + doc_row, m0, S, BLOCK_M, BLOCK_N, CAUSAL, HAS_DOCS)
+    free_lo, free_hi = _kv_free_range(DOC_START + doc_row, DOC_END + doc_row, m0, S, BLOCK_M, CAUSAL, HAS_DOCS)
     if HAS_DOCS:
         q_doc = tl.load(DOC_ID + doc_row + offs_m, mask=m_ok, other=-1)
 
@@ -115,13 +152,14 @@ def _fwd_kernel(
             k = k.to(tl.float32)
             v = v.to(tl.float32)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale  # [BM, BN], base-2 logits
-        mask = m_ok[:, None] & n_ok[None, :]
-        if CAUSAL:
-            mask = mask & (cols[None, :] <= offs_m[:, None])
-        if HAS_DOCS:
-            k_doc = tl.load(DOC_ID + doc_row + cols, mask=n_ok, other=-2)
-            mask = mask & (k_doc[None, :] == q_doc[:, None])
-        qk = tl.where(mask, qk, float("-inf"))
+        if (n0 < free_lo) | (n0 + BLOCK_N > free_hi):  # diagonal / document-boundary / tail block
+            mask = m_ok[:, None] & n_ok[None, :]
+            if CAUSAL:
+                mask = mask & (cols[None, :] <= offs_m[:, None])
+            if HAS_DOCS:
+                k_doc = tl.load(DOC_ID + doc_row + cols, mask=n_ok, other=-2)
+                mask = mask & (k_doc[None, :] == q_doc[:, None])
+            qk = tl.where(mask, qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
         p = tl.exp2(qk - m_safe[:, None])
@@ -192,6 +230,7 @@ def _bwd_dkdv_kernel(
         v = v.to(tl.float32)
     doc_row = b.to(tl.int64) * S
     lo, hi = _q_range(DOC_START + doc_row, DOC_END + doc_row, n0, S, BLOCK_M, BLOCK_N, CAUSAL, HAS_DOCS)
+    free_lo, free_hi = _q_free_range(DOC_START + doc_row, DOC_END + doc_row, n0, S, BLOCK_N, CAUSAL, HAS_DOCS)
     if HAS_DOCS:
         k_doc = tl.load(DOC_ID + doc_row + offs_n, mask=n_ok, other=-2)
 
@@ -215,13 +254,15 @@ def _bwd_dkdv_kernel(
             lse2 = tl.load(LSE + row_base + rows, mask=m_ok, other=0.0) * 1.4426950408889634
             delta = tl.load(DELTA + row_base + rows, mask=m_ok, other=0.0)
             s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale  # [BN, BM]
-            mask = n_ok[:, None] & m_ok[None, :]
-            if CAUSAL:
-                mask = mask & (offs_n[:, None] <= rows[None, :])
-            if HAS_DOCS:
-                q_doc = tl.load(DOC_ID + doc_row + rows, mask=m_ok, other=-1)
-                mask = mask & (k_doc[:, None] == q_doc[None, :])
-            p_t = tl.where(mask, tl.exp2(s_t - lse2[None, :]), 0.0)  # [BN, BM]
+            p_t = tl.exp2(s_t - lse2[None, :])  # [BN, BM]
+            if (m0 < free_lo) | (m0 + BLOCK_M > free_hi):  # diagonal / document-boundary / tail block
+                mask = n_ok[:, None] & m_ok[None, :]
+                if CAUSAL:
+                    mask = mask & (offs_n[:, None] <= rows[None, :])
+                if HAS_DOCS:
+                    q_doc = tl.load(DOC_ID + doc_row + rows, mask=m_ok, other=-1)
+                    mask = mask & (k_doc[:, None] == q_doc[None, :])
+                p_t = tl.where(mask, p_t, 0.0)
             dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PREC)
             dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)  # [BN, BM]
             ds_t = p_t * (dp_t - delta[None, :])
@@ -272,6 +313,7 @@ def _bwd_dq_kernel(
     v_base = V + b.to(tl.int64) * svb + hk.to(tl.int64) * svh
     doc_row = b.to(tl.int64) * S
     lo, hi = _kv_range(DOC_START + doc_row, DOC_END + doc_row, m0, S, BLOCK_M, BLOCK_N, CAUSAL, HAS_DOCS)
+    free_lo, free_hi = _kv_free_range(DOC_START + doc_row, DOC_END + doc_row, m0, S, BLOCK_M, CAUSAL, HAS_DOCS)
     if HAS_DOCS:
         q_doc = tl.load(DOC_ID + doc_row + offs_m, mask=m_ok, other=-1)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -285,13 +327,15 @@ def _bwd_dq_kernel(
             k = k.to(tl.float32)
             v = v.to(tl.float32)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale  # [BM, BN]
-        mask = m_ok[:, None] & n_ok[None, :]
-        if CAUSAL:
-            mask = mask & (cols[None, :] <= offs_m[:, None])
-        if HAS_DOCS:
-            k_doc = tl.load(DOC_ID + doc_row + cols, mask=n_ok, other=-2)
-            mask = mask & (k_doc[None, :] == q_doc[:, None])
-        p = tl.where(mask, tl.exp2(s - lse2[:, None]), 0.0)
+        p = tl.exp2(s - lse2[:, None])
+        if (n0 < free_lo) | (n0 + BLOCK_N > free_hi):  # diagonal / document-boundary / tail block
+            mask = m_ok[:, None] & n_ok[None, :]
+            if CAUSAL:
+                mask = mask & (cols[None, :] <= offs_m[:, None])
+            if HAS_DOCS:
+                k_doc = tl.load(DOC_ID + doc_row + cols, mask=n_ok, other=-2)
+                mask = mask & (k_doc[None, :] == q_doc[:, None])
+            p = tl.where(mask, p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)  # [BM, BN]
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
