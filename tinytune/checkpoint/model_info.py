@@ -173,10 +173,10 @@ def hf_config_from_model_info(info: ModelInfo, dtype: str = "float32") -> dict:
             "rms_norm_eps": info.norm_eps,
             "max_position_embeddings": info.max_seq_len,
             "tie_word_embeddings": info.tie_word_embeddings,
-            "torch_dtype": dtype,
+            "torch_dtype": dtype,  # transformers 4 name
+            "dtype": dtype,  # transformers 5 name
         }
     )
-    cfg.pop("dtype", None)
     if info.model_type == "llama":
         cfg["attention_bias"] = info.qkv_bias
         cfg.setdefault("mlp_bias", False)
