@@ -8,7 +8,7 @@ its own slice, so no rank allocates the whole model on its device.
 
 from __future__ import annotations
 
-from typing import Callable, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 import torch.distributed as dist
@@ -24,6 +24,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 
 __all__ = [
     "apply_fsdp",
+    "clip_grad_norm_",
     "gather_full_state_dict",
     "load_full_state_dict",
     "materialize_meta_model",
@@ -110,20 +111,26 @@ def load_full_state_dict(
     *,
     broadcast_from_rank0: bool = False,
     strict: bool = True,
-) -> None:
-    """Fill a sharded (FSDP and/or TP) model from a full, unsharded state dict.
+    where: str = "state dict",
+) -> set[str]:
+    """Fill a sharded (FSDP and/or TP) model from full, unsharded tensors.
 
     Args:
         model: a materialised model whose parameters may be DTensors.
         full_sd: full tensors keyed by the contract's parameter names. With the default
-            ``broadcast_from_rank0=False`` every rank passes a (lazily read, e.g. safetensors
-            mmap) full state dict and slices its own shard locally, with no communication.
-            With ``broadcast_from_rank0=True`` only rank 0 needs the tensors (others may pass
-            ``{}``), which are broadcast and sharded tensor by tensor.
-        strict: raise on missing / unexpected keys.
+            ``broadcast_from_rank0=False`` every rank passes the (lazily read, e.g. one
+            safetensors shard) full tensors and slices its own shard locally, with no
+            communication and no full copy on the device. With ``broadcast_from_rank0=True``
+            only rank 0 needs the tensors (others may pass ``{}``); they are broadcast.
+        strict: require every model key to be present (use False when loading shard by shard).
+        where: name of the source for error messages (e.g. the checkpoint file).
+
+    Returns:
+        The names that were loaded.
 
     Raises:
-        KeyError: naming missing or unexpected parameter names when ``strict``.
+        KeyError: naming unexpected keys, or missing ones when ``strict``.
+        ValueError: naming a key whose shape differs from the model's.
     """
     if broadcast_from_rank0:
         set_model_state_dict(
@@ -131,28 +138,26 @@ def load_full_state_dict(
             dict(full_sd) if dist.get_rank() == 0 else {},
             options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=strict),
         )
-        return
+        return set(model.state_dict())
     target = model.state_dict()
-    if strict:
-        missing = sorted(set(target) - set(full_sd))
-        unexpected = sorted(set(full_sd) - set(target))
-        if missing or unexpected:
-            raise KeyError(
-                f"State dict does not match the model: missing {missing[:8]}{'...' if len(missing) > 8 else ''}, "
-                f"unexpected {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}."
-            )
-    for name, dst in target.items():
-        if name not in full_sd:
-            continue
-        src = full_sd[name]
+    unexpected = sorted(set(full_sd) - set(target))
+    missing = sorted(set(target) - set(full_sd)) if strict else []
+    if missing or unexpected:
+        raise KeyError(
+            f"{where} does not match the model: missing {missing[:8]}{'...' if len(missing) > 8 else ''}, "
+            f"unexpected {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}."
+        )
+    for name, src in full_sd.items():
+        dst = target[name]
         if tuple(src.shape) != tuple(dst.shape):
-            raise ValueError(f"Parameter {name}: checkpoint shape {tuple(src.shape)} != model shape {tuple(dst.shape)}.")
+            raise ValueError(f"{where}: {name} has shape {tuple(src.shape)} but the model expects {tuple(dst.shape)}.")
         if isinstance(dst, DTensor):
             # src_data_rank=None: slice locally from the full tensor every rank already has.
             shard = distribute_tensor(src.to(dst.dtype), dst.device_mesh, dst.placements, src_data_rank=None)
             dst.to_local().copy_(shard.to_local())
         else:
             dst.copy_(src)
+    return set(full_sd)
 
 
 def gather_full_state_dict(model: nn.Module, *, trainable_only: bool = False) -> dict[str, torch.Tensor]:
@@ -169,3 +174,37 @@ def gather_full_state_dict(model: nn.Module, *, trainable_only: bool = False) ->
         options=StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=trainable_only),
     )
     return sd if dist.get_rank() == 0 else {}
+
+
+@torch.no_grad()
+def clip_grad_norm_(parameters, max_norm: float) -> torch.Tensor:
+    """Clip gradients by their global L2 norm; works when DTensor gradients live on different meshes.
+
+    With FSDP + TP, tensor-parallel parameters are sharded over the 2-D ``(dp, tp)`` mesh while
+    the others are sharded over ``dp`` only. Norms are computed per (mesh, placements) group,
+    made full, and combined, so the result equals the single-process norm.
+
+    Args:
+        parameters: the model's parameters.
+        max_norm: clip threshold.
+
+    Returns:
+        The total norm before clipping (plain fp32 scalar tensor).
+    """
+    grads = [p.grad for p in parameters if p.grad is not None]
+    groups: dict[Any, list[torch.Tensor]] = {}
+    for g in grads:
+        key = (id(g.device_mesh), tuple(g.placements)) if isinstance(g, DTensor) else None
+        groups.setdefault(key, []).append(g)
+    total_sq = torch.zeros((), dtype=torch.float32)
+    for gs in groups.values():
+        norm = torch.nn.utils.get_total_norm(gs, norm_type=2.0)
+        if isinstance(norm, DTensor):
+            norm = norm.full_tensor()
+        total_sq += norm.float().cpu() ** 2
+    total = total_sq.sqrt()
+    scale = float(max_norm) / (float(total) + 1e-6)
+    if scale < 1.0:
+        for g in grads:
+            g.mul_(scale)
+    return total

@@ -56,7 +56,7 @@ def decoder_layer_plan(layer: nn.Module) -> dict[str, ParallelStyle]:
 
 # Family -> plan builder. All current families share the contract's parameter names.
 TP_PLANS: dict[str, Callable[[nn.Module], dict[str, ParallelStyle]]] = {
-    family: decoder_layer_plan for family in ("llama2", "llama3", "smollm2", "qwen2", "qwen3")
+    family: decoder_layer_plan for family in ("llama", "llama2", "llama3", "smollm2", "qwen2", "qwen3")
 }
 
 

@@ -1,0 +1,111 @@
+"""Build a tensor-parallel / FSDP-sharded model straight from an HF checkpoint directory.
+
+The model is built on the meta device (no memory), parallelised, materialised (each rank
+allocates only its shards) and filled one safetensors file at a time: every rank reads the
+file lazily and copies out only its own slices.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from tinytune.checkpoint.hf_reader import find_weight_files, iter_shards, list_keys
+from tinytune.checkpoint.keys import hf_key_map
+from tinytune.checkpoint.loader import build_model
+from tinytune.checkpoint.lora import is_lora_key
+from tinytune.checkpoint.model_info import CheckpointError, ModelInfo, read_model_info
+from tinytune.training.distributed import ParallelMesh
+from tinytune.training.fsdp import apply_fsdp, load_full_state_dict, materialize_meta_model
+from tinytune.training.parallel_plans import apply_tp
+
+__all__ = ["load_hf_model_sharded"]
+
+
+def _has_lm_head(path: str) -> bool:
+    return any("lm_head.weight" in list_keys(f) for f in find_weight_files(path))
+
+
+@torch.no_grad()
+def _init_lora_adapters(model: nn.Module) -> None:
+    """Fresh adapter init with the module's own ``reset_lora_parameters``, done on full CPU tensors.
+
+    Running the init on full tensors in module order draws the same random numbers as a
+    single-process run with the same seed; the values are then sliced into the shards.
+    """
+    for name, module in model.named_modules():
+        reset = getattr(module, "reset_lora_parameters", None)
+        if reset is None:
+            continue
+        stub = nn.Module()
+        full = {}
+        for sub in ("lora_a", "lora_b"):
+            weight = getattr(module, sub).weight
+            lin = nn.Module()
+            lin.weight = nn.Parameter(torch.empty(weight.shape, dtype=weight.dtype, device="cpu"))
+            setattr(stub, sub, lin)
+            full[f"{name}.{sub}.weight"] = lin.weight
+        type(module).reset_lora_parameters(stub)
+        load_full_state_dict(model, full, strict=False, where=f"LoRA init of {name}")
+
+
+def load_hf_model_sharded(
+    path: str,
+    mesh: ParallelMesh,
+    device: torch.device,
+    *,
+    linear_factory: Callable | None = None,
+    trainable: Callable[[nn.Module], Any] | None = None,
+    fsdp: dict | None = None,
+    loss_parallel: bool = False,
+    activation_checkpointing: Callable[[nn.Module], Any] | None = None,
+) -> tuple[nn.Module, ModelInfo]:
+    """Load an HF checkpoint into a sharded tinytune model.
+
+    Args:
+        path: HF checkpoint directory (``config.json`` + safetensors / bin files).
+        mesh: the parallel meshes (``mesh.tp`` for TP when its size > 1, ``mesh.fsdp`` for FSDP).
+        device: this rank's device.
+        linear_factory: e.g. a LoRA factory (passed to the family's component builder).
+        trainable: called on the (meta) model before sharding to set ``requires_grad``
+            (e.g. ``set_trainable_params`` for LoRA).
+        fsdp: keyword arguments of :func:`tinytune.training.fsdp.apply_fsdp`.
+        loss_parallel: split the output head by vocabulary (needs TP > 1).
+        activation_checkpointing: called on the model before sharding to wrap its layers.
+
+    Returns:
+        ``(model, info)``; parameters are DTensors; floating parameters are fp32 (the compute
+        dtype comes from FSDP's mixed-precision policy).
+
+    Raises:
+        CheckpointError: unreadable config, missing keys (named), unexpected keys.
+    """
+    info = read_model_info(path)
+    if not _has_lm_head(path):
+        info.tie_word_embeddings = True
+    with torch.device("meta"):
+        model = build_model(info, linear_factory)
+    if trainable is not None:
+        trainable(model)
+    if activation_checkpointing is not None:
+        activation_checkpointing(model)
+    if mesh.tp.size() > 1:
+        apply_tp(model, mesh.tp, family=info.model_type, loss_parallel=loss_parallel)
+    elif loss_parallel:
+        raise ValueError("loss_parallel=True needs tensor_parallel > 1.")
+    apply_fsdp(model, mesh.fsdp, **(fsdp or {}))
+    materialize_meta_model(model, device)
+
+    keymap = hf_key_map(info.model_type)
+    drop = {"output.weight"} if info.tie_word_embeddings else set()
+    loaded: set[str] = set()
+    for file, shard in iter_shards(path, keymap, dtype=torch.float32, drop=drop):
+        loaded |= load_full_state_dict(model, shard, strict=False, where=file)
+        del shard
+    missing = sorted(k for k in model.state_dict() if k not in loaded and not is_lora_key(k))
+    if missing:
+        raise CheckpointError(f"{path}: checkpoint lacks parameters {missing[:6]}{' ...' if len(missing) > 6 else ''}")
+    _init_lora_adapters(model)
+    return model, info
