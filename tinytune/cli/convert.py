@@ -1,0 +1,59 @@
+"""``tune convert``: checkpoint format conversions (GGUF -> HF safetensors directory)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``convert`` subcommand (``tune convert gguf PATH OUT_DIR``)."""
+    p = subparsers.add_parser(
+        "convert",
+        help="convert checkpoints between formats",
+        description="Convert checkpoints. Formats: gguf (llama architecture) -> HF safetensors directory.",
+    )
+    sub = p.add_subparsers(dest="format", metavar="<format>")
+    g = sub.add_parser(
+        "gguf",
+        help="llama-architecture GGUF -> HF checkpoint directory",
+        description=(
+            "Dequantize every tensor of a llama-architecture GGUF (F32/F16/BF16/Q4_0/Q4_1/Q8_0/K-quants), "
+            "undo llama.cpp's q/k row permutation and write an HF checkpoint directory (safetensors, "
+            "config.json, generation_config.json, tokenizer files and chat template)."
+        ),
+    )
+    g.add_argument("path", help="input .gguf file")
+    g.add_argument("out_dir", help="output directory (must not exist unless --overwrite)")
+    g.add_argument("--dtype", default="bf16", help="dtype of the written weights: bf16 (default), fp16, fp32")
+    g.add_argument("--max-shard-size", default="5GB", help="safetensors shard size, e.g. 2GB (default 5GB)")
+    g.add_argument("--no-tokenizer", action="store_true", help="write weights and config only")
+    g.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    g.set_defaults(func=run_gguf)
+    p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
+
+
+def run_gguf(args: argparse.Namespace) -> int:
+    """Convert; print where the checkpoint went. Returns the exit status."""
+    from tinytune.checkpoint.gguf_convert import convert_gguf_to_hf  # noqa: PLC0415
+    from tinytune.checkpoint.loader import resolve_dtype  # noqa: PLC0415
+    from tinytune.checkpoint.model_info import CheckpointError  # noqa: PLC0415
+
+    if os.path.exists(args.out_dir) and not args.overwrite:
+        print(f"tune convert: error: {args.out_dir} exists; pass --overwrite to replace it", file=sys.stderr)
+        return 1
+    try:
+        out, info = convert_gguf_to_hf(
+            args.path,
+            args.out_dir,
+            dtype=resolve_dtype(args.dtype),
+            max_shard_size=args.max_shard_size,
+            tokenizer=not args.no_tokenizer,
+            overwrite=args.overwrite,
+        )
+    except (CheckpointError, ValueError, OSError) as e:
+        print(f"tune convert: error: {e}", file=sys.stderr)
+        return 1
+    print(f"Wrote {info.model_type} checkpoint ({info.num_layers} layers, dim {info.dim}) to {out}")
+    return 0
