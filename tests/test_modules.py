@@ -1,6 +1,7 @@
 """Unit tests for tinytune.modules and the model builders (shapes, masks, init, sizes)."""
 
 import math
+import os
 
 import pytest
 import torch
@@ -13,11 +14,11 @@ from tinytune.modules import (
     RMSNorm,
     RotaryPositionalEmbeddings,
     TiedLinear,
-    attention,
     check_rope_scaling,
     packed_causal_mask,
     seq_lens_to_document_ids,
 )
+from tinytune.modules.attention import attention
 
 TINY = [llama2.llama2_tiny, llama3.llama3_tiny, qwen2.qwen2_tiny, qwen3.qwen3_tiny, smollm2.smollm2_tiny]
 
@@ -210,3 +211,27 @@ def test_kv_cache_update_and_overflow():
         cache.update(torch.ones(1, 2, 2, 8), torch.ones(1, 2, 2, 8))
     cache.reset()
     assert cache.size == 0
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_kernel_branch_matches_sdpa(monkeypatch, packed):
+    """Route attention through the Triton kernel (interpreter on CPU) and compare with SDPA."""
+    pytest.importorskip("triton")
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs CUDA or TRITON_INTERPRET=1")
+    import tinytune.modules.attention as attn_mod
+
+    if attn_mod._flash_kernel() is None:
+        pytest.skip("tinytune.kernels.flash_attention is not importable")
+    torch.manual_seed(0)
+    model = qwen3.qwen3_tiny()
+    tokens = torch.randint(0, 512, (2, 24))
+    kw = {}
+    if packed:
+        kw = dict(input_pos=torch.tensor([list(range(10)) + list(range(14)), list(range(24))]),
+                  seq_lens=torch.tensor([[10, 14], [24, 0]]))
+    with torch.no_grad():
+        ref = model(tokens, **kw)
+        monkeypatch.setattr(attn_mod, "_use_kernel", lambda q: True)
+        got = model(tokens, **kw)
+    torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)

@@ -1,6 +1,11 @@
-"""Model building blocks."""
+"""Model building blocks.
 
-from tinytune.modules.attention import attention, packed_causal_mask, seq_lens_to_document_ids
+The attention dispatch function is ``tinytune.modules.attention.attention`` (the submodule is not
+shadowed by a package-level name).
+"""
+
+from tinytune.modules import attention  # the submodule
+from tinytune.modules.attention import packed_causal_mask, seq_lens_to_document_ids
 from tinytune.modules.feed_forward import FeedForward
 from tinytune.modules.init import init_weights
 from tinytune.modules.kv_cache import KVCache
