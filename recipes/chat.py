@@ -1,0 +1,100 @@
+"""Interactive terminal chat with streaming output.
+
+Type a message and press Enter; the answer streams as it is generated. ``/exit`` (or end of
+input) quits, ``/reset`` clears the conversation. Input is read from stdin, so it can be piped:
+
+    printf 'Hello!\\n/exit\\n' | tune run chat --config smollm2/chat
+"""
+
+from __future__ import annotations
+
+import sys
+
+from omegaconf import DictConfig
+
+import tinytune.config
+from tinytune.generation import generate
+from tinytune.training.device import get_device, get_dtype, set_seed
+from tinytune.training.prompting import encode_chat_prompt, get_bound_template, stop_token_ids
+from tinytune.training.setup import cfg_get, load_model, load_tokenizer, resolve_checkpoint_dir
+
+
+class StreamPrinter:
+    """Prints decoded text as tokens arrive (decodes the whole reply and prints the new suffix,
+    so multi-byte characters split over tokens come out whole)."""
+
+    def __init__(self, tokenizer, out=sys.stdout) -> None:
+        self.tokenizer, self.out = tokenizer, out
+        self.ids: list[int] = []
+        self.shown = ""
+
+    def __call__(self, row: int, token_id: int) -> None:
+        self.ids.append(int(token_id))
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
+            return
+        self.out.write(text[len(self.shown):])
+        self.out.flush()
+        self.shown = text
+
+
+def recipe_main(cfg: DictConfig) -> list[dict]:
+    """Runs the chat loop; returns the conversation (list of messages)."""
+    device = get_device(cfg_get(cfg, "device", "auto"))
+    dtype = get_dtype(cfg_get(cfg, "dtype", "fp32"), device)
+    seed = set_seed(cfg_get(cfg, "seed", 0))
+    checkpoint_dir = resolve_checkpoint_dir(cfg)
+    tokenizer = load_tokenizer(cfg, checkpoint_dir)
+    model, info = load_model(cfg, checkpoint_dir, device, dtype)
+    model.eval()
+    template = get_bound_template(cfg_get(cfg, "template", "hf"), tokenizer)
+    stops = stop_token_ids(tokenizer, template)
+    max_new = int(cfg_get(cfg, "max_new_tokens", 256))
+    max_len = int(cfg_get(cfg, "max_seq_len", min(info.max_seq_len, 2048)))
+    temperature = float(cfg_get(cfg, "temperature", 0.0))
+    system = cfg_get(cfg, "system")
+    gen = None
+    if temperature > 0:
+        import torch  # noqa: PLC0415
+
+        gen = torch.Generator(device=device)
+        gen.manual_seed(seed)
+
+    history: list[dict] = []
+    print("chat: type a message; /reset clears the conversation, /exit quits.", flush=True)
+    while True:
+        print("> ", end="", flush=True)
+        line = sys.stdin.readline()
+        if not line:  # end of input
+            print()
+            break
+        text = line.strip()
+        if not text:
+            continue
+        if text == "/exit":
+            break
+        if text == "/reset":
+            history = []
+            print("(conversation cleared)")
+            continue
+        history.append({"role": "user", "content": text})
+        msgs = ([{"role": "system", "content": system}] if system else []) + history
+        prompt = encode_chat_prompt(tokenizer, template, msgs)
+        while len(prompt) + max_new > max_len and len(history) > 2:  # forget the oldest exchange
+            history = history[2:]
+            msgs = ([{"role": "system", "content": system}] if system else []) + history
+            prompt = encode_chat_prompt(tokenizer, template, msgs)
+        printer = StreamPrinter(tokenizer)
+        out = generate(model, [prompt], max_new_tokens=max_new, temperature=temperature, top_k=cfg_get(cfg, "top_k"),
+                       top_p=cfg_get(cfg, "top_p"), stop_tokens=stops, pad_id=int(tokenizer.pad_id or 0),
+                       generator=gen, on_token=printer)
+        reply = tokenizer.decode(out[0], skip_special_tokens=True)
+        if len(reply) > len(printer.shown):
+            sys.stdout.write(reply[len(printer.shown):])
+        print(flush=True)
+        history.append({"role": "assistant", "content": reply.strip()})
+    return history
+
+
+if __name__ == "__main__":
+    tinytune.config.parse(recipe_main)()

@@ -1,0 +1,57 @@
+"""Validation loss and perplexity of a model on a held-out split or a data file.
+
+The data is ``dataset`` (a dataset node, e.g. a file through ``tinytune.datasets.chat_dataset``);
+with ``validation.split_ratio`` / ``validation.split_size`` only the held-out part is evaluated,
+the same samples a fine-tuning run with the same ``seed`` and split held out.
+
+    tune run eval --config smollm2/eval checkpoint_dir=outputs/demo/hf_model
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+from omegaconf import DictConfig
+
+import tinytune.config
+from tinytune.training.data import validation_batches
+from tinytune.training.device import get_device, get_dtype, set_seed
+from tinytune.training.evaluation import evaluate_loss
+from tinytune.training.setup import (
+    build_collate,
+    cfg_get,
+    load_model,
+    load_tokenizer,
+    resolve_checkpoint_dir,
+    train_val_datasets,
+)
+
+
+def recipe_main(cfg: DictConfig) -> dict:
+    """Evaluates; prints and returns ``{"loss", "perplexity", "tokens", "samples"}``."""
+    device = get_device(cfg_get(cfg, "device", "auto"))
+    dtype = get_dtype(cfg_get(cfg, "dtype", "fp32"), device)
+    set_seed(cfg_get(cfg, "seed", 0))
+    checkpoint_dir = resolve_checkpoint_dir(cfg)
+    tokenizer = load_tokenizer(cfg, checkpoint_dir)
+    model, _ = load_model(cfg, checkpoint_dir, device, dtype)
+    train_ds, val_ds = train_val_datasets(cfg, tokenizer)
+    data = val_ds if val_ds is not None else train_ds  # no split configured: the whole dataset
+    loader = validation_batches(data, int(cfg_get(cfg, "batch_size", 8)), build_collate(cfg, tokenizer, data))
+    t0 = time.perf_counter()
+    result = evaluate_loss(model, loader, device, cfg_get(cfg, "max_batches"))
+    result.update(samples=len(data), seconds=round(time.perf_counter() - t0, 2), checkpoint_dir=checkpoint_dir)
+    print(f"eval: loss {result['loss']:.4f} | perplexity {result['perplexity']:.3f} | "
+          f"{result['tokens']} label tokens in {result['samples']} samples")
+    out_dir = cfg_get(cfg, "output_dir")
+    if out_dir:
+        os.makedirs(os.path.expanduser(str(out_dir)), exist_ok=True)
+        with open(os.path.join(os.path.expanduser(str(out_dir)), "eval.json"), "w", encoding="utf-8") as f:
+            json.dump(result, f, indent=2)
+    return result
+
+
+if __name__ == "__main__":
+    tinytune.config.parse(recipe_main)()

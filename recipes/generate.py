@@ -1,0 +1,94 @@
+"""Generate answers to prompts through the model's chat template.
+
+Prompts come from ``prompt`` (one string), ``prompts`` (a list) or ``prompt_file`` (a text file
+with one prompt per line, or JSONL with a ``prompt`` or ``messages`` field per line).
+
+    tune run generate --config smollm2/generate prompt="What is the capital of France?"
+    tune run generate --config smollm2/generate prompt_file=prompts.txt temperature=0.7 top_p=0.9
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+from omegaconf import DictConfig
+
+import tinytune.config
+from tinytune.config import ConfigError
+from tinytune.training.device import get_device, get_dtype, set_seed
+from tinytune.training.prompting import generate_replies, get_bound_template
+from tinytune.training.setup import cfg_get, load_model, load_tokenizer, resolve_checkpoint_dir
+
+
+def read_prompts(cfg: DictConfig) -> list:
+    """Prompts from ``prompt``, ``prompts`` and ``prompt_file`` (in that order).
+
+    Raises:
+        ConfigError: no prompt given, or a prompt file line that cannot be used (file and line named).
+    """
+    prompts: list = []
+    if cfg_get(cfg, "prompt"):
+        prompts.append(str(cfg.prompt))
+    prompts += [str(p) for p in (cfg_get(cfg, "prompts", []) or [])]
+    path = cfg_get(cfg, "prompt_file")
+    if path:
+        path = os.path.expanduser(str(path))
+        if not os.path.isfile(path):
+            raise ConfigError(f"prompt_file: {path} not found")
+        with open(path, encoding="utf-8") as f:
+            for i, line in enumerate(f, 1):
+                line = line.rstrip("\n")
+                if not line.strip():
+                    continue
+                if path.endswith(".jsonl"):
+                    try:
+                        row = json.loads(line)
+                    except json.JSONDecodeError as e:
+                        raise ConfigError(f"{path}:{i}: not valid JSON ({e})") from None
+                    if "messages" in row:
+                        prompts.append(row["messages"])
+                    elif "prompt" in row:
+                        prompts.append(str(row["prompt"]))
+                    else:
+                        raise ConfigError(f"{path}:{i}: a JSONL prompt needs a 'prompt' or 'messages' field")
+                else:
+                    prompts.append(line)
+    if not prompts:
+        raise ConfigError("no prompts: set prompt=\"...\", prompts=[...] or prompt_file=PATH")
+    return prompts
+
+
+def recipe_main(cfg: DictConfig) -> list[str]:
+    """Answers every prompt; prints prompt and reply; returns the replies."""
+    device = get_device(cfg_get(cfg, "device", "auto"))
+    dtype = get_dtype(cfg_get(cfg, "dtype", "fp32"), device)
+    seed = set_seed(cfg_get(cfg, "seed", 0))
+    checkpoint_dir = resolve_checkpoint_dir(cfg)
+    tokenizer = load_tokenizer(cfg, checkpoint_dir)
+    model, _ = load_model(cfg, checkpoint_dir, device, dtype)
+    model.eval()
+    template = get_bound_template(cfg_get(cfg, "template", "hf"), tokenizer)
+    prompts = read_prompts(cfg)
+    t0 = time.perf_counter()
+    replies = generate_replies(
+        model, tokenizer, template, prompts,
+        max_new_tokens=int(cfg_get(cfg, "max_new_tokens", 128)), temperature=float(cfg_get(cfg, "temperature", 0.0)),
+        top_k=cfg_get(cfg, "top_k"), top_p=cfg_get(cfg, "top_p"), system=cfg_get(cfg, "system"), seed=seed,
+    )
+    dt = time.perf_counter() - t0
+    for p, r in zip(prompts, replies):
+        shown = p if isinstance(p, str) else p[-1]["content"]
+        print(f">>> {shown}\n{r}\n")
+    print(f"[{len(prompts)} prompt(s) in {dt:.1f}s]")
+    out = cfg_get(cfg, "output_file")
+    if out:
+        with open(os.path.expanduser(str(out)), "w", encoding="utf-8") as f:
+            for p, r in zip(prompts, replies):
+                f.write(json.dumps({"prompt": p, "reply": r}) + "\n")
+    return replies
+
+
+if __name__ == "__main__":
+    tinytune.config.parse(recipe_main)()

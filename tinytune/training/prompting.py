@@ -1,0 +1,101 @@
+"""Chat prompts for generation: template rendering -> token ids, decoding, stop handling."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+
+
+def get_bound_template(name: Any, tokenizer):
+    """``get_template(name)`` bound to ``tokenizer`` (``hf`` uses the tokenizer's chat template)."""
+    from tinytune.datasets.templates import get_template  # noqa: PLC0415
+
+    return get_template(name or "hf").bind(tokenizer)
+
+
+def encode_chat_prompt(tokenizer, template, messages: list[dict], enable_thinking: bool | None = None) -> list[int]:
+    """Token ids of a conversation followed by the assistant header (the model answers next).
+
+    Args:
+        tokenizer: tinytune tokenizer.
+        template: a bound template (:func:`get_bound_template`).
+        messages: ``[{"role": "system"|"user"|"assistant", "content": str}, ...]``.
+        enable_thinking: Qwen3 thinking switch.
+    """
+    segments = template.render(messages, add_generation_prompt=True, enable_thinking=enable_thinking)
+    ids: list[int] = []
+    for seg in segments:
+        if seg.special is not None:
+            tid = tokenizer.bos_id if seg.special == "bos" else tokenizer.eos_id
+            if tid is not None:
+                ids.append(int(tid))
+        elif seg.text:
+            ids.extend(tokenizer.encode(seg.text, add_bos=False, add_eos=False))
+    return ids
+
+
+def stop_token_ids(tokenizer, template=None) -> list[int]:
+    """EOS, the tokenizer's stop tokens and the template's end-of-turn strings that are single tokens."""
+    ids = set(int(t) for t in (getattr(tokenizer, "stop_tokens", None) or []))
+    if getattr(tokenizer, "eos_id", None) is not None:
+        ids.add(int(tokenizer.eos_id))
+    for s in getattr(template, "stop_strings", ()) or ():
+        tid = tokenizer.token_to_id(s) if hasattr(tokenizer, "token_to_id") else None
+        if tid is not None:
+            ids.add(int(tid))
+    return sorted(ids)
+
+
+def prompt_messages(prompt: str | dict | Sequence[dict], system: str | None = None) -> list[dict]:
+    """A prompt string (or message list) as a message list, with an optional system message."""
+    if isinstance(prompt, str):
+        msgs = [{"role": "user", "content": prompt}]
+    elif isinstance(prompt, dict):
+        msgs = [dict(prompt)]
+    else:
+        msgs = [dict(m) for m in prompt]
+    if system and not (msgs and msgs[0].get("role") == "system"):
+        msgs = [{"role": "system", "content": system}] + msgs
+    return msgs
+
+
+@torch.no_grad()
+def generate_replies(model: nn.Module, tokenizer, template, prompts: Sequence[str | Sequence[dict]], *,
+                     max_new_tokens: int = 64, temperature: float = 0.0, top_k: int | None = None,
+                     top_p: float | None = None, system: str | None = None, seed: int | None = None,
+                     on_token: Callable[[int, int], None] | None = None) -> list[str]:
+    """Answers each prompt through the chat template (batched, left-padded, KV cache).
+
+    Returns:
+        The decoded replies (special tokens skipped, surrounding whitespace stripped).
+    """
+    from tinytune.generation import generate  # noqa: PLC0415
+
+    encoded = [encode_chat_prompt(tokenizer, template, prompt_messages(p, system)) for p in prompts]
+    gen = None
+    if seed is not None and temperature > 0:
+        gen = torch.Generator(device=next(model.parameters()).device)
+        gen.manual_seed(int(seed))
+    was_training = model.training
+    model.eval()
+    try:
+        out = generate(model, encoded, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                       top_p=top_p, stop_tokens=stop_token_ids(tokenizer, template),
+                       pad_id=int(getattr(tokenizer, "pad_id", None) or 0), generator=gen, on_token=on_token)
+    finally:
+        model.train(was_training)
+    return [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in out]
+
+
+def side_by_side(prompts: Sequence[str], before: Sequence[str], after: Sequence[str], width: int = 100) -> str:
+    """A readable before/after comparison block for the terminal (one section per prompt)."""
+    lines = ["=" * width, "Generation before vs after fine-tuning (same prompts, greedy)", "=" * width]
+    for i, (p, b, a) in enumerate(zip(prompts, before, after), 1):
+        p_text = p if isinstance(p, str) else p[-1]["content"]
+        lines.append(f"[{i}] prompt: {p_text}")
+        lines.append(f"    before: {' '.join(b.split())}")
+        lines.append(f"    after : {' '.join(a.split())}")
+        lines.append("-" * width)
+    return "\n".join(lines)

@@ -1,0 +1,172 @@
+"""Recipe setup from a config: output dir, checkpoint dir, model, tokenizer, datasets, collate.
+
+These helpers turn config nodes into objects in the same way for every single-device recipe,
+so the recipes themselves stay short and read top to bottom.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from tinytune import config as tt_config
+from tinytune.config import ConfigError
+
+log = logging.getLogger(__name__)
+
+LORA_KEYS = ("lora_attn_modules", "apply_lora_to_mlp", "apply_lora_to_output", "lora_rank", "lora_alpha",
+             "lora_dropout", "quantize_base")
+
+
+def cfg_get(cfg: Any, key: str, default: Any = None) -> Any:
+    """``cfg.key`` with a default for missing or null keys (dotted keys allowed)."""
+    node = cfg
+    for part in key.split("."):
+        if node is None or not isinstance(node, (DictConfig, dict)) or part not in node:
+            return default
+        node = node[part]
+    return default if node is None else node
+
+
+def prepare_output_dir(cfg: DictConfig) -> str:
+    """Creates ``cfg.output_dir`` and writes the resolved config there as ``config.yaml``."""
+    out = cfg_get(cfg, "output_dir")
+    if not out:
+        raise ConfigError("output_dir: required (where checkpoints, metrics and loss.png go)")
+    out = os.path.abspath(os.path.expanduser(str(out)))
+    os.makedirs(out, exist_ok=True)
+    OmegaConf.save(cfg, os.path.join(out, "config.yaml"), resolve=True)
+    return out
+
+
+def resolve_checkpoint_dir(cfg: DictConfig) -> str:
+    """The HF checkpoint directory to start from.
+
+    ``checkpoint_dir`` is used when it exists; otherwise, when ``bundled_model`` names a bundled
+    model (``smollm2-135m-instruct``), it is converted on first use (``tune download``).
+
+    Raises:
+        ConfigError: neither a directory nor a bundled model is available.
+    """
+    path = cfg_get(cfg, "checkpoint_dir")
+    bundled = cfg_get(cfg, "bundled_model")
+    if path:
+        path = os.path.abspath(os.path.expanduser(str(path)))
+        if os.path.isfile(os.path.join(path, "config.json")):
+            return path
+    if bundled:
+        from tinytune.checkpoint import ensure_bundled  # noqa: PLC0415
+
+        got = ensure_bundled(str(bundled))
+        if path and os.path.abspath(got) != path:
+            log.warning("checkpoint_dir %s not found; using the bundled model at %s", path, got)
+        return got
+    raise ConfigError(
+        f"checkpoint_dir: {path!r} is not an HF checkpoint directory (no config.json). "
+        "Run `tune download smollm2-135m-instruct` or point checkpoint_dir at a model directory."
+    )
+
+
+def _lora_kwargs(model_cfg: Any) -> dict[str, Any]:
+    return {k: model_cfg[k] for k in LORA_KEYS if model_cfg is not None and k in model_cfg}
+
+
+def load_model(cfg: DictConfig, checkpoint_dir: str, device: torch.device, dtype: torch.dtype,
+               lora: bool = False) -> tuple[nn.Module, Any]:
+    """Builds the model described by ``cfg.model`` and loads ``checkpoint_dir`` into it.
+
+    ``cfg.model`` is either a builder node (``_component_: tinytune.models.lora_builders.lora_smollm2_135m``
+    plus its arguments) or, without ``_component_``, just LoRA settings (``lora_attn_modules``,
+    ``lora_rank``, ...) applied to whatever architecture the checkpoint's ``config.json`` names.
+
+    Args:
+        cfg: recipe config.
+        checkpoint_dir: HF checkpoint directory.
+        device, dtype: where and in which dtype the weights go.
+        lora: the recipe trains adapters (a model without LoRA layers is then an error).
+
+    Returns:
+        ``(model, ModelInfo)``.
+    """
+    from tinytune.checkpoint import load_hf_model  # noqa: PLC0415
+
+    model_cfg = cfg_get(cfg, "model")
+    builder = None
+    factory = None
+    if model_cfg is not None and "_component_" in model_cfg:
+        builder = functools.partial(tt_config.instantiate, model_cfg)
+    elif model_cfg is not None and lora:
+        from tinytune.models.lora_builders import lora_target_modules  # noqa: PLC0415
+        from tinytune.modules.peft import lora_linear_factory  # noqa: PLC0415
+
+        kw = _lora_kwargs(model_cfg)
+        targets = lora_target_modules(kw.get("lora_attn_modules", ["q_proj", "v_proj"]),
+                                      kw.get("apply_lora_to_mlp", False), kw.get("apply_lora_to_output", False))
+        factory = lora_linear_factory(targets, rank=int(kw.get("lora_rank", 8)),
+                                      alpha=float(kw.get("lora_alpha", 16)),
+                                      dropout=float(kw.get("lora_dropout", 0.0)),
+                                      quantize_base=bool(kw.get("quantize_base", False)))
+    model, info = load_hf_model(checkpoint_dir, dtype=dtype, device=device, model_builder=builder,
+                                linear_factory=factory)
+    return model, info
+
+
+def lora_settings(cfg: DictConfig, model: nn.Module) -> dict[str, Any]:
+    """``{"lora_rank", "lora_alpha", "lora_dropout"}`` for the adapter export (read from the model)."""
+    from tinytune.modules.peft import lora_modules  # noqa: PLC0415
+
+    for _, m in lora_modules(model):
+        p = m.dropout.p if isinstance(m.dropout, nn.Dropout) else 0.0
+        return {"lora_rank": m.rank, "lora_alpha": m.alpha, "lora_dropout": p}
+    raise ConfigError("model: no LoRA layers; use a lora_* / qlora_* builder or set model.lora_attn_modules")
+
+
+def load_tokenizer(cfg: DictConfig, checkpoint_dir: str):
+    """Tokenizer from ``cfg.tokenizer.path`` (default: the checkpoint directory)."""
+    from tinytune.tokenizers import load_tokenizer as _load  # noqa: PLC0415
+
+    path = cfg_get(cfg, "tokenizer.path") or checkpoint_dir
+    return _load(os.path.expanduser(str(path)))
+
+
+def build_dataset(node: DictConfig, tokenizer, where: str = "dataset"):
+    """Instantiates a dataset node, passing the tokenizer (``_component_`` + arguments)."""
+    if node is None or "_component_" not in node:
+        raise ConfigError(f"{where}: needs a _component_ (e.g. tinytune.datasets.chatterbot_dataset)")
+    return tt_config.instantiate(node, tokenizer=tokenizer)
+
+
+def build_collate(cfg: DictConfig, tokenizer, dataset=None):
+    """The collate function: the dataset's own ``collate_fn`` if it has one, else padded collate."""
+    own = getattr(dataset, "collate_fn", None)
+    if callable(own):
+        return own
+    from tinytune.datasets import padded_collate  # noqa: PLC0415
+
+    pad_id = getattr(tokenizer, "pad_id", None)
+    if pad_id is None:
+        pad_id = getattr(tokenizer, "eos_id", None) or 0
+    return functools.partial(padded_collate, pad_id=pad_id,
+                             pad_to_multiple_of=int(cfg_get(cfg, "pad_to_multiple_of", 8)))
+
+
+def train_val_datasets(cfg: DictConfig, tokenizer):
+    """Training dataset plus an optional validation dataset.
+
+    Validation comes from ``validation.dataset`` (a separate dataset node) or from holding out
+    ``validation.split_ratio`` / ``validation.split_size`` of the training data (seeded).
+    """
+    from tinytune.training.data import split_dataset  # noqa: PLC0415
+
+    train = build_dataset(cfg_get(cfg, "dataset"), tokenizer)
+    val_node = cfg_get(cfg, "validation.dataset")
+    if val_node is not None:
+        return train, build_dataset(val_node, tokenizer, "validation.dataset")
+    return split_dataset(train, val_ratio=cfg_get(cfg, "validation.split_ratio"),
+                         val_size=cfg_get(cfg, "validation.split_size"), seed=int(cfg_get(cfg, "seed", 0)))

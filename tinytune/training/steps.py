@@ -1,0 +1,55 @@
+"""One optimizer step of SFT with gradient accumulation, clipping and scheduler advance."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from tinytune.training.data import to_device
+from tinytune.training.losses import count_label_tokens, sft_loss
+
+
+def sft_accumulate(model: nn.Module, micro_batches: Sequence[dict], device: torch.device) -> tuple[torch.Tensor, int]:
+    """Forward + backward over an accumulation window, normalised by its label-token count.
+
+    Every micro-batch's summed loss is divided by the number of label tokens in the **whole
+    window**, so the accumulated gradient equals that of one batch holding all micro-batches
+    (``k x bs1`` == ``bs k``), however the tokens are spread over the micro-batches.
+
+    Returns:
+        ``(loss, label_tokens)``: the window's mean loss per label token (detached) and the count.
+    """
+    num_tokens = count_label_tokens(micro_batches)
+    n = int(num_tokens)
+    total = torch.zeros((), dtype=torch.float32, device=device)
+    denom = torch.as_tensor(num_tokens, device=device)
+    for mb in micro_batches:
+        loss = sft_loss(model, to_device(mb, device), denom)
+        loss.backward()
+        total += loss.detach()
+    return total, n
+
+
+def optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, lr_scheduler=None,
+                   clip_grad_norm: float | None = None) -> float | None:
+    """Clips gradients (if asked), steps the optimizer and scheduler, zeroes gradients.
+
+    Returns:
+        The total gradient norm before clipping (None without clipping).
+    """
+    norm = None
+    if clip_grad_norm:
+        params = [p for p in model.parameters() if p.grad is not None]
+        norm = float(torch.nn.utils.clip_grad_norm_(params, float(clip_grad_norm)))
+    optimizer.step()
+    if lr_scheduler is not None:
+        lr_scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return norm
+
+
+def current_lr(optimizer: torch.optim.Optimizer) -> float:
+    """LR of the first parameter group."""
+    return float(optimizer.param_groups[0]["lr"])
