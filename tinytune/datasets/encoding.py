@@ -1,0 +1,206 @@
+"""Samples -> token ids and pre-shifted labels, with exact token-level loss masks and truncation.
+
+A conversation is rendered to segments (``templates``), each segment is tokenized on its own, and
+the per-token "trainable" mask decides the labels:
+``labels[i] = tokens[i + 1] if token i + 1 is trainable else -100``; the last label is -100.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tinytune.datasets.errors import DatasetError
+from tinytune.datasets.styles import ChatSample, PreferenceSample, TextSample
+from tinytune.datasets.templates import Segment, TemplateError
+
+IGNORE_INDEX = -100
+TRUNCATION_POLICIES = ("prompt_first", "right", "drop")
+
+
+def labels_from_mask(tokens: list[int], mask: list[bool]) -> list[int]:
+    """Pre-shifted labels: the target of position ``i`` is token ``i + 1`` when that token is trained."""
+    n = len(tokens)
+    labels = [IGNORE_INDEX] * n
+    for i in range(n - 1):
+        if mask[i + 1]:
+            labels[i] = tokens[i + 1]
+    return labels
+
+
+def _apply_policy(segments: list[Segment], train_on_input: bool, mask_history: bool) -> list[bool]:
+    if train_on_input:
+        return [True] * len(segments)
+    if mask_history:
+        last = max((s.message for s in segments if s.train), default=-1)
+        return [s.train and s.message == last for s in segments]
+    return [s.train for s in segments]
+
+
+@dataclass
+class _Plan:
+    """Token pieces of one sequence before encoding: (text or None, special id or None, trainable)."""
+
+    pieces: list[tuple[str | None, int | None, bool]]
+    answer_piece: int  # index of the first piece of the last answer turn (for truncation)
+
+
+@dataclass
+class Encoded:
+    """One tokenized sequence."""
+
+    tokens: list[int]
+    labels: list[int]
+
+
+class SampleEncoder:
+    """Turns samples into token/label sequences.
+
+    Args:
+        tokenizer: a tinytune ``Tokenizer`` (see docs/ARCHITECTURE.md).
+        template: a bound template (``get_template(...).bind(tokenizer)``); unused for text samples.
+        max_seq_len: longest sequence kept (None: no limit).
+        train_on_input: train on prompt tokens too.
+        mask_history: train only on the last assistant turn.
+        truncation: ``prompt_first`` (cut the prompt from the left, keep the answer), ``right``
+            (cut the end), or ``drop`` (drop the sample; counted).
+        enable_thinking: Qwen3 thinking switch passed to the template (None = as-is).
+    """
+
+    def __init__(self, tokenizer, template=None, *, max_seq_len: int | None = None, train_on_input: bool = False,
+                 mask_history: bool = False, truncation: str = "prompt_first",
+                 enable_thinking: bool | None = None):
+        if truncation not in TRUNCATION_POLICIES:
+            raise DatasetError(f"unknown truncation {truncation!r}; choose from {', '.join(TRUNCATION_POLICIES)}",
+                               hint="Fix `truncation` in the dataset config")
+        self.tokenizer = tokenizer
+        self.template = template
+        self.max_seq_len = max_seq_len
+        self.train_on_input = train_on_input
+        self.mask_history = mask_history
+        self.truncation = truncation
+        self.enable_thinking = enable_thinking
+        self.bos_id = getattr(tokenizer, "bos_id", None)
+        self.eos_id = getattr(tokenizer, "eos_id", None)
+
+    # -- planning -------------------------------------------------------------------------------
+    def _plan_chat(self, messages: list[dict], mask_history: bool) -> _Plan:
+        segments = self.template.render(messages, enable_thinking=self.enable_thinking)
+        flags = _apply_policy(segments, self.train_on_input, mask_history)
+        last_answer = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=-1)
+        pieces: list[tuple[str | None, int | None, bool]] = []
+        answer_piece = None
+        for seg, flag in zip(segments, flags):
+            if answer_piece is None and seg.message == last_answer:
+                answer_piece = len(pieces)
+            if seg.special is not None:
+                tid = self.bos_id if seg.special == "bos" else self.eos_id
+                if tid is not None:
+                    pieces.append((None, tid, flag))
+            elif seg.text:
+                if pieces and pieces[-1][0] is not None and pieces[-1][2] == flag and answer_piece != len(pieces):
+                    pieces[-1] = (pieces[-1][0] + seg.text, None, flag)  # merge runs with the same flag
+                else:
+                    pieces.append((seg.text, None, flag))
+        return _Plan(pieces, len(pieces) if answer_piece is None else answer_piece)
+
+    def _plan_text(self, text: str) -> _Plan:
+        pieces: list[tuple[str | None, int | None, bool]] = []
+        if self.bos_id is not None:
+            pieces.append((None, self.bos_id, True))
+        pieces.append((text, None, True))
+        if self.eos_id is not None:
+            pieces.append((None, self.eos_id, True))
+        return _Plan(pieces, 0)
+
+    # -- encoding -------------------------------------------------------------------------------
+    def _encode_texts(self, texts: list[str]) -> list[list[int]]:
+        if not texts:
+            return []
+        tok = self.tokenizer
+        if hasattr(tok, "encode_batch"):
+            return tok.encode_batch(texts, add_bos=False, add_eos=False)
+        return [tok.encode(t, add_bos=False, add_eos=False) for t in texts]
+
+    def _truncate(self, tokens: list[int], mask: list[bool], answer_start: int) -> tuple[list[int], list[bool]] | None:
+        limit = self.max_seq_len
+        if limit is None or len(tokens) <= limit:
+            return tokens, mask
+        if self.truncation == "drop":
+            return None
+        if self.truncation == "right":
+            return tokens[:limit], mask[:limit]
+        # prompt_first: drop prompt tokens from the left (keep a leading BOS), keep the answer.
+        answer_len = len(tokens) - answer_start
+        keep_prompt = limit - answer_len
+        if keep_prompt <= 0:
+            return tokens[answer_start:answer_start + limit], mask[answer_start:answer_start + limit]
+        head = 1 if (self.bos_id is not None and tokens and tokens[0] == self.bos_id and keep_prompt >= 1) else 0
+        cut = answer_start - (keep_prompt - head)
+        return tokens[:head] + tokens[cut:], mask[:head] + mask[cut:]
+
+    def encode_plans(self, plans: list[_Plan | None]) -> list[tuple[list[int], list[bool], int] | None]:
+        """Tokenizes planned pieces (all texts of all plans in one ``encode_batch`` call)."""
+        texts = [p[0] for plan in plans if plan is not None for p in plan.pieces if p[0] is not None]
+        ids = iter(self._encode_texts(texts))
+        out = []
+        for plan in plans:
+            if plan is None:
+                out.append(None)
+                continue
+            tokens: list[int] = []
+            mask: list[bool] = []
+            answer_start = None
+            for k, (text, tid, flag) in enumerate(plan.pieces):
+                if k == plan.answer_piece:
+                    answer_start = len(tokens)
+                piece = next(ids) if text is not None else [tid]
+                tokens.extend(piece)
+                mask.extend([flag] * len(piece))
+            out.append((tokens, mask, len(tokens) if answer_start is None else answer_start))
+        return out
+
+    def encode_samples(self, samples: list) -> list[list[Encoded] | DatasetError | str]:
+        """Encodes a batch of samples.
+
+        Returns:
+            per sample: a list of sequences (one for chat, two [chosen, rejected] for preference,
+            one or more chunks for long text), ``"too_long"`` when truncation dropped it, or the
+            ``DatasetError``/``TemplateError`` message for a sample the template cannot render.
+        """
+        plans: list[_Plan | None] = []
+        owners: list[int] = []
+        results: list = [None] * len(samples)
+        for k, s in enumerate(samples):
+            try:
+                if isinstance(s, ChatSample):
+                    new = [self._plan_chat(s.messages, self.mask_history)]
+                elif isinstance(s, PreferenceSample):
+                    new = [self._plan_chat(s.chosen, True), self._plan_chat(s.rejected, True)]
+                elif isinstance(s, TextSample):
+                    new = [self._plan_text(s.text)]
+                else:
+                    raise TypeError(f"unknown sample type {type(s).__name__}")
+            except TemplateError as e:
+                results[k] = str(e)
+                continue
+            plans.extend(new)
+            owners.extend([k] * len(new))
+            results[k] = []
+        for k, enc in zip(owners, self.encode_plans(plans)):
+            if isinstance(results[k], str):
+                continue
+            tokens, mask, answer_start = enc
+            if isinstance(samples[k], TextSample):
+                step = self.max_seq_len or len(tokens)
+                for a in range(0, len(tokens), step):
+                    t, m = tokens[a:a + step], mask[a:a + step]
+                    if len(t) > 1:
+                        results[k].append(Encoded(t, labels_from_mask(t, m)))
+                continue
+            cut = self._truncate(tokens, mask, answer_start)
+            if cut is None:
+                results[k] = "too_long"
+                continue
+            t, m = cut
+            results[k].append(Encoded(t, labels_from_mask(t, m)))
+        return results

@@ -1,0 +1,88 @@
+"""Prompt-template registry: ``get_template(name)``.
+
+Names: ``alpaca llama2 llama3 chatml smollm2 qwen2_5 qwen3 mistral gemma plain hf`` plus
+MindSpeed ``prompt_type`` aliases (``qwen``, ``qwen_lf``, ``mixtral``, ``empty``, ...). A template
+can also be given as a dict of :class:`ChatTemplate` fields, so adding one is a few lines of
+config or a :func:`register_template` call.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Mapping
+from functools import lru_cache
+
+from tinytune.datasets.templates.base import ChatTemplate, Segment, TemplateError, segments_to_text
+from tinytune.datasets.templates.builtin import BUILTIN_TEMPLATES
+from tinytune.datasets.templates.hf import HFChatTemplate, render_jinja
+
+_REGISTRY: dict[str, ChatTemplate] = dict(BUILTIN_TEMPLATES)
+
+
+@lru_cache(maxsize=1)
+def mindspeed_prompt_types() -> dict[str, dict]:
+    """MindSpeed ``prompt_type`` name -> ``{"template": name[, "default_system": str]}`` (packaged data)."""
+    path = os.path.join(os.path.dirname(__file__), "mindspeed_prompt_types.json")
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)["prompt_types"]
+
+
+def register_template(template: ChatTemplate) -> None:
+    """Adds (or replaces) a template in the registry under ``template.name``."""
+    _REGISTRY[template.name] = template
+
+
+def template_names() -> list[str]:
+    """All names :func:`get_template` accepts."""
+    return sorted(set(_REGISTRY) | set(mindspeed_prompt_types()) | {"hf"})
+
+
+def get_template(name: str | Mapping | ChatTemplate | HFChatTemplate, **kwargs):
+    """Looks up a prompt template.
+
+    Args:
+        name: a registry name, a MindSpeed ``prompt_type`` name, ``"hf"`` (the model's own Jinja
+            template), a dict of :class:`ChatTemplate` fields, or a template object.
+        **kwargs: for ``"hf"``: ``chat_template`` (Jinja text or path), ``end_of_turn``; for the
+            others: :class:`ChatTemplate` fields to override (e.g. ``default_system``).
+
+    Raises:
+        TemplateError: for an unknown name.
+    """
+    if isinstance(name, (ChatTemplate, HFChatTemplate)):
+        return name
+    if isinstance(name, Mapping):
+        fields = dict(name)
+        fields.setdefault("name", "custom")
+        if "stop_strings" in fields:
+            fields["stop_strings"] = tuple(fields["stop_strings"])
+        return ChatTemplate(**fields)
+    if name == "hf":
+        return HFChatTemplate(**kwargs)
+    kwargs = {k: v for k, v in kwargs.items() if k not in ("chat_template", "end_of_turn")}
+    if name in _REGISTRY:
+        t = _REGISTRY[name]
+    elif name in mindspeed_prompt_types():
+        alias = mindspeed_prompt_types()[name]
+        t = dataclasses.replace(_REGISTRY[alias["template"]], name=name,
+                                **{k: v for k, v in alias.items() if k != "template"})
+    else:
+        raise TemplateError(f"unknown template {name!r}; choose from {', '.join(template_names())}, or "
+                            "use 'hf' to render the model's own chat template")
+    return dataclasses.replace(t, **kwargs) if kwargs else t
+
+
+__all__ = [
+    "ChatTemplate",
+    "HFChatTemplate",
+    "Segment",
+    "TemplateError",
+    "get_template",
+    "mindspeed_prompt_types",
+    "register_template",
+    "render_jinja",
+    "segments_to_text",
+    "template_names",
+]
