@@ -148,8 +148,8 @@ def generate(
             )  # [b]
             nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
             is_stop = torch.isin(nxt, stop) & ~done  # [b]
-            for i, tok in enumerate(nxt.tolist()):
-                if done[i] or is_stop[i]:
+            for i, (tok, skip) in enumerate(zip(nxt.tolist(), (done | is_stop).tolist())):
+                if skip:
                     continue
                 outputs[i].append(tok)
                 if on_token is not None:
