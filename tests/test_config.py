@@ -278,6 +278,12 @@ def test_misspelt_argument_suggests_parameter(tmp_path):
     assert "model.in_featurs" in msg and "'in_features'" in msg and str(path) in msg
 
 
+def test_mandatory_missing_value_is_named():
+    cfg = OmegaConf.create({"ckpt": {"_component_": "tests.test_config.make_pair", "a": "???"}})
+    with pytest.raises(ConfigError, match=r"'ckpt.a'.*has no value.*ckpt.a=VALUE"):
+        instantiate(cfg.ckpt)
+
+
 def test_missing_required_argument():
     with pytest.raises(ConfigError, match="missing a required argument: 'a'"):
         instantiate({"_component_": "tests.test_config.make_pair"})

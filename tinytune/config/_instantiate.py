@@ -160,7 +160,12 @@ def _instantiate_node(node: DictConfig, path: str, source: str | None, args: tup
         k = str(k)
         if k in SPECIAL_KEYS or k in overrides:
             continue
-        kwargs[k] = _build(node[k], format_path([path, k]) if path else k, source)
+        key = format_path([path, k]) if path else k
+        if OmegaConf.is_missing(node, k):
+            raise ConfigError(
+                f"{_describe(key, source)}: has no value ('???'); set it on the command line: {key}=VALUE."
+            )
+        kwargs[k] = _build(node[k], key, source)
     kwargs.update(overrides)
     check_arguments(fn, args, kwargs, partial=partial, path=path, source=source, dotted=dotted)
     if partial:
