@@ -147,6 +147,11 @@ def test_run_by_registry_names_in_process(fake_registry, tmp_path, monkeypatch):
     assert sys.argv == argv_before  # restored after the in-process run
 
 
+def test_run_accepts_config_before_recipe(fake_registry, tmp_path):
+    assert main(["run", "--config", "tiny/tiny", "tiny_recipe", f"output_dir={tmp_path}/o"]) == 0
+    assert (tmp_path / "o" / "report.json").exists()
+
+
 def test_run_reports_recipe_config_errors(fake_registry, tmp_path, capsys):
     rc = main(["run", "tiny_recipe", "--config", "tiny/tiny", "optimzer.lr=1"])
     assert rc == 2

@@ -52,6 +52,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             launcher.add_argument(*names, dest=dest, metavar="VALUE")
         else:
             launcher.add_argument(*names, dest=dest, action="store_true")
+    p.add_argument("--config", dest="early_config", help=argparse.SUPPRESS)  # tolerated before RECIPE too
     p.add_argument("recipe", help="recipe name (e.g. lora_finetune) or path to a recipe script")
     p.add_argument("recipe_args", nargs=argparse.REMAINDER, metavar="--config CFG [key=value ...]",
                    help="arguments for the recipe: its config and overrides")
@@ -137,6 +138,8 @@ def run(args: argparse.Namespace) -> int:
     """Resolve the recipe and config, then run in-process or through torchrun."""
     recipe = registry.resolve_recipe(args.recipe).resolve()
     recipe_args = list(args.recipe_args)
+    if args.early_config is not None:
+        recipe_args = ["--config", args.early_config, *recipe_args]
     _check_config(args, recipe_args)
     launcher = launcher_args(args)
     if launcher:
