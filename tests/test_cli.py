@@ -225,6 +225,14 @@ def test_validate_reports_problems_with_keys(tmp_path, capsys):
     assert "optimizer: " in err and "torch.optim.SGD" in err
 
 
+def test_validate_all(fake_registry, capsys):
+    assert main(["validate", "--all"]) == 1  # other/orphan and other/headless are broken
+    out, err = capsys.readouterr()
+    assert "tiny/tiny: OK" in out and "tiny/tiny_adam: OK" in out
+    assert "other/orphan: 1 problem(s)" in err and "other/headless: 1 problem(s)" in err
+    assert main(["validate"]) == 2
+
+
 def test_validate_checks_registry_headers(fake_registry, capsys):
     assert main(["validate", "other/orphan"]) == 1
     assert "not_written_yet" in capsys.readouterr().err

@@ -20,8 +20,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "reported with its key path. Exit status 1 when there are problems."
         ),
     )
-    p.add_argument("config", help="config name (e.g. smollm2/135M_lora) or YAML path")
+    p.add_argument("config", nargs="?", help="config name (e.g. smollm2/135M_lora) or YAML path")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="overrides to apply first")
+    p.add_argument("--all", action="store_true", help="validate every registered config (see `tune ls`)")
     p.set_defaults(func=run)
 
 
@@ -58,12 +59,19 @@ def _configs_root():
 
 
 def run(args: argparse.Namespace) -> int:
-    """Print the problems (or OK); returns 1 when there are problems."""
-    problems, count = check(args.config, args.overrides)
-    if problems:
-        print(f"{args.config}: {len(problems)} problem(s):", file=sys.stderr)
-        for p in problems:
-            print(f"  {p}", file=sys.stderr)
-        return 1
-    print(f"{args.config}: OK ({count} components checked)")
-    return 0
+    """Print the problems (or OK) per config; returns 1 when any config has problems."""
+    if args.all == (args.config is not None):
+        print("tune validate: give one CONFIG or --all", file=sys.stderr)
+        return 2
+    names = list(registry.list_configs()) if args.all else [args.config]
+    failed = 0
+    for name in names:
+        problems, count = check(name, args.overrides)
+        if problems:
+            failed += 1
+            print(f"{name}: {len(problems)} problem(s):", file=sys.stderr)
+            for p in problems:
+                print(f"  {p}", file=sys.stderr)
+        else:
+            print(f"{name}: OK ({count} components checked)")
+    return 1 if failed else 0
