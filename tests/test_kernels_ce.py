@@ -183,3 +183,45 @@ def test_bad_inputs_have_clear_errors():
         linear_cross_entropy(h, w, y[:5])
     with pytest.raises(TypeError, match="dtype"):
         linear_cross_entropy(h, w.double(), y)
+
+
+def test_second_backward_fails_loudly():
+    """Stored grads are scaled in place; a retained second backward must error, not return wrong grads."""
+    h, w, y = _data(10, 8, 20, torch.float32)
+    h.requires_grad_()
+    loss = linear_cross_entropy(h, w, y)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="inplace"):
+        loss.backward()
+
+
+# ---------------------------------------------------------------- GPU only: Triton path, bf16, big sizes
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("n,d,v", [(4099, 512, 32000), (2048, 1024, 151936)])
+def test_gpu_triton_matches_reference(dtype, n, d, v):
+    h, w, y = _data(n, d, v, dtype, seed=1, device="cuda")
+    _check_against_reference(h, w, y, dtype, reduction="mean", chunk_size=None)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_peak_memory_below_unfused():
+    n, d, v = 8192, 1024, 128256
+    h, w, y = _data(n, d, v, torch.bfloat16, device="cuda")
+    h.requires_grad_()
+    w.requires_grad_()
+
+    def peak(fn):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn().backward()
+        torch.cuda.synchronize()
+        h.grad = w.grad = None
+        return torch.cuda.max_memory_allocated() - base
+
+    fused = peak(lambda: linear_cross_entropy(h, w, y, reduction="mean"))
+    plain = peak(lambda: F.cross_entropy(F.linear(h, w).float(), y, ignore_index=IGN))
+    assert fused < plain / 4, (fused / 2**20, plain / 2**20)

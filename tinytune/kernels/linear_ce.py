@@ -16,8 +16,11 @@ Design (shared by the PyTorch and the Triton back ends):
 * Only the per-chunk "softmax + loss + gradient" step differs between back ends: a Triton kernel on
   CUDA (one program per row, online logsumexp over vocab tiles), PyTorch ops elsewhere.
 
-Memory per chunk is about ``c * V * (4 + 2 * elem_size)`` bytes; the default chunk size is derived
-from a budget (``TINYTUNE_CE_CHUNK_BYTES``, default 256 MiB).
+Memory: per chunk about ``c * V * (4 + 2 * elem_size)`` bytes (the default chunk size is derived from
+a budget, ``TINYTUNE_CE_CHUNK_BYTES``, default 256 MiB), plus the gradients themselves: ``[N, d]`` in
+the input dtype and the fp32 ``[V, d]`` weight-gradient accumulator (for a bf16 weight that is 2x the
+weight's size on top of the final bf16 gradient; the price of fp32 accumulation without recomputing
+the logits).
 """
 
 from __future__ import annotations
@@ -121,11 +124,13 @@ class _LinearCE(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):  # noqa: D102
+        # In place: no second [V, d] buffer. A second backward through the same graph would unpack
+        # the modified tensors and fail autograd's version check instead of returning wrong grads.
         grad_h, grad_w = ctx.saved_tensors
         if grad_h is not None:
-            grad_h = grad_h * grad_out.to(grad_h.dtype)
+            grad_h.mul_(grad_out.to(grad_h.dtype))
         if grad_w is not None:
-            grad_w = (grad_w * grad_out).to(ctx.weight_dtype)
+            grad_w = grad_w.mul_(grad_out).to(ctx.weight_dtype)
         return grad_h, grad_w, None, None, None, None, None
 
 
