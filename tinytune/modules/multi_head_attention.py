@@ -101,6 +101,8 @@ class MultiHeadAttention(nn.Module):
         k = self.pos_embeddings.rotate(k, cos, sin)  # [b, h_kv, s, d]
 
         if self.kv_cache is not None:
+            if seq_lens is not None or document_ids is not None:
+                raise ValueError("packed input (seq_lens) cannot be decoded with a KV cache; call clear_caches() first")
             start = self.kv_cache.size
             k, v = self.kv_cache.update(k, v)  # [b, h_kv, s_kv, d] each
             if mask is None:
