@@ -4,38 +4,43 @@ Launch (one node, 2 processes)::
 
     tune run --nproc_per_node 2 full_finetune_distributed --config smollm2/135M_full_distributed
 
-Flow:
+The config keys are those of ``full_finetune`` plus ``parallelism.*`` and ``fsdp.*``;
+``batch_size`` is per data-parallel rank (global batch = batch_size x data-parallel size x
+gradient_accumulation_steps). Flow:
+
  1. process group + device mesh ``(dp_replicate, dp_shard, tp)`` from ``parallelism.*``;
  2. model built on the meta device, tensor-parallelised (``tensor_parallel > 1``), sharded with
-    ``fully_shard`` per layer + root, then filled from the HF checkpoint shard by shard;
- 3. each data-parallel rank reads its slice of every global batch (resumable sampler);
+    ``fully_shard`` per layer + root, then filled from the HF checkpoint file by file, each rank
+    copying only its slices;
+ 3. each data-parallel rank reads its slice of every global batch (resumable sampler; the same
+    sample order as the single-device recipe with the global batch size);
  4. per optimizer step: ``gradient_accumulation_steps`` micro-batches, gradient sync only on the
-    last; the loss is divided by the label-token count of the whole step summed over ranks, so
+    last; losses are divided by the label-token count of the whole step summed over ranks, so
     the update equals one process running the global batch;
- 5. every ``save_every_n_steps``: sharded DCP checkpoint (model, optimizer, scheduler, sampler
-    position, RNG) for ``resume_from_checkpoint: auto``; at the end the full model is gathered
-    on rank 0 and written as an HF safetensors checkpoint (plus the PEFT adapter for LoRA).
+ 5. every ``checkpoint_every_n_steps``: sharded DCP checkpoint (model, optimizer, scheduler, data
+    position, RNG) for ``resume_from_checkpoint: auto``; at the end the full model is gathered on
+    rank 0 and written as HF safetensors (``hf_model/``; LoRA: merged, plus ``adapter/``).
 
-``lora_finetune_distributed`` runs the same loop with LoRA adapters (the ``lora`` config
+``lora_finetune_distributed`` runs this loop with LoRA adapters (LoRA keys in the ``model``
 section) and only the adapters trainable.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
-import math
+import json
 import os
 import time
-from typing import Any
 
 import torch
+import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 from torch.distributed.tensor.parallel import loss_parallel
 from torch.utils.data import DataLoader
 
 from tinytune import config
 from tinytune.checkpoint import save_hf_checkpoint, save_peft_adapter
+from tinytune.config import ConfigError
 from tinytune.training.dcp import DistributedCheckpointer
 from tinytune.training.device import get_dtype, set_seed
 from tinytune.training.dist_sampler import ResumableDistributedSampler
@@ -51,196 +56,229 @@ from tinytune.training.distributed import (
 from tinytune.training.fsdp import clip_grad_norm_, gather_full_state_dict, set_gradient_sync
 from tinytune.training.losses import IGNORE_INDEX, count_label_tokens, sft_loss_sum
 from tinytune.training.lr_schedulers import get_lr_scheduler
+from tinytune.training.memory import memory_stats, reset_peak_memory
 from tinytune.training.metric_logging import build_metric_loggers
 from tinytune.training.optim import build_optimizer
+from tinytune.training.setup import (
+    LORA_KEYS,
+    build_collate,
+    build_dataset,
+    cfg_get,
+    load_tokenizer,
+    prepare_output_dir,
+    resolve_checkpoint_dir,
+)
 from tinytune.training.sharded_model import load_hf_model_sharded
 
 
-def _build_data(cfg: DictConfig, dp_rank: int, dp_size: int, seed: int):
-    """Dataset (instantiated from ``cfg.dataset``), sampler and loader for this dp rank."""
-    from tinytune.datasets import padded_collate
-
-    kwargs: dict[str, Any] = {}
-    tokenizer = None
-    if cfg.get("tokenizer") is not None:
-        from tinytune.tokenizers import load_tokenizer
-
-        tokenizer = load_tokenizer(cfg.tokenizer.path)
-        kwargs["tokenizer"] = tokenizer
-    dataset = config.instantiate(cfg.dataset, **kwargs)
-    sampler = ResumableDistributedSampler(len(dataset), dp_size, dp_rank, shuffle=cfg.get("shuffle", True), seed=seed)
-    pad_id = tokenizer.pad_id if tokenizer is not None and tokenizer.pad_id is not None else 0
-    collate = functools.partial(padded_collate, pad_id=pad_id, ignore_index=IGNORE_INDEX)
-    loader = DataLoader(
-        dataset, batch_size=cfg.batch_size, sampler=sampler, collate_fn=collate, drop_last=True,
-        num_workers=cfg.get("num_workers", 0),
-    )
-    return sampler, loader
-
-
 def _lora_setup(cfg: DictConfig):
-    """(linear_factory, trainable_fn, lora settings dict) for the ``lora`` config section."""
+    """(linear_factory, trainable_fn, export settings) from the LoRA keys of ``cfg.model``."""
     from tinytune.models.lora_builders import lora_target_modules
     from tinytune.modules.peft import lora_linear_factory, set_trainable_params
 
-    lc = cfg.lora
-    targets = lora_target_modules(lc.lora_attn_modules, lc.get("apply_lora_to_mlp", False),
-                                  lc.get("apply_lora_to_output", False))
-    factory = lora_linear_factory(targets, rank=lc.lora_rank, alpha=lc.lora_alpha, dropout=lc.get("lora_dropout", 0.0))
-    settings = {"lora_rank": lc.lora_rank, "lora_alpha": lc.lora_alpha, "lora_dropout": lc.get("lora_dropout", 0.0)}
+    kw = {k: cfg.model[k] for k in LORA_KEYS if cfg_get(cfg, "model") is not None and k in cfg.model}
+    if kw.get("quantize_base", False):
+        raise ConfigError("model.quantize_base: QLoRA (NF4 base) is not supported by the distributed recipe; "
+                          "use lora_finetune for QLoRA, or LoRA with quantize_base: false here.")
+    targets = lora_target_modules(kw.get("lora_attn_modules", ["q_proj", "v_proj"]), kw.get("apply_lora_to_mlp", False),
+                                  kw.get("apply_lora_to_output", False))
+    settings = {"lora_rank": int(kw.get("lora_rank", 8)), "lora_alpha": float(kw.get("lora_alpha", 16)),
+                "lora_dropout": float(kw.get("lora_dropout", 0.0))}
+    factory = lora_linear_factory(targets, rank=settings["lora_rank"], alpha=settings["lora_alpha"],
+                                  dropout=settings["lora_dropout"])
     return factory, set_trainable_params, settings
 
 
-def finetune(cfg: DictConfig, lora: bool) -> None:
-    """The training loop shared by the full and LoRA distributed recipes (see module docstring)."""
-    fsdp_cfg = cfg.get("fsdp") or {}
-    par = cfg.get("parallelism") or {}
-    dist_info = init_distributed(cfg.get("device", "auto"), cpu_offload=fsdp_cfg.get("cpu_offload", False))
+def _build_loader(cfg: DictConfig, tokenizer, dp_rank: int, dp_size: int, seed: int):
+    dataset = build_dataset(cfg_get(cfg, "dataset"), tokenizer)
+    if cfg_get(cfg, "validation") is not None and is_rank_zero():
+        print("note: the distributed recipe does not run validation; the `validation` section is ignored")
+    collate = build_collate(cfg, tokenizer, dataset)
+    sampler = ResumableDistributedSampler(len(dataset), dp_size, dp_rank, shuffle=bool(cfg_get(cfg, "shuffle", True)),
+                                          seed=seed)
+    loader = DataLoader(dataset, batch_size=int(cfg_get(cfg, "batch_size", 4)), sampler=sampler, collate_fn=collate,
+                        drop_last=True, num_workers=int(cfg_get(cfg, "num_workers", 0)))
+    return dataset, sampler, loader
+
+
+def finetune(cfg: DictConfig, lora: bool) -> dict:
+    """The training loop shared by the full and LoRA distributed recipes (see the module docstring)."""
+    t_start = time.perf_counter()
+    # ---- 1. processes, mesh, precision, seed ---------------------------------------------------
+    cpu_offload = bool(cfg_get(cfg, "fsdp.cpu_offload", False))
+    dist_info = init_distributed(cfg_get(cfg, "device", "auto"), cpu_offload=cpu_offload)
     device = dist_info.device
-    seed = set_seed(cfg.get("seed"))
     dims = ParallelDims.from_config(
         dist_info.world_size,
-        data_parallel_shard=par.get("data_parallel_shard", -1),
-        data_parallel_replicate=par.get("data_parallel_replicate", 1),
-        tensor_parallel=par.get("tensor_parallel", 1),
+        data_parallel_shard=cfg_get(cfg, "parallelism.data_parallel_shard", -1),
+        data_parallel_replicate=cfg_get(cfg, "parallelism.data_parallel_replicate", 1),
+        tensor_parallel=cfg_get(cfg, "parallelism.tensor_parallel", 1),
     )
     mesh = build_device_mesh(dims, device.type)
     dp_rank, dp_size = get_dp_info(mesh)
-    use_loss_parallel = bool(par.get("loss_parallel", False))
-    compute_dtype = get_dtype(cfg.get("dtype", "bf16"), device)
+    use_loss_parallel = bool(cfg_get(cfg, "parallelism.loss_parallel", False))
+    dtype = get_dtype(cfg_get(cfg, "dtype", "fp32"), device)
+    if dtype == torch.float16:
+        raise ConfigError("dtype: fp16 needs loss scaling, which the distributed recipe does not do; use bf16 or fp32.")
+    seed = set_seed(cfg_get(cfg, "seed", 0))
+    out_dir = prepare_output_dir(cfg) if is_rank_zero() else os.path.abspath(os.path.expanduser(str(cfg.output_dir)))
 
-    factory, trainable, lora_settings = _lora_setup(cfg) if lora else (None, None, None)
-    if use_loss_parallel and lora and cfg.lora.get("apply_lora_to_output", False):
-        raise ValueError("parallelism.loss_parallel cannot be combined with lora.apply_lora_to_output.")
+    # ---- 2. sharded model and tokenizer -------------------------------------------------------
+    checkpoint_dir = resolve_checkpoint_dir(cfg)
+    tokenizer = load_tokenizer(cfg, checkpoint_dir)
+    factory, trainable, lora_cfg = _lora_setup(cfg) if lora else (None, None, None)
+    if lora and use_loss_parallel and cfg_get(cfg, "model.apply_lora_to_output", False):
+        raise ConfigError("parallelism.loss_parallel cannot be combined with model.apply_lora_to_output.")
     ac = None
-    if cfg.get("activation_checkpointing", False):
+    if cfg_get(cfg, "activation_checkpointing", False):
         from tinytune.training.activation_checkpointing import apply_activation_checkpointing as ac
     model, info = load_hf_model_sharded(
-        cfg.model.path, mesh, device,
-        linear_factory=factory, trainable=trainable, loss_parallel=use_loss_parallel, activation_checkpointing=ac,
-        fsdp={
-            "param_dtype": None if compute_dtype == torch.float32 else compute_dtype,
-            "reduce_dtype": torch.float32,
-            "cpu_offload": fsdp_cfg.get("cpu_offload", False),
-            "reshard_after_forward": fsdp_cfg.get("reshard_after_forward", True),
-        },
+        checkpoint_dir, mesh, device, linear_factory=factory, trainable=trainable,
+        loss_parallel=use_loss_parallel, activation_checkpointing=ac,
+        fsdp={"param_dtype": None if dtype == torch.float32 else dtype, "reduce_dtype": torch.float32,
+              "cpu_offload": cpu_offload, "reshard_after_forward": bool(cfg_get(cfg, "fsdp.reshard_after_forward", True))},
     )
-    optimizer = build_optimizer(model.parameters(), **OmegaConf.to_container(cfg.optimizer, resolve=True))
+    params = [p for p in model.parameters() if p.requires_grad]
+    if is_rank_zero():
+        n_total = sum(p.numel() for p in model.parameters())
+        print(f"model: {info.model_type} from {checkpoint_dir}; training {sum(p.numel() for p in params):,} of "
+              f"{n_total:,} parameters on {dist_info.world_size} processes (dp_replicate={dims.dp_replicate}, "
+              f"dp_shard={dims.dp_shard}, tp={dims.tp})")
 
-    sampler, loader = _build_data(cfg, dp_rank, dp_size, seed)
-    accum = int(cfg.get("gradient_accumulation_steps", 1))
+    # ---- 3. data: this rank's slice of every global batch --------------------------------------
+    dataset, sampler, loader = _build_loader(cfg, tokenizer, dp_rank, dp_size, seed)
+    batch_size = loader.batch_size
+    accum = int(cfg_get(cfg, "gradient_accumulation_steps", 1))
     steps_per_epoch = len(loader) // accum
     if steps_per_epoch == 0:
-        raise ValueError(
-            f"Each data-parallel rank gets {len(loader)} batches per epoch, fewer than gradient_accumulation_steps="
-            f"{accum}; lower batch_size / gradient_accumulation_steps or use more data."
+        raise ConfigError(
+            f"batch_size={batch_size} x gradient_accumulation_steps={accum} x {dp_size} data-parallel ranks needs more "
+            f"than the {len(dataset)} training samples; lower them or add data."
         )
-    epochs = int(cfg.get("epochs", 1))
-    total_steps = epochs * steps_per_epoch
-    if cfg.get("max_steps") is not None:
-        total_steps = min(total_steps, int(cfg.max_steps))
-    sched_cfg = OmegaConf.to_container(cfg.get("lr_scheduler") or {"name": "constant"}, resolve=True)
-    scheduler = get_lr_scheduler(optimizer, num_training_steps=total_steps, **sched_cfg)
+    total_steps = int(cfg_get(cfg, "max_steps", 0)) or int(cfg_get(cfg, "epochs", 1)) * steps_per_epoch
 
-    output_dir = cfg.output_dir
-    checkpointer = DistributedCheckpointer(output_dir, keep_last=cfg.get("keep_last", 2))
-    global_step, epoch, batches_done = 0, 0, 0
-    resume = checkpointer.resolve(cfg.get("resume_from_checkpoint", "auto"))
-    if resume is not None:
-        state = checkpointer.load(resume, model, optimizer)
-        scheduler.load_state_dict(state["scheduler"])
+    # ---- 4. optimizer, schedule, DCP resume ------------------------------------------------------
+    optimizer = build_optimizer(params, **OmegaConf.to_container(cfg_get(cfg, "optimizer", OmegaConf.create({})), resolve=True))
+    sched_cfg = OmegaConf.to_container(cfg_get(cfg, "lr_scheduler", OmegaConf.create({"name": "constant"})), resolve=True)
+    lr_scheduler = get_lr_scheduler(optimizer, num_training_steps=total_steps, **sched_cfg)
+    ckpt = DistributedCheckpointer(out_dir, keep_last=cfg_get(cfg, "keep_last_checkpoints", 2))
+    step, epoch, batches_done = 0, 0, 0  # batches_done: this rank's micro-batches used in `epoch`
+    resume_path = ckpt.resolve(cfg_get(cfg, "resume_from_checkpoint"))
+    if resume_path is not None:
+        state = ckpt.load(resume_path, model, optimizer)
+        lr_scheduler.load_state_dict(state["lr_scheduler"])
         sampler.load_state_dict(state["sampler"])
-        global_step, epoch, batches_done = state["step"], state["epoch"], state["batches_done"]
+        step, epoch, batches_done = int(state["step"]), int(state["epoch"]), int(state["batches_done"])
         if is_rank_zero():
-            print(f"Resumed from {resume} at step {global_step}", flush=True)
+            print(f"resumed from {resume_path} at step {step}")
 
-    loggers = build_metric_loggers(cfg.get("metric_loggers"), output_dir) if is_rank_zero() else None
-    stop_after = cfg.get("stop_after_steps")
-    stop_at = min(total_steps, global_step + int(stop_after)) if stop_after is not None else total_steps
-    save_every = cfg.get("save_every_n_steps")
-    max_norm = cfg.get("clip_grad_norm")
-    loss_ctx = loss_parallel if use_loss_parallel else contextlib.nullcontext
-    params = [p for p in model.parameters() if p.requires_grad]
-    model.train()
-
-    while global_step < stop_at and epoch < epochs:
-        sampler.set_epoch(epoch, start_index=batches_done * cfg.batch_size)
-        batches = iter(loader)
-        while global_step < stop_at and batches_done + accum <= steps_per_epoch * accum:
-            t0 = time.perf_counter()
-            micro = [next(batches) for _ in range(accum)]
-            micro = [{k: v.to(device) for k, v in b.items()} for b in micro]
-            # Global label-token count of this step: every rank divides by the same number.
-            num_tokens = all_reduce_sum(count_label_tokens(micro).to(device), mesh.dp).clamp(min=1).float()
-            step_loss = torch.zeros((), device=device)
-            for i, batch in enumerate(micro):
-                set_gradient_sync(model, i == accum - 1)
-                with loss_ctx():
-                    if use_loss_parallel:  # logits stay sharded by vocabulary
-                        logits = model(batch["tokens"], input_pos=batch.get("input_pos"), seq_lens=batch.get("seq_lens"))
-                        loss = torch.nn.functional.cross_entropy(
-                            logits.flatten(0, 1), batch["labels"].flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
-                        ) / num_tokens
-                    else:
-                        loss = sft_loss_sum(model, batch) / num_tokens
-                    # FSDP averages gradients over dp ranks; undo it so they sum (token normalisation is global).
-                    (loss * dp_size).backward()
-                step_loss += loss.detach().full_tensor() if hasattr(loss, "full_tensor") else loss.detach()
-            grad_norm = clip_grad_norm_(params, max_norm) if max_norm is not None else None
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            global_step += 1
-            batches_done += accum
-            step_loss = all_reduce_sum(step_loss, mesh.dp)  # sum of per-rank shares = global token mean
-            if loggers is not None and global_step % cfg.get("log_every_n_steps", 1) == 0:
-                metrics = {"loss": step_loss.item(), "lr": scheduler.get_last_lr()[0], "tokens": int(num_tokens.item()),
-                           "step_time_s": time.perf_counter() - t0, "epoch": epoch}
-                if grad_norm is not None:
-                    metrics["grad_norm"] = float(grad_norm)
-                loggers.log_dict(metrics, step=global_step)
-            if save_every and global_step % int(save_every) == 0 and global_step < total_steps:
-                checkpointer.save(global_step, model, optimizer, {
-                    "step": global_step, "epoch": epoch, "batches_done": batches_done, "seed": seed,
-                    "scheduler": scheduler.state_dict(), "sampler": sampler.state_dict(batches_done * cfg.batch_size),
-                })
-        if batches_done + accum > steps_per_epoch * accum:
-            epoch, batches_done = epoch + 1, 0
-
-    if global_step >= total_steps:
-        _save_final(model, info, cfg, lora_settings)
-    elif save_every is None or global_step % int(save_every):  # stopped early: keep a resumable state
-        checkpointer.save(global_step, model, optimizer, {
-            "step": global_step, "epoch": epoch, "batches_done": batches_done, "seed": seed,
-            "scheduler": scheduler.state_dict(), "sampler": sampler.state_dict(batches_done * cfg.batch_size),
+    def save_training_state() -> None:
+        ckpt.save(step, model, optimizer, {
+            "step": step, "epoch": epoch, "batches_done": batches_done, "lr_scheduler": lr_scheduler.state_dict(),
+            "sampler": sampler.state_dict(batches_done * batch_size),
         })
-    if loggers is not None:
-        loggers.close()
 
+    # ---- 5. training loop ------------------------------------------------------------------------
+    loggers = build_metric_loggers(cfg_get(cfg, "metric_loggers"), out_dir) if is_rank_zero() else None
+    log_every = int(cfg_get(cfg, "log_every_n_steps", 1))
+    ckpt_every = int(cfg_get(cfg, "checkpoint_every_n_steps", 0))
+    stop_after = int(cfg_get(cfg, "stop_after_steps", 0))  # end this run early (time-sliced jobs, resume tests)
+    clip = cfg_get(cfg, "clip_grad_norm")
+    loss_ctx = loss_parallel if use_loss_parallel else contextlib.nullcontext
+    model.train()
+    reset_peak_memory(device)
+    loss_value, train_tokens, train_seconds = float("nan"), 0, 0.0
+    batches = None
+    while step < total_steps:
+        if batches is None or batches_done + accum > steps_per_epoch * accum:
+            if batches is not None:
+                epoch, batches_done = epoch + 1, 0
+            sampler.set_epoch(epoch, start_index=batches_done * batch_size)
+            batches = iter(loader)
+        t0 = time.perf_counter()
+        micro = [{k: v.to(device) for k, v in next(batches).items()} for _ in range(accum)]
+        lr = float(optimizer.param_groups[0]["lr"])
+        # Label tokens of the whole global step: every rank divides by the same number.
+        num_tokens = all_reduce_sum(count_label_tokens(micro).to(device), mesh.dp).clamp(min=1).float()
+        local_loss = torch.zeros((), device=device)
+        for i, batch in enumerate(micro):
+            set_gradient_sync(model, i == accum - 1)  # reduce-scatter only after the last micro-batch
+            with loss_ctx():
+                if use_loss_parallel:  # logits stay sharded by vocabulary across TP ranks
+                    logits = model(batch["tokens"], input_pos=batch.get("input_pos"), seq_lens=batch.get("seq_lens"))
+                    loss = torch.nn.functional.cross_entropy(
+                        logits.flatten(0, 1), batch["labels"].flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+                    loss = loss / num_tokens
+                else:
+                    loss = sft_loss_sum(model, batch) / num_tokens
+                # FSDP averages gradients over dp ranks; scale so they add up instead.
+                (loss * dp_size).backward()
+            local_loss += loss.detach().full_tensor() if hasattr(loss, "full_tensor") else loss.detach()
+        grad_norm = float(clip_grad_norm_(params, float(clip))) if clip else None
+        optimizer.step()
+        lr_scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        batches_done += accum
+        loss_value = float(all_reduce_sum(local_loss, mesh.dp))  # global mean loss per label token
+        dt = time.perf_counter() - t0
+        train_seconds += dt
+        train_tokens += int(num_tokens)
+        if loggers is not None and (step % log_every == 0 or step == total_steps):
+            metrics = {"loss": loss_value, "lr": lr, "tokens_per_s": int(num_tokens) / max(dt, 1e-9),
+                       "label_tokens": int(num_tokens), "epoch": epoch, **memory_stats(device)}
+            if grad_norm is not None:
+                metrics["grad_norm"] = grad_norm
+            loggers.log_dict(metrics, step)
+            reset_peak_memory(device)
+        if step < total_steps and ((ckpt_every and step % ckpt_every == 0) or (stop_after and step == stop_after)):
+            save_training_state()  # (the last step is exported as HF below instead)
+        if stop_after and stop_after <= step < total_steps:
+            if is_rank_zero():
+                print(f"stopped after step {step} (stop_after_steps); resume with resume_from_checkpoint=auto")
+                loggers.close()
+            return {"step": step, "loss": loss_value, "output_dir": out_dir}
 
-def _save_final(model, info, cfg: DictConfig, lora_settings: dict | None) -> None:
-    """Gather the full model on rank 0 and write HF safetensors (and the PEFT adapter for LoRA)."""
-    full = gather_full_state_dict(model)  # collective: every rank calls it
+    # ---- 6. export: gather the full model on rank 0 -----------------------------------------------
+    summary = {"step": step, "loss": loss_value, "output_dir": out_dir, "world_size": dist_info.world_size,
+               "train_seconds": round(train_seconds, 2), "train_label_tokens": train_tokens}
+    if cfg_get(cfg, "save_hf", True) or (lora and cfg_get(cfg, "save_adapter", True)):
+        full = gather_full_state_dict(model)  # collective: every rank takes part
+        if is_rank_zero():
+            if lora and cfg_get(cfg, "save_adapter", True):
+                summary["adapter_dir"] = save_peft_adapter({k: v for k, v in full.items() if ".lora_" in k}, info,
+                                                           os.path.join(out_dir, "adapter"), lora_cfg,
+                                                           base_model_name_or_path=checkpoint_dir)
+            if cfg_get(cfg, "save_hf", True) and cfg_get(cfg, "save_merged", True):  # LoRA: merged W + s * B A
+                summary["hf_dir"] = save_hf_checkpoint(full, info, os.path.join(out_dir, "hf_model"),
+                                                       tokenizer_dir=checkpoint_dir, lora_cfg=lora_cfg)
+        del full
     if is_rank_zero():
-        out = os.path.join(cfg.output_dir, "hf_model")
-        save_hf_checkpoint(full, info, out, tokenizer_dir=cfg.model.path, lora_cfg=lora_settings)
-        if lora_settings is not None:
-            adapter = {k: v for k, v in full.items() if ".lora_" in k}
-            save_peft_adapter(adapter, info, os.path.join(cfg.output_dir, "adapter"), lora_settings)
-        print(f"Saved {out}", flush=True)
+        loggers.close()
+        if cfg_get(cfg, "plot_loss", True):
+            from tinytune.training.plotting import plot_loss
+
+            summary["loss_plot"] = plot_loss(os.path.join(out_dir, "metrics.jsonl"), os.path.join(out_dir, "loss.png"),
+                                             title=f"{'lora' if lora else 'full'}_finetune_distributed")
+        summary["total_seconds"] = round(time.perf_counter() - t_start, 2)
+        with open(os.path.join(out_dir, "summary.json"), "w", encoding="utf-8") as f:
+            json.dump(summary, f, indent=2, default=str)
+        print(f"done: {json.dumps(summary, default=str)}")
+    return summary
 
 
-def run(cfg: DictConfig, lora: bool) -> None:
-    """Run :func:`finetune`; tear the process group down afterwards if this call created it."""
-    owns_group = not torch.distributed.is_initialized()
-    finetune(cfg, lora=lora)
+def run(cfg: DictConfig, lora: bool) -> dict:
+    """Run :func:`finetune`; tear the process group down afterwards when this call created it."""
+    owns_group = not dist.is_initialized()
+    summary = finetune(cfg, lora=lora)
     if owns_group:
         shutdown_distributed()
+    return summary
 
 
-def recipe_main(cfg: DictConfig) -> None:
+def recipe_main(cfg: DictConfig) -> dict:
     """Full-parameter distributed fine-tuning (FSDP2 / TP / DCP)."""
-    run(cfg, lora=False)
+    return run(cfg, lora=False)
 
 
 if __name__ == "__main__":

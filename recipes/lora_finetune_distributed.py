@@ -1,7 +1,8 @@
 """Multi-process LoRA fine-tuning with FSDP2, optional tensor parallelism and DCP checkpoints.
 
 Same loop as ``full_finetune_distributed`` (see that file), with LoRA adapters on the
-projections named in the ``lora`` config section; only the adapters are trained (the frozen
+projections named by the LoRA keys of the ``model`` section (``lora_attn_modules``,
+``apply_lora_to_mlp``, ``lora_rank``, ``lora_alpha``, ``lora_dropout``, as in ``lora_finetune``); only the adapters are trained (the frozen
 base is sharded by FSDP too). At the end rank 0 writes the PEFT adapter (``adapter/``) and
 the merged model as HF safetensors (``hf_model/``).
 
@@ -16,11 +17,9 @@ from recipes.full_finetune_distributed import run
 from tinytune import config
 
 
-def recipe_main(cfg: DictConfig) -> None:
+def recipe_main(cfg: DictConfig) -> dict:
     """Distributed LoRA fine-tuning (FSDP2 / TP / DCP)."""
-    if cfg.get("lora") is None:
-        raise ValueError("lora_finetune_distributed needs a `lora` config section (lora_attn_modules, lora_rank, ...).")
-    run(cfg, lora=True)
+    return run(cfg, lora=True)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ renames the directory into place, so a crash never leaves a checkpoint that look
 from __future__ import annotations
 
 import os
-import random
 import re
 import shutil
 from pathlib import Path
@@ -28,26 +27,12 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-__all__ = ["DistributedCheckpointer", "get_rng_state", "set_rng_state"]
+from tinytune.training.device import rng_state, set_rng_state
+
+__all__ = ["DistributedCheckpointer"]
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 COMPLETE_MARKER = "COMPLETE"
-
-
-def get_rng_state() -> dict[str, Any]:
-    """RNG states of Python, torch CPU and (when present) the current CUDA device."""
-    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    """Restore states written by :func:`get_rng_state`."""
-    random.setstate(state["python"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
 
 
 def _rank() -> int:
@@ -136,7 +121,7 @@ class DistributedCheckpointer:
         _barrier()
         state = self._state_dicts(model, optimizer)
         dcp.save(state, checkpoint_id=str(tmp))  # fsyncs its files
-        torch.save(get_rng_state(), tmp / f"rng_rank{_rank()}.pt")
+        torch.save(rng_state(), tmp / f"rng_rank{_rank()}.pt")
         if _rank() == 0:
             torch.save(trainer_state, tmp / "trainer_state.pt")
         _barrier()

@@ -60,7 +60,8 @@ def apply_fsdp(
         param_dtype: dtype parameters are all-gathered and computed in (e.g. ``"bf16"``); None keeps them.
         reduce_dtype: dtype gradients are reduced in (fp32 by default).
         cpu_offload: keep sharded parameters, gradients and optimizer state on the CPU.
-        reshard_after_forward: free gathered layer parameters after forward (re-gather in backward).
+        reshard_after_forward: free gathered layer parameters after forward (re-gather in backward);
+            the root group always stays gathered until backward.
 
     Returns:
         The same module, now an ``FSDPModule``.
@@ -75,7 +76,9 @@ def apply_fsdp(
     for i, layer in enumerate(model.layers):
         # The last layer's parameters are needed first in backward: keep them gathered.
         fully_shard(layer, reshard_after_forward=reshard_after_forward and i < n - 1, **kwargs)
-    fully_shard(model, reshard_after_forward=reshard_after_forward, **kwargs)
+    # The root (embeddings, final norm, output head) stays gathered after forward: the loss reads
+    # `model.output_weight` outside the forward (fused linear + cross-entropy), and backward needs it first.
+    fully_shard(model, reshard_after_forward=False, **kwargs)
     return model
 
 

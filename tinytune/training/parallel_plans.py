@@ -18,7 +18,7 @@ from typing import Callable
 
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import Replicate, Shard
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_module
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     ParallelStyle,
@@ -45,12 +45,34 @@ def _style_for(module: nn.Module, colwise: bool) -> ParallelStyle:
     return lora_parallel_style(module, colwise=colwise)
 
 
+class HeadShardedNorm(ParallelStyle):
+    """A norm over ``head_dim`` applied to ``[b, s, h_local, head_dim]`` (Qwen3's q_norm / k_norm).
+
+    Its weight is shared by all heads, but after the TP split each rank only sees its own heads,
+    so the weight gradient is a partial sum. Running the norm on DTensors (input sharded on the
+    head dim, weight replicated) lets DTensor sum those partial gradients over the TP ranks.
+    """
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        def to_dtensor(mod, inputs, mesh):
+            x = inputs[0]
+            if not isinstance(x, DTensor):
+                x = DTensor.from_local(x, mesh, [Shard(2)], run_check=False)
+            return (x, *inputs[1:])
+
+        return distribute_module(module, device_mesh, None, input_fn=to_dtensor,
+                                 output_fn=lambda mod, out, mesh: out.to_local())
+
+
 def decoder_layer_plan(layer: nn.Module) -> dict[str, ParallelStyle]:
     """Plan for one decoder layer (module path inside the layer -> style)."""
     plan: dict[str, ParallelStyle] = {}
     for path in _COLWISE + _ROWWISE:
         module = layer.get_submodule(path)
         plan[path] = _style_for(module, colwise=path in _COLWISE)
+    for path in ("attn.q_norm", "attn.k_norm"):  # Qwen3 per-head norms
+        if getattr(layer.attn, path.split(".")[1], None) is not None:
+            plan[path] = HeadShardedNorm()
     return plan
 
 

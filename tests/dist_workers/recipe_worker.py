@@ -1,0 +1,63 @@
+"""Runs the distributed recipes in one process group for several scenarios (torchrun or plain python).
+
+Usage: recipe_worker.py OUT_DIR CKPT_DIR SCENARIO...
+
+Each scenario writes to OUT_DIR/<scenario>/ (metrics.jsonl, hf_model/, adapter/, dcp/). All
+runs train 4 optimizer steps on a global batch of 4 samples (2 micro-steps of 2 per step when
+data-parallel size is 2, or equivalently sized) with fp32 on CPU.
+"""
+
+import os
+import sys
+
+from omegaconf import OmegaConf
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+import torch.distributed as dist  # noqa: E402
+
+from recipes.full_finetune_distributed import run  # noqa: E402
+from tinytune.training.distributed import init_distributed, shutdown_distributed  # noqa: E402
+
+LORA = {"lora_attn_modules": ["q_proj", "v_proj", "o_proj"], "apply_lora_to_mlp": True, "lora_rank": 4,
+        "lora_alpha": 8.0, "lora_dropout": 0.0}
+
+
+def base_cfg(out: str, ckpt: str, dp: int, tp: int, lora: bool) -> dict:
+    global_batch = 4
+    cfg = {
+        "output_dir": out, "seed": 7, "device": "cpu", "dtype": "fp32",
+        "checkpoint_dir": ckpt, "model": dict(LORA) if lora else None, "plot_loss": False,
+        "dataset": {"_component_": "tests.dist_workers.data.random_sft", "n": 48},
+        "batch_size": global_batch // dp // 2, "gradient_accumulation_steps": 2, "epochs": 1, "max_steps": 4,
+        "optimizer": {"name": "adamw", "lr": 3e-3, "weight_decay": 0.01},
+        "lr_scheduler": {"name": "cosine", "warmup_steps": 1},
+        "clip_grad_norm": 1.0, "checkpoint_every_n_steps": 2, "keep_last_checkpoints": 1,
+        "resume_from_checkpoint": "auto",
+        "metric_loggers": ["jsonl"],
+        "parallelism": {"data_parallel_shard": -1, "tensor_parallel": tp, "loss_parallel": False},
+        "fsdp": {"reshard_after_forward": True, "cpu_offload": False},
+    }
+    return cfg
+
+
+def main() -> None:
+    out_root, ckpt = sys.argv[1], sys.argv[2]
+    info = init_distributed("cpu")
+    world = info.world_size
+    for scenario in sys.argv[3:]:
+        lora = scenario.startswith("lora")
+        tp = 2 if "tp" in scenario else 1
+        dp = world // tp
+        out = os.path.join(out_root, scenario)
+        cfg = base_cfg(out, ckpt, dp, tp, lora)
+        if scenario.endswith("lossparallel"):
+            cfg["parallelism"]["loss_parallel"] = True
+        if scenario.endswith("resume"):  # stop after 2 steps, then a second run resumes from DCP
+            run(OmegaConf.create(dict(cfg, stop_after_steps=2, checkpoint_every_n_steps=0)), lora=lora)
+        run(OmegaConf.create(cfg), lora=lora)
+        dist.barrier()
+    shutdown_distributed()
+
+
+if __name__ == "__main__":
+    main()
