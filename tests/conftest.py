@@ -15,3 +15,14 @@ import torch  # noqa: E402
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(tmp_path_factory) -> str:
+    """SmolLM2-135M-Instruct as an HF-format dir, converted once per session in a temp TINYTUNE_HOME."""
+    from tinytune.checkpoint.bundled import ensure_smollm2
+
+    return ensure_smollm2(home=str(tmp_path_factory.mktemp("tinytune_home")))

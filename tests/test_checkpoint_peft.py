@@ -96,3 +96,19 @@ def test_unmerged_lora_state_dict_needs_settings(tmp_path):
         save_hf_checkpoint(dict(model.state_dict()), info, str(tmp_path / "x"), lora_cfg={"lora_rank": 4})
     with pytest.raises(CheckpointError, match="no LoRA weights"):
         save_peft_adapter({"layers.0.attn.q_proj.weight": torch.zeros(2, 2)}, info, str(tmp_path / "y"), LORA_CFG)
+
+
+def test_qlora_load_keeps_nf4_base_and_exports(tmp_path):
+    hf = tiny_hf_model("llama")
+    hf.save_pretrained(tmp_path / "base")
+    factory = lora_mod.lora_linear_factory(["q_proj", "v_proj"], rank=4, alpha=8.0, quantize_base=True)
+    model, info = load_hf_model(str(tmp_path / "base"), dtype=torch.bfloat16, linear_factory=factory)
+    q = model.layers[0].attn.q_proj
+    assert type(q.weight.data).__name__ == "NF4Tensor" and not q.weight.requires_grad
+    assert q.lora_a.weight.requires_grad and torch.count_nonzero(q.lora_b.weight) == 0
+    toks = tokens()
+    ref = hf_logits(hf, toks)
+    assert (our_logits(model, toks) - ref).abs().max() < 0.2  # bf16 + 4-bit base
+    save_hf_checkpoint(model, info, str(tmp_path / "out"))  # NF4 base is dequantized on save
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
+    torch.testing.assert_close(hf_logits(back, toks), our_logits(model, toks), atol=0.05, rtol=0.05)

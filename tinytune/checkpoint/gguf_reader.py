@@ -103,6 +103,11 @@ def read_gguf_metadata(reader: Any, path: str) -> dict[str, Any]:
     return {k: f.contents() for k, f in reader.fields.items() if k not in skip}
 
 
+def _f32(x: float) -> float:
+    """GGUF stores these as float32: drop the float32 noise (9.9999997e-06 -> 1e-05)."""
+    return float(f"{float(x):.7g}")
+
+
 def gguf_model_info(reader: Any, path: str) -> ModelInfo:
     """Reads the hyperparameters of a llama-architecture GGUF into a :class:`ModelInfo`."""
     arch = _field(reader, "general.architecture", path)
@@ -131,8 +136,8 @@ def gguf_model_info(reader: Any, path: str) -> ModelInfo:
         num_kv_heads=kv_heads,
         head_dim=head_dim,
         hidden_dim=int(_field(reader, f"{arch}.feed_forward_length", path)),
-        norm_eps=float(_field(reader, f"{arch}.attention.layer_norm_rms_epsilon", path)),
-        rope_base=float(_field(reader, f"{arch}.rope.freq_base", path, 10000.0)),
+        norm_eps=_f32(_field(reader, f"{arch}.attention.layer_norm_rms_epsilon", path)),
+        rope_base=_f32(_field(reader, f"{arch}.rope.freq_base", path, 10000.0)),
         max_seq_len=int(_field(reader, f"{arch}.context_length", path, 4096)),
         tie_word_embeddings="output.weight" not in names,
         hf_config={k: int(v) for k, v in cfg_ids.items() if v is not None},

@@ -60,11 +60,19 @@ def _plain(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
     return t.contiguous().clone()
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _write_file_atomic(path: str, write) -> None:
+    """Writes via ``write(tmp_path)``, fsyncs, then renames over ``path`` (mode 0666 & ~umask)."""
     tmp = path + ".tmp"
     write(tmp)
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
+    os.chmod(tmp, 0o666 & ~_umask())
     os.replace(tmp, path)
 
 

@@ -12,80 +12,22 @@ import json
 import logging
 import os
 import pickle
-import random
 import re
 import shutil
 import time
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
 from tinytune.checkpoint.atomic import atomic_directory
+from tinytune.training.device import rng_state, set_rng_state
 
 logger = logging.getLogger(__name__)
 
 STATE_FILE = "training_state.pt"
 COMPLETE_FILE = "COMPLETE"
 _STEP_RE = re.compile(r"^step_(\d+)$")
-
-
-def rng_state() -> dict[str, Any]:
-    """Captures the torch (CPU and CUDA), numpy and Python RNG states.
-
-    Uses ``tinytune.training.device.rng_state`` when the training package provides it.
-    """
-    try:
-        from tinytune.training.device import rng_state as _device_rng_state  # noqa: PLC0415
-    except ImportError:
-        _device_rng_state = None
-    if _device_rng_state is not None:
-        return _device_rng_state()
-    np_state = np.random.get_state(legacy=False)
-    state: dict[str, Any] = {
-        "python": random.getstate(),
-        "numpy": {
-            "bit_generator": np_state["bit_generator"],
-            "key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
-            "pos": int(np_state["state"]["pos"]),
-            "has_gauss": int(np_state["has_gauss"]),
-            "gauss": float(np_state["gauss"]),
-        },
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    """Restores RNG states captured by :func:`rng_state`."""
-    try:
-        from tinytune.training.device import set_rng_state as _device_set  # noqa: PLC0415
-    except ImportError:
-        _device_set = None
-    if _device_set is not None:
-        _device_set(state)
-        return
-    random.setstate(_tuples(state["python"]))
-    n = state["numpy"]
-    np.random.set_state(
-        {
-            "bit_generator": n["bit_generator"],
-            "state": {"key": n["key"].numpy().astype(np.uint32), "pos": n["pos"]},
-            "has_gauss": n["has_gauss"],
-            "gauss": n["gauss"],
-        }
-    )
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _tuples(x: Any) -> Any:
-    """Python's random state must be nested tuples (serialisation may turn them into lists)."""
-    return tuple(_tuples(v) for v in x) if isinstance(x, (list, tuple)) else x
 
 
 class TrainingCheckpointer:
@@ -198,10 +140,11 @@ class TrainingCheckpointer:
         file = os.path.join(path, STATE_FILE)
         try:
             return torch.load(file, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError:
-            # RNG states from some back ends hold numpy objects; the COMPLETE marker shows this
-            # directory was written by TrainingCheckpointer, so a full unpickle is acceptable.
-            return torch.load(file, map_location="cpu", weights_only=False)
+        except pickle.UnpicklingError as e:
+            raise ValueError(
+                f"{file}: holds objects that torch.load(weights_only=True) refuses ({e}); keep "
+                "training state to tensors, numbers, strings, lists and dicts"
+            ) from None
 
     def load_latest(self) -> dict[str, Any] | None:
         """Loads the newest complete checkpoint (incomplete ones skipped with a warning)."""
