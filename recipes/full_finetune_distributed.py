@@ -90,7 +90,12 @@ def _lora_setup(cfg: DictConfig):
 
 
 def _build_loader(cfg: DictConfig, tokenizer, dp_rank: int, dp_size: int, seed: int):
+    # Rank 0 builds first (tokenisation / token cache on disk), the others then read what it wrote.
+    if not is_rank_zero():
+        dist.barrier()
     dataset = build_dataset(cfg_get(cfg, "dataset"), tokenizer)
+    if is_rank_zero():
+        dist.barrier()
     if cfg_get(cfg, "validation") is not None and is_rank_zero():
         print("note: the distributed recipe does not run validation; the `validation` section is ignored")
     collate = build_collate(cfg, tokenizer, dataset)
