@@ -94,3 +94,46 @@ def test_adapter_matches_contract():
     assert tok.decode(ids) == "Hello"
     assert tok.encode_batch(["a b", "c"], add_bos=False, add_eos=False) == [
         tok.encode("a b", add_bos=False, add_eos=False), tok.encode("c", add_bos=False, add_eos=False)]
+
+
+_FAMILY_CONFIG = {
+    "llama3": {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>", "add_bos_token": True},
+    "chatml": {"bos_token": None, "eos_token": "<|im_end|>", "add_bos_token": False},
+    "sp": {"bos_token": "<s>", "eos_token": "</s>", "add_bos_token": True},
+    "gemma": {"bos_token": "<s>", "eos_token": "</s>", "add_bos_token": True},
+}
+
+
+@lru_cache(maxsize=1)
+def _extended_tokenizer_json() -> str:
+    """The Llama 3 tokenizer.json plus EXTRA_SPECIALS as added special tokens (ids 128256+)."""
+    import json
+    import tempfile
+
+    with open(llama3_tokenizer_json(), encoding="utf-8") as f:
+        data = json.load(f)
+    base = max(t["id"] for t in data["added_tokens"]) + 1
+    for k, s in enumerate(EXTRA_SPECIALS):
+        data["added_tokens"].append({"id": base + k, "content": s, "single_word": False, "lstrip": False,
+                                     "rstrip": False, "normalized": False, "special": True})
+    d = tempfile.mkdtemp(prefix="tinytune-test-tok-")
+    path = os.path.join(d, "tokenizer.json")
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(data, f)
+    return path
+
+
+@lru_cache(maxsize=None)
+def tinytune_test_tokenizer(family: str):
+    """A production ``tinytune.tokenizers`` tokenizer over the extended Llama 3 vocabulary, set up like a
+    model family (``llama3``, ``chatml``, ``sp``, ``gemma``) through its tokenizer_config.json."""
+    import json
+    import shutil
+    import tempfile
+
+    tokenizers = pytest.importorskip("tinytune.tokenizers")
+    d = tempfile.mkdtemp(prefix=f"tinytune-test-{family}-")
+    shutil.copy(_extended_tokenizer_json(), os.path.join(d, "tokenizer.json"))
+    with open(os.path.join(d, "tokenizer_config.json"), "w", encoding="utf-8") as f:
+        json.dump(_FAMILY_CONFIG[family], f)
+    return tokenizers.load_tokenizer(d)

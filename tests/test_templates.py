@@ -251,3 +251,42 @@ def test_registry_names_and_errors():
     assert custom.render_text(CONVS["single"], eos_token="</s>") == "Q: What is 2+2?\nA: It is 4.</s>\n"
     with pytest.raises(TemplateError, match="chat template"):
         get_template("hf").bind(chatml_test_tokenizer())
+
+
+@functools.lru_cache(maxsize=None)
+def _transformers_from_file(bos: str | None, eos: str):
+    from transformers import PreTrainedTokenizerFast
+
+    from test_datasets_helpers import _extended_tokenizer_json
+
+    kw = {"bos_token": bos} if bos else {}
+    return PreTrainedTokenizerFast(tokenizer_file=_extended_tokenizer_json(), eos_token=eos, **kw)
+
+
+TINYTUNE_CASES = [
+    ("llama3", "llama3", "llama3", "multi_sys", None), ("qwen2_5", "qwen2_5", "chatml", "multi_sys", None),
+    ("qwen2_5", "qwen2_5", "chatml", "single", None), ("smollm2", "smollm2", "chatml", "multi", None),
+    ("qwen3", "qwen3", "chatml", "multi_sys", None), ("qwen3", "qwen3", "chatml", "multi", False),
+    ("gemma", "gemma3", "gemma", "multi_sys", None), ("llama2", "llama2", "sp", "multi_sys", None),
+    ("mistral", "mistral", "sp", "multi", None), ("hf", "llama3_1", "llama3", "multi_sys", None),
+]
+
+
+@pytest.mark.parametrize("template,reference,family,conv,thinking", TINYTUNE_CASES)
+def test_token_ids_with_tinytune_tokenizer(template, reference, family, conv, thinking):
+    """Token ids from the production tinytune tokenizer equal transformers' apply_chat_template ids."""
+    from test_datasets_helpers import tinytune_test_tokenizer
+
+    tok = tinytune_test_tokenizer(family)
+    inv = {i: s for s, i in tok.special_tokens.items()}
+    hf = _transformers_from_file(inv.get(tok.bos_id), inv[tok.eos_id])
+    msgs = CONVS[conv]
+    kw = {} if thinking is None else {"enable_thinking": thinking}
+    ref = hf.apply_chat_template(msgs, chat_template=jinja(reference), tokenize=True, **kw)
+    ref = list(ref["input_ids"] if not isinstance(ref, list) else ref)
+    t = get_template(template, chat_template=jinja(reference) if template == "hf" else None).bind(tok)
+    (seq,) = SampleEncoder(tok, t, enable_thinking=thinking).encode_samples([ChatSample(msgs)])[0]
+    assert seq.tokens == ref
+    trained = tok.decode([seq.tokens[i + 1] for i in range(len(seq.tokens) - 1) if seq.labels[i] != IGNORE_INDEX],
+                         skip_special_tokens=False)
+    assert msgs[-1]["content"] in trained and msgs[-2]["content"] not in trained and "user" not in trained
