@@ -167,3 +167,25 @@ def test_gguf_errors(tmp_path):
     w.close()
     with pytest.raises(CheckpointError, match="architecture 'gpt2'"):
         read_gguf(str(tmp_path / "gpt2.gguf"))
+
+
+def test_tune_convert_gguf_cli(tmp_path, capsys):
+    from tinytune.cli.main import main
+
+    hf = tiny_hf_model("llama", tie_word_embeddings=True)
+    path = tmp_path / "m.gguf"
+    write_gguf(path, hf, {"ffn_up.weight": Q.Q8_0})
+    out = tmp_path / "hf"
+    assert main(["convert", "gguf", str(path), str(out), "--dtype", "fp32", "--no-tokenizer", "--max-shard-size", "30KB"]) == 0
+    assert str(out) in capsys.readouterr().out
+    assert (out / "model.safetensors.index.json").is_file()
+    from tinytune.checkpoint import load_hf_model
+
+    model, info = load_hf_model(str(out))
+    assert info.tie_word_embeddings
+    toks = tokens()
+    torch.testing.assert_close(our_logits(model, toks), hf_logits(hf, toks), atol=0.05, rtol=0.05)
+    assert main(["convert", "gguf", str(path), str(out), "--no-tokenizer"]) == 1  # exists, no --overwrite
+    assert "--overwrite" in capsys.readouterr().err
+    assert main(["convert", "gguf", str(tmp_path / "missing.gguf"), str(tmp_path / "o2")]) == 1
+    assert "missing.gguf" in capsys.readouterr().err

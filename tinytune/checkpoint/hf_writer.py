@@ -94,6 +94,11 @@ def state_dict_to_hf(
         CheckpointError: a key has no HF equivalent (e.g. LoRA keys that were not merged).
     """
     keymap = hf_key_map(info.model_type)
+    if not info.tie_word_embeddings and "output.weight" not in state_dict:
+        raise CheckpointError(
+            "state dict has no 'output.weight' but info.tie_word_embeddings is False; "
+            "set info.tie_word_embeddings = True for a model with tied embeddings"
+        )
     out: dict[str, torch.Tensor] = {}
     for name, t in state_dict.items():
         if name == "output.weight" and info.tie_word_embeddings:

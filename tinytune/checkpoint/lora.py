@@ -94,7 +94,7 @@ def merge_lora_state_dict(state_dict: Mapping[str, torch.Tensor], scaling: float
         a = state_dict[k].detach().float()  # [r, in]
         b = state_dict[b_key].detach().float()  # [out, r]
         merged = w.detach().float() + scaling * (b @ a)  # [out, in]
-        out[w_key] = merged.to(state_dict[k].dtype if w.dtype not in (torch.float32, torch.float16, torch.bfloat16) else w.dtype)
+        out[w_key] = merged.to(w.dtype)
     return out
 
 
