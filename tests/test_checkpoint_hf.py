@@ -150,3 +150,16 @@ def test_lm_head_absent_means_tied(tmp_path):
     assert ours.output_weight.data_ptr() == ours.tok_embeddings.weight.data_ptr()
     toks = tokens()
     torch.testing.assert_close(our_logits(ours, toks), hf_logits(hf, toks), atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_load_to_cuda_bf16(tmp_path):
+    hf = tiny_hf_model("qwen3")
+    hf.save_pretrained(tmp_path / "src")
+    ours, _ = load_hf_model(str(tmp_path / "src"), dtype=torch.bfloat16, device="cuda")
+    assert all(p.device.type == "cuda" and p.dtype == torch.bfloat16 for p in ours.parameters())
+    toks = tokens()
+    with torch.no_grad():
+        got = ours(toks.cuda()).float().cpu()
+    torch.testing.assert_close(got, hf_logits(hf, toks), atol=0.1, rtol=0.05)
