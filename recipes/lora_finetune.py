@@ -58,7 +58,7 @@ def recipe_main(cfg: DictConfig) -> dict:
     # ---- 2. model (frozen base + adapters) and tokenizer ----------------------------------
     checkpoint_dir = resolve_checkpoint_dir(cfg)
     tokenizer = load_tokenizer(cfg, checkpoint_dir)
-    model, info = load_model(cfg, checkpoint_dir, device, dtype, lora=True)
+    model, info = load_model(cfg, checkpoint_dir, device, dtype)
     lora_cfg = lora_settings(cfg, model)
     n_trainable = set_trainable_params(model)
     n_total = sum(p.numel() for p in model.parameters())

@@ -65,10 +65,10 @@ def make_tiny_checkpoint(out_dir: str, seed: int = 0, vocab_size: int = 320, tie
     hp = dict(vocab_size=vocab, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, hidden_dim=128,
               max_seq_len=256, rope_base=10000.0, norm_eps=1e-5, tie_embeddings=tied)
     model = llama_decoder(**hp)
-    with torch.no_grad():  # larger init than default so losses move visibly
-        for p in model.parameters():
+    with torch.no_grad():  # embeddings large enough that (tied) logits can become confident
+        for name, p in model.named_parameters():
             if p.dim() == 2:
-                p.normal_(0, 0.05)
+                p.normal_(0, 0.2 if "tok_embeddings" in name else 0.05)
     info = ModelInfo(model_type="llama", vocab_size=vocab, dim=64, num_layers=2, num_heads=4, num_kv_heads=2,
                      head_dim=16, hidden_dim=128, norm_eps=1e-5, rope_base=10000.0, max_seq_len=256,
                      tie_word_embeddings=tied)

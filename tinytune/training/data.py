@@ -86,7 +86,11 @@ class BatchStream:
 
     def _start(self) -> None:
         self.sampler.set_epoch(self.epoch, start_index=self.batches_done * self.batch_size)
-        loader = DataLoader(self.dataset, batch_size=self.batch_size, sampler=self.sampler,
+        # An own generator: creating the iterator then draws no numbers from the global RNG, so a
+        # resumed run's dropout masks match the uninterrupted run's.
+        g = torch.Generator()
+        g.manual_seed(self.sampler.seed + self.epoch)
+        loader = DataLoader(self.dataset, batch_size=self.batch_size, sampler=self.sampler, generator=g,
                             collate_fn=self.collate_fn, drop_last=self.drop_last, num_workers=self.num_workers)
         self._it = iter(loader)
 

@@ -77,8 +77,7 @@ def _lora_kwargs(model_cfg: Any) -> dict[str, Any]:
     return {k: model_cfg[k] for k in LORA_KEYS if model_cfg is not None and k in model_cfg}
 
 
-def load_model(cfg: DictConfig, checkpoint_dir: str, device: torch.device, dtype: torch.dtype,
-               lora: bool = False) -> tuple[nn.Module, Any]:
+def load_model(cfg: DictConfig, checkpoint_dir: str, device: torch.device, dtype: torch.dtype) -> tuple[nn.Module, Any]:
     """Builds the model described by ``cfg.model`` and loads ``checkpoint_dir`` into it.
 
     ``cfg.model`` is either a builder node (``_component_: tinytune.models.lora_builders.lora_smollm2_135m``
@@ -89,7 +88,6 @@ def load_model(cfg: DictConfig, checkpoint_dir: str, device: torch.device, dtype
         cfg: recipe config.
         checkpoint_dir: HF checkpoint directory.
         device, dtype: where and in which dtype the weights go.
-        lora: the recipe trains adapters (a model without LoRA layers is then an error).
 
     Returns:
         ``(model, ModelInfo)``.
@@ -101,7 +99,7 @@ def load_model(cfg: DictConfig, checkpoint_dir: str, device: torch.device, dtype
     factory = None
     if model_cfg is not None and "_component_" in model_cfg:
         builder = functools.partial(tt_config.instantiate, model_cfg)
-    elif model_cfg is not None and lora:
+    elif model_cfg is not None and _lora_kwargs(model_cfg):
         from tinytune.models.lora_builders import lora_target_modules  # noqa: PLC0415
         from tinytune.modules.peft import lora_linear_factory  # noqa: PLC0415
 
@@ -144,6 +142,8 @@ def build_dataset(node: DictConfig, tokenizer, where: str = "dataset"):
 
 def build_collate(cfg: DictConfig, tokenizer, dataset=None):
     """The collate function: the dataset's own ``collate_fn`` if it has one, else padded collate."""
+    while isinstance(dataset, torch.utils.data.Subset):  # a held-out split wraps the dataset
+        dataset = dataset.dataset
     own = getattr(dataset, "collate_fn", None)
     if callable(own):
         return own
