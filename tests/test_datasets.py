@@ -278,3 +278,30 @@ def test_real_corpora(tmp_path):
                           cache_dir=str(tmp_path), num_workers=1)
     assert len(cc) >= 20 and max(cc.lengths) <= 256
     assert all(any(x != IGNORE_INDEX for x in cc[i]["labels"]) for i in range(len(cc)))
+
+
+def test_template_options_through_builder(tmp_path):
+    from test_datasets_helpers import chatml_test_tokenizer as make
+
+    kw = dict(cache_dir=str(tmp_path), num_workers=1)
+    conv = {"conversations": [{"from": "human", "value": "weather?"},
+                              {"from": "function_call", "value": "{\"name\": \"get_weather\"}"},
+                              {"from": "observation", "value": "sunny"}, {"from": "gpt", "value": "It is sunny."}]}
+    tok = make()
+    ds = sft_dataset(tok, [conv], template="qwen2_5", **kw)
+    text = tok.decode(ds[0]["tokens"], skip_special_tokens=False)
+    assert text.startswith("<|im_start|>system\nYou are Qwen, created by Alibaba Cloud.")
+    assert "<|im_start|>user\n<tool_response>\nsunny\n</tool_response><|im_end|>" in text
+    assert _trained(tok, ds[0]) == "{\"name\": \"get_weather\"}<|im_end|>It is sunny.<|im_end|>"
+    # MindSpeed prompt_type and a system prompt for conversations without one.
+    ds = sft_dataset(tok, [CONV], prompt_type="qwen", system_prompt="Be brief.", **kw)
+    assert tok.decode(ds[0]["tokens"], skip_special_tokens=False).startswith("<|im_start|>system\nBe brief.<|im_end|>")
+    # The tokenizer's own chat template (template: hf, the default when the tokenizer has one).
+    with open(os.path.join(os.path.dirname(__file__), "fixtures", "chat_templates", "smollm2.jinja")) as f:
+        tok_t = make(chat_template=f.read())
+    ds = sft_dataset(tok_t, [CONV], **kw)
+    assert "named SmolLM" in tok.decode(ds[0]["tokens"], skip_special_tokens=False)
+    assert _trained(tok, ds[0]) == "uno<|im_end|>dos<|im_end|>"
+    # A template without a tool role gives a clear error naming the row.
+    with pytest.raises(DatasetError, match="no tool role"):
+        sft_dataset(tok, [conv], template="mistral", **kw)

@@ -72,13 +72,20 @@ def fingerprint_source(source: Any) -> Any:
 
 
 def fingerprint_tokenizer(tokenizer) -> str:
-    """Hash of what decides token ids: class, vocabulary size, specials, a probe encoding, files."""
+    """Hash of what decides token ids: class, vocabulary size, specials, a probe encoding, a sample of
+    the vocabulary, and the tokenizer's files when it names them (``path``/``model_path``/``files``)."""
     h = hashlib.blake2b(digest_size=16)
     h.update(type(tokenizer).__qualname__.encode())
     for attr in ("vocab_size", "bos_id", "eos_id", "pad_id"):
         h.update(f"{attr}={getattr(tokenizer, attr, None)}".encode())
     h.update(json.dumps(sorted((getattr(tokenizer, "special_tokens", None) or {}).items())).encode())
     h.update(json.dumps(tokenizer.encode(_PROBE, add_bos=False, add_eos=False)).encode())
+    vocab = int(getattr(tokenizer, "vocab_size", 0) or 0)
+    for i in range(0, vocab, max(1, vocab // 512)):  # a sample of the vocabulary itself
+        try:
+            h.update(tokenizer.decode([i], skip_special_tokens=False).encode("utf-8", "replace"))
+        except Exception:  # noqa: BLE001 - ids without a piece (gaps) still count as "no piece"
+            h.update(b"\x00")
     for attr in ("path", "model_path", "files"):
         p = getattr(tokenizer, attr, None)
         paths = p if isinstance(p, (list, tuple)) else [p]

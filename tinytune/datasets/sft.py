@@ -135,6 +135,8 @@ def _resolve_template(tokenizer, template, prompt_type, chat_template, style):
         if style == "text":
             return None
         template = "hf" if (chat_template or getattr(tokenizer, "chat_template", None)) else "chatml"
+        log.info("no template given: using %r (%s)", template,
+                 "the tokenizer's chat template" if template == "hf" else "the tokenizer has no chat template")
     kwargs = {"chat_template": chat_template} if template == "hf" and chat_template else {}
     return get_template(_plain(template), **kwargs).bind(tokenizer)
 
