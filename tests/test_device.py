@@ -209,3 +209,23 @@ def test_cuda_state_without_cuda_warns(caplog, monkeypatch):
     with caplog.at_level(logging.WARNING, logger="tinytune.training.device"):
         set_rng_state(state)
     assert "CUDA" in caplog.text
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_device_dtype_and_rng_round_trip():
+    device = get_device("auto")
+    assert device.type == "cuda"
+    if torch.cuda.is_bf16_supported():
+        assert get_dtype("bf16", device) == torch.bfloat16
+    set_seed(5)
+    torch.rand(4, device=device)
+    state = rng_state()
+    assert "cuda" in state
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    expected = (torch.rand(4, device=device).tolist(), torch.rand(2).tolist())
+    set_seed(6)
+    buf.seek(0)
+    set_rng_state(torch.load(buf, weights_only=True))
+    assert (torch.rand(4, device=device).tolist(), torch.rand(2).tolist()) == expected
