@@ -290,3 +290,19 @@ def test_token_ids_with_tinytune_tokenizer(template, reference, family, conv, th
     trained = tok.decode([seq.tokens[i + 1] for i in range(len(seq.tokens) - 1) if seq.labels[i] != IGNORE_INDEX],
                          skip_special_tokens=False)
     assert msgs[-1]["content"] in trained and msgs[-2]["content"] not in trained and "user" not in trained
+
+
+@pytest.mark.parametrize("template,make_tok", [("qwen2_5", chatml_test_tokenizer), ("chatml", chatml_test_tokenizer),
+                                               ("mistral", sp_style_test_tokenizer)])
+def test_ids_equal_whole_string_tokenization_at_awkward_borders(template, make_tok):
+    """Answers starting with newlines/spaces still give the ids of the whole rendered string."""
+    tok = make_tok()
+    msgs = [{"role": "user", "content": "Format this:  "}, {"role": "assistant", "content": "\n\n  Indented answer"},
+            {"role": "user", "content": "\nagain"}, {"role": "assistant", "content": " spaced\n"}]
+    t = get_template(template).bind(tok)
+    text = t.render_text(msgs, bos_token="<s>", eos_token=tok.hf.id_to_token(tok.eos_id))
+    ref = tok.encode(text, add_bos=False, add_eos=False)
+    (seq,) = SampleEncoder(tok, t).encode_samples([ChatSample(msgs)])[0]
+    assert seq.tokens == ref
+    trained = trained_text(tok, seq.tokens, seq.labels)
+    assert "Indented answer" in trained and " spaced" in trained and "again" not in trained and "Format" not in trained

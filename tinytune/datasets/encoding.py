@@ -1,12 +1,15 @@
 """Samples -> token ids and pre-shifted labels, with exact token-level loss masks and truncation.
 
-A conversation is rendered to segments (``templates``), each segment is tokenized on its own, and
-the per-token "trainable" mask decides the labels:
+A conversation is rendered to segments (``templates``). Text between two special tokens is
+tokenized whole, exactly as the full rendered string would be; where the trainable flag changes
+inside such a stretch, the border token is found by also encoding the stretch's prefix. The
+per-token "trainable" mask then decides the labels:
 ``labels[i] = tokens[i + 1] if token i + 1 is trainable else -100``; the last label is -100.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from tinytune.datasets.errors import DatasetError
@@ -138,24 +141,100 @@ class SampleEncoder:
         cut = answer_start - (keep_prompt - head)
         return tokens[:head] + tokens[cut:], mask[:head] + mask[cut:]
 
+    def _special_split(self):
+        """Regex that splits text at special-token strings (the tokenizer's hard boundaries)."""
+        if not hasattr(self, "_split_re"):
+            specials = getattr(self.tokenizer, "special_tokens", None) or {}
+            names = sorted((s for s in specials if s), key=len, reverse=True)
+            self._specials = dict(specials)
+            self._split_re = re.compile("(" + "|".join(map(re.escape, names)) + ")") if names else None
+        return self._split_re
+
+    def _layout(self, plan: _Plan, requests: list[str]) -> list[tuple]:
+        """Cuts a plan into special-token ids and text stretches between them.
+
+        Text between two special tokens is tokenized independently by the tokenizer, so each
+        stretch is encoded whole (exactly like the full rendered string). Where the trainable flag
+        changes inside a stretch, the border is found by also encoding the stretch's prefix.
+        Appends the texts to encode to ``requests``.
+        """
+        split = self._special_split()
+        layout: list[tuple] = []
+        stretch: list[list] = []  # [text, flag, starts_answer]
+
+        def close():
+            if stretch:
+                full = len(requests)
+                requests.append("".join(t for t, _, _ in stretch))
+                prefixes = []
+                for j in range(1, len(stretch)):
+                    prefixes.append(len(requests))
+                    requests.append("".join(t for t, _, _ in stretch[:j]))
+                layout.append(("text", [(f, a) for _, f, a in stretch], full, prefixes))
+                stretch.clear()
+
+        for k, (text, tid, flag) in enumerate(plan.pieces):
+            answer = k == plan.answer_piece
+            if text is None:
+                close()
+                layout.append(("id", tid, flag, answer))
+                continue
+            parts = split.split(text) if split is not None else [text]
+            for j, part in enumerate(parts):
+                if j % 2:
+                    close()
+                    layout.append(("id", self._specials[part], flag, answer))
+                    answer = False
+                elif part:
+                    if stretch and stretch[-1][1] == flag and not answer:
+                        stretch[-1][0] += part
+                    else:
+                        stretch.append([part, flag, answer])
+                    answer = False
+        close()
+        return layout
+
     def encode_plans(self, plans: list[_Plan | None]) -> list[tuple[list[int], list[bool], int] | None]:
-        """Tokenizes planned pieces (all texts of all plans in one ``encode_batch`` call)."""
-        texts = [p[0] for plan in plans if plan is not None for p in plan.pieces if p[0] is not None]
-        ids = iter(self._encode_texts(texts))
+        """Tokenizes planned pieces (every text of every plan in one ``encode_batch`` call).
+
+        Returns:
+            per plan: ``(tokens, trainable mask, index of the first token of the last answer)``.
+        """
+        requests: list[str] = []
+        layouts = [None if plan is None else self._layout(plan, requests) for plan in plans]
+        encoded = self._encode_texts(requests)
         out = []
-        for plan in plans:
-            if plan is None:
+        for layout in layouts:
+            if layout is None:
                 out.append(None)
                 continue
             tokens: list[int] = []
             mask: list[bool] = []
             answer_start = None
-            for k, (text, tid, flag) in enumerate(plan.pieces):
-                if k == plan.answer_piece:
-                    answer_start = len(tokens)
-                piece = next(ids) if text is not None else [tid]
-                tokens.extend(piece)
-                mask.extend([flag] * len(piece))
+            for entry in layout:
+                if entry[0] == "id":
+                    _, tid, flag, answer = entry
+                    if answer and answer_start is None:
+                        answer_start = len(tokens)
+                    tokens.append(tid)
+                    mask.append(flag)
+                    continue
+                _, subs, full_i, prefix_is = entry
+                full = encoded[full_i]
+                borders = [0]
+                for pi in prefix_is:
+                    pre = encoded[pi]
+                    n = 0
+                    limit = min(len(pre), len(full))
+                    while n < limit and pre[n] == full[n]:
+                        n += 1
+                    borders.append(max(n, borders[-1]))  # a token that straddles the border goes right
+                borders.append(len(full))
+                for (flag, answer), a, b in zip(subs, borders, borders[1:]):
+                    if answer and answer_start is None:
+                        answer_start = len(tokens) + a
+                    mask.extend([flag] * (b - a))
+                tokens.extend(full)
             out.append((tokens, mask, len(tokens) if answer_start is None else answer_start))
         return out
 
