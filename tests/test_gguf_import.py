@@ -49,7 +49,7 @@ def gguf_name(hf_name: str) -> str:
     return f"blk.{i}.{LAYER[rest]}"
 
 
-def write_gguf(path, hf_model, qtypes: dict[str, Q]):
+def write_gguf(path, hf_model, qtypes: dict[str, Q], extra: dict | None = None):
     """Writes an HF llama model into a GGUF the way llama.cpp does (q/k permuted)."""
     cfg = hf_model.config
     w = gguf.GGUFWriter(str(path), "llama")
@@ -59,6 +59,8 @@ def write_gguf(path, hf_model, qtypes: dict[str, Q]):
     w.add_feed_forward_length(cfg.intermediate_size)
     w.add_head_count(cfg.num_attention_heads)
     w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_key_length(cfg.head_dim)
+    w.add_value_length(cfg.head_dim)
     w.add_rope_freq_base(float(cfg.rope_parameters["rope_theta"]))
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     w.add_vocab_size(cfg.vocab_size)
@@ -84,6 +86,8 @@ def write_gguf(path, hf_model, qtypes: dict[str, Q]):
         else:
             w.add_tensor(g, quantize(arr, qt), raw_dtype=qt)
         originals[g] = (arr, qt)
+    for name, arr in (extra or {}).items():
+        w.add_tensor(name, arr)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -189,3 +193,41 @@ def test_tune_convert_gguf_cli(tmp_path, capsys):
     assert "--overwrite" in capsys.readouterr().err
     assert main(["convert", "gguf", str(tmp_path / "missing.gguf"), str(tmp_path / "o2")]) == 1
     assert "missing.gguf" in capsys.readouterr().err
+
+
+def test_rope_freqs_becomes_llama3_rope_scaling(tmp_path):
+    import math
+
+    scaling = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+    # reference: llama.cpp's converter computes the divisors like this
+    head_dim, base = 64, 10000.0  # several frequencies inside the blended band to fit it
+    hf = tiny_hf_model("llama", rope_theta=base, max_position_embeddings=1024, head_dim=head_dim,
+                       rope_scaling={"rope_type": "llama3", **scaling})
+    factors = []
+    for i in range(0, head_dim, 2):
+        freq = 1.0 / base ** (i / head_dim)
+        wavelen = 2 * math.pi / freq
+        lo, hi = scaling["original_max_position_embeddings"] / scaling["low_freq_factor"], scaling["original_max_position_embeddings"] / scaling["high_freq_factor"]
+        if wavelen < hi:
+            factors.append(1.0)
+        elif wavelen > lo:
+            factors.append(scaling["factor"])
+        else:
+            smooth = (scaling["original_max_position_embeddings"] / wavelen - 1.0) / (4.0 - 1.0)
+            factors.append(1 / ((1 - smooth) / scaling["factor"] + smooth))
+    path = tmp_path / "l31.gguf"
+    write_gguf(path, hf, {}, extra={"rope_freqs.weight": np.array(factors, np.float32)})
+    g = read_gguf(str(path))
+    assert g.info.rope_scaling == scaling
+    model, _ = load_gguf_model(str(path))
+    toks = tokens(s=200)  # beyond the original context: the scaling matters
+    torch.testing.assert_close(our_logits(model, toks), hf_logits(hf, toks), atol=5e-5, rtol=1e-4)
+
+
+def test_gguf_without_tokenizer_needs_no_tokenizer_flag(tmp_path):
+    hf = tiny_hf_model("llama")
+    path = tmp_path / "notok.gguf"
+    write_gguf(path, hf, {})
+    with pytest.raises(CheckpointError, match="--no-tokenizer"):
+        convert_gguf_to_hf(str(path), str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()  # atomic: nothing half-written

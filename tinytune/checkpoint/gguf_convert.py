@@ -9,7 +9,7 @@ import torch
 from tinytune.checkpoint.atomic import atomic_directory
 from tinytune.checkpoint.gguf_reader import read_gguf
 from tinytune.checkpoint.hf_writer import _write_json, save_hf_checkpoint
-from tinytune.checkpoint.model_info import ModelInfo
+from tinytune.checkpoint.model_info import CheckpointError, ModelInfo
 
 MARKER = "tinytune_convert.json"  # written last; its presence means the directory is complete
 
@@ -24,7 +24,13 @@ def write_gguf_tokenizer(gguf_path: str, out_dir: str) -> list[str]:
     """
     from tinytune.tokenizers.gguf import hf_tokenizer_files_from_gguf  # noqa: PLC0415
 
-    files = hf_tokenizer_files_from_gguf(gguf_path)
+    try:
+        files = hf_tokenizer_files_from_gguf(gguf_path)
+    except (ValueError, NotImplementedError, KeyError) as e:
+        raise CheckpointError(
+            f"{gguf_path}: the tokenizer in this GGUF cannot be converted ({e}); convert the weights "
+            "alone with --no-tokenizer (tokenizer=False) and copy tokenizer files from elsewhere"
+        ) from None
     for name, content in files.items():
         with open(os.path.join(out_dir, name), "w", encoding="utf-8") as f:
             f.write(content)

@@ -7,6 +7,7 @@ the rotate-half convention, so :func:`unpermute_qk` restores the original row or
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -145,6 +146,66 @@ def gguf_model_info(reader: Any, path: str) -> ModelInfo:
     )
 
 
+_LLAMA3_GRID = {
+    "low_freq_factor": (1.0, 2.0),
+    "high_freq_factor": (2.0, 4.0, 8.0),
+    "original_max_position_embeddings": (8192, 4096, 2048, 16384, 32768),
+}
+
+
+def fit_llama3_rope_scaling(rope_freqs: np.ndarray, info: ModelInfo, path: str = "") -> dict | None:
+    """Recovers HF ``rope_scaling`` (llama3 type) from llama.cpp's ``rope_freqs`` tensor.
+
+    llama.cpp divides each RoPE frequency by ``rope_freqs[i]``; HF describes the same scaling by
+    ``factor``, ``low_freq_factor``, ``high_freq_factor`` and ``original_max_position_embeddings``.
+    ``factor`` is the largest divisor; the other three come from a line fit through the blended
+    band (or a grid of the values released models use) and are accepted only when they
+    reproduce every divisor.
+
+    Raises:
+        CheckpointError: no parameter set reproduces the tensor.
+    """
+    from tinytune.modules.position_embeddings import RotaryPositionalEmbeddings  # noqa: PLC0415
+
+    freqs = torch.from_numpy(np.asarray(rope_freqs, dtype=np.float32)).reshape(-1)  # [head_dim/2]
+    if torch.allclose(freqs, torch.ones_like(freqs)):
+        return None
+    plain = RotaryPositionalEmbeddings(info.head_dim, base=info.rope_base).inv_freq(torch.device("cpu"))
+    if plain.shape != freqs.shape:
+        raise CheckpointError(f"{path}: rope_freqs has {freqs.numel()} entries, expected {plain.numel()}")
+    factor = float(freqs.max())
+    candidates = [
+        (low, high, orig)
+        for low in _LLAMA3_GRID["low_freq_factor"]
+        for high in _LLAMA3_GRID["high_freq_factor"]
+        for orig in _LLAMA3_GRID["original_max_position_embeddings"]
+    ]
+    # In the blended band the divisor is 1 / ((1 - s) / factor + s) with s linear in 1/wavelength:
+    # s = orig / (high - low) / wavelen - low / (high - low). Fit the line, then try each low.
+    medium = (freqs > 1 + 1e-6) & (freqs < factor - 1e-6)
+    if int(medium.sum()) >= 2:
+        s_i = ((1 / freqs[medium]) - 1 / factor) / (1 - 1 / factor)  # [m]
+        x = plain[medium].double() / (2 * math.pi)  # 1 / wavelength, [m]
+        slope, intercept = np.polyfit(x.numpy(), s_i.double().numpy(), 1)
+        if intercept < 0:  # (low, high, orig) is fixed up to a common scale: prefer low = 1
+            fitted = []
+            for low in _LLAMA3_GRID["low_freq_factor"]:
+                span = -low / float(intercept)  # high - low
+                fitted.append((low, round(low + span, 4), int(round(float(slope) * span))))
+            candidates = fitted + candidates
+    for low, high, orig in candidates:
+        cand = {"factor": factor, "low_freq_factor": low, "high_freq_factor": high,
+                "original_max_position_embeddings": orig}
+        rope = RotaryPositionalEmbeddings(info.head_dim, base=info.rope_base, rope_scaling=cand)
+        divisors = plain / rope.inv_freq(torch.device("cpu"))  # [head_dim/2]
+        if torch.allclose(divisors, freqs, rtol=1e-4, atol=1e-5):
+            return cand
+    raise CheckpointError(
+        f"{path}: rope_freqs does not match Llama 3 style scaling with factor {factor}; "
+        "this rope scaling cannot be expressed as an HF config"
+    )
+
+
 def read_gguf(path: str, dtype: torch.dtype = torch.float32) -> GGUFModel:
     """Reads a llama-architecture GGUF: hyperparameters and every tensor, dequantized.
 
@@ -171,6 +232,9 @@ def read_gguf(path: str, dtype: torch.dtype = torch.float32) -> GGUFModel:
     sd: dict[str, torch.Tensor] = {}
     types: dict[str, str] = {}
     for t in reader.tensors:
+        if t.name == "rope_freqs.weight":  # Llama 3.1+ rope scaling, stored as per-frequency divisors
+            info.rope_scaling = fit_llama3_rope_scaling(dequantize_tensor(t, path), info, path)
+            continue
         if keymap.is_ignored(t.name):
             continue
         name = keymap.to_tinytune(t.name)
