@@ -16,6 +16,7 @@ import importlib.util
 import json
 import os
 import random
+import resource
 import shutil
 import tempfile
 import time
@@ -60,21 +61,28 @@ def main() -> None:
         rows = []
         for w in args.workers:
             cache = os.path.join(work, f"cache-{w}")
+            cpu0 = resource.getrusage(resource.RUSAGE_SELF).ru_utime
+            kids0 = resource.getrusage(resource.RUSAGE_CHILDREN).ru_utime
             t0 = time.perf_counter()
             ds = sft_dataset(tok, data, template=args.template, max_seq_len=2048, cache_dir=cache, num_workers=w)
             dt = time.perf_counter() - t0
+            cpu = resource.getrusage(resource.RUSAGE_SELF).ru_utime - cpu0
+            kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_utime - kids0
             t1 = time.perf_counter()
             again = sft_dataset(tok, data, template=args.template, max_seq_len=2048, cache_dir=cache, num_workers=w)
             hit = time.perf_counter() - t1
             assert again.cache_hit and len(again) == len(ds)
-            rows.append((w, len(ds), ds.meta["tokens"], dt, hit))
+            rows.append((w, len(ds), ds.meta["tokens"], dt, hit, cpu, kids))
         print(f"\nPreprocessing {args.samples} Alpaca samples, template {args.template}, tokenizer {os.path.basename(path)}"
               f" ({os.cpu_count()} CPUs)\n")
-        print("| workers | samples | tokens | seconds | samples/s | tokens/s | speed-up | cache hit (s) |")
-        print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+        print("| workers | samples | tokens | seconds | samples/s | tokens/s | speed-up | cache hit (s) "
+              "| CPU s main | CPU s workers |")
+        print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         base = rows[0][3]
-        for w, n, ntok, dt, hit in rows:
-            print(f"| {w} | {n} | {ntok} | {dt:.2f} | {n / dt:,.0f} | {ntok / dt:,.0f} | {base / dt:.2f}x | {hit:.3f} |")
+        for w, n, ntok, dt, hit, cpu, kids in rows:
+            print(f"| {w} | {n} | {ntok} | {dt:.2f} | {n / dt:,.0f} | {ntok / dt:,.0f} | {base / dt:.2f}x | {hit:.3f} "
+                  f"| {cpu:.1f} | {kids:.1f} |")
+        print(f"\nload average at the end: {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -260,10 +260,14 @@ def build_cache(path: str, rows: Iterable, encoder, to_sample: Callable, *, num_
                 tokens.tofile(ftok)
                 labels.tofile(flab)
                 lengths_all.append(lengths)
-        finally:
+        except BaseException:
             if pool is not None:
                 pool.terminate()
                 pool.join()
+            raise
+        if pool is not None:
+            pool.close()
+            pool.join()
         _fsync_close(ftok)
         _fsync_close(flab)
         lengths = np.concatenate(lengths_all) if lengths_all else np.zeros(0, dtype=np.int64)
