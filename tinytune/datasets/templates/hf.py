@@ -135,9 +135,13 @@ class HFChatTemplate:
                 think = text.rfind("<think>", cursor, start)
                 if think >= 0 and text.find("</think>", think, start) >= 0:
                     start = think
+            gap = len(text[end:end + 8]) - len(text[end:end + 8].lstrip(" \n"))  # e.g. Llama 2's " </s>"
             for s in self.end_of_turn:
                 if text.startswith(s, end):
                     end += len(s)
+                    break
+                if gap and text.startswith(s, end + gap):
+                    end += gap + len(s)
                     break
             if start > cursor:
                 out.append(Segment(text=text[cursor:start], message=i))
