@@ -139,11 +139,16 @@ def finetune(cfg: DictConfig, lora: bool) -> dict:
         from tinytune.training.activation_checkpointing import apply_activation_checkpointing as ac
     model, info = load_hf_model_sharded(
         checkpoint_dir, mesh, device, linear_factory=factory, trainable=trainable,
-        loss_parallel=use_loss_parallel, activation_checkpointing=ac,
+        loss_parallel=use_loss_parallel, sequence_parallel=bool(cfg_get(cfg, "parallelism.sequence_parallel", False)),
+        activation_checkpointing=ac,
         fsdp={"param_dtype": None if dtype == torch.float32 else dtype, "reduce_dtype": torch.float32,
               "cpu_offload": cpu_offload, "reshard_after_forward": bool(cfg_get(cfg, "fsdp.reshard_after_forward", True))},
     )
     params = [p for p in model.parameters() if p.requires_grad]
+    if lora:
+        stray = [n for n, p in model.named_parameters() if p.requires_grad and ".lora_" not in n]
+        if stray:
+            raise RuntimeError(f"LoRA run would also train non-adapter parameters {stray[:4]}; this is a bug.")
     if is_rank_zero():
         n_total = sum(p.numel() for p in model.parameters())
         print(f"model: {info.model_type} from {checkpoint_dir}; training {sum(p.numel() for p in params):,} of "
@@ -171,6 +176,12 @@ def finetune(cfg: DictConfig, lora: bool) -> dict:
     resume_path = ckpt.resolve(cfg_get(cfg, "resume_from_checkpoint"))
     if resume_path is not None:
         state = ckpt.load(resume_path, model, optimizer)
+        if (state.get("batch_size"), state.get("accum")) != (batch_size, accum):
+            raise ConfigError(
+                f"resume_from_checkpoint: {resume_path} was written with batch_size={state.get('batch_size')}, "
+                f"gradient_accumulation_steps={state.get('accum')}; this run has {batch_size}, {accum}. Resume with "
+                "the same values (or start a new output_dir)."
+            )
         lr_scheduler.load_state_dict(state["lr_scheduler"])
         sampler.load_state_dict(state["sampler"])
         step, epoch, batches_done = int(state["step"]), int(state["epoch"]), int(state["batches_done"])
@@ -179,7 +190,8 @@ def finetune(cfg: DictConfig, lora: bool) -> dict:
 
     def save_training_state() -> None:
         ckpt.save(step, model, optimizer, {
-            "step": step, "epoch": epoch, "batches_done": batches_done, "lr_scheduler": lr_scheduler.state_dict(),
+            "step": step, "epoch": epoch, "batches_done": batches_done, "batch_size": batch_size, "accum": accum,
+            "lr_scheduler": lr_scheduler.state_dict(),
             "sampler": sampler.state_dict(batches_done * batch_size),
         })
 

@@ -58,7 +58,7 @@ def runs(tmp_path_factory):
     tmp = str(tmp_path_factory.mktemp("dist_recipes"))
     ckpt = write_tiny_checkpoint(os.path.join(tmp, "ckpt"), "qwen3", tie=False)
     torchrun(2, [str(REPO / "tests/dist_workers/recipe_worker.py"), tmp, ckpt,
-                 "fsdp", "fsdp_resume", "tp_lossparallel", "lora_fsdp", "lora_tp"], timeout=300)
+                 "fsdp", "fsdp_resume", "tp_sp_lossparallel", "lora_fsdp", "lora_tp"], timeout=300)
     refs = {"full": _reference(tmp, ckpt, lora=False), "lora": _reference(tmp, ckpt, lora=True)}
     return tmp, refs
 
@@ -85,10 +85,10 @@ def test_dcp_resume_matches_uninterrupted(runs):
     _assert_same_weights(_weights(run_dir, "hf_model"), _weights(os.path.join(tmp, "fsdp"), "hf_model"), 1e-6)
 
 
-def test_tensor_parallel_with_loss_parallel_matches(runs):
+def test_tensor_parallel_with_sequence_and_loss_parallel_matches(runs):
     tmp, refs = runs
-    assert _losses(os.path.join(tmp, "tp_lossparallel")) == pytest.approx(_losses(refs["full"]), abs=TOL)
-    _assert_same_weights(_weights(os.path.join(tmp, "tp_lossparallel"), "hf_model"),
+    assert _losses(os.path.join(tmp, "tp_sp_lossparallel")) == pytest.approx(_losses(refs["full"]), abs=TOL)
+    _assert_same_weights(_weights(os.path.join(tmp, "tp_sp_lossparallel"), "hf_model"),
                          _weights(refs["full"], "hf_model"), 1e-4)
 
 
@@ -104,9 +104,9 @@ def test_lora_matches_single_device(runs, scenario):
 @pytest.mark.slow
 def test_fsdp_plus_tp_four_ranks(tmp_path):
     ckpt = write_tiny_checkpoint(str(tmp_path / "ckpt"), "qwen2", tie=True)
-    torchrun(4, [str(REPO / "tests/dist_workers/recipe_worker.py"), str(tmp_path), ckpt, "fsdp_tp", "lora_fsdp_tp"],
+    torchrun(4, [str(REPO / "tests/dist_workers/recipe_worker.py"), str(tmp_path), ckpt, "fsdp_tp", "lora_fsdp_tp_sp"],
              timeout=300)
     ref, ref_lora = _reference(str(tmp_path), ckpt, lora=False), _reference(str(tmp_path), ckpt, lora=True)
     assert _losses(str(tmp_path / "fsdp_tp")) == pytest.approx(_losses(ref), abs=TOL)
-    assert _losses(str(tmp_path / "lora_fsdp_tp")) == pytest.approx(_losses(ref_lora), abs=TOL)
+    assert _losses(str(tmp_path / "lora_fsdp_tp_sp")) == pytest.approx(_losses(ref_lora), abs=TOL)
     _assert_same_weights(_weights(str(tmp_path / "fsdp_tp"), "hf_model"), _weights(ref, "hf_model"), 1e-4)

@@ -50,8 +50,8 @@ def main() -> None:
         dp = world // tp
         out = os.path.join(out_root, scenario)
         cfg = base_cfg(out, ckpt, dp, tp, lora)
-        if scenario.endswith("lossparallel"):
-            cfg["parallelism"]["loss_parallel"] = True
+        cfg["parallelism"]["loss_parallel"] = "lossparallel" in scenario
+        cfg["parallelism"]["sequence_parallel"] = "_sp" in scenario
         if scenario.endswith("resume"):  # stop after 2 steps, then a second run resumes from DCP
             run(OmegaConf.create(dict(cfg, stop_after_steps=2, checkpoint_every_n_steps=0)), lora=lora)
         run(OmegaConf.create(cfg), lora=lora)

@@ -26,11 +26,14 @@ class LoRAParallel(ParallelStyle):
 
     Args:
         colwise: True for a column-wise (output) split, False for row-wise (input).
+        seq_parallel: row-wise only: reduce-scatter the output over the sequence dim and return it
+            as a DTensor (sequence parallelism) instead of all-reducing it.
     """
 
-    def __init__(self, colwise: bool) -> None:
+    def __init__(self, colwise: bool, seq_parallel: bool = False) -> None:
         super().__init__()
         self.colwise = colwise
+        self.seq_parallel = seq_parallel
 
     def _placements(self) -> dict[str, list]:
         if self.colwise:
@@ -59,6 +62,8 @@ class LoRAParallel(ParallelStyle):
     def _output(self, mod, output, mesh):
         if self.colwise:
             return output.to_local()  # [..., out / tp]: this rank's heads / hidden units
+        if self.seq_parallel:
+            return output.redistribute(mesh, [Shard(1)])  # reduce-scatter: [b, s/tp, out]
         return output.redistribute(mesh, [Replicate()]).to_local()  # all-reduce the partial sums
 
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
@@ -71,7 +76,7 @@ class LoRAParallel(ParallelStyle):
         )
 
 
-def lora_parallel_style(module: nn.Module, colwise: bool) -> ParallelStyle:
+def lora_parallel_style(module: nn.Module, colwise: bool, seq_parallel: bool = False) -> ParallelStyle:
     """The style for a LoRA projection.
 
     Raises:
@@ -87,4 +92,4 @@ def lora_parallel_style(module: nn.Module, colwise: bool) -> ParallelStyle:
             "Tensor parallelism does not support QLoRA (NF4 base weights); set tensor_parallel=1 "
             "and shard with FSDP instead, or use LoRA without quantize_base."
         )
-    return LoRAParallel(colwise)
+    return LoRAParallel(colwise, seq_parallel)

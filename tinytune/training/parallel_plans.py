@@ -23,7 +23,9 @@ from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     ParallelStyle,
     PrepareModuleInput,
+    PrepareModuleOutput,
     RowwiseParallel,
+    SequenceParallel,
     parallelize_module,
 )
 
@@ -35,14 +37,17 @@ _ROWWISE = ("attn.o_proj", "mlp.down_proj")
 _HEAD_ATTRS = ("num_heads", "n_heads", "num_kv_heads", "n_kv_heads")
 
 
-def _style_for(module: nn.Module, colwise: bool) -> ParallelStyle:
+def _style_for(module: nn.Module, colwise: bool, seq_parallel: bool = False) -> ParallelStyle:
     if isinstance(module, nn.Linear):
-        return ColwiseParallel() if colwise else RowwiseParallel()
+        if colwise:
+            return ColwiseParallel()
+        # with sequence parallelism the partial sums are reduce-scattered over the sequence instead
+        return RowwiseParallel(output_layouts=Shard(1), use_local_output=False) if seq_parallel else RowwiseParallel()
     try:  # LoRA projections need styles that also place the adapter matrices
         from tinytune.training.lora_tp import lora_parallel_style
     except ImportError as err:  # pragma: no cover - only without the LoRA module
         raise TypeError(f"No tensor-parallel style for {type(module).__name__}") from err
-    return lora_parallel_style(module, colwise=colwise)
+    return lora_parallel_style(module, colwise=colwise, seq_parallel=seq_parallel)
 
 
 class HeadShardedNorm(ParallelStyle):
@@ -64,20 +69,28 @@ class HeadShardedNorm(ParallelStyle):
                                  output_fn=lambda mod, out, mesh: out.to_local())
 
 
-def decoder_layer_plan(layer: nn.Module) -> dict[str, ParallelStyle]:
-    """Plan for one decoder layer (module path inside the layer -> style)."""
+def decoder_layer_plan(layer: nn.Module, sequence_parallel: bool = False) -> dict[str, ParallelStyle]:
+    """Plan for one decoder layer (module path inside the layer -> style).
+
+    With ``sequence_parallel`` the residual stream between blocks stays sharded on the sequence
+    dim (``[b, s/tp, d]``): the norms run on sequence shards, each block all-gathers its input and
+    reduce-scatters its output (same traffic as the all-reduce, 1/tp of the activation memory).
+    """
     plan: dict[str, ParallelStyle] = {}
     for path in _COLWISE + _ROWWISE:
         module = layer.get_submodule(path)
-        plan[path] = _style_for(module, colwise=path in _COLWISE)
+        plan[path] = _style_for(module, colwise=path in _COLWISE, seq_parallel=sequence_parallel)
     for path in ("attn.q_norm", "attn.k_norm"):  # Qwen3 per-head norms
         if getattr(layer.attn, path.split(".")[1], None) is not None:
             plan[path] = HeadShardedNorm()
+    if sequence_parallel:
+        gather = PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),), use_local_output=True)
+        plan.update({"sa_norm": SequenceParallel(), "mlp_norm": SequenceParallel(), "attn": gather, "mlp": gather})
     return plan
 
 
 # Family -> plan builder. All current families share the contract's parameter names.
-TP_PLANS: dict[str, Callable[[nn.Module], dict[str, ParallelStyle]]] = {
+TP_PLANS: dict[str, Callable[[nn.Module, bool], dict[str, ParallelStyle]]] = {
     family: decoder_layer_plan for family in ("llama", "llama2", "llama3", "smollm2", "qwen2", "qwen3")
 }
 
@@ -98,7 +111,14 @@ def _localize_heads(attn: nn.Module, tp: int, where: str) -> None:
         raise TypeError(f"{where} ({type(attn).__name__}) exposes none of {_HEAD_ATTRS}; cannot localise heads for TP.")
 
 
-def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, *, family: str = "llama3", loss_parallel: bool = False) -> nn.Module:
+def apply_tp(
+    model: nn.Module,
+    tp_mesh: DeviceMesh,
+    *,
+    family: str = "llama3",
+    loss_parallel: bool = False,
+    sequence_parallel: bool = False,
+) -> nn.Module:
     """Tensor-parallelise a ``TransformerDecoder`` in place over a 1-D mesh.
 
     Args:
@@ -107,6 +127,9 @@ def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, *, family: str = "llama3", l
         family: model family (key of :data:`TP_PLANS`).
         loss_parallel: also split the output head by vocabulary; ``model(tokens)`` then returns
             logits as a DTensor sharded on the last dim, for use inside ``loss_parallel()``.
+        sequence_parallel: keep the residual stream sharded on the sequence dim between blocks
+            (norms run on sequence shards). ``model(..., return_hidden=True)`` still returns the
+            full replicated hidden states, so the fused cross-entropy works unchanged.
 
     Returns:
         The same model.
@@ -115,22 +138,31 @@ def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, *, family: str = "llama3", l
     if family not in TP_PLANS:
         raise ValueError(f"No tensor-parallel plan for model family {family!r}; known: {sorted(TP_PLANS)}.")
     for i, layer in enumerate(model.layers):
-        parallelize_module(layer, tp_mesh, TP_PLANS[family](layer))
+        parallelize_module(layer, tp_mesh, TP_PLANS[family](layer, sequence_parallel))
         _localize_heads(layer.attn, tp, f"layers.{i}.attn")
-    if loss_parallel:
-        _shard_vocab(model, tp_mesh)
+    tied = not isinstance(model.output, nn.Linear)
+    # token embeddings: vocab-split when the tied head is split, else replicated
+    if loss_parallel and tied:
+        # Rows split by vocab: the lookup yields partial sums, all-reduced (or reduce-scattered with SP).
+        emb_out = Shard(1) if sequence_parallel else Replicate()
+        parallelize_module(model.tok_embeddings, tp_mesh,
+                           RowwiseParallel(input_layouts=Replicate(), output_layouts=emb_out,
+                                           use_local_output=not sequence_parallel))
+    elif sequence_parallel:  # replicated table; keep this rank's sequence shard
+        parallelize_module(model.tok_embeddings, tp_mesh,
+                           PrepareModuleOutput(output_layouts=Replicate(), desired_output_layouts=Shard(1),
+                                               use_local_output=False))
+    if sequence_parallel:
+        parallelize_module(model.norm, tp_mesh, SequenceParallel())
+    hidden_layout = Shard(1) if sequence_parallel else Replicate()
+    if loss_parallel:  # head split by vocab: logits [b, s, V/tp] as a DTensor
+        if tied:
+            parallelize_module(model.output, tp_mesh, PrepareModuleInput(
+                input_layouts=(hidden_layout,), desired_input_layouts=(Replicate(),), use_local_output=False))
+        else:
+            parallelize_module(model.output, tp_mesh, ColwiseParallel(
+                input_layouts=hidden_layout, output_layouts=Shard(-1), use_local_output=False))
+    elif sequence_parallel:
+        # The final norm's output is gathered back to full sequences for the (replicated) head / fused loss.
+        model.norm.register_forward_hook(lambda mod, inputs, out: out.redistribute(placements=[Replicate()]).to_local())
     return model
-
-
-def _shard_vocab(model: nn.Module, tp_mesh: DeviceMesh) -> None:
-    output = model.output
-    if isinstance(output, nn.Linear):
-        parallelize_module(output, tp_mesh, ColwiseParallel(output_layouts=Shard(-1), use_local_output=False))
-        return
-    # Tied head: split the shared table by vocab rows. The embedding lookup then yields partial sums
-    # (all-reduced to a replicated tensor); the head sees a replicated input and a row-sharded weight,
-    # so its logits come out sharded on the vocab dim.
-    parallelize_module(model.tok_embeddings, tp_mesh, RowwiseParallel(input_layouts=Replicate()))
-    parallelize_module(
-        output, tp_mesh, PrepareModuleInput(input_layouts=(Replicate(),), desired_input_layouts=(Replicate(),), use_local_output=False)
-    )

@@ -60,6 +60,7 @@ def load_hf_model_sharded(
     trainable: Callable[[nn.Module], Any] | None = None,
     fsdp: dict | None = None,
     loss_parallel: bool = False,
+    sequence_parallel: bool = False,
     activation_checkpointing: Callable[[nn.Module], Any] | None = None,
 ) -> tuple[nn.Module, ModelInfo]:
     """Load an HF checkpoint into a sharded tinytune model.
@@ -69,10 +70,11 @@ def load_hf_model_sharded(
         mesh: the parallel meshes (``mesh.tp`` for TP when its size > 1, ``mesh.fsdp`` for FSDP).
         device: this rank's device.
         linear_factory: e.g. a LoRA factory (passed to the family's component builder).
-        trainable: called on the (meta) model before sharding to set ``requires_grad``
+        trainable: called on the (meta) model after TP and before FSDP to set ``requires_grad``
             (e.g. ``set_trainable_params`` for LoRA).
         fsdp: keyword arguments of :func:`tinytune.training.fsdp.apply_fsdp`.
         loss_parallel: split the output head by vocabulary (needs TP > 1).
+        sequence_parallel: shard the residual stream on the sequence dim between blocks (needs TP > 1).
         activation_checkpointing: called on the model before sharding to wrap its layers.
 
     Returns:
@@ -87,14 +89,15 @@ def load_hf_model_sharded(
         info.tie_word_embeddings = True
     with torch.device("meta"):
         model = build_model(info, linear_factory)
-    if trainable is not None:
-        trainable(model)
     if activation_checkpointing is not None:
         activation_checkpointing(model)
     if mesh.tp.size() > 1:
-        apply_tp(model, mesh.tp, family=info.model_type, loss_parallel=loss_parallel)
-    elif loss_parallel:
-        raise ValueError("loss_parallel=True needs tensor_parallel > 1.")
+        apply_tp(model, mesh.tp, family=info.model_type, loss_parallel=loss_parallel,
+                 sequence_parallel=sequence_parallel)
+    elif loss_parallel or sequence_parallel:
+        raise ValueError("parallelism.loss_parallel / sequence_parallel need tensor_parallel > 1.")
+    if trainable is not None:  # after TP: its styles re-create parameters (requires_grad resets to True)
+        trainable(model)
     apply_fsdp(model, mesh.fsdp, **(fsdp or {}))
     materialize_meta_model(model, device)
 
