@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 
 def fsync_dir(path: str) -> None:
@@ -64,3 +66,33 @@ def atomic_directory(target: str, overwrite: bool = False) -> Iterator[str]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def write_file_atomic(path: str, write: Callable[[str], None]) -> None:
+    """Writes ``path`` via ``write(tmp_path)``, fsyncs, then renames into place.
+
+    The file gets mode ``0666 & ~umask`` whatever mode ``write`` created it with.
+    """
+    tmp = path + ".tmp"
+    write(tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.chmod(tmp, 0o666 & ~_umask())
+    os.replace(tmp, path)
+
+
+def write_json_atomic(path: str, obj: Any) -> None:
+    """Writes ``obj`` as indented JSON to ``path`` atomically."""
+
+    def w(p: str) -> None:
+        with open(p, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=2)
+            f.write("\n")
+
+    write_file_atomic(path, w)

@@ -6,9 +6,9 @@ import os
 
 import torch
 
-from tinytune.checkpoint.atomic import atomic_directory
+from tinytune.checkpoint.atomic import atomic_directory, write_json_atomic
 from tinytune.checkpoint.gguf_reader import read_gguf
-from tinytune.checkpoint.hf_writer import _write_json, save_hf_checkpoint
+from tinytune.checkpoint.hf_writer import save_hf_checkpoint
 from tinytune.checkpoint.model_info import CheckpointError, ModelInfo
 
 MARKER = "tinytune_convert.json"  # written last; its presence means the directory is complete
@@ -68,7 +68,7 @@ def convert_gguf_to_hf(
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:
         save_hf_checkpoint(g.state_dict, g.info, tmp, max_shard_size=max_shard_size, dtype=dtype)
         written = write_gguf_tokenizer(gguf_path, tmp) if tokenizer else []
-        _write_json(
+        write_json_atomic(
             os.path.join(tmp, MARKER),
             {
                 "source": os.path.abspath(gguf_path),

@@ -12,10 +12,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from tinytune.checkpoint.atomic import fsync_dir
+from tinytune.checkpoint.atomic import fsync_dir, write_file_atomic, write_json_atomic
 from tinytune.checkpoint.keys import hf_key_map
 from tinytune.checkpoint.lora import is_lora_key, lora_scaling_from, merge_lora_state_dict
 from tinytune.checkpoint.model_info import CheckpointError, ModelInfo, hf_config_from_model_info
+from tinytune.checkpoint.tensors import to_plain_tensor
 
 # Files copied verbatim from the source checkpoint directory when present.
 TOKENIZER_FILES = (
@@ -45,46 +46,6 @@ def parse_size(size: int | str) -> int:
     return int(num * mult[unit])
 
 
-def _plain(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
-    """A plain, contiguous, storage-owning CPU tensor (dequantizes NF4 / subclass tensors)."""
-    if hasattr(t, "full_tensor"):  # DTensor (FSDP2): gather the full parameter
-        t = t.full_tensor()
-    if type(t) is not torch.Tensor and not isinstance(t, nn.Parameter):
-        if hasattr(t, "get_original_weight"):  # torchao NF4Tensor
-            t = t.get_original_weight()
-        else:
-            t = t.to(dtype or torch.float32)
-    t = t.detach().to("cpu")
-    if dtype is not None and t.is_floating_point():
-        t = t.to(dtype)
-    return t.contiguous().clone()
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _write_file_atomic(path: str, write) -> None:
-    """Writes via ``write(tmp_path)``, fsyncs, then renames over ``path`` (mode 0666 & ~umask)."""
-    tmp = path + ".tmp"
-    write(tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.chmod(tmp, 0o666 & ~_umask())
-    os.replace(tmp, path)
-
-
-def _write_json(path: str, obj: Any) -> None:
-    def w(p: str) -> None:
-        with open(p, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2, sort_keys=False)
-            f.write("\n")
-
-    _write_file_atomic(path, w)
-
-
 def state_dict_to_hf(
     state_dict: Mapping[str, torch.Tensor], info: ModelInfo, dtype: torch.dtype | None = None
 ) -> dict[str, torch.Tensor]:
@@ -111,7 +72,7 @@ def state_dict_to_hf(
         hf = keymap.to_external(name)
         if hf is None:
             raise CheckpointError(f"state dict key {name!r} has no HF name in the {info.model_type} key table")
-        out[hf] = _plain(t, dtype)
+        out[hf] = to_plain_tensor(t, dtype)
     return out
 
 
@@ -126,7 +87,7 @@ def copy_tokenizer_files(src_dir: str, out_dir: str) -> list[str]:
     for name in TOKENIZER_FILES:
         src = os.path.join(src_dir, name)
         if os.path.isfile(src) and os.path.abspath(src) != os.path.abspath(os.path.join(out_dir, name)):
-            _write_file_atomic(os.path.join(out_dir, name), lambda p, s=src: shutil.copyfile(s, p))
+            write_file_atomic(os.path.join(out_dir, name), lambda p, s=src: shutil.copyfile(s, p))
             copied.append(name)
     return copied
 
@@ -209,20 +170,20 @@ def save_hf_checkpoint(
     weight_map: dict[str, str] = {}
     total = 0
     for name, shard in zip(names, shards):
-        _write_file_atomic(os.path.join(out_dir, name), lambda p, s=shard: save_file(s, p, metadata={"format": "pt"}))
+        write_file_atomic(os.path.join(out_dir, name), lambda p, s=shard: save_file(s, p, metadata={"format": "pt"}))
         for k, t in shard.items():
             weight_map[k] = name
             total += t.numel() * t.element_size()
     if len(shards) > 1:
-        _write_json(
+        write_json_atomic(
             os.path.join(out_dir, "model.safetensors.index.json"),
             {"metadata": {"total_size": total}, "weight_map": weight_map},
         )
     first = next(iter(hf_sd.values()))
     dtype_name = _DTYPE_NAMES.get(first.dtype, "float32")
-    _write_json(os.path.join(out_dir, "config.json"), hf_config_from_model_info(info, dtype_name))
+    write_json_atomic(os.path.join(out_dir, "config.json"), hf_config_from_model_info(info, dtype_name))
     src = _tokenizer_source(info, tokenizer_dir)
-    _write_json(os.path.join(out_dir, "generation_config.json"), generation_config_for(info, src))
+    write_json_atomic(os.path.join(out_dir, "generation_config.json"), generation_config_for(info, src))
     if src:
         copy_tokenizer_files(src, out_dir)
     fsync_dir(out_dir)

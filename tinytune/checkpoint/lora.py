@@ -15,8 +15,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from tinytune.checkpoint.atomic import write_file_atomic, write_json_atomic
 from tinytune.checkpoint.keys import hf_key_map
 from tinytune.checkpoint.model_info import CheckpointError, ModelInfo
+from tinytune.checkpoint.tensors import to_plain_tensor
 
 _LORA_SUFFIXES = (".lora_a.weight", ".lora_b.weight")
 PEFT_PREFIX = "base_model.model."
@@ -149,16 +151,15 @@ def save_peft_adapter(
     """
     from safetensors.torch import save_file  # noqa: PLC0415
 
-    from tinytune.checkpoint.hf_writer import _plain, _write_file_atomic, _write_json  # noqa: PLC0415
 
     sd = adapter_state_dict(model)
     if not sd:
         raise CheckpointError("save_peft_adapter: the model has no LoRA weights (lora_a/lora_b)")
     rank, alpha = lora_rank_alpha(lora_cfg, sd)
-    tensors = {_peft_key(k, info): _plain(v, None) for k, v in sd.items()}
+    tensors = {_peft_key(k, info): to_plain_tensor(v, None) for k, v in sd.items()}
     targets = sorted({k.split(".")[-3] for k in tensors})
     os.makedirs(out_dir, exist_ok=True)
-    _write_file_atomic(
+    write_file_atomic(
         os.path.join(out_dir, "adapter_model.safetensors"),
         lambda p: save_file(tensors, p, metadata={"format": "pt"}),
     )
@@ -178,7 +179,7 @@ def save_peft_adapter(
         "use_rslora": False,
         "use_dora": False,
     }
-    _write_json(os.path.join(out_dir, "adapter_config.json"), config)
+    write_json_atomic(os.path.join(out_dir, "adapter_config.json"), config)
     return out_dir
 
 
