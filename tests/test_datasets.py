@@ -305,3 +305,23 @@ def test_template_options_through_builder(tmp_path):
     # A template without a tool role gives a clear error naming the row.
     with pytest.raises(DatasetError, match="no tool role"):
         sft_dataset(tok, [conv], template="mistral", **kw)
+
+
+def test_packed_builder_and_pickling(tmp_path):
+    import pickle
+
+    from tinytune.datasets import PackedDataset, padded_collate
+
+    tok = chatml_test_tokenizer()
+    rows = [{"instruction": f"Question number {i}?", "output": "Answer " * (i % 5 + 1)} for i in range(40)]
+    kw = dict(template="chatml", cache_dir=str(tmp_path), num_workers=1, max_seq_len=96)
+    plain = sft_dataset(tok, rows, **kw)
+    packed = sft_dataset(tok, rows, packed=True, **kw)
+    assert isinstance(packed, PackedDataset) and packed.cache_hit  # same token cache as the unpacked build
+    assert len(packed) < len(plain) and sum(len(b) for b in packed.bins) == 40
+    batch = padded_collate([packed[i] for i in range(len(packed))], pad_id=tok.eos_id)
+    assert batch["tokens"].shape == (len(packed), 96) and (batch["seq_lens"].sum(1) == 96).all()
+    # DataLoader workers get a pickled copy that re-opens the memmaps.
+    clone = pickle.loads(pickle.dumps(plain))
+    assert [clone[i] for i in range(40)] == [plain[i] for i in range(40)]
+    assert pickle.loads(pickle.dumps(packed))[0] == packed[0]
