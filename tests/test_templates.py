@@ -245,6 +245,22 @@ def test_hf_template_renders_and_masks_model_template(reference, make_tok):
         assert seq.labels == ours(tok, reference, msgs)[2]  # same labels as the named template
 
 
+def test_hf_template_with_generation_tags_and_errors():
+    src = ("{% for m in messages %}{% if m.role == 'assistant' %}{% generation %}A: {{ m.content }}{{ eos_token }}"
+           "{% endgeneration %}\n{% else %}{% if m.role == 'system' %}{{ raise_exception('no system') }}{% endif %}"
+           "Q: {{ m.content }}\n{% endif %}{% endfor %}")
+    tok = chatml_test_tokenizer(chat_template=src)
+    t = get_template("hf").bind(tok)
+    msgs = CONVS["multi"]
+    # trim_blocks drops the newline after a block tag, as in transformers
+    assert t.render_text(msgs) == "Q: What is 2+2?\nA: It is 4.<|im_end|>Q: And 3 times 3?\nExplain briefly.\n" \
+                                  "A: 9, since 3+3+3 = 9.<|im_end|>"
+    (seq,) = SampleEncoder(tok, t).encode_samples([ChatSample(msgs)])[0]
+    assert trained_text(tok, seq.tokens, seq.labels) == "It is 4.<|im_end|>9, since 3+3+3 = 9.<|im_end|>"
+    with pytest.raises(TemplateError, match="no system"):
+        t.render(CONVS["single_sys"])
+
+
 def test_registry_names_and_errors():
     names = template_names()
     for n in ["alpaca", "llama2", "llama3", "chatml", "qwen2_5", "qwen3", "mistral", "gemma", "hf", "qwen"]:
