@@ -256,7 +256,8 @@ def test_hf_template_with_generation_tags_and_errors():
     assert t.render_text(msgs) == "Q: What is 2+2?\nA: It is 4.<|im_end|>Q: And 3 times 3?\nExplain briefly.\n" \
                                   "A: 9, since 3+3+3 = 9.<|im_end|>"
     (seq,) = SampleEncoder(tok, t).encode_samples([ChatSample(msgs)])[0]
-    assert trained_text(tok, seq.tokens, seq.labels) == "It is 4.<|im_end|>9, since 3+3+3 = 9.<|im_end|>"
+    # " It" is one token (the space belongs to the word); " 9" is two (digits split off), only "9" trained
+    assert trained_text(tok, seq.tokens, seq.labels) == " It is 4.<|im_end|>9, since 3+3+3 = 9.<|im_end|>"
     with pytest.raises(TemplateError, match="no system"):
         t.render(CONVS["single_sys"])
 
