@@ -44,6 +44,7 @@ from tinytune.config import ConfigError
 from tinytune.training.dcp import DistributedCheckpointer
 from tinytune.training.device import get_dtype, set_seed
 from tinytune.training.dist_sampler import ResumableDistributedSampler
+from tinytune.training.dist_evaluation import evaluate_loss_distributed
 from tinytune.training.distributed import (
     ParallelDims,
     all_reduce_sum,
@@ -62,11 +63,11 @@ from tinytune.training.optim import build_optimizer
 from tinytune.training.setup import (
     LORA_KEYS,
     build_collate,
-    build_dataset,
     cfg_get,
     load_tokenizer,
     prepare_output_dir,
     resolve_checkpoint_dir,
+    train_val_datasets,
 )
 from tinytune.training.sharded_model import load_hf_model_sharded
 
@@ -89,21 +90,29 @@ def _lora_setup(cfg: DictConfig):
     return factory, set_trainable_params, settings
 
 
-def _build_loader(cfg: DictConfig, tokenizer, dp_rank: int, dp_size: int, seed: int):
+def _build_data(cfg: DictConfig, tokenizer, dp_rank: int, dp_size: int, seed: int):
+    """Training/validation datasets (as in the single-device recipes), this rank's sampler and loader."""
     # Rank 0 builds first (tokenisation / token cache on disk), the others then read what it wrote.
     if not is_rank_zero():
         dist.barrier()
-    dataset = build_dataset(cfg_get(cfg, "dataset"), tokenizer)
+    train_ds, val_ds = train_val_datasets(cfg, tokenizer)
     if is_rank_zero():
         dist.barrier()
-    if cfg_get(cfg, "validation") is not None and is_rank_zero():
-        print("note: the distributed recipe does not run validation; the `validation` section is ignored")
-    collate = build_collate(cfg, tokenizer, dataset)
-    sampler = ResumableDistributedSampler(len(dataset), dp_size, dp_rank, shuffle=bool(cfg_get(cfg, "shuffle", True)),
+    collate = build_collate(cfg, tokenizer, train_ds)
+    sampler = ResumableDistributedSampler(len(train_ds), dp_size, dp_rank, shuffle=bool(cfg_get(cfg, "shuffle", True)),
                                           seed=seed)
-    loader = DataLoader(dataset, batch_size=int(cfg_get(cfg, "batch_size", 4)), sampler=sampler, collate_fn=collate,
+    loader = DataLoader(train_ds, batch_size=int(cfg_get(cfg, "batch_size", 4)), sampler=sampler, collate_fn=collate,
                         drop_last=True, num_workers=int(cfg_get(cfg, "num_workers", 0)))
-    return dataset, sampler, loader
+    return train_ds, val_ds, collate, sampler, loader
+
+
+def _loss_sum(model, batch: dict, use_loss_parallel: bool) -> torch.Tensor:
+    """Summed cross-entropy over the batch's label tokens (call inside ``loss_parallel()`` when used)."""
+    if use_loss_parallel:  # logits stay sharded by vocabulary across TP ranks
+        logits = model(batch["tokens"], input_pos=batch.get("input_pos"), seq_lens=batch.get("seq_lens"))
+        return torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(),
+                                                 ignore_index=IGNORE_INDEX, reduction="sum")
+    return sft_loss_sum(model, batch)
 
 
 def finetune(cfg: DictConfig, lora: bool) -> dict:
@@ -156,7 +165,7 @@ def finetune(cfg: DictConfig, lora: bool) -> dict:
               f"dp_shard={dims.dp_shard}, tp={dims.tp})")
 
     # ---- 3. data: this rank's slice of every global batch --------------------------------------
-    dataset, sampler, loader = _build_loader(cfg, tokenizer, dp_rank, dp_size, seed)
+    dataset, val_ds, collate, sampler, loader = _build_data(cfg, tokenizer, dp_rank, dp_size, seed)
     batch_size = loader.batch_size
     accum = int(cfg_get(cfg, "gradient_accumulation_steps", 1))
     steps_per_epoch = len(loader) // accum
@@ -166,6 +175,9 @@ def finetune(cfg: DictConfig, lora: bool) -> dict:
             f"than the {len(dataset)} training samples; lower them or add data."
         )
     total_steps = int(cfg_get(cfg, "max_steps", 0)) or int(cfg_get(cfg, "epochs", 1)) * steps_per_epoch
+    if is_rank_zero():
+        print(f"data: {len(dataset)} train / {len(val_ds) if val_ds else 0} validation samples; {total_steps} steps "
+              f"of {accum} x {batch_size} samples x {dp_size} data-parallel ranks")
 
     # ---- 4. optimizer, schedule, DCP resume ------------------------------------------------------
     optimizer = build_optimizer(params, **OmegaConf.to_container(cfg_get(cfg, "optimizer", OmegaConf.create({})), resolve=True))
@@ -202,6 +214,20 @@ def finetune(cfg: DictConfig, lora: bool) -> dict:
     stop_after = int(cfg_get(cfg, "stop_after_steps", 0))  # end this run early (time-sliced jobs, resume tests)
     clip = cfg_get(cfg, "clip_grad_norm")
     loss_ctx = loss_parallel if use_loss_parallel else contextlib.nullcontext
+    val_every = int(cfg_get(cfg, "validation.every_n_steps", 0))
+
+    def validate() -> None:
+        def loss_fn(m, b):
+            with loss_ctx():
+                return _loss_sum(m, b, use_loss_parallel)
+
+        val = evaluate_loss_distributed(model, val_ds, collate, int(cfg_get(cfg, "validation.batch_size", batch_size)),
+                                        mesh.dp, device, loss_fn, cfg_get(cfg, "validation.max_batches"))
+        if loggers is not None:
+            loggers.log_dict({"val_loss": val["loss"], "val_perplexity": val["perplexity"]}, step)
+        summary_val.update(val_loss=val["loss"], val_perplexity=val["perplexity"])
+
+    summary_val: dict = {}
     model.train()
     reset_peak_memory(device)
     loss_value, train_tokens, train_seconds = float("nan"), 0, 0.0
@@ -221,13 +247,7 @@ def finetune(cfg: DictConfig, lora: bool) -> dict:
         for i, batch in enumerate(micro):
             set_gradient_sync(model, i == accum - 1)  # reduce-scatter only after the last micro-batch
             with loss_ctx():
-                if use_loss_parallel:  # logits stay sharded by vocabulary across TP ranks
-                    logits = model(batch["tokens"], input_pos=batch.get("input_pos"), seq_lens=batch.get("seq_lens"))
-                    loss = torch.nn.functional.cross_entropy(
-                        logits.flatten(0, 1), batch["labels"].flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
-                    loss = loss / num_tokens
-                else:
-                    loss = sft_loss_sum(model, batch) / num_tokens
+                loss = _loss_sum(model, batch, use_loss_parallel) / num_tokens
                 # FSDP averages gradients over dp ranks; scale so they add up instead.
                 (loss * dp_size).backward()
             local_loss += loss.detach().full_tensor() if hasattr(loss, "full_tensor") else loss.detach()
@@ -248,6 +268,8 @@ def finetune(cfg: DictConfig, lora: bool) -> dict:
                 metrics["grad_norm"] = grad_norm
             loggers.log_dict(metrics, step)
             reset_peak_memory(device)
+        if val_ds is not None and val_every and step % val_every == 0 and step != total_steps:
+            validate()
         if step < total_steps and ((ckpt_every and step % ckpt_every == 0) or (stop_after and step == stop_after)):
             save_training_state()  # (the last step is exported as HF below instead)
         if stop_after and stop_after <= step < total_steps:
@@ -257,8 +279,10 @@ def finetune(cfg: DictConfig, lora: bool) -> dict:
             return {"step": step, "loss": loss_value, "output_dir": out_dir}
 
     # ---- 6. export: gather the full model on rank 0 -----------------------------------------------
+    if val_ds is not None:
+        validate()
     summary = {"step": step, "loss": loss_value, "output_dir": out_dir, "world_size": dist_info.world_size,
-               "train_seconds": round(train_seconds, 2), "train_label_tokens": train_tokens}
+               "train_seconds": round(train_seconds, 2), "train_label_tokens": train_tokens, **summary_val}
     if cfg_get(cfg, "save_hf", True) or (lora and cfg_get(cfg, "save_adapter", True)):
         full = gather_full_state_dict(model)  # collective: every rank takes part
         if is_rank_zero():

@@ -21,9 +21,9 @@ from tests.dist_workers.tiny_checkpoint import write_tiny_checkpoint
 TOL = 1e-5
 
 
-def _losses(run_dir):
+def _losses(run_dir, key="loss"):
     rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
-    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+    return {r["step"]: r[key] for r in rows if key in r}
 
 
 def _weights(run_dir, sub):
@@ -69,6 +69,9 @@ def test_fsdp_matches_single_device_and_hf_export(runs):
     assert list(ref) == [1, 2, 3, 4] and ref[4] != ref[1]
     got = _losses(os.path.join(tmp, "fsdp"))
     assert got == pytest.approx(ref, abs=TOL)
+    ref_val = _losses(refs["full"], "val_loss")
+    assert list(ref_val) == [2, 4]
+    assert _losses(os.path.join(tmp, "fsdp"), "val_loss") == pytest.approx(ref_val, abs=TOL)
     _assert_same_weights(_weights(os.path.join(tmp, "fsdp"), "hf_model"), _weights(refs["full"], "hf_model"), 1e-4)
     # the export is a loadable HF directory with the tokenizer copied next to it
     assert {"config.json", "tokenizer.json"} <= set(os.listdir(os.path.join(tmp, "fsdp", "hf_model")))
@@ -88,6 +91,8 @@ def test_dcp_resume_matches_uninterrupted(runs):
 def test_tensor_parallel_with_sequence_and_loss_parallel_matches(runs):
     tmp, refs = runs
     assert _losses(os.path.join(tmp, "tp_sp_lossparallel")) == pytest.approx(_losses(refs["full"]), abs=TOL)
+    assert _losses(os.path.join(tmp, "tp_sp_lossparallel"), "val_loss") == pytest.approx(
+        _losses(refs["full"], "val_loss"), abs=TOL)
     _assert_same_weights(_weights(os.path.join(tmp, "tp_sp_lossparallel"), "hf_model"),
                          _weights(refs["full"], "hf_model"), 1e-4)
 

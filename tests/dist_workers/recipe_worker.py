@@ -3,8 +3,8 @@
 Usage: recipe_worker.py OUT_DIR CKPT_DIR SCENARIO...
 
 Each scenario writes to OUT_DIR/<scenario>/ (metrics.jsonl, hf_model/, adapter/, dcp/). All
-runs train 4 optimizer steps on a global batch of 4 samples (2 micro-steps of 2 per step when
-data-parallel size is 2, or equivalently sized) with fp32 on CPU.
+runs train 4 optimizer steps on a global batch of 4 samples (2 micro-batches per step, split
+over the data-parallel ranks) with fp32 on CPU, and validate at steps 2 and 4.
 """
 
 import os
@@ -34,6 +34,8 @@ def base_cfg(out: str, ckpt: str, dp: int, tp: int, lora: bool) -> dict:
         "clip_grad_norm": 1.0, "checkpoint_every_n_steps": 2, "keep_last_checkpoints": 1,
         "resume_from_checkpoint": "auto",
         "metric_loggers": ["jsonl"],
+        # 7 held-out samples in batches of 3: one rank runs a masked filler batch in the last round
+        "validation": {"split_size": 7, "every_n_steps": 2, "batch_size": 3},
         "parallelism": {"data_parallel_shard": -1, "tensor_parallel": tp, "loss_parallel": False},
         "fsdp": {"reshard_after_forward": True, "cpu_offload": False},
     }
