@@ -1,0 +1,384 @@
+"""Training-step throughput and peak memory: tinytune vs HF transformers (+PEFT) vs torchtune.
+
+One training step = forward + loss + backward + AdamW step + zero_grad, on the same batch, the
+same weights (the bundled SmolLM2-135M-Instruct conversion, or a random init of the same shape
+written once to an HF directory that every side loads), the same dtype, the same optimizer
+settings and the same LoRA targets/rank. Every (framework, mode, packing) configuration runs in a
+fresh process; rounds are interleaved (A B C A B C ...) and the step times of all rounds pooled.
+
+Reported per configuration: label tokens/s (median step), the step's median time, the first
+step's loss (a cross-check that all sides compute the same thing), peak RSS of the process
+(CPU; ``torch.cuda.max_memory_allocated`` on GPU) and the peak growth during training
+("train delta" = high-water mark after the steps minus the RSS right before the first step).
+
+    python benchmarks/bench_train.py                       # full + LoRA, unpacked + packed, fp32
+    python benchmarks/bench_train.py --mode lora --packed  # LoRA on packed rows only
+    python benchmarks/bench_train.py --dtype bf16 --steps 5 --rounds 3
+    python benchmarks/bench_train.py --smoke               # tiny model, seconds (used by the tests)
+
+torchtune runs with ``--torchtune-python`` (default ``/work/bench-venv/bin/python`` when it
+exists): a separate virtual environment, so peers never become tinytune dependencies.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from _common import (  # noqa: E402
+    current_rss_mib,
+    emit_result,
+    fmt,
+    machine_line,
+    make_batch,
+    median,
+    peak_rss_mib,
+    print_table,
+    run_worker,
+    seq_lens_tensor,
+)
+
+FRAMEWORKS = ("tinytune", "hf", "torchtune")
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+DEFAULT_TORCHTUNE_PYTHON = "/work/bench-venv/bin/python"
+SMOKE_SHAPE = dict(vocab_size=256, dim=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16, hidden_dim=160)
+SMOLLM2_135M_SHAPE = dict(
+    vocab_size=49152, dim=576, num_layers=30, num_heads=9, num_kv_heads=3, head_dim=64, hidden_dim=1536
+)
+
+# ================================================================================ worker side
+
+
+def _torch_setup(spec: dict):
+    import torch
+
+    torch.manual_seed(0)
+    if spec.get("threads"):
+        torch.set_num_threads(int(spec["threads"]))
+    return torch, {"fp32": torch.float32, "bf16": torch.bfloat16}[spec["dtype"]], torch.device(spec["device"])
+
+
+def _adamw(torch, params, spec):
+    o = spec["optim"]
+    kwargs = {}
+    if o.get("fused") is not None:
+        kwargs["fused"] = bool(o["fused"])
+    return torch.optim.AdamW(params, lr=o["lr"], weight_decay=o["weight_decay"], betas=(0.9, 0.999), eps=1e-8, **kwargs)
+
+
+def _build_tinytune(spec, torch, dtype, device, batch):
+    """tinytune: checkpoint loader + LoRA factory, the recipe's loss/step functions."""
+    from tinytune.checkpoint import load_hf_model
+    from tinytune.modules.peft import lora_linear_factory, set_trainable_params
+    from tinytune.training.steps import optimizer_step, sft_accumulate
+
+    factory = None
+    if spec["mode"] == "lora":
+        factory = lora_linear_factory(LORA_TARGETS, rank=spec["rank"], alpha=spec["alpha"], dropout=0.0)
+    model, _ = load_hf_model(spec["weights"], dtype=dtype, device=device, linear_factory=factory)
+    if spec["mode"] == "lora":
+        set_trainable_params(model)
+    model.train()
+    optimizer = _adamw(torch, [p for p in model.parameters() if p.requires_grad], spec)
+    mb = {"tokens": batch.tokens, "labels": batch.labels}
+    if batch.packed:
+        mb.update(input_pos=batch.input_pos, seq_lens=seq_lens_tensor(batch))
+
+    def step():
+        loss, _ = sft_accumulate(model, [mb], device)
+        optimizer_step(model, optimizer)
+        return loss
+
+    return model, step
+
+
+def _build_hf(spec, torch, dtype, device, batch):
+    """HF transformers (+ PEFT for LoRA), SDPA attention, the model's own loss (logits + CE)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(spec["weights"], dtype=dtype, attn_implementation="sdpa").to(device)
+    model.config.use_cache = False
+    if spec["mode"] == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        cfg = LoraConfig(r=spec["rank"], lora_alpha=spec["alpha"], lora_dropout=0.0, target_modules=LORA_TARGETS,
+                         bias="none", task_type="CAUSAL_LM")
+        model = get_peft_model(model, cfg)
+    model.train()
+    optimizer = _adamw(torch, [p for p in model.parameters() if p.requires_grad], spec)
+    tokens, labels = batch.tokens.to(device), batch.labels.to(device)
+    # Packed rows: position_ids restarting per document make transformers build a block-diagonal mask.
+    pos = batch.input_pos.to(device) if batch.packed else None
+
+    def step():
+        # labels are pre-shifted: pass them as shift_labels so HF does not shift again
+        out = model(input_ids=tokens, position_ids=pos, labels=labels, shift_labels=labels, use_cache=False)
+        out.loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return out.loss.detach()
+
+    return model, step
+
+
+def _build_torchtune(spec, torch, dtype, device, batch):
+    """torchtune 0.6: llama3_2 builders (tied output) with plain RoPE, chunked-output CE loss."""
+    import importlib
+
+    try:  # torchtune 0.6.1 imports NF4 from torchao's pre-0.10 path; point it at the new module
+        import torchao.dtypes.nf4tensor  # noqa: F401
+    except ImportError:
+        sys.modules["torchao.dtypes.nf4tensor"] = importlib.import_module(
+            "torchao.quantization.quantize_.workflows.nf4.nf4_tensor"
+        )
+    from safetensors.torch import load_file
+    from torchtune.models.convert_weights import hf_to_tune
+    from torchtune.models.llama3_2 import llama3_2, lora_llama3_2
+    from torchtune.modules import RotaryPositionalEmbeddings
+    from torchtune.modules.attention_utils import packed_block_causal_mask
+    from torchtune.modules.loss import CEWithChunkedOutputLoss
+    from torchtune.modules.peft import get_adapter_params, set_trainable_params
+
+    with open(os.path.join(spec["weights"], "config.json")) as f:
+        cfg = json.load(f)
+    shape = dict(
+        vocab_size=cfg["vocab_size"], num_layers=cfg["num_hidden_layers"], num_heads=cfg["num_attention_heads"],
+        num_kv_heads=cfg["num_key_value_heads"], embed_dim=cfg["hidden_size"],
+        max_seq_len=cfg["max_position_embeddings"], intermediate_dim=cfg["intermediate_size"],
+        norm_eps=cfg["rms_norm_eps"], rope_base=cfg["rope_theta"], tie_word_embeddings=cfg["tie_word_embeddings"],
+    )
+    with torch.device(device):
+        if spec["mode"] == "lora":
+            model = lora_llama3_2(["q_proj", "k_proj", "v_proj", "output_proj"], apply_lora_to_mlp=True, lora_rank=spec["rank"],
+                                  lora_alpha=spec["alpha"], lora_dropout=0.0, **shape)
+        else:
+            model = llama3_2(**shape)
+        # SmolLM2 uses unscaled RoPE; llama3_2 builds Llama 3 scaled RoPE: swap in the plain one.
+        head_dim = cfg["hidden_size"] // cfg["num_attention_heads"]
+        rope = RotaryPositionalEmbeddings(head_dim, max_seq_len=shape["max_seq_len"], base=shape["rope_base"])
+    for layer in model.layers:
+        layer.attn.pos_embeddings = rope
+    sd = hf_to_tune(load_file(os.path.join(spec["weights"], "model.safetensors")), num_heads=shape["num_heads"],
+                    num_kv_heads=shape["num_kv_heads"], dim=shape["embed_dim"])
+    sd.pop("output.weight", None)
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    bad = [k for k in missing if "lora" not in k] + list(unexpected)
+    if bad:
+        raise RuntimeError(f"torchtune load: unexpected/missing keys {bad[:5]}")
+    model.to(dtype=dtype)
+    if spec["mode"] == "lora":
+        set_trainable_params(model, get_adapter_params(model))
+    model.train()
+    loss_fn = CEWithChunkedOutputLoss()
+    model.set_num_output_chunks(loss_fn.num_output_chunks)
+    optimizer = _adamw(torch, [p for p in model.parameters() if p.requires_grad], spec)
+    tokens, labels = batch.tokens.to(device), batch.labels.to(device)
+    mask = input_pos = None
+    if batch.packed:
+        mask = packed_block_causal_mask([torch.tensor(x, device=device) for x in batch.seq_lens])  # [b, s, s]
+        input_pos = batch.input_pos.to(device)
+
+    def step():
+        logits = model(tokens, mask=mask, input_pos=input_pos)  # list of output chunks
+        loss = loss_fn(logits, labels)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    return model, step
+
+
+def worker_main(spec: dict) -> None:
+    """Runs one configuration: build, warm up, time ``steps`` steps, report."""
+    torch, dtype, device = _torch_setup(spec)
+    batch = make_batch(spec["bs"], spec["seq"], spec["vocab"], spec["packed"], seed=spec.get("seed", 0))
+    build = {"tinytune": _build_tinytune, "hf": _build_hf, "torchtune": _build_torchtune}[spec["framework"]]
+    model, step = build(spec, torch, dtype, device, batch)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    cuda = device.type == "cuda"
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
+
+    rss_before = current_rss_mib()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    losses, times = [], []
+    for i in range(spec["warmup"] + spec["steps"]):
+        sync()
+        t0 = time.perf_counter()
+        loss = step()
+        sync()
+        dt = time.perf_counter() - t0
+        losses.append(float(loss))
+        if i >= spec["warmup"]:
+            times.append(dt)
+    result = {
+        "framework": spec["framework"], "mode": spec["mode"], "packed": spec["packed"], "times": times,
+        "first_loss": losses[0], "label_tokens": batch.label_tokens, "trainable": trainable,
+        "peak_rss_mib": peak_rss_mib(), "rss_before_mib": rss_before,
+    }
+    if cuda:
+        result["peak_gpu_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    emit_result(result)
+
+
+# ================================================================================ parent side
+
+
+def prepare_weights(args) -> tuple[str, str]:
+    """Returns ``(hf_dir, description)``: bundled weights, or random weights of the same shape."""
+    if args.weights == "bundled" and not args.smoke:
+        try:
+            from tinytune.checkpoint import ensure_smollm2
+
+            return ensure_smollm2(), "bundled SmolLM2-135M-Instruct (GGUF Q4_1 -> HF conversion)"
+        except Exception as e:  # noqa: BLE001 - fall back to random weights of the same shape
+            print(f"bundled weights unavailable ({e}); using a random init of the same shape", file=sys.stderr)
+    elif args.weights not in ("bundled", "random"):
+        return os.path.abspath(args.weights), f"HF checkpoint {args.weights}"
+    import torch
+
+    from tinytune.checkpoint import ModelInfo, build_model, save_hf_checkpoint
+    from tinytune.checkpoint.model_info import hf_config_from_model_info
+
+    shape = SMOKE_SHAPE if args.smoke else SMOLLM2_135M_SHAPE
+    info = ModelInfo(model_type="llama", norm_eps=1e-5, rope_base=100_000.0, max_seq_len=8192,
+                     tie_word_embeddings=True, **shape)
+    info.hf_config = hf_config_from_model_info(info)
+    torch.manual_seed(0)
+    out = tempfile.mkdtemp(prefix="tinytune_bench_weights_")
+    save_hf_checkpoint(build_model(info), info, out)
+    what = "tiny random model (smoke)" if args.smoke else "random init, SmolLM2-135M shape"
+    return out, what
+
+
+def _row_label(mode: str, packed: bool) -> str:
+    return f"{mode} {'packed' if packed else 'unpacked'}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--mode", choices=["full", "lora", "both"], default="both")
+    p.add_argument("--packed", action="store_true", help="only packed rows (default: unpacked and packed)")
+    p.add_argument("--unpacked", action="store_true", help="only unpacked rows")
+    p.add_argument("--bs", type=int, default=4)
+    p.add_argument("--seq", type=int, default=512)
+    p.add_argument("--steps", type=int, default=3, help="timed steps per process (after --warmup)")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--rounds", type=int, default=2, help="interleaved fresh-process rounds per configuration")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--frameworks", default="tinytune,hf,torchtune")
+    p.add_argument("--torchtune-python", default=DEFAULT_TORCHTUNE_PYTHON)
+    p.add_argument("--weights", default="bundled", help="bundled | random | PATH to an HF checkpoint dir")
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--alpha", type=float, default=32.0)
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--fused-adamw", choices=["default", "on", "off"], default="default",
+                   help="AdamW fused=True/False on every side (default: PyTorch's choice)")
+    p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads in workers (0: default)")
+    p.add_argument("--json", help="also write all raw results to this file")
+    p.add_argument("--smoke", action="store_true", help="tiny model, bs 2, seq 64, 1 step, 1 round")
+    args = p.parse_args(argv)
+
+    if args.worker:
+        worker_main(json.loads(args.worker))
+        return 0
+    if args.smoke:
+        args.bs, args.seq, args.steps, args.warmup, args.rounds = 2, 64, 1, 1, 1
+
+    frameworks = [f.strip() for f in args.frameworks.split(",") if f.strip()]
+    for f in frameworks:
+        if f not in FRAMEWORKS:
+            p.error(f"--frameworks: unknown {f!r}; choose from {FRAMEWORKS}")
+    pythons = {f: sys.executable for f in frameworks}
+    notes = []
+    if "torchtune" in frameworks:
+        if os.path.exists(args.torchtune_python):
+            pythons["torchtune"] = args.torchtune_python
+        else:
+            frameworks.remove("torchtune")
+            notes.append(f"torchtune skipped: {args.torchtune_python} not found (see benchmarks/RESULTS.md)")
+
+    weights, weights_desc = prepare_weights(args)
+    with open(os.path.join(weights, "config.json")) as f:
+        vocab = json.load(f)["vocab_size"]
+    modes = ["full", "lora"] if args.mode == "both" else [args.mode]
+    packings = [True] if args.packed else [False] if args.unpacked else [False, True]
+    fused = {"default": None, "on": True, "off": False}[args.fused_adamw]
+    base = dict(bs=args.bs, seq=args.seq, vocab=vocab, dtype=args.dtype, device=args.device, weights=weights,
+                steps=args.steps, warmup=args.warmup, rank=args.rank, alpha=args.alpha, threads=args.threads,
+                optim={"lr": args.lr, "weight_decay": 0.01, "fused": fused})
+
+    print(f"# bench_train: {machine_line()}")
+    print(f"# weights: {weights_desc}; bs {args.bs} x seq {args.seq}, {args.dtype} on {args.device}; "
+          f"AdamW lr {args.lr} wd 0.01; LoRA r={args.rank} alpha={args.alpha} on {','.join(LORA_TARGETS)}; "
+          f"{args.warmup} warm-up + {args.steps} timed steps x {args.rounds} rounds per config", flush=True)
+    results: dict[tuple, list[dict]] = {}
+    script = os.path.abspath(__file__)
+    for rnd in range(args.rounds):
+        for mode in modes:
+            for packed in packings:
+                for fw in frameworks:
+                    spec = dict(base, framework=fw, mode=mode, packed=packed)
+                    res = run_worker(pythons[fw], script, spec, timeout=3600)
+                    results.setdefault((mode, packed, fw), []).append(res)
+                    status = res.get("error") or f"median {median(res['times']):.3f}s/step"
+                    print(f"  round {rnd + 1}: {fw:9s} {_row_label(mode, packed):14s} {status}", flush=True)
+
+    gpu = args.device.startswith("cuda")
+    headers = ["config", "framework", "tok/s", "s/step", "loss@1", "trainable", "peak GPU MiB" if gpu else "peak RSS MiB",
+               "train delta MiB", "tok/s ours/theirs", "peak ours/theirs"]
+    rows, summary = [], {}
+    for mode in modes:
+        for packed in packings:
+            agg = {}
+            for fw in frameworks:
+                runs = [r for r in results[(mode, packed, fw)] if "error" not in r]
+                if not runs:
+                    agg[fw] = {"error": results[(mode, packed, fw)][0]["error"]}
+                    continue
+                times = [t for r in runs for t in r["times"]]
+                t = median(times)
+                peak = median([r["peak_gpu_mib" if gpu else "peak_rss_mib"] for r in runs])
+                delta = median([r["peak_rss_mib"] - r["rss_before_mib"] for r in runs]) if not gpu else float("nan")
+                agg[fw] = dict(tps=runs[0]["label_tokens"] / t, t=t, loss=runs[0]["first_loss"], peak=peak,
+                               delta=delta, trainable=runs[0]["trainable"])
+            ours = agg.get("tinytune", {})
+            for fw in frameworks:
+                a = agg[fw]
+                if "error" in a:
+                    rows.append([_row_label(mode, packed), fw, "error", "-", "-", "-", "-", "-", "-", "-"])
+                    notes.append(f"{fw} {_row_label(mode, packed)}: {a['error']}")
+                    continue
+                ratio_t = ratio_m = "-"
+                if fw != "tinytune" and "tps" in ours:
+                    ratio_t = f"{ours['tps'] / a['tps']:.2f}x"
+                    ratio_m = f"{ours['peak'] / a['peak']:.2f}x"
+                    summary[(mode, packed, fw)] = (ours["tps"] / a["tps"], ours["peak"] / a["peak"])
+                rows.append([_row_label(mode, packed), fw, fmt(a["tps"], ".0f"), fmt(a["t"], ".3f"),
+                             fmt(a["loss"], ".4f"), f"{a['trainable'] / 1e6:.2f}M", fmt(a["peak"], ".0f"),
+                             fmt(a["delta"], ".0f"), ratio_t, ratio_m])
+    print()
+    print_table(headers, rows)
+    for n in notes:
+        print(f"note: {n}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), "machine": machine_line(), "weights": weights_desc,
+                       "results": [{"key": list(k), "runs": v} for k, v in results.items()]}, f, indent=1)
+    return 0 if all("error" not in r for v in results.values() for r in v) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
