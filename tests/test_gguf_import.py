@@ -148,6 +148,11 @@ def test_gguf_f32_convert_matches_hf_exactly(tmp_path):
     model, info = load_gguf_model(str(path))
     assert not info.tie_word_embeddings
     torch.testing.assert_close(our_logits(model, toks), ref, atol=2e-5, rtol=1e-4)
+    from tinytune.checkpoint import load_hf_model
+    from tinytune.modules.peft import lora_linear_factory
+
+    lora, _ = load_hf_model(str(path), linear_factory=lora_linear_factory(["q_proj"], rank=2, alpha=4.0))
+    torch.testing.assert_close(our_logits(lora, toks), ref, atol=2e-5, rtol=1e-4)  # B = 0 at init
 
     out, _ = convert_gguf_to_hf(str(path), str(tmp_path / "hf"), dtype=torch.float32, tokenizer=False)
     transformers = pytest.importorskip("transformers")

@@ -142,7 +142,7 @@ def load_hf_model(
     ``lm_head.weight`` gets tied embeddings.
 
     Args:
-        path: checkpoint directory.
+        path: checkpoint directory (a ``.gguf`` file is passed on to :func:`load_gguf_model`).
         dtype: dtype of the model's floating parameters (``torch.bfloat16`` or ``"bf16"`` etc.).
         device: where the parameters go.
         model_builder: zero-argument callable building the model instead of the config-driven
@@ -156,6 +156,8 @@ def load_hf_model(
         CheckpointError: unreadable config, unsupported model, missing / unexpected keys or
             shape mismatches (the message names the key and the file).
     """
+    if os.path.isfile(path) and path.endswith(".gguf"):
+        return load_gguf_model(path, dtype, device, linear_factory=linear_factory, model_builder=model_builder)
     dtype = resolve_dtype(dtype)
     path = os.path.abspath(path)
     info = read_model_info(path)
@@ -174,6 +176,7 @@ def load_gguf_model(
     dtype: torch.dtype | str = torch.float32,
     device: torch.device | str = "cpu",
     linear_factory: Callable | None = None,
+    model_builder: Callable[[], nn.Module] | None = None,
 ) -> tuple[nn.Module, ModelInfo]:
     """Loads a llama-architecture GGUF file (dequantized) into a tinytune model.
 
@@ -182,6 +185,7 @@ def load_gguf_model(
         dtype: parameter dtype.
         device: parameter device.
         linear_factory: passed to the builder (e.g. a LoRA factory).
+        model_builder: zero-argument callable building the model instead (shapes must match).
 
     Returns:
         ``(model, info)``.
@@ -190,9 +194,11 @@ def load_gguf_model(
 
     dtype = resolve_dtype(dtype)
     g = read_gguf(path)
+    drop = {"output.weight"} if g.info.tie_word_embeddings else set()
     with torch.device("meta"):
-        model = build_model(g.info, linear_factory)
-    load_state_into_meta_model(model, [(path, g.state_dict)], path, device, dtype)
+        model = model_builder() if model_builder is not None else build_model(g.info, linear_factory)
+    sd = {k: v for k, v in g.state_dict.items() if k not in drop}
+    load_state_into_meta_model(model, [(path, sd)], path, device, dtype)
     return model, g.info
 
 
