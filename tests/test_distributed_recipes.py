@@ -115,3 +115,18 @@ def test_fsdp_plus_tp_four_ranks(tmp_path):
     assert _losses(str(tmp_path / "fsdp_tp")) == pytest.approx(_losses(ref), abs=TOL)
     assert _losses(str(tmp_path / "lora_fsdp_tp_sp")) == pytest.approx(_losses(ref_lora), abs=TOL)
     _assert_same_weights(_weights(str(tmp_path / "fsdp_tp"), "hf_model"), _weights(ref, "hf_model"), 1e-4)
+
+
+def test_plain_python_single_process_run(runs, tmp_path):
+    """Without torchrun the recipe makes a one-process group and trains like full_finetune."""
+    import torch.distributed as dist
+
+    from recipes.full_finetune_distributed import recipe_main
+
+    tmp, refs = runs
+    cfg = base_cfg(str(tmp_path / "single"), os.path.join(tmp, "ckpt"), dp=1, tp=1, lora=False)
+    summary = recipe_main(OmegaConf.create(cfg))
+    assert not dist.is_initialized()  # the recipe tears down the group it created
+    assert summary["world_size"] == 1
+    assert _losses(str(tmp_path / "single")) == pytest.approx(_losses(refs["full"]), abs=TOL)
+    assert summary["val_loss"] == pytest.approx(_losses(refs["full"], "val_loss")[4], abs=TOL)

@@ -75,42 +75,28 @@ class DistInfo:
     device: torch.device
 
 
-def _resolve_device_type(device: str | None) -> str:
-    if device in (None, "auto"):
-        if torch.cuda.is_available():
-            return "cuda"
-        if hasattr(torch, "npu") and torch.npu.is_available():  # needs torch_npu
-            return "npu"
-        return "cpu"
-    device_type = torch.device(device).type
-    if device_type not in _BACKENDS:
-        raise ValueError(f"Config key `device={device}` is not supported for distributed runs; use cpu, cuda, npu or auto.")
-    return device_type
-
-
 def init_distributed(device: str | None = "auto", cpu_offload: bool = False, timeout_s: int = 1800) -> DistInfo:
     """Initialise the default process group (once) and bind this process to its device.
 
     Args:
-        device: ``"cpu"``, ``"cuda"``, ``"npu"`` or ``"auto"`` (accelerator if present).
+        device: ``"cpu"``, ``"cuda"``, ``"npu"`` or ``"auto"`` (resolved by
+            :func:`tinytune.training.device.get_device`; under torchrun a bare ``cuda`` / ``npu``
+            means the ``LOCAL_RANK``-th device).
         cpu_offload: register gloo next to the accelerator backend (for FSDP CPU offload).
         timeout_s: collective timeout.
 
     Returns:
         :class:`DistInfo` with rank, world size, local rank and the ``torch.device`` to use.
+
+    Raises:
+        ValueError: for a device type without a collective backend (e.g. ``mps``).
     """
-    device_type = _resolve_device_type(device)
+    from tinytune.training.device import get_device
+
+    torch_device = get_device(device or "auto")
+    backend = get_backend(torch_device.type, cpu_offload)
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if device_type == "cuda":
-        torch_device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(torch_device)
-    elif device_type == "npu":
-        torch_device = torch.device("npu", local_rank)
-        torch.npu.set_device(torch_device)
-    else:
-        torch_device = torch.device("cpu")
     if not dist.is_initialized():
-        backend = get_backend(device_type, cpu_offload)
         timeout = datetime.timedelta(seconds=timeout_s)
         if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
             dist.init_process_group(backend=backend, timeout=timeout)
