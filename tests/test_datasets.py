@@ -325,3 +325,19 @@ def test_packed_builder_and_pickling(tmp_path):
     clone = pickle.loads(pickle.dumps(plain))
     assert [clone[i] for i in range(40)] == [plain[i] for i in range(40)]
     assert pickle.loads(pickle.dumps(packed))[0] == packed[0]
+
+
+def test_csv_field_count_error_and_txt_pretraining(tmp_path):
+    p = tmp_path / "rows.csv"
+    p.write_text('instruction,output\n"Hi",Hello\nBroken,row,extra\n')
+    with pytest.raises(DatasetError, match=r"rows.csv: row 2: row has 3 fields but the header has 2"):
+        sft_dataset(chatml_test_tokenizer(), str(p), template="chatml", cache_dir=str(tmp_path / "c"), num_workers=1)
+    ds = sft_dataset(chatml_test_tokenizer(), str(p), template="chatml", cache_dir=str(tmp_path / "c"),
+                     num_workers=1, skip_bad_samples=True)
+    assert len(ds) == 1 and ds.meta["skipped_bad"] == 1
+    txt = tmp_path / "corpus.txt"
+    txt.write_text("The first document.\nThe second one.\n")
+    tok = llama3_test_tokenizer()
+    ds = text_dataset(tok, str(txt), cache_dir=str(tmp_path / "c"), num_workers=1)
+    assert [tok.decode(ds[i]["tokens"]) for i in range(2)] == ["The first document.", "The second one."]
+    assert all(ds[i]["labels"][:-1] == ds[i]["tokens"][1:] for i in range(2))
