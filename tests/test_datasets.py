@@ -341,3 +341,24 @@ def test_csv_field_count_error_and_txt_pretraining(tmp_path):
     ds = text_dataset(tok, str(txt), cache_dir=str(tmp_path / "c"), num_workers=1)
     assert [tok.decode(ds[i]["tokens"]) for i in range(2)] == ["The first document.", "The second one."]
     assert all(ds[i]["labels"][:-1] == ds[i]["tokens"][1:] for i in range(2))
+
+
+def _build_in_child(args):
+    cache_dir, rows = args
+    ds = sft_dataset(chatml_test_tokenizer(), rows, template="chatml", cache_dir=cache_dir, num_workers=1)
+    return ds.cache_hit, len(ds)
+
+
+def test_concurrent_builders_share_one_cache_entry(tmp_path):
+    import multiprocessing as mp
+
+    if "fork" not in mp.get_all_start_methods():
+        pytest.skip("needs fork")
+    rows = [{"instruction": f"q{i}", "output": f"a{i}"} for i in range(300)]
+    with mp.get_context("fork").Pool(2) as pool:
+        results = pool.map(_build_in_child, [(str(tmp_path), rows)] * 2)
+    assert sorted(hit for hit, _ in results) == [False, True]  # the lock made the second one wait and reuse
+    assert all(n == 300 for _, n in results)
+    entries = [e for e in os.listdir(tmp_path) if not e.startswith(".")]
+    assert len(entries) == 1 and set(os.listdir(tmp_path / entries[0])) == {
+        "tokens.bin", "labels.bin", "offsets.bin", "meta.json"}

@@ -59,6 +59,7 @@ BUILTIN_TEMPLATES: dict[str, ChatTemplate] = {
         ChatTemplate(name="qwen2_5", **{**_CHATML, "tool": _QWEN_TOOL, "default_system":
                                         "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."}),
         ChatTemplate(name="qwen3", **{**_CHATML, "tool": _QWEN_TOOL, "reasoning": "qwen3"}),
+        # Mistral Instruct v0.1/v0.2 have no system role; a system prompt is joined to the first user turn.
         ChatTemplate(
             name="mistral",
             prefix="{bos}",
@@ -66,6 +67,7 @@ BUILTIN_TEMPLATES: dict[str, ChatTemplate] = {
             user="[INST] {content} [/INST]",
             assistant_end="{eos}",
         ),
+        # Gemma 1 rejects system messages; like Gemma 3, a system prompt opens the first user turn.
         ChatTemplate(
             name="gemma",
             prefix="{bos}",
