@@ -58,7 +58,7 @@ def runs(tmp_path_factory):
     tmp = str(tmp_path_factory.mktemp("dist_recipes"))
     ckpt = write_tiny_checkpoint(os.path.join(tmp, "ckpt"), "qwen3", tie=False)
     torchrun(2, [str(REPO / "tests/dist_workers/recipe_worker.py"), tmp, ckpt,
-                 "fsdp", "fsdp_resume", "tp_sp_lossparallel", "lora_fsdp", "lora_tp"], timeout=300)
+                 "fsdp", "fsdp_offload_resume", "tp_sp_lossparallel", "lora_fsdp_ac", "lora_tp"], timeout=300)
     refs = {"full": _reference(tmp, ckpt, lora=False), "lora": _reference(tmp, ckpt, lora=True)}
     return tmp, refs
 
@@ -79,7 +79,7 @@ def test_fsdp_matches_single_device_and_hf_export(runs):
 
 def test_dcp_resume_matches_uninterrupted(runs):
     tmp, refs = runs
-    run_dir = os.path.join(tmp, "fsdp_resume")
+    run_dir = os.path.join(tmp, "fsdp_offload_resume")  # also: FSDP CPU offload
     ckpts = sorted(os.listdir(os.path.join(run_dir, "dcp")))
     assert ckpts == ["step_2"] and os.path.isfile(os.path.join(run_dir, "dcp", "step_2", "COMPLETE"))
     got = _losses(run_dir)  # steps 1-2 from the first run, 3-4 from the resumed one
@@ -97,7 +97,7 @@ def test_tensor_parallel_with_sequence_and_loss_parallel_matches(runs):
                          _weights(refs["full"], "hf_model"), 1e-4)
 
 
-@pytest.mark.parametrize("scenario", ["lora_fsdp", "lora_tp"])
+@pytest.mark.parametrize("scenario", ["lora_fsdp_ac", "lora_tp"])  # _ac: activation checkpointing
 def test_lora_matches_single_device(runs, scenario):
     tmp, refs = runs
     ref = _losses(refs["lora"])

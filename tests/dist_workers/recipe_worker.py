@@ -54,6 +54,8 @@ def main() -> None:
         cfg = base_cfg(out, ckpt, dp, tp, lora)
         cfg["parallelism"]["loss_parallel"] = "lossparallel" in scenario
         cfg["parallelism"]["sequence_parallel"] = "_sp" in scenario
+        cfg["activation_checkpointing"] = "_ac" in scenario
+        cfg["fsdp"]["cpu_offload"] = "_offload" in scenario
         if scenario.endswith("resume"):  # stop after 2 steps, then a second run resumes from DCP
             run(OmegaConf.create(dict(cfg, stop_after_steps=2, checkpoint_every_n_steps=0)), lora=lora)
         run(OmegaConf.create(cfg), lora=lora)

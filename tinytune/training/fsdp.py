@@ -71,7 +71,8 @@ def apply_fsdp(
     mp = MixedPrecisionPolicy(param_dtype=_dtype(param_dtype), reduce_dtype=_dtype(reduce_dtype))
     kwargs = {"mesh": mesh, "mp_policy": mp}
     if cpu_offload:
-        kwargs["offload_policy"] = CPUOffloadPolicy()
+        # pinned host memory speeds up the host<->accelerator copies; it needs an accelerator
+        kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=mesh.device_type != "cpu")
     n = len(model.layers)
     for i, layer in enumerate(model.layers):
         # The last layer's parameters are needed first in backward: keep them gathered.

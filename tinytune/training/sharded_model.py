@@ -99,7 +99,8 @@ def load_hf_model_sharded(
     if trainable is not None:  # after TP: its styles re-create parameters (requires_grad resets to True)
         trainable(model)
     apply_fsdp(model, mesh.fsdp, **(fsdp or {}))
-    materialize_meta_model(model, device)
+    # with CPU offload the sharded parameters live in CPU memory; FSDP copies them to `device` per use
+    materialize_meta_model(model, torch.device("cpu") if (fsdp or {}).get("cpu_offload") else device)
 
     keymap = hf_key_map(info.model_type)
     drop = {"output.weight"} if info.tie_word_embeddings else set()
