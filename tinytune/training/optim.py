@@ -10,6 +10,16 @@ import torch
 OPTIMIZERS = ("adamw", "adamw8bit", "sgd")
 
 
+def _fused_adamw_ok(params: list[torch.nn.Parameter]) -> bool:
+    """Whether PyTorch's fused AdamW kernel applies: plain floating tensors, all on CPU or all on CUDA."""
+    devices = {p.device.type for p in params}
+    return (
+        len(devices) == 1
+        and devices <= {"cpu", "cuda"}
+        and all(type(p.data) is torch.Tensor and p.dtype in (torch.float32, torch.bfloat16, torch.float16) for p in params)
+    )
+
+
 def build_optimizer(
     params: Iterable[torch.nn.Parameter],
     name: str = "adamw",
@@ -27,7 +37,8 @@ def build_optimizer(
             block-quantised moments; works on CPU and CUDA, tensors under 4096 elements keep fp32
             state; the first step compiles the update, a few seconds) or ``sgd``.
         lr, weight_decay, betas, eps: the usual hyperparameters.
-        **kwargs: passed to the optimizer class.
+        **kwargs: passed to the optimizer class. ``adamw`` uses ``fused=True`` unless ``fused`` or
+            ``foreach`` is given or the parameters are not plain CPU/CUDA floating tensors (DTensor).
 
     Raises:
         ValueError: unknown name or no trainable parameters.
@@ -38,6 +49,10 @@ def build_optimizer(
         raise ValueError("optimizer: the model has no trainable parameters")
     name = str(name).lower()
     if name == "adamw":
+        if "fused" not in kwargs and "foreach" not in kwargs and _fused_adamw_ok(params):
+            # One vectorised pass over each tensor instead of ~10 elementwise ops: on a 2-core CPU the
+            # step for 108M fp32 params drops from 7.7 s to 3.1 s (benchmarks/RESULTS.md). Same math.
+            kwargs["fused"] = True
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=tuple(betas), eps=eps, **kwargs)
     if name == "adamw8bit":
         logging.getLogger("torchao").setLevel(logging.ERROR)
