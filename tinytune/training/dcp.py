@@ -27,6 +27,7 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+from tinytune.config._errors import ConfigError
 from tinytune.training.device import rng_state, set_rng_state
 
 __all__ = ["DistributedCheckpointer"]
@@ -63,7 +64,7 @@ class DistributedCheckpointer:
     def __init__(self, output_dir: str | os.PathLike, keep_last: int | None = None) -> None:
         self.root = Path(output_dir) / "dcp"
         if keep_last is not None and keep_last < 1:
-            raise ValueError(f"keep_last must be >= 1 or null, got {keep_last}.")
+            raise ConfigError(f"keep_last_checkpoints must be >= 1 or null, got {keep_last}.")
         self.keep_last = keep_last
 
     def complete_checkpoints(self) -> list[Path]:
@@ -86,7 +87,7 @@ class DistributedCheckpointer:
         """Map the config value ``auto`` | PATH | null to a checkpoint directory (or None).
 
         Raises:
-            FileNotFoundError: when a PATH is given that is not a complete checkpoint.
+            ConfigError: when a PATH is given that is not a complete checkpoint.
         """
         if resume_from_checkpoint in (None, "", "null", False):
             return None
@@ -94,7 +95,7 @@ class DistributedCheckpointer:
             return self.latest()
         path = Path(resume_from_checkpoint)
         if not (path / COMPLETE_MARKER).is_file():
-            raise FileNotFoundError(
+            raise ConfigError(
                 f"resume_from_checkpoint={path}: not a complete DCP checkpoint (no {COMPLETE_MARKER} file). "
                 f"Complete ones under {self.root}: {[p.name for p in self.complete_checkpoints()]}."
             )

@@ -7,6 +7,8 @@ from typing import Iterator
 import torch
 from torch.utils.data import Sampler
 
+from tinytune.config._errors import ConfigError
+
 __all__ = ["ResumableDistributedSampler"]
 
 
@@ -45,7 +47,7 @@ class ResumableDistributedSampler(Sampler[int]):
         if not 0 <= rank < num_replicas:
             raise ValueError(f"Sampler rank {rank} is outside [0, {num_replicas}).")
         if dataset_len < num_replicas and drop_last:
-            raise ValueError(
+            raise ConfigError(
                 f"The dataset has {dataset_len} samples, fewer than the {num_replicas} data-parallel ranks; "
                 "use more data or fewer processes."
             )
@@ -97,10 +99,11 @@ class ResumableDistributedSampler(Sampler[int]):
         """Restore a position saved by :meth:`state_dict`.
 
         Raises:
-            ValueError: when the checkpoint was written with a different seed or data-parallel size.
+            ConfigError: (a ValueError) when the checkpoint was written with a different seed or
+                data-parallel size.
         """
         if state["seed"] != self.seed or state["num_replicas"] != self.num_replicas:
-            raise ValueError(
+            raise ConfigError(
                 f"Sampler checkpoint was written with seed={state['seed']}, data-parallel size={state['num_replicas']}; "
                 f"this run has seed={self.seed}, data-parallel size={self.num_replicas}. Resume with the same "
                 "`seed` and parallel sizes."

@@ -22,6 +22,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
+from tinytune.config._errors import ConfigError
+
 __all__ = [
     "DistInfo",
     "ParallelDims",
@@ -52,10 +54,10 @@ def get_backend(device_type: str, cpu_offload: bool = False) -> str:
         ``"cuda:nccl,cpu:gloo"``.
 
     Raises:
-        ValueError: if the device type has no known backend.
+        ConfigError: (a ValueError) if the device type has no known backend.
     """
     if device_type not in _BACKENDS:
-        raise ValueError(
+        raise ConfigError(
             f"No distributed backend known for device type {device_type!r}; "
             f"use one of {sorted(_BACKENDS)} (config key `device`)."
         )
@@ -142,7 +144,7 @@ class ParallelDims:
         """Resolve the config keys, inferring at most one ``-1`` from the world size.
 
         Raises:
-            ValueError: naming the config keys, when the sizes do not multiply to the world size.
+            ConfigError: (a ValueError) naming the config keys, when the sizes do not multiply to the world size.
         """
         sizes = {
             "data_parallel_replicate": int(data_parallel_replicate),
@@ -152,8 +154,8 @@ class ParallelDims:
         unknown = [k for k, v in sizes.items() if v == -1]
         bad = [k for k, v in sizes.items() if v == 0 or v < -1]
         if bad or len(unknown) > 1:
-            raise ValueError(
-                f"Invalid parallel sizes {sizes}: each must be a positive integer, and at most one may be -1 "
+            raise ConfigError(
+                f"Invalid `parallelism` sizes {sizes}: each must be a positive integer, and at most one may be -1 "
                 "(inferred from the world size)."
             )
         known = 1
@@ -162,15 +164,15 @@ class ParallelDims:
                 known *= v
         if unknown:
             if world_size % known:
-                raise ValueError(
+                raise ConfigError(
                     f"World size {world_size} is not divisible by the product {known} of the fixed parallel sizes "
-                    f"{ {k: v for k, v in sizes.items() if v != -1} }; change `{unknown[0]}` or the number of processes."
+                    f"{ {k: v for k, v in sizes.items() if v != -1} }; change `parallelism.{unknown[0]}` or the number of processes."
                 )
             sizes[unknown[0]] = world_size // known
         elif known != world_size:
-            raise ValueError(
+            raise ConfigError(
                 f"Parallel sizes {sizes} multiply to {known}, but {world_size} processes were started; "
-                "set one of data_parallel_shard / data_parallel_replicate / tensor_parallel to -1 or fix them."
+                "set one of parallelism.data_parallel_shard / data_parallel_replicate / tensor_parallel to -1 or fix them."
             )
         return cls(sizes["data_parallel_replicate"], sizes["data_parallel_shard"], sizes["tensor_parallel"])
 

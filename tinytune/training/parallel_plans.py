@@ -17,6 +17,8 @@ from __future__ import annotations
 from typing import Callable
 
 from torch import nn
+
+from tinytune.config._errors import ConfigError
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_module
 from torch.distributed.tensor.parallel import (
@@ -101,9 +103,9 @@ def _localize_heads(attn: nn.Module, tp: int, where: str) -> None:
         value = getattr(attn, name, None)
         if isinstance(value, int):
             if value % tp:
-                raise ValueError(
-                    f"{where}.{name}={value} is not divisible by tensor_parallel={tp}; choose a tensor_parallel "
-                    "size that divides the number of attention and key/value heads."
+                raise ConfigError(
+                    f"{where}.{name}={value} is not divisible by parallelism.tensor_parallel={tp}; choose a "
+                    "tensor_parallel size that divides the number of attention and key/value heads."
                 )
             setattr(attn, name, value // tp)
             found = True
