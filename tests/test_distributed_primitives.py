@@ -75,6 +75,7 @@ def _check(out, layout, tol=1e-5):
     assert res["param_diff"][0] < 1e-4 and res["resumed_param_diff"][0] < 1e-4, (layout, res)
 
 
+@pytest.mark.slow  # the recipe tests cover these layouts on real models in the default suite
 def test_two_rank_fsdp_tp_match_single_process(tmp_path):
     torchrun(2, [str(REPO / "tests/dist_workers/primitives_worker.py"), str(tmp_path), "fsdp", "tp", "tp_lossparallel"])
     for layout in ("fsdp", "tp", "tp_lossparallel"):

@@ -130,3 +130,14 @@ def test_plain_python_single_process_run(runs, tmp_path):
     assert summary["world_size"] == 1
     assert _losses(str(tmp_path / "single")) == pytest.approx(_losses(refs["full"]), abs=TOL)
     assert summary["val_loss"] == pytest.approx(_losses(refs["full"], "val_loss")[4], abs=TOL)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_nccl_bf16_run_tracks_fp32_reference(tmp_path):
+    ckpt = write_tiny_checkpoint(str(tmp_path / "ckpt"), "qwen3", tie=False)
+    torchrun(1, [str(REPO / "tests/dist_workers/recipe_worker.py"), str(tmp_path), ckpt, "cuda_fsdp"],
+             timeout=300, cuda=True)
+    ref = _losses(_reference(str(tmp_path), ckpt, lora=False))
+    got = _losses(str(tmp_path / "cuda_fsdp"))
+    assert got == pytest.approx(ref, abs=0.05)  # bf16 compute vs fp32

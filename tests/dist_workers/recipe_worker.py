@@ -44,7 +44,8 @@ def base_cfg(out: str, ckpt: str, dp: int, tp: int, lora: bool) -> dict:
 
 def main() -> None:
     out_root, ckpt = sys.argv[1], sys.argv[2]
-    info = init_distributed("cpu")
+    device = "cuda" if any(sc.startswith("cuda") for sc in sys.argv[3:]) else "cpu"
+    info = init_distributed(device)
     world = info.world_size
     for scenario in sys.argv[3:]:
         lora = scenario.startswith("lora")
@@ -56,6 +57,8 @@ def main() -> None:
         cfg["parallelism"]["sequence_parallel"] = "_sp" in scenario
         cfg["activation_checkpointing"] = "_ac" in scenario
         cfg["fsdp"]["cpu_offload"] = "_offload" in scenario
+        if scenario.startswith("cuda"):  # nccl, bf16 compute with fp32 master weights, Triton kernels
+            cfg.update(device="cuda", dtype="bf16")
         if scenario.endswith("resume"):  # stop after 2 steps, then a second run resumes from DCP
             run(OmegaConf.create(dict(cfg, stop_after_steps=2, checkpoint_every_n_steps=0)), lora=lora)
         run(OmegaConf.create(cfg), lora=lora)
