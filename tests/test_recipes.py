@@ -356,3 +356,23 @@ def test_eval_recipe_matches_plain_cross_entropy(assets, tmp_path):
     assert res["loss"] == pytest.approx(float(want), abs=1e-5)
     assert res["perplexity"] == pytest.approx(math.exp(float(want)), rel=1e-4)
     assert res["samples"] == 4 and len(QA) == 12
+
+
+# ---- shipped configs ----------------------------------------------------------------------------
+
+SINGLE_DEVICE = ("full_finetune", "lora_finetune", "dpo", "generate", "chat", "eval")
+
+
+def test_shipped_configs_name_an_existing_recipe_and_valid_components():
+    from tinytune.cli.registry import list_configs, list_recipes
+    from tinytune.config import load_config, validate_config
+
+    recipes = list_recipes()
+    mine = {n: e for n, e in list_configs().items() if e.recipe in SINGLE_DEVICE}
+    assert "smollm2/135M_lora_demo" in mine and len(mine) >= 20
+    for family in ("smollm2", "llama3_2", "qwen2_5", "qwen3", "llama2"):
+        assert any(n.startswith(family + "/") for n in mine), family
+    for name, entry in mine.items():
+        assert entry.recipe in recipes, name
+        problems, _ = validate_config(load_config(str(entry.path), []))
+        assert not problems, (name, [str(p) for p in problems])
