@@ -69,11 +69,12 @@ def _variant(target: str, quantize_base: bool) -> Callable[..., nn.Module]:
 
     def builder(
         lora_attn_modules: Sequence[str] = ("q_proj", "v_proj"),
-        apply_lora_to_mlp: bool = False,
+        apply_lora_to_mlp: bool = True,
         apply_lora_to_output: bool = False,
         lora_rank: int = 8,
         lora_alpha: float = 16.0,
         lora_dropout: float = 0.0,
+        quantize_base: bool = quantize_base,
     ) -> nn.Module:
         base = getattr(importlib.import_module(module_name), fn_name)
         return lora_model(
@@ -85,7 +86,8 @@ def _variant(target: str, quantize_base: bool) -> Callable[..., nn.Module]:
     builder.__name__ = builder.__qualname__ = ("qlora_" if quantize_base else "lora_") + fn_name
     builder.__module__ = __name__
     builder.__doc__ = (
-        f"{kind} variant of ``{module_name}.{fn_name}``; arguments as in :func:`lora_model`."
+        f"{kind} variant of ``{module_name}.{fn_name}``; arguments as in :func:`lora_model` "
+        f"(``quantize_base`` defaults to {quantize_base})."
     )
     return builder
 
