@@ -233,9 +233,9 @@ def finetune(cfg: DictConfig, lora: bool) -> dict:
     loss_value, train_tokens, train_seconds = float("nan"), 0, 0.0
     batches = None
     while step < total_steps:
-        if batches is None or batches_done + accum > steps_per_epoch * accum:
-            if batches is not None:
-                epoch, batches_done = epoch + 1, 0
+        if batches_done + accum > steps_per_epoch * accum:  # epoch used up (also right after a resume)
+            epoch, batches_done, batches = epoch + 1, 0, None
+        if batches is None:
             sampler.set_epoch(epoch, start_index=batches_done * batch_size)
             batches = iter(loader)
         t0 = time.perf_counter()

@@ -58,8 +58,15 @@ def runs(tmp_path_factory):
     tmp = str(tmp_path_factory.mktemp("dist_recipes"))
     ckpt = write_tiny_checkpoint(os.path.join(tmp, "ckpt"), "qwen3", tie=False)
     torchrun(2, [str(REPO / "tests/dist_workers/recipe_worker.py"), tmp, ckpt,
-                 "fsdp", "fsdp_offload_resume", "tp_sp_lossparallel", "lora_fsdp_ac", "lora_tp"], timeout=300)
+                 "fsdp", "fsdp_offload_resume", "tp_sp_lossparallel", "lora_fsdp_ac", "lora_tp",
+                 "fsdp_epochs_resume"], timeout=300)
     refs = {"full": _reference(tmp, ckpt, lora=False), "lora": _reference(tmp, ckpt, lora=True)}
+    from recipes.full_finetune import recipe_main
+
+    cfg = base_cfg(os.path.join(tmp, "ref_epochs"), ckpt, dp=1, tp=1, lora=False)
+    cfg.update(max_steps=0, epochs=2, dataset=dict(cfg["dataset"], n=23))
+    recipe_main(OmegaConf.create(cfg))
+    refs["epochs"] = os.path.join(tmp, "ref_epochs")
     return tmp, refs
 
 
@@ -86,6 +93,16 @@ def test_dcp_resume_matches_uninterrupted(runs):
     assert got == pytest.approx(_losses(os.path.join(tmp, "fsdp")), abs=TOL)
     assert got == pytest.approx(_losses(refs["full"]), abs=TOL)
     _assert_same_weights(_weights(run_dir, "hf_model"), _weights(os.path.join(tmp, "fsdp"), "hf_model"), 1e-6)
+
+
+def test_resume_at_epoch_boundary_matches_two_epoch_run(runs):
+    tmp, refs = runs
+    ref = _losses(refs["epochs"])
+    assert list(ref) == list(range(1, 9))  # 16 samples / global batch 4 = 4 steps per epoch, 2 epochs
+    got = _losses(os.path.join(tmp, "fsdp_epochs_resume"))  # stopped after step 4, resumed into epoch 1
+    assert got == pytest.approx(ref, abs=TOL)
+    assert _losses(os.path.join(tmp, "fsdp_epochs_resume"), "epoch") == {**{i: 0 for i in range(1, 5)},
+                                                                         **{i: 1 for i in range(5, 9)}}
 
 
 def test_tensor_parallel_with_sequence_and_loss_parallel_matches(runs):

@@ -57,10 +57,13 @@ def main() -> None:
         cfg["parallelism"]["sequence_parallel"] = "_sp" in scenario
         cfg["activation_checkpointing"] = "_ac" in scenario
         cfg["fsdp"]["cpu_offload"] = "_offload" in scenario
+        if "_epochs" in scenario:  # 16 training samples: 4 steps per epoch, 2 epochs, stop at the epoch boundary
+            cfg.update(max_steps=0, epochs=2, dataset=dict(cfg["dataset"], n=23))
         if scenario.startswith("cuda"):  # nccl, bf16 compute with fp32 master weights, Triton kernels
             cfg.update(device="cuda", dtype="bf16")
         if scenario.endswith("resume"):  # stop after 2 steps, then a second run resumes from DCP
-            run(OmegaConf.create(dict(cfg, stop_after_steps=2, checkpoint_every_n_steps=0)), lora=lora)
+            stop = 4 if "_epochs" in scenario else 2
+            run(OmegaConf.create(dict(cfg, stop_after_steps=stop, checkpoint_every_n_steps=0)), lora=lora)
         run(OmegaConf.create(cfg), lora=lora)
         dist.barrier()
     shutdown_distributed()
