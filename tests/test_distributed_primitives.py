@@ -87,3 +87,34 @@ def test_four_rank_hsdp_and_fsdp_tp_match_single_process(tmp_path):
     torchrun(4, [str(REPO / "tests/dist_workers/primitives_worker.py"), str(tmp_path), "hsdp", "fsdp_tp"])
     for layout in ("hsdp", "fsdp_tp"):
         _check(tmp_path, layout)
+
+
+def test_dcp_checkpointer_roundtrip_and_pruning(tmp_path):
+    """One-process group in this process: save 3 steps with keep_last=2, restore the newest exactly."""
+    from tinytune.training.distributed import init_distributed, shutdown_distributed
+
+    init_distributed("cpu")
+    try:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+        opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+        ck = DistributedCheckpointer(tmp_path, keep_last=2)
+        for step in (1, 2, 3):
+            model(torch.randn(5, 4)).square().sum().backward()
+            opt.step()
+            opt.zero_grad()
+            ck.save(step, model, opt, {"step": step})
+        (tmp_path / "dcp" / ".step_4.tmp").mkdir()  # a crashed save is never picked up
+        assert [p.name for p in ck.complete_checkpoints()] == ["step_2", "step_3"]
+        expected_rng = torch.rand(3)  # the RNG draw right after the last save
+        model2 = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+        opt2 = torch.optim.AdamW(model2.parameters(), lr=0.1)
+        state = ck.load(ck.resolve("auto"), model2, opt2)
+        assert state == {"step": 3}
+        assert torch.equal(torch.rand(3), expected_rng)  # RNG restored to the save point
+        for a, b in zip(model.parameters(), model2.parameters()):
+            assert torch.equal(a, b)
+        s1, s2 = opt.state_dict()["state"], opt2.state_dict()["state"]
+        assert all(torch.equal(s1[k]["exp_avg_sq"], s2[k]["exp_avg_sq"]) for k in s1)
+    finally:
+        shutdown_distributed()
