@@ -77,15 +77,19 @@ def torch_row_step(
     """
     valid = labels != ignore_index  # [c]
     safe = torch.where(valid, labels, torch.zeros_like(labels))  # [c]
-    lse = torch.logsumexp(logits, dim=-1)  # [c]
     target = logits.gather(1, safe[:, None]).squeeze(1)  # [c]
+    # One exp pass and no [c, V] temporary (torch.logsumexp allocates one and a second exp would
+    # follow): shift by the row max, exponentiate in place, normalise while scaling.
+    row_max = logits.amax(dim=-1, keepdim=True)  # [c, 1]
+    logits.sub_(row_max).exp_()  # [c, V] unnormalised probabilities
+    denom = logits.sum(dim=-1, keepdim=True)  # [c, 1]
+    lse = (row_max + denom.log()).squeeze(1)  # [c]
     loss = torch.where(valid, lse - target, torch.zeros_like(lse))  # [c]
-    logits.sub_(lse[:, None]).exp_()  # softmax, in place
-    logits.scatter_add_(1, safe[:, None], torch.full_like(lse[:, None], -1.0))
     row_scale = valid.to(logits.dtype)  # [c]
     if grad_scale is not None:
         row_scale = row_scale * grad_scale
-    logits.mul_(row_scale[:, None])
+    logits.mul_(row_scale[:, None] / denom)  # softmax * scale
+    logits.scatter_add_(1, safe[:, None], -row_scale[:, None])  # - onehot * scale
     return loss
 
 
