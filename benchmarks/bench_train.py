@@ -7,7 +7,7 @@ settings and the same LoRA targets/rank. Every (framework, mode, packing) config
 fresh process; rounds are interleaved (A B C A B C ...) and the step times of all rounds pooled.
 
 Reported per configuration: label tokens/s (median step), the step's median time, the first
-step's loss (a cross-check that all sides compute the same thing), peak RSS of the process
+timed step's loss (a cross-check that all sides compute the same thing), peak RSS of the process
 (CPU; ``torch.cuda.max_memory_allocated`` on GPU) and the peak growth during training
 ("train delta" = high-water mark after the steps minus the RSS right before the first step).
 
@@ -72,7 +72,7 @@ def _adamw(torch, params, spec):
     return torch.optim.AdamW(params, lr=o["lr"], weight_decay=o["weight_decay"], betas=(0.9, 0.999), eps=1e-8, **kwargs)
 
 
-def _build_tinytune(spec, torch, dtype, device, batch):
+def _build_tinytune(spec, torch, dtype, device):
     """tinytune: checkpoint loader + LoRA factory, the recipe's loss/step functions."""
     from tinytune.checkpoint import load_hf_model
     from tinytune.modules.peft import lora_linear_factory, set_trainable_params
@@ -86,19 +86,23 @@ def _build_tinytune(spec, torch, dtype, device, batch):
         set_trainable_params(model)
     model.train()
     optimizer = _adamw(torch, [p for p in model.parameters() if p.requires_grad], spec)
-    mb = {"tokens": batch.tokens, "labels": batch.labels}
-    if batch.packed:
-        mb.update(input_pos=batch.input_pos, seq_lens=seq_lens_tensor(batch))
 
-    def step():
-        loss, _ = sft_accumulate(model, [mb], device)
-        optimizer_step(model, optimizer)
-        return loss
+    def make_step(batch):
+        mb = {"tokens": batch.tokens, "labels": batch.labels}
+        if batch.packed:
+            mb.update(input_pos=batch.input_pos, seq_lens=seq_lens_tensor(batch))
 
-    return model, step
+        def step():
+            loss, _ = sft_accumulate(model, [mb], device)
+            optimizer_step(model, optimizer)
+            return loss
+
+        return step
+
+    return model, make_step
 
 
-def _build_hf(spec, torch, dtype, device, batch):
+def _build_hf(spec, torch, dtype, device):
     """HF transformers (+ PEFT for LoRA), SDPA attention, the model's own loss (logits + CE)."""
     from transformers import AutoModelForCausalLM
 
@@ -112,22 +116,26 @@ def _build_hf(spec, torch, dtype, device, batch):
         model = get_peft_model(model, cfg)
     model.train()
     optimizer = _adamw(torch, [p for p in model.parameters() if p.requires_grad], spec)
-    tokens, labels = batch.tokens.to(device), batch.labels.to(device)
-    # Packed rows: position_ids restarting per document make transformers build a block-diagonal mask.
-    pos = batch.input_pos.to(device) if batch.packed else None
 
-    def step():
-        # labels are pre-shifted: pass them as shift_labels so HF does not shift again
-        out = model(input_ids=tokens, position_ids=pos, labels=labels, shift_labels=labels, use_cache=False)
-        out.loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return out.loss.detach()
+    def make_step(batch):
+        tokens, labels = batch.tokens.to(device), batch.labels.to(device)
+        # Packed rows: position_ids restarting per document make transformers build a block-diagonal mask.
+        pos = batch.input_pos.to(device) if batch.packed else None
 
-    return model, step
+        def step():
+            # labels are pre-shifted: pass them as shift_labels so HF does not shift again
+            out = model(input_ids=tokens, position_ids=pos, labels=labels, shift_labels=labels, use_cache=False)
+            out.loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            return out.loss.detach()
+
+        return step
+
+    return model, make_step
 
 
-def _build_torchtune(spec, torch, dtype, device, batch):
+def _build_torchtune(spec, torch, dtype, device):
     """torchtune 0.6: llama3_2 builders (tied output) with plain RoPE, chunked-output CE loss."""
     import importlib
 
@@ -178,21 +186,25 @@ def _build_torchtune(spec, torch, dtype, device, batch):
     loss_fn = CEWithChunkedOutputLoss()
     model.set_num_output_chunks(loss_fn.num_output_chunks)
     optimizer = _adamw(torch, [p for p in model.parameters() if p.requires_grad], spec)
-    tokens, labels = batch.tokens.to(device), batch.labels.to(device)
-    mask = input_pos = None
-    if batch.packed:
-        mask = packed_block_causal_mask([torch.tensor(x, device=device) for x in batch.seq_lens])  # [b, s, s]
-        input_pos = batch.input_pos.to(device)
 
-    def step():
-        logits = model(tokens, mask=mask, input_pos=input_pos)  # list of output chunks
-        loss = loss_fn(logits, labels)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss.detach()
+    def make_step(batch):
+        tokens, labels = batch.tokens.to(device), batch.labels.to(device)
+        mask = input_pos = None
+        if batch.packed:
+            mask = packed_block_causal_mask([torch.tensor(x, device=device) for x in batch.seq_lens])  # [b, s, s]
+            input_pos = batch.input_pos.to(device)
 
-    return model, step
+        def step():
+            logits = model(tokens, mask=mask, input_pos=input_pos)  # list of output chunks
+            loss = loss_fn(logits, labels)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            return loss.detach()
+
+        return step
+
+    return model, make_step
 
 
 def worker_main(spec: dict) -> None:
@@ -200,7 +212,11 @@ def worker_main(spec: dict) -> None:
     torch, dtype, device = _torch_setup(spec)
     batch = make_batch(spec["bs"], spec["seq"], spec["vocab"], spec["packed"], seed=spec.get("seed", 0))
     build = {"tinytune": _build_tinytune, "hf": _build_hf, "torchtune": _build_torchtune}[spec["framework"]]
-    model, step = build(spec, torch, dtype, device, batch)
+    model, make_step = build(spec, torch, dtype, device)
+    # Warm-up on a small batch of the same kind (optimizer state creation, thread pools, first-call
+    # overheads); the timed steps and the memory high-water mark then come from the real batch.
+    small = make_batch(1, min(128, spec["seq"]), spec["vocab"], spec["packed"], seed=1)
+    warm_step, step = make_step(small), make_step(batch)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     cuda = device.type == "cuda"
 
@@ -208,19 +224,20 @@ def worker_main(spec: dict) -> None:
         if cuda:
             torch.cuda.synchronize()
 
+    for _ in range(spec["warmup"]):
+        warm_step()
+    sync()
     rss_before = current_rss_mib()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     losses, times = [], []
-    for i in range(spec["warmup"] + spec["steps"]):
+    for _ in range(spec["steps"]):
         sync()
         t0 = time.perf_counter()
         loss = step()
         sync()
-        dt = time.perf_counter() - t0
+        times.append(time.perf_counter() - t0)
         losses.append(float(loss))
-        if i >= spec["warmup"]:
-            times.append(dt)
     result = {
         "framework": spec["framework"], "mode": spec["mode"], "packed": spec["packed"], "times": times,
         "first_loss": losses[0], "label_tokens": batch.label_tokens, "trainable": trainable,
@@ -274,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bs", type=int, default=4)
     p.add_argument("--seq", type=int, default=512)
     p.add_argument("--steps", type=int, default=3, help="timed steps per process (after --warmup)")
-    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps on a 1 x 128 batch first")
     p.add_argument("--rounds", type=int, default=2, help="interleaved fresh-process rounds per configuration")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -284,8 +301,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--alpha", type=float, default=32.0)
     p.add_argument("--lr", type=float, default=2e-4)
-    p.add_argument("--fused-adamw", choices=["default", "on", "off"], default="default",
-                   help="AdamW fused=True/False on every side (default: PyTorch's choice)")
+    p.add_argument("--fused-adamw", choices=["default", "on", "off"], default="on",
+                   help="AdamW fused=True/False on every side (on: the HF Trainer and torchtune default)")
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads in workers (0: default)")
     p.add_argument("--json", help="also write all raw results to this file")
     p.add_argument("--smoke", action="store_true", help="tiny model, bs 2, seq 64, 1 step, 1 round")
