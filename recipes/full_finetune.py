@@ -117,6 +117,7 @@ def recipe_main(cfg: DictConfig) -> dict:
     model.train()
     progress = TrainProgress(total_steps, initial_step=step, desc="full_finetune")
     train_seconds, train_tokens, loss_value = 0.0, 0, float("nan")
+    window = {"loss": 0.0, "steps": 0, "tokens": 0, "seconds": 0.0}  # since the last log line
     reset_peak_memory(device)
     while step < total_steps:
         micro_batches = [next(stream) for _ in range(accum)]
@@ -129,12 +130,18 @@ def recipe_main(cfg: DictConfig) -> dict:
         train_tokens += n_tokens
         loss_value = float(loss)
         progress.update(loss_value, lr, n_tokens / max(dt, 1e-9))
-        if step % log_every == 0 or step == total_steps:
-            metrics = {"loss": loss_value, "lr": lr, "tokens_per_s": n_tokens / max(dt, 1e-9),
-                       "label_tokens": n_tokens, "epoch": stream.epoch, **memory_stats(device)}
+        window["loss"] += loss_value
+        window["steps"] += 1
+        window["tokens"] += n_tokens
+        window["seconds"] += dt
+        if step % log_every == 0 or step == total_steps:  # means over the steps since the last log
+            metrics = {"loss": window["loss"] / window["steps"], "lr": lr,
+                       "tokens_per_s": window["tokens"] / max(window["seconds"], 1e-9),
+                       "label_tokens": window["tokens"], "epoch": stream.epoch, **memory_stats(device)}
             if grad_norm is not None:
                 metrics["grad_norm"] = grad_norm
             loggers.log_dict(metrics, step)
+            window = {"loss": 0.0, "steps": 0, "tokens": 0, "seconds": 0.0}
             reset_peak_memory(device)
         if val_loader is not None and val_every and step % val_every == 0 and step != total_steps:
             val = evaluate_loss(model, val_loader, device, val_max_batches)
