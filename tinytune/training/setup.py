@@ -105,7 +105,7 @@ def load_model(cfg: DictConfig, checkpoint_dir: str, device: torch.device, dtype
 
         kw = _lora_kwargs(model_cfg)
         targets = lora_target_modules(kw.get("lora_attn_modules", ["q_proj", "v_proj"]),
-                                      kw.get("apply_lora_to_mlp", False), kw.get("apply_lora_to_output", False))
+                                      kw.get("apply_lora_to_mlp", True), kw.get("apply_lora_to_output", False))
         factory = lora_linear_factory(targets, rank=int(kw.get("lora_rank", 8)),
                                       alpha=float(kw.get("lora_alpha", 16)),
                                       dropout=float(kw.get("lora_dropout", 0.0)),
