@@ -6,7 +6,8 @@ written once to an HF directory that every side loads), the same dtype, the same
 settings and the same LoRA targets/rank. Every (framework, mode, packing) configuration runs in a
 fresh process; rounds are interleaved (A B C A B C ...) and the step times of all rounds pooled.
 
-Reported per configuration: label tokens/s (median step), the step's median time, the first
+Reported per configuration: label tokens/s (median step), the step's median wall time and CPU
+time (user+sys of all the process's threads: less sensitive to other jobs on a shared machine), the first
 timed step's loss (a cross-check that all sides compute the same thing), peak RSS of the process
 (CPU; ``torch.cuda.max_memory_allocated`` on GPU) and the peak growth during training
 ("train delta" = high-water mark after the steps minus the RSS right before the first step).
@@ -230,16 +231,17 @@ def worker_main(spec: dict) -> None:
     rss_before = current_rss_mib()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    losses, times = [], []
+    losses, times, cpu_times = [], [], []
     for _ in range(spec["steps"]):
         sync()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         loss = step()
         sync()
         times.append(time.perf_counter() - t0)
+        cpu_times.append(time.process_time() - c0)  # all threads of this process: robust to other load
         losses.append(float(loss))
     result = {
-        "framework": spec["framework"], "mode": spec["mode"], "packed": spec["packed"], "times": times,
+        "framework": spec["framework"], "mode": spec["mode"], "packed": spec["packed"], "times": times, "cpu_times": cpu_times,
         "first_loss": losses[0], "label_tokens": batch.label_tokens, "trainable": trainable,
         "peak_rss_mib": peak_rss_mib(), "rss_before_mib": rss_before,
     }
@@ -303,7 +305,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--fused-adamw", choices=["default", "on", "off"], default="on",
                    help="AdamW fused=True/False on every side (on: the HF Trainer and torchtune default)")
-    p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads in workers (0: default)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch.set_num_threads in workers (0: PyTorch default). Use 1 on a machine shared with\n"
+                        "other jobs: multi-threaded GEMMs then wait for descheduled OpenMP threads")
     p.add_argument("--json", help="also write all raw results to this file")
     p.add_argument("--smoke", action="store_true", help="tiny model, bs 2, seq 64, 1 step, 1 round")
     args = p.parse_args(argv)
@@ -313,6 +317,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.smoke:
         args.bs, args.seq, args.steps, args.warmup, args.rounds = 2, 64, 1, 1, 1
+        args.threads = args.threads or 1  # tiny ops: OpenMP barriers dominate on a busy machine
 
     frameworks = [f.strip() for f in args.frameworks.split(",") if f.strip()]
     for f in frameworks:
@@ -338,7 +343,8 @@ def main(argv: list[str] | None = None) -> int:
                 optim={"lr": args.lr, "weight_decay": 0.01, "fused": fused})
 
     print(f"# bench_train: {machine_line()}")
-    print(f"# weights: {weights_desc}; bs {args.bs} x seq {args.seq}, {args.dtype} on {args.device}; "
+    print(f"# weights: {weights_desc}; bs {args.bs} x seq {args.seq}, {args.dtype} on {args.device}, "
+          f"threads {args.threads or 'default'}; "
           f"AdamW lr {args.lr} wd 0.01; LoRA r={args.rank} alpha={args.alpha} on {','.join(LORA_TARGETS)}; "
           f"{args.warmup} warm-up + {args.steps} timed steps x {args.rounds} rounds per config", flush=True)
     results: dict[tuple, list[dict]] = {}
@@ -354,8 +360,8 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"  round {rnd + 1}: {fw:9s} {_row_label(mode, packed):14s} {status}", flush=True)
 
     gpu = args.device.startswith("cuda")
-    headers = ["config", "framework", "tok/s", "s/step", "loss@1", "trainable", "peak GPU MiB" if gpu else "peak RSS MiB",
-               "train delta MiB", "tok/s ours/theirs", "peak ours/theirs"]
+    headers = ["config", "framework", "tok/s", "s/step", "CPU s/step", "loss@1", "trainable", "peak GPU MiB" if gpu else "peak RSS MiB",
+               "train delta MiB", "tok/s ours/theirs", "CPU-s theirs/ours", "peak ours/theirs"]
     rows, summary = [], {}
     for mode in modes:
         for packed in packings:
@@ -367,25 +373,27 @@ def main(argv: list[str] | None = None) -> int:
                     continue
                 times = [t for r in runs for t in r["times"]]
                 t = median(times)
+                cpu = median([c for r in runs for c in r.get("cpu_times", [])])
                 peak = median([r["peak_gpu_mib" if gpu else "peak_rss_mib"] for r in runs])
                 delta = median([r["peak_rss_mib"] - r["rss_before_mib"] for r in runs]) if not gpu else float("nan")
-                agg[fw] = dict(tps=runs[0]["label_tokens"] / t, t=t, loss=runs[0]["first_loss"], peak=peak,
+                agg[fw] = dict(tps=runs[0]["label_tokens"] / t, t=t, cpu=cpu, loss=runs[0]["first_loss"], peak=peak,
                                delta=delta, trainable=runs[0]["trainable"])
             ours = agg.get("tinytune", {})
             for fw in frameworks:
                 a = agg[fw]
                 if "error" in a:
-                    rows.append([_row_label(mode, packed), fw, "error", "-", "-", "-", "-", "-", "-", "-"])
+                    rows.append([_row_label(mode, packed), fw, "error"] + ["-"] * 9)
                     notes.append(f"{fw} {_row_label(mode, packed)}: {a['error']}")
                     continue
-                ratio_t = ratio_m = "-"
+                ratio_t = ratio_c = ratio_m = "-"
                 if fw != "tinytune" and "tps" in ours:
                     ratio_t = f"{ours['tps'] / a['tps']:.2f}x"
+                    ratio_c = f"{a['cpu'] / ours['cpu']:.2f}x"
                     ratio_m = f"{ours['peak'] / a['peak']:.2f}x"
                     summary[(mode, packed, fw)] = (ours["tps"] / a["tps"], ours["peak"] / a["peak"])
                 rows.append([_row_label(mode, packed), fw, fmt(a["tps"], ".0f"), fmt(a["t"], ".3f"),
-                             fmt(a["loss"], ".4f"), f"{a['trainable'] / 1e6:.2f}M", fmt(a["peak"], ".0f"),
-                             fmt(a["delta"], ".0f"), ratio_t, ratio_m])
+                             fmt(a["cpu"], ".2f"), fmt(a["loss"], ".4f"), f"{a['trainable'] / 1e6:.2f}M",
+                             fmt(a["peak"], ".0f"), fmt(a["delta"], ".0f"), ratio_t, ratio_c, ratio_m])
     print()
     print_table(headers, rows)
     for n in notes:
