@@ -10,6 +10,13 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if "TINYTUNE_HOME" not in os.environ:  # token caches and converted models of tests stay out of ~/.cache
+    import atexit
+    import shutil
+    import tempfile
+
+    os.environ["TINYTUNE_HOME"] = tempfile.mkdtemp(prefix="tinytune_test_home_")
+    atexit.register(shutil.rmtree, os.environ["TINYTUNE_HOME"], True)
 
 import torch  # noqa: E402
 
