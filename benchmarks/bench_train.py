@@ -24,8 +24,10 @@ exists): a separate virtual environment, so peers never become tinytune dependen
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -275,6 +277,7 @@ def prepare_weights(args) -> tuple[str, str]:
     info.hf_config = hf_config_from_model_info(info)
     torch.manual_seed(0)
     out = tempfile.mkdtemp(prefix="tinytune_bench_weights_")
+    atexit.register(shutil.rmtree, out, True)
     save_hf_checkpoint(build_model(info), info, out)
     what = "tiny random model (smoke)" if args.smoke else "random init, SmolLM2-135M shape"
     return out, what
