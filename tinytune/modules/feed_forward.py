@@ -4,6 +4,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tinytune.kernels.fused_ops import plain_tensors, swiglu
+
 
 class FeedForward(nn.Module):
     """SwiGLU MLP: ``down_proj(silu(gate_proj(x)) * up_proj(x))``.
@@ -31,5 +33,9 @@ class FeedForward(nn.Module):
         Returns:
             ``[b, s, dim]``.
         """
-        h = F.silu(self.gate_proj(x)) * self.up_proj(x)  # [b, s, hidden]
+        gate, up = self.gate_proj(x), self.up_proj(x)  # [b, s, hidden] each
+        if plain_tensors(gate, up):
+            h = swiglu(gate, up)  # saves gate and up only
+        else:  # DTensor (tensor parallel)
+            h = F.silu(gate) * up  # [b, s, hidden]
         return self.down_proj(h)  # [b, s, dim]

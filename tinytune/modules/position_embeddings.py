@@ -7,6 +7,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from tinytune.kernels.fused_ops import apply_rope, plain_tensors
+
 _LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
 
@@ -133,6 +135,8 @@ class RotaryPositionalEmbeddings(nn.Module):
 
     def rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """Rotate ``x [b, h, s, d]`` with precomputed ``cos``/``sin`` ``[b, 1, s, d]``."""
+        if plain_tensors(x, cos, sin):
+            return apply_rope(x, cos, sin)  # backward = inverse rotation, saves only cos/sin
         xf = x.float()  # [b, h, s, d]
         out = xf * cos + self.rotate_half(xf) * sin  # [b, h, s, d]
         return out.to(x.dtype)

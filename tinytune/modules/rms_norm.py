@@ -3,6 +3,8 @@
 import torch
 from torch import nn
 
+from tinytune.kernels.fused_ops import plain_tensors, rms_norm
+
 
 class RMSNorm(nn.Module):
     """RMS normalisation over the last dimension, computed in fp32.
@@ -34,7 +36,9 @@ class RMSNorm(nn.Module):
         Returns:
             Tensor of the same shape and dtype as ``x`` (promoted with the weight dtype).
         """
-        in_dtype = x.dtype
+        if plain_tensors(x, self.weight):
+            return rms_norm(x, self.weight, self.eps)  # saves x and rstd only
+        in_dtype = x.dtype  # eager path (DTensor and other tensor subclasses)
         xf = x.float()  # [..., dim]
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)  # [..., dim]
         return self.weight * xf.to(in_dtype)  # [..., dim]

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tinytune.kernels.fused_ops import lora_linear, plain_tensors
 from tinytune.modules.peft.nf4 import dequantize, is_nf4, linear_nf4, to_nf4
 
 # Short names accepted in configs, mapped to the projection names of docs/ARCHITECTURE.md.
@@ -110,6 +111,10 @@ class LoRALinear(nn.Module):
         return F.linear(x, self.weight, self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [..., in_dim]
+        if not self.disabled and plain_tensors(x, self.weight, self.bias, self.lora_a.weight, self.lora_b.weight):
+            # one Function: base GEMM, then scale * B(A(x)) added by addmm_ (no extra [N, out] passes)
+            x_d = None if isinstance(self.dropout, nn.Identity) else self.dropout(x)
+            return lora_linear(x, self.weight, self.bias, self.lora_a.weight, self.lora_b.weight, self.scaling, x_d)
         out = self.base_forward(x)  # [..., out_dim]
         if self.disabled:
             return out

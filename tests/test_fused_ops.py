@@ -1,0 +1,254 @@
+"""Fused autograd Functions (tinytune.kernels.fused_ops) vs the eager reference ops.
+
+Each Function is checked three ways: ``torch.autograd.gradcheck`` in fp64 on tiny shapes, forward and
+every gradient against eager PyTorch in fp32, and the bytes it saves for backward (counted with
+``torch.autograd.graph.saved_tensors_hooks``) against the claim in its docstring.
+"""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tinytune.kernels.fused_ops import apply_rope, lora_linear, plain_tensors, rms_norm, swiglu
+from tinytune.modules import RMSNorm, RotaryPositionalEmbeddings
+from tinytune.modules.feed_forward import FeedForward
+from tinytune.modules.peft.lora import LoRALinear
+
+
+# ---------------------------------------------------------------- eager references
+def ref_rms_norm(x, w, eps):
+    xf = x.float()
+    return w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def ref_swiglu(gate, up):
+    return F.silu(gate) * up
+
+
+def ref_rope(x, cos, sin):
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return (x.float() * cos + torch.cat((-x2, x1), dim=-1) * sin).to(x.dtype)
+
+
+def ref_lora(x, w, b, a, bb, scale, xd=None):
+    xd = x if xd is None else xd
+    return F.linear(x, w, b) + scale * F.linear(F.linear(xd, a), bb)
+
+
+def rope_tables(b, s, d, dtype=torch.float32, offset=0):
+    pos = torch.arange(offset, offset + s).expand(b, s)
+    cos, sin = RotaryPositionalEmbeddings(d, base=10_000.0).cos_sin(pos)
+    return cos.to(dtype), sin.to(dtype)
+
+
+class SavedBytes:
+    """Counts the bytes of distinct storages saved for backward inside the context."""
+
+    def __init__(self):
+        self.ptrs = {}
+
+    def pack(self, t):
+        st = t.untyped_storage()
+        self.ptrs[st.data_ptr()] = st.nbytes()
+        return t
+
+    def __enter__(self):
+        self._ctx = torch.autograd.graph.saved_tensors_hooks(self.pack, lambda t: t)
+        self._ctx.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._ctx.__exit__(*exc)
+
+    def total(self, exclude=()):
+        skip = {t.untyped_storage().data_ptr() for t in exclude}
+        return sum(n for p, n in self.ptrs.items() if p not in skip)
+
+
+def _grads(out, inputs, g):
+    return torch.autograd.grad(out, inputs, g, allow_unused=True)
+
+
+def _close(a, b, atol=1e-5, rtol=1e-5):
+    assert (a is None) == (b is None)
+    if a is not None:
+        torch.testing.assert_close(a, b, atol=atol, rtol=rtol)
+
+
+# ---------------------------------------------------------------- gradcheck (fp64)
+def test_gradcheck_fp64():
+    torch.manual_seed(0)
+    dd = dict(dtype=torch.float64, requires_grad=True)
+    x, w = torch.randn(2, 3, 8, **dd), torch.randn(8, **dd)
+    assert torch.autograd.gradcheck(lambda x, w: rms_norm(x, w, 1e-6), (x, w))
+    g, u = torch.randn(2, 3, 10, **dd), torch.randn(2, 3, 10, **dd)
+    assert torch.autograd.gradcheck(swiglu, (g, u))
+    q = torch.randn(2, 3, 5, 8, **dd)
+    cos, sin = rope_tables(2, 5, 8, torch.float64, offset=3)
+    assert torch.autograd.gradcheck(lambda q: apply_rope(q, cos, sin), (q,))
+    x = torch.randn(2, 3, 6, **dd)
+    xd = torch.randn(2, 3, 6, **dd)
+    wb, bias = torch.randn(5, 6, **dd), torch.randn(5, **dd)
+    a, bb = torch.randn(2, 6, **dd), torch.randn(5, 2, **dd)
+    assert torch.autograd.gradcheck(lambda *t: lora_linear(*t, 1.5), (x, wb, bias, a, bb))
+    assert torch.autograd.gradcheck(lambda x, xd, a, bb: lora_linear(x, wb, None, a, bb, 0.5, xd), (x, xd, a, bb))
+
+
+# ---------------------------------------------------------------- fp32 vs eager
+def test_rms_norm_matches_eager_fp32():
+    torch.manual_seed(0)
+    x = torch.randn(3, 17, 64, requires_grad=True)
+    w = (1 + 0.1 * torch.randn(64)).requires_grad_()
+    g = torch.randn(3, 17, 64)
+    out, ref = rms_norm(x, w, 1e-5), ref_rms_norm(x, w, 1e-5)
+    torch.testing.assert_close(out, ref, atol=0, rtol=0)  # same op order: bit-identical forward
+    for a, b in zip(_grads(out, (x, w), g), _grads(ref, (x, w), g)):
+        _close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_rms_norm_bf16_input_fp32_weight():
+    torch.manual_seed(0)
+    x = torch.randn(4, 32, dtype=torch.bfloat16, requires_grad=True)
+    w = torch.randn(32, requires_grad=True)
+    g = torch.randn(4, 32)
+    out, ref = rms_norm(x, w, 1e-6), ref_rms_norm(x, w, 1e-6)
+    assert out.dtype == ref.dtype == torch.float32
+    torch.testing.assert_close(out, ref, atol=0, rtol=0)
+    (gx, gw), (rx, rw) = _grads(out, (x, w), g), _grads(ref, (x, w), g)
+    assert gx.dtype == torch.bfloat16 and gw.dtype == torch.float32
+    _close(gx.float(), rx.float(), atol=2e-2, rtol=2e-2)
+    _close(gw, rw, atol=1e-4, rtol=1e-4)
+
+
+def test_swiglu_matches_eager_fp32():
+    torch.manual_seed(0)
+    gate = torch.randn(2, 9, 40, requires_grad=True)
+    up = torch.randn(2, 9, 40, requires_grad=True)
+    g = torch.randn(2, 9, 40)
+    out, ref = swiglu(gate, up), ref_swiglu(gate, up)
+    torch.testing.assert_close(out, ref, atol=0, rtol=0)
+    for a, b in zip(_grads(out, (gate, up), g), _grads(ref, (gate, up), g)):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_rope_matches_eager_fp32(transposed):
+    torch.manual_seed(0)
+    b, h, s, d = 2, 3, 11, 16
+    base = torch.randn(b, s, h, d) if transposed else torch.randn(b, h, s, d)
+    x = (base.transpose(1, 2) if transposed else base).requires_grad_()
+    if transposed:  # the attention layout: a [b, s, h, d] projection viewed as [b, h, s, d]
+        x = base.requires_grad_().transpose(1, 2)
+    pos = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 0, 1, 2, 3], list(range(5, 16))])  # packed row + offset row
+    cos, sin = RotaryPositionalEmbeddings(d).cos_sin(pos)
+    g = torch.randn(b, h, s, d)
+    out, ref = apply_rope(x, cos, sin), ref_rope(x, cos, sin)
+    torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(_grads(out, (base,), g)[0], _grads(ref, (base,), g)[0], atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("train_base", [False, True])
+def test_lora_linear_matches_eager_fp32(bias, train_base):
+    torch.manual_seed(0)
+    x = torch.randn(2, 7, 24, requires_grad=True)
+    w = torch.randn(20, 24, requires_grad=train_base)
+    b = torch.randn(20, requires_grad=True) if bias else None
+    a = torch.randn(4, 24, requires_grad=True)
+    bb = torch.randn(20, 4, requires_grad=True)
+    g = torch.randn(2, 7, 20)
+    out, ref = lora_linear(x, w, b, a, bb, 2.0), ref_lora(x, w, b, a, bb, 2.0)
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-5)
+    inputs = [t for t in (x, w, b, a, bb) if t is not None and t.requires_grad]
+    for r, e in zip(_grads(out, inputs, g), _grads(ref, inputs, g)):
+        _close(r, e, atol=1e-4, rtol=1e-5)
+
+
+# ---------------------------------------------------------------- modules use the fused path
+def test_modules_match_eager_and_use_functions():
+    torch.manual_seed(0)
+    norm = RMSNorm(32, eps=1e-5)
+    nn.init.normal_(norm.weight)
+    x = torch.randn(2, 5, 32, requires_grad=True)
+    out = norm(x)
+    assert type(out.grad_fn).__name__ == "_RMSNormFnBackward"
+    torch.testing.assert_close(out, ref_rms_norm(x, norm.weight, 1e-5), atol=0, rtol=0)
+
+    ff = FeedForward(gate_proj=nn.Linear(32, 48, bias=False), up_proj=nn.Linear(32, 48, bias=False),
+                     down_proj=nn.Linear(48, 32, bias=False))
+    y = ff(x)
+    ref = ff.down_proj(ref_swiglu(ff.gate_proj(x), ff.up_proj(x)))
+    torch.testing.assert_close(y, ref, atol=0, rtol=0)
+
+    lora = LoRALinear(32, 24, rank=4, alpha=8.0, use_bias=True)
+    nn.init.normal_(lora.lora_b.weight)
+    y = lora(x)
+    assert type(y.grad_fn).__name__ == "_LoRALinearFnBackward"
+    torch.testing.assert_close(y, ref_lora(x, lora.weight, lora.bias, lora.lora_a.weight, lora.lora_b.weight, 2.0),
+                               atol=1e-5, rtol=1e-5)
+    lora.disabled = True
+    torch.testing.assert_close(lora(x), F.linear(x, lora.weight, lora.bias))
+
+
+def test_lora_dropout_uses_dropped_input_for_adapter_only():
+    torch.manual_seed(0)
+    lora = LoRALinear(16, 8, rank=2, alpha=4.0, dropout=0.5)
+    nn.init.normal_(lora.lora_b.weight)
+    x = torch.randn(3, 16, requires_grad=True)
+    torch.manual_seed(1)
+    y = lora(x)
+    torch.manual_seed(1)
+    xd = lora.dropout(x)
+    ref = ref_lora(x, lora.weight, lora.bias, lora.lora_a.weight, lora.lora_b.weight, 2.0, xd)
+    torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5)
+    g = torch.randn(3, 8)
+    params = [x, lora.weight, lora.lora_a.weight, lora.lora_b.weight]
+    for a, b in zip(_grads(y, params, g), _grads(ref, params, g)):
+        _close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_plain_tensors_rejects_subclasses():
+    from torch.distributed.tensor import DTensor  # noqa: F401 - only the type check matters here
+
+    class Sub(torch.Tensor):
+        pass
+
+    assert plain_tensors(torch.zeros(1), nn.Parameter(torch.zeros(1)), None)
+    assert not plain_tensors(torch.zeros(1).as_subclass(Sub))
+
+
+# ---------------------------------------------------------------- saved-tensor footprint
+def test_saved_bytes_are_as_claimed():
+    torch.manual_seed(0)
+    n, d, hid = 64, 32, 96
+    x = torch.randn(n, d, requires_grad=True)
+    w = torch.randn(d, requires_grad=True)
+    with SavedBytes() as fused:
+        rms_norm(x, w, 1e-6)
+    assert fused.total(exclude=(x, w)) == n * 4  # rstd [n, 1] fp32 only
+    with SavedBytes() as eager:
+        ref_rms_norm(x, w, 1e-6)
+    assert eager.total(exclude=(x, w)) >= n * d * 4  # eager keeps at least the normalised activations
+
+    gate = torch.randn(n, hid, requires_grad=True)
+    up = torch.randn(n, hid, requires_grad=True)
+    with SavedBytes() as fused:
+        swiglu(gate, up)
+    assert fused.total(exclude=(gate, up)) == 0
+    with SavedBytes() as eager:
+        ref_swiglu(gate, up)
+    assert eager.total(exclude=(gate, up)) == n * hid * 4  # silu(gate)
+
+    q = torch.randn(2, 4, 8, 16, requires_grad=True)
+    cos, sin = rope_tables(2, 8, 16)
+    with SavedBytes() as fused:
+        apply_rope(q, cos, sin)
+    assert fused.total(exclude=(cos, sin)) == 0  # nothing but the tables
+
+    lin_w, a, bb = torch.randn(48, d), torch.randn(4, d, requires_grad=True), torch.randn(48, 4, requires_grad=True)
+    with SavedBytes() as fused:
+        lora_linear(x, lin_w, None, a, bb, 2.0)
+    assert fused.total(exclude=(x, lin_w, a, bb)) == n * 4 * 4  # x A^T [n, rank]

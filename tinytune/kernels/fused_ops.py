@@ -1,0 +1,235 @@
+"""Memory-saving autograd Functions for the decoder's elementwise ops (the PyTorch CPU/GPU path).
+
+Each Function computes the same forward as the eager module code (same operation order, so fp32
+results agree to rounding) but saves fewer tensors for backward and writes its gradients
+analytically:
+
+* :func:`rms_norm` saves the input and the per-row ``rstd`` (``[..., 1]``) instead of the
+  normalised activations; backward recomputes ``x * rstd``.
+* :func:`swiglu` (``silu(gate) * up``) saves ``gate`` and ``up`` only (eager autograd also keeps
+  ``silu(gate)``, one more ``[b, s, hidden]`` tensor per layer).
+* :func:`apply_rope` (HF rotate-half layout) saves only ``cos``/``sin``: its backward is the
+  inverse rotation (same kernel with ``-sin``).
+* :func:`lora_linear` computes ``x W^T + b + scale * (x_d A^T) B^T`` with the scale and the add
+  folded into one ``addmm_``; it saves ``x`` (shared with the caller), ``x_d`` when dropout made a
+  copy, and the ``[N, rank]`` product ``x_d A^T``.
+
+Tensor subclasses (DTensor, NF4Tensor, ...) are not handled here; :func:`plain_tensors` lets the
+modules fall back to their eager code for them.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+_PLAIN_TYPES = (torch.Tensor, nn.Parameter)
+
+
+def plain_tensors(*tensors: torch.Tensor | None) -> bool:
+    """True when every given tensor is a plain ``torch.Tensor``/``nn.Parameter`` (or ``None``).
+
+    DTensors, NF4 tensors and other subclasses return False so callers use their eager path.
+    """
+    return all(t is None or type(t) in _PLAIN_TYPES for t in tensors)
+
+
+def _upcast(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in at least fp32 (bf16/fp16 -> fp32; fp32 and fp64 unchanged, no copy)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+# ============================================================================ RMSNorm
+
+
+class _RMSNormFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        xf = _upcast(x)  # [..., d] fp32 (no copy when x is fp32; fp64 stays fp64)
+        rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)  # [..., 1]
+        y = (xf * rstd).to(x.dtype)  # [..., d]
+        ctx.save_for_backward(x, weight, rstd)
+        ctx.in_dtype = x.dtype
+        if y.dtype == torch.promote_types(weight.dtype, x.dtype):
+            return y.mul_(weight)  # [..., d]; y is a fresh tensor, scale it in place
+        return weight * y  # [..., d]
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, weight, rstd = ctx.saved_tensors
+        xf = _upcast(x)
+        xhat = xf * rstd  # [..., d] fp32
+        grad_w = None
+        if ctx.needs_input_grad[1]:
+            y = xhat.to(ctx.in_dtype)
+            grad_w = (grad * y).reshape(-1, y.shape[-1]).sum(0).to(weight.dtype)  # [d]
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            gy = _upcast((grad * weight).to(ctx.in_dtype))  # [..., d] grad of the normalised value
+            dot = (gy * xhat).mean(-1, keepdim=True)  # [..., 1]
+            grad_x = (gy - xhat.mul_(dot)).mul_(rstd).to(x.dtype)  # [..., d]
+        return grad_x, grad_w, None
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """``weight * (x.float() * rsqrt(mean(x^2) + eps)).to(x.dtype)`` saving only ``x`` and ``rstd``.
+
+    Args:
+        x: ``[..., d]`` input.
+        weight: ``[d]`` scale.
+        eps: added to the mean square.
+
+    Returns:
+        ``[..., d]`` in ``promote_types(weight.dtype, x.dtype)``.
+    """
+    return _RMSNormFn.apply(x, weight, eps)
+
+
+# ============================================================================ SwiGLU
+
+
+class _SwiGLUFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(gate, up)
+        return F.silu(gate).mul_(up) if gate.dtype == torch.promote_types(gate.dtype, up.dtype) else F.silu(gate) * up
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        gate, up = ctx.saved_tensors
+        grad_gate = grad_up = None
+        if ctx.needs_input_grad[1]:
+            grad_up = F.silu(gate).mul_(grad).to(up.dtype)  # [..., h]
+        if ctx.needs_input_grad[0]:
+            grad_gate = torch.ops.aten.silu_backward(grad * up, gate).to(gate.dtype)  # [..., h]
+        return grad_gate, grad_up
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up`` saving only ``gate`` and ``up`` for backward.
+
+    Args:
+        gate: ``[..., hidden]`` output of the gate projection.
+        up: ``[..., hidden]`` output of the up projection.
+
+    Returns:
+        ``[..., hidden]``.
+    """
+    return _SwiGLUFn.apply(gate, up)
+
+
+# ============================================================================ RoPE
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sign: float) -> torch.Tensor:
+    """``x * cos + rotate_half(x) * (sign * sin)`` in fp32, written half by half (no cat, no neg copy).
+
+    ``cos``/``sin`` are the full ``[..., d]`` tables of the HF layout (both halves equal).
+    """
+    xf = _upcast(x)  # [b, h, s, d]
+    half = xf.shape[-1] // 2
+    x1, x2 = xf[..., :half], xf[..., half:]
+    s1 = sin[..., :half]  # [b, 1, s, d/2]
+    out = xf * cos  # [b, h, s, d] (same strides as x)
+    out[..., :half].addcmul_(x2, s1, value=-sign)  # x1 c - sign * x2 s
+    out[..., half:].addcmul_(x1, s1, value=sign)  # x2 c + sign * x1 s
+    return out
+
+
+class _RoPEFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(cos, sin)
+        ctx.dtype = x.dtype
+        return _rotate(x, cos, sin, 1.0).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        cos, sin = ctx.saved_tensors
+        # The rotation is orthogonal: its transpose is the rotation by the opposite angle.
+        return _rotate(grad, cos, sin, -1.0).to(ctx.dtype), None, None
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x`` (HF rotate-half convention) saving only ``cos``/``sin`` for backward.
+
+    Args:
+        x: ``[b, h, s, d]`` queries or keys (any strides).
+        cos: ``[b, 1, s, d]`` fp32 cosines (both halves equal, as from ``cos_sin``).
+        sin: ``[b, 1, s, d]`` fp32 sines.
+
+    Returns:
+        ``[b, h, s, d]`` in the dtype of ``x``. Gradients flow to ``x`` only.
+    """
+    return _RoPEFn.apply(x, cos.detach(), sin.detach())
+
+
+# ============================================================================ LoRA
+
+
+class _LoRALinearFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, x_d, weight, bias, lora_a, lora_b, scale):
+        x2 = x.reshape(-1, x.shape[-1])  # [N, in]
+        xd2 = x2 if x_d is None else x_d.reshape(-1, x_d.shape[-1])  # [N, in]
+        out = F.linear(x2, weight, bias)  # [N, out]
+        ax = xd2.mm(lora_a.t())  # [N, r]
+        out.addmm_(ax, lora_b.t(), alpha=scale)  # out += scale * ax @ B^T
+        ctx.save_for_backward(x, x_d, weight, lora_a, lora_b, ax)
+        ctx.scale = scale
+        ctx.has_bias = bias is not None
+        return out.view(*x.shape[:-1], out.shape[-1])  # [..., out]
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, x_d, weight, lora_a, lora_b, ax = ctx.saved_tensors
+        scale = ctx.scale
+        need_x, need_xd, need_w, need_b, need_a, need_bb, _ = ctx.needs_input_grad
+        g = grad.reshape(-1, grad.shape[-1])  # [N, out]
+        x2 = x.reshape(-1, x.shape[-1])  # [N, in]
+        xd2 = x2 if x_d is None else x_d.reshape(-1, x_d.shape[-1])
+        gb = g.mm(lora_b).mul_(scale)  # [N, r] = scale * g B
+        grad_x = grad_xd = grad_w = grad_b = grad_a = grad_bb = None
+        if need_x:
+            grad_x = g.mm(weight)  # [N, in]
+            if x_d is None:
+                grad_x.addmm_(gb, lora_a)
+            grad_x = grad_x.view(x.shape)
+        if need_xd:
+            grad_xd = gb.mm(lora_a).view(x_d.shape)
+        if need_w:
+            grad_w = g.t().mm(x2)  # [out, in]
+        if need_b and ctx.has_bias:
+            grad_b = g.sum(0)  # [out]
+        if need_a:
+            grad_a = gb.t().mm(xd2)  # [r, in]
+        if need_bb:
+            grad_bb = torch.addmm(lora_b, g.t(), ax, beta=0, alpha=scale)  # [out, r]
+        return grad_x, grad_xd, grad_w, grad_b, grad_a, grad_bb, None
+
+
+def lora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scale: float,
+    x_dropped: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``F.linear(x, weight, bias) + scale * F.linear(F.linear(x_d, lora_a), lora_b)`` in one Function.
+
+    Args:
+        x: ``[..., in]`` input of the base projection.
+        weight: ``[out, in]`` base weight (frozen or trainable).
+        bias: ``[out]`` or ``None``.
+        lora_a: ``[rank, in]``.
+        lora_b: ``[out, rank]``.
+        scale: ``alpha / rank``.
+        x_dropped: adapter input after dropout (``None``: the adapter reads ``x``).
+
+    Returns:
+        ``[..., out]``. Saves ``x``, ``x_dropped`` and the ``[N, rank]`` product for backward.
+    """
+    return _LoRALinearFn.apply(x, x_dropped, weight, bias, lora_a, lora_b, float(scale))
