@@ -252,3 +252,87 @@ def test_saved_bytes_are_as_claimed():
     with SavedBytes() as fused:
         lora_linear(x, lin_w, None, a, bb, 2.0)
     assert fused.total(exclude=(x, lin_w, a, bb)) == n * 4 * 4  # x A^T [n, rank]
+
+
+def _hidden_alive_after_forward(ff, x, outer_hooks):
+    """Runs ``ff(x)`` and reports whether the ``[.., hidden]`` input of ``down_proj`` is still alive."""
+    import contextlib
+    import gc
+    import weakref
+
+    seen = []
+    handle = ff.down_proj.register_forward_pre_hook(lambda m, args: seen.append(weakref.ref(args[0])))
+    ctx = torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t) if outer_hooks else contextlib.nullcontext()
+    with ctx:
+        y = ff(x)
+    handle.remove()
+    gc.collect()
+    return y, seen[0]() is not None
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_feed_forward_recomputes_hidden_instead_of_saving_it(lora):
+    from tinytune.modules.peft.lora import lora_linear_factory
+
+    torch.manual_seed(0)
+    fac = lora_linear_factory(["gate_proj", "up_proj", "down_proj"], rank=4, alpha=8.0) if lora else None
+    mk = (lambda name, i, o: fac(name, i, o, False)) if lora else (lambda name, i, o: nn.Linear(i, o, bias=False))
+    ff = FeedForward(gate_proj=mk("gate_proj", 32, 80), up_proj=mk("up_proj", 32, 80), down_proj=mk("down_proj", 80, 32))
+    for m in ff.modules():
+        if hasattr(m, "lora_b"):
+            nn.init.normal_(m.lora_b.weight)
+    x = torch.randn(2, 6, 32, requires_grad=True)
+    params = [p for p in ff.parameters() if p.requires_grad]
+    y, alive = _hidden_alive_after_forward(ff, x, outer_hooks=False)
+    assert not alive  # silu(gate) * up is not kept for backward: recomputed from gate and up
+    ref = ff.down_proj(ref_swiglu(ff.gate_proj(x), ff.up_proj(x)))
+    torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5)
+    g = torch.randn_like(y)
+    for a, b in zip(_grads(y, [x, *params], g), _grads(ref, [x, *params], g)):
+        _close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_recompute_is_off_under_outer_hooks():
+    """With activation checkpointing (or any outer saved-tensor hooks) the hidden product is saved normally."""
+    torch.manual_seed(0)
+    ff = FeedForward(gate_proj=nn.Linear(8, 16, bias=False), up_proj=nn.Linear(8, 16, bias=False),
+                     down_proj=nn.Linear(16, 8, bias=False))
+    x = torch.randn(3, 8, requires_grad=True)
+    y, alive = _hidden_alive_after_forward(ff, x, outer_hooks=True)
+    assert alive
+    y.sum().backward()
+    ref = ff.down_proj(ref_swiglu(ff.gate_proj(x), ff.up_proj(x)))
+    torch.testing.assert_close(x.grad, torch.autograd.grad(ref.sum(), x)[0])
+
+
+def test_norm_output_is_recomputed_by_its_consumers():
+    """The projections after an RMSNorm keep a recipe for the normalised input, not the tensor."""
+    import gc
+    import weakref
+
+    from tinytune.models import smollm2
+
+    torch.manual_seed(0)
+    model = smollm2.smollm2_tiny()
+    layer = model.layers[0]
+    for m in model.modules():
+        if isinstance(m, RMSNorm):
+            nn.init.normal_(m.weight)
+    x = torch.randn(2, 8, layer.sa_norm.dim, requires_grad=True)
+    pos = torch.arange(8).expand(2, 8)
+    outs = []
+    hooks = [n.register_forward_hook(lambda m, a, o: outs.append(weakref.ref(o))) for n in (layer.sa_norm, layer.mlp_norm)]
+    y = layer(x, input_pos=pos)
+    for h in hooks:
+        h.remove()
+    gc.collect()
+    assert [o() is None for o in outs] == [True, True]
+    # gradients equal those of the eager reference (no recompute): same layer under an outer hook
+    g = torch.randn_like(y)
+    params = list(layer.parameters())
+    got = _grads(y, [x, *params], g)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+        ref = layer(x, input_pos=pos)
+    torch.testing.assert_close(y, ref, atol=0, rtol=0)
+    for a, b in zip(got, _grads(ref, [x, *params], g)):
+        _close(a, b, atol=1e-6, rtol=1e-6)

@@ -20,6 +20,8 @@ modules fall back to their eager code for them.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -233,3 +235,110 @@ def lora_linear(
         ``[..., out]``. Saves ``x``, ``x_dropped`` and the ``[N, rank]`` product for backward.
     """
     return _LoRALinearFn.apply(x, x_dropped, weight, bias, lora_a, lora_b, float(scale))
+
+
+# ============================================================================ recompute-on-unpack
+
+
+class _Recomputed:
+    """Lazily recomputes one activation in backward; shared by every saved view of it."""
+
+    __slots__ = ("fn", "value")
+
+    def __init__(self, fn) -> None:
+        self.fn = fn
+        self.value = None
+
+    def get(self) -> torch.Tensor:
+        if self.value is None:
+            with torch.no_grad():
+                self.value = self.fn().contiguous()
+        return self.value
+
+
+def _outer_saved_tensor_hooks_active() -> bool:
+    try:
+        return torch._C._autograd._top_saved_tensors_default_hooks(False) is not None
+    except Exception:  # noqa: BLE001 - unknown torch internals: assume hooks are active (play safe)
+        return True
+
+
+class recompute_when_saved:
+    """Context manager: ops run inside it save ``target`` (or views of it) as a recipe, not a tensor.
+
+    Whatever an op saves for backward that lives in ``target``'s storage is replaced by a marker;
+    backward calls ``recompute()`` once (under ``no_grad``) and hands out the same views of the
+    result. Use it when ``target`` is cheap to recompute from tensors that are saved anyway (e.g.
+    ``silu(gate) * up`` from the ``gate``/``up`` that :func:`swiglu` keeps), so the consumer's copy
+    of the activation is not kept alive. It does nothing (plain saving) when ``target`` is not a
+    contiguous plain tensor, when grad is off, or when other saved-tensor hooks are active
+    (activation checkpointing, CPU offload): those own the saving then.
+
+    Args:
+        target: the activation whose saves should be replaced.
+        recompute: zero-argument callable returning a tensor equal to ``target`` (same shape/dtype).
+    """
+
+    def __init__(self, target: torch.Tensor, recompute) -> None:
+        self.active = (
+            torch.is_grad_enabled()
+            and plain_tensors(target)
+            and target.is_contiguous()
+            and target.storage_offset() == 0
+            and not _outer_saved_tensor_hooks_active()
+        )
+        self.target = target
+        self.recompute = recompute
+        self._hooks = None
+
+    def __enter__(self):
+        if not self.active:
+            return self
+        target, holder = self.target, _Recomputed(self.recompute)
+        ptr, dtype, device = target.untyped_storage().data_ptr(), target.dtype, target.device
+        nbytes = target.untyped_storage().nbytes()
+
+        def pack(t: torch.Tensor):
+            if (
+                type(t) in _PLAIN_TYPES
+                and t.dtype == dtype
+                and t.device == device
+                and t.untyped_storage().data_ptr() == ptr
+                and t.untyped_storage().nbytes() == nbytes
+            ):
+                return (holder, t.shape, t.stride(), t.storage_offset())
+            return t
+
+        def unpack(p):
+            if isinstance(p, tuple):
+                h, shape, stride, offset = p
+                return h.get().as_strided(shape, stride, offset)
+            return p
+
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(pack, unpack)
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._hooks is not None:
+            self._hooks.__exit__(*exc)
+            self._hooks = None
+        self.target = None
+
+
+_RECIPE_ATTR = "_tinytune_recompute"
+
+
+def attach_recompute(out: torch.Tensor, recompute) -> torch.Tensor:
+    """Tags ``out`` with a zero-argument callable that recomputes it (see :func:`saved_as_recompute`)."""
+    setattr(out, _RECIPE_ATTR, recompute)
+    return out
+
+
+def saved_as_recompute(x: torch.Tensor):
+    """Context for the consumers of ``x``: if ``x`` carries a recipe (:func:`attach_recompute`),
+    their saves of ``x`` become that recipe (:class:`recompute_when_saved`); otherwise a no-op."""
+    recipe = getattr(x, _RECIPE_ATTR, None)
+    if recipe is None:
+        return contextlib.nullcontext()
+    return recompute_when_saved(x, recipe)

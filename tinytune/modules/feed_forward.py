@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tinytune.kernels.fused_ops import plain_tensors, swiglu
+from tinytune.kernels.fused_ops import plain_tensors, recompute_when_saved, saved_as_recompute, swiglu
 
 
 class FeedForward(nn.Module):
@@ -33,9 +33,11 @@ class FeedForward(nn.Module):
         Returns:
             ``[b, s, dim]``.
         """
-        gate, up = self.gate_proj(x), self.up_proj(x)  # [b, s, hidden] each
-        if plain_tensors(gate, up):
-            h = swiglu(gate, up)  # saves gate and up only
-        else:  # DTensor (tensor parallel)
-            h = F.silu(gate) * up  # [b, s, hidden]
-        return self.down_proj(h)  # [b, s, dim]
+        with saved_as_recompute(x):  # a normalised x is recomputed in backward, not kept
+            gate, up = self.gate_proj(x), self.up_proj(x)  # [b, s, hidden] each
+        if not plain_tensors(gate, up):  # DTensor (tensor parallel): eager ops
+            return self.down_proj(F.silu(gate) * up)  # [b, s, dim]
+        h = swiglu(gate, up)  # [b, s, hidden]; saves gate and up only
+        # down_proj would keep h for its weight gradient: keep a recipe instead (gate/up are saved anyway)
+        with recompute_when_saved(h, lambda: swiglu(gate, up)):
+            return self.down_proj(h)  # [b, s, dim]

@@ -3,6 +3,7 @@
 import torch
 from torch import nn
 
+from tinytune.kernels.fused_ops import saved_as_recompute
 from tinytune.modules.attention import attention
 from tinytune.modules.kv_cache import KVCache
 from tinytune.modules.position_embeddings import RotaryPositionalEmbeddings
@@ -87,9 +88,10 @@ class MultiHeadAttention(nn.Module):
             ``[b, s, dim]``.
         """
         b, s, _ = x.shape
-        q = self.q_proj(x).view(b, s, self.n_heads, self.head_dim)  # [b, s, h, d]
-        k = self.k_proj(x).view(b, s, self.n_kv_heads, self.head_dim)  # [b, s, h_kv, d]
-        v = self.v_proj(x).view(b, s, self.n_kv_heads, self.head_dim)  # [b, s, h_kv, d]
+        with saved_as_recompute(x):  # a normalised x is recomputed in backward, not kept
+            q = self.q_proj(x).view(b, s, self.n_heads, self.head_dim)  # [b, s, h, d]
+            k = self.k_proj(x).view(b, s, self.n_kv_heads, self.head_dim)  # [b, s, h_kv, d]
+            v = self.v_proj(x).view(b, s, self.n_kv_heads, self.head_dim)  # [b, s, h_kv, d]
         if self.q_norm is not None:
             q = self.q_norm(q)  # [b, s, h, d]
         if self.k_norm is not None:

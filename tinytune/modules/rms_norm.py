@@ -3,7 +3,7 @@
 import torch
 from torch import nn
 
-from tinytune.kernels.fused_ops import plain_tensors, rms_norm
+from tinytune.kernels.fused_ops import attach_recompute, plain_tensors, rms_norm
 
 
 class RMSNorm(nn.Module):
@@ -37,7 +37,9 @@ class RMSNorm(nn.Module):
             Tensor of the same shape and dtype as ``x`` (promoted with the weight dtype).
         """
         if plain_tensors(x, self.weight):
-            return rms_norm(x, self.weight, self.eps)  # saves x and rstd only
+            out = rms_norm(x, self.weight, self.eps)  # saves x and rstd only
+            # consumers (attention / MLP projections) may recompute ``out`` from x instead of saving it
+            return attach_recompute(out, lambda: rms_norm(x, self.weight, self.eps))
         in_dtype = x.dtype  # eager path (DTensor and other tensor subclasses)
         xf = x.float()  # [..., dim]
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)  # [..., dim]
