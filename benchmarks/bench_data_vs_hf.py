@@ -43,7 +43,7 @@ IGNORE = -100
 
 def _llama3_strings(row: dict) -> tuple[str, str]:
     """Prompt and response text of one Alpaca row in the Llama 3 chat format."""
-    user = row["instruction"] + ("\n\n" + row["input"] if row.get("input") else "")
+    user = row["instruction"] + ("\n" + row["input"] if row.get("input") else "")  # as tinytune's alpaca style
     prompt = (f"<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n{user}<|eot_id|>"
               "<|start_header_id|>assistant<|end_header_id|>\n\n")
     return prompt, row["output"] + "<|eot_id|>"
@@ -56,8 +56,8 @@ def load_hf(tok_path: str):
     return Tokenizer.from_file(tok_path)
 
 
-def run_hf(tok, data: str, batch: bool) -> tuple[int, int]:
-    """HF ``tokenizers`` + plain Python: returns (samples, tokens)."""
+def run_hf(tok, data: str, batch: bool, keep: list | None = None) -> tuple[int, int]:
+    """HF ``tokenizers`` + plain Python: returns (samples, tokens); ``keep`` receives the samples."""
     with open(data, encoding="utf-8") as f:
         pairs = [_llama3_strings(json.loads(line)) for line in f if line.strip()]
     if batch:
@@ -71,6 +71,8 @@ def run_hf(tok, data: str, batch: bool) -> tuple[int, int]:
         tokens = p + r
         labels = [IGNORE] * (len(p) - 1) + r + [IGNORE]  # pre-shifted: position i predicts token i + 1
         samples.append((tokens, labels[:len(tokens)]))
+    if keep is not None:
+        keep.extend(samples)
     return len(samples), sum(len(t) for t, _ in samples)
 
 
@@ -81,12 +83,25 @@ def load_tinytune(tok_path: str):
     return load_tokenizer(tok_path)
 
 
-def run_tinytune(tok, data: str, cache: str) -> tuple[int, int]:
-    """tinytune's dataset builder with a fresh cache: returns (samples, tokens)."""
+def run_tinytune(tok, data: str, cache: str, keep: list | None = None) -> tuple[int, int]:
+    """tinytune's dataset builder with a fresh cache: returns (samples, tokens); ``keep`` gets the dataset."""
     from tinytune.datasets import sft_dataset
 
     ds = sft_dataset(tok, data, template="llama3", max_seq_len=2048, cache_dir=cache, num_workers=1)
+    if keep is not None:
+        keep.append(ds)
     return len(ds), int(ds.meta["tokens"])
+
+
+def same_ids(ds, samples: list) -> bool:
+    """True when the token cache holds exactly the HF loop's tokens and labels (in order)."""
+    import numpy as np
+
+    if len(ds) != len(samples):
+        return False
+    tokens = np.fromiter((x for t, _ in samples for x in t), dtype=np.int64)
+    labels = np.fromiter((x for _, lab in samples for x in lab), dtype=np.int64)
+    return bool(np.array_equal(ds.cache.tokens, tokens) and np.array_equal(ds.cache.labels, labels))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -114,8 +129,10 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         hf_tok = load_hf(path)
         load["hf loop"] = load["hf batch"] = time.perf_counter() - t0
-        cases = [("tinytune", lambda: run_tinytune(tt_tok, data, os.path.join(work, "cache"))),
-                 ("hf loop", lambda: run_hf(hf_tok, data, batch=False)),
+        kept_ds: list = []
+        kept_hf: list = []
+        cases = [("tinytune", lambda: run_tinytune(tt_tok, data, os.path.join(work, "cache"), kept_ds)),
+                 ("hf loop", lambda: run_hf(hf_tok, data, batch=False, keep=kept_hf)),
                  ("hf batch", lambda: run_hf(hf_tok, data, batch=True))]
         results = {}
         for name, fn in cases:
@@ -130,6 +147,10 @@ def main(argv: list[str] | None = None) -> int:
                 for name, (s, t, w, c) in results.items()]
         print_table(["pipeline", "samples", "tokens", "tokenizer load s", "wall s", "CPU s", "samples/CPU-s",
                      "CPU theirs/ours"], rows)
+        same = same_ids(kept_ds[0], kept_hf)
+        print(f"# tinytune tokens and labels identical to the HF loop's: {same}")
+        if not same:
+            return 1
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0

@@ -170,8 +170,7 @@ def _work(chunk: list[tuple[str, int, Any]]):
             outcomes.append(None)
         except DatasetError as e:
             outcomes.append(("error", e.message, e.file, e.row, e.hint))
-    results = encoder.encode_samples(samples)
-    tokens, labels, lengths = [], [], []
+    tokens, labels, lengths, results = encoder.encode_samples_flat(samples)
     for k, res in zip(keep, results):
         file, row_no, _ = chunk[k]
         if isinstance(res, str):
@@ -179,13 +178,8 @@ def _work(chunk: list[tuple[str, int, Any]]):
                                                                     "Fix the row, pick another template, "
                                                                     "or set skip_bad_samples: true")
             continue
-        outcomes[k] = ("ok", len(res))
-        for seq in res:
-            tokens.extend(seq.tokens)
-            labels.extend(seq.labels)
-            lengths.append(len(seq.tokens))
-    return (np.asarray(tokens, dtype=np.int32), np.asarray(labels, dtype=np.int32),
-            np.asarray(lengths, dtype=np.int64), outcomes)
+        outcomes[k] = ("ok", res)
+    return tokens, labels, lengths, outcomes
 
 
 def _chunks(rows: Iterable, size: int) -> Iterator[list]:

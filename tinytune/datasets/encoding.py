@@ -12,6 +12,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+import numpy as np
+
 from tinytune.datasets.errors import DatasetError
 from tinytune.datasets.styles import ChatSample, PreferenceSample, TextSample
 from tinytune.datasets.templates import Segment, TemplateError
@@ -23,10 +25,32 @@ TRUNCATION_POLICIES = ("prompt_first", "right", "drop")
 def labels_from_mask(tokens: list[int], mask: list[bool]) -> list[int]:
     """Pre-shifted labels: the target of position ``i`` is token ``i + 1`` when that token is trained."""
     n = len(tokens)
-    labels = [IGNORE_INDEX] * n
-    for i in range(n - 1):
-        if mask[i + 1]:
-            labels[i] = tokens[i + 1]
+    if n < 2:
+        return [IGNORE_INDEX] * n
+    t = np.asarray(tokens, dtype=np.int64)
+    m = np.asarray(mask, dtype=bool)
+    labels = np.full(n, IGNORE_INDEX, dtype=np.int64)
+    labels[:-1] = np.where(m[1:], t[1:], IGNORE_INDEX)
+    return labels.tolist()
+
+
+def flat_labels(tokens: np.ndarray, mask: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """:func:`labels_from_mask` for many sequences stored back to back.
+
+    Args:
+        tokens: int [n] all sequences concatenated.
+        mask: bool [n] trainable flag per token.
+        lengths: int [k] sequence lengths (sum = n).
+
+    Returns:
+        int32 [n] pre-shifted labels; the last position of every sequence is ``IGNORE_INDEX``.
+    """
+    n = len(tokens)
+    labels = np.full(n, IGNORE_INDEX, dtype=np.int32)
+    if n > 1:
+        labels[:-1] = np.where(mask[1:], tokens[1:], IGNORE_INDEX)
+    ends = np.cumsum(lengths) - 1
+    labels[ends[lengths > 0]] = IGNORE_INDEX
     return labels
 
 
@@ -116,13 +140,34 @@ class SampleEncoder:
         return _Plan(pieces, 0)
 
     # -- encoding -------------------------------------------------------------------------------
+    _MEMO_LEN = 64  # texts up to this many characters are remembered (template scaffolding repeats)
+    _MEMO_SIZE = 1 << 16
+
     def _encode_texts(self, texts: list[str]) -> list[list[int]]:
+        """Encodes texts (no BOS/EOS): short repeated ones come from a memo, each distinct text
+        of the batch is encoded once, all in one ``encode_batch`` call. The returned lists may be
+        shared between equal texts; callers must not modify them."""
         if not texts:
             return []
-        tok = self.tokenizer
-        if hasattr(tok, "encode_batch"):
-            return tok.encode_batch(texts, add_bos=False, add_eos=False)
-        return [tok.encode(t, add_bos=False, add_eos=False) for t in texts]
+        memo = self.__dict__.setdefault("_memo", {})
+        if len(memo) > self._MEMO_SIZE:
+            memo.clear()
+        todo: dict[str, int] = {}
+        for t in texts:
+            if t not in memo and t not in todo:
+                todo[t] = len(todo)
+        if todo:
+            tok = self.tokenizer
+            new = list(todo)
+            if hasattr(tok, "encode_batch"):
+                ids = tok.encode_batch(new, add_bos=False, add_eos=False)
+            else:
+                ids = [tok.encode(t, add_bos=False, add_eos=False) for t in new]
+            limit = self._MEMO_LEN
+            fresh = dict(zip(new, ids))
+            memo.update((t, v) for t, v in fresh.items() if len(t) <= limit)
+            return [memo[t] if t in memo else fresh[t] for t in texts]
+        return [memo[t] for t in texts]
 
     def _truncate(self, tokens: list[int], mask: list[bool], answer_start: int) -> tuple[list[int], list[bool]] | None:
         limit = self.max_seq_len
@@ -194,6 +239,11 @@ class SampleEncoder:
         close()
         return layout
 
+    def __getstate__(self):  # worker processes get no memo
+        state = dict(self.__dict__)
+        state.pop("_memo", None)
+        return state
+
     def encode_plans(self, plans: list[_Plan | None]) -> list[tuple[list[int], list[bool], int] | None]:
         """Tokenizes planned pieces (every text of every plan in one ``encode_batch`` call).
 
@@ -224,10 +274,13 @@ class SampleEncoder:
                 borders = [0]
                 for pi in prefix_is:
                     pre = encoded[pi]
-                    n = 0
-                    limit = min(len(pre), len(full))
-                    while n < limit and pre[n] == full[n]:
-                        n += 1
+                    if len(pre) <= len(full) and full[:len(pre)] == pre:
+                        n = len(pre)  # the usual case: the prefix's tokens start the stretch
+                    else:
+                        n = 0
+                        limit = min(len(pre), len(full))
+                        while n < limit and pre[n] == full[n]:
+                            n += 1
                     borders.append(max(n, borders[-1]))  # a token that straddles the border goes right
                 borders.append(len(full))
                 for (flag, answer), a, b in zip(subs, borders, borders[1:]):
@@ -238,14 +291,8 @@ class SampleEncoder:
             out.append((tokens, mask, len(tokens) if answer_start is None else answer_start))
         return out
 
-    def encode_samples(self, samples: list) -> list[list[Encoded] | DatasetError | str]:
-        """Encodes a batch of samples.
-
-        Returns:
-            per sample: a list of sequences (one for chat, two [chosen, rejected] for preference,
-            one or more chunks for long text), ``"too_long"`` when truncation dropped it, or the
-            ``DatasetError``/``TemplateError`` message for a sample the template cannot render.
-        """
+    def _encode_raw(self, samples: list) -> list:
+        """Per sample: a list of ``(tokens, mask)`` sequences, ``"too_long"``, or an error message."""
         plans: list[_Plan | None] = []
         owners: list[int] = []
         results: list = [None] * len(samples)
@@ -274,12 +321,47 @@ class SampleEncoder:
                 for a in range(0, len(tokens), step):
                     t, m = tokens[a:a + step], mask[a:a + step]
                     if len(t) > 1:
-                        results[k].append(Encoded(t, labels_from_mask(t, m)))
+                        results[k].append((t, m))
                 continue
             cut = self._truncate(tokens, mask, answer_start)
             if cut is None:
                 results[k] = "too_long"
                 continue
-            t, m = cut
-            results[k].append(Encoded(t, labels_from_mask(t, m)))
+            results[k].append(cut)
         return results
+
+    def encode_samples(self, samples: list) -> list[list[Encoded] | DatasetError | str]:
+        """Encodes a batch of samples.
+
+        Returns:
+            per sample: a list of sequences (one for chat, two [chosen, rejected] for preference,
+            one or more chunks for long text), ``"too_long"`` when truncation dropped it, or the
+            ``DatasetError``/``TemplateError`` message for a sample the template cannot render.
+        """
+        return [res if isinstance(res, str) else [Encoded(t, labels_from_mask(t, m)) for t, m in res]
+                for res in self._encode_raw(samples)]
+
+    def encode_samples_flat(self, samples: list) -> tuple[np.ndarray, np.ndarray, np.ndarray, list]:
+        """Like :meth:`encode_samples`, but all sequences back to back in numpy arrays.
+
+        Returns:
+            ``(tokens int32 [n], labels int32 [n], lengths int64 [k], outcomes)`` where
+            ``outcomes[i]`` is the number of sequences of sample ``i``, ``"too_long"``, or an
+            error message.
+        """
+        tokens: list[int] = []
+        mask: list[bool] = []
+        lengths: list[int] = []
+        outcomes: list = []
+        for res in self._encode_raw(samples):
+            if isinstance(res, str):
+                outcomes.append(res)
+                continue
+            outcomes.append(len(res))
+            for t, m in res:
+                tokens.extend(t)
+                mask.extend(m)
+                lengths.append(len(t))
+        tok = np.asarray(tokens, dtype=np.int32)
+        lens = np.asarray(lengths, dtype=np.int64)
+        return tok, flat_labels(tok, np.asarray(mask, dtype=bool), lens), lens, outcomes

@@ -181,6 +181,11 @@ class Tokenizer(ABC):
     def _encode_text(self, text: str) -> list[int]:
         """Text -> ids with added tokens parsed, no BOS/EOS."""
 
+    def _encode_many(self, texts: Sequence[str]) -> list[list[int]]:
+        """Many texts -> ids (added tokens parsed, no BOS/EOS); back ends may override it with a
+        faster loop. Must equal ``[self._encode_text(t) for t in texts]``."""
+        return [self._encode_text(t) for t in texts]
+
     @abstractmethod
     def _decode_ids(self, ids: list[int]) -> str:
         """Ids (already validated) -> text; added tokens render as their content."""

@@ -107,6 +107,7 @@ class BPETokenizer(Tokenizer):
         needs_strip = any(t.lstrip or t.rstrip for t in self.added_tokens)
         # tiktoken matches specials leftmost-first in arbitrary order; HF matches leftmost-longest.
         self._native_specials = not (prefix_clash or needs_strip)
+        self._added_first_chars = tuple(sorted({c[0] for c in contents if c}))
         self._split_re = None
         if not self._native_specials and self.added_tokens:
             alts = []
@@ -134,6 +135,24 @@ class BPETokenizer(Tokenizer):
             table = self._rank_to_id
             return [table[r] for r in ranks]
         return ranks
+
+    def _encode_many(self, texts: Sequence[str]) -> list[list[int]]:
+        """Like ``[self._encode_text(t) for t in texts]``, faster: texts that hold no added-token
+        text, no byte missing from the vocabulary and need no normalization go straight to
+        tiktoken's ``encode_ordinary`` (no per-call special-token set), the rest take `_encode_text`."""
+        ordinary = getattr(getattr(self._enc, "_core_bpe", None), "encode_ordinary", None) or self._enc.encode_ordinary
+        firsts = self._added_first_chars
+        missing = self._missing_re
+        table = self._rank_to_id
+        out: list[list[int]] = []
+        for t in texts:
+            if (self._nfc and not t.isascii()) or (missing is not None and missing.search(t)) or (
+                    firsts and any(c in t for c in firsts)):
+                out.append(self._encode_text(t))
+                continue
+            ranks = ordinary(t)
+            out.append(ranks if table is None else [table[r] for r in ranks])
+        return out
 
     def _split(self, text: str):
         """Yields (chunk, is_added_token) with HF's leftmost-longest matching and lstrip/rstrip."""
