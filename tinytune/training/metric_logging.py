@@ -3,6 +3,11 @@
 Every logger has ``log_dict(metrics: dict[str, float], step: int)`` and ``close()``.
 :func:`build_metric_loggers` turns a config list such as ``[stdout, jsonl, tensorboard]`` into one
 :class:`MetricLoggerGroup`.
+
+The recipes' per-step bookkeeping lives here too, so every recipe logs the same keys in the same
+order: :func:`train_row` (one training row), :class:`LogWindow` (means over the steps since the last
+log line, plus run totals), :func:`log_train_row` (adds memory stats and ``grad_norm``),
+:func:`validation_row`, :func:`report_early_stop` and :func:`write_summary` (``summary.json``).
 """
 
 from __future__ import annotations
@@ -161,3 +166,98 @@ def build_metric_loggers(
         else:
             raise ValueError(f"metric_loggers: unknown logger {n!r}; choose from {list(LOGGERS)}")
     return MetricLoggerGroup(loggers)
+
+
+# ---- recipe bookkeeping -------------------------------------------------------------------------
+
+
+def train_row(loss: float, lr: float, label_tokens: int, seconds: float, epoch: int) -> dict[str, Any]:
+    """One training row in its fixed key order: ``loss, lr, tokens_per_s, label_tokens, epoch``.
+
+    Args:
+        loss: mean loss per label token (of one step, or the mean over a log window).
+        lr: learning rate used for the step.
+        label_tokens: label tokens the numbers cover.
+        seconds: wall-clock seconds the numbers cover (``tokens_per_s = label_tokens / seconds``).
+        epoch: current data epoch.
+    """
+    return {"loss": loss, "lr": lr, "tokens_per_s": label_tokens / max(seconds, 1e-9),
+            "label_tokens": label_tokens, "epoch": epoch}
+
+
+class LogWindow:
+    """Per-step numbers summed since the last log line, plus totals over the whole run.
+
+    The single-device SFT recipes log means over each log interval: ``loss`` is the mean of the
+    step losses, ``tokens_per_s`` the window's label tokens over its seconds. The run totals
+    (``total_tokens``, ``total_seconds``, ``last_loss``) are never reset and feed ``summary.json``.
+    """
+
+    def __init__(self) -> None:
+        self.last_loss = float("nan")
+        self.total_tokens = 0
+        self.total_seconds = 0.0
+        self._clear()
+
+    def _clear(self) -> None:
+        self.loss_sum, self.steps, self.tokens, self.seconds = 0.0, 0, 0, 0.0
+
+    def add(self, loss: float, label_tokens: int, seconds: float) -> None:
+        """Records one optimizer step (its mean loss, label tokens and duration)."""
+        self.total_seconds += seconds
+        self.total_tokens += label_tokens
+        self.last_loss = loss
+        self.loss_sum += loss
+        self.steps += 1
+        self.tokens += label_tokens
+        self.seconds += seconds
+
+    def flush(self, lr: float, epoch: int) -> dict[str, Any]:
+        """The :func:`train_row` of the means since the last flush; starts a new window."""
+        row = train_row(self.loss_sum / self.steps, lr, self.tokens, self.seconds, epoch)
+        self._clear()
+        return row
+
+    def totals(self) -> dict[str, Any]:
+        """``{"train_seconds": rounded to 0.01, "train_label_tokens": int}`` for ``summary.json``."""
+        return {"train_seconds": round(self.total_seconds, 2), "train_label_tokens": self.total_tokens}
+
+
+def log_train_row(loggers: Any, step: int, row: Mapping[str, Any], device: Any,
+                  grad_norm: float | None = None) -> None:
+    """Logs a training row followed by memory stats and ``grad_norm`` (when clipping); resets the peak.
+
+    Args:
+        loggers: a :class:`MetricLoggerGroup` (or anything with ``log_dict``).
+        step: optimizer step.
+        row: the step's numbers (e.g. :func:`train_row`); keys keep their order.
+        device: the training device (peak memory since the previous call is reported, then reset).
+        grad_norm: gradient norm before clipping, or None (then the key is left out).
+    """
+    from tinytune.training.memory import memory_stats, reset_peak_memory  # noqa: PLC0415 (torch)
+
+    metrics = {**row, **memory_stats(device)}
+    if grad_norm is not None:
+        metrics["grad_norm"] = grad_norm
+    loggers.log_dict(metrics, step)
+    reset_peak_memory(device)
+
+
+def validation_row(val: Mapping[str, Any]) -> dict[str, Any]:
+    """``{"val_loss", "val_perplexity"}`` from an ``evaluate_loss`` result."""
+    return {"val_loss": val["loss"], "val_perplexity": val["perplexity"]}
+
+
+def report_early_stop(step: int) -> None:
+    """Prints the ``stop_after_steps`` message (the run ends early; a later run resumes)."""
+    print(f"stopped after step {step} (stop_after_steps); resume with resume_from_checkpoint=auto")
+
+
+def write_summary(out_dir: str, summary: dict, t_start: float) -> dict:
+    """Adds ``total_seconds`` (since ``t_start``, a ``perf_counter`` value), writes
+    ``out_dir/summary.json``, prints ``done: {...}`` and returns ``summary``."""
+    summary["total_seconds"] = round(time.perf_counter() - t_start, 2)
+    with open(os.path.join(out_dir, "summary.json"), "w", encoding="utf-8") as f:
+        json.dump(summary, f, indent=2, default=str)
+    print(f"done: {json.dumps(summary, default=str)}")
+    return summary

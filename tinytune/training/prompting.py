@@ -1,7 +1,13 @@
-"""Chat prompts for generation: template rendering -> token ids, decoding, stop handling."""
+"""Chat prompts for generation: template rendering -> token ids, decoding, stop handling.
+
+:class:`SampleGenerations` is the training recipes' before/after comparison on
+``sample_generation.prompts``.
+"""
 
 from __future__ import annotations
 
+import json
+import os
 from typing import Any, Callable, Sequence
 
 import torch
@@ -99,3 +105,46 @@ def side_by_side(prompts: Sequence[str], before: Sequence[str], after: Sequence[
         lines.append(f"    after : {' '.join(a.split())}")
         lines.append("-" * width)
     return "\n".join(lines)
+
+
+class SampleGenerations:
+    """Answers ``sample_generation.prompts`` before and after training and compares them.
+
+    Config keys: ``sample_generation.prompts`` (none: everything here is a no-op),
+    ``sample_generation.max_new_tokens`` (48), ``sample_generation.system`` and ``template`` (``hf``).
+    Decoding is greedy.
+
+    Args:
+        cfg: recipe config.
+        tokenizer: tinytune tokenizer.
+    """
+
+    def __init__(self, cfg: Any, tokenizer) -> None:
+        from tinytune.training.setup import cfg_get  # noqa: PLC0415
+
+        gen_cfg = cfg_get(cfg, "sample_generation")
+        self.tokenizer = tokenizer
+        self.prompts = list(cfg_get(gen_cfg, "prompts", []) or [])
+        self.template = get_bound_template(cfg_get(cfg, "template", "hf"), tokenizer) if self.prompts else None
+        self.gen_kw = dict(max_new_tokens=int(cfg_get(gen_cfg, "max_new_tokens", 48)),
+                           system=cfg_get(gen_cfg, "system"))
+        self.before: list[str] = []
+
+    def _answer(self, model: nn.Module) -> list[str]:
+        return generate_replies(model, self.tokenizer, self.template, self.prompts, **self.gen_kw)
+
+    def generate_before(self, model: nn.Module) -> None:
+        """Answers the prompts with ``model`` as it is now (call before training)."""
+        if self.prompts:
+            self.before = self._answer(model)
+
+    def generate_after(self, model: nn.Module, out_dir: str) -> None:
+        """Answers again, prints both side by side and writes ``out_dir/generations.json``
+        (``[{"prompt", "before", "after"}, ...]``)."""
+        if not self.prompts:
+            return
+        after = self._answer(model)
+        print(side_by_side(self.prompts, self.before, after))
+        rows = [{"prompt": p, "before": b, "after": a} for p, b, a in zip(self.prompts, self.before, after)]
+        with open(os.path.join(out_dir, "generations.json"), "w", encoding="utf-8") as f:
+            json.dump(rows, f, indent=2)

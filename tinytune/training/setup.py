@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -32,6 +33,19 @@ def cfg_get(cfg: Any, key: str, default: Any = None) -> Any:
             return default
         node = node[part]
     return default if node is None else node
+
+
+def setup_device(cfg: DictConfig) -> tuple[torch.device, torch.dtype, int]:
+    """``(device, dtype, seed)`` from ``device`` (auto), ``dtype`` (fp32) and ``seed`` (0).
+
+    Seeds every RNG (:func:`tinytune.training.device.set_seed`) and returns the seed used.
+    """
+    from tinytune.training.device import get_device, get_dtype, set_seed  # noqa: PLC0415
+
+    device = get_device(cfg_get(cfg, "device", "auto"))
+    dtype = get_dtype(cfg_get(cfg, "dtype", "fp32"), device)
+    seed = set_seed(cfg_get(cfg, "seed", 0))
+    return device, dtype, seed
 
 
 def prepare_output_dir(cfg: DictConfig) -> str:
@@ -115,6 +129,19 @@ def load_model(cfg: DictConfig, checkpoint_dir: str, device: torch.device, dtype
     return model, info
 
 
+def load_model_and_tokenizer(cfg: DictConfig, device: torch.device, dtype: torch.dtype):
+    """Resolves the checkpoint directory, then loads the tokenizer and the model from it.
+
+    Returns:
+        ``(checkpoint_dir, tokenizer, model, ModelInfo)`` (see :func:`resolve_checkpoint_dir`,
+        :func:`load_tokenizer`, :func:`load_model`).
+    """
+    checkpoint_dir = resolve_checkpoint_dir(cfg)
+    tokenizer = load_tokenizer(cfg, checkpoint_dir)
+    model, info = load_model(cfg, checkpoint_dir, device, dtype)
+    return checkpoint_dir, tokenizer, model, info
+
+
 def lora_settings(cfg: DictConfig, model: nn.Module) -> dict[str, Any]:
     """``{"lora_rank", "lora_alpha", "lora_dropout"}`` for the adapter export (read from the model)."""
     from tinytune.modules.peft import lora_modules  # noqa: PLC0415
@@ -170,3 +197,78 @@ def train_val_datasets(cfg: DictConfig, tokenizer):
         return train, build_dataset(val_node, tokenizer, "validation.dataset")
     return split_dataset(train, val_ratio=cfg_get(cfg, "validation.split_ratio"),
                          val_size=cfg_get(cfg, "validation.split_size"), seed=int(cfg_get(cfg, "seed", 0)))
+
+
+@dataclass
+class TrainData:
+    """What a single-device training recipe reads: datasets, collate, the resumable batch stream.
+
+    Attributes:
+        train_ds, val_ds: training dataset and the optional validation dataset (None).
+        collate: the collate function (:func:`build_collate`).
+        stream: :class:`tinytune.training.data.BatchStream` over ``train_ds``.
+        batch_size: micro-batch size; accum: micro-batches per optimizer step.
+        total_steps: ``max_steps``, or ``epochs`` x optimizer steps per epoch.
+    """
+
+    train_ds: Any
+    val_ds: Any
+    collate: Any
+    stream: Any
+    batch_size: int
+    accum: int
+    total_steps: int
+
+
+def train_data(cfg: DictConfig, tokenizer, seed: int, default_batch_size: int = 4) -> TrainData:
+    """Datasets, collate and batch stream from ``dataset``, ``validation.*``, ``batch_size``,
+    ``gradient_accumulation_steps``, ``shuffle``, ``max_steps`` and ``epochs``.
+
+    Args:
+        cfg: recipe config.
+        tokenizer: passed to the dataset builders.
+        seed: shuffling seed of the batch stream.
+        default_batch_size: ``batch_size`` when the config has none.
+    """
+    from tinytune.training.data import BatchStream  # noqa: PLC0415
+
+    train_ds, val_ds = train_val_datasets(cfg, tokenizer)
+    collate = build_collate(cfg, tokenizer, train_ds)
+    batch_size = int(cfg_get(cfg, "batch_size", default_batch_size))
+    accum = int(cfg_get(cfg, "gradient_accumulation_steps", 1))
+    stream = BatchStream(train_ds, batch_size, collate, shuffle=bool(cfg_get(cfg, "shuffle", True)), seed=seed)
+    steps_per_epoch = max(1, stream.batches_per_epoch // accum)
+    total_steps = int(cfg_get(cfg, "max_steps", 0)) or int(cfg_get(cfg, "epochs", 1)) * steps_per_epoch
+    return TrainData(train_ds, val_ds, collate, stream, batch_size, accum, total_steps)
+
+
+@dataclass(frozen=True)
+class LoopSettings:
+    """The training-loop cadence keys of a recipe config (the loop itself stays in the recipe).
+
+    Attributes:
+        log_every: ``log_every_n_steps`` (1).
+        val_every: ``validation.every_n_steps`` (0: only at the end).
+        val_max_batches: ``validation.max_batches`` (None: all).
+        ckpt_every: ``checkpoint_every_n_steps`` (0: never during training).
+        stop_after: ``stop_after_steps`` (0: off): end the run early after a checkpoint, to resume
+            later (time-sliced jobs, resume tests).
+        clip: ``clip_grad_norm`` (None: no clipping).
+    """
+
+    log_every: int
+    val_every: int
+    val_max_batches: int | None
+    ckpt_every: int
+    stop_after: int
+    clip: float | None
+
+    @classmethod
+    def from_config(cls, cfg: DictConfig) -> "LoopSettings":
+        """Reads the keys above with their defaults."""
+        return cls(log_every=int(cfg_get(cfg, "log_every_n_steps", 1)),
+                   val_every=int(cfg_get(cfg, "validation.every_n_steps", 0)),
+                   val_max_batches=cfg_get(cfg, "validation.max_batches"),
+                   ckpt_every=int(cfg_get(cfg, "checkpoint_every_n_steps", 0)),
+                   stop_after=int(cfg_get(cfg, "stop_after_steps", 0)),
+                   clip=cfg_get(cfg, "clip_grad_norm"))

@@ -1,4 +1,5 @@
-"""One optimizer step of SFT with gradient accumulation, clipping and scheduler advance."""
+"""One optimizer step of SFT with gradient accumulation, clipping and scheduler advance;
+the optimizer and LR schedule from the config."""
 
 from __future__ import annotations
 
@@ -53,3 +54,21 @@ def optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, lr_schedu
 def current_lr(optimizer: torch.optim.Optimizer) -> float:
     """LR of the first parameter group."""
     return float(optimizer.param_groups[0]["lr"])
+
+
+def build_optimizer_and_scheduler(cfg, params, total_steps: int):
+    """``(optimizer, lr_scheduler)`` from ``optimizer.*`` and ``lr_scheduler.*`` (default: constant).
+
+    Args:
+        cfg: recipe config.
+        params: the parameters to train.
+        total_steps: optimizer steps of the whole run (for warmup ratios and decay).
+    """
+    from tinytune.training.lr_schedulers import get_lr_scheduler  # noqa: PLC0415
+    from tinytune.training.optim import build_optimizer  # noqa: PLC0415
+    from tinytune.training.setup import cfg_get  # noqa: PLC0415
+
+    optimizer = build_optimizer(params, **dict(cfg_get(cfg, "optimizer", {})))
+    sched_cfg = dict(cfg_get(cfg, "lr_scheduler", {"name": "constant"}))
+    lr_scheduler = get_lr_scheduler(optimizer, num_training_steps=total_steps, **sched_cfg)
+    return optimizer, lr_scheduler
