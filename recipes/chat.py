@@ -14,9 +14,8 @@ from omegaconf import DictConfig
 
 import tinytune.config
 from tinytune.generation import generate
-from tinytune.training.device import get_device, get_dtype, set_seed
 from tinytune.training.prompting import encode_chat_prompt, get_bound_template, stop_token_ids
-from tinytune.training.setup import cfg_get, load_model, load_tokenizer, resolve_checkpoint_dir
+from tinytune.training.setup import cfg_get, load_model_and_tokenizer, setup_device
 
 
 class StreamPrinter:
@@ -40,12 +39,8 @@ class StreamPrinter:
 
 def recipe_main(cfg: DictConfig) -> list[dict]:
     """Runs the chat loop; returns the conversation (list of messages)."""
-    device = get_device(cfg_get(cfg, "device", "auto"))
-    dtype = get_dtype(cfg_get(cfg, "dtype", "fp32"), device)
-    seed = set_seed(cfg_get(cfg, "seed", 0))
-    checkpoint_dir = resolve_checkpoint_dir(cfg)
-    tokenizer = load_tokenizer(cfg, checkpoint_dir)
-    model, info = load_model(cfg, checkpoint_dir, device, dtype)
+    device, dtype, seed = setup_device(cfg)
+    _, tokenizer, model, info = load_model_and_tokenizer(cfg, device, dtype)
     model.eval()
     template = get_bound_template(cfg_get(cfg, "template", "hf"), tokenizer)
     stops = stop_token_ids(tokenizer, template)

@@ -17,26 +17,14 @@ from omegaconf import DictConfig
 
 import tinytune.config
 from tinytune.training.data import validation_batches
-from tinytune.training.device import get_device, get_dtype, set_seed
 from tinytune.training.evaluation import evaluate_loss
-from tinytune.training.setup import (
-    build_collate,
-    cfg_get,
-    load_model,
-    load_tokenizer,
-    resolve_checkpoint_dir,
-    train_val_datasets,
-)
+from tinytune.training.setup import build_collate, cfg_get, load_model_and_tokenizer, setup_device, train_val_datasets
 
 
 def recipe_main(cfg: DictConfig) -> dict:
     """Evaluates; prints and returns ``{"loss", "perplexity", "tokens", "samples"}``."""
-    device = get_device(cfg_get(cfg, "device", "auto"))
-    dtype = get_dtype(cfg_get(cfg, "dtype", "fp32"), device)
-    set_seed(cfg_get(cfg, "seed", 0))
-    checkpoint_dir = resolve_checkpoint_dir(cfg)
-    tokenizer = load_tokenizer(cfg, checkpoint_dir)
-    model, _ = load_model(cfg, checkpoint_dir, device, dtype)
+    device, dtype, _ = setup_device(cfg)
+    checkpoint_dir, tokenizer, model, _ = load_model_and_tokenizer(cfg, device, dtype)
     train_ds, val_ds = train_val_datasets(cfg, tokenizer)
     data = val_ds if val_ds is not None else train_ds  # no split configured: the whole dataset
     loader = validation_batches(data, int(cfg_get(cfg, "batch_size", 8)), build_collate(cfg, tokenizer, data))

@@ -11,51 +11,49 @@ before and after training and prints both side by side.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 
-import torch
 from omegaconf import DictConfig
 
 import tinytune.config
-from tinytune.checkpoint import TrainingCheckpointer, save_hf_checkpoint, set_rng_state
+from tinytune.checkpoint import save_hf_checkpoint
 from tinytune.training.activation_checkpointing import apply_activation_checkpointing
-from tinytune.training.data import BatchStream, validation_batches
-from tinytune.training.device import get_device, get_dtype, set_seed
+from tinytune.training.data import validation_batches
 from tinytune.training.evaluation import evaluate_loss
-from tinytune.training.lr_schedulers import get_lr_scheduler
-from tinytune.training.memory import memory_stats, reset_peak_memory
-from tinytune.training.metric_logging import build_metric_loggers
-from tinytune.training.optim import build_optimizer
+from tinytune.training.memory import reset_peak_memory
+from tinytune.training.metric_logging import (
+    LogWindow,
+    build_metric_loggers,
+    log_train_row,
+    report_early_stop,
+    validation_row,
+    write_summary,
+)
 from tinytune.training.plotting import plot_loss
 from tinytune.training.progress import TrainProgress
-from tinytune.training.prompting import generate_replies, get_bound_template, side_by_side
+from tinytune.training.prompting import SampleGenerations
 from tinytune.training.setup import (
-    build_collate,
+    LoopSettings,
     cfg_get,
-    load_model,
-    load_tokenizer,
+    load_model_and_tokenizer,
     prepare_output_dir,
-    resolve_checkpoint_dir,
-    train_val_datasets,
+    setup_device,
+    train_data,
 )
-from tinytune.training.steps import current_lr, optimizer_step, sft_accumulate
+from tinytune.training.steps import build_optimizer_and_scheduler, current_lr, optimizer_step, sft_accumulate
+from tinytune.training.training_state import open_checkpointer, resume_training_state, save_training_state
 
 
 def recipe_main(cfg: DictConfig) -> dict:
     """Full fine-tuning; returns a summary dict (final losses, paths, timings)."""
     t_start = time.perf_counter()
     # ---- 1. device, precision, seed, output directory -------------------------------------
-    device = get_device(cfg_get(cfg, "device", "auto"))
-    dtype = get_dtype(cfg_get(cfg, "dtype", "fp32"), device)
-    seed = set_seed(cfg_get(cfg, "seed", 0))
+    device, dtype, seed = setup_device(cfg)
     out_dir = prepare_output_dir(cfg)
 
     # ---- 2. model and tokenizer ---------------------------------------------------------------
-    checkpoint_dir = resolve_checkpoint_dir(cfg)
-    tokenizer = load_tokenizer(cfg, checkpoint_dir)
-    model, info = load_model(cfg, checkpoint_dir, device, dtype)
+    checkpoint_dir, tokenizer, model, info = load_model_and_tokenizer(cfg, device, dtype)
     model.requires_grad_(True)
     n_total = sum(p.numel() for p in model.parameters())
     print(f"model: {info.model_type} from {checkpoint_dir}; training all {n_total:,} parameters")
@@ -63,121 +61,69 @@ def recipe_main(cfg: DictConfig) -> dict:
         apply_activation_checkpointing(model)
 
     # ---- 3. data ---------------------------------------------------------------------------
-    train_ds, val_ds = train_val_datasets(cfg, tokenizer)
-    collate = build_collate(cfg, tokenizer, train_ds)
-    batch_size = int(cfg_get(cfg, "batch_size", 4))
-    accum = int(cfg_get(cfg, "gradient_accumulation_steps", 1))
-    stream = BatchStream(train_ds, batch_size, collate, shuffle=bool(cfg_get(cfg, "shuffle", True)), seed=seed)
-    steps_per_epoch = max(1, stream.batches_per_epoch // accum)
-    total_steps = int(cfg_get(cfg, "max_steps", 0)) or int(cfg_get(cfg, "epochs", 1)) * steps_per_epoch
-    val_loader = validation_batches(val_ds, int(cfg_get(cfg, "validation.batch_size", batch_size)), collate) if val_ds else None
-    print(f"data: {len(train_ds)} train / {len(val_ds) if val_ds else 0} validation samples; "
-          f"{total_steps} steps of {accum} x {batch_size} samples")
+    data = train_data(cfg, tokenizer, seed)
+    stream, accum, total_steps = data.stream, data.accum, data.total_steps
+    val_batch_size = int(cfg_get(cfg, "validation.batch_size", data.batch_size))
+    val_loader = validation_batches(data.val_ds, val_batch_size, data.collate) if data.val_ds else None
+    print(f"data: {len(data.train_ds)} train / {len(data.val_ds) if data.val_ds else 0} validation samples; "
+          f"{total_steps} steps of {accum} x {data.batch_size} samples")
 
     # ---- 4. optimizer, LR schedule, checkpointer (resume) ----------------------------------
-    optimizer = build_optimizer(model.parameters(), **dict(cfg_get(cfg, "optimizer", {})))
-    sched_cfg = dict(cfg_get(cfg, "lr_scheduler", {"name": "constant"}))
-    lr_scheduler = get_lr_scheduler(optimizer, num_training_steps=total_steps, **sched_cfg)
-    ckpt = TrainingCheckpointer(os.path.join(out_dir, "checkpoints"), keep_last=cfg_get(cfg, "keep_last_checkpoints", 2))
-    step = 0
-    resume_path = ckpt.resolve(cfg_get(cfg, "resume_from_checkpoint"))
-    if resume_path:
-        state = ckpt.load(resume_path)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        lr_scheduler.load_state_dict(state["lr_scheduler"])
-        stream.load_state_dict(state["data"])
-        set_rng_state(state["rng"])
-        step = int(state["step"])
-        print(f"resumed from {resume_path} at step {step}")
-
-    def save_training_state() -> None:
-        ckpt.save(step, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                         "lr_scheduler": lr_scheduler.state_dict(), "data": stream.state_dict(), "step": step})
+    optimizer, lr_scheduler = build_optimizer_and_scheduler(cfg, model.parameters(), total_steps)
+    ckpt = open_checkpointer(cfg, out_dir)
+    step = resume_training_state(ckpt, cfg_get(cfg, "resume_from_checkpoint"), model=model, weights_key="model",
+                                 optimizer=optimizer, lr_scheduler=lr_scheduler, stream=stream)
 
     # ---- 5. generation before training (optional) ------------------------------------------
-    gen_cfg = cfg_get(cfg, "sample_generation")
-    prompts = list(cfg_get(gen_cfg, "prompts", []) or [])
-    template = get_bound_template(cfg_get(cfg, "template", "hf"), tokenizer) if prompts else None
-    gen_kw = dict(max_new_tokens=int(cfg_get(gen_cfg, "max_new_tokens", 48)), system=cfg_get(gen_cfg, "system"))
-    before = []
-    if prompts:
-        if step:
-            print("note: resumed run; 'before' answers come from the resumed weights, not the base model")
-        before = generate_replies(model, tokenizer, template, prompts, **gen_kw)
+    samples = SampleGenerations(cfg, tokenizer)
+    if samples.prompts and step:
+        print("note: resumed run; 'before' answers come from the resumed weights, not the base model")
+    samples.generate_before(model)
 
     # ---- 6. training loop -------------------------------------------------------------------
     loggers = build_metric_loggers(cfg_get(cfg, "metric_loggers"), out_dir)
-    log_every = int(cfg_get(cfg, "log_every_n_steps", 1))
-    val_every = int(cfg_get(cfg, "validation.every_n_steps", 0))
-    val_max_batches = cfg_get(cfg, "validation.max_batches")
-    ckpt_every = int(cfg_get(cfg, "checkpoint_every_n_steps", 0))
-    stop_after = int(cfg_get(cfg, "stop_after_steps", 0))  # simulate an interruption (resume tests)
-    clip = cfg_get(cfg, "clip_grad_norm")
+    loop = LoopSettings.from_config(cfg)  # log / validate / checkpoint cadence, stop_after, clip
     model.train()
     progress = TrainProgress(total_steps, initial_step=step, desc="full_finetune")
-    train_seconds, train_tokens, loss_value = 0.0, 0, float("nan")
-    window = {"loss": 0.0, "steps": 0, "tokens": 0, "seconds": 0.0}  # since the last log line
+    window = LogWindow()  # means since the last log line, and run totals
     reset_peak_memory(device)
     while step < total_steps:
         micro_batches = [next(stream) for _ in range(accum)]
         lr = current_lr(optimizer)
         loss, n_tokens = sft_accumulate(model, micro_batches, device)
-        grad_norm = optimizer_step(model, optimizer, lr_scheduler, clip)
+        grad_norm = optimizer_step(model, optimizer, lr_scheduler, loop.clip)
         step += 1
         dt = progress.tick()
-        train_seconds += dt
-        train_tokens += n_tokens
-        loss_value = float(loss)
-        progress.update(loss_value, lr, n_tokens / max(dt, 1e-9))
-        window["loss"] += loss_value
-        window["steps"] += 1
-        window["tokens"] += n_tokens
-        window["seconds"] += dt
-        if step % log_every == 0 or step == total_steps:  # means over the steps since the last log
-            metrics = {"loss": window["loss"] / window["steps"], "lr": lr,
-                       "tokens_per_s": window["tokens"] / max(window["seconds"], 1e-9),
-                       "label_tokens": window["tokens"], "epoch": stream.epoch, **memory_stats(device)}
-            if grad_norm is not None:
-                metrics["grad_norm"] = grad_norm
-            loggers.log_dict(metrics, step)
-            window = {"loss": 0.0, "steps": 0, "tokens": 0, "seconds": 0.0}
-            reset_peak_memory(device)
-        if val_loader is not None and val_every and step % val_every == 0 and step != total_steps:
-            val = evaluate_loss(model, val_loader, device, val_max_batches)
-            loggers.log_dict({"val_loss": val["loss"], "val_perplexity": val["perplexity"]}, step)
-        if (ckpt_every and step % ckpt_every == 0) or (stop_after and step == stop_after):
-            save_training_state()
-        if stop_after and step >= stop_after and step < total_steps:
+        window.add(float(loss), n_tokens, dt)
+        progress.update(window.last_loss, lr, n_tokens / max(dt, 1e-9))
+        if step % loop.log_every == 0 or step == total_steps:  # means over the steps since the last log
+            log_train_row(loggers, step, window.flush(lr, stream.epoch), device, grad_norm)
+        if val_loader is not None and loop.val_every and step % loop.val_every == 0 and step != total_steps:
+            loggers.log_dict(validation_row(evaluate_loss(model, val_loader, device, loop.val_max_batches)), step)
+        if (loop.ckpt_every and step % loop.ckpt_every == 0) or (loop.stop_after and step == loop.stop_after):
+            save_training_state(ckpt, step, {"model": model.state_dict()},
+                                optimizer=optimizer, lr_scheduler=lr_scheduler, stream=stream)
+        if loop.stop_after and step >= loop.stop_after and step < total_steps:
             progress.close()
             loggers.close()
-            print(f"stopped after step {step} (stop_after_steps); resume with resume_from_checkpoint=auto")
-            return {"step": step, "loss": loss_value, "output_dir": out_dir}
+            report_early_stop(step)
+            return {"step": step, "loss": window.last_loss, "output_dir": out_dir}
     progress.close()
 
     # ---- 7. final validation, export, plot, generation after ---------------------------------
-    summary = {"step": step, "loss": loss_value, "output_dir": out_dir,
-               "train_seconds": round(train_seconds, 2), "train_label_tokens": train_tokens}
+    summary = {"step": step, "loss": window.last_loss, "output_dir": out_dir, **window.totals()}
     if val_loader is not None:
-        val = evaluate_loss(model, val_loader, device, val_max_batches)
-        loggers.log_dict({"val_loss": val["loss"], "val_perplexity": val["perplexity"]}, step)
-        summary.update(val_loss=val["loss"], val_perplexity=val["perplexity"])
+        val = validation_row(evaluate_loss(model, val_loader, device, loop.val_max_batches))
+        loggers.log_dict(val, step)
+        summary.update(val)
     loggers.close()
     if cfg_get(cfg, "save_hf", True):
         summary["hf_dir"] = save_hf_checkpoint(model.state_dict(), info, os.path.join(out_dir, "hf_model"),
                                                tokenizer_dir=checkpoint_dir)
     summary["loss_plot"] = plot_loss(os.path.join(out_dir, "metrics.jsonl"), os.path.join(out_dir, "loss.png"),
                                      title=f"full_finetune: {os.path.basename(out_dir)}")
-    if prompts:
-        after = generate_replies(model, tokenizer, template, prompts, **gen_kw)
-        print(side_by_side(prompts, before, after))
-        with open(os.path.join(out_dir, "generations.json"), "w", encoding="utf-8") as f:
-            json.dump([{"prompt": p, "before": b, "after": a} for p, b, a in zip(prompts, before, after)], f, indent=2)
-    summary["total_seconds"] = round(time.perf_counter() - t_start, 2)
-    with open(os.path.join(out_dir, "summary.json"), "w", encoding="utf-8") as f:
-        json.dump(summary, f, indent=2, default=str)
-    print(f"done: {json.dumps(summary, default=str)}")
-    return summary
+    samples.generate_after(model, out_dir)
+    return write_summary(out_dir, summary, t_start)
 
 
 if __name__ == "__main__":

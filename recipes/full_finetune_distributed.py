@@ -28,7 +28,6 @@ section) and only the adapters trainable.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import time
 
@@ -57,11 +56,19 @@ from tinytune.training.distributed import (
 from tinytune.training.fsdp import clip_grad_norm_, gather_full_state_dict, set_gradient_sync
 from tinytune.training.losses import IGNORE_INDEX, count_label_tokens, sft_loss_sum
 from tinytune.training.lr_schedulers import get_lr_scheduler
-from tinytune.training.memory import memory_stats, reset_peak_memory
-from tinytune.training.metric_logging import build_metric_loggers
+from tinytune.training.memory import reset_peak_memory
+from tinytune.training.metric_logging import (
+    build_metric_loggers,
+    log_train_row,
+    report_early_stop,
+    train_row,
+    validation_row,
+    write_summary,
+)
 from tinytune.training.optim import build_optimizer
 from tinytune.training.setup import (
     LORA_KEYS,
+    LoopSettings,
     build_collate,
     cfg_get,
     load_tokenizer,
@@ -209,12 +216,8 @@ def finetune(cfg: DictConfig, lora: bool) -> dict:
 
     # ---- 5. training loop ------------------------------------------------------------------------
     loggers = build_metric_loggers(cfg_get(cfg, "metric_loggers"), out_dir) if is_rank_zero() else None
-    log_every = int(cfg_get(cfg, "log_every_n_steps", 1))
-    ckpt_every = int(cfg_get(cfg, "checkpoint_every_n_steps", 0))
-    stop_after = int(cfg_get(cfg, "stop_after_steps", 0))  # end this run early (time-sliced jobs, resume tests)
-    clip = cfg_get(cfg, "clip_grad_norm")
+    loop = LoopSettings.from_config(cfg)  # log / validate / checkpoint cadence, stop_after, clip
     loss_ctx = loss_parallel if use_loss_parallel else contextlib.nullcontext
-    val_every = int(cfg_get(cfg, "validation.every_n_steps", 0))
 
     def validate() -> None:
         def loss_fn(m, b):
@@ -222,10 +225,10 @@ def finetune(cfg: DictConfig, lora: bool) -> dict:
                 return _loss_sum(m, b, use_loss_parallel)
 
         val = evaluate_loss_distributed(model, val_ds, collate, int(cfg_get(cfg, "validation.batch_size", batch_size)),
-                                        mesh.dp, device, loss_fn, cfg_get(cfg, "validation.max_batches"))
+                                        mesh.dp, device, loss_fn, loop.val_max_batches)
         if loggers is not None:
-            loggers.log_dict({"val_loss": val["loss"], "val_perplexity": val["perplexity"]}, step)
-        summary_val.update(val_loss=val["loss"], val_perplexity=val["perplexity"])
+            loggers.log_dict(validation_row(val), step)
+        summary_val.update(validation_row(val))
 
     summary_val: dict = {}
     model.train()
@@ -251,7 +254,7 @@ def finetune(cfg: DictConfig, lora: bool) -> dict:
                 # FSDP averages gradients over dp ranks; scale so they add up instead.
                 (loss * dp_size).backward()
             local_loss += loss.detach().full_tensor() if hasattr(loss, "full_tensor") else loss.detach()
-        grad_norm = float(clip_grad_norm_(params, float(clip))) if clip else None
+        grad_norm = float(clip_grad_norm_(params, float(loop.clip))) if loop.clip else None
         optimizer.step()
         lr_scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -261,20 +264,16 @@ def finetune(cfg: DictConfig, lora: bool) -> dict:
         dt = time.perf_counter() - t0
         train_seconds += dt
         train_tokens += int(num_tokens)
-        if loggers is not None and (step % log_every == 0 or step == total_steps):
-            metrics = {"loss": loss_value, "lr": lr, "tokens_per_s": int(num_tokens) / max(dt, 1e-9),
-                       "label_tokens": int(num_tokens), "epoch": epoch, **memory_stats(device)}
-            if grad_norm is not None:
-                metrics["grad_norm"] = grad_norm
-            loggers.log_dict(metrics, step)
-            reset_peak_memory(device)
-        if val_ds is not None and val_every and step % val_every == 0 and step != total_steps:
+        if loggers is not None and (step % loop.log_every == 0 or step == total_steps):  # this step's numbers
+            log_train_row(loggers, step, train_row(loss_value, lr, int(num_tokens), dt, epoch), device, grad_norm)
+        if val_ds is not None and loop.val_every and step % loop.val_every == 0 and step != total_steps:
             validate()
-        if step < total_steps and ((ckpt_every and step % ckpt_every == 0) or (stop_after and step == stop_after)):
+        checkpoint_due = (loop.ckpt_every and step % loop.ckpt_every == 0) or (loop.stop_after and step == loop.stop_after)
+        if step < total_steps and checkpoint_due:
             save_training_state()  # (the last step is exported as HF below instead)
-        if stop_after and stop_after <= step < total_steps:
+        if loop.stop_after and loop.stop_after <= step < total_steps:
             if is_rank_zero():
-                print(f"stopped after step {step} (stop_after_steps); resume with resume_from_checkpoint=auto")
+                report_early_stop(step)
                 loggers.close()
             return {"step": step, "loss": loss_value, "output_dir": out_dir}
 
@@ -301,10 +300,7 @@ def finetune(cfg: DictConfig, lora: bool) -> dict:
 
             summary["loss_plot"] = plot_loss(os.path.join(out_dir, "metrics.jsonl"), os.path.join(out_dir, "loss.png"),
                                              title=f"{'lora' if lora else 'full'}_finetune_distributed")
-        summary["total_seconds"] = round(time.perf_counter() - t_start, 2)
-        with open(os.path.join(out_dir, "summary.json"), "w", encoding="utf-8") as f:
-            json.dump(summary, f, indent=2, default=str)
-        print(f"done: {json.dumps(summary, default=str)}")
+        write_summary(out_dir, summary, t_start)
     return summary
 
 

@@ -17,9 +17,8 @@ from omegaconf import DictConfig
 
 import tinytune.config
 from tinytune.config import ConfigError
-from tinytune.training.device import get_device, get_dtype, set_seed
 from tinytune.training.prompting import generate_replies, get_bound_template
-from tinytune.training.setup import cfg_get, load_model, load_tokenizer, resolve_checkpoint_dir
+from tinytune.training.setup import cfg_get, load_model_and_tokenizer, setup_device
 
 
 def read_prompts(cfg: DictConfig) -> list:
@@ -62,12 +61,8 @@ def read_prompts(cfg: DictConfig) -> list:
 
 def recipe_main(cfg: DictConfig) -> list[str]:
     """Answers every prompt; prints prompt and reply; returns the replies."""
-    device = get_device(cfg_get(cfg, "device", "auto"))
-    dtype = get_dtype(cfg_get(cfg, "dtype", "fp32"), device)
-    seed = set_seed(cfg_get(cfg, "seed", 0))
-    checkpoint_dir = resolve_checkpoint_dir(cfg)
-    tokenizer = load_tokenizer(cfg, checkpoint_dir)
-    model, _ = load_model(cfg, checkpoint_dir, device, dtype)
+    device, dtype, seed = setup_device(cfg)
+    _, tokenizer, model, _ = load_model_and_tokenizer(cfg, device, dtype)
     model.eval()
     template = get_bound_template(cfg_get(cfg, "template", "hf"), tokenizer)
     prompts = read_prompts(cfg)
