@@ -98,9 +98,15 @@ class _LinearCE(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, labels, denom, ignore_index, chunk_size, row_step):  # noqa: D102
-        n, _ = hidden.shape
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_h = torch.empty_like(hidden) if need_h else None  # [N, d]
+        rows = None  # CPU: drop ignored rows up front (no logits, loss or gradient for them)
+        if hidden.device.type == "cpu":  # (on accelerators counting them would force a host sync)
+            valid = labels != ignore_index  # [N]
+            if int(valid.sum()) < labels.shape[0]:
+                rows = valid.nonzero().squeeze(1)  # [N_valid]
+                hidden_all, hidden, labels = hidden, hidden.index_select(0, rows), labels.index_select(0, rows)
+        n, _ = hidden.shape
+        grad_h = torch.empty_like(hidden) if need_h else None  # [N, d] (only the kept rows)
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         # The normaliser scales the fp32 gradient before any cast, so low-precision grads round once.
@@ -121,6 +127,8 @@ class _LinearCE(torch.autograd.Function):
                     grad_w.addmm_(g.t(), h_c)
                 else:
                     grad_w += (g.t() @ h_c).float()
+        if rows is not None and grad_h is not None:
+            grad_h = torch.zeros_like(hidden_all).index_copy_(0, rows, grad_h)  # [N, d], 0 on ignored rows
         ctx.save_for_backward(grad_h, grad_w)
         ctx.weight_dtype = weight.dtype
         return total if inv is None else total * inv
