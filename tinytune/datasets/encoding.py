@@ -193,7 +193,16 @@ class SampleEncoder:
             names = sorted((s for s in specials if s), key=len, reverse=True)
             self._specials = dict(specials)
             self._split_re = re.compile("(" + "|".join(map(re.escape, names)) + ")") if names else None
+            firsts = sorted({n[0] for n in names})
+            self._special_firsts = firsts[0] if len(firsts) == 1 else tuple(firsts)
         return self._split_re
+
+    def _may_hold_special(self, text: str) -> bool:
+        """Cheap pre-check: False when no special-token string can occur in ``text``."""
+        firsts = self._special_firsts
+        if isinstance(firsts, str):
+            return firsts in text
+        return any(c in text for c in firsts)
 
     def _layout(self, plan: _Plan, requests: list[str]) -> list[tuple]:
         """Cuts a plan into special-token ids and text stretches between them.
@@ -210,12 +219,17 @@ class SampleEncoder:
         def close():
             if stretch:
                 full = len(requests)
-                requests.append("".join(t for t, _, _ in stretch))
-                prefixes = []
-                for j in range(1, len(stretch)):
-                    prefixes.append(len(requests))
-                    requests.append("".join(t for t, _, _ in stretch[:j]))
-                layout.append(("text", [(f, a) for _, f, a in stretch], full, prefixes))
+                if len(stretch) == 1:  # the usual case: one flag, no border inside
+                    requests.append(stretch[0][0])
+                    layout.append(("text", [(stretch[0][1], stretch[0][2])], full, ()))
+                else:
+                    texts = [t for t, _, _ in stretch]
+                    requests.append("".join(texts))
+                    prefixes = []
+                    for j in range(1, len(stretch)):
+                        prefixes.append(len(requests))
+                        requests.append("".join(texts[:j]))
+                    layout.append(("text", [(f, a) for _, f, a in stretch], full, prefixes))
                 stretch.clear()
 
         for k, (text, tid, flag) in enumerate(plan.pieces):
@@ -224,7 +238,7 @@ class SampleEncoder:
                 close()
                 layout.append(("id", tid, flag, answer))
                 continue
-            parts = split.split(text) if split is not None else [text]
+            parts = split.split(text) if split is not None and self._may_hold_special(text) else [text]
             for j, part in enumerate(parts):
                 if j % 2:
                     close()
