@@ -88,7 +88,7 @@ def test_fast_path_equals_whole_string_reference(hf, family, template):
 def test_fast_encode_many_equals_encode():
     tok = tinytune_test_tokenizer("chatml")
     texts = ["plain text", "<|im_start|>user\nhi<|im_end|>", "a < b", "héllo", "", " ", "\n\n", "x" * 300,
-             "<|eot_id|>", "emoji 😀 ok"]
+             "<|eot_id|>", "emoji 😀 ok", "lone \ud800 surrogate"]
     assert tok.encode_batch(texts, add_bos=False, add_eos=False) == [
         tok.encode(t, add_bos=False, add_eos=False) for t in texts]
     assert tok.encode_batch(texts) == [tok.encode(t) for t in texts]

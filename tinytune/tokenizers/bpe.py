@@ -150,7 +150,11 @@ class BPETokenizer(Tokenizer):
                     firsts and any(c in t for c in firsts)):
                 out.append(self._encode_text(t))
                 continue
-            ranks = ordinary(t)
+            try:
+                ranks = ordinary(t)
+            except UnicodeEncodeError:  # lone surrogates: tiktoken's public wrapper repairs them
+                out.append(self._encode_text(t))
+                continue
             out.append(ranks if table is None else [table[r] for r in ranks])
         return out
 
