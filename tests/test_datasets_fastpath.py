@@ -14,7 +14,8 @@ from tinytune.datasets.styles import ChatSample
 from tinytune.datasets.templates import get_template
 
 PROMPTS = ["What is 2+2?", "Count: 12", "Say hi", "Write  two  spaces", "héllo 你好, translate",
-           "Line one\nLine two\n", "Tabs\tand\ttabs", "List 3 items:", "x"]
+           "Line one\nLine two\n", "Tabs\tand\ttabs", "List 3 items:", "x",
+           "Answer:  "]  # trailing spaces: BPE merges them differently once answer digits follow
 ANSWERS = ["4", "42 is the answer.", " 42", "  two leading spaces", "\nnewline first", "\n\nTwo newlines",
            "345 then words", " leading space", "\tTab first", "Ok.\n", "!!! punct", "é accent", "12345678"]
 
@@ -107,3 +108,16 @@ def test_labels_helpers_agree():
     mask = np.asarray([x for _, m in seqs for x in m], dtype=bool)
     lengths = np.asarray([len(t) for t, _ in seqs], dtype=np.int64)
     assert flat_labels(tokens, mask, lengths).tolist() == ref
+
+
+@pytest.mark.parametrize("family", ["llama3", "chatml", "sp"])
+def test_border_where_bpe_merges_differently_across_it(hf, family):
+    """'Answer:  ' alone ends in one double-space token, but followed by '42' it becomes two single
+    spaces: the prompt's spaces must stay masked and only the answer's tokens are trained."""
+    tok = tinytune_test_tokenizer(family)
+    t = get_template("plain").bind(tok)
+    conv = [{"role": "user", "content": "Answer:  "}, {"role": "assistant", "content": "42"}]
+    (seq,), = SampleEncoder(tok, t).encode_samples([ChatSample([dict(m) for m in conv])])
+    ids, labels = _reference(hf, tok, t, conv)
+    assert (seq.tokens, seq.labels) == (ids, labels)
+    assert [x for x in seq.labels if x != IGNORE_INDEX] == seq.tokens[-2:]  # '42' and the end token only

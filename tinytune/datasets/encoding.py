@@ -253,6 +253,18 @@ class SampleEncoder:
         close()
         return layout
 
+    def _border_by_text(self, full: list[int], prefix_text: str, n: int) -> int:
+        """Extends ``n`` over the tokens of ``full`` whose text lies wholly inside ``prefix_text``.
+
+        Used only where the prefix's own tokens are not a token prefix of the stretch (BPE merged
+        differently across the border, e.g. two prompt spaces followed by answer digits). A token
+        that straddles the border decodes past ``prefix_text`` (or to a partial character) and so
+        goes right, as everywhere else.
+        """
+        while n < len(full) and prefix_text.startswith(self.tokenizer.decode(full[: n + 1], skip_special_tokens=False)):
+            n += 1
+        return n
+
     def __getstate__(self):  # worker processes get no memo
         state = dict(self.__dict__)
         state.pop("_memo", None)
@@ -295,6 +307,7 @@ class SampleEncoder:
                         limit = min(len(pre), len(full))
                         while n < limit and pre[n] == full[n]:
                             n += 1
+                        n = self._border_by_text(full, requests[pi], n)
                     borders.append(max(n, borders[-1]))  # a token that straddles the border goes right
                 borders.append(len(full))
                 for (flag, answer), a, b in zip(subs, borders, borders[1:]):
