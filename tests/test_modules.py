@@ -232,6 +232,22 @@ def test_kernel_branch_matches_sdpa(monkeypatch, packed):
                   seq_lens=torch.tensor([[10, 14], [24, 0]]))
     with torch.no_grad():
         ref = model(tokens, **kw)
-        monkeypatch.setattr(attn_mod, "_use_kernel", lambda q: True)
+        monkeypatch.setattr(attn_mod, "_use_kernel", lambda q, packed: True)
         got = model(tokens, **kw)
     torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("mode, packed, expected", [
+    ("", True, True), ("", False, False), ("auto", False, False),
+    ("triton", False, True), ("sdpa", True, False), ("SDPA", False, False),
+])
+def test_attention_dispatch_on_cuda(monkeypatch, mode, packed, expected):
+    """On CUDA: packed rows -> Triton kernel, plain causal -> SDPA flash; TINYTUNE_ATTENTION overrides."""
+    from types import SimpleNamespace
+
+    from tinytune.modules import attention as attn_mod
+
+    monkeypatch.setattr(attn_mod, "_flash_kernel", lambda: object())
+    monkeypatch.setenv("TINYTUNE_ATTENTION", mode)
+    assert attn_mod._use_kernel(SimpleNamespace(is_cuda=True), packed) is expected
+    assert attn_mod._use_kernel(SimpleNamespace(is_cuda=False), packed) is False

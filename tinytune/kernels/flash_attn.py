@@ -95,7 +95,7 @@ class _FlashAttention(torch.autograd.Function):
         K._fwd_kernel[grid](
             q, k, v, o, lse, doc_id, doc_start, doc_end, fwd_visits,
             *_strides(q), *_strides(k), *_strides(v), *_strides(o),
-            h, s, d, softmax_scale * K.LOG2E,
+            h, s, d, softmax_scale * K.LOG2E, K.s_bucket(s),
             GROUP=h // hkv, CAUSAL=causal, HAS_DOCS=has_docs, COUNT_VISITS=visits is not None,
             F32=f32, DOT_PREC=prec, BLOCK_D=block_d,
         )
@@ -128,13 +128,13 @@ class _FlashAttention(torch.autograd.Function):
             q, k, v, do, lse, delta, dk, dv, doc_id, doc_start, doc_end,
             visits[1] if visits is not None else lse,
             *_strides(q), *_strides(k), *_strides(v), *_strides(do),
-            h, hkv, s, d, softmax_scale * K.LOG2E, softmax_scale,
+            h, hkv, s, d, softmax_scale * K.LOG2E, softmax_scale, K.s_bucket(s),
             COUNT_VISITS=visits is not None, **common,
         )
         K._bwd_dq_kernel[lambda meta: (triton.cdiv(s, meta["BLOCK_M"]), b * h)](
             q, k, v, do, lse, delta, dq, doc_id, doc_start, doc_end,
             *_strides(q), *_strides(k), *_strides(v), *_strides(do),
-            h, s, d, softmax_scale * K.LOG2E, softmax_scale, **common,
+            h, s, d, softmax_scale * K.LOG2E, softmax_scale, K.s_bucket(s), **common,
         )
         return dq, dk, dv, None, None, None, None
 

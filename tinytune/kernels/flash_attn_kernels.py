@@ -16,6 +16,8 @@ over all query heads of its group, dQ by one program per (head, query block); no
 
 from __future__ import annotations
 
+import os
+
 import triton
 import triton.language as tl
 
@@ -25,18 +27,31 @@ LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 
 
-def _configs(pairs, warps_stages):
-    """Autotune configs; a single small config under the interpreter (autotune with more crashes there)."""
+def _configs(names, candidates):
+    """Autotune configs ``(block_a, block_b, num_warps, num_stages)``, first one = default.
+
+    Under the interpreter a single small config (autotune with more crashes there); with
+    ``TINYTUNE_AUTOTUNE=0`` only the first candidate (no benchmarking, fastest start-up).
+    """
+    a, b = names
     if interpreting():
-        a, b = pairs[0][0], pairs[0][1]
         return [triton.Config({a: 32, b: 32}, num_warps=1, num_stages=1)]
-    (a, b), sizes = pairs[0], pairs[1:]
-    return [triton.Config({a: x, b: y}, num_warps=w, num_stages=st) for (x, y) in sizes for (w, st) in warps_stages]
+    if os.environ.get("TINYTUNE_AUTOTUNE", "1") in ("0", "false", "False"):
+        candidates = candidates[:1]
+    return [triton.Config({a: x, b: y}, num_warps=w, num_stages=st) for (x, y, w, st) in candidates]
 
 
-_FWD_CONFIGS = _configs([("BLOCK_M", "BLOCK_N"), (128, 64), (128, 128), (64, 64)], [(4, 3), (8, 3), (8, 2)])
-_DKDV_CONFIGS = _configs([("BLOCK_M", "BLOCK_N"), (32, 128), (64, 128), (64, 64)], [(4, 3), (8, 2)])
-_DQ_CONFIGS = _configs([("BLOCK_M", "BLOCK_N"), (128, 32), (128, 64), (64, 64)], [(4, 3), (8, 2)])
+# Autotuning is keyed on the power-of-two bucket of the sequence length (S_BUCKET), not on S itself:
+# with variable lengths padded to a multiple of 8, keying on S would re-benchmark every new length.
+_KEY = ["S_BUCKET", "BLOCK_D", "CAUSAL", "HAS_DOCS", "GROUP", "F32"]
+_FWD_CONFIGS = _configs(("BLOCK_M", "BLOCK_N"), [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2)])
+_DKDV_CONFIGS = _configs(("BLOCK_M", "BLOCK_N"), [(64, 128, 8, 2), (32, 128, 4, 3), (64, 64, 4, 3), (32, 64, 4, 2)])
+_DQ_CONFIGS = _configs(("BLOCK_M", "BLOCK_N"), [(128, 64, 8, 2), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 2)])
+
+
+def s_bucket(s: int) -> int:
+    """Autotune bucket of a sequence length (next power of two, at least 64)."""
+    return max(64, triton.next_power_of_2(int(s)))
 
 
 @triton.jit
@@ -105,12 +120,12 @@ def _q_free_range(doc_start_ptr, doc_end_ptr, n0, S, BLOCK_N: tl.constexpr, CAUS
     return lo, hi
 
 
-@triton.autotune(configs=_FWD_CONFIGS, key=["S", "D", "BLOCK_D", "CAUSAL", "HAS_DOCS", "GROUP"])
+@triton.autotune(configs=_FWD_CONFIGS, key=_KEY)
 @triton.jit
 def _fwd_kernel(
     Q, K, V, O, LSE, DOC_ID, DOC_START, DOC_END, VISITS,
     sqb, sqh, sqs, sqd, skb, skh, sks, skd, svb, svh, svs, svd, sob, soh, sos, sod,
-    H, S, D, qk_scale,
+    H, S, D, qk_scale, S_BUCKET,
     GROUP: tl.constexpr, CAUSAL: tl.constexpr, HAS_DOCS: tl.constexpr, COUNT_VISITS: tl.constexpr,
     F32: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -196,12 +211,12 @@ def _bwd_preprocess_kernel(O, DO, DELTA, sob, soh, sos, sod, sdb, sdh, sds, sdd,
     tl.store(DELTA + pid_bh.to(tl.int64) * S + offs_m, tl.sum(o * do, axis=1), mask=offs_m < S)
 
 
-@triton.autotune(configs=_DKDV_CONFIGS, key=["S", "D", "BLOCK_D", "CAUSAL", "HAS_DOCS", "GROUP"])
+@triton.autotune(configs=_DKDV_CONFIGS, key=_KEY)
 @triton.jit
 def _bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV, DOC_ID, DOC_START, DOC_END, VISITS,
     sqb, sqh, sqs, sqd, skb, skh, sks, skd, svb, svh, svs, svd, sdb, sdh, sds, sdd,
-    H, HKV, S, D, qk_scale, sm_scale,
+    H, HKV, S, D, qk_scale, sm_scale, S_BUCKET,
     GROUP: tl.constexpr, CAUSAL: tl.constexpr, HAS_DOCS: tl.constexpr, COUNT_VISITS: tl.constexpr,
     F32: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -276,12 +291,12 @@ def _bwd_dkdv_kernel(
         tl.store(VISITS + pid_bk * tl.num_programs(0) + pid_n, visits)
 
 
-@triton.autotune(configs=_DQ_CONFIGS, key=["S", "D", "BLOCK_D", "CAUSAL", "HAS_DOCS", "GROUP"])
+@triton.autotune(configs=_DQ_CONFIGS, key=_KEY)
 @triton.jit
 def _bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ, DOC_ID, DOC_START, DOC_END,
     sqb, sqh, sqs, sqd, skb, skh, sks, skd, svb, svh, svs, svd, sdb, sdh, sds, sdd,
-    H, S, D, qk_scale, sm_scale,
+    H, S, D, qk_scale, sm_scale, S_BUCKET,
     GROUP: tl.constexpr, CAUSAL: tl.constexpr, HAS_DOCS: tl.constexpr,
     F32: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,

@@ -1,4 +1,4 @@
-"""One attention entry point: Triton flash attention on CUDA, PyTorch SDPA elsewhere.
+"""One attention entry point: Triton flash attention for packed rows on CUDA, PyTorch SDPA otherwise.
 
 Masking modes (exactly one applies):
 
@@ -7,7 +7,10 @@ Masking modes (exactly one applies):
 * ``seq_lens`` or ``document_ids`` given: packed documents; causal attention inside each document.
 * neither: plain causal attention (requires ``s_q == s_kv``).
 
-Set ``TINYTUNE_ATTENTION=sdpa`` to force the SDPA path on CUDA (for comparisons and debugging).
+On CUDA, packed rows go through the Triton kernel (documents are skipped block by block, no
+``[s, s]`` mask is built); plain causal rows go to SDPA, whose flash backend is the tuned FA2 kernel.
+``TINYTUNE_ATTENTION=triton`` sends every training-shaped call to the Triton kernel, ``=sdpa`` none
+(for comparisons and debugging).
 """
 
 import os
@@ -61,8 +64,11 @@ def _flash_kernel():
     return _KERNEL_STATE["fn"]
 
 
-def _use_kernel(q: torch.Tensor) -> bool:
-    if not q.is_cuda or os.environ.get("TINYTUNE_ATTENTION", "").lower() == "sdpa":
+def _use_kernel(q: torch.Tensor, packed: bool) -> bool:
+    if not q.is_cuda:
+        return False
+    mode = os.environ.get("TINYTUNE_ATTENTION", "auto").lower()
+    if mode == "sdpa" or (mode != "triton" and not packed):
         return False
     return _flash_kernel() is not None
 
@@ -99,7 +105,7 @@ def attention(
     if kv_cache_mask is None and s_q != s_kv:
         raise ValueError(f"causal attention needs s_q == s_kv (got {s_q} and {s_kv}); pass kv_cache_mask")
 
-    if kv_cache_mask is None and (document_ids is None or seq_lens is not None) and _use_kernel(q):
+    if kv_cache_mask is None and (document_ids is None or seq_lens is not None) and _use_kernel(q, seq_lens is not None):
         kernel = _flash_kernel()
         return kernel(q, k, v, causal=True, seq_lens=seq_lens, softmax_scale=softmax_scale)  # [b, h, s, d]
 
