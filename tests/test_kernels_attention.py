@@ -202,3 +202,21 @@ def test_gpu_large(dtype, b, h, hkv, s, d, packed):
     ref = _sdpa(q, k, v, do, True, seq_lens, torch.float64)
     same = _sdpa(q, k, v, do, True, seq_lens, dtype)
     _assert_rule(_ours(q, k, v, do, True, seq_lens), same, ref, dtype)
+
+
+def test_doc_tables_built_once_per_seq_lens_tensor(monkeypatch):
+    """Layers sharing one seq_lens tensor share its tables; a new or modified tensor gets new ones."""
+    from tinytune.kernels import flash_attn as fa
+
+    calls = []
+    orig = fa.doc_tables
+    monkeypatch.setattr(fa, "doc_tables", lambda sl, s: calls.append(1) or orig(sl, s))
+    seq_lens = _seq_lens([[3, 5]])
+    a = fa._doc_tables_cached(seq_lens, 8)
+    b = fa._doc_tables_cached(seq_lens, 8)
+    assert len(calls) == 1 and all(x is y for x, y in zip(a, b))
+    seq_lens[0, 0], seq_lens[0, 1] = 4, 4  # in-place change bumps the version: rebuilt
+    c = fa._doc_tables_cached(seq_lens, 8)
+    assert len(calls) == 2 and c[0].tolist() == [[0] * 4 + [1] * 4]
+    fa._doc_tables_cached(_seq_lens([[4, 4]]), 8)  # equal values, new tensor: rebuilt
+    assert len(calls) == 3

@@ -152,6 +152,14 @@ def test_default_chunk_size_respects_budget():
     assert c * 128_000 * (4 + 2 * 2) <= 256 * 2**20
     assert default_chunk_size(5, 10, torch.float32) == 5
     assert default_chunk_size(5, 10**9, torch.float32, budget_bytes=1) == 1
+    # CUDA chunks are 4x larger by default: each chunk costs one pass over the fp32 [V, d] accumulator
+    cpu, cuda = (default_chunk_size(100_000, 128_000, torch.bfloat16, cuda=x) for x in (False, True))
+    assert 3.9 <= cuda / cpu <= 4.1 and cuda * 128_000 * (4 + 2 * 2) <= 2**30
+
+
+def test_fp32_output_gemm_probe_is_false_on_cpu():
+    """CPU has no out_dtype GEMM: the probe must say so (and the CPU path keeps the cast-and-add)."""
+    assert linear_ce._fp32_gemm_ok(torch.device("cpu")) is False
 
 
 def test_chunks_never_hold_full_logits(monkeypatch):
@@ -202,9 +210,11 @@ def test_second_backward_fails_loudly():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("n,d,v", [(4099, 512, 32000), (2048, 1024, 151936)])
-def test_gpu_triton_matches_reference(dtype, n, d, v):
+@pytest.mark.parametrize("chunk_size", [None, 600])
+def test_gpu_triton_matches_reference(dtype, n, d, v, chunk_size):
+    """Default (large) chunks and many small ones: the fp32 weight-gradient accumulation across chunks."""
     h, w, y = _data(n, d, v, dtype, seed=1, device="cuda")
-    _check_against_reference(h, w, y, dtype, reduction="mean", chunk_size=None)
+    _check_against_reference(h, w, y, dtype, reduction="mean", chunk_size=chunk_size)
 
 
 @pytest.mark.gpu

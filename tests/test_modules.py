@@ -223,13 +223,14 @@ def test_kernel_branch_matches_sdpa(monkeypatch, packed):
 
     if attn_mod._flash_kernel() is None:
         pytest.skip("tinytune.kernels.flash_attention is not importable")
+    dev = "cuda" if torch.cuda.is_available() else "cpu"  # the kernel runs on CUDA, or the CPU interpreter
     torch.manual_seed(0)
-    model = qwen3.qwen3_tiny()
-    tokens = torch.randint(0, 512, (2, 24))
+    model = qwen3.qwen3_tiny().to(dev)
+    tokens = torch.randint(0, 512, (2, 24), device=dev)
     kw = {}
     if packed:
-        kw = dict(input_pos=torch.tensor([list(range(10)) + list(range(14)), list(range(24))]),
-                  seq_lens=torch.tensor([[10, 14], [24, 0]]))
+        kw = dict(input_pos=torch.tensor([list(range(10)) + list(range(14)), list(range(24))], device=dev),
+                  seq_lens=torch.tensor([[10, 14], [24, 0]], device=dev))
     with torch.no_grad():
         ref = model(tokens, **kw)
         monkeypatch.setattr(attn_mod, "_use_kernel", lambda q, packed: True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 
@@ -28,6 +29,21 @@ def doc_tables(seq_lens: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torc
     doc_start = torch.gather(starts, 1, doc_id)
     doc_end = torch.gather(cu, 1, doc_id)
     return doc_id.to(torch.int32), doc_start.to(torch.int32), doc_end.to(torch.int32)
+
+
+_DOCS_CACHE: dict[str, tuple] = {}
+
+
+def _doc_tables_cached(seq_lens: torch.Tensor, seq_len: int):
+    """:func:`doc_tables`, reused while the same unmodified ``seq_lens`` tensor comes back (every layer of
+    one forward passes the same one: the tables are built once per step, not once per layer)."""
+    key = (seq_lens._version, tuple(seq_lens.shape), seq_len, seq_lens.device)
+    hit = _DOCS_CACHE.get("last")
+    if hit is not None and hit[0]() is seq_lens and hit[1] == key:
+        return hit[2]
+    docs = doc_tables(seq_lens, seq_len)
+    _DOCS_CACHE["last"] = (weakref.ref(seq_lens), key, docs)
+    return docs
 
 
 def _check(q, k, v, seq_lens):
@@ -180,6 +196,6 @@ def flash_attention(
         )
     d = q.shape[-1]
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(d)
-    docs = doc_tables(seq_lens, q.shape[2]) if seq_lens is not None else None
+    docs = _doc_tables_cached(seq_lens, q.shape[2]) if seq_lens is not None else None
     o, lse = _FlashAttention.apply(q, k, v, bool(causal), docs, scale, _visits)
     return (o, lse) if _return_lse else o

@@ -16,8 +16,14 @@ Design (shared by the PyTorch and the Triton back ends):
 * Only the per-chunk "softmax + loss + gradient" step differs between back ends: a Triton kernel on
   CUDA (one program per row, online logsumexp over vocab tiles), PyTorch ops elsewhere.
 
+On CUDA with bf16/fp16 inputs the matmuls that feed fp32 buffers write fp32 directly (``out_dtype``:
+fp32 accumulation inside cuBLAS): the logits come out of the GEMM in fp32 and ``g.T @ h_c`` is added
+to the fp32 weight-gradient accumulator in the GEMM's epilogue (``beta = 1``), with no ``[V, d]``
+temporaries. Chunks are larger there (1 GiB budget): each chunk reads and writes the ``[V, d]`` fp32
+accumulator once, so few large chunks keep that traffic small next to the matmuls.
+
 Memory: per chunk about ``c * V * (4 + 2 * elem_size)`` bytes (the default chunk size is derived from
-a budget, ``TINYTUNE_CE_CHUNK_BYTES``, default 256 MiB), plus the gradients themselves: ``[N, d]`` in
+a budget, ``TINYTUNE_CE_CHUNK_BYTES``, default 256 MiB, 1 GiB on CUDA), plus the gradients: ``[N, d]`` in
 the input dtype and the fp32 ``[V, d]`` weight-gradient accumulator (for a bf16 weight that is 2x the
 weight's size on top of the final bf16 gradient; the price of fp32 accumulation without recomputing
 the logits).
@@ -33,26 +39,53 @@ import torch
 from tinytune.kernels._runtime import triton_usable
 
 _DEFAULT_CHUNK_BYTES = 256 * 1024 * 1024
+_CUDA_CHUNK_BYTES = 1024 * 1024 * 1024
+_OUT_DTYPE_STATE: dict[str, bool] = {}
+
+
+def _fp32_gemm_ok(device: torch.device) -> bool:
+    """Whether ``torch.mm/addmm(..., out_dtype=torch.float32)`` works here for half inputs, accumulating
+    in place (``out`` = the added matrix). Checked once on a small case against an fp32 reference."""
+    key = str(device)
+    if key not in _OUT_DTYPE_STATE:
+        ok = False
+        try:
+            g = torch.Generator(device=device).manual_seed(0)
+            a = torch.randn(64, 48, device=device, generator=g).to(torch.bfloat16)
+            b = torch.randn(48, 32, device=device, generator=g).to(torch.bfloat16)
+            acc = torch.randn(64, 32, device=device, generator=g)
+            want = acc + a.float() @ b.float()
+            torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+            mm = torch.mm(a, b, out_dtype=torch.float32)
+            ok = bool(torch.allclose(acc, want, atol=1e-3)) and mm.dtype == torch.float32
+        except (TypeError, RuntimeError, NotImplementedError):  # older torch, or a backend without it
+            ok = False
+        _OUT_DTYPE_STATE[key] = ok
+    return _OUT_DTYPE_STATE[key]
 
 # (logits fp32 [c, V] (overwritten with the gradient), labels [c] int64, ignore_index,
 #  grad_scale fp32 [] | None) -> loss per row fp32 [c]
 RowStep = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
 
 
-def default_chunk_size(num_tokens: int, vocab: int, dtype: torch.dtype, budget_bytes: int | None = None) -> int:
+def default_chunk_size(num_tokens: int, vocab: int, dtype: torch.dtype, budget_bytes: int | None = None,
+                       cuda: bool = False) -> int:
     """Chunk size (tokens per chunk) that keeps the per-chunk logits/gradient buffers within a budget.
 
     Args:
         num_tokens: total tokens N.
         vocab: vocabulary size V.
         dtype: dtype of the hidden states (native logits are produced in it).
-        budget_bytes: memory budget per chunk; default from ``TINYTUNE_CE_CHUNK_BYTES`` or 256 MiB.
+        budget_bytes: memory budget per chunk; default from ``TINYTUNE_CE_CHUNK_BYTES``, else 256 MiB
+            (1 GiB when ``cuda``).
+        cuda: the chunks run on a CUDA device (larger default budget).
 
     Returns:
         A chunk size in ``[1, N]``; a multiple of 8 when larger than 8.
     """
     if budget_bytes is None:
-        budget_bytes = int(os.environ.get("TINYTUNE_CE_CHUNK_BYTES", _DEFAULT_CHUNK_BYTES))
+        default = _CUDA_CHUNK_BYTES if cuda else _DEFAULT_CHUNK_BYTES
+        budget_bytes = int(os.environ.get("TINYTUNE_CE_CHUNK_BYTES", default))
     elem = torch.empty((), dtype=dtype).element_size()
     per_row = vocab * (4 + 2 * elem)  # fp32 logits/grad buffer + native logits + native grad copy
     chunk = max(1, budget_bytes // per_row)
@@ -111,10 +144,15 @@ class _LinearCE(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         # The normaliser scales the fp32 gradient before any cast, so low-precision grads round once.
         inv = None if denom is None else 1.0 / denom.to(device=hidden.device, dtype=torch.float32)
+        # half inputs on CUDA: GEMMs write fp32 directly (see the module docstring)
+        f32_gemm = hidden.is_cuda and hidden.dtype in (torch.bfloat16, torch.float16) and _fp32_gemm_ok(hidden.device)
         for start in range(0, n, chunk_size):
             end = min(start + chunk_size, n)
             h_c = hidden[start:end]  # [c, d]
-            logits = (h_c @ weight.t()).float()  # [c, V] fp32
+            if f32_gemm:
+                logits = torch.mm(h_c, weight.t(), out_dtype=torch.float32)  # [c, V] fp32
+            else:
+                logits = (h_c @ weight.t()).float()  # [c, V] fp32
             total += row_step(logits, labels[start:end], ignore_index, inv).sum()
             if not (need_h or need_w):
                 continue
@@ -125,6 +163,8 @@ class _LinearCE(torch.autograd.Function):
             if need_w:
                 if g.dtype == torch.float32:
                     grad_w.addmm_(g.t(), h_c)
+                elif f32_gemm:
+                    torch.addmm(grad_w, g.t(), h_c, out_dtype=torch.float32, out=grad_w)  # [V, d] += fp32
                 else:
                     grad_w += (g.t() @ h_c).float()
         if rows is not None and grad_h is not None:
@@ -224,7 +264,7 @@ def linear_cross_entropy(
     labels = labels.long()
     n, vocab = hidden.shape[0], weight.shape[0]
     if chunk_size is None:
-        chunk_size = default_chunk_size(n, vocab, hidden.dtype)
+        chunk_size = default_chunk_size(n, vocab, hidden.dtype, cuda=hidden.is_cuda)
     if chunk_size < 1:
         raise ValueError(f"linear_cross_entropy: chunk_size must be >= 1, got {chunk_size}")
     if hidden.device.type == "cpu":  # cheap here; on accelerators this would force a host sync
