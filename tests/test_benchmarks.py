@@ -85,3 +85,10 @@ def test_bench_data_vs_hf_smoke():
     assert [r[0] for r in rows] == ["tinytune", "hf loop", "hf batch"]
     assert len({r[2] for r in rows}) == 1  # the same token count on every pipeline
     assert all(int(r[1]) == 500 for r in rows)
+
+
+def test_profile_train_smoke():
+    out = _run("profile_train.py", "--smoke", "--packed", "--rows", "8")
+    m = re.search(r"aten op calls per step: (\d+)", out)
+    assert m and int(m.group(1)) > 50, out[-2000:]
+    assert "aten::mm" in out and "Self CPU" in out
