@@ -90,7 +90,7 @@ def recipe_main(cfg: DictConfig) -> dict:
     while step < total_steps:
         micro_batches = [next(stream) for _ in range(accum)]
         lr = current_lr(optimizer)
-        loss, n_tokens = sft_accumulate(model, micro_batches, device)
+        loss, n_tokens = sft_accumulate(model, micro_batches, device, padding_free=cfg_get(cfg, "padding_free", True))
         grad_norm = optimizer_step(model, optimizer, lr_scheduler, loop.clip)
         step += 1
         dt = progress.tick()

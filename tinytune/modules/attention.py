@@ -10,13 +10,17 @@ Masking modes (exactly one applies):
 On CUDA, packed rows go through the Triton kernel (documents are skipped block by block, no
 ``[s, s]`` mask is built); plain causal rows go to SDPA, whose flash backend is the tuned FA2 kernel.
 ``TINYTUNE_ATTENTION=triton`` sends every training-shaped call to the Triton kernel, ``=sdpa`` none
-(for comparisons and debugging).
+(for comparisons and debugging). On CPU, packed rows given as ``seq_lens`` run one fused SDPA call
+per document (:mod:`tinytune.modules.document_attention`); other masks use SDPA with a boolean mask.
 """
 
 import os
 
 import torch
 import torch.nn.functional as F
+
+from tinytune.kernels.fused_ops import plain_tensors
+from tinytune.modules.document_attention import document_attention
 
 _KERNEL_STATE: dict[str, object] = {}
 
@@ -108,6 +112,9 @@ def attention(
     if kv_cache_mask is None and (document_ids is None or seq_lens is not None) and _use_kernel(q, seq_lens is not None):
         kernel = _flash_kernel()
         return kernel(q, k, v, causal=True, seq_lens=seq_lens, softmax_scale=softmax_scale)  # [b, h, s, d]
+
+    if kv_cache_mask is None and seq_lens is not None and q.device.type == "cpu" and plain_tensors(q, k, v):
+        return document_attention(q, k, v, seq_lens, softmax_scale)  # [b, h, s, d], one SDPA per document
 
     mask = None
     if kv_cache_mask is not None:

@@ -10,14 +10,20 @@ from torch import nn
 
 from tinytune.training.data import to_device
 from tinytune.training.losses import count_label_tokens, sft_loss
+from tinytune.training.padding_free import drop_unlabeled_tail
 
 
-def sft_accumulate(model: nn.Module, micro_batches: Sequence[dict], device: torch.device) -> tuple[torch.Tensor, int]:
+def sft_accumulate(model: nn.Module, micro_batches: Sequence[dict], device: torch.device,
+                   padding_free: bool = True) -> tuple[torch.Tensor, int]:
     """Forward + backward over an accumulation window, normalised by its label-token count.
 
     Every micro-batch's summed loss is divided by the number of label tokens in the **whole
     window**, so the accumulated gradient equals that of one batch holding all micro-batches
     (``k x bs1`` == ``bs k``), however the tokens are spread over the micro-batches.
+
+    With ``padding_free`` (default) each micro-batch first loses the positions after its rows' last
+    label tokens and is flattened into one packed row
+    (:func:`tinytune.training.padding_free.drop_unlabeled_tail`): no compute on padding, same loss.
 
     Returns:
         ``(loss, label_tokens)``: the window's mean loss per label token (detached) and the count.
@@ -27,6 +33,8 @@ def sft_accumulate(model: nn.Module, micro_batches: Sequence[dict], device: torc
     total = torch.zeros((), dtype=torch.float32, device=device)
     denom = torch.as_tensor(num_tokens, device=device)
     for mb in micro_batches:
+        if padding_free:
+            mb = drop_unlabeled_tail(mb)
         loss = sft_loss(model, to_device(mb, device), denom)
         loss.backward()
         total += loss.detach()

@@ -1,0 +1,84 @@
+"""Causal attention inside each packed document, one SDPA call per document (CPU path).
+
+A dense ``[s, s]`` block-diagonal mask makes SDPA's CPU kernel visit every (query, key) block of
+the row and apply the mask element by element. Calling PyTorch's fused CPU attention kernel once per
+document with ``is_causal=True`` does only the work inside the documents (``sum(n_i^2) / 2`` instead
+of ``s^2``) and builds no mask. The documents' outputs, log-sum-exps and gradients are written into
+whole-row buffers, so autograd sees one node (no per-slice gradient buffers).
+"""
+
+from __future__ import annotations
+
+import torch
+
+_aten = torch.ops.aten
+
+
+def _segments(seq_lens: torch.Tensor) -> list[tuple[int, int, int]]:
+    """``(row, start, end)`` of every non-empty document; ``seq_lens`` is ``[b, max_docs]`` on the CPU."""
+    out = []
+    for r, row in enumerate(seq_lens.tolist()):
+        start = 0
+        for n in row:
+            if n > 0:
+                out.append((r, start, start + n))
+                start += n
+    return out
+
+
+class _DocumentAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, segments, scale):  # noqa: D102
+        b, h, s, d = q.shape
+        out = torch.empty((b, s, h, d), dtype=q.dtype, device=q.device).transpose(1, 2)  # [b, h, s, d] view
+        lse = torch.empty((b, h, s), dtype=torch.promote_types(q.dtype, torch.float32), device=q.device)  # [b, h, s]
+        for r, a, e in segments:
+            o, l_ = _aten._scaled_dot_product_flash_attention_for_cpu(
+                q[r : r + 1, :, a:e], k[r : r + 1, :, a:e], v[r : r + 1, :, a:e], 0.0, True, scale=scale
+            )  # [1, h, n, d], [1, h, n]
+            out[r : r + 1, :, a:e] = o
+            lse[r : r + 1, :, a:e] = l_
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.segments, ctx.scale = segments, scale
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dout):  # noqa: D102
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        for r, a, e in ctx.segments:
+            sl = (slice(r, r + 1), slice(None), slice(a, e))
+            gq, gk, gv = _aten._scaled_dot_product_flash_attention_for_cpu_backward(
+                dout[sl], q[sl], k[sl], v[sl], out[sl], lse[sl], 0.0, True, scale=ctx.scale
+            )
+            dq[sl], dk[sl], dv[sl] = gq, gk, gv
+        return dq, dk, dv, None, None
+
+
+def document_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens: torch.Tensor, softmax_scale: float | None = None
+) -> torch.Tensor:
+    """Causal attention restricted to each document of packed rows (CPU tensors).
+
+    Args:
+        q: ``[b, h, s, d]`` queries.
+        k: ``[b, h_kv, s, d]`` keys (GQA: ``h`` a multiple of ``h_kv``).
+        v: ``[b, h_kv, s, d]`` values.
+        seq_lens: ``[b, max_docs]`` document lengths, zero-padded; every row sums to ``s``.
+        softmax_scale: defaults to ``1 / sqrt(d)``.
+
+    Returns:
+        ``[b, h, s, d]`` (a transposed view of a ``[b, s, h, d]`` buffer: merging heads is free).
+
+    Raises:
+        ValueError: a row of ``seq_lens`` does not sum to ``s``.
+    """
+    sums = seq_lens.sum(-1)
+    if bool((sums != q.shape[2]).any()) or bool((seq_lens < 0).any()):
+        row = int((sums != q.shape[2]).nonzero()[0, 0]) if bool((sums != q.shape[2]).any()) else 0
+        raise ValueError(
+            f"seq_lens row {row} = {seq_lens[row].tolist()} must be non-negative and sum to the sequence length "
+            f"{q.shape[2]} (count the padding tail as its own document)"
+        )
+    return _DocumentAttention.apply(q, k, v, _segments(seq_lens.cpu()), softmax_scale)
