@@ -239,11 +239,11 @@ def test_kernel_branch_matches_sdpa(monkeypatch, packed):
 
 
 @pytest.mark.parametrize("mode, packed, expected", [
-    ("", True, True), ("", False, False), ("auto", False, False),
-    ("triton", False, True), ("sdpa", True, False), ("SDPA", False, False),
+    ("", True, True), ("", False, True), ("auto", False, True), ("packed", True, True),
+    ("packed", False, False), ("sdpa", True, False), ("SDPA", False, False),
 ])
 def test_attention_dispatch_on_cuda(monkeypatch, mode, packed, expected):
-    """On CUDA: packed rows -> Triton kernel, plain causal -> SDPA flash; TINYTUNE_ATTENTION overrides."""
+    """On CUDA the Triton kernel takes training calls; TINYTUNE_ATTENTION=sdpa|packed overrides."""
     from types import SimpleNamespace
 
     from tinytune.modules import attention as attn_mod

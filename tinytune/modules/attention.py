@@ -1,4 +1,4 @@
-"""One attention entry point: Triton flash attention for packed rows on CUDA, PyTorch SDPA otherwise.
+"""One attention entry point: Triton flash attention on CUDA, PyTorch SDPA (or per-document SDPA) on CPU.
 
 Masking modes (exactly one applies):
 
@@ -7,10 +7,11 @@ Masking modes (exactly one applies):
 * ``seq_lens`` or ``document_ids`` given: packed documents; causal attention inside each document.
 * neither: plain causal attention (requires ``s_q == s_kv``).
 
-On CUDA, packed rows go through the Triton kernel (documents are skipped block by block, no
-``[s, s]`` mask is built); plain causal rows go to SDPA, whose flash backend is the tuned FA2 kernel.
-``TINYTUNE_ATTENTION=triton`` sends every training-shaped call to the Triton kernel, ``=sdpa`` none
-(for comparisons and debugging). On CPU, packed rows given as ``seq_lens`` run one fused SDPA call
+On CUDA, training-shaped calls (plain causal or packed) go through the Triton kernel: packed
+documents are skipped block by block with no ``[s, s]`` mask, and on an H200 it measured 1.22-1.34x
+SDPA's flash backend on plain causal bf16 (``benchmarks/RESULTS.md``). ``TINYTUNE_ATTENTION=sdpa``
+sends them to SDPA instead, ``=packed`` uses the kernel for packed rows only (for comparisons and
+debugging). On CPU, packed rows given as ``seq_lens`` run one fused SDPA call
 per document (:mod:`tinytune.modules.document_attention`); other masks use SDPA with a boolean mask.
 """
 
@@ -72,7 +73,7 @@ def _use_kernel(q: torch.Tensor, packed: bool) -> bool:
     if not q.is_cuda:
         return False
     mode = os.environ.get("TINYTUNE_ATTENTION", "auto").lower()
-    if mode == "sdpa" or (mode != "triton" and not packed):
+    if mode == "sdpa" or (mode == "packed" and not packed):
         return False
     return _flash_kernel() is not None
 
