@@ -109,3 +109,11 @@ def test_training_state_round_trip_restores_step_weights_and_data(tmp_path):
     assert torch.equal(next(stream2)["x"], expected_next)
     assert (tmp_path / "checkpoints").is_dir()
 
+
+
+def test_write_summary_turns_nan_into_null(tmp_path):
+    import json
+
+    summary = write_summary(str(tmp_path), {"step": 40, "loss": float("nan")}, t_start=0.0)
+    assert summary["loss"] is None
+    assert json.loads((tmp_path / "summary.json").read_text())["loss"] is None

@@ -13,6 +13,7 @@ log line, plus run totals), :func:`log_train_row` (adds memory stats and ``grad_
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import time
@@ -255,7 +256,11 @@ def report_early_stop(step: int) -> None:
 
 def write_summary(out_dir: str, summary: dict, t_start: float) -> dict:
     """Adds ``total_seconds`` (since ``t_start``, a ``perf_counter`` value), writes
-    ``out_dir/summary.json``, prints ``done: {...}`` and returns ``summary``."""
+    ``out_dir/summary.json``, prints ``done: {...}`` and returns ``summary``.
+
+    Non-finite floats (a loss when the run resumed at its last step and trained nothing) become
+    ``null``, so the file stays valid JSON."""
+    summary = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in summary.items()}
     summary["total_seconds"] = round(time.perf_counter() - t_start, 2)
     with open(os.path.join(out_dir, "summary.json"), "w", encoding="utf-8") as f:
         json.dump(summary, f, indent=2, default=str)
