@@ -160,6 +160,7 @@ def test_default_chunk_size_respects_budget():
 def test_fp32_output_gemm_probe_is_false_on_cpu():
     """CPU has no out_dtype GEMM: the probe must say so (and the CPU path keeps the cast-and-add)."""
     assert linear_ce._fp32_gemm_ok(torch.device("cpu")) is False
+    assert linear_ce._fp32_gemm_ok(torch.device("cpu"), torch.float16) is False
 
 
 def test_chunks_never_hold_full_logits(monkeypatch):

@@ -43,16 +43,17 @@ _CUDA_CHUNK_BYTES = 1024 * 1024 * 1024
 _OUT_DTYPE_STATE: dict[str, bool] = {}
 
 
-def _fp32_gemm_ok(device: torch.device) -> bool:
-    """Whether ``torch.mm/addmm(..., out_dtype=torch.float32)`` works here for half inputs, accumulating
-    in place (``out`` = the added matrix). Checked once on a small case against an fp32 reference."""
-    key = str(device)
+def _fp32_gemm_ok(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> bool:
+    """Whether ``torch.mm/addmm(..., out_dtype=torch.float32)`` works here for ``dtype`` inputs,
+    accumulating in place (``out`` = the added matrix). Checked once per device and dtype on a small
+    case against an fp32 reference."""
+    key = f"{device}/{dtype}"
     if key not in _OUT_DTYPE_STATE:
         ok = False
         try:
             g = torch.Generator(device=device).manual_seed(0)
-            a = torch.randn(64, 48, device=device, generator=g).to(torch.bfloat16)
-            b = torch.randn(48, 32, device=device, generator=g).to(torch.bfloat16)
+            a = torch.randn(64, 48, device=device, generator=g).to(dtype)
+            b = torch.randn(48, 32, device=device, generator=g).to(dtype)
             acc = torch.randn(64, 32, device=device, generator=g)
             want = acc + a.float() @ b.float()
             torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
@@ -145,7 +146,8 @@ class _LinearCE(torch.autograd.Function):
         # The normaliser scales the fp32 gradient before any cast, so low-precision grads round once.
         inv = None if denom is None else 1.0 / denom.to(device=hidden.device, dtype=torch.float32)
         # half inputs on CUDA: GEMMs write fp32 directly (see the module docstring)
-        f32_gemm = hidden.is_cuda and hidden.dtype in (torch.bfloat16, torch.float16) and _fp32_gemm_ok(hidden.device)
+        half = hidden.dtype in (torch.bfloat16, torch.float16)
+        f32_gemm = hidden.is_cuda and half and _fp32_gemm_ok(hidden.device, hidden.dtype)
         for start in range(0, n, chunk_size):
             end = min(start + chunk_size, n)
             h_c = hidden[start:end]  # [c, d]
