@@ -14,9 +14,10 @@ gradient_accumulation_steps). Flow:
     copying only its slices;
  3. each data-parallel rank reads its slice of every global batch (resumable sampler; the same
     sample order as the single-device recipe with the global batch size);
- 4. per optimizer step: ``gradient_accumulation_steps`` micro-batches, gradient sync only on the
-    last; losses are divided by the label-token count of the whole step summed over ranks, so
-    the update equals one process running the global batch;
+ 4. per optimizer step: ``gradient_accumulation_steps`` micro-batches (padding-free, as in the
+    single-device recipes, unless ``tensor_parallel > 1`` or ``padding_free: false``), gradient sync
+    only on the last; losses are divided by the label-token count of the whole step summed over
+    ranks, so the update equals one process running the global batch;
  5. every ``checkpoint_every_n_steps``: sharded DCP checkpoint (model, optimizer, scheduler, data
     position, RNG) for ``resume_from_checkpoint: auto``; at the end the full model is gathered on
     rank 0 and written as HF safetensors (``hf_model/``; LoRA: merged, plus ``adapter/``).
@@ -55,6 +56,7 @@ from tinytune.training.distributed import (
 )
 from tinytune.training.fsdp import clip_grad_norm_, gather_full_state_dict, set_gradient_sync
 from tinytune.training.losses import IGNORE_INDEX, count_label_tokens, sft_loss_sum
+from tinytune.training.padding_free import drop_unlabeled_tail
 from tinytune.training.lr_schedulers import get_lr_scheduler
 from tinytune.training.memory import reset_peak_memory
 from tinytune.training.metric_logging import (
@@ -138,6 +140,8 @@ def finetune(cfg: DictConfig, lora: bool) -> dict:
     mesh = build_device_mesh(dims, device.type)
     dp_rank, dp_size = get_dp_info(mesh)
     use_loss_parallel = bool(cfg_get(cfg, "parallelism.loss_parallel", False))
+    # padding-free rows have any length; tensor/sequence parallelism needs the collated [b, s] shape
+    padding_free = bool(cfg_get(cfg, "padding_free", True)) and dims.tp == 1
     dtype = get_dtype(cfg_get(cfg, "dtype", "fp32"), device)
     if dtype == torch.float16:
         raise ConfigError("dtype: fp16 needs loss scaling, which the distributed recipe does not do; use bf16 or fp32.")
@@ -242,7 +246,10 @@ def finetune(cfg: DictConfig, lora: bool) -> dict:
             sampler.set_epoch(epoch, start_index=batches_done * batch_size)
             batches = iter(loader)
         t0 = time.perf_counter()
-        micro = [{k: v.to(device) for k, v in next(batches).items()} for _ in range(accum)]
+        micro = [next(batches) for _ in range(accum)]
+        if padding_free:  # drop what no label depends on, one packed row per micro-batch (as single-device)
+            micro = [drop_unlabeled_tail(b) for b in micro]
+        micro = [{k: v.to(device) for k, v in b.items()} for b in micro]
         lr = float(optimizer.param_groups[0]["lr"])
         # Label tokens of the whole global step: every rank divides by the same number.
         num_tokens = all_reduce_sum(count_label_tokens(micro).to(device), mesh.dp).clamp(min=1).float()
