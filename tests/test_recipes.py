@@ -124,6 +124,16 @@ def test_full_finetune_matches_plain_pytorch_loop(assets, tmp_path):
     assert os.path.isfile(os.path.join(out, "loss.png"))
 
 
+def test_torchtune_style_component_optimizer_and_scheduler(assets, tmp_path):
+    """`optimizer._component_` / `lr_scheduler._component_` blocks train like `name:` ones."""
+    a = _run("full_finetune", _sft_cfg(assets, tmp_path / "named", max_steps=2), tmp_path)
+    b = _run("full_finetune", _sft_cfg(
+        assets, tmp_path / "component", max_steps=2,
+        optimizer={"_component_": "torch.optim.AdamW", "lr": 1e-3, "weight_decay": 0.0},
+        lr_scheduler={"_component_": "torch.optim.lr_scheduler.ConstantLR", "factor": 1.0}), tmp_path)
+    assert _losses(b) == pytest.approx(_losses(a), abs=1e-5)
+
+
 def test_grad_accumulation_4x1_equals_bs4_in_recipe(assets, tmp_path):
     a = _run("full_finetune", _sft_cfg(assets, tmp_path / "bs4", max_steps=2), tmp_path)
     b = _run("full_finetune", _sft_cfg(assets, tmp_path / "acc4", max_steps=2, batch_size=1,

@@ -173,6 +173,30 @@ def test_optimizer_builder():
         build_optimizer(model.parameters())
 
 
+def test_optimizer_and_scheduler_by_component():
+    """torchtune-style `_component_` blocks: the class gets exactly the configured keys."""
+    from tinytune.config import ConfigError
+
+    model = _model()
+    opt = build_optimizer(model.parameters(), _component_="torch.optim.SGD", lr=0.1, momentum=0.9)
+    assert isinstance(opt, torch.optim.SGD) and opt.defaults["momentum"] == 0.9 and opt.defaults["lr"] == 0.1
+    with pytest.raises(ConfigError, match=r"optimizer.*did you mean 'lr'"):
+        build_optimizer(model.parameters(), _component_="torch.optim.SGD", lrr=0.1)
+    with pytest.raises(ValueError, match="either name"):
+        build_optimizer(model.parameters(), name="adamw", _component_="torch.optim.SGD")
+    # num_training_steps is passed when the factory takes it (same signature as torchtune's schedules)
+    sched = get_lr_scheduler(opt, num_training_steps=10, _component_="transformers.get_linear_schedule_with_warmup",
+                             num_warmup_steps=0)
+    for _ in range(5):
+        opt.step()
+        sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.05)
+    step_lr = get_lr_scheduler(opt, num_training_steps=10, _component_="torch.optim.lr_scheduler.StepLR", step_size=2)
+    assert isinstance(step_lr, torch.optim.lr_scheduler.StepLR)
+    with pytest.raises(ValueError, match="unknown key"):
+        get_lr_scheduler(opt, num_training_steps=10, step_size=2)
+
+
 @pytest.mark.slow
 def test_adamw8bit_on_cpu_trains():
     model = _model()
