@@ -96,7 +96,7 @@ def _build_tinytune(spec, torch, dtype, device):
             mb.update(input_pos=batch.input_pos, seq_lens=seq_lens_tensor(batch))
 
         def step():
-            loss, _ = sft_accumulate(model, [mb], device)
+            loss, _ = sft_accumulate(model, [mb], device, padding_free=spec.get("padding_free", True))
             optimizer_step(model, optimizer)
             return loss
 
@@ -308,6 +308,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--fused-adamw", choices=["default", "on", "off"], default="on",
                    help="AdamW fused=True/False on every side (on: the HF Trainer and torchtune default)")
+    p.add_argument("--padding-free", choices=["on", "off"], default="on",
+                   help="tinytune: drop positions after each row's last label (the recipes' default: on);\n"
+                        "off trains on the padded batch as the peers do")
     p.add_argument("--threads", type=int, default=0,
                    help="torch.set_num_threads in workers (0: PyTorch default). Use 1 on a machine shared with\n"
                         "other jobs: multi-threaded GEMMs then wait for descheduled OpenMP threads")
@@ -343,11 +346,12 @@ def main(argv: list[str] | None = None) -> int:
     fused = {"default": None, "on": True, "off": False}[args.fused_adamw]
     base = dict(bs=args.bs, seq=args.seq, vocab=vocab, dtype=args.dtype, device=args.device, weights=weights,
                 steps=args.steps, warmup=args.warmup, rank=args.rank, alpha=args.alpha, threads=args.threads,
+                padding_free=args.padding_free == "on",
                 optim={"lr": args.lr, "weight_decay": 0.01, "fused": fused})
 
     print(f"# bench_train: {machine_line()}")
     print(f"# weights: {weights_desc}; bs {args.bs} x seq {args.seq}, {args.dtype} on {args.device}, "
-          f"threads {args.threads or 'default'}; "
+          f"threads {args.threads or 'default'}; tinytune padding-free {args.padding_free}; "
           f"AdamW lr {args.lr} wd 0.01; LoRA r={args.rank} alpha={args.alpha} on {','.join(LORA_TARGETS)}; "
           f"{args.warmup} warm-up + {args.steps} timed steps x {args.rounds} rounds per config", flush=True)
     results: dict[tuple, list[dict]] = {}
