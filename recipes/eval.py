@@ -29,7 +29,8 @@ def recipe_main(cfg: DictConfig) -> dict:
     data = val_ds if val_ds is not None else train_ds  # no split configured: the whole dataset
     loader = validation_batches(data, int(cfg_get(cfg, "batch_size", 8)), build_collate(cfg, tokenizer, data))
     t0 = time.perf_counter()
-    result = evaluate_loss(model, loader, device, cfg_get(cfg, "max_batches"))
+    padding_free = bool(cfg_get(cfg, "padding_free", True))  # same loss; skips what follows the last label
+    result = evaluate_loss(model, loader, device, cfg_get(cfg, "max_batches"), padding_free)
     result.update(samples=len(data), seconds=round(time.perf_counter() - t0, 2), checkpoint_dir=checkpoint_dir)
     print(f"eval: loss {result['loss']:.4f} | perplexity {result['perplexity']:.3f} | "
           f"{result['tokens']} label tokens in {result['samples']} samples")

@@ -90,7 +90,7 @@ def recipe_main(cfg: DictConfig) -> dict:
     while step < total_steps:
         micro_batches = [next(stream) for _ in range(accum)]
         lr = current_lr(optimizer)
-        loss, n_tokens = sft_accumulate(model, micro_batches, device, padding_free=cfg_get(cfg, "padding_free", True))
+        loss, n_tokens = sft_accumulate(model, micro_batches, device, loop.padding_free)
         grad_norm = optimizer_step(model, optimizer, lr_scheduler, loop.clip)
         step += 1
         dt = progress.tick()
@@ -99,7 +99,8 @@ def recipe_main(cfg: DictConfig) -> dict:
         if step % loop.log_every == 0 or step == total_steps:  # means over the steps since the last log
             log_train_row(loggers, step, window.flush(lr, stream.epoch), device, grad_norm)
         if val_loader is not None and loop.val_every and step % loop.val_every == 0 and step != total_steps:
-            loggers.log_dict(validation_row(evaluate_loss(model, val_loader, device, loop.val_max_batches)), step)
+            val = evaluate_loss(model, val_loader, device, loop.val_max_batches, loop.padding_free)
+            loggers.log_dict(validation_row(val), step)
         if (loop.ckpt_every and step % loop.ckpt_every == 0) or (loop.stop_after and step == loop.stop_after):
             save_training_state(ckpt, step, {"model": model.state_dict()},
                                 optimizer=optimizer, lr_scheduler=lr_scheduler, stream=stream)
@@ -113,7 +114,7 @@ def recipe_main(cfg: DictConfig) -> dict:
     # ---- 7. final validation, export, plot, generation after ---------------------------------
     summary = {"step": step, "loss": window.last_loss, "output_dir": out_dir, **window.totals()}
     if val_loader is not None:
-        val = validation_row(evaluate_loss(model, val_loader, device, loop.val_max_batches))
+        val = validation_row(evaluate_loss(model, val_loader, device, loop.val_max_batches, loop.padding_free))
         loggers.log_dict(val, step)
         summary.update(val)
     loggers.close()

@@ -254,6 +254,8 @@ class LoopSettings:
         stop_after: ``stop_after_steps`` (0: off): end the run early after a checkpoint, to resume
             later (time-sliced jobs, resume tests).
         clip: ``clip_grad_norm`` (None: no clipping).
+        padding_free: ``padding_free`` (True): drop what no label depends on from every training and
+            validation micro-batch (:mod:`tinytune.training.padding_free`).
     """
 
     log_every: int
@@ -262,6 +264,7 @@ class LoopSettings:
     ckpt_every: int
     stop_after: int
     clip: float | None
+    padding_free: bool = True
 
     @classmethod
     def from_config(cls, cfg: DictConfig) -> "LoopSettings":
@@ -271,4 +274,5 @@ class LoopSettings:
                    val_max_batches=cfg_get(cfg, "validation.max_batches"),
                    ckpt_every=int(cfg_get(cfg, "checkpoint_every_n_steps", 0)),
                    stop_after=int(cfg_get(cfg, "stop_after_steps", 0)),
-                   clip=cfg_get(cfg, "clip_grad_norm"))
+                   clip=cfg_get(cfg, "clip_grad_norm"),
+                   padding_free=bool(cfg_get(cfg, "padding_free", True)))
