@@ -60,3 +60,5 @@ def test_bad_seq_lens_name_the_row():
     q, k, v = _qkv(2, 2, 2, 6, 4, torch.float32)
     with pytest.raises(ValueError, match="row 1"):
         document_attention(q, k, v, torch.tensor([[2, 4], [3, 2]]))
+    with pytest.raises(ValueError, match="row 0"):
+        document_attention(q, k, v, torch.tensor([[-1, 7], [6, 0]]))

@@ -74,9 +74,9 @@ def document_attention(
     Raises:
         ValueError: a row of ``seq_lens`` does not sum to ``s``.
     """
-    sums = seq_lens.sum(-1)
-    if bool((sums != q.shape[2]).any()) or bool((seq_lens < 0).any()):
-        row = int((sums != q.shape[2]).nonzero()[0, 0]) if bool((sums != q.shape[2]).any()) else 0
+    bad = ((seq_lens.sum(-1) != q.shape[2]) | (seq_lens < 0).any(-1)).nonzero()  # [n_bad, 1]
+    if bad.numel():
+        row = int(bad[0, 0])
         raise ValueError(
             f"seq_lens row {row} = {seq_lens[row].tolist()} must be non-negative and sum to the sequence length "
             f"{q.shape[2]} (count the padding tail as its own document)"
