@@ -73,14 +73,19 @@ def _check(q, k, v, seq_lens):
                 f"{tuple(seq_lens.shape)} {seq_lens.dtype}"
             )
         if seq_lens.device.type == "cpu":  # a check on GPU would cost a host sync per layer
-            sums = seq_lens.sum(-1)
-            bad = (sums != s).nonzero()
-            if bad.numel() or bool((seq_lens < 0).any()):
-                row = int(bad[0, 0]) if bad.numel() else int((seq_lens < 0).any(-1).nonzero()[0, 0])
-                raise ValueError(
-                    f"flash_attention: seq_lens row {row} = {seq_lens[row].tolist()} must be non-negative and "
-                    f"sum to the sequence length {s} (count the padding tail as its own document)"
-                )
+            check_seq_lens(seq_lens, s, "flash_attention: ")
+
+
+def check_seq_lens(seq_lens: torch.Tensor, seq_len: int, prefix: str = "") -> None:
+    """Raises a ValueError naming the first row of ``seq_lens`` ``[b, max_docs]`` that has a negative
+    length or does not sum to ``seq_len`` (``prefix`` starts the message)."""
+    bad = ((seq_lens.sum(-1) != seq_len) | (seq_lens < 0).any(-1)).nonzero()  # [n_bad, 1]
+    if bad.numel():
+        row = int(bad[0, 0])
+        raise ValueError(
+            f"{prefix}seq_lens row {row} = {seq_lens[row].tolist()} must be non-negative and sum to the sequence "
+            f"length {seq_len} (count the padding tail as its own document)"
+        )
 
 
 def _strides(t):

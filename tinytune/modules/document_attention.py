@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from tinytune.kernels.flash_attn import check_seq_lens
+
 _aten = torch.ops.aten
 
 
@@ -72,13 +74,7 @@ def document_attention(
         ``[b, h, s, d]`` (a transposed view of a ``[b, s, h, d]`` buffer: merging heads is free).
 
     Raises:
-        ValueError: a row of ``seq_lens`` does not sum to ``s``.
+        ValueError: a row of ``seq_lens`` has a negative length or does not sum to ``s``.
     """
-    bad = ((seq_lens.sum(-1) != q.shape[2]) | (seq_lens < 0).any(-1)).nonzero()  # [n_bad, 1]
-    if bad.numel():
-        row = int(bad[0, 0])
-        raise ValueError(
-            f"seq_lens row {row} = {seq_lens[row].tolist()} must be non-negative and sum to the sequence length "
-            f"{q.shape[2]} (count the padding tail as its own document)"
-        )
+    check_seq_lens(seq_lens, q.shape[2])
     return _DocumentAttention.apply(q, k, v, _segments(seq_lens.cpu()), softmax_scale)
