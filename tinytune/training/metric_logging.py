@@ -260,7 +260,7 @@ def write_summary(out_dir: str, summary: dict, t_start: float) -> dict:
 
     Non-finite floats (a loss when the run resumed at its last step and trained nothing) become
     ``null``, so the file stays valid JSON."""
-    summary = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in summary.items()}
+    summary.update({k: None for k, v in summary.items() if isinstance(v, float) and not math.isfinite(v)})
     summary["total_seconds"] = round(time.perf_counter() - t_start, 2)
     with open(os.path.join(out_dir, "summary.json"), "w", encoding="utf-8") as f:
         json.dump(summary, f, indent=2, default=str)
