@@ -34,7 +34,7 @@ import time
 
 import torch
 import torch.distributed as dist
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch.distributed.tensor.parallel import loss_parallel
 from torch.utils.data import DataLoader
 
@@ -57,7 +57,7 @@ from tinytune.training.distributed import (
 from tinytune.training.fsdp import clip_grad_norm_, gather_full_state_dict, set_gradient_sync
 from tinytune.training.losses import IGNORE_INDEX, count_label_tokens, sft_loss_sum
 from tinytune.training.padding_free import drop_unlabeled_tail
-from tinytune.training.lr_schedulers import get_lr_scheduler
+from tinytune.training.steps import build_optimizer_and_scheduler
 from tinytune.training.memory import reset_peak_memory
 from tinytune.training.metric_logging import (
     build_metric_loggers,
@@ -67,7 +67,6 @@ from tinytune.training.metric_logging import (
     validation_row,
     write_summary,
 )
-from tinytune.training.optim import build_optimizer
 from tinytune.training.setup import (
     LORA_KEYS,
     LoopSettings,
@@ -191,9 +190,7 @@ def finetune(cfg: DictConfig, lora: bool) -> dict:
               f"of {accum} x {batch_size} samples x {dp_size} data-parallel ranks")
 
     # ---- 4. optimizer, schedule, DCP resume ------------------------------------------------------
-    optimizer = build_optimizer(params, **OmegaConf.to_container(cfg_get(cfg, "optimizer", OmegaConf.create({})), resolve=True))
-    sched_cfg = OmegaConf.to_container(cfg_get(cfg, "lr_scheduler", OmegaConf.create({"name": "constant"})), resolve=True)
-    lr_scheduler = get_lr_scheduler(optimizer, num_training_steps=total_steps, **sched_cfg)
+    optimizer, lr_scheduler = build_optimizer_and_scheduler(cfg, params, total_steps)
     ckpt = DistributedCheckpointer(out_dir, keep_last=cfg_get(cfg, "keep_last_checkpoints", 2))
     step, epoch, batches_done = 0, 0, 0  # batches_done: this rank's micro-batches used in `epoch`
     resume_path = ckpt.resolve(cfg_get(cfg, "resume_from_checkpoint"))

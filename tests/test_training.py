@@ -14,7 +14,7 @@ from tinytune.training.activation_checkpointing import apply_activation_checkpoi
 from tinytune.training.data import BatchStream, split_dataset
 from tinytune.training.evaluation import evaluate_loss
 from tinytune.training.losses import dpo_loss, sequence_logps, sft_loss
-from tinytune.training.lr_schedulers import get_lr_scheduler
+from tinytune.training.lr_schedulers import build_lr_scheduler, get_lr_scheduler
 from tinytune.training.metric_logging import build_metric_loggers
 from tinytune.training.optim import build_optimizer
 from tinytune.training.plotting import loss_curves, plot_loss, read_metrics
@@ -185,16 +185,18 @@ def test_optimizer_and_scheduler_by_component():
     with pytest.raises(ValueError, match="either name"):
         build_optimizer(model.parameters(), name="adamw", _component_="torch.optim.SGD")
     # num_training_steps is passed when the factory takes it (same signature as torchtune's schedules)
-    sched = get_lr_scheduler(opt, num_training_steps=10, _component_="transformers.get_linear_schedule_with_warmup",
-                             num_warmup_steps=0)
+    sched = build_lr_scheduler(opt, 10, {"_component_": "transformers.get_linear_schedule_with_warmup",
+                                         "num_warmup_steps": 0})
     for _ in range(5):
         opt.step()
         sched.step()
     assert opt.param_groups[0]["lr"] == pytest.approx(0.05)
-    step_lr = get_lr_scheduler(opt, num_training_steps=10, _component_="torch.optim.lr_scheduler.StepLR", step_size=2)
+    step_lr = build_lr_scheduler(opt, 10, {"_component_": "torch.optim.lr_scheduler.StepLR", "step_size": 2})
     assert isinstance(step_lr, torch.optim.lr_scheduler.StepLR)
     with pytest.raises(ValueError, match="unknown key"):
-        get_lr_scheduler(opt, num_training_steps=10, step_size=2)
+        build_lr_scheduler(opt, 10, {"step_size": 2})
+    with pytest.raises(ValueError, match="either name"):
+        build_lr_scheduler(opt, 10, {"name": "linear", "_component_": "torch.optim.lr_scheduler.StepLR"})
 
 
 @pytest.mark.slow

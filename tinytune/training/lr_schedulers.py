@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 
 from torch.optim import Optimizer
@@ -58,66 +59,71 @@ def lr_lambda(
 
 def get_lr_scheduler(
     optimizer: Optimizer,
-    name: str | None = None,
+    name: str = "cosine",
     num_training_steps: int = 1,
     warmup_steps: int | None = None,
     warmup_ratio: float | None = None,
     min_lr_ratio: float = 0.0,
     last_epoch: int = -1,
-    _component_: str | None = None,
-    **component_kwargs,
-) -> LRScheduler:
+) -> LambdaLR:
     """Builds a :class:`~torch.optim.lr_scheduler.LambdaLR` with linear warmup.
 
     Args:
         optimizer: the optimizer whose LR is scheduled.
-        name: ``constant``, ``cosine`` (default) or ``linear``.
+        name: ``constant``, ``cosine`` or ``linear``.
         num_training_steps: total optimizer steps (decay ends here).
         warmup_steps: linear-warmup steps; or
         warmup_ratio: warmup as a fraction of ``num_training_steps``.
         min_lr_ratio: final LR as a fraction of the base LR (cosine/linear).
         last_epoch: for resuming (usually restore with ``load_state_dict`` instead).
-        _component_: instead of ``name``, any scheduler factory by dotted path (torchtune-style,
-            e.g. ``torchtune.training.lr_schedulers.get_cosine_schedule_with_warmup`` or
-            ``torch.optim.lr_scheduler.StepLR``). It is called with the optimizer and the config's
-            other keys (``component_kwargs``), plus ``num_training_steps`` when it takes that
-            argument and the config does not set it.
-        **component_kwargs: the keys for ``_component_`` (an error without it).
-
-    Raises:
-        ValueError: both ``name`` and ``_component_``, or unknown keys without ``_component_``.
-        ConfigError: a ``_component_`` that does not import or does not take the given keys.
 
     Example:
         >>> sched = get_lr_scheduler(opt, "cosine", num_training_steps=100, warmup_ratio=0.1)
         >>> opt.step(); sched.step()
     """
-    if _component_ is not None:
-        if name is not None:
-            raise ValueError(f"lr_scheduler: set either name ({name!r}) or _component_ ({_component_!r}), not both")
-        import inspect  # noqa: PLC0415
-
-        from omegaconf import OmegaConf  # noqa: PLC0415
-
-        from tinytune.config import instantiate, locate  # noqa: PLC0415
-
-        kwargs = dict(component_kwargs)
-        for key, value in (("warmup_steps", warmup_steps), ("warmup_ratio", warmup_ratio)):
-            if value is not None:
-                kwargs[key] = value
-        try:
-            takes_steps = "num_training_steps" in inspect.signature(locate(_component_, "lr_scheduler")).parameters
-        except (TypeError, ValueError):  # builtins without a signature
-            takes_steps = False
-        if takes_steps:
-            kwargs.setdefault("num_training_steps", num_training_steps)
-        node = OmegaConf.create({"lr_scheduler": {"_component_": _component_, **kwargs}}).lr_scheduler
-        return instantiate(node, optimizer)
-    if component_kwargs:
-        raise ValueError(
-            f"lr_scheduler: unknown key(s) {sorted(component_kwargs)} for name={name or 'cosine'!r}; the keys are "
-            "name, warmup_steps, warmup_ratio, min_lr_ratio (or give _component_ for another scheduler)"
-        )
-    name = name or "cosine"
     warm = resolve_warmup_steps(num_training_steps, warmup_steps, warmup_ratio)
     return LambdaLR(optimizer, lr_lambda(name, num_training_steps, warm, float(min_lr_ratio)), last_epoch=last_epoch)
+
+
+def build_lr_scheduler(optimizer: Optimizer, num_training_steps: int, cfg: dict) -> LRScheduler:
+    """The scheduler an ``lr_scheduler`` config node describes.
+
+    Args:
+        optimizer: the optimizer whose LR is scheduled.
+        num_training_steps: total optimizer steps of the run.
+        cfg: the node as a mapping. With ``name`` (or no ``_component_``) its keys go to
+            :func:`get_lr_scheduler`. With ``_component_`` (torchtune-style, e.g.
+            ``torchtune.training.lr_schedulers.get_cosine_schedule_with_warmup`` or
+            ``torch.optim.lr_scheduler.StepLR``) that factory is called with the optimizer and exactly
+            the node's other keys, plus ``num_training_steps`` when it takes that argument and the
+            node does not set it.
+
+    Raises:
+        ValueError: both ``name`` and ``_component_``, or a key :func:`get_lr_scheduler` does not take.
+        ConfigError: a ``_component_`` that does not import or does not take the given keys.
+    """
+    cfg = dict(cfg)
+    component = cfg.pop("_component_", None)
+    if component is None:
+        allowed = set(inspect.signature(get_lr_scheduler).parameters) - {"optimizer", "num_training_steps"}
+        unknown = sorted(set(cfg) - allowed)
+        if unknown:
+            raise ValueError(
+                f"lr_scheduler: unknown key(s) {unknown}; the keys are {sorted(allowed)} (or give _component_ for "
+                "another scheduler)"
+            )
+        return get_lr_scheduler(optimizer, num_training_steps=num_training_steps, **cfg)
+    if "name" in cfg:
+        raise ValueError(f"lr_scheduler: set either name ({cfg['name']!r}) or _component_ ({component!r}), not both")
+    from omegaconf import OmegaConf  # noqa: PLC0415
+
+    from tinytune.config import instantiate, locate  # noqa: PLC0415
+
+    try:
+        takes_steps = "num_training_steps" in inspect.signature(locate(component, "lr_scheduler")).parameters
+    except (TypeError, ValueError):  # builtins without a signature
+        takes_steps = False
+    if takes_steps:
+        cfg.setdefault("num_training_steps", num_training_steps)
+    node = OmegaConf.create({"lr_scheduler": {"_component_": component, **cfg}}).lr_scheduler  # errors name the key
+    return instantiate(node, optimizer)

@@ -72,11 +72,10 @@ def build_optimizer_and_scheduler(cfg, params, total_steps: int):
         params: the parameters to train.
         total_steps: optimizer steps of the whole run (for warmup ratios and decay).
     """
-    from tinytune.training.lr_schedulers import get_lr_scheduler  # noqa: PLC0415
+    from tinytune.training.lr_schedulers import build_lr_scheduler  # noqa: PLC0415
     from tinytune.training.optim import build_optimizer  # noqa: PLC0415
     from tinytune.training.setup import cfg_get  # noqa: PLC0415
 
     optimizer = build_optimizer(params, **dict(cfg_get(cfg, "optimizer", {})))
-    sched_cfg = dict(cfg_get(cfg, "lr_scheduler", {"name": "constant"}))
-    lr_scheduler = get_lr_scheduler(optimizer, num_training_steps=total_steps, **sched_cfg)
+    lr_scheduler = build_lr_scheduler(optimizer, total_steps, cfg_get(cfg, "lr_scheduler", {"name": "constant"}))
     return optimizer, lr_scheduler
