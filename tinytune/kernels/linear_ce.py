@@ -64,6 +64,7 @@ def _fp32_gemm_ok(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> 
         _OUT_DTYPE_STATE[key] = ok
     return _OUT_DTYPE_STATE[key]
 
+
 # (logits fp32 [c, V] (overwritten with the gradient), labels [c] int64, ignore_index,
 #  grad_scale fp32 [] | None) -> loss per row fp32 [c]
 RowStep = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
