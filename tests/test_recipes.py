@@ -374,7 +374,7 @@ SINGLE_DEVICE = ("full_finetune", "lora_finetune", "dpo", "generate", "chat", "e
 
 
 def test_shipped_configs_name_an_existing_recipe_and_valid_components():
-    from tinytune.cli.registry import list_configs, list_recipes
+    from tinytune.config.registry import list_configs, list_recipes
     from tinytune.config import load_config, validate_config
 
     recipes = list_recipes()

@@ -38,9 +38,9 @@ def cfg_get(cfg: Any, key: str, default: Any = None) -> Any:
 def setup_device(cfg: DictConfig) -> tuple[torch.device, torch.dtype, int]:
     """``(device, dtype, seed)`` from ``device`` (auto), ``dtype`` (fp32) and ``seed`` (0).
 
-    Seeds every RNG (:func:`tinytune.training.device.set_seed`) and returns the seed used.
+    Seeds every RNG (:func:`tinytune.device.set_seed`) and returns the seed used.
     """
-    from tinytune.training.device import get_device, get_dtype, set_seed  # noqa: PLC0415
+    from tinytune.device import get_device, get_dtype, set_seed  # noqa: PLC0415
 
     device = get_device(cfg_get(cfg, "device", "auto"))
     dtype = get_dtype(cfg_get(cfg, "dtype", "fp32"), device)
