@@ -17,6 +17,7 @@ import numpy as np
 from tinytune.datasets.errors import DatasetError
 from tinytune.datasets.styles import ChatSample, PreferenceSample, TextSample
 from tinytune.datasets.templates import Segment, TemplateError
+from tinytune.datasets.templates.base import check_enable_thinking
 
 IGNORE_INDEX = -100
 TRUNCATION_POLICIES = ("prompt_first", "right", "drop")
@@ -105,13 +106,13 @@ class SampleEncoder:
         self.train_on_input = train_on_input
         self.mask_history = mask_history
         self.truncation = truncation
-        self.enable_thinking = enable_thinking
+        self.enable_thinking = check_enable_thinking(enable_thinking)
         self.bos_id = getattr(tokenizer, "bos_id", None)
         self.eos_id = getattr(tokenizer, "eos_id", None)
 
     # -- planning -------------------------------------------------------------------------------
-    def _plan_chat(self, messages: list[dict], mask_history: bool) -> _Plan:
-        segments = self.template.render(messages, enable_thinking=self.enable_thinking)
+    def _plan_chat(self, messages: list[dict], mask_history: bool, tools: list | None = None) -> _Plan:
+        segments = self.template.render(messages, tools=tools, enable_thinking=self.enable_thinking)
         flags = _apply_policy(segments, self.train_on_input, mask_history)
         last_answer = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=-1)
         pieces: list[tuple[str | None, int | None, bool]] = []
@@ -326,7 +327,7 @@ class SampleEncoder:
         for k, s in enumerate(samples):
             try:
                 if isinstance(s, ChatSample):
-                    new = [self._plan_chat(s.messages, self.mask_history)]
+                    new = [self._plan_chat(s.messages, self.mask_history, getattr(s, "tools", None))]
                 elif isinstance(s, PreferenceSample):
                     new = [self._plan_chat(s.chosen, True), self._plan_chat(s.rejected, True)]
                 elif isinstance(s, TextSample):

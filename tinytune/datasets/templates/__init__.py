@@ -45,8 +45,7 @@ def get_template(name: str | Mapping | ChatTemplate | HFChatTemplate, **kwargs):
     Args:
         name: a registry name, a MindSpeed ``prompt_type`` name, ``"hf"`` (the model's own Jinja
             template), a dict of :class:`ChatTemplate` fields, or a template object.
-        **kwargs: for ``"hf"``: ``chat_template`` (Jinja text or path), ``end_of_turn``,
-            ``template_kwargs``; for the
+        **kwargs: for ``"hf"``: ``chat_template`` (Jinja text or path), ``end_of_turn``; for the
             others: :class:`ChatTemplate` fields to override (e.g. ``default_system``).
 
     Raises:
@@ -62,7 +61,7 @@ def get_template(name: str | Mapping | ChatTemplate | HFChatTemplate, **kwargs):
         return ChatTemplate(**fields)
     if name == "hf":
         return HFChatTemplate(**kwargs)
-    kwargs = {k: v for k, v in kwargs.items() if k not in ("chat_template", "end_of_turn", "template_kwargs")}
+    kwargs = {k: v for k, v in kwargs.items() if k not in ("chat_template", "end_of_turn")}
     if name in _REGISTRY:
         t = _REGISTRY[name]
     elif name in mindspeed_prompt_types():

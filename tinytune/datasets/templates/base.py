@@ -150,6 +150,9 @@ class ChatTemplate:
         system_placement: ``"block"`` (own block), ``"first_user"`` (merged into the first user
             turn with ``first_user_system``) or ``"none"`` (system messages are an error).
         first_user_system: how a merged system prompt joins the first user message.
+        first_user_strip: with ``strip_content``, how a merged first user turn is trimmed:
+            ``"parts"`` (system and user each), ``"user"`` (only the user text; Gemma 3) or
+            ``"combined"`` (the joined text; Llama 2).
         system_intro: text that opens every system block (``{date_string}`` is filled in), e.g.
             Llama 3.1's knowledge-cutoff and date lines.
         date_string: the date Llama 3.1's system block names (its template's default).
@@ -178,6 +181,7 @@ class ChatTemplate:
     default_system: str | None = None
     system_placement: str = "block"
     first_user_system: str = "{system}\n\n{content}"
+    first_user_strip: str = "parts"
     system_intro: str = ""
     date_string: str = "26 Jul 2024"
     strip_content: bool = False
@@ -255,7 +259,7 @@ class ChatTemplate:
                     emit(out, self.separator, message=i)
                 content = self._content(m)
                 if first_prompt and system is not None and self.system_placement == "first_user":
-                    content = self.first_user_system.replace("{system}", system).replace("{content}", content)
+                    content = self._merge_system(system, messages[start - 1] if start else None, m)
                 if i == start and tools_text is not None and self.tool_format == "llama3_1":
                     content = tools_text + content
                 emit(out, self.user, content, message=i)
@@ -277,6 +281,19 @@ class ChatTemplate:
             if self.reasoning == "qwen3" and enable_thinking is False:
                 emit(out, "<think>\n\n</think>\n\n")
         return out
+
+    def _merge_system(self, system: str, system_message: dict | None, user: dict) -> str:
+        """The first user turn with the system prompt joined to it (``first_user_strip`` rules)."""
+        raw_system = system if system_message is None else (system_message.get("content") or "")
+        raw_user = user.get("content") or ""
+        if not self.strip_content or self.first_user_strip == "parts":
+            sys_text, user_text = system, self._content(user)
+        elif self.first_user_strip == "user":
+            sys_text, user_text = raw_system, raw_user.strip()
+        else:
+            sys_text, user_text = raw_system, raw_user
+        merged = self.first_user_system.replace("{system}", sys_text).replace("{content}", user_text)
+        return merged.strip() if self.strip_content and self.first_user_strip == "combined" else merged
 
     def _tool_turn(self, out: list[Segment], messages: list[dict], i: int, first_prompt: bool) -> None:
         """A tool result (masked); consecutive results share ``tool_open``/``tool_close``."""

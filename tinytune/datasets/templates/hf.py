@@ -96,6 +96,7 @@ class HFChatTemplate:
     """
 
     name = "hf"
+    MASKING = "prefix-render"  # part of the token-cache key: caches built with other rules are not reused
 
     def __init__(self, chat_template: str | None = None, end_of_turn: list[str] | None = None,
                  bos_token: str = "", eos_token: str = "", template_kwargs: dict | None = None):
