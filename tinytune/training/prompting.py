@@ -52,13 +52,17 @@ def encode_chat_prompt(tokenizer, template, messages: list[dict], enable_thinkin
     """
     segments = template.render(messages, add_generation_prompt=True, enable_thinking=enable_thinking)
     ids: list[int] = []
+    text = ""  # consecutive text segments are encoded as one string, as the whole render would be
     for seg in segments:
         if seg.special is not None:
+            ids.extend(tokenizer.encode(text, add_bos=False, add_eos=False) if text else [])
+            text = ""
             tid = tokenizer.bos_id if seg.special == "bos" else tokenizer.eos_id
             if tid is not None:
                 ids.append(int(tid))
-        elif seg.text:
-            ids.extend(tokenizer.encode(seg.text, add_bos=False, add_eos=False))
+        else:
+            text += seg.text
+    ids.extend(tokenizer.encode(text, add_bos=False, add_eos=False) if text else [])
     return ids
 
 
@@ -135,8 +139,7 @@ class SampleGenerations:
     """Answers ``sample_generation.prompts`` before and after training and compares them.
 
     Config keys: ``sample_generation.prompts`` (none: everything here is a no-op),
-    ``sample_generation.max_new_tokens`` (48), ``sample_generation.system``,
-    ``sample_generation.enable_thinking`` (Qwen3; null) and ``template`` (``hf``).
+    ``sample_generation.max_new_tokens`` (48), ``sample_generation.system`` and ``template`` (``hf``).
     Decoding is greedy.
 
     Args:
@@ -152,8 +155,9 @@ class SampleGenerations:
         self.prompts = list(cfg_get(gen_cfg, "prompts", []) or [])
         self.template = get_bound_template(cfg_get(cfg, "template", "hf"), tokenizer) if self.prompts else None
         self.gen_kw = dict(max_new_tokens=int(cfg_get(gen_cfg, "max_new_tokens", 48)),
-                           system=cfg_get(gen_cfg, "system"),
-                           enable_thinking=thinking_from_cfg(cfg, "sample_generation.enable_thinking"))
+                           system=cfg_get(gen_cfg, "system"))
+        # sample_generation.enable_thinking (Qwen3): true / false / null, as for the dataset
+        self.gen_kw["enable_thinking"] = thinking_from_cfg(cfg, "sample_generation.enable_thinking")
         self.before: list[str] = []
 
     def _answer(self, model: nn.Module) -> list[str]:
