@@ -228,7 +228,13 @@ class HFChatTemplate:
             at, s = min(hits, key=lambda h: (h[0], -len(h[1])))
             end = at + len(s)
             if start > cursor:
-                out.append(Segment(text=text[cursor:start], message=k))
+                # The assistant header (the generation prompt's own text) belongs to turn k, what
+                # comes before it to the earlier messages (truncation keeps turn k whole).
+                prev = self._render(messages[:k], tools, False, kw) if k else ""
+                head = len(prev) if cursor <= len(prev) < start and text.startswith(prev) else cursor
+                if head > cursor:
+                    out.append(Segment(text=text[cursor:head]))
+                out.append(Segment(text=text[head:start], message=k))
             out.append(Segment(text=text[start:end], train=True, message=k))
             cursor = end
         if cursor < len(text):
