@@ -50,11 +50,22 @@ def reference_tokenizer(family: str):
     return PreTrainedTokenizerFast(tokenizer_file=_extended_tokenizer_json(), eos_token=inv[tok.eos_id], **kw)
 
 
+class WithTools:
+    """A bound template that renders every conversation with one tool list (the dataset side passes a
+    row's ``tools`` column the same way: ``render(messages, tools=...)``)."""
+
+    def __init__(self, template, tools):
+        self.template, self.tools, self.name = template, tools, template.name
+        self.stop_strings = template.stop_strings
+
+    def render(self, messages, **kw):
+        return self.template.render(messages, **{"tools": self.tools, **kw})
+
+
 def encode(tok, template, messages, *, tools=None, enable_thinking=None):
-    sample = ChatSample(messages)
     if tools is not None:
-        sample.tools = tools
-    (seq,) = SampleEncoder(tok, template, enable_thinking=enable_thinking).encode_samples([sample])[0]
+        template = WithTools(template, tools)
+    (seq,) = SampleEncoder(tok, template, enable_thinking=enable_thinking).encode_samples([ChatSample(messages)])[0]
     return seq.tokens, seq.labels
 
 

@@ -4,7 +4,9 @@ OpenAI-format ``tool_calls`` / ``tool`` messages token- and mask-exact against t
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 import random
 
 import pytest
@@ -12,6 +14,8 @@ import pytest
 from template_corpus import reference_encoding
 from test_datasets_helpers import tinytune_test_tokenizer
 from test_templates_fidelity import encode, jinja, reference_tokenizer
+from tinytune.datasets import sft_dataset
+from tinytune.datasets.styles import ChatSample
 from tinytune.datasets.templates import TemplateError, get_template
 
 WEATHER = {"type": "function", "function": {
@@ -155,3 +159,27 @@ def test_llama3_1_date_string_and_tool_turn_of_llama3():
     msgs = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}, {"role": "tool", "content": " r "}]
     assert get_template("llama3").render_text(msgs, bos_token="<|begin_of_text|>") == render(
         hf_tok, jinja("llama3"), msgs)
+
+
+EXAMPLE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "examples",
+                       "tool_calls.jsonl")
+
+
+def test_example_tool_dataset_renders_like_official_qwen2_5(tmp_path):
+    """The README's example rows (configs/qwen2_5/0.5B_lora_tools.yaml) through qwen2_5 and hf."""
+    tok = tinytune_test_tokenizer("chatml")
+    hf_tok = reference_tokenizer("chatml")
+    with open(EXAMPLE, encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    assert len(rows) >= 4
+    hf_t = get_template("hf", chat_template=jinja("qwen2_5"), end_of_turn=["<|im_end|>"]).bind(tok)
+    for row in rows:
+        ref = reference_encoding(hf_tok, jinja("qwen2_5"), row["messages"], "<|im_end|>", tools=row["tools"])
+        for t in (get_template("qwen2_5").bind(tok), hf_t):
+            assert encode(tok, t, row["messages"], tools=row["tools"]) == ref
+    if "tools" not in {f.name for f in dataclasses.fields(ChatSample)}:
+        pytest.skip("the dataset side does not read a `tools` column on this branch yet")
+    ds = sft_dataset(tok, EXAMPLE, style="messages", template="qwen2_5", cache_dir=str(tmp_path), num_workers=1)
+    for i, row in enumerate(rows):
+        ref = reference_encoding(hf_tok, jinja("qwen2_5"), row["messages"], "<|im_end|>", tools=row["tools"])
+        assert (list(ds[i]["tokens"]), list(ds[i]["labels"])) == (ref[0], ref[1])

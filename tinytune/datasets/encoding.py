@@ -111,8 +111,8 @@ class SampleEncoder:
         self.eos_id = getattr(tokenizer, "eos_id", None)
 
     # -- planning -------------------------------------------------------------------------------
-    def _plan_chat(self, messages: list[dict], mask_history: bool, tools: list | None = None) -> _Plan:
-        segments = self.template.render(messages, tools=tools, enable_thinking=self.enable_thinking)
+    def _plan_chat(self, messages: list[dict], mask_history: bool) -> _Plan:
+        segments = self.template.render(messages, enable_thinking=self.enable_thinking)
         flags = _apply_policy(segments, self.train_on_input, mask_history)
         last_answer = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=-1)
         pieces: list[tuple[str | None, int | None, bool]] = []
@@ -327,7 +327,7 @@ class SampleEncoder:
         for k, s in enumerate(samples):
             try:
                 if isinstance(s, ChatSample):
-                    new = [self._plan_chat(s.messages, self.mask_history, getattr(s, "tools", None))]
+                    new = [self._plan_chat(s.messages, self.mask_history)]
                 elif isinstance(s, PreferenceSample):
                     new = [self._plan_chat(s.chosen, True), self._plan_chat(s.rejected, True)]
                 elif isinstance(s, TextSample):
