@@ -130,7 +130,10 @@ def convert_row(row: Any, file: str, row_no: int, *, style: str, column_map: Map
 
 def _resolve_template(tokenizer, template, prompt_type, chat_template, style):
     if prompt_type:
-        template = prompt_type
+        if template is not None:
+            raise DatasetError(f"both `template` ({template!r}) and `prompt_type` ({prompt_type!r}) are set",
+                               hint="Keep one: `prompt_type` names a MindSpeed prompt type, `template` a tinytune one")
+        template = f"mindspeed:{prompt_type}"
     if template is None:
         if style == "text":
             return None
