@@ -144,6 +144,10 @@ class MindSpeedTemplate:
     entry: dict
     default_system: str | None = None
 
+    def __post_init__(self):
+        if self.default_system is None:
+            object.__setattr__(self, "default_system", self.entry.get("default_system", ""))
+
     # -- table lookups ------------------------------------------------------------------------
     @property
     def efficient_eos(self) -> bool:
@@ -290,8 +294,7 @@ class MindSpeedTemplate:
         system, start = None, 0
         if messages and messages[0]["role"] == "system":
             system, start = messages[0].get("content") or "", 1
-        default = self.entry.get("default_system", "") if self.default_system is None else self.default_system
-        system = system or default
+        system = system or self.default_system
         tool_text = self._tool_text(tools) if tools else ""
         llama2 = self.entry.get("template_class") == "Llama2Template"
         turns = messages[start:]
