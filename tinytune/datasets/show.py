@@ -101,6 +101,13 @@ def dataset_stats(ds: Any) -> dict:
     }
 
 
+def data_summary(ds: Any) -> dict:
+    """The part of :func:`dataset_stats` a training summary records (counts by reason, no histogram)."""
+    st = dataset_stats(ds)
+    keys = ("rows", "sequences", "skipped_bad", "dropped", "truncated", "trained_fraction", "unused_columns")
+    return {k: st[k] for k in keys}
+
+
 def format_stats(stats: dict, name: str = "dataset") -> str:
     """The statistics as readable lines."""
     lines = [f"{name}: {stats['rows']} rows read -> {stats['sequences']} sequences, {stats['tokens']} tokens, "
