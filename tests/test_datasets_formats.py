@@ -242,3 +242,12 @@ def test_missing_tool_support_names_template():
     assert "'chatml' cannot render tool calls" in res[0]
     with pytest.raises(TemplateError):
         get_template("mindspeed:glm4").render(TOOL_CONV, tools=TOOLS)
+
+
+def test_long_text_chunks_are_counted(tmp_path):
+    from tinytune.datasets import text_dataset
+
+    tok = llama3_test_tokenizer()
+    ds = text_dataset(tok, [{"text": " ".join(["word"] * 200)}, {"text": "short"}], max_seq_len=64,
+                      cache_dir=str(tmp_path), num_workers=1)
+    assert len(ds) == 5 and ds.meta["truncated"] == {"text_chunked": 1}
