@@ -251,3 +251,15 @@ def test_long_text_chunks_are_counted(tmp_path):
     ds = text_dataset(tok, [{"text": " ".join(["word"] * 200)}, {"text": "short"}], max_seq_len=64,
                       cache_dir=str(tmp_path), num_workers=1)
     assert len(ds) == 5 and ds.meta["truncated"] == {"text_chunked": 1}
+
+
+def test_tool_call_turn_with_text_is_an_error_for_mindspeed():
+    from tinytune.datasets.templates import get_template
+
+    msgs = [U("q"), {"role": "assistant", "content": "Let me check.", "tool_calls": TOOL_CONV[1]["tool_calls"]},
+            {"role": "tool", "content": "rain"}, A("It rains.")]
+    with pytest.raises(TemplateError, match="has text too"):
+        get_template("mindspeed:qwen3").render(msgs, tools=TOOLS)
+    default = get_template("mindspeed:chatml").render_text(TOOL_CONV, tools=TOOLS, eos_token="<E>")
+    assert "You have access to the following tools:\n> Tool Name: wx\n" in default
+    assert 'Action: wx\nAction Input: {"city": "Oslo"}<|im_end|>' in default  # replace_eos: EOS is <|im_end|>

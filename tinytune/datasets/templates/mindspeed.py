@@ -248,9 +248,13 @@ class MindSpeedTemplate:
         calls = _calls(m)
         fmt = (self.entry.get("format_function") or {}).get("tool_format")
         slots = self._fmt("function")
+        thought = re.search(f"{re.escape(self.thought_words[0])}(.*){re.escape(self.thought_words[1])}",
+                            content, re.DOTALL)
+        rest = content.replace(thought.group(0), "") if thought else content
+        if rest.strip() or (thought and fmt != "qwen"):
+            raise TemplateError(f"prompt type {self.name!r}: an assistant turn with tool calls has text too; "
+                                "MindSpeed renders a function-call turn as the calls alone")
         if fmt == "qwen":
-            thought = re.search(f"{re.escape(self.thought_words[0])}(.*){re.escape(self.thought_words[1])}",
-                                content, re.DOTALL)
             text = "\n".join("<tool_call>\n" + json.dumps({"name": n, "arguments": a}, ensure_ascii=False)
                              + "\n</tool_call>" for n, a in calls)
             return slots, {"content": (thought.group(0) if thought else "") + text}
