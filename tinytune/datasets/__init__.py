@@ -13,6 +13,7 @@ from tinytune.datasets.errors import DatasetError
 from tinytune.datasets.packing import PackedDataset, pack_bins
 from tinytune.datasets.readers import iter_rows
 from tinytune.datasets.sampler import GroupByLengthSampler
+from tinytune.datasets.show import data_summary, dataset_stats, show_dataset
 from tinytune.datasets.sft import (
     PreferenceDataset,
     TokenizedDataset,
@@ -36,6 +37,8 @@ __all__ = [
     "chat_dataset",
     "chatterbot_dataset",
     "chitchat_dataset",
+    "data_summary",
+    "dataset_stats",
     "default_cache_dir",
     "get_template",
     "iter_rows",
@@ -46,5 +49,6 @@ __all__ = [
     "preference_collate",
     "preference_dataset",
     "sft_dataset",
+    "show_dataset",
     "text_dataset",
 ]
