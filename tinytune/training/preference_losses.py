@@ -97,6 +97,11 @@ def kto_losses(chosen_logratios: torch.Tensor, rejected_logratios: torch.Tensor,
     return torch.cat([desirable_weight * chosen, undesirable_weight * rejected])
 
 
+def bradley_terry_losses(chosen_scores: torch.Tensor, rejected_scores: torch.Tensor) -> torch.Tensor:
+    """Reward-model loss (Bradley-Terry): ``-log sigmoid(r_chosen - r_rejected)`` per pair; ``[b]``."""
+    return -F.logsigmoid(chosen_scores - rejected_scores)
+
+
 def kto_kl(policy_mismatched_logps: torch.Tensor, reference_mismatched_logps: torch.Tensor) -> torch.Tensor:
     """KTO's reference point: mean log-ratio over mismatched (prompt, completion) pairs, detached, >= 0."""
     return (policy_mismatched_logps - reference_mismatched_logps).mean().detach().clamp(min=0)
