@@ -137,7 +137,7 @@ def recipe_main(cfg: DictConfig) -> dict:
                                                tokenizer_dir=checkpoint_dir)
     summary["loss_plot"] = plot_loss(os.path.join(out_dir, "metrics.jsonl"), os.path.join(out_dir, "loss.png"),
                                      title=f"lora_finetune: {os.path.basename(out_dir)}")
-    samples.generate_after(model, out_dir)
+    summary.update(samples.generate_after(model, out_dir))  # held-out fractions, if any
     return write_summary(out_dir, summary, t_start)
 
 

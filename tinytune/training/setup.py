@@ -62,7 +62,8 @@ def prepare_output_dir(cfg: DictConfig) -> str:
 def resolve_checkpoint_dir(cfg: DictConfig) -> str:
     """The HF checkpoint directory to start from.
 
-    ``checkpoint_dir`` is used when it exists; otherwise, when ``bundled_model`` names a bundled
+    ``checkpoint_dir`` is used when it exists (``hf://ORG/NAME[@REV]``: a Hugging Face Hub model,
+    see :func:`tinytune.hub.resolve_hf_checkpoint`); otherwise, when ``bundled_model`` names a bundled
     model (``smollm2-135m-instruct``), it is converted on first use (``tune download``).
 
     Raises:
@@ -70,6 +71,13 @@ def resolve_checkpoint_dir(cfg: DictConfig) -> str:
     """
     path = cfg_get(cfg, "checkpoint_dir")
     bundled = cfg_get(cfg, "bundled_model")
+    if path and str(path).startswith("hf://"):  # a hub model: the hub cache, downloaded on first use
+        from tinytune.hub import HubError, resolve_hf_checkpoint  # noqa: PLC0415
+
+        try:
+            return resolve_hf_checkpoint(str(path))
+        except HubError as e:
+            raise ConfigError(f"checkpoint_dir: {path}: {e}") from None
     if path:
         path = os.path.abspath(os.path.expanduser(str(path)))
         if os.path.isfile(os.path.join(path, "config.json")):
