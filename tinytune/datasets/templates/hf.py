@@ -187,8 +187,9 @@ class HFChatTemplate:
             f"template 'hf': message {k} (assistant): the chat template's render of the first {k} message(s) "
             f"with add_generation_prompt=True is not a prefix of the whole conversation's render (they differ "
             f"at character {common}: {seen[-1][common:common + 40]!r} vs {text[common:common + 40]!r}), so the "
-            "answer cannot be located; the template rewrites earlier turns depending on later ones. Use a "
-            "named template, or mask_history: true with one answer per sample")
+            "answer cannot be located; the template rewrites earlier turns depending on later ones. Use the "
+            "family's named template (e.g. qwen3), or split the conversation into samples that end before "
+            "the rewritten turn")
 
     def render(self, messages: list[dict], *, tools: list[dict] | None = None, add_generation_prompt: bool = False,
                enable_thinking: bool | None = None) -> list[Segment]:
