@@ -211,3 +211,15 @@ def test_qwen3_multi_step_reasoning_hf_error_names_turn_builtin_renders_official
 
     ref = render(reference_tokenizer("chatml"), jinja("qwen3"), msgs)
     assert get_template("qwen3").render_text(msgs) == ref
+
+
+def test_hf_template_failures_are_template_errors():
+    """A Jinja error (here: Qwen2.5 reads messages[0] when an answer opens the conversation) is a
+    TemplateError, which the dataset reports per row, not a bare traceback."""
+    tok = tinytune_test_tokenizer("chatml")
+    t = get_template("hf", chat_template=jinja("qwen2_5"), end_of_turn=["<|im_end|>"]).bind(tok)
+    msgs = [{"role": "assistant", "content": "hi"}, {"role": "user", "content": "q"}]
+    with pytest.raises(TemplateError, match=r"the chat template failed on 0 message\(s\) \+ generation prompt"):
+        t.render(msgs)
+    res = SampleEncoder(tok, t).encode_samples([ChatSample(msgs)])
+    assert isinstance(res[0], str) and "chat template failed" in res[0]

@@ -140,8 +140,15 @@ class HFChatTemplate:
         kw = dict(self.template_kwargs, **thinking_kw)
         if tools is not None:
             kw["tools"] = tools
-        return render_jinja(self.chat_template, messages, bos_token=self.bos_token, eos_token=self.eos_token,
-                            add_generation_prompt=add_generation_prompt, **kw)
+        try:
+            return render_jinja(self.chat_template, messages, bos_token=self.bos_token, eos_token=self.eos_token,
+                                add_generation_prompt=add_generation_prompt, **kw)
+        except TemplateError:
+            raise
+        except Exception as e:  # jinja2 errors, or a template indexing a message that is not there
+            raise TemplateError(f"template 'hf': the chat template failed on {len(messages)} message(s)"
+                                f"{' + generation prompt' if add_generation_prompt else ''}: "
+                                f"{type(e).__name__}: {e}") from None
 
     def render_text(self, messages: list[dict], *, tools: list[dict] | None = None, bos_token: str | None = None,
                     eos_token: str | None = None, add_generation_prompt: bool = False,
