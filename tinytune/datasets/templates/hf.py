@@ -134,6 +134,12 @@ class HFChatTemplate:
     def stop_strings(self) -> tuple[str, ...]:
         return tuple(self.end_of_turn)
 
+    def _thinking(self, enable_thinking: bool | None) -> bool | None:
+        """``enable_thinking`` after the type check; None for a template that does not read it (then
+        the value changes nothing, as for the built-in templates other than qwen3)."""
+        check_enable_thinking(enable_thinking)
+        return enable_thinking if "enable_thinking" in (self.chat_template or "") else None
+
     def _render(self, messages: list[dict], tools, add_generation_prompt: bool, thinking_kw: dict) -> str:
         if not self.chat_template:
             raise TemplateError("template 'hf' is not bound to a tokenizer/chat template")
@@ -155,7 +161,7 @@ class HFChatTemplate:
                     enable_thinking: bool | None = None) -> str:
         """Renders a conversation to one string (``enable_thinking`` is passed on when not None;
         with False, reasoning is first removed from the messages as in :meth:`render`)."""
-        check_enable_thinking(enable_thinking)
+        enable_thinking = self._thinking(enable_thinking)
         if enable_thinking is False:
             messages = [without_reasoning(m) for m in messages]
         kw = {} if enable_thinking is None else {"enable_thinking": enable_thinking}
@@ -208,13 +214,14 @@ class HFChatTemplate:
             add_generation_prompt: end with the assistant header (for generation).
             enable_thinking: True / False / None with the Qwen3 SFT-guide semantics of the
                 built-in ``qwen3`` template (False removes reasoning from the messages first); the
-                value is passed to the template as ``enable_thinking`` when not None.
+                value is passed to the template as ``enable_thinking`` when not None. Ignored
+                (after its type check) by templates that do not read ``enable_thinking``.
 
         Raises:
             TemplateError: when a turn cannot be located by structure (see :meth:`_answer_start`)
                 or has no end-of-turn token.
         """
-        check_enable_thinking(enable_thinking)
+        enable_thinking = self._thinking(enable_thinking)
         if enable_thinking is False:
             messages = [without_reasoning(m) for m in messages]
         kw = {} if enable_thinking is None else {"enable_thinking": enable_thinking}
