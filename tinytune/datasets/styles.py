@@ -144,7 +144,8 @@ def undetectable(row: Mapping, file: str, row_no: int) -> DatasetError:
     guess = suggest_column_map(cols)
     if not guess and len(cols) >= 2:
         guess = {"instruction": cols[0], "output": cols[1]}
-    example = "{" + ", ".join(f"{k}: {v}" for k, v in guess.items()) + "}" if guess else "{instruction: ..., output: ...}"
+    pairs = ", ".join(f"{k}: {v}" for k, v in guess.items()) if guess else "instruction: ..., output: ..."
+    example = "{" + pairs + "}"
     return DatasetError(f"cannot tell the sample style from the columns {cols}; styles tried ({_NEEDS})",
                         file=file, row=row_no,
                         hint=f"Map your columns, e.g. `column_map: {example}`, or set `style`")
