@@ -42,7 +42,7 @@ from tinytune.training.setup import (
     train_data,
 )
 from tinytune.training.steps import build_optimizer_and_scheduler, current_lr, optimizer_step, sft_accumulate
-from tinytune.training.training_state import open_checkpointer, resume_training_state, save_training_state
+from tinytune.training.checkpointing import open_checkpointer, resume_training_state, save_training_state
 
 
 def recipe_main(cfg: DictConfig) -> dict:
@@ -123,7 +123,7 @@ def recipe_main(cfg: DictConfig) -> dict:
                                                tokenizer_dir=checkpoint_dir)
     summary["loss_plot"] = plot_loss(os.path.join(out_dir, "metrics.jsonl"), os.path.join(out_dir, "loss.png"),
                                      title=f"full_finetune: {os.path.basename(out_dir)}")
-    samples.generate_after(model, out_dir)
+    summary.update(samples.generate_after(model, out_dir))  # held-out fractions, if any
     return write_summary(out_dir, summary, t_start)
 
 

@@ -45,8 +45,9 @@ from tinytune.training.setup import (
     setup_device,
     train_data,
 )
+from tinytune.training.optim import loraplus_param_groups
 from tinytune.training.steps import build_optimizer_and_scheduler, current_lr, optimizer_step, sft_accumulate
-from tinytune.training.training_state import open_checkpointer, resume_training_state, save_training_state
+from tinytune.training.checkpointing import open_checkpointer, resume_training_state, save_training_state
 
 
 def recipe_main(cfg: DictConfig) -> dict:
@@ -74,7 +75,11 @@ def recipe_main(cfg: DictConfig) -> dict:
           f"{total_steps} steps of {accum} x {data.batch_size} samples")
 
     # ---- 4. optimizer, LR schedule, checkpointer (resume) ----------------------------------
-    optimizer, lr_scheduler = build_optimizer_and_scheduler(cfg, model.parameters(), total_steps)
+    # settings key: loraplus_lr_ratio (float, None): LoRA+, the B matrices train at optimizer.lr x this
+    ratio = cfg_get(cfg, "loraplus_lr_ratio")
+    params = (loraplus_param_groups(model, float(cfg_get(cfg, "optimizer.lr", 2e-5)), float(ratio))
+              if ratio is not None else model.parameters())
+    optimizer, lr_scheduler = build_optimizer_and_scheduler(cfg, params, total_steps)
     ckpt = open_checkpointer(cfg, out_dir)
     step = resume_training_state(ckpt, cfg_get(cfg, "resume_from_checkpoint"), model=model, weights_key="adapter",
                                  optimizer=optimizer, lr_scheduler=lr_scheduler, stream=stream)
@@ -132,7 +137,7 @@ def recipe_main(cfg: DictConfig) -> dict:
                                                tokenizer_dir=checkpoint_dir)
     summary["loss_plot"] = plot_loss(os.path.join(out_dir, "metrics.jsonl"), os.path.join(out_dir, "loss.png"),
                                      title=f"lora_finetune: {os.path.basename(out_dir)}")
-    samples.generate_after(model, out_dir)
+    summary.update(samples.generate_after(model, out_dir))  # held-out fractions, if any
     return write_summary(out_dir, summary, t_start)
 
 

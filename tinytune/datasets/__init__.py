@@ -2,7 +2,7 @@
 length-grouped sampling, and a memory-mapped token cache.
 
 Config builders: :func:`sft_dataset` (alias ``chat_dataset``), :func:`text_dataset`,
-:func:`preference_dataset`, :func:`chitchat_dataset`, :func:`chatterbot_dataset`.
+:func:`preference_dataset`, :func:`kto_dataset`, :func:`chitchat_dataset`, :func:`chatterbot_dataset`.
 """
 
 from tinytune.datasets.cache import TokenCache, default_cache_dir
@@ -10,6 +10,7 @@ from tinytune.datasets.collate import packed_collate, padded_collate, preference
 from tinytune.datasets.corpora import chatterbot_dataset, chitchat_dataset
 from tinytune.datasets.encoding import IGNORE_INDEX, SampleEncoder, labels_from_mask
 from tinytune.datasets.errors import DatasetError
+from tinytune.datasets.kto import KTODataset, kto_collate, kto_dataset
 from tinytune.datasets.packing import PackedDataset, pack_bins
 from tinytune.datasets.readers import iter_rows
 from tinytune.datasets.sampler import GroupByLengthSampler
@@ -28,6 +29,7 @@ __all__ = [
     "IGNORE_INDEX",
     "DatasetError",
     "GroupByLengthSampler",
+    "KTODataset",
     "PackedDataset",
     "PreferenceDataset",
     "SampleEncoder",
@@ -42,6 +44,8 @@ __all__ = [
     "default_cache_dir",
     "get_template",
     "iter_rows",
+    "kto_collate",
+    "kto_dataset",
     "labels_from_mask",
     "pack_bins",
     "packed_collate",

@@ -106,7 +106,9 @@ def fingerprint_template(template) -> Any:
             "source": hashlib.blake2b((getattr(template, "chat_template", "") or "").encode(),
                                       digest_size=16).hexdigest(),
             "end_of_turn": list(getattr(template, "end_of_turn", []) or []),
-            "bos": getattr(template, "bos_token", ""), "eos": getattr(template, "eos_token", "")}
+            "bos": getattr(template, "bos_token", ""), "eos": getattr(template, "eos_token", ""),
+            "template_kwargs": getattr(template, "template_kwargs", None),
+            "masking": getattr(template, "MASKING", None)}
 
 
 def cache_key(parts: dict) -> str:

@@ -18,6 +18,7 @@ import numpy as np
 from tinytune.datasets.errors import DatasetError
 from tinytune.datasets.styles import ChatSample, PreferenceSample, TextSample
 from tinytune.datasets.templates import Segment, TemplateError
+from tinytune.datasets.templates.base import check_enable_thinking
 
 IGNORE_INDEX = -100
 TRUNCATION_POLICIES = ("balanced", "prompt_first", "right", "drop")
@@ -133,7 +134,7 @@ class SampleEncoder:
         self.train_on_input = train_on_input
         self.mask_history = mask_history
         self.truncation = truncation
-        self.enable_thinking = enable_thinking
+        self.enable_thinking = check_enable_thinking(enable_thinking)
         self.bos_id = getattr(tokenizer, "bos_id", None)
         self.eos_id = getattr(tokenizer, "eos_id", None)
 

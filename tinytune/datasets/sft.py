@@ -269,7 +269,9 @@ def sft_dataset(tokenizer, source: Any, *, style: str = "auto", template: Any = 
     Args:
         tokenizer: tinytune tokenizer.
         source: a file (.json .jsonl .csv .parquet .arrow .txt), a directory, a glob, a list of
-            those, or a Python list of row dicts.
+            those, or a Python list of row dicts; or a ``datasets`` source (hub id, hub-style or
+            ``save_to_disk`` folder, ``datasets.Dataset``: see :func:`tinytune.datasets.hf_source.hf_dataset`
+            for its options).
         style: ``auto`` (per row from its keys), ``alpaca``, ``sharegpt``, ``messages``,
             ``prompt_completion``, ``text``.
         template: template name (see ``tinytune.datasets.templates``), a dict of template
@@ -300,6 +302,16 @@ def sft_dataset(tokenizer, source: Any, *, style: str = "auto", template: Any = 
         A map-style dataset of ``{"tokens", "labels"}`` items (``PackedDataset`` when packed),
         with a ``lengths`` array for length grouping and ``cache_hit``.
     """
+    from tinytune.datasets import hf_source  # noqa: PLC0415  (hf_source builds on this module: a cycle)
+
+    if hf_source.is_hf_source(source):  # hub id, save_to_disk / hub-style folder, `datasets` object
+        return hf_source.sft_to_hf_dataset(tokenizer, source, split=split, val_fraction=val_fraction, style=style,
+                                           template=template, prompt_type=prompt_type, chat_template=chat_template,
+                                           system_prompt=system_prompt, column_map=column_map, max_seq_len=max_seq_len,
+                                           train_on_input=train_on_input, mask_history=mask_history,
+                                           truncation=truncation, enable_thinking=enable_thinking, packed=packed,
+                                           packing_strategy=packing_strategy, skip_bad_samples=skip_bad_samples,
+                                           cache_dir=cache_dir, num_workers=num_workers)
     tmpl = _resolve_template(tokenizer, template, prompt_type, chat_template, style)
     cache, hit = build_token_cache(
         tokenizer, lambda bad: iter_rows(source, bad), fingerprint_source(source), kind="sft", style=style,
