@@ -115,10 +115,9 @@ def as_messages(system, turns):
 def test_every_prompt_type_text_and_mask_exact(name):
     entry = TABLE[name]
     t = get_template(f"mindspeed:{name}")
-    has_tool_role = True
     checked = 0
     for thinking in ([None, True, False] if entry.get("template_class") == "ReasoningTemplate" else [None]):
-        for system, turns in conversations(30, seed=zlib.crc32(name.encode()), tools=has_tool_role):
+        for system, turns in conversations(30, seed=zlib.crc32(name.encode()), tools=True):
             ref = ref_render(entry, system, turns, thinking)
             segs = t.render(as_messages(system, turns), enable_thinking=thinking)
             assert segments_to_text(segs, BOS, EOS) == "".join(x for x, _ in ref), (name, turns)
@@ -154,7 +153,8 @@ def _tokenizer() -> HFTestTokenizer:
 
 
 def _byte_decoder() -> dict[str, int]:
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    bs = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+          + list(range(ord("®"), ord("ÿ") + 1)))
     cs = bs[:]
     n = 0
     for b in range(256):

@@ -311,14 +311,15 @@ def sft_dataset(tokenizer, source: Any, *, style: str = "auto", template: Any = 
                                            train_on_input=train_on_input, mask_history=mask_history,
                                            truncation=truncation, enable_thinking=enable_thinking, packed=packed,
                                            packing_strategy=packing_strategy, skip_bad_samples=skip_bad_samples,
-                                           cache_dir=cache_dir, num_workers=num_workers)
+                                           cache_dir=cache_dir, num_workers=num_workers, tags=tags)
     tmpl = _resolve_template(tokenizer, template, prompt_type, chat_template, style)
     cache, hit = build_token_cache(
         tokenizer, lambda bad: iter_rows(source, bad), fingerprint_source(source), kind="sft", style=style,
         template=tmpl, column_map=column_map, system_prompt=system_prompt, max_seq_len=max_seq_len,
         train_on_input=train_on_input, mask_history=mask_history, truncation=truncation,
         enable_thinking=enable_thinking, skip_bad_samples=skip_bad_samples, cache_dir=cache_dir,
-        num_workers=num_workers, tags=tags, name=f"sft_dataset({source if isinstance(source, str) else type(source).__name__})")
+        num_workers=num_workers, tags=tags,
+        name=f"sft_dataset({source if isinstance(source, str) else type(source).__name__})")
     return _finish_sft(tokenizer, cache, hit, split=split, val_fraction=val_fraction, seed=seed, packed=packed,
                        max_seq_len=max_seq_len, packing_strategy=packing_strategy)
 

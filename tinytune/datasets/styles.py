@@ -144,7 +144,8 @@ def undetectable(row: Mapping, file: str, row_no: int) -> DatasetError:
     guess = suggest_column_map(cols)
     if not guess and len(cols) >= 2:
         guess = {"instruction": cols[0], "output": cols[1]}
-    example = "{" + ", ".join(f"{k}: {v}" for k, v in guess.items()) + "}" if guess else "{instruction: ..., output: ...}"
+    pairs = ", ".join(f"{k}: {v}" for k, v in guess.items()) if guess else "instruction: ..., output: ..."
+    example = "{" + pairs + "}"
     return DatasetError(f"cannot tell the sample style from the columns {cols}; styles tried ({_NEEDS})",
                         file=file, row=row_no,
                         hint=f"Map your columns, e.g. `column_map: {example}`, or set `style`")
@@ -218,8 +219,9 @@ def validate_conversation(messages: list[dict], file: str, row_no: int, *, need_
     """Checks role order and non-empty answers.
 
     Rules: an optional system message first; then prompt turns (user/tool) and assistant turns
-    alternate, starting with a prompt turn; an assistant turn has content, reasoning or tool
-    calls; a training conversation ends with an assistant turn.
+    alternate, starting with a prompt turn (consecutive tool messages count as one turn: the
+    results of parallel calls); an assistant turn has content, reasoning or tool calls; a
+    training conversation ends with an assistant turn.
 
     Raises:
         DatasetError: naming the message index and the problem.
@@ -238,6 +240,8 @@ def validate_conversation(messages: list[dict], file: str, row_no: int, *, need_
             raise DatasetError(f"message {k}: unknown role {role!r} (use system/user/assistant/tool)", file=file,
                                row=row_no, hint=hint)
         is_prompt = role in PROMPT_ROLES
+        if role == "tool" and k > start and messages[k - 1]["role"] == "tool":
+            continue  # results of parallel tool calls, one message each
         if is_prompt != expect_prompt:
             want = "user" if expect_prompt else "assistant"
             raise DatasetError(f"message {k}: role {role!r} out of order (expected {want}; roles must alternate "
