@@ -53,6 +53,7 @@ def test_mixed_dataset_items_lengths_and_state():
     assert sorted(got) == sorted([("a", i) for i in range(6)] + [("b", i) for i in range(3)] * 2)
     assert mix.lengths.tolist() == [t[1] + 1 for t in got]
     assert mix.contributed == [6, 6] and mix.served == [6, 6]
+    assert mix.describe() == "dataset mix (seed 0, 12 samples): a: 6 samples (50.0%) of its 6, b: 6 samples (50.0%) of its 3"
     fresh = MixedDataset([a, b], ["a", "b"], epochs=[1, 2], seed=0)
     fresh.load_state_dict(mix.state_dict())
     assert fresh.served == [6, 6]

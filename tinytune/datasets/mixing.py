@@ -120,10 +120,7 @@ class MixedDataset(Dataset):
         self.contributed = np.bincount(self.source, minlength=len(datasets)).tolist()
         self.served = [0] * len(datasets)
         self.cache_hit = all(getattr(d, "cache_hit", False) for d in datasets)
-        total = max(1, len(self.source))
-        log.info("dataset mix (seed %d): %s", self.seed, ", ".join(
-            f"{n}: {c} samples ({100 * c / total:.1f}%) of {len(d)}" for n, c, d in zip(names, self.contributed,
-                                                                                       datasets)))
+        log.info("%s", self.describe())
 
     def __len__(self) -> int:
         return len(self.source)
@@ -143,9 +140,12 @@ class MixedDataset(Dataset):
         self.served[s] += 1
         return self.datasets[s][int(self.index[i])]
 
-    def summary(self) -> str:
-        """``name: N samples`` per source, for the log."""
-        return ", ".join(f"{n}: {c}" for n, c in zip(self.names, self.contributed))
+    def describe(self) -> str:
+        """One line: how many samples each source contributes to one pass of the mix."""
+        total = max(1, len(self.source))
+        parts = [f"{n}: {c} samples ({100 * c / total:.1f}%) of its {len(d)}"
+                 for n, c, d in zip(self.names, self.contributed, self.datasets)]
+        return f"dataset mix (seed {self.seed}, {len(self.source)} samples): " + ", ".join(parts)
 
     def state_dict(self) -> dict:
         """The mix's identity (seed, per-source counts) and the items served per source."""

@@ -209,10 +209,12 @@ def _build_mix(nodes: ListConfig, tokenizer, where: str, seed: int):
         epochs.append(n_epochs)
     use_w = any(w is not None for w in weights)
     try:
-        return MixedDataset(parts, names, weights=weights if use_w else None,
-                            epochs=epochs if any(e is not None for e in epochs) else None, seed=seed)
+        mix = MixedDataset(parts, names, weights=weights if use_w else None,
+                           epochs=epochs if any(e is not None for e in epochs) else None, seed=seed)
     except DatasetError as e:
         raise ConfigError(str(e)) from None
+    print(mix.describe())
+    return mix
 
 
 def build_collate(cfg: DictConfig, tokenizer, dataset=None):
