@@ -68,49 +68,37 @@ from tinytune.training.metric_logging import (
     write_summary,
 )
 from tinytune.training.setup import (
-    LORA_KEYS,
-    LoopSettings,
     build_collate,
-    cfg_get,
     load_tokenizer,
+    model_lora,
     prepare_output_dir,
     resolve_checkpoint_dir,
     train_val_datasets,
 )
+from tinytune.config.recipe_settings import (
+    FullFinetuneDistributedSettings,
+    LoRAFinetuneDistributedSettings,
+    LoRASettings,
+)
+from tinytune.models.lora_builders import lora_factory
+from tinytune.modules.peft import set_trainable_params
+from tinytune.training.activation_checkpointing import apply_activation_checkpointing
+from tinytune.training.plotting import plot_loss
 from tinytune.distributed.sharded_model import load_hf_model_sharded
 
 
-def _lora_setup(cfg: DictConfig):
-    """(linear_factory, trainable_fn, export settings) from the LoRA keys of ``cfg.model``."""
-    from tinytune.models.lora_builders import lora_target_modules
-    from tinytune.modules.peft import lora_linear_factory, set_trainable_params
-
-    kw = {k: cfg.model[k] for k in LORA_KEYS if cfg_get(cfg, "model") is not None and k in cfg.model}
-    if kw.get("quantize_base", False):
-        raise ConfigError("model.quantize_base: QLoRA (NF4 base) is not supported by the distributed recipe; "
-                          "use lora_finetune for QLoRA, or LoRA with quantize_base: false here.")
-    targets = lora_target_modules(kw.get("lora_attn_modules", ["q_proj", "v_proj"]), kw.get("apply_lora_to_mlp", False),
-                                  kw.get("apply_lora_to_output", False))
-    settings = {"lora_rank": int(kw.get("lora_rank", 8)), "lora_alpha": float(kw.get("lora_alpha", 16)),
-                "lora_dropout": float(kw.get("lora_dropout", 0.0))}
-    factory = lora_linear_factory(targets, rank=settings["lora_rank"], alpha=settings["lora_alpha"],
-                                  dropout=settings["lora_dropout"])
-    return factory, set_trainable_params, settings
-
-
-def _build_data(cfg: DictConfig, tokenizer, dp_rank: int, dp_size: int, seed: int):
+def _build_data(s, tokenizer, dp_rank: int, dp_size: int, seed: int):
     """Training/validation datasets (as in the single-device recipes), this rank's sampler and loader."""
     # Rank 0 builds first (tokenisation / token cache on disk), the others then read what it wrote.
     if not is_rank_zero():
         dist.barrier()
-    train_ds, val_ds = train_val_datasets(cfg, tokenizer)
+    train_ds, val_ds = train_val_datasets(s.data, tokenizer, s.hardware.seed)
     if is_rank_zero():
         dist.barrier()
-    collate = build_collate(cfg, tokenizer, train_ds)
-    sampler = ResumableDistributedSampler(len(train_ds), dp_size, dp_rank, shuffle=bool(cfg_get(cfg, "shuffle", True)),
-                                          seed=seed)
-    loader = DataLoader(train_ds, batch_size=int(cfg_get(cfg, "batch_size", 4)), sampler=sampler, collate_fn=collate,
-                        drop_last=True, num_workers=int(cfg_get(cfg, "num_workers", 0)))
+    collate = build_collate(s.data.pad_to_multiple_of, tokenizer, train_ds)
+    sampler = ResumableDistributedSampler(len(train_ds), dp_size, dp_rank, shuffle=s.data.shuffle, seed=seed)
+    loader = DataLoader(train_ds, batch_size=s.data.batch_size, sampler=sampler, collate_fn=collate,
+                        drop_last=True, num_workers=s.num_workers)
     return train_ds, val_ds, collate, sampler, loader
 
 
@@ -126,42 +114,45 @@ def _loss_sum(model, batch: dict, use_loss_parallel: bool) -> torch.Tensor:
 def finetune(cfg: DictConfig, lora: bool) -> dict:
     """The training loop shared by the full and LoRA distributed recipes (see the module docstring)."""
     t_start = time.perf_counter()
-    # ---- 1. processes, mesh, precision, seed ---------------------------------------------------
-    cpu_offload = bool(cfg_get(cfg, "fsdp.cpu_offload", False))
-    dist_info = init_distributed(cfg_get(cfg, "device", "auto"), cpu_offload=cpu_offload)
+    # ---- 1. settings (every key checked here), processes, mesh, precision, seed -----------------
+    s = (LoRAFinetuneDistributedSettings if lora else FullFinetuneDistributedSettings).from_config(cfg)
+    loop, par = s.loop, s.parallelism
+    cpu_offload = s.fsdp.cpu_offload
+    dist_info = init_distributed(s.hardware.device, cpu_offload=cpu_offload)
     device = dist_info.device
     dims = ParallelDims.from_config(
         dist_info.world_size,
-        data_parallel_shard=cfg_get(cfg, "parallelism.data_parallel_shard", -1),
-        data_parallel_replicate=cfg_get(cfg, "parallelism.data_parallel_replicate", 1),
-        tensor_parallel=cfg_get(cfg, "parallelism.tensor_parallel", 1),
+        data_parallel_shard=par.data_parallel_shard,
+        data_parallel_replicate=par.data_parallel_replicate,
+        tensor_parallel=par.tensor_parallel,
     )
     mesh = build_device_mesh(dims, device.type)
     dp_rank, dp_size = get_dp_info(mesh)
-    use_loss_parallel = bool(cfg_get(cfg, "parallelism.loss_parallel", False))
+    use_loss_parallel = par.loss_parallel
     # padding-free rows have any length; tensor/sequence parallelism needs the collated [b, s] shape
-    padding_free = bool(cfg_get(cfg, "padding_free", True)) and dims.tp == 1
-    dtype = get_dtype(cfg_get(cfg, "dtype", "fp32"), device)
+    padding_free = loop.padding_free and dims.tp == 1
+    dtype = get_dtype(s.hardware.dtype, device)
     if dtype == torch.float16:
         raise ConfigError("dtype: fp16 needs loss scaling, which the distributed recipe does not do; use bf16 or fp32.")
-    seed = set_seed(cfg_get(cfg, "seed", 0))
-    out_dir = prepare_output_dir(cfg) if is_rank_zero() else os.path.abspath(os.path.expanduser(str(cfg.output_dir)))
+    seed = set_seed(s.hardware.seed)
+    out_dir = prepare_output_dir(s.output_dir, cfg) if is_rank_zero() else os.path.abspath(os.path.expanduser(s.output_dir))
 
     # ---- 2. sharded model and tokenizer -------------------------------------------------------
-    checkpoint_dir = resolve_checkpoint_dir(cfg)
-    tokenizer = load_tokenizer(cfg, checkpoint_dir)
-    factory, trainable, lora_cfg = _lora_setup(cfg) if lora else (None, None, None)
-    if lora and use_loss_parallel and cfg_get(cfg, "model.apply_lora_to_output", False):
+    checkpoint_dir = resolve_checkpoint_dir(s.source)
+    tokenizer = load_tokenizer(s.source, checkpoint_dir)
+    lora_cfg = (model_lora(s.model) or LoRASettings()) if lora else None
+    if lora and lora_cfg.quantize_base:
+        raise ConfigError("model.quantize_base: QLoRA (NF4 base) is not supported by the distributed recipe; "
+                          "use lora_finetune for QLoRA, or LoRA with quantize_base: false here.")
+    if lora and use_loss_parallel and lora_cfg.apply_lora_to_output:
         raise ConfigError("parallelism.loss_parallel cannot be combined with model.apply_lora_to_output.")
-    ac = None
-    if cfg_get(cfg, "activation_checkpointing", False):
-        from tinytune.training.activation_checkpointing import apply_activation_checkpointing as ac
     model, info = load_hf_model_sharded(
-        checkpoint_dir, mesh, device, linear_factory=factory, trainable=trainable,
-        loss_parallel=use_loss_parallel, sequence_parallel=bool(cfg_get(cfg, "parallelism.sequence_parallel", False)),
-        activation_checkpointing=ac,
+        checkpoint_dir, mesh, device, linear_factory=lora_factory(lora_cfg) if lora else None,
+        trainable=set_trainable_params if lora else None,
+        loss_parallel=use_loss_parallel, sequence_parallel=par.sequence_parallel,
+        activation_checkpointing=apply_activation_checkpointing if loop.activation_checkpointing else None,
         fsdp={"param_dtype": None if dtype == torch.float32 else dtype, "reduce_dtype": torch.float32,
-              "cpu_offload": cpu_offload, "reshard_after_forward": bool(cfg_get(cfg, "fsdp.reshard_after_forward", True))},
+              "cpu_offload": cpu_offload, "reshard_after_forward": s.fsdp.reshard_after_forward},
     )
     params = [p for p in model.parameters() if p.requires_grad]
     if lora:
@@ -175,25 +166,25 @@ def finetune(cfg: DictConfig, lora: bool) -> dict:
               f"dp_shard={dims.dp_shard}, tp={dims.tp})")
 
     # ---- 3. data: this rank's slice of every global batch --------------------------------------
-    dataset, val_ds, collate, sampler, loader = _build_data(cfg, tokenizer, dp_rank, dp_size, seed)
+    dataset, val_ds, collate, sampler, loader = _build_data(s, tokenizer, dp_rank, dp_size, seed)
     batch_size = loader.batch_size
-    accum = int(cfg_get(cfg, "gradient_accumulation_steps", 1))
+    accum = s.data.gradient_accumulation_steps
     steps_per_epoch = len(loader) // accum
     if steps_per_epoch == 0:
         raise ConfigError(
             f"batch_size={batch_size} x gradient_accumulation_steps={accum} x {dp_size} data-parallel ranks needs more "
             f"than the {len(dataset)} training samples; lower them or add data."
         )
-    total_steps = int(cfg_get(cfg, "max_steps", 0)) or int(cfg_get(cfg, "epochs", 1)) * steps_per_epoch
+    total_steps = s.data.max_steps or s.data.epochs * steps_per_epoch
     if is_rank_zero():
         print(f"data: {len(dataset)} train / {len(val_ds) if val_ds else 0} validation samples; {total_steps} steps "
               f"of {accum} x {batch_size} samples x {dp_size} data-parallel ranks")
 
     # ---- 4. optimizer, schedule, DCP resume ------------------------------------------------------
-    optimizer, lr_scheduler = build_optimizer_and_scheduler(cfg, params, total_steps)
-    ckpt = DistributedCheckpointer(out_dir, keep_last=cfg_get(cfg, "keep_last_checkpoints", 2))
+    optimizer, lr_scheduler = build_optimizer_and_scheduler(s.optim, params, total_steps)
+    ckpt = DistributedCheckpointer(out_dir, keep_last=loop.keep_last_checkpoints)
     step, epoch, batches_done = 0, 0, 0  # batches_done: this rank's micro-batches used in `epoch`
-    resume_path = ckpt.resolve(cfg_get(cfg, "resume_from_checkpoint"))
+    resume_path = ckpt.resolve(loop.resume_from_checkpoint)
     if resume_path is not None:
         state = ckpt.load(resume_path, model, optimizer)
         if (state.get("batch_size"), state.get("accum")) != (batch_size, accum):
@@ -216,8 +207,8 @@ def finetune(cfg: DictConfig, lora: bool) -> dict:
         })
 
     # ---- 5. training loop ------------------------------------------------------------------------
-    loggers = build_metric_loggers(cfg_get(cfg, "metric_loggers"), out_dir) if is_rank_zero() else None
-    loop = LoopSettings.from_config(cfg)  # log / validate / checkpoint cadence, stop_after, clip
+    loggers = build_metric_loggers(loop.metric_loggers, out_dir) if is_rank_zero() else None
+    val_cfg = s.data.validation
     loss_ctx = loss_parallel if use_loss_parallel else contextlib.nullcontext
 
     def validate() -> None:
@@ -225,8 +216,8 @@ def finetune(cfg: DictConfig, lora: bool) -> dict:
             with loss_ctx():
                 return _loss_sum(m, b, use_loss_parallel)
 
-        val = evaluate_loss_distributed(model, val_ds, collate, int(cfg_get(cfg, "validation.batch_size", batch_size)),
-                                        mesh.dp, device, loss_fn, loop.val_max_batches)
+        val = evaluate_loss_distributed(model, val_ds, collate, val_cfg.batch_size or batch_size,
+                                        mesh.dp, device, loss_fn, val_cfg.max_batches)
         if loggers is not None:
             loggers.log_dict(validation_row(val), step)
         summary_val.update(validation_row(val))
@@ -258,7 +249,7 @@ def finetune(cfg: DictConfig, lora: bool) -> dict:
                 # FSDP averages gradients over dp ranks; scale so they add up instead.
                 (loss * dp_size).backward()
             local_loss += loss.detach().full_tensor() if hasattr(loss, "full_tensor") else loss.detach()
-        grad_norm = float(clip_grad_norm_(params, float(loop.clip))) if loop.clip else None
+        grad_norm = float(clip_grad_norm_(params, loop.clip_grad_norm)) if loop.clip_grad_norm else None
         optimizer.step()
         lr_scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -268,14 +259,13 @@ def finetune(cfg: DictConfig, lora: bool) -> dict:
         dt = time.perf_counter() - t0
         train_seconds += dt
         train_tokens += int(num_tokens)
-        if loggers is not None and (step % loop.log_every == 0 or step == total_steps):  # this step's numbers
+        if loggers is not None and loop.log_due(step, total_steps):  # this step's numbers
             log_train_row(loggers, step, train_row(loss_value, lr, int(num_tokens), dt, epoch), device, grad_norm)
-        if val_ds is not None and loop.val_every and step % loop.val_every == 0 and step != total_steps:
+        if val_ds is not None and val_cfg.due(step, total_steps):
             validate()
-        checkpoint_due = (loop.ckpt_every and step % loop.ckpt_every == 0) or (loop.stop_after and step == loop.stop_after)
-        if step < total_steps and checkpoint_due:
+        if step < total_steps and loop.checkpoint_due(step):
             save_training_state()  # (the last step is exported as HF below instead)
-        if loop.stop_after and loop.stop_after <= step < total_steps:
+        if loop.stops_early(step, total_steps):
             if is_rank_zero():
                 report_early_stop(step)
                 loggers.close()
@@ -286,22 +276,22 @@ def finetune(cfg: DictConfig, lora: bool) -> dict:
         validate()
     summary = {"step": step, "loss": loss_value, "output_dir": out_dir, "world_size": dist_info.world_size,
                "train_seconds": round(train_seconds, 2), "train_label_tokens": train_tokens, **summary_val}
-    if cfg_get(cfg, "save_hf", True) or (lora and cfg_get(cfg, "save_adapter", True)):
+    save_adapter = lora and s.save_adapter
+    if s.save_hf or save_adapter:
         full = gather_full_state_dict(model)  # collective: every rank takes part
         if is_rank_zero():
-            if lora and cfg_get(cfg, "save_adapter", True):
+            if save_adapter:
                 summary["adapter_dir"] = save_peft_adapter({k: v for k, v in full.items() if ".lora_" in k}, info,
                                                            os.path.join(out_dir, "adapter"), lora_cfg,
                                                            base_model_name_or_path=checkpoint_dir)
-            if cfg_get(cfg, "save_hf", True) and cfg_get(cfg, "save_merged", True):  # LoRA: merged W + s * B A
+            if s.save_hf and (not lora or s.save_merged):  # LoRA: merged W + s * B A
                 summary["hf_dir"] = save_hf_checkpoint(full, info, os.path.join(out_dir, "hf_model"),
-                                                       tokenizer_dir=checkpoint_dir, lora_cfg=lora_cfg)
+                                                       tokenizer_dir=checkpoint_dir,
+                                                       lora_cfg=lora_cfg)
         del full
     if is_rank_zero():
         loggers.close()
-        if cfg_get(cfg, "plot_loss", True):
-            from tinytune.training.plotting import plot_loss
-
+        if s.plot_loss:
             summary["loss_plot"] = plot_loss(os.path.join(out_dir, "metrics.jsonl"), os.path.join(out_dir, "loss.png"),
                                              title=f"{'lora' if lora else 'full'}_finetune_distributed")
         write_summary(out_dir, summary, t_start)

@@ -49,6 +49,8 @@ def _reference(tmp, ckpt, lora):
         from recipes.full_finetune import recipe_main
     out = os.path.join(tmp, "ref_lora" if lora else "ref")
     cfg = base_cfg(out, ckpt, dp=1, tp=1, lora=lora)
+    for key in ("parallelism", "fsdp", "plot_loss"):  # distributed-only keys: the single-device recipes refuse them
+        del cfg[key]
     recipe_main(OmegaConf.create(cfg))
     return out
 
@@ -65,6 +67,8 @@ def runs(tmp_path_factory):
 
     cfg = base_cfg(os.path.join(tmp, "ref_epochs"), ckpt, dp=1, tp=1, lora=False)
     cfg.update(max_steps=0, epochs=2, dataset=dict(cfg["dataset"], n=23))
+    for key in ("parallelism", "fsdp", "plot_loss"):
+        del cfg[key]
     recipe_main(OmegaConf.create(cfg))
     refs["epochs"] = os.path.join(tmp, "ref_epochs")
     return tmp, refs

@@ -26,7 +26,7 @@ def base_cfg(out: str, ckpt: str, dp: int, tp: int, lora: bool) -> dict:
     global_batch = 4
     cfg = {
         "output_dir": out, "seed": 7, "device": "cpu", "dtype": "fp32",
-        "checkpoint_dir": ckpt, "model": dict(LORA) if lora else None, "plot_loss": False,
+        "checkpoint_dir": ckpt, "plot_loss": False,
         "dataset": {"_component_": "tests.dist_workers.data.random_sft", "n": 48},
         "batch_size": global_batch // dp // 2, "gradient_accumulation_steps": 2, "epochs": 1, "max_steps": 4,
         "optimizer": {"name": "adamw", "lr": 3e-3, "weight_decay": 0.01},
@@ -39,6 +39,8 @@ def base_cfg(out: str, ckpt: str, dp: int, tp: int, lora: bool) -> dict:
         "parallelism": {"data_parallel_shard": -1, "tensor_parallel": tp, "loss_parallel": False},
         "fsdp": {"reshard_after_forward": True, "cpu_offload": False},
     }
+    if lora:
+        cfg["model"] = dict(LORA)
     return cfg
 
 

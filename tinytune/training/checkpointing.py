@@ -11,13 +11,11 @@ from typing import Any
 
 from torch import nn
 
+from tinytune.checkpoint import TrainingCheckpointer, set_rng_state
 
-def open_checkpointer(cfg: Any, out_dir: str):
-    """A :class:`TrainingCheckpointer` over ``out_dir/checkpoints`` keeping ``keep_last_checkpoints`` (2)."""
-    from tinytune.checkpoint import TrainingCheckpointer  # noqa: PLC0415
-    from tinytune.training.setup import cfg_get  # noqa: PLC0415
 
-    keep_last = cfg_get(cfg, "keep_last_checkpoints", 2)
+def open_checkpointer(keep_last: int, out_dir: str):
+    """A :class:`TrainingCheckpointer` over ``out_dir/checkpoints`` keeping the newest ``keep_last``."""
     return TrainingCheckpointer(os.path.join(out_dir, "checkpoints"), keep_last=keep_last)
 
 
@@ -35,8 +33,6 @@ def resume_training_state(ckpt, resume_from: Any, *, model: nn.Module, weights_k
     Returns:
         The step to continue from (0 when nothing is resumed). RNG states are restored too.
     """
-    from tinytune.checkpoint import set_rng_state  # noqa: PLC0415
-
     path = ckpt.resolve(resume_from)
     if not path:
         return 0
