@@ -42,7 +42,7 @@ class StreamPrinter:
 def recipe_main(cfg: DictConfig) -> list[dict]:
     """Runs the chat loop; returns the conversation (list of messages)."""
     s = ChatSettings.from_config(cfg)  # every key checked before the model loads
-    device, dtype, seed = setup_device(s.hardware)
+    device, dtype, seed = setup_device(s.hardware, training=False)
     _, tokenizer, model, info = load_model_and_tokenizer(s, device, dtype)
     model.eval()
     template = get_bound_template(s.source.template, tokenizer)

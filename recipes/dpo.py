@@ -83,7 +83,7 @@ def recipe_main(cfg: DictConfig) -> dict:
     ckpt = open_checkpointer(loop.keep_last_checkpoints, out_dir)
     weights_key = "adapter" if use_lora else "model"
     step = resume_training_state(ckpt, loop.resume_from_checkpoint, model=model, weights_key=weights_key,
-                                 optimizer=optimizer, lr_scheduler=lr_scheduler, stream=stream)
+                                 optimizer=optimizer, lr_scheduler=lr_scheduler, stream=stream, accum=accum)
 
     # ---- 5. training loop -------------------------------------------------------------------
     loggers = build_metric_loggers(loop.metric_loggers, out_dir)
@@ -108,7 +108,7 @@ def recipe_main(cfg: DictConfig) -> dict:
         if loop.checkpoint_due(step):
             weights = get_adapter_state_dict(model) if use_lora else model.state_dict()
             save_training_state(ckpt, step, {weights_key: weights},
-                                optimizer=optimizer, lr_scheduler=lr_scheduler, stream=stream)
+                                optimizer=optimizer, lr_scheduler=lr_scheduler, stream=stream, accum=accum)
         if loop.stops_early(step, total_steps):
             progress.close()
             loggers.close()

@@ -30,7 +30,7 @@ from tinytune.training import (
 def recipe_main(cfg: DictConfig) -> dict:
     """Evaluates; prints and returns ``{"loss", "perplexity", "tokens", "samples"}``."""
     s = EvalSettings.from_config(cfg)  # every key checked before the model loads
-    device, dtype, _ = setup_device(s.hardware)
+    device, dtype, _ = setup_device(s.hardware, training=False)
     checkpoint_dir, tokenizer, model, _ = load_model_and_tokenizer(s, device, dtype)
     train_ds, val_ds = train_val_datasets(s, tokenizer, s.hardware.seed)
     data = val_ds if val_ds is not None else train_ds  # no split configured: the whole dataset

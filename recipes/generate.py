@@ -63,7 +63,7 @@ def read_prompts(s: GenerateSettings) -> list:
 def recipe_main(cfg: DictConfig) -> list[str]:
     """Answers every prompt; prints prompt and reply; returns the replies."""
     s = GenerateSettings.from_config(cfg)  # every key checked before the model loads
-    device, dtype, seed = setup_device(s.hardware)
+    device, dtype, seed = setup_device(s.hardware, training=False)
     _, tokenizer, model, _ = load_model_and_tokenizer(s, device, dtype)
     model.eval()
     template = get_bound_template(s.source.template, tokenizer)

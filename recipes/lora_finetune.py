@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import time
 
+import torch
 from omegaconf import DictConfig
 
 import tinytune.config
@@ -29,7 +30,9 @@ from tinytune.training import (
     apply_activation_checkpointing,
     build_metric_loggers,
     build_optimizer_and_scheduler,
+    count_label_tokens,
     current_lr,
+    drop_unlabeled_tail,
     evaluate_loss,
     load_model_and_tokenizer,
     log_train_row,
@@ -43,7 +46,8 @@ from tinytune.training import (
     resume_training_state,
     save_training_state,
     setup_device,
-    sft_accumulate,
+    sft_loss,
+    to_device,
     train_data,
     validation_batches,
     validation_row,
@@ -84,7 +88,7 @@ def recipe_main(cfg: DictConfig) -> dict:
     optimizer, lr_scheduler = build_optimizer_and_scheduler(s.optim, model.parameters(), total_steps)
     ckpt = open_checkpointer(loop.keep_last_checkpoints, out_dir)
     step = resume_training_state(ckpt, loop.resume_from_checkpoint, model=model, weights_key="adapter",
-                                 optimizer=optimizer, lr_scheduler=lr_scheduler, stream=stream)
+                                 optimizer=optimizer, lr_scheduler=lr_scheduler, stream=stream, accum=accum)
 
     # ---- 5. generation before training (optional) ------------------------------------------
     samples = SampleGenerations(s.sample_generation, s.source.template, tokenizer)
@@ -101,7 +105,18 @@ def recipe_main(cfg: DictConfig) -> dict:
     while step < total_steps:
         micro_batches = [next(stream) for _ in range(accum)]
         lr = current_lr(optimizer)
-        loss, n_tokens = sft_accumulate(model, micro_batches, device, loop.padding_free)
+        # Forward, loss, backward per micro-batch. Each summed loss is divided by the label tokens of
+        # the whole window, so k micro-batches of 1 give the same update as one batch of k.
+        num_tokens = count_label_tokens(micro_batches)
+        window_tokens = torch.as_tensor(num_tokens, device=device)
+        loss = torch.zeros((), dtype=torch.float32, device=device)
+        for mb in micro_batches:
+            if loop.padding_free:  # drop positions no label depends on; rows laid end to end: [1, n]
+                mb = drop_unlabeled_tail(mb)
+            mb_loss = sft_loss(model, to_device(mb, device), window_tokens)
+            mb_loss.backward()
+            loss += mb_loss.detach()
+        n_tokens = int(num_tokens)
         grad_norm = optimizer_step(model, optimizer, lr_scheduler, loop.clip_grad_norm)
         step += 1
         dt = progress.tick()
@@ -114,7 +129,7 @@ def recipe_main(cfg: DictConfig) -> dict:
             loggers.log_dict(validation_row(val), step)
         if loop.checkpoint_due(step):
             save_training_state(ckpt, step, {"adapter": get_adapter_state_dict(model)},
-                                optimizer=optimizer, lr_scheduler=lr_scheduler, stream=stream)
+                                optimizer=optimizer, lr_scheduler=lr_scheduler, stream=stream, accum=accum)
         if loop.stops_early(step, total_steps):
             progress.close()
             loggers.close()

@@ -92,7 +92,8 @@ def test_dcp_resume_matches_uninterrupted(runs):
     tmp, refs = runs
     run_dir = os.path.join(tmp, "fsdp_offload_resume")  # also: FSDP CPU offload
     ckpts = sorted(os.listdir(os.path.join(run_dir, "dcp")))
-    assert ckpts == ["step_2"] and os.path.isfile(os.path.join(run_dir, "dcp", "step_2", "COMPLETE"))
+    # the resumed run checkpoints its last step too (as the single-device recipes do); keep_last_checkpoints=1
+    assert ckpts == ["step_4"] and os.path.isfile(os.path.join(run_dir, "dcp", "step_4", "COMPLETE"))
     got = _losses(run_dir)  # steps 1-2 from the first run, 3-4 from the resumed one
     assert got == pytest.approx(_losses(os.path.join(tmp, "fsdp")), abs=TOL)
     assert got == pytest.approx(_losses(refs["full"]), abs=TOL)

@@ -269,11 +269,15 @@ class FullFinetuneDistributedSettings(TrainSettings):
 
 
 @dataclass(frozen=True)
-class LoRAFinetuneDistributedSettings(FullFinetuneDistributedSettings):
+class LoRAFinetuneDistributedSettings(TrainSettings):
     NAME = "lora_finetune_distributed"
     model: Any = component("LoRA keys only (applied to config.json's architecture)", plain=LoRASettings)
+    parallelism: ParallelismSettings = section(ParallelismSettings)
+    fsdp: FSDPSettings = section(FSDPSettings)
+    num_workers: int = setting(0, "DataLoader worker processes per rank", ge=0)
     save_adapter: bool = setting(True, "write adapter/ (PEFT) at the end")
     save_merged: bool = setting(True, "write hf_model/ (adapters merged) at the end")
+    plot_loss: bool = setting(True, "write loss.png at the end")
 
 
 @dataclass(frozen=True)

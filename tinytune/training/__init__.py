@@ -7,11 +7,24 @@ the log window and progress bar, validation, sample generations, and training-st
 """
 
 from tinytune.training.activation_checkpointing import apply_activation_checkpointing
-from tinytune.training.checkpointing import open_checkpointer, resume_training_state, save_training_state
+from tinytune.training.checkpointing import (
+    open_checkpointer,
+    resume_sharded_state,
+    resume_training_state,
+    save_sharded_state,
+    save_training_state,
+)
 from tinytune.training.data import BatchStream, split_dataset, to_device, validation_batches
 from tinytune.training.dpo import chosen_rejected_logps, dpo_accumulate, dpo_eval, make_reference
 from tinytune.training.evaluation import evaluate_loss
-from tinytune.training.losses import IGNORE_INDEX, count_label_tokens, dpo_loss, sft_loss, sft_loss_sum
+from tinytune.training.losses import (
+    IGNORE_INDEX,
+    count_label_tokens,
+    dpo_loss,
+    sft_loss,
+    sft_loss_sum,
+    sft_loss_sum_vocab_parallel,
+)
 from tinytune.training.lr_schedulers import build_lr_scheduler, get_lr_scheduler
 from tinytune.training.memory import memory_stats, reset_peak_memory
 from tinytune.training.metric_logging import (
@@ -31,6 +44,8 @@ from tinytune.training.prompting import SampleGenerations
 from tinytune.training.setup import (
     TrainData,
     build_collate,
+    check_training_dtype,
+    fsdp_policy,
     load_model,
     load_model_and_tokenizer,
     load_tokenizer,
@@ -52,6 +67,8 @@ __all__ = [
     "TrainProgress",
     "apply_activation_checkpointing",
     "build_collate",
+    "check_training_dtype",
+    "fsdp_policy",
     "build_lr_scheduler",
     "build_metric_loggers",
     "build_optimizer",
@@ -79,12 +96,15 @@ __all__ = [
     "report_early_stop",
     "reset_peak_memory",
     "resolve_checkpoint_dir",
+    "resume_sharded_state",
     "resume_training_state",
+    "save_sharded_state",
     "save_training_state",
     "setup_device",
     "sft_accumulate",
     "sft_loss",
     "sft_loss_sum",
+    "sft_loss_sum_vocab_parallel",
     "split_dataset",
     "to_device",
     "train_data",

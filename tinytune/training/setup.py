@@ -19,7 +19,13 @@ from torch import nn
 from tinytune import config as tt_config
 from tinytune.checkpoint import ensure_bundled, load_hf_model
 from tinytune.config import ConfigError
-from tinytune.config.recipe_settings import DataSettings, DeviceSettings, LoRASettings, ModelSourceSettings
+from tinytune.config.recipe_settings import (
+    DataSettings,
+    DeviceSettings,
+    FSDPSettings,
+    LoRASettings,
+    ModelSourceSettings,
+)
 from tinytune.datasets import padded_collate
 from tinytune.device import get_device, get_dtype, set_seed
 from tinytune.models.lora_builders import is_lora_builder, lora_factory
@@ -29,11 +35,28 @@ from tinytune.training.data import BatchStream, split_dataset
 log = logging.getLogger(__name__)
 
 
-def setup_device(hw: DeviceSettings) -> tuple[torch.device, torch.dtype, int]:
+FP16_NAMES = ("fp16", "float16", "half")
+
+
+def check_training_dtype(name: str) -> None:
+    """The training recipes' precision policy (single-device and distributed alike): no fp16.
+
+    Raises:
+        ConfigError: for fp16, which needs loss scaling that no training recipe does.
+    """
+    if name in FP16_NAMES:
+        raise ConfigError(f"dtype: {name} needs loss scaling, which the training recipes do not do; "
+                          "use bf16 or fp32.")
+
+
+def setup_device(hw: DeviceSettings, training: bool = True) -> tuple[torch.device, torch.dtype, int]:
     """``(device, dtype, seed)`` from the ``device``, ``dtype`` and ``seed`` settings.
 
-    Seeds every RNG (:func:`tinytune.device.set_seed`) and returns the seed used.
+    Seeds every RNG (:func:`tinytune.device.set_seed`) and returns the seed used. With
+    ``training`` the dtype policy of :func:`check_training_dtype` applies.
     """
+    if training:
+        check_training_dtype(hw.dtype)
     device = get_device(hw.device)
     dtype = get_dtype(hw.dtype, device)
     seed = set_seed(hw.seed)
@@ -198,7 +221,8 @@ class TrainData:
     total_steps: int
 
 
-def train_data(data: DataSettings, tokenizer, seed: int, split_seed: int | None) -> TrainData:
+def train_data(data: DataSettings, tokenizer, seed: int, split_seed: int | None, *, dp_rank: int = 0,
+               dp_size: int = 1, num_workers: int = 0) -> TrainData:
     """Datasets, collate and batch stream from the data settings (``dataset``, ``validation.*``,
     ``batch_size``, ``gradient_accumulation_steps``, ``shuffle``, ``max_steps``, ``epochs``).
 
@@ -207,11 +231,22 @@ def train_data(data: DataSettings, tokenizer, seed: int, split_seed: int | None)
         tokenizer: passed to the dataset builders.
         seed: shuffling seed of the batch stream (the seed in use).
         split_seed: the ``seed`` setting, for a held-out validation split.
+        dp_rank, dp_size: this process's data-parallel rank and size (the stream yields this rank's
+            slice of every global batch; ``batch_size`` is per rank).
+        num_workers: DataLoader worker processes.
     """
     train_ds, val_ds = train_val_datasets(data, tokenizer, split_seed)
     collate = build_collate(data.pad_to_multiple_of, tokenizer, train_ds)
     batch_size, accum = data.batch_size, data.gradient_accumulation_steps
-    stream = BatchStream(train_ds, batch_size, collate, shuffle=data.shuffle, seed=seed)
+    stream = BatchStream(train_ds, batch_size, collate, shuffle=data.shuffle, seed=seed, num_workers=num_workers,
+                         dp_rank=dp_rank, dp_size=dp_size)
     steps_per_epoch = max(1, stream.batches_per_epoch // accum)
     total_steps = data.max_steps or data.epochs * steps_per_epoch
     return TrainData(train_ds, val_ds, collate, stream, batch_size, accum, total_steps)
+
+
+def fsdp_policy(fsdp: FSDPSettings, dtype: torch.dtype) -> dict[str, Any]:
+    """Keyword arguments of :func:`tinytune.distributed.fsdp.apply_fsdp` from the ``fsdp`` settings:
+    compute in ``dtype`` (parameters gathered in it unless fp32), reduce gradients in fp32."""
+    return {"param_dtype": None if dtype == torch.float32 else dtype, "reduce_dtype": torch.float32,
+            "cpu_offload": fsdp.cpu_offload, "reshard_after_forward": fsdp.reshard_after_forward}

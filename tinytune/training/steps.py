@@ -46,8 +46,12 @@ def sft_accumulate(model: nn.Module, micro_batches: Sequence[dict], device: torc
 
 
 def optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, lr_scheduler=None,
-                   clip_grad_norm: float | None = None) -> float | None:
+                   clip_grad_norm: float | None = None, clip_fn=torch.nn.utils.clip_grad_norm_) -> float | None:
     """Clips gradients (if asked), steps the optimizer and scheduler, zeroes gradients.
+
+    Args:
+        clip_fn: ``(params, max_norm) -> total norm``; the distributed recipes pass the DTensor-aware
+            :func:`tinytune.distributed.fsdp.clip_grad_norm_`.
 
     Returns:
         The total gradient norm before clipping (None without clipping).
@@ -55,7 +59,7 @@ def optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, lr_schedu
     norm = None
     if clip_grad_norm:
         params = [p for p in model.parameters() if p.grad is not None]
-        norm = float(torch.nn.utils.clip_grad_norm_(params, float(clip_grad_norm)))
+        norm = float(clip_fn(params, float(clip_grad_norm)))
     optimizer.step()
     if lr_scheduler is not None:
         lr_scheduler.step()
