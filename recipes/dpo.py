@@ -19,7 +19,12 @@ from omegaconf import DictConfig
 import tinytune.config
 from tinytune.checkpoint import save_hf_checkpoint, save_peft_adapter
 from tinytune.config.recipe_settings import DPOSettings
-from tinytune.modules.peft import get_adapter_params, get_adapter_state_dict, get_merged_state_dict, set_trainable_params
+from tinytune.modules.peft import (
+    get_adapter_params,
+    get_adapter_state_dict,
+    get_merged_state_dict,
+    set_trainable_params,
+)
 from tinytune.training import (
     TrainProgress,
     apply_activation_checkpointing,
