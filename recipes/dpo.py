@@ -22,7 +22,12 @@ import tinytune.config
 from tinytune.checkpoint import save_hf_checkpoint, save_peft_adapter
 from tinytune.config.recipe_settings import DPOSettings
 from tinytune.datasets import data_summary
-from tinytune.modules.peft import get_adapter_params, get_adapter_state_dict, get_merged_state_dict, set_trainable_params
+from tinytune.modules.peft import (
+    get_adapter_params,
+    get_adapter_state_dict,
+    get_merged_state_dict,
+    set_trainable_params,
+)
 from tinytune.training import (
     PreferenceLoss,
     TrainProgress,

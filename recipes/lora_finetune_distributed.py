@@ -24,9 +24,8 @@ from omegaconf import DictConfig
 from torch.distributed.tensor.parallel import loss_parallel
 
 import tinytune.config
-from tinytune.checkpoint import save_hf_checkpoint
+from tinytune.checkpoint import save_hf_checkpoint, save_peft_adapter
 from tinytune.checkpoint.dcp import DistributedCheckpointer
-from tinytune.checkpoint import save_peft_adapter
 from tinytune.config import ConfigError
 from tinytune.config.recipe_settings import LoRAFinetuneDistributedSettings, LoRASettings
 from tinytune.device import get_dtype, set_seed
