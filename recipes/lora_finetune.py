@@ -32,6 +32,7 @@ from tinytune.training.metric_logging import (
     validation_row,
     write_summary,
 )
+from tinytune.training.neftune import activate_neftune
 from tinytune.training.plotting import plot_loss
 from tinytune.training.progress import TrainProgress
 from tinytune.training.prompting import SampleGenerations
@@ -64,6 +65,9 @@ def recipe_main(cfg: DictConfig) -> dict:
     print(f"model: {info.model_type} from {checkpoint_dir}; trainable {n_trainable:,} of {n_total:,} parameters")
     if cfg_get(cfg, "activation_checkpointing", False):
         apply_activation_checkpointing(model)
+    # settings key: neftune_noise_alpha (float, None): NEFTune noise on the input embeddings, training only
+    if cfg_get(cfg, "neftune_noise_alpha") is not None:
+        activate_neftune(model, float(cfg_get(cfg, "neftune_noise_alpha")))
 
     # ---- 3. data ---------------------------------------------------------------------------
     data = train_data(cfg, tokenizer, seed)

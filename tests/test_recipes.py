@@ -240,6 +240,18 @@ def test_qlora_recipe_runs_and_starts_at_dequantized_base_loss(assets, tmp_path)
     assert os.path.isfile(os.path.join(out, "hf_model", "model.safetensors"))
 
 
+def test_neftune_noise_in_training_only(assets, tmp_path):
+    # lr 0: the weights never change, so only NEFTune can move the training loss; validation is clean
+    common = dict(model=dict(LORA), max_steps=1, optimizer={"name": "adamw", "lr": 0.0},
+                  validation={"split_size": 4})
+    plain = _run("lora_finetune", _sft_cfg(assets, tmp_path / "plain", **common), tmp_path)
+    noisy = _run("lora_finetune", _sft_cfg(assets, tmp_path / "noisy", neftune_noise_alpha=50.0, **common), tmp_path)
+    train = [[r["loss"] for r in _metrics(o) if "loss" in r][0] for o in (plain, noisy)]
+    val = [[r["val_loss"] for r in _metrics(o) if "val_loss" in r][-1] for o in (plain, noisy)]
+    assert train[1] != pytest.approx(train[0], abs=1e-4)
+    assert val[1] == pytest.approx(val[0], abs=1e-7)
+
+
 # ---- DPO ----------------------------------------------------------------------------------------
 
 
