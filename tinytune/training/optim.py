@@ -1,4 +1,4 @@
-"""Optimizer builder: AdamW (PyTorch) or torchao's 8-bit AdamW."""
+"""Optimizer builder: AdamW (PyTorch), torchao's 8-/4-bit AdamW and CPU-offloaded optimizer state."""
 
 from __future__ import annotations
 
@@ -7,7 +7,11 @@ from typing import Iterable
 
 import torch
 
-OPTIMIZERS = ("adamw", "adamw8bit", "sgd")
+OPTIMIZERS = ("adamw", "adamw8bit", "adamw4bit", "adamw_offload", "adamw8bit_offload", "sgd")
+# bitsandbytes' paged optimizers (Llama-2 QLoRA recipes) -> the closest torchao optimizer
+PAGED_ALIASES = {"paged_adamw": "adamw_offload", "paged_adamw_32bit": "adamw_offload",
+                 "paged_adamw_8bit": "adamw8bit_offload"}
+log = logging.getLogger(__name__)
 
 
 def _flat(params: list) -> list[torch.nn.Parameter]:
@@ -57,7 +61,12 @@ def build_optimizer(
             (dicts with ``params`` and per-group settings such as ``lr``).
         name: ``adamw`` (default; ``torch.optim.AdamW``), ``adamw8bit`` (``torchao.optim.AdamW8bit``:
             8-bit block-quantised moments; works on CPU and CUDA, tensors under 4096 elements keep
-            fp32 state; the first step compiles the update, a few seconds) or ``sgd``.
+            fp32 state; the first step compiles the update, a few seconds), ``adamw4bit``
+            (``torchao.optim.AdamW4bit``), ``adamw_offload`` / ``adamw8bit_offload`` (torchao's
+            ``CPUOffloadOptimizer`` around AdamW / AdamW8bit: state and update on the CPU, for CUDA
+            parameters; on CPU parameters the plain optimizer, with a log line), or ``sgd``.
+            ``paged_adamw_32bit`` / ``paged_adamw_8bit`` (bitsandbytes names) run the offload
+            variants, with a log line saying so.
         _component_: instead of ``name``, any optimizer class by dotted path (torchtune-style
             ``optimizer._component_: torch.optim.AdamW``); it gets the parameters and exactly the
             keys the config sets (its own defaults for the rest), checked against its signature.
@@ -97,14 +106,30 @@ def build_optimizer(
             # step for 108M fp32 params drops from 7.7 s to 3.1 s (benchmarks/RESULTS.md). Same math.
             kwargs["fused"] = True
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=tuple(betas), eps=eps, **kwargs)
-    if name == "adamw8bit":
+    if name in PAGED_ALIASES:
+        log.warning("optimizer: %s is bitsandbytes' paged optimizer; running %s (torchao) instead", name,
+                    PAGED_ALIASES[name])
+        name = PAGED_ALIASES[name]
+    if name in ("adamw8bit", "adamw4bit", "adamw_offload", "adamw8bit_offload"):
         logging.getLogger("torchao").setLevel(logging.ERROR)
-        try:
-            from torchao.optim import AdamW8bit
+        try:  # optional dependency
+            import torchao.optim as tao  # noqa: PLC0415
         except ImportError as e:
-            raise ImportError("optimizer.name=adamw8bit needs torchao (pip install torchao)") from e
-        return AdamW8bit(params, lr=lr, weight_decay=weight_decay, betas=tuple(betas), eps=eps, **kwargs)
+            raise ImportError(f"optimizer.name={name} needs torchao (pip install torchao)") from e
+        args = dict(lr=lr, weight_decay=weight_decay, betas=tuple(betas), eps=eps, **kwargs)
+        if name == "adamw8bit":
+            return tao.AdamW8bit(params, **args)
+        if name == "adamw4bit":
+            return tao.AdamW4bit(params, **args)
+        inner = torch.optim.AdamW if name == "adamw_offload" else tao.AdamW8bit
+        if not any(p.device.type in ("cuda", "xpu") for p in _flat(params)):
+            log.warning("optimizer: %s: the parameters are on the CPU, so the optimizer state already is; "
+                        "running %s", name, inner.__name__)
+            return inner(params, **args)
+        log.info("optimizer: %s: torchao CPUOffloadOptimizer(%s), state and step on the CPU", name, inner.__name__)
+        return tao.CPUOffloadOptimizer(params, inner, **args)
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr, weight_decay=weight_decay, **kwargs)
-    raise ValueError(f"optimizer.name: unknown optimizer {name!r}; choose from {list(OPTIMIZERS)}")
+    raise ValueError(f"optimizer.name: unknown optimizer {name!r}; choose from {list(OPTIMIZERS)} "
+                     f"(or the aliases {sorted(PAGED_ALIASES)})")
 
