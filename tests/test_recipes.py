@@ -428,6 +428,27 @@ def test_eval_recipe_matches_plain_cross_entropy(assets, tmp_path):
     assert res["samples"] == 4 and len(QA) == 12
 
 
+def test_eval_recipe_generation_metrics(assets, tmp_path):
+    cfg = _infer_cfg(assets, output_dir=str(tmp_path / "evg"), batch_size=4,
+                     dataset={"_component_": "tinytune.datasets.chat_dataset", "source": assets["chat"],
+                              "template": "chatml", "max_seq_len": 64, "num_workers": 1},
+                     generation={"num_samples": 3, "max_new_tokens": 8})
+    _run("eval", cfg, tmp_path)
+    gen = json.load(open(tmp_path / "evg" / "eval.json"))["generation"]
+    # independent path: answers rendered from the raw questions through the chat template
+    want_preds = _direct_replies(assets, [q for q, _ in QA[:3]], max_new_tokens=8)
+    assert [e["prediction"] for e in gen["examples"]] == want_preds
+    assert [e["reference"] for e in gen["examples"]] == [a for _, a in QA[:3]]
+    refs = [a for _, a in QA[:3]]
+    assert gen["exact_match"] == sum(p.strip() == r for p, r in zip(want_preds, refs)) / 3
+    sacrebleu = pytest.importorskip("sacrebleu")
+    assert gen["bleu"] == pytest.approx(sacrebleu.corpus_bleu(want_preds, [refs]).score, abs=1e-9)
+    rouge_scorer = pytest.importorskip("rouge_score.rouge_scorer")
+    scorer = rouge_scorer.RougeScorer(["rougeL"])
+    want_rouge = sum(scorer.score(r, p)["rougeL"].fmeasure for p, r in zip(want_preds, refs)) / 3
+    assert gen["rouge_l"] == pytest.approx(want_rouge, abs=1e-12)
+
+
 # ---- shipped configs ----------------------------------------------------------------------------
 
 SINGLE_DEVICE = ("full_finetune", "lora_finetune", "dpo", "generate", "chat", "eval")
