@@ -73,7 +73,7 @@ def recipe_main(cfg: DictConfig) -> dict:
           f"{total_steps} steps of {accum} x {data.batch_size} samples")
 
     # ---- 4. optimizer, LR schedule, checkpointer (resume) ----------------------------------
-    optimizer, lr_scheduler = build_optimizer_and_scheduler(cfg, model.parameters(), total_steps)
+    optimizer, lr_scheduler = build_optimizer_and_scheduler(cfg, model.named_parameters(), total_steps)
     ckpt = open_checkpointer(cfg, out_dir)
     step = resume_training_state(ckpt, cfg_get(cfg, "resume_from_checkpoint"), model=model, weights_key="model",
                                  optimizer=optimizer, lr_scheduler=lr_scheduler, stream=stream)

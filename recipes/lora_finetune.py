@@ -45,7 +45,6 @@ from tinytune.training.setup import (
     setup_device,
     train_data,
 )
-from tinytune.training.optim import loraplus_param_groups
 from tinytune.training.steps import build_optimizer_and_scheduler, current_lr, optimizer_step, sft_accumulate
 from tinytune.training.training_state import open_checkpointer, resume_training_state, save_training_state
 
@@ -80,9 +79,8 @@ def recipe_main(cfg: DictConfig) -> dict:
     # ---- 4. optimizer, LR schedule, checkpointer (resume) ----------------------------------
     # settings key: loraplus_lr_ratio (float, None): LoRA+, the B matrices train at optimizer.lr x this
     ratio = cfg_get(cfg, "loraplus_lr_ratio")
-    params = (loraplus_param_groups(model, float(cfg_get(cfg, "optimizer.lr", 2e-5)), float(ratio))
-              if ratio is not None else model.parameters())
-    optimizer, lr_scheduler = build_optimizer_and_scheduler(cfg, params, total_steps)
+    optimizer, lr_scheduler = build_optimizer_and_scheduler(cfg, model.named_parameters(), total_steps,
+                                                            None if ratio is None else float(ratio))
     ckpt = open_checkpointer(cfg, out_dir)
     step = resume_training_state(ckpt, cfg_get(cfg, "resume_from_checkpoint"), model=model, weights_key="adapter",
                                  optimizer=optimizer, lr_scheduler=lr_scheduler, stream=stream)

@@ -124,6 +124,23 @@ def test_full_finetune_matches_plain_pytorch_loop(assets, tmp_path):
     assert os.path.isfile(os.path.join(out, "loss.png"))
 
 
+def test_full_finetune_weight_decay_skips_norms_biases_embeddings(assets, tmp_path):
+    cfg = _sft_cfg(assets, tmp_path / "wd", max_steps=2, optimizer={"name": "adamw", "lr": 1e-2, "weight_decay": 0.5})
+    out = _run("full_finetune", cfg, tmp_path)
+    model = _load(assets["ckpt"])
+    decay = [p for n, p in model.named_parameters() if not (n.endswith("bias") or "norm" in n or "tok_embeddings" in n)]
+    rest = [p for n, p in model.named_parameters() if n.endswith("bias") or "norm" in n or "tok_embeddings" in n]
+    assert decay and rest
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.5}, {"params": rest, "weight_decay": 0.0}], lr=1e-2)
+    for b in _ordered_batches(assets, 2, 4)[0]:
+        F.cross_entropy(model(b["tokens"]).flatten(0, 1), b["labels"].flatten(), ignore_index=-100).backward()
+        opt.step()
+        opt.zero_grad()
+    trained = _load(os.path.join(out, "hf_model"))
+    for (n, p), (_, q) in zip(model.named_parameters(), trained.named_parameters()):
+        torch.testing.assert_close(q, p, atol=5e-5, rtol=1e-4, msg=n)
+
+
 def test_torchtune_style_component_optimizer_and_scheduler(assets, tmp_path):
     """`optimizer._component_` / `lr_scheduler._component_` blocks train like `name:` ones."""
     a = _run("full_finetune", _sft_cfg(assets, tmp_path / "named", max_steps=2), tmp_path)

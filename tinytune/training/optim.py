@@ -29,23 +29,48 @@ def _fused_adamw_ok(params: list[torch.nn.Parameter]) -> bool:
     )
 
 
-def loraplus_param_groups(model: torch.nn.Module, lr: float, loraplus_lr_ratio: float) -> list[dict]:
-    """LoRA+ (Hayou et al., 2024) parameter groups: LoRA ``B`` matrices at ``lr * loraplus_lr_ratio``,
-    every other trainable parameter at ``lr``. Pass the result to :func:`build_optimizer`.
+DEFAULT_LR = 2e-5
+# parameters exempt from weight decay by default (HF Trainer / torchtune): biases, norms, embeddings
+DEFAULT_NO_DECAY = ("bias", "norm", "tok_embeddings")
+
+
+def param_groups(named_params, *, weight_decay: float | None = None, no_decay=DEFAULT_NO_DECAY,
+                 lr: float = DEFAULT_LR, loraplus_lr_ratio: float | None = None) -> list[dict]:
+    """Optimizer parameter groups from ``(name, parameter)`` pairs (trainable ones only).
+
+    Args:
+        named_params: e.g. ``model.named_parameters()``.
+        weight_decay: the decay of ordinary parameters (None: the optimizer's default).
+        no_decay: name patterns (substrings) of parameters trained without weight decay.
+        lr: the base learning rate (used only for the LoRA+ group).
+        loraplus_lr_ratio: LoRA+ (Hayou et al., 2024): LoRA ``B`` matrices (``lora_b.weight``) at
+            ``lr * loraplus_lr_ratio``.
 
     Raises:
-        ValueError: ``loraplus_lr_ratio <= 0`` or a model without LoRA ``B`` matrices.
+        ValueError: ``loraplus_lr_ratio <= 0`` or no LoRA ``B`` matrices to apply it to.
     """
-    if loraplus_lr_ratio <= 0:
+    if loraplus_lr_ratio is not None and loraplus_lr_ratio <= 0:
         raise ValueError(f"loraplus_lr_ratio: must be > 0 (got {loraplus_lr_ratio})")
-    fast, rest = [], []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            (fast if name.endswith("lora_b.weight") else rest).append(p)
-    if not fast:
+    groups: dict[tuple[bool, bool], list] = {}
+    for name, p in named_params:
+        if not p.requires_grad:
+            continue
+        exempt = any(pat in name for pat in no_decay)
+        fast = loraplus_lr_ratio is not None and name.endswith("lora_b.weight")
+        groups.setdefault((exempt, fast), []).append(p)
+    if loraplus_lr_ratio is not None and not any(fast for _, fast in groups):
         raise ValueError("loraplus_lr_ratio: the model has no trainable LoRA B matrices (lora_b.weight)")
-    groups = [{"params": fast, "lr": lr * loraplus_lr_ratio}]
-    return ([{"params": rest, "lr": lr}] if rest else []) + groups
+    out = []
+    for (exempt, fast), ps in sorted(groups.items()):
+        g: dict = {"params": ps}
+        if exempt:
+            g["weight_decay"] = 0.0
+        elif weight_decay is not None:
+            g["weight_decay"] = float(weight_decay)
+        if fast:
+            g["lr"] = lr * float(loraplus_lr_ratio)
+        out.append(g)
+    return out
 
 
 def build_optimizer(
@@ -97,7 +122,7 @@ def build_optimizer(
 
         node = OmegaConf.create({"optimizer": {"_component_": _component_, **cfg}}).optimizer  # errors name the key
         return instantiate(node, params)
-    lr, weight_decay = cfg.pop("lr", 2e-5), cfg.pop("weight_decay", 0.0)
+    lr, weight_decay = cfg.pop("lr", DEFAULT_LR), cfg.pop("weight_decay", 0.0)
     betas, eps, kwargs = tuple(cfg.pop("betas", (0.9, 0.999))), cfg.pop("eps", 1e-8), cfg
     name = str(name or "adamw").lower()
     if name == "adamw":
