@@ -17,9 +17,11 @@ import time
 from omegaconf import DictConfig
 
 import tinytune.config
+from tinytune.config import ConfigError
 from tinytune.checkpoint import save_hf_checkpoint
 from tinytune.training.activation_checkpointing import apply_activation_checkpointing
 from tinytune.training.data import validation_batches
+from tinytune.training.early_stopping import EarlyStopping
 from tinytune.training.evaluation import evaluate_loss
 from tinytune.training.memory import reset_peak_memory
 from tinytune.training.metric_logging import (
@@ -87,6 +89,11 @@ def recipe_main(cfg: DictConfig) -> dict:
     # ---- 6. training loop -------------------------------------------------------------------
     loggers = build_metric_loggers(cfg_get(cfg, "metric_loggers"), out_dir)
     loop = LoopSettings.from_config(cfg)  # log / validate / checkpoint cadence, stop_after, clip
+    # settings key: early_stopping.patience (int, None); early_stopping.min_delta (float, 0.0); save_best (bool, False)
+    stopper = EarlyStopping(cfg_get(cfg, "early_stopping.patience"), float(cfg_get(cfg, "early_stopping.min_delta", 0.0)),
+                            bool(cfg_get(cfg, "save_best", False)))
+    if stopper.active and val_loader is None:
+        raise ConfigError("early_stopping / save_best: need validation data (validation.dataset or split_ratio)")
     model.train()
     progress = TrainProgress(total_steps, initial_step=step, desc="full_finetune")
     window = LogWindow()  # means since the last log line, and run totals
@@ -105,6 +112,9 @@ def recipe_main(cfg: DictConfig) -> dict:
         if val_loader is not None and loop.val_every and step % loop.val_every == 0 and step != total_steps:
             val = evaluate_loss(model, val_loader, device, loop.val_max_batches, loop.padding_free)
             loggers.log_dict(validation_row(val), step)
+            if stopper.update(val["loss"], step, model.state_dict):
+                print(f"early stopping at step {step}: no validation improvement in {stopper.patience} evaluations")
+                break
         if (loop.ckpt_every and step % loop.ckpt_every == 0) or (loop.stop_after and step == loop.stop_after):
             save_training_state(ckpt, step, {"model": model.state_dict()},
                                 optimizer=optimizer, lr_scheduler=lr_scheduler, stream=stream)
@@ -121,6 +131,11 @@ def recipe_main(cfg: DictConfig) -> dict:
         val = validation_row(evaluate_loss(model, val_loader, device, loop.val_max_batches, loop.padding_free))
         loggers.log_dict(val, step)
         summary.update(val)
+        if stopper.active and step != stopper.best_step:
+            stopper.update(val["val_loss"], step, model.state_dict)
+    if stopper.active:
+        summary.update(stopper.summary(), stopped_early=step < total_steps)
+        stopper.restore_best(model)  # save_best: the exports below hold the best step's weights
     loggers.close()
     if cfg_get(cfg, "save_hf", True):
         summary["hf_dir"] = save_hf_checkpoint(model.state_dict(), info, os.path.join(out_dir, "hf_model"),

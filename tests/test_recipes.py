@@ -269,6 +269,34 @@ def test_neftune_noise_in_training_only(assets, tmp_path):
     assert val[1] == pytest.approx(val[0], abs=1e-7)
 
 
+def test_lora_early_stopping_and_save_best(assets, tmp_path):
+    # min_delta so large that nothing after the first validation improves: patience 2 stops at step 3
+    cfg = _sft_cfg(assets, tmp_path / "es", model=dict(LORA), max_steps=8, batch_size=2,
+                   optimizer={"name": "adamw", "lr": 5e-2}, validation={"split_size": 4, "every_n_steps": 1},
+                   early_stopping={"patience": 2, "min_delta": 1e9}, save_best=True)
+    out = _run("lora_finetune", cfg, tmp_path)
+    summary = json.load(open(os.path.join(out, "summary.json")))
+    assert summary["step"] == 3 and summary["stopped_early"] and summary["best_step"] == 1
+    # save_best without stopping: hf_model/ is the step with the lowest logged validation loss
+    cfg = _sft_cfg(assets, tmp_path / "best", model=dict(LORA), max_steps=5, batch_size=2,
+                   optimizer={"name": "adamw", "lr": 2e-1}, validation={"split_size": 4, "every_n_steps": 1},
+                   save_best=True)
+    out = _run("lora_finetune", cfg, tmp_path)
+    summary = json.load(open(os.path.join(out, "summary.json")))
+    vals = {r["step"]: r["val_loss"] for r in _metrics(out) if "val_loss" in r}
+    best = min(vals, key=vals.get)
+    assert summary["best_step"] == best and summary["best_val_loss"] == pytest.approx(vals[best])
+    from tinytune.datasets import padded_collate
+    from tinytune.training.data import split_dataset
+    _, ds = _ordered_batches(assets, 1, 4)
+    _, val = split_dataset(ds, val_size=4, seed=0)
+    b = padded_collate([val[i] for i in range(4)], pad_id=0)
+    with torch.no_grad():
+        got = F.cross_entropy(_load(os.path.join(out, "hf_model"))(b["tokens"]).flatten(0, 1), b["labels"].flatten())
+    assert float(got) == pytest.approx(vals[best], rel=1e-4)
+    assert best != max(vals)  # the best step is not the last one, so the export really went back to it
+
+
 # ---- DPO ----------------------------------------------------------------------------------------
 
 
