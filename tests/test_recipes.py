@@ -496,7 +496,7 @@ def test_eval_recipe_generation_metrics(assets, tmp_path):
 
 # ---- shipped configs ----------------------------------------------------------------------------
 
-SINGLE_DEVICE = ("full_finetune", "lora_finetune", "dpo", "generate", "chat", "eval")
+SINGLE_DEVICE = ("full_finetune", "lora_finetune", "dpo", "kto", "reward_model", "generate", "chat", "eval")
 
 
 def test_shipped_configs_name_an_existing_recipe_and_valid_components():
