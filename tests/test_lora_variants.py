@@ -10,7 +10,7 @@ import torch
 from _ckpt_helpers import hf_logits, our_logits, tiny_hf_model, tokens
 
 from tinytune.checkpoint import load_hf_model, load_peft_adapter, save_hf_checkpoint, save_peft_adapter
-from tinytune.modules.peft import LoRALinear, get_adapter_params, get_merged_state_dict, lora_linear_factory
+from tinytune.modules.peft import LoRALinear, disable_adapters, get_adapter_params, get_merged_state_dict, lora_linear_factory
 from tinytune.training.setup import lora_settings
 
 transformers = pytest.importorskip("transformers")
@@ -97,6 +97,8 @@ def test_variant_adapter_loads_in_peft_with_equal_logits_and_merges(tmp_path, na
     # fresh adapters leave the model unchanged (PiSSA: residual + principal part = W)
     torch.testing.assert_close(our_logits(model, toks), base_logits, atol=2e-5, rtol=1e-4)
     _train_a_little(model)
+    with disable_adapters(model):  # the reference of DPO / KTO: the original base (PiSSA: residual + principal)
+        torch.testing.assert_close(our_logits(model, toks), base_logits, atol=2e-5, rtol=1e-4)
     ours = our_logits(model, toks)
     assert not torch.allclose(ours, base_logits, atol=1e-3)
     out = tmp_path / "adapter"
