@@ -45,6 +45,7 @@ from tinytune.training.setup import (
     train_data,
 )
 from tinytune.training.steps import build_optimizer_and_scheduler, current_lr, optimizer_step, sft_accumulate
+from tinytune.training.text_metrics import validation_generation_row
 from tinytune.training.training_state import open_checkpointer, resume_training_state, save_training_state
 
 
@@ -92,6 +93,9 @@ def recipe_main(cfg: DictConfig) -> dict:
     # settings key: early_stopping.patience (int, None); early_stopping.min_delta (float, 0.0); save_best (bool, False)
     stopper = EarlyStopping(cfg_get(cfg, "early_stopping.patience"), float(cfg_get(cfg, "early_stopping.min_delta", 0.0)),
                             bool(cfg_get(cfg, "save_best", False)))
+    # settings key: validation.generation.num_samples (int, 0: off); validation.generation.max_new_tokens (int, 64)
+    gen_n = int(cfg_get(cfg, "validation.generation.num_samples", 0))
+    gen_tokens = int(cfg_get(cfg, "validation.generation.max_new_tokens", 64))
     if stopper.active and val_loader is None:
         raise ConfigError("early_stopping / save_best: need validation data (validation.dataset or split_ratio)")
     model.train()
@@ -112,6 +116,8 @@ def recipe_main(cfg: DictConfig) -> dict:
         if val_loader is not None and loop.val_every and step % loop.val_every == 0 and step != total_steps:
             val = evaluate_loss(model, val_loader, device, loop.val_max_batches, loop.padding_free)
             loggers.log_dict(validation_row(val), step)
+            if gen_n:  # exact match / ROUGE-L / BLEU of greedy answers to validation prompts
+                loggers.log_dict(validation_generation_row(model, tokenizer, data.val_ds, gen_n, gen_tokens), step)
             if stopper.update(val["loss"], step, model.state_dict):
                 print(f"early stopping at step {step}: no validation improvement in {stopper.patience} evaluations")
                 break
@@ -131,6 +137,10 @@ def recipe_main(cfg: DictConfig) -> dict:
         val = validation_row(evaluate_loss(model, val_loader, device, loop.val_max_batches, loop.padding_free))
         loggers.log_dict(val, step)
         summary.update(val)
+        if gen_n:
+            gen = validation_generation_row(model, tokenizer, data.val_ds, gen_n, gen_tokens)
+            loggers.log_dict(gen, step)
+            summary.update(gen)
         if stopper.active and step != stopper.best_step:
             stopper.update(val["val_loss"], step, model.state_dict)
     if stopper.active:

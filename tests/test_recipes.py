@@ -297,6 +297,28 @@ def test_lora_early_stopping_and_save_best(assets, tmp_path):
     assert best != max(vals)  # the best step is not the last one, so the export really went back to it
 
 
+def test_lora_validation_generation_metrics(assets, tmp_path):
+    cfg = _sft_cfg(assets, tmp_path / "vg", model=dict(LORA), max_steps=1,
+                   validation={"split_size": 4, "generation": {"num_samples": 3, "max_new_tokens": 6}})
+    out = _run("lora_finetune", cfg, tmp_path)
+    row = [r for r in _metrics(out) if "val_bleu" in r][-1]
+    summary = json.load(open(os.path.join(out, "summary.json")))
+    assert summary["val_rouge_l"] == row["val_rouge_l"]
+    # independent: the exported model answers the same validation questions through the chat template
+    from tinytune.tokenizers import load_tokenizer
+    from tinytune.training.data import split_dataset
+    from tinytune.training.prompting import generate_replies, get_bound_template
+    from tinytune.training.text_metrics import generation_metrics
+    _, ds = _ordered_batches(assets, 1, 4)
+    _, val = split_dataset(ds, val_size=4, seed=0)
+    idx = [val.indices[i] for i in range(3)]
+    tok = load_tokenizer(assets["ckpt"])
+    preds = generate_replies(_load(os.path.join(out, "hf_model")), tok, get_bound_template("chatml", tok),
+                             [QA[i][0] for i in idx], max_new_tokens=6)
+    want = generation_metrics(preds, [QA[i][1] for i in idx])
+    assert {k: row["val_" + k] for k in want} == pytest.approx(want)
+
+
 # ---- DPO ----------------------------------------------------------------------------------------
 
 

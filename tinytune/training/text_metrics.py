@@ -158,3 +158,14 @@ def evaluate_generations(model: nn.Module, tokenizer, items: Sequence[dict], max
     out["samples"] = len(pairs)
     out["examples"] = [{"prediction": p, "reference": r} for p, r in zip(preds, refs)]
     return out
+
+
+def validation_generation_row(model: nn.Module, tokenizer, dataset, num_samples: int, max_new_tokens: int) -> dict:
+    """``{"val_exact_match", "val_rouge_l", "val_bleu"}`` of greedy answers to the first ``num_samples``
+    prompts of a validation dataset (:func:`evaluate_generations`)."""
+    items = [dataset[i] for i in range(min(int(num_samples), len(dataset)))]
+    if any("seq_lens" in it or "input_pos" in it for it in items):
+        raise ValueError("validation.generation: the validation data is packed; generation needs one "
+                         "conversation per item (set packed: false on the validation dataset)")
+    gen = evaluate_generations(model, tokenizer, items, max_new_tokens)
+    return {f"val_{k}": gen[k] for k in ("exact_match", "rouge_l", "bleu")}
