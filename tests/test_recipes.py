@@ -208,6 +208,8 @@ def test_lora_finetune_outputs_merge_and_first_loss(assets, tmp_path):
         assert not torch.allclose(merged(x), base(x), atol=1e-3)  # training changed something
     gens = json.load(open(os.path.join(out, "generations.json")))
     assert gens[0]["prompt"] == "What is ice?" and "before" in gens[0] and "after" in gens[0]
+    data = json.load(open(os.path.join(out, "summary.json")))["data"]  # dataset counts reach the summary
+    assert data["rows"] >= data["sequences"] > 0 and set(data) >= {"dropped", "truncated", "unused_columns"}
 
 
 def test_lora_memorization_loss_decreases(assets, tmp_path):
@@ -522,7 +524,7 @@ SINGLE_DEVICE = ("full_finetune", "lora_finetune", "dpo", "kto", "reward_model",
 
 
 def test_shipped_configs_name_an_existing_recipe_and_valid_components():
-    from tinytune.cli.registry import list_configs, list_recipes
+    from tinytune.config.registry import list_configs, list_recipes
     from tinytune.config import load_config, validate_config
 
     recipes = list_recipes()

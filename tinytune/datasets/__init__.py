@@ -14,6 +14,7 @@ from tinytune.datasets.kto import KTODataset, kto_collate, kto_dataset
 from tinytune.datasets.packing import PackedDataset, pack_bins
 from tinytune.datasets.readers import iter_rows
 from tinytune.datasets.sampler import GroupByLengthSampler
+from tinytune.datasets.show import data_summary, dataset_stats, show_dataset
 from tinytune.datasets.sft import (
     PreferenceDataset,
     TokenizedDataset,
@@ -38,6 +39,8 @@ __all__ = [
     "chat_dataset",
     "chatterbot_dataset",
     "chitchat_dataset",
+    "data_summary",
+    "dataset_stats",
     "default_cache_dir",
     "get_template",
     "iter_rows",
@@ -50,5 +53,6 @@ __all__ = [
     "preference_collate",
     "preference_dataset",
     "sft_dataset",
+    "show_dataset",
     "text_dataset",
 ]

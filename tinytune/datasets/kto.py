@@ -22,7 +22,7 @@ from tinytune.datasets.encoding import IGNORE_INDEX, SampleEncoder
 from tinytune.datasets.errors import DatasetError
 from tinytune.datasets.readers import _plain, apply_column_map, iter_rows
 from tinytune.datasets.sft import _resolve_template, _split_indices
-from tinytune.datasets.styles import ChatSample, _openai_messages, _text, validate_conversation
+from tinytune.datasets.styles import ChatSample, _text, _turns, validate_conversation
 
 log = logging.getLogger("tinytune.datasets")
 
@@ -84,12 +84,12 @@ def _row_messages(row: Mapping, file: str, row_no: int, system_prompt: str | Non
         messages.append({"role": "system", "content": _text(system, "system", file, row_no)})
     prompt = row["prompt"]
     if isinstance(prompt, list):
-        messages += _openai_messages(prompt, file, row_no)
+        messages += _turns(prompt, None, file, row_no, "prompt")
     else:
         messages.append({"role": "user", "content": _text(prompt, "prompt", file, row_no)})
     completion = row["completion"]
     if isinstance(completion, list):
-        messages += _openai_messages(completion, file, row_no)
+        messages += _turns(completion, None, file, row_no, "completion")
     else:
         messages.append({"role": "assistant", "content": _text(completion, "completion", file, row_no)})
     return validate_conversation(messages, file, row_no), label
