@@ -8,7 +8,7 @@ from typing import Any
 
 from tinytune.tokenizers.base import AddedToken, Tokenizer
 from tinytune.tokenizers.bpe import BPETokenizer
-from tinytune.tokenizers.families import QWEN_NON_SPECIAL, llama3_special_tokens, qwen_special_tokens
+from tinytune.tokenizers.special_tokens import QWEN_NON_SPECIAL, llama3_special_tokens, qwen_special_tokens
 from tinytune.tokenizers.hf_json import (
     added_tokens_from_json,
     bpe_kwargs_from_tokenizer_json,

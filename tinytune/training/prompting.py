@@ -17,6 +17,7 @@ from tinytune.config import ConfigError
 from tinytune.datasets.templates import TemplateError
 from tinytune.datasets.templates.base import check_enable_thinking
 from tinytune.training.setup import cfg_get
+from tinytune.training.held_out import fraction_correct, parse_held_out
 
 
 def get_bound_template(name: Any, tokenizer):
@@ -138,9 +139,10 @@ def side_by_side(prompts: Sequence[str], before: Sequence[str], after: Sequence[
 class SampleGenerations:
     """Answers ``sample_generation.prompts`` before and after training and compares them.
 
-    Config keys: ``sample_generation.prompts`` (none: everything here is a no-op),
-    ``sample_generation.max_new_tokens`` (48), ``sample_generation.system`` and ``template`` (``hf``).
-    Decoding is greedy.
+    Config keys: ``sample_generation.prompts`` and ``sample_generation.held_out`` (questions with
+    expected answers, scored: :mod:`tinytune.training.held_out`; none of either: everything here
+    is a no-op), ``sample_generation.max_new_tokens`` (48), ``sample_generation.system`` and
+    ``template`` (``hf``). Decoding is greedy.
 
     Args:
         cfg: recipe config.
@@ -152,7 +154,9 @@ class SampleGenerations:
 
         gen_cfg = cfg_get(cfg, "sample_generation")
         self.tokenizer = tokenizer
-        self.prompts = list(cfg_get(gen_cfg, "prompts", []) or [])
+        # settings key: sample_generation.held_out (list of {prompt, expect}; scored before/after)
+        self.held_out = parse_held_out(cfg_get(gen_cfg, "held_out"))
+        self.prompts = list(cfg_get(gen_cfg, "prompts", []) or []) + [q.prompt for q in self.held_out]
         self.template = get_bound_template(cfg_get(cfg, "template", "hf"), tokenizer) if self.prompts else None
         self.gen_kw = dict(max_new_tokens=int(cfg_get(gen_cfg, "max_new_tokens", 48)),
                            system=cfg_get(gen_cfg, "system"))
@@ -168,13 +172,29 @@ class SampleGenerations:
         if self.prompts:
             self.before = self._answer(model)
 
-    def generate_after(self, model: nn.Module, out_dir: str) -> None:
+    def generate_after(self, model: nn.Module, out_dir: str) -> dict[str, float]:
         """Answers again, prints both side by side and writes ``out_dir/generations.json``
-        (``[{"prompt", "before", "after"}, ...]``)."""
+        (``[{"prompt", "before", "after"}, ...]``, held-out items with ``correct_before/after``).
+
+        Returns:
+            ``{"held_out_correct_before", "held_out_correct_after"}`` (fractions) when there are
+            held-out questions, else ``{}``: the recipes add it to their summary.
+        """
         if not self.prompts:
-            return
+            return {}
         after = self._answer(model)
         print(side_by_side(self.prompts, self.before, after))
         rows = [{"prompt": p, "before": b, "after": a} for p, b, a in zip(self.prompts, self.before, after)]
+        scores: dict[str, float] = {}
+        if self.held_out:
+            k = len(self.held_out)
+            for q, row in zip(self.held_out, rows[-k:]):
+                row.update(expect=list(q.expect), correct_before=q.is_correct(row["before"]),
+                           correct_after=q.is_correct(row["after"]))
+            scores = {"held_out_correct_before": fraction_correct(self.held_out, self.before[-k:]),
+                      "held_out_correct_after": fraction_correct(self.held_out, after[-k:])}
+            print(f"held-out questions answered correctly: before {scores['held_out_correct_before']:.0%}, "
+                  f"after {scores['held_out_correct_after']:.0%} (of {k})")
         with open(os.path.join(out_dir, "generations.json"), "w", encoding="utf-8") as f:
             json.dump(rows, f, indent=2)
+        return scores
