@@ -16,8 +16,8 @@ from torch import nn
 from tinytune.config import ConfigError
 from tinytune.datasets.templates import TemplateError
 from tinytune.datasets.templates.base import check_enable_thinking
-from tinytune.training.setup import cfg_get
 from tinytune.training.held_out import fraction_correct, parse_held_out
+from tinytune.training.setup import cfg_get
 
 
 def get_bound_template(name: Any, tokenizer):
