@@ -195,22 +195,32 @@ def test_hf_answer_is_located_by_structure_not_by_content():
         assert tok.decode(trained, skip_special_tokens=False) == want, ref_name
 
 
-def test_qwen3_multi_step_reasoning_hf_error_names_turn_builtin_renders_official():
-    """Qwen3 drops the reasoning of a tool-calling turn once a later user query exists, so the prefix
-    render of the turn after the tool result differs: hf refuses naming it; qwen3 renders the text."""
+def test_qwen3_multi_step_reasoning_located_where_the_template_drops_it():
+    """Qwen3 drops the reasoning of a tool-calling turn once a later user query exists, so the plain
+    prefix render of the turn after the tool result differs from the full render; hf renders that
+    prefix with the earlier reasoning removed, as the full render shows it, and equals qwen3."""
     tok = tinytune_test_tokenizer("chatml")
     call = {"type": "function", "function": {"name": "f", "arguments": {"x": 1}}}
     msgs = [{"role": "user", "content": "q"},
             {"role": "assistant", "content": "", "reasoning_content": "think first", "tool_calls": [call]},
             {"role": "tool", "content": "r"}, {"role": "assistant", "content": "a1"},
             {"role": "user", "content": "q2"}, {"role": "assistant", "content": "a2"}]
-    hf_t = get_template("hf", chat_template=jinja("qwen3"), end_of_turn=["<|im_end|>"]).bind(tok)
-    with pytest.raises(TemplateError, match=r"message 3 \(assistant\).*not a prefix"):
-        hf_t.render(msgs)
     from template_corpus import render
 
-    ref = render(reference_tokenizer("chatml"), jinja("qwen3"), msgs)
-    assert get_template("qwen3").render_text(msgs) == ref
+    hf_tok = reference_tokenizer("chatml")
+    assert not render(hf_tok, jinja("qwen3"), msgs).startswith(
+        render(hf_tok, jinja("qwen3"), msgs[:3], add_generation_prompt=True))  # not prefix-consistent
+    hf_t = get_template("hf", chat_template=jinja("qwen3"), end_of_turn=["<|im_end|>"]).bind(tok)
+    q3 = get_template("qwen3").bind(tok)
+    assert q3.render_text(msgs) == render(hf_tok, jinja("qwen3"), msgs)
+    for mode in (None, True, False):
+        tokens, labels = encode(tok, hf_t, msgs, enable_thinking=mode)
+        assert (tokens, labels) == encode(tok, q3, msgs, enable_thinking=mode)
+        trained = tok.decode([tokens[i + 1] for i in range(len(tokens) - 1) if labels[i] != -100],
+                             skip_special_tokens=False)
+        call_text = '<tool_call>\n{"name": "f", "arguments": {"x": 1}}\n</tool_call><|im_end|>'
+        think = "<think>\n\n</think>\n\n" if mode is True else ""
+        assert trained == call_text + "a1<|im_end|>" + think + "a2<|im_end|>"
 
 
 def test_hf_template_failures_are_template_errors():

@@ -180,18 +180,26 @@ class HFChatTemplate:
         train an empty think block (thinking off, or null and the turn has no reasoning), so a
         Qwen3-style template puts that block into the prompt; where that render is not a prefix
         (the template writes no think block for this turn, e.g. a historical turn) the plain
-        generation prompt is used.
+        generation prompt is used. If neither is a prefix, the same renders of ``messages[:k]``
+        with the reasoning of earlier assistant turns removed are tried (Qwen3 drops it from
+        turns before the last user query, which ``messages[:k]`` alone may not contain).
         """
         if enable_thinking is True or (enable_thinking is None and has_reasoning(messages[k])):
             tries = [{"enable_thinking": True}]
         else:
             tries = [{"enable_thinking": False}, {"enable_thinking": True}]
         seen = []
-        for kw in tries:
-            prompt = self._render(messages[:k], tools, True, kw)
-            if text.startswith(prompt):
-                return len(prompt)
-            seen.append(prompt)
+        # A template may drop the reasoning of earlier turns once a later user query exists (Qwen3);
+        # the full render then shows those turns without it, so the prefix is rendered that way too.
+        stripped = [without_reasoning(m) for m in messages[:k]]
+        for history in (messages[:k], stripped):
+            for kw in tries:
+                prompt = self._render(history, tools, True, kw)
+                if text.startswith(prompt):
+                    return len(prompt)
+                seen.append(prompt)
+            if stripped == messages[:k]:
+                break
         common = 0
         limit = min(len(seen[-1]), len(text))
         while common < limit and seen[-1][common] == text[common]:
