@@ -18,6 +18,7 @@ from omegaconf import DictConfig
 
 import tinytune.config
 from tinytune.checkpoint import save_hf_checkpoint
+from tinytune.datasets import data_summary
 from tinytune.training.activation_checkpointing import apply_activation_checkpointing
 from tinytune.training.data import validation_batches
 from tinytune.training.evaluation import evaluate_loss
@@ -112,7 +113,8 @@ def recipe_main(cfg: DictConfig) -> dict:
     progress.close()
 
     # ---- 7. final validation, export, plot, generation after ---------------------------------
-    summary = {"step": step, "loss": window.last_loss, "output_dir": out_dir, **window.totals()}
+    summary = {"step": step, "loss": window.last_loss, "output_dir": out_dir, **window.totals(),
+               "data": data_summary(data.train_ds)}
     if val_loader is not None:
         val = validation_row(evaluate_loss(model, val_loader, device, loop.val_max_batches, loop.padding_free))
         loggers.log_dict(val, step)

@@ -41,6 +41,7 @@ from torch.utils.data import DataLoader
 from tinytune import config
 from tinytune.checkpoint import save_hf_checkpoint, save_peft_adapter
 from tinytune.config import ConfigError
+from tinytune.datasets import data_summary
 from tinytune.checkpoint.dcp import DistributedCheckpointer
 from tinytune.device import get_dtype, set_seed
 from tinytune.distributed.dist_sampler import ResumableDistributedSampler
@@ -285,7 +286,8 @@ def finetune(cfg: DictConfig, lora: bool) -> dict:
     if val_ds is not None:
         validate()
     summary = {"step": step, "loss": loss_value, "output_dir": out_dir, "world_size": dist_info.world_size,
-               "train_seconds": round(train_seconds, 2), "train_label_tokens": train_tokens, **summary_val}
+               "train_seconds": round(train_seconds, 2), "train_label_tokens": train_tokens, **summary_val,
+               "data": data_summary(dataset)}
     if cfg_get(cfg, "save_hf", True) or (lora and cfg_get(cfg, "save_adapter", True)):
         full = gather_full_state_dict(model)  # collective: every rank takes part
         if is_rank_zero():
