@@ -36,13 +36,15 @@ def _answer(rng: random.Random, think: bool) -> str:
     return rng.choice(rng.choice(pools))
 
 
-def conversation(rng: random.Random, *, system: bool = True, think: bool = False, reasoning: bool = False) -> list:
-    """One conversation of 1-6 user/assistant rounds (optional system prompt and Qwen3 reasoning)."""
+def conversation(rng: random.Random, *, system: bool | str = True, think: bool = False,
+                 reasoning: bool = False) -> list:
+    """One conversation of 1-6 user/assistant rounds (system prompt: True = sometimes, "always", or
+    False; optional Qwen3 reasoning)."""
     turns = rng.randint(1, 6)
     answers = [_answer(rng, think) for _ in range(turns)]
     msgs: list[dict] = []
     if system:
-        sys_t = rng.choice(SYSTEMS)
+        sys_t = rng.choice([t for t in SYSTEMS if t is not None or system != "always"])
         if sys_t is not None:
             msgs.append({"role": "system", "content": sys_t.replace("{a}", rng.choice(answers))})
     for a in answers:

@@ -98,7 +98,11 @@ def test_every_official_template_is_token_and_mask_exact(capsys):
         kw = {"enable_thinking": True} if ref_name == "qwen3" else {}
         candidates = [("hf", get_template("hf", chat_template=source, end_of_turn=[end]).bind(tok))]
         candidates += [(b, get_template(b).bind(tok)) for b in builtins]
+        if ref_name == "smollm2":  # chatml = SmolLM2's format without its default system prompt
+            candidates.append(("chatml", get_template("chatml").bind(tok)))
         for name, template in candidates:
+            if name == "chatml":
+                convs = corpus(N, seed=99, system="always", think=True)
             n, t_ok, m_ok, first_bad = check(tok, hf_tok, source, end, template, convs, **kw)
             rows.append((name, ref_name, n, t_ok, m_ok))
             if first_bad is not None:
@@ -189,3 +193,33 @@ def test_hf_answer_is_located_by_structure_not_by_content():
         tokens, labels = encode(tok, t, msgs)
         trained = [tokens[i + 1] for i in range(len(tokens) - 1) if labels[i] != -100]
         assert tok.decode(trained, skip_special_tokens=False) == want, ref_name
+
+
+def test_qwen3_multi_step_reasoning_hf_error_names_turn_builtin_renders_official():
+    """Qwen3 drops the reasoning of a tool-calling turn once a later user query exists, so the prefix
+    render of the turn after the tool result differs: hf refuses naming it; qwen3 renders the text."""
+    tok = tinytune_test_tokenizer("chatml")
+    call = {"type": "function", "function": {"name": "f", "arguments": {"x": 1}}}
+    msgs = [{"role": "user", "content": "q"},
+            {"role": "assistant", "content": "", "reasoning_content": "think first", "tool_calls": [call]},
+            {"role": "tool", "content": "r"}, {"role": "assistant", "content": "a1"},
+            {"role": "user", "content": "q2"}, {"role": "assistant", "content": "a2"}]
+    hf_t = get_template("hf", chat_template=jinja("qwen3"), end_of_turn=["<|im_end|>"]).bind(tok)
+    with pytest.raises(TemplateError, match=r"message 3 \(assistant\).*not a prefix"):
+        hf_t.render(msgs)
+    from template_corpus import render
+
+    ref = render(reference_tokenizer("chatml"), jinja("qwen3"), msgs)
+    assert get_template("qwen3").render_text(msgs) == ref
+
+
+def test_hf_template_failures_are_template_errors():
+    """A Jinja error (here: Qwen2.5 reads messages[0] when an answer opens the conversation) is a
+    TemplateError, which the dataset reports per row, not a bare traceback."""
+    tok = tinytune_test_tokenizer("chatml")
+    t = get_template("hf", chat_template=jinja("qwen2_5"), end_of_turn=["<|im_end|>"]).bind(tok)
+    msgs = [{"role": "assistant", "content": "hi"}, {"role": "user", "content": "q"}]
+    with pytest.raises(TemplateError, match=r"the chat template failed on 0 message\(s\) \+ generation prompt"):
+        t.render(msgs)
+    res = SampleEncoder(tok, t).encode_samples([ChatSample(msgs)])
+    assert isinstance(res[0], str) and "chat template failed" in res[0]

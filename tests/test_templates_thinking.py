@@ -15,6 +15,7 @@ from tinytune.cli.main import main as tune_main
 from tinytune.config import ConfigError
 from tinytune.datasets import sft_dataset
 from tinytune.datasets.encoding import SampleEncoder
+from tinytune.datasets.styles import ChatSample
 from tinytune.datasets.templates import TemplateError, get_template
 from tinytune.training.prompting import encode_chat_prompt, thinking_from_cfg
 
@@ -70,3 +71,15 @@ def test_generate_recipe_reads_enable_thinking_and_refuses_strings(tmp_path, cap
     except SystemExit as e:
         rc = e.code
     assert rc in (0, None)
+
+
+def test_enable_thinking_changes_nothing_for_templates_without_it():
+    """Like the built-ins other than qwen3, `hf` with a Jinja that never reads enable_thinking
+    renders and masks the same for every value (reasoning-looking text is plain content there)."""
+    tok = tinytune_test_tokenizer("llama3")
+    msgs = MSGS[:3]
+    for t in (get_template("hf", chat_template=jinja("llama3_1")).bind(tok), get_template("llama3_1").bind(tok)):
+        seqs = [SampleEncoder(tok, t, enable_thinking=m).encode_samples([ChatSample(msgs)])[0][0] for m in
+                (None, True, False)]
+        assert all((s.tokens, s.labels) == (seqs[0].tokens, seqs[0].labels) for s in seqs)
+        assert "<think>" in tok.decode(seqs[0].tokens, skip_special_tokens=False)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import nn
 
 from tinytune import config as tt_config
@@ -175,11 +175,53 @@ def load_tokenizer(cfg: DictConfig, checkpoint_dir: str):
     return _load(os.path.expanduser(str(path)))
 
 
-def build_dataset(node: DictConfig, tokenizer, where: str = "dataset"):
-    """Instantiates a dataset node, passing the tokenizer (``_component_`` + arguments)."""
+def build_dataset(node: DictConfig, tokenizer, where: str = "dataset", seed: int = 0):
+    """Instantiates a dataset node, passing the tokenizer (``_component_`` + arguments).
+
+    A list of nodes, each with ``weight:`` or ``epochs:``, is a dataset mix (seeded with ``seed``):
+    :class:`tinytune.datasets.mixing.MixedDataset`.
+    """
+    if isinstance(node, ListConfig):
+        return _build_mix(node, tokenizer, where, seed)
     if node is None or "_component_" not in node:
         raise ConfigError(f"{where}: needs a _component_ (e.g. tinytune.datasets.chatterbot_dataset)")
     return tt_config.instantiate(node, tokenizer=tokenizer)
+
+
+def _build_mix(nodes: ListConfig, tokenizer, where: str, seed: int):
+    """``dataset: [{_component_: ..., weight: 0.7}, ...]`` (or ``epochs:``) -> a :class:`MixedDataset`."""
+    from torch.utils.data import IterableDataset  # noqa: PLC0415
+
+    from tinytune.datasets import DatasetError  # noqa: PLC0415
+    from tinytune.datasets.mixing import MixedDataset  # noqa: PLC0415
+
+    parts, names, weights, epochs = [], [], [], []
+    for i, item in enumerate(nodes):
+        key = f"{where}[{i}]"
+        if not isinstance(item, DictConfig):
+            raise ConfigError(f"{key}: expected a dataset node with _component_ and weight: or epochs:")
+        # settings key: dataset[i].weight / dataset[i].epochs (a dataset mix: sampling weight or passes per source)
+        weight, n_epochs = item.get("weight"), item.get("epochs")
+        inner = OmegaConf.create({k: v for k, v in item.items() if k not in ("weight", "epochs")})
+        if n_epochs is not None and item.get("streaming"):
+            raise ConfigError(f"{key}.epochs: {n_epochs!r} is meaningless for a streaming dataset (no length); "
+                              "use weight:, or streaming: false")
+        ds = build_dataset(inner, tokenizer, key)
+        if isinstance(ds, IterableDataset) and n_epochs is not None:
+            raise ConfigError(f"{key}.epochs: {n_epochs!r} is meaningless for a streaming dataset (no length); "
+                              "use weight:, or streaming: false")
+        parts.append(ds)
+        names.append(key)
+        weights.append(weight)
+        epochs.append(n_epochs)
+    use_w = any(w is not None for w in weights)
+    try:
+        mix = MixedDataset(parts, names, weights=weights if use_w else None,
+                           epochs=epochs if any(e is not None for e in epochs) else None, seed=seed)
+    except DatasetError as e:
+        raise ConfigError(str(e)) from None
+    print(mix.describe())
+    return mix
 
 
 def build_collate(cfg: DictConfig, tokenizer, dataset=None):
@@ -206,10 +248,15 @@ def train_val_datasets(cfg: DictConfig, tokenizer):
     """
     from tinytune.training.data import split_dataset  # noqa: PLC0415
 
-    train = build_dataset(cfg_get(cfg, "dataset"), tokenizer)
+    train = build_dataset(cfg_get(cfg, "dataset"), tokenizer, seed=int(cfg_get(cfg, "seed", 0)))
     val_node = cfg_get(cfg, "validation.dataset")
     if val_node is not None:
         return train, build_dataset(val_node, tokenizer, "validation.dataset")
+    if isinstance(train, torch.utils.data.IterableDataset):  # streaming: no length to split
+        if cfg_get(cfg, "validation.split_ratio") or cfg_get(cfg, "validation.split_size"):
+            raise ConfigError("validation.split_ratio / split_size: a streaming dataset cannot be split; use "
+                              "validation.dataset (e.g. the same source with split: 'validation')")
+        return train, None
     return split_dataset(train, val_ratio=cfg_get(cfg, "validation.split_ratio"),
                          val_size=cfg_get(cfg, "validation.split_size"), seed=int(cfg_get(cfg, "seed", 0)))
 
@@ -251,6 +298,16 @@ def train_data(cfg: DictConfig, tokenizer, seed: int, default_batch_size: int = 
     collate = build_collate(cfg, tokenizer, train_ds)
     batch_size = int(cfg_get(cfg, "batch_size", default_batch_size))
     accum = int(cfg_get(cfg, "gradient_accumulation_steps", 1))
+    if isinstance(train_ds, torch.utils.data.IterableDataset):  # streaming: no length, so max_steps, no epochs
+        from tinytune.training.stream_data import IterableBatchStream  # noqa: PLC0415
+
+        if cfg_get(cfg, "epochs") is not None:
+            raise ConfigError(f"epochs: {cfg_get(cfg, 'epochs')!r} is meaningless with a streaming dataset "
+                              "(no length); set max_steps instead")
+        if not int(cfg_get(cfg, "max_steps", 0)):
+            raise ConfigError("max_steps: required with a streaming dataset (it has no length to count epochs)")
+        stream = IterableBatchStream(train_ds, batch_size, collate)
+        return TrainData(train_ds, val_ds, collate, stream, batch_size, accum, int(cfg_get(cfg, "max_steps")))
     stream = BatchStream(train_ds, batch_size, collate, shuffle=bool(cfg_get(cfg, "shuffle", True)), seed=seed)
     steps_per_epoch = max(1, stream.batches_per_epoch // accum)
     total_steps = int(cfg_get(cfg, "max_steps", 0)) or int(cfg_get(cfg, "epochs", 1)) * steps_per_epoch

@@ -223,8 +223,8 @@ class ChatTemplate:
         if self.reasoning == "qwen3" and enable_thinking is False:
             messages = [without_reasoning(m) for m in messages]
         if tools and self.tool_format is None:
-            raise TemplateError(f"template {self.name!r} has no tool-calling format; use qwen2_5, qwen3, "
-                                "llama3_1 or hf (the model's own chat template)")
+            raise TemplateError(f"template {self.name!r} cannot render a `tools` column (it has no tool-calling "
+                                "format); use qwen2_5, qwen3, llama3_1 or hf (the model's own chat template)")
         out: list[Segment] = []
         emit(out, self.prefix)
         system = None
@@ -320,7 +320,7 @@ class ChatTemplate:
         if calls is not None and not isinstance(calls, (list, tuple)):
             raise TemplateError(f"message {i}: tool_calls must be a list, got {type(calls).__name__}")
         if calls and not self.tool_format:
-            raise TemplateError(f"template {self.name!r} has no tool-call syntax (message {i} has tool_calls); "
+            raise TemplateError(f"template {self.name!r} cannot render tool calls (message {i} has tool_calls); "
                                 "use qwen2_5, qwen3, llama3_1 or hf")
         if self.reasoning == "qwen3":
             content = self._qwen3_assistant(out, messages, i, lqi, enable_thinking)

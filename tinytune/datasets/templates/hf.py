@@ -134,21 +134,34 @@ class HFChatTemplate:
     def stop_strings(self) -> tuple[str, ...]:
         return tuple(self.end_of_turn)
 
+    def _thinking(self, enable_thinking: bool | None) -> bool | None:
+        """``enable_thinking`` after the type check; None for a template that does not read it (then
+        the value changes nothing, as for the built-in templates other than qwen3)."""
+        check_enable_thinking(enable_thinking)
+        return enable_thinking if "enable_thinking" in (self.chat_template or "") else None
+
     def _render(self, messages: list[dict], tools, add_generation_prompt: bool, thinking_kw: dict) -> str:
         if not self.chat_template:
             raise TemplateError("template 'hf' is not bound to a tokenizer/chat template")
         kw = dict(self.template_kwargs, **thinking_kw)
         if tools is not None:
             kw["tools"] = tools
-        return render_jinja(self.chat_template, messages, bos_token=self.bos_token, eos_token=self.eos_token,
-                            add_generation_prompt=add_generation_prompt, **kw)
+        try:
+            return render_jinja(self.chat_template, messages, bos_token=self.bos_token, eos_token=self.eos_token,
+                                add_generation_prompt=add_generation_prompt, **kw)
+        except TemplateError:
+            raise
+        except Exception as e:  # jinja2 errors, or a template indexing a message that is not there
+            raise TemplateError(f"template 'hf': the chat template failed on {len(messages)} message(s)"
+                                f"{' + generation prompt' if add_generation_prompt else ''}: "
+                                f"{type(e).__name__}: {e}") from None
 
     def render_text(self, messages: list[dict], *, tools: list[dict] | None = None, bos_token: str | None = None,
                     eos_token: str | None = None, add_generation_prompt: bool = False,
                     enable_thinking: bool | None = None) -> str:
         """Renders a conversation to one string (``enable_thinking`` is passed on when not None;
         with False, reasoning is first removed from the messages as in :meth:`render`)."""
-        check_enable_thinking(enable_thinking)
+        enable_thinking = self._thinking(enable_thinking)
         if enable_thinking is False:
             messages = [without_reasoning(m) for m in messages]
         kw = {} if enable_thinking is None else {"enable_thinking": enable_thinking}
@@ -187,8 +200,9 @@ class HFChatTemplate:
             f"template 'hf': message {k} (assistant): the chat template's render of the first {k} message(s) "
             f"with add_generation_prompt=True is not a prefix of the whole conversation's render (they differ "
             f"at character {common}: {seen[-1][common:common + 40]!r} vs {text[common:common + 40]!r}), so the "
-            "answer cannot be located; the template rewrites earlier turns depending on later ones. Use a "
-            "named template, or mask_history: true with one answer per sample")
+            "answer cannot be located; the template rewrites earlier turns depending on later ones. Use the "
+            "family's named template (e.g. qwen3), or split the conversation into samples that end before "
+            "the rewritten turn")
 
     def render(self, messages: list[dict], *, tools: list[dict] | None = None, add_generation_prompt: bool = False,
                enable_thinking: bool | None = None) -> list[Segment]:
@@ -200,13 +214,14 @@ class HFChatTemplate:
             add_generation_prompt: end with the assistant header (for generation).
             enable_thinking: True / False / None with the Qwen3 SFT-guide semantics of the
                 built-in ``qwen3`` template (False removes reasoning from the messages first); the
-                value is passed to the template as ``enable_thinking`` when not None.
+                value is passed to the template as ``enable_thinking`` when not None. Ignored
+                (after its type check) by templates that do not read ``enable_thinking``.
 
         Raises:
             TemplateError: when a turn cannot be located by structure (see :meth:`_answer_start`)
                 or has no end-of-turn token.
         """
-        check_enable_thinking(enable_thinking)
+        enable_thinking = self._thinking(enable_thinking)
         if enable_thinking is False:
             messages = [without_reasoning(m) for m in messages]
         kw = {} if enable_thinking is None else {"enable_thinking": enable_thinking}
