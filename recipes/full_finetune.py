@@ -21,6 +21,7 @@ import tinytune.config
 from tinytune.checkpoint import save_hf_checkpoint
 from tinytune.config import ConfigError
 from tinytune.config.recipe_settings import FullFinetuneSettings
+from tinytune.datasets import data_summary
 from tinytune.training import (
     LogWindow,
     SampleGenerations,
@@ -147,7 +148,8 @@ def recipe_main(cfg: DictConfig) -> dict:
     progress.close()
 
     # ---- 7. final validation, export, plot, generation after ---------------------------------
-    summary = {"step": step, "loss": window.last_loss, "output_dir": out_dir, **window.totals()}
+    summary = {"step": step, "loss": window.last_loss, "output_dir": out_dir, **window.totals(),
+               "data": data_summary(data.train_ds)}
     if val_loader is not None:
         val = validation_row(evaluate_loss(model, val_loader, device, val_cfg.max_batches, loop.padding_free))
         loggers.log_dict(val, step)

@@ -29,6 +29,7 @@ import tinytune.config
 from tinytune.checkpoint import save_hf_checkpoint
 from tinytune.checkpoint.dcp import DistributedCheckpointer
 from tinytune.config.recipe_settings import FullFinetuneDistributedSettings
+from tinytune.datasets import data_summary
 from tinytune.device import get_dtype, set_seed
 from tinytune.distributed.dist_evaluation import evaluate_loss_distributed
 from tinytune.distributed.fsdp import clip_grad_norm_, gather_full_state_dict, set_gradient_sync
@@ -168,7 +169,7 @@ def recipe_main(cfg: DictConfig) -> dict:
 
         # ---- 6. final validation, export (gathered on rank 0), plot --------------------------------
         summary = {"step": step, "loss": window.last_loss, "output_dir": out_dir,
-                   "world_size": dist_info.world_size, **window.totals()}
+                   "world_size": dist_info.world_size, **window.totals(), "data": data_summary(data.train_ds)}
         if data.val_ds is not None:
             val = validation_row(evaluate_loss_distributed(model, data.val_ds, data.collate, val_batch_size, mesh.dp,
                                                            device, loss_sum, val_cfg.max_batches, loss_ctx))

@@ -22,6 +22,7 @@ import tinytune.config
 from tinytune.checkpoint import save_hf_checkpoint, save_peft_adapter
 from tinytune.config import ConfigError
 from tinytune.config.recipe_settings import KTOSettings
+from tinytune.datasets import data_summary
 from tinytune.modules.peft import get_adapter_params, get_adapter_state_dict, get_merged_state_dict, set_trainable_params
 from tinytune.training import (
     TrainProgress,
@@ -124,7 +125,7 @@ def recipe_main(cfg: DictConfig) -> dict:
     loggers.close()
 
     # ---- 6. export and plot -----------------------------------------------------------------
-    summary = {"step": step, "loss": metrics["loss"], "output_dir": out_dir}
+    summary = {"step": step, "loss": metrics["loss"], "output_dir": out_dir, "data": data_summary(data.train_ds)}
     if use_lora:
         summary["adapter_dir"] = save_peft_adapter(model, info, os.path.join(out_dir, "adapter"), lora,
                                                    base_model_name_or_path=checkpoint_dir)

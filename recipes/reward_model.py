@@ -21,6 +21,7 @@ from omegaconf import DictConfig
 import tinytune.config
 from tinytune.checkpoint import save_reward_checkpoint
 from tinytune.config.recipe_settings import RewardModelSettings
+from tinytune.datasets import data_summary
 from tinytune.modules.peft import get_adapter_params, get_merged_state_dict, set_trainable_params
 from tinytune.modules.reward import RewardModel
 from tinytune.training import (
@@ -121,7 +122,7 @@ def recipe_main(cfg: DictConfig) -> dict:
     loggers.close()
 
     # ---- 6. export (HF sequence classification) and plot --------------------------------------
-    summary = {"step": step, "loss": metrics["loss"], "output_dir": out_dir}
+    summary = {"step": step, "loss": metrics["loss"], "output_dir": out_dir, "data": data_summary(data.train_ds)}
     if val is not None:
         summary["val_accuracy"] = val["accuracy"]
     sd = get_merged_state_dict(decoder) if use_lora else decoder.state_dict()

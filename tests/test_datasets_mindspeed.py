@@ -3,6 +3,7 @@ independent renderer of the slot format written here (from MindSpeed's documente
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import random
@@ -111,20 +112,32 @@ def as_messages(system, turns):
     return msgs + [{"role": {"observation": "tool"}.get(r, r), "content": c} for r, c in turns]
 
 
-@pytest.mark.parametrize("name", sorted(TABLE))
-def test_every_prompt_type_text_and_mask_exact(name):
+def check_text(name: str) -> tuple[int, int, int, list]:
+    """(conversations, text-exact, trained-text-exact, first failures) for one prompt type."""
     entry = TABLE[name]
     t = get_template(f"mindspeed:{name}")
-    checked = 0
+    n = text_ok = mask_ok = 0
+    bad = []
     for thinking in ([None, True, False] if entry.get("template_class") == "ReasoningTemplate" else [None]):
         for system, turns in conversations(30, seed=zlib.crc32(name.encode()), tools=True):
             ref = ref_render(entry, system, turns, thinking)
             segs = t.render(as_messages(system, turns), enable_thinking=thinking)
-            assert segments_to_text(segs, BOS, EOS) == "".join(x for x, _ in ref), (name, turns)
-            trained = "".join(segments_to_text([s], BOS, EOS) for s in segs if s.train)
-            assert trained == "".join(x for x, tr in ref if tr), (name, turns)
-            checked += 1
-    assert checked >= 30
+            n += 1
+            if segments_to_text(segs, BOS, EOS) == "".join(x for x, _ in ref):
+                text_ok += 1
+            else:
+                bad.append(("text", turns))
+            if "".join(segments_to_text([s], BOS, EOS) for s in segs if s.train) == "".join(x for x, tr in ref if tr):
+                mask_ok += 1
+            else:
+                bad.append(("mask", turns))
+    return n, text_ok, mask_ok, bad[:2]
+
+
+@pytest.mark.parametrize("name", sorted(TABLE))
+def test_every_prompt_type_text_and_mask_exact(name):
+    n, text_ok, mask_ok, bad = check_text(name)
+    assert n >= 30 and text_ok == mask_ok == n, (name, bad)
 
 
 def test_all_34_names_and_alpaca_has_no_bos():
@@ -172,16 +185,16 @@ def _token_bytes(tok: HFTestTokenizer, tid: int, dec) -> bytes:
     return bytes(dec[c] for c in s)
 
 
-@pytest.mark.parametrize("name", sorted(TABLE))
-def test_every_prompt_type_token_mask(name):
+def check_tokens(name: str, count: int = 30) -> tuple[int, int, int]:
+    """(conversations, token-exact, mask-exact) through the SampleEncoder: the tokens' bytes are the
+    reference text, and a token is trained exactly when its last byte lies in a trained slot."""
     tok = _tokenizer()
     entry = TABLE[name]
-    t = get_template(f"mindspeed:{name}").bind(tok)
-    enc = SampleEncoder(tok, t)
+    enc = SampleEncoder(tok, get_template(f"mindspeed:{name}").bind(tok))
     dec = _byte_decoder()
-    for system, turns in list(conversations(30, seed=7, tools=True))[:10]:
+    n = tok_ok = mask_ok = 0
+    for system, turns in conversations(count, seed=7, tools=True):
         ref = ref_render(entry, system, turns)
-        full = "".join(x for x, _ in ref).encode()
         spans, pos = [], 0
         for x, tr in ref:
             b = len(x.encode())
@@ -189,16 +202,34 @@ def test_every_prompt_type_token_mask(name):
                 spans.append((pos, pos + b))
             pos += b
         [[item]] = enc.encode_samples([ChatSample(as_messages(system, turns))])
-        tokens, labels = item.tokens, item.labels
-        pieces = [_token_bytes(tok, i, dec) for i in tokens]
-        assert b"".join(pieces) == full, name
-        end = 0
-        for k, p in enumerate(pieces):
-            end += len(p)
-            want = any(a < end <= b for a, b in spans)  # a token is trained when its last byte is
-            got = k > 0 and labels[k - 1] != IGNORE_INDEX
-            if k > 0:
-                assert got == want, (name, k, p, turns)
+        pieces = [_token_bytes(tok, i, dec) for i in item.tokens]
+        n += 1
+        tok_ok += b"".join(pieces) == "".join(x for x, _ in ref).encode()
+        ends = list(itertools.accumulate(len(p) for p in pieces))
+        want = [any(a < e <= b for a, b in spans) for e in ends[1:]]  # token k>0 trained iff its last byte is
+        got = [lab != IGNORE_INDEX for lab in item.labels[:-1]]
+        mask_ok += want == got
+    return n, tok_ok, mask_ok
+
+
+@pytest.mark.parametrize("name", sorted(TABLE))
+def test_every_prompt_type_token_mask(name):
+    n, tok_ok, mask_ok = check_tokens(name)
+    assert tok_ok == mask_ok == n, name
+
+
+def test_prompt_type_table_report(capsys):
+    """Prints, per prompt type, conversations checked / text-exact / mask-exact / token-exact (run with -s)."""
+    rows = []
+    for name in sorted(TABLE):
+        n, text_ok, mask_ok, _ = check_text(name)
+        tn, tok_ok, tmask_ok = check_tokens(name, 10)
+        rows.append((name, n, text_ok, mask_ok, tn, tok_ok, tmask_ok))
+    with capsys.disabled():
+        print(f"\n{'prompt type':<16}{'convs':>6}{'text':>6}{'mask':>6}{'tok convs':>10}{'tokens':>7}{'tok mask':>9}")
+        for r in rows:
+            print(f"{r[0]:<16}{r[1]:>6}{r[2]:>6}{r[3]:>6}{r[4]:>10}{r[5]:>7}{r[6]:>9}")
+    assert all(r[1] == r[2] == r[3] and r[4] == r[5] == r[6] for r in rows)
 
 
 def test_missing_special_token_is_named(tmp_path):

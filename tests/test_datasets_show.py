@@ -90,3 +90,18 @@ def test_prepare_data_show_cli(tmp_path, capsys):
     assert main(["prepare-data", "--config", str(cfg), "--show", "1", "--tokens", "--color", "always"]) == 0
     out = capsys.readouterr().out
     assert GREEN + "yes|<|eot_id|>" in out
+
+
+def test_show_uses_the_split(tmp_path):
+    tok = chatml_test_tokenizer()
+    rows = [{"instruction": f"q{i}", "output": f"a{i}"} for i in range(20)]
+    kw = dict(template="chatml", cache_dir=str(tmp_path), num_workers=1, val_fraction=0.2, seed=1)
+    val = sft_dataset(tok, rows, split="validation", **kw)
+    buf = io.StringIO()
+    show_dataset(val, tok, 10, file=buf)
+    out = buf.getvalue()
+    shown = re.findall(r"\[\[(a\d+)<\|im_end\|>\]\]", out)
+    assert shown == [_trained_text for _trained_text in
+                     (tok.decode(r, skip_special_tokens=False).removesuffix("<|im_end|>")
+                      for k in range(len(val)) for r in _trained_runs(val[k]["tokens"], val[k]["labels"]))]
+    assert len(shown) == 4 and "this split: 4 of 20 items" in out

@@ -212,6 +212,54 @@ def test_lora_builder_signature_is_the_settings_declaration():
         lora_builders.lora_llama3_tiny(lora_rnak=4)
 
 
+# ---- dataset node values (issue 14 options), typed before any build ---------------------------------
+def _sft_node(tmp_path, **options):
+    data = tmp_path / "rows.jsonl"
+    data.write_text('{"instruction": "a", "output": "b"}\n', encoding="utf-8")
+    return {"_component_": "tinytune.datasets.sft_dataset", "source": str(data), **options}
+
+
+@pytest.mark.parametrize("options, words", [
+    ({"truncation": "middle"}, "dataset.truncation: 'middle' is not one of ['balanced', 'prompt_first'"),
+    ({"truncation": 3}, "dataset.truncation: expected str | null, got 3"),
+    ({"enable_thinking": "false"}, "dataset.enable_thinking: expected bool | null, got 'false'"),
+    ({"packing_strategy": "best"}, "dataset.packing_strategy: 'best' is not one of ['ffd', 'greedy']"),
+    ({"tags": {"role_tag": "role", "speaker_tag": "x"}}, "dataset.tags: unknown tag name(s) ['speaker_tag']"),
+    ({"max_seq_len": 0}, "dataset.max_seq_len: 0 is out of range: must be >= 1"),
+])
+def test_dataset_option_values_are_refused_before_the_model_loads(options, words, tmp_path, capsys):
+    cfg = _shipped("lora_finetune", tmp_path, dataset=_sft_node(tmp_path, **options))
+    path = _write(tmp_path, "lora_finetune", cfg)
+    err = _run_expect_config_error("lora_finetune", path, capsys)
+    assert words in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_dataset_option_values_checked_in_every_node_of_a_mix_and_the_validation_node(tmp_path):
+    good, bad = _sft_node(tmp_path, truncation="balanced"), _sft_node(tmp_path, truncation="left")
+    cfg = _shipped("lora_finetune", tmp_path, dataset=[{**good, "weight": 1}, {**bad, "weight": 1}],
+                   validation={"dataset": _sft_node(tmp_path, packed="yes")})
+    _, problems = LoRAFinetuneSettings.read(cfg)
+    assert sorted(p.key for p in problems) == ["dataset[1].truncation", "validation.dataset.packed"]
+    cfg = _shipped("lora_finetune", tmp_path, dataset=_sft_node(
+        tmp_path, truncation="drop", enable_thinking=None, tags={"role_tag": "role", "content_tag": "text"}))
+    assert LoRAFinetuneSettings.read(cfg)[1] == []
+
+
+def test_dataset_option_choices_are_the_datasets_own():
+    from tinytune.config import recipe_settings as rs
+    from tinytune.datasets.encoding import TRUNCATION_POLICIES
+    from tinytune.datasets.packing import pack_bins
+    from tinytune.datasets.styles import DEFAULT_TAGS
+
+    assert rs.TRUNCATION_POLICIES == TRUNCATION_POLICIES
+    assert rs.SHAREGPT_TAGS == tuple(DEFAULT_TAGS)
+    for strategy in rs.PACKING_STRATEGIES:
+        assert pack_bins([3, 2, 1], 4, strategy)
+    with pytest.raises(ValueError):
+        pack_bins([3, 2, 1], 4, "best")
+
+
 # ---- the README key table ---------------------------------------------------------------------------
 def test_readme_key_table_matches_the_declarations():
     from tinytune.config.recipe_settings import settings_table

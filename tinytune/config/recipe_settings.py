@@ -25,6 +25,11 @@ MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
 LORA_INITS = ("default", "gaussian", "pissa")  # as tinytune.modules.peft.LORA_INITS (tested equal)
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")  # as tinytune.checkpoint.gguf_writer.GGUF_TYPES (tested equal)
 PREFERENCE_LOSSES = ("sigmoid", "ipo", "hinge", "robust", "simpo", "orpo")  # as training.preference_losses
+TRUNCATION_POLICIES = ("balanced", "prompt_first", "right", "drop")  # as datasets.encoding (tested equal)
+PACKING_STRATEGIES = ("ffd", "greedy")  # as datasets.packing.pack_bins (tested)
+#: ShareGPT tag names a dataset's ``tags:`` may set (as ``tinytune.datasets.styles.DEFAULT_TAGS``, tested equal).
+SHAREGPT_TAGS = ("role_tag", "content_tag", "user_tag", "assistant_tag", "system_tag", "observation_tag",
+                 "function_tag")
 #: Keys of one source in a dataset mix (``dataset: [{_component_: ..., weight: 0.7}, ...]``), beside its node.
 MIX_KEYS = ("weight", "epochs")
 #: as tinytune.training.optim.OPTIMIZERS + PAGED_ALIASES (tested equal)
@@ -59,6 +64,14 @@ def _held_out(value: list[Any]) -> str | None:
         if not isinstance(expect, list) or not expect or not all(isinstance(e, str) and e for e in expect):
             return f"item {i}: expect: a non-empty string or list of strings is required, got {expect!r}"
     return None
+
+
+def _tags(value: dict[str, Any]) -> str | None:
+    bad = sorted(set(value) - set(SHAREGPT_TAGS))
+    if bad:
+        return f"unknown tag name(s) {bad}; tags take {', '.join(SHAREGPT_TAGS)}"
+    empty = [k for k, v in value.items() if not isinstance(v, str) or not v]
+    return f"{', '.join(empty)}: a non-empty string is required" if empty else None
 
 
 def _attn_modules(value: list[str]) -> str | None:
@@ -142,8 +155,34 @@ class ModelSourceSettings(Settings):
 
 
 @dataclass(frozen=True)
+class DatasetOptionSettings(Settings):
+    """Value keys of a dataset node (``sft_dataset``, ``preference_dataset``, ...), typed before any build.
+
+    Only the keys present are read (a key the builder does not take is refused by its signature);
+    a missing key keeps the builder's own default.
+    """
+
+    max_seq_len: int | None = setting(None, "cut or drop samples longer than this (null: no limit)", ge=1)
+    truncation: str | None = setting(None, "a sample longer than max_seq_len: balanced (cut prompt and answer "
+                                     "in proportion), prompt_first, right, drop; counted by reason in the "
+                                     "summary (null: the builder's, balanced for sft_dataset)",
+                                     choices=TRUNCATION_POLICIES)
+    train_on_input: bool | None = setting(None, "also train the prompt tokens")
+    mask_history: bool | None = setting(None, "train only the last assistant turn")
+    enable_thinking: bool | None = setting(None, "Qwen3 think blocks: true, false or null (mixed data)")
+    packed: bool | None = setting(None, "pack samples into max_seq_len rows")
+    packing_strategy: str | None = setting(None, "bin filling when packed (null: ffd)", choices=PACKING_STRATEGIES)
+    val_fraction: float | None = setting(None, "split: validation takes this fraction of the rows", ge=0, le=0.99)
+    skip_bad_samples: bool | None = setting(None, "skip (and count) malformed rows instead of stopping")
+    tags: dict[str, Any] | None = setting(None, "ShareGPT tag names (MindSpeed map-keys tags): role_tag, "
+                                          "content_tag, user_tag, assistant_tag, system_tag, observation_tag, "
+                                          "function_tag", check=_tags)
+
+
+@dataclass(frozen=True)
 class ValidationSettings(Settings):
-    dataset: Any = component("validation dataset node (else a split of dataset)", runtime_args=("tokenizer",))
+    dataset: Any = component("validation dataset node (else a split of dataset)", runtime_args=("tokenizer",),
+                             typed=DatasetOptionSettings)
     split_ratio: float | None = setting(None, "hold out this fraction of dataset", gt=0, le=0.99)
     split_size: int | None = setting(None, "hold out this many samples of dataset", ge=1)
     every_n_steps: int = setting(0, "validate every N steps (0: only at the end)", ge=0)
@@ -178,7 +217,7 @@ class EarlyStoppingSettings(Settings):
 class DataSettings(Settings):
     dataset: Any = component("training dataset node, or a mix: a list of nodes each with weight: (sampling "
                              "weight) or epochs: (passes over that source)", required=True,
-                             runtime_args=("tokenizer",), mix_keys=MIX_KEYS)
+                             runtime_args=("tokenizer",), mix_keys=MIX_KEYS, typed=DatasetOptionSettings)
     validation: ValidationSettings = section(ValidationSettings)
     shuffle: bool = setting(True, "shuffle the training samples every epoch")
     batch_size: int = setting(4, "micro-batch size", ge=1)
@@ -429,7 +468,8 @@ class EvalSettings(Settings):
     source: ModelSourceSettings = group(ModelSourceSettings)
     model: Any = component("model builder node, or LoRA keys (null: config.json's architecture)",
                            plain=LoRASettings)
-    dataset: Any = component("dataset node to evaluate", required=True, runtime_args=("tokenizer",))
+    dataset: Any = component("dataset node to evaluate", required=True, runtime_args=("tokenizer",),
+                             typed=DatasetOptionSettings)
     validation: ValidationSettings = section(ValidationSettings)
     batch_size: int = setting(8, "batch size", ge=1)
     max_batches: int | None = setting(None, "cap on batches (null: all)", ge=1)

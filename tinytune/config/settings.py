@@ -79,7 +79,7 @@ def group(cls: type, help: str = "") -> Any:
 
 def component(help: str = "", *, required: bool = False, runtime_args: Sequence[str] = (),
               plain: type | None = None, plain_target: str | None = None, key: str | None = None,
-              mix_keys: Sequence[str] = ()) -> Any:
+              mix_keys: Sequence[str] = (), typed: type | None = None) -> Any:
     """Declare a node that is built from a ``_component_`` (model, dataset, optimizer, ...).
 
     The node stays a config node (``instantiate`` builds it later); its ``_component_`` must import
@@ -95,10 +95,14 @@ def component(help: str = "", *, required: bool = False, runtime_args: Sequence[
         key: the config key when it differs from the field name.
         mix_keys: when given, the node may also be a list of component nodes (a mix), each with these
             extra keys beside its ``_component_`` (positive numbers, e.g. ``weight``, ``epochs``).
+        typed: a settings class for value keys the target takes (e.g. a dataset's ``truncation``): those
+            present beside the ``_component_`` are typed and range-checked here too (every node of a mix);
+            the target's signature still decides which keys exist.
     """
     return dataclasses.field(default=None, metadata={
         _KIND: "component", "help": help, "required": required, "runtime_args": tuple(runtime_args),
-        "plain": plain, "plain_target": plain_target, "key": key, "mix_keys": tuple(mix_keys)})
+        "plain": plain, "plain_target": plain_target, "key": key, "mix_keys": tuple(mix_keys),
+        "typed": typed})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -180,10 +184,10 @@ class Settings:
             elif kind == "section":
                 yield from hints[f.name].describe(key)
             elif kind == "component":
-                plain = f.metadata.get("plain")
                 yield key, "component", "-" if not f.metadata.get("required") else "required", f.metadata.get("help", "")
-                if plain is not None:
-                    yield from plain.describe(key)
+                for extra in (f.metadata.get("plain"), f.metadata.get("typed")):
+                    if extra is not None:
+                        yield from extra.describe(key)
             else:
                 default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
                 shown = "required" if f.metadata.get("required") else _show(default)
@@ -369,6 +373,7 @@ def _read_component(f: dataclasses.Field, raw: Any, path: str, reader: _Reader) 
         if plain is not None:  # keys the plain form shares (e.g. LoRA keys beside a lora_* builder): typed too
             shared = {f.name for f in dataclasses.fields(plain)} & set(data)
             _read_mapping(plain, {k: data[k] for k in shared}, path, reader, claim_all=True)
+        _read_typed(meta, data, path, reader)
         return raw
     if plain is not None:
         _read_mapping(plain, raw, path, reader, claim_all=True)
@@ -401,6 +406,15 @@ def _read_mix(meta: Any, raw: Any, path: str, reader: _Reader) -> None:
                 reader.add(format_path([sub, k]), f"{v!r} must be > 0 (drop the source instead of giving it {v!r})")
         node = {k: v for k, v in item.items() if k not in meta["mix_keys"]}
         _check_component_tree(node, sub, reader, top_runtime=meta.get("runtime_args", ()))
+        _read_typed(meta, node, sub, reader)
+
+
+def _read_typed(meta: Any, data: dict, path: str, reader: _Reader) -> None:
+    """The keys of ``data`` that ``meta["typed"]`` declares, read (typed, range-checked) with it."""
+    typed = meta.get("typed")
+    if typed is not None:
+        shared = {f.name for f in dataclasses.fields(typed)} & set(data)
+        _read_mapping(typed, {k: data[k] for k in shared}, path, reader, claim_all=True)
 
 
 def _check_kwargs(target: str, kwargs: dict, path: str, reader: _Reader) -> None:

@@ -136,7 +136,7 @@ def show_dataset(ds: Any, tokenizer, n: int = 3, *, color: bool | None = None, s
     Args:
         ds: a dataset built by ``sft_dataset`` / ``preference_dataset`` (packed or not).
         tokenizer: the tokenizer it was built with.
-        n: samples to print (the first ``n`` sequences of the cache).
+        n: samples to print (the first ``n`` items of the dataset's split, before packing).
         color: ANSI colour (default: when ``file`` is a terminal), else ``[[...]]`` brackets.
         show_tokens: put ``|`` between tokens.
         name: label for the output.
@@ -152,7 +152,9 @@ def show_dataset(ds: Any, tokenizer, n: int = 3, *, color: bool | None = None, s
     cache = getattr(base, "cache", None)
     group = int((getattr(cache, "meta", {}) or {}).get("group", 1))
     if cache is not None:
-        for k in range(min(n, len(cache) // group)):
+        items = getattr(base, "indices", None)
+        items = np.arange(len(cache) // group) if items is None else np.asarray(items)
+        for k in items[:n].tolist():
             for j in range(group):
                 tokens, labels = cache.get(k * group + j)
                 tag = ("", " chosen", " rejected")[j + 1 if group == 2 else 0]
@@ -161,4 +163,8 @@ def show_dataset(ds: Any, tokenizer, n: int = 3, *, color: bool | None = None, s
                                     show_tokens=show_tokens), file=file)
     stats = dataset_stats(ds)
     print(format_stats(stats, name), file=file)
+    items = getattr(base, "indices", None)
+    if cache is not None and items is not None and len(items) != len(cache) // group:
+        print(f"  this split: {len(items)} of {len(cache) // group} items (the counts above are for all rows)",
+              file=file)
     return stats

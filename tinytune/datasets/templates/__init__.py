@@ -1,7 +1,7 @@
 """Prompt-template registry: ``get_template(name)``.
 
-Names: ``alpaca llama2 llama3 chatml smollm2 qwen2_5 qwen3 mistral gemma plain hf`` plus
-MindSpeed ``prompt_type`` aliases (``qwen``, ``qwen_lf``, ``mixtral``, ``empty``, ...). A template
+Names: the built-ins, ``hf``, and the 34 MindSpeed ``prompt_type`` names rendered from their slot
+table (``mindspeed:NAME``; a name only MindSpeed has also works bare, see ``mindspeed.py``). A template
 can also be given as a dict of :class:`ChatTemplate` fields, so adding one is a few lines of
 config or a :func:`register_template` call.
 """
@@ -9,10 +9,7 @@ config or a :func:`register_template` call.
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 from collections.abc import Mapping
-from functools import lru_cache
 
 from tinytune.datasets.templates.base import ChatTemplate, Segment, TemplateError, segments_to_text
 from tinytune.datasets.templates.builtin import BUILTIN_TEMPLATES
@@ -22,12 +19,9 @@ from tinytune.datasets.templates.mindspeed import MindSpeedTemplate, mindspeed_t
 _REGISTRY: dict[str, ChatTemplate] = dict(BUILTIN_TEMPLATES)
 
 
-@lru_cache(maxsize=1)
 def mindspeed_prompt_types() -> dict[str, dict]:
-    """MindSpeed ``prompt_type`` name -> ``{"template": name[, "default_system": str]}`` (packaged data)."""
-    path = os.path.join(os.path.dirname(__file__), "mindspeed_prompt_types.json")
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)["prompt_types"]
+    """MindSpeed ``prompt_type`` name -> its slot-table entry (see ``templates.mindspeed``)."""
+    return mindspeed_table()
 
 
 def register_template(template: ChatTemplate) -> None:
@@ -67,10 +61,6 @@ def get_template(name: str | Mapping | ChatTemplate | HFChatTemplate, **kwargs):
     kwargs = {k: v for k, v in kwargs.items() if k not in ("chat_template", "end_of_turn")}
     if name in _REGISTRY:
         t = _REGISTRY[name]
-    elif name in mindspeed_prompt_types():
-        alias = mindspeed_prompt_types()[name]
-        t = dataclasses.replace(_REGISTRY[alias["template"]], name=name,
-                                **{k: v for k, v in alias.items() if k != "template"})
     else:
         raise TemplateError(f"unknown template {name!r}; choose from {', '.join(template_names())}, or "
                             "use 'hf' to render the model's own chat template")
