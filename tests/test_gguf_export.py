@@ -82,14 +82,19 @@ def test_transformers_loads_our_gguf(tmp_path, smollm2_dir, model_type, out_type
     assert rel < {"f16": 2e-3, "bf16": 2e-2, "q8_0": 2e-2}[out_type], rel
 
 
-def test_our_import_round_trips_the_export(tmp_path, smollm2_dir):
-    hf, d = tiny_with_tokenizer(tmp_path, smollm2_dir, "llama")
+@pytest.mark.parametrize("model_type", ["llama", pytest.param("qwen2", marks=pytest.mark.slow),
+                                        pytest.param("qwen3", marks=pytest.mark.slow)])
+def test_our_import_round_trips_the_export(tmp_path, smollm2_dir, model_type):
+    hf, d = tiny_with_tokenizer(tmp_path, smollm2_dir, model_type)
     path = convert_hf_to_gguf(d, str(tmp_path / "m.gguf"), "f32")
     g = read_gguf(path)
-    assert g.info.num_kv_heads == 2 and g.info.vocab_size == VOCAB and not g.info.tie_word_embeddings
+    assert g.info.model_type == model_type and g.info.num_kv_heads == 2 and g.info.vocab_size == VOCAB
+    assert g.info.tie_word_embeddings == hf.config.tie_word_embeddings
     from tinytune.checkpoint import hf_key_map
 
-    keymap = hf_key_map("llama")
+    keymap = hf_key_map(model_type)
+    assert {keymap.to_external(k) for k in g.state_dict} | ({"lm_head.weight"} if g.info.tie_word_embeddings
+                                                           else set()) == set(hf.state_dict())
     sd = hf.state_dict()
     for name, t in g.state_dict.items():  # f32: exact after our permute + the reader's un-permute
         torch.testing.assert_close(t, sd[keymap.to_external(name)], atol=0, rtol=0)
