@@ -141,3 +141,39 @@ def test_cli_and_bad_type(tmp_path, smollm2_dir, capsys):
     with pytest.raises(CheckpointError, match="no byte-level BPE tokenizer.json"):
         os.remove(os.path.join(d, "tokenizer.json"))
         convert_hf_to_gguf(d, str(tmp_path / "x.gguf"))
+
+
+def test_sentencepiece_tokenizer_export(tmp_path):
+    """Llama 2 style: tokenizer.model goes in as a llama (SentencePiece) vocabulary that
+    transformers' GGUF tokenizer reads back to the same ids as sentencepiece itself."""
+    import sentencepiece as spm
+    import tokenizer_refs as R
+
+    proto = R.train_sentencepiece([s for s in R.corpus() if s.strip()] * 2)
+    sp = spm.SentencePieceProcessor(model_proto=proto)
+    hf = tiny_hf_model("llama", seed=5, vocab_size=sp.get_piece_size() + 3)  # padded embedding rows
+    d = tmp_path / "sp_model"
+    hf.save_pretrained(str(d))
+    (d / "tokenizer.model").write_bytes(proto)
+    path = convert_hf_to_gguf(str(d), str(tmp_path / "sp.gguf"), "f16")
+    reader = gguf.GGUFReader(path)
+    assert reader.fields["tokenizer.ggml.model"].contents() == "llama"
+    toks = reader.fields["tokenizer.ggml.tokens"].contents()
+    assert toks[:sp.get_piece_size()] == [sp.id_to_piece(i) for i in range(sp.get_piece_size())]
+    assert toks[-1] == f"[PAD{sp.get_piece_size() + 2}]"
+    got = transformers.AutoTokenizer.from_pretrained(str(tmp_path), gguf_file="sp.gguf")
+    for text in ["Hello world, this is a test.", "Numbers 12345 and  spaces"]:
+        assert got(text, add_special_tokens=False)["input_ids"] == sp.encode(text)
+    t = tokens(3, vocab=sp.get_piece_size(), s=10)
+    torch.testing.assert_close(hf_logits(load_gguf_in_transformers(path), t),
+                               hf_logits(rounded_reference_sp(hf), t), atol=2e-5, rtol=1e-4)
+
+
+def rounded_reference_sp(hf):
+    ref = tiny_hf_model("llama", seed=5, vocab_size=hf.config.vocab_size)
+    ref.load_state_dict(hf.state_dict())
+    with torch.no_grad():
+        for p in ref.parameters():
+            if p.ndim == 2:
+                p.copy_(p.half().float())
+    return ref.eval()

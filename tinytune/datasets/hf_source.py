@@ -127,7 +127,7 @@ def load_hf_source(source: Any, *, name: str | None = None, split: str = "train"
                            hint="Check the id at https://huggingface.co/datasets") from None
     except ConnectionError as e:
         raise DatasetError(f"source: dataset {source!r} is not in the local datasets cache and the hub cannot be "
-                           f"reached ({e})",
+                           f"reached ({e}); no local file or folder of that name exists either",
                            hint="Connect and rerun, or save it with save_to_disk on a machine with network and "
                                 "point `source` at that folder") from None
     except ValueError as e:
