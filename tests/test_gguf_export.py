@@ -110,7 +110,7 @@ def test_our_import_round_trips_the_export(tmp_path, smollm2_dir, model_type):
 def test_transformers_reads_our_tokenizer_metadata(tmp_path, smollm2_dir):
     _, d = tiny_with_tokenizer(tmp_path, smollm2_dir, "qwen2")
     path = convert_hf_to_gguf(d, str(tmp_path / "m.gguf"), "q8_0")
-    got = transformers.AutoTokenizer.from_pretrained(str(tmp_path), gguf_file="m.gguf")
+    got = transformers.AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
     ref = transformers.AutoTokenizer.from_pretrained(d)
     text = "Hello world!  <|im_start|>user\nWhat's up? 123<|im_end|>"
     assert got(text)["input_ids"] == ref(text)["input_ids"]

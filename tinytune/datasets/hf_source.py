@@ -13,18 +13,23 @@ token cache as file sources (:func:`tinytune.datasets.sft.build_token_cache`). W
 from __future__ import annotations
 
 import itertools
-from functools import partial
 import os
 import re
 from collections.abc import Iterator, Mapping
+from functools import partial
 from typing import Any
 
 from torch.utils.data import IterableDataset
 
 from tinytune.datasets.encoding import SampleEncoder
-from tinytune.datasets.errors import BadSampleLog, DatasetError
+from tinytune.datasets.errors import DatasetError
 from tinytune.datasets.readers import _plain
-from tinytune.datasets.sft import _finish_sft, _resolve_template, build_token_cache, convert_row
+from tinytune.datasets.sft import (
+    _finish_sft,
+    _resolve_template,
+    build_token_cache,
+    convert_row,
+)
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _FILE_EXT = re.compile(r"\.(jsonl?|csv|parquet|arrow|ipc|feather|txt)$", re.IGNORECASE)
