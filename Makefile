@@ -17,6 +17,8 @@ install: $(BIN)/python
 
 install-dev: install
 	$(BIN)/pip install -q -e ".[dev]"
+	# test-only reference for the preference losses; --no-deps so it cannot change torch
+	$(BIN)/pip install -q --no-deps trl==1.16.0
 
 # Command 1: an identity LoRA fine-tune of the bundled SmolLM2-135M-Instruct (who it is, who made it):
 # held-out questions answered before/after, with the fraction correct in the summary.

@@ -43,7 +43,7 @@ from tinytune.training.setup import (
     train_data,
 )
 from tinytune.training.steps import build_optimizer_and_scheduler, current_lr, optimizer_step, sft_accumulate
-from tinytune.training.training_state import open_checkpointer, resume_training_state, save_training_state
+from tinytune.training.checkpointing import open_checkpointer, resume_training_state, save_training_state
 
 
 def recipe_main(cfg: DictConfig) -> dict:

@@ -41,11 +41,11 @@ from torch.utils.data import DataLoader
 from tinytune import config
 from tinytune.checkpoint import save_hf_checkpoint, save_peft_adapter
 from tinytune.config import ConfigError
-from tinytune.training.dcp import DistributedCheckpointer
-from tinytune.training.device import get_dtype, set_seed
-from tinytune.training.dist_sampler import ResumableDistributedSampler
-from tinytune.training.dist_evaluation import evaluate_loss_distributed
-from tinytune.training.distributed import (
+from tinytune.checkpoint.dcp import DistributedCheckpointer
+from tinytune.device import get_dtype, set_seed
+from tinytune.distributed.dist_sampler import ResumableDistributedSampler
+from tinytune.distributed.dist_evaluation import evaluate_loss_distributed
+from tinytune.distributed.mesh import (
     ParallelDims,
     all_reduce_sum,
     build_device_mesh,
@@ -54,7 +54,7 @@ from tinytune.training.distributed import (
     is_rank_zero,
     shutdown_distributed,
 )
-from tinytune.training.fsdp import clip_grad_norm_, gather_full_state_dict, set_gradient_sync
+from tinytune.distributed.fsdp import clip_grad_norm_, gather_full_state_dict, set_gradient_sync
 from tinytune.training.losses import IGNORE_INDEX, count_label_tokens, sft_loss_sum
 from tinytune.training.padding_free import drop_unlabeled_tail
 from tinytune.training.steps import build_optimizer_and_scheduler
@@ -77,7 +77,7 @@ from tinytune.training.setup import (
     resolve_checkpoint_dir,
     train_val_datasets,
 )
-from tinytune.training.sharded_model import load_hf_model_sharded
+from tinytune.distributed.sharded_model import load_hf_model_sharded
 
 
 def _lora_setup(cfg: DictConfig):

@@ -19,6 +19,7 @@ from omegaconf import DictConfig
 
 import tinytune.config
 from tinytune.checkpoint import save_hf_checkpoint, save_peft_adapter
+from tinytune.datasets import data_summary
 from tinytune.modules.peft import disable_adapters, get_adapter_state_dict, get_merged_state_dict, set_trainable_params
 from tinytune.training.activation_checkpointing import apply_activation_checkpointing
 from tinytune.training.data import validation_batches
@@ -45,8 +46,9 @@ from tinytune.training.setup import (
     setup_device,
     train_data,
 )
+from tinytune.training.optim import loraplus_param_groups
 from tinytune.training.steps import build_optimizer_and_scheduler, current_lr, optimizer_step, sft_accumulate
-from tinytune.training.training_state import open_checkpointer, resume_training_state, save_training_state
+from tinytune.training.checkpointing import open_checkpointer, resume_training_state, save_training_state
 
 
 def recipe_main(cfg: DictConfig) -> dict:
@@ -75,7 +77,11 @@ def recipe_main(cfg: DictConfig) -> dict:
           f"{total_steps} steps of {accum} x {data.batch_size} samples")
 
     # ---- 4. optimizer, LR schedule, checkpointer (resume) ----------------------------------
-    optimizer, lr_scheduler = build_optimizer_and_scheduler(cfg, model.parameters(), total_steps)
+    # settings key: loraplus_lr_ratio (float, None): LoRA+, the B matrices train at optimizer.lr x this
+    ratio = cfg_get(cfg, "loraplus_lr_ratio")
+    params = (loraplus_param_groups(model, float(cfg_get(cfg, "optimizer.lr", 2e-5)), float(ratio))
+              if ratio is not None else model.parameters())
+    optimizer, lr_scheduler = build_optimizer_and_scheduler(cfg, params, total_steps)
     ckpt = open_checkpointer(cfg, out_dir)
     step = resume_training_state(ckpt, cfg_get(cfg, "resume_from_checkpoint"), model=model, weights_key="adapter",
                                  optimizer=optimizer, lr_scheduler=lr_scheduler, stream=stream)
@@ -118,7 +124,8 @@ def recipe_main(cfg: DictConfig) -> dict:
     progress.close()
 
     # ---- 7. final validation, export, plot, generation after ---------------------------------
-    summary = {"step": step, "loss": window.last_loss, "output_dir": out_dir, **window.totals()}
+    summary = {"step": step, "loss": window.last_loss, "output_dir": out_dir, **window.totals(),
+               "data": data_summary(data.train_ds)}
     if val_loader is not None:
         val = validation_row(evaluate_loss(model, val_loader, device, loop.val_max_batches, loop.padding_free))
         loggers.log_dict(val, step)

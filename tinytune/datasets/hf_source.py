@@ -21,15 +21,11 @@ from typing import Any
 
 from torch.utils.data import IterableDataset
 
-from tinytune.datasets.encoding import SampleEncoder
-from tinytune.datasets.errors import DatasetError
+from tinytune.datasets.encoding import DEFAULT_TRUNCATION, DROP_REASONS, SampleEncoder
+from tinytune.datasets.errors import BadSampleLog, DatasetError
 from tinytune.datasets.readers import _plain
-from tinytune.datasets.sft import (
-    _finish_sft,
-    _resolve_template,
-    build_token_cache,
-    convert_row,
-)
+from tinytune.datasets.sft import _finish_sft, _resolve_template, build_token_cache, convert_row
+from tinytune.datasets.styles import check_tags
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _FILE_EXT = re.compile(r"\.(jsonl?|csv|parquet|arrow|ipc|feather|txt)$", re.IGNORECASE)
@@ -196,8 +192,14 @@ class StreamingSFTDataset(IterableDataset):
         self.skip_bad_samples = skip_bad_samples
         self.rows_read = 0  # source rows consumed in the current pass
         self.epoch = 0
-        self.dropped_too_long = 0
+        self.dropped: dict[str, int] = {}  # by reason (encoding.DROP_REASONS)
+        self.truncated: dict[str, int] = {}  # by reason
         self.cache_hit = False
+
+    @property
+    def dropped_too_long(self) -> int:
+        """Samples dropped by ``truncation: drop``."""
+        return self.dropped.get("too_long", 0)
 
     def __iter__(self) -> Iterator[dict]:
         start = self.rows_read
@@ -206,15 +208,18 @@ class StreamingSFTDataset(IterableDataset):
             self.rows_read = i
             try:
                 (res,) = self.encoder.encode_samples([self.to_sample(row, self.label, i)])
-                if isinstance(res, str) and res != "too_long":  # the template could not render it
+                if isinstance(res, str) and res not in DROP_REASONS:  # the template could not render it
                     raise DatasetError(res, file=self.label, row=i, hint="Fix the row or set skip_bad_samples: true")
             except DatasetError:
                 if not self.skip_bad_samples:
                     raise
                 continue
-            if isinstance(res, str):  # truncation: drop
-                self.dropped_too_long += 1
+            if isinstance(res, str):  # dropped (truncation: drop, or nothing left to train)
+                self.dropped[res] = self.dropped.get(res, 0) + 1
                 continue
+            reason = self.encoder.last_reasons[0]
+            if reason:
+                self.truncated[reason] = self.truncated.get(reason, 0) + 1
             for e in res:
                 yield {"tokens": list(e.tokens), "labels": list(e.labels)}
         self.epoch += 1
@@ -235,9 +240,10 @@ def hf_dataset(tokenizer, source: Any, *, name: str | None = None, split: str = 
                style: str = "auto", template: Any = None, prompt_type: str | None = None,
                chat_template: str | None = None, system_prompt: str | None = None,
                column_map: Mapping[str, str] | None = None, max_seq_len: int | None = None,
-               train_on_input: bool = False, mask_history: bool = False, truncation: str = "prompt_first",
+               train_on_input: bool = False, mask_history: bool = False, truncation: str = DEFAULT_TRUNCATION,
                enable_thinking: bool | None = None, packed: bool = False, packing_strategy: str = "ffd",
-               skip_bad_samples: bool = False, cache_dir: str | None = None, num_workers: int | None = None):
+               skip_bad_samples: bool = False, cache_dir: str | None = None, num_workers: int | None = None,
+               tags: Mapping[str, str] | None = None):
     """SFT dataset from the ``datasets`` library.
 
     Args:
@@ -269,7 +275,7 @@ def hf_dataset(tokenizer, source: Any, *, name: str | None = None, split: str = 
         encoder = SampleEncoder(tokenizer, tmpl, max_seq_len=max_seq_len, train_on_input=train_on_input,
                                 mask_history=mask_history, truncation=truncation, enable_thinking=enable_thinking)
         to_sample = partial(convert_row, style=style, column_map=_plain(column_map), system_prompt=system_prompt,
-                            want="sft")
+                            want="sft", tags=check_tags(_plain(tags)))
         return StreamingSFTDataset(ds, encoder, to_sample, label, max_samples, skip_bad_samples)
     if max_samples is not None:
         ds = ds.select(range(min(int(max_samples), len(ds))))
@@ -278,7 +284,8 @@ def hf_dataset(tokenizer, source: Any, *, name: str | None = None, split: str = 
         tokenizer, lambda bad: _rows(ds, label, None), fp, kind="sft", style=style, template=tmpl,
         column_map=column_map, system_prompt=system_prompt, max_seq_len=max_seq_len, train_on_input=train_on_input,
         mask_history=mask_history, truncation=truncation, enable_thinking=enable_thinking,
-        skip_bad_samples=skip_bad_samples, cache_dir=cache_dir, num_workers=num_workers, name=f"hf_dataset({label})")
+        skip_bad_samples=skip_bad_samples, cache_dir=cache_dir, num_workers=num_workers, tags=tags,
+        name=f"hf_dataset({label})")
     return _finish_sft(tokenizer, cache, hit, split="all", val_fraction=0.0, seed=0, packed=packed,
                        max_seq_len=max_seq_len, packing_strategy=packing_strategy)
 

@@ -7,7 +7,7 @@ from typing import Any, Callable, Iterator
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from tinytune.training.dist_sampler import ResumableDistributedSampler
+from tinytune.distributed.dist_sampler import ResumableDistributedSampler
 
 
 def split_dataset(dataset: Dataset, val_ratio: float | None = None, val_size: int | None = None,

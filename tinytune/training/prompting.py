@@ -13,6 +13,10 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
+from tinytune.config import ConfigError
+from tinytune.datasets.templates import TemplateError
+from tinytune.datasets.templates.base import check_enable_thinking
+from tinytune.training.setup import cfg_get
 from tinytune.training.held_out import fraction_correct, parse_held_out
 
 
@@ -23,6 +27,20 @@ def get_bound_template(name: Any, tokenizer):
     return get_template(name or "hf").bind(tokenizer)
 
 
+def thinking_from_cfg(cfg: Any, key: str) -> bool | None:
+    """``enable_thinking`` from a config key: true, false or null; anything else is a ConfigError
+    naming the key (a quoted ``'false'`` must not silently mean thinking on).
+
+    Args:
+        cfg: recipe config.
+        key: dotted key, e.g. ``enable_thinking`` or ``sample_generation.enable_thinking``.
+    """
+    try:
+        return check_enable_thinking(cfg_get(cfg, key), key)
+    except TemplateError as e:
+        raise ConfigError(str(e)) from None
+
+
 def encode_chat_prompt(tokenizer, template, messages: list[dict], enable_thinking: bool | None = None) -> list[int]:
     """Token ids of a conversation followed by the assistant header (the model answers next).
 
@@ -30,17 +48,22 @@ def encode_chat_prompt(tokenizer, template, messages: list[dict], enable_thinkin
         tokenizer: tinytune tokenizer.
         template: a bound template (:func:`get_bound_template`).
         messages: ``[{"role": "system"|"user"|"assistant", "content": str}, ...]``.
-        enable_thinking: Qwen3 thinking switch.
+        enable_thinking: Qwen3 thinking switch: False writes the official non-thinking generation
+            prompt (an empty ``<think>`` block); True/None let the model think.
     """
     segments = template.render(messages, add_generation_prompt=True, enable_thinking=enable_thinking)
     ids: list[int] = []
+    text = ""  # consecutive text segments are encoded as one string, as the whole render would be
     for seg in segments:
         if seg.special is not None:
+            ids.extend(tokenizer.encode(text, add_bos=False, add_eos=False) if text else [])
+            text = ""
             tid = tokenizer.bos_id if seg.special == "bos" else tokenizer.eos_id
             if tid is not None:
                 ids.append(int(tid))
-        elif seg.text:
-            ids.extend(tokenizer.encode(seg.text, add_bos=False, add_eos=False))
+        else:
+            text += seg.text
+    ids.extend(tokenizer.encode(text, add_bos=False, add_eos=False) if text else [])
     return ids
 
 
@@ -73,15 +96,19 @@ def prompt_messages(prompt: str | dict | Sequence[dict], system: str | None = No
 def generate_replies(model: nn.Module, tokenizer, template, prompts: Sequence[str | Sequence[dict]], *,
                      max_new_tokens: int = 64, temperature: float = 0.0, top_k: int | None = None,
                      top_p: float | None = None, system: str | None = None, seed: int | None = None,
-                     on_token: Callable[[int, int], None] | None = None) -> list[str]:
+                     on_token: Callable[[int, int], None] | None = None,
+                     enable_thinking: bool | None = None) -> list[str]:
     """Answers each prompt through the chat template (batched, left-padded, KV cache).
+
+    ``enable_thinking`` goes to the template's generation prompt (Qwen3: False = non-thinking mode).
 
     Returns:
         The decoded replies (special tokens skipped, surrounding whitespace stripped).
     """
     from tinytune.generation import generate  # noqa: PLC0415
 
-    encoded = [encode_chat_prompt(tokenizer, template, prompt_messages(p, system)) for p in prompts]
+    encoded = [encode_chat_prompt(tokenizer, template, prompt_messages(p, system), enable_thinking)
+               for p in prompts]
     gen = None
     if seed is not None and temperature > 0:
         gen = torch.Generator(device=next(model.parameters()).device)
@@ -133,6 +160,8 @@ class SampleGenerations:
         self.template = get_bound_template(cfg_get(cfg, "template", "hf"), tokenizer) if self.prompts else None
         self.gen_kw = dict(max_new_tokens=int(cfg_get(gen_cfg, "max_new_tokens", 48)),
                            system=cfg_get(gen_cfg, "system"))
+        # sample_generation.enable_thinking (Qwen3): true / false / null, as for the dataset
+        self.gen_kw["enable_thinking"] = thinking_from_cfg(cfg, "sample_generation.enable_thinking")
         self.before: list[str] = []
 
     def _answer(self, model: nn.Module) -> list[str]:

@@ -22,7 +22,7 @@ from tinytune.config import ConfigError
 log = logging.getLogger(__name__)
 
 LORA_KEYS = ("lora_attn_modules", "apply_lora_to_mlp", "apply_lora_to_output", "lora_rank", "lora_alpha",
-             "lora_dropout", "quantize_base")
+             "lora_dropout", "quantize_base", "use_dora", "use_rslora", "lora_init")
 
 
 def cfg_get(cfg: Any, key: str, default: Any = None) -> Any:
@@ -38,9 +38,9 @@ def cfg_get(cfg: Any, key: str, default: Any = None) -> Any:
 def setup_device(cfg: DictConfig) -> tuple[torch.device, torch.dtype, int]:
     """``(device, dtype, seed)`` from ``device`` (auto), ``dtype`` (fp32) and ``seed`` (0).
 
-    Seeds every RNG (:func:`tinytune.training.device.set_seed`) and returns the seed used.
+    Seeds every RNG (:func:`tinytune.device.set_seed`) and returns the seed used.
     """
-    from tinytune.training.device import get_device, get_dtype, set_seed  # noqa: PLC0415
+    from tinytune.device import get_device, get_dtype, set_seed  # noqa: PLC0415
 
     device = get_device(cfg_get(cfg, "device", "auto"))
     dtype = get_dtype(cfg_get(cfg, "dtype", "fp32"), device)
@@ -131,7 +131,12 @@ def load_model(cfg: DictConfig, checkpoint_dir: str, device: torch.device, dtype
         factory = lora_linear_factory(targets, rank=int(kw.get("lora_rank", 8)),
                                       alpha=float(kw.get("lora_alpha", 16)),
                                       dropout=float(kw.get("lora_dropout", 0.0)),
-                                      quantize_base=bool(kw.get("quantize_base", False)))
+                                      quantize_base=bool(kw.get("quantize_base", False)),
+                                      # settings key: model.use_dora (bool, False); model.use_rslora (bool, False);
+                                      # model.lora_init (str, "default": default | gaussian | pissa)
+                                      use_dora=bool(kw.get("use_dora", False)),
+                                      use_rslora=bool(kw.get("use_rslora", False)),
+                                      init=str(kw.get("lora_init", "default")))
     model, info = load_hf_model(checkpoint_dir, dtype=dtype, device=device, model_builder=builder,
                                 linear_factory=factory)
     return model, info
@@ -151,12 +156,14 @@ def load_model_and_tokenizer(cfg: DictConfig, device: torch.device, dtype: torch
 
 
 def lora_settings(cfg: DictConfig, model: nn.Module) -> dict[str, Any]:
-    """``{"lora_rank", "lora_alpha", "lora_dropout"}`` for the adapter export (read from the model)."""
+    """``{"lora_rank", "lora_alpha", "lora_dropout", "use_rslora", "use_dora", "init"}`` for the adapter
+    export (read from the model)."""
     from tinytune.modules.peft import lora_modules  # noqa: PLC0415
 
     for _, m in lora_modules(model):
         p = m.dropout.p if isinstance(m.dropout, nn.Dropout) else 0.0
-        return {"lora_rank": m.rank, "lora_alpha": m.alpha, "lora_dropout": p}
+        return {"lora_rank": m.rank, "lora_alpha": m.alpha, "lora_dropout": p, "use_rslora": m.use_rslora,
+                "use_dora": m.use_dora, "init": m.init}
     raise ConfigError("model: no LoRA layers; use a lora_* / qlora_* builder or set model.lora_attn_modules")
 
 
