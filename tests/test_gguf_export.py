@@ -82,14 +82,19 @@ def test_transformers_loads_our_gguf(tmp_path, smollm2_dir, model_type, out_type
     assert rel < {"f16": 2e-3, "bf16": 2e-2, "q8_0": 2e-2}[out_type], rel
 
 
-def test_our_import_round_trips_the_export(tmp_path, smollm2_dir):
-    hf, d = tiny_with_tokenizer(tmp_path, smollm2_dir, "llama")
+@pytest.mark.parametrize("model_type", ["llama", pytest.param("qwen2", marks=pytest.mark.slow),
+                                        pytest.param("qwen3", marks=pytest.mark.slow)])
+def test_our_import_round_trips_the_export(tmp_path, smollm2_dir, model_type):
+    hf, d = tiny_with_tokenizer(tmp_path, smollm2_dir, model_type)
     path = convert_hf_to_gguf(d, str(tmp_path / "m.gguf"), "f32")
     g = read_gguf(path)
-    assert g.info.num_kv_heads == 2 and g.info.vocab_size == VOCAB and not g.info.tie_word_embeddings
+    assert g.info.model_type == model_type and g.info.num_kv_heads == 2 and g.info.vocab_size == VOCAB
+    assert g.info.tie_word_embeddings == hf.config.tie_word_embeddings
     from tinytune.checkpoint import hf_key_map
 
-    keymap = hf_key_map("llama")
+    keymap = hf_key_map(model_type)
+    assert {keymap.to_external(k) for k in g.state_dict} | ({"lm_head.weight"} if g.info.tie_word_embeddings
+                                                           else set()) == set(hf.state_dict())
     sd = hf.state_dict()
     for name, t in g.state_dict.items():  # f32: exact after our permute + the reader's un-permute
         torch.testing.assert_close(t, sd[keymap.to_external(name)], atol=0, rtol=0)
@@ -105,7 +110,7 @@ def test_our_import_round_trips_the_export(tmp_path, smollm2_dir):
 def test_transformers_reads_our_tokenizer_metadata(tmp_path, smollm2_dir):
     _, d = tiny_with_tokenizer(tmp_path, smollm2_dir, "qwen2")
     path = convert_hf_to_gguf(d, str(tmp_path / "m.gguf"), "q8_0")
-    got = transformers.AutoTokenizer.from_pretrained(str(tmp_path), gguf_file="m.gguf")
+    got = transformers.AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
     ref = transformers.AutoTokenizer.from_pretrained(d)
     text = "Hello world!  <|im_start|>user\nWhat's up? 123<|im_end|>"
     assert got(text)["input_ids"] == ref(text)["input_ids"]
@@ -136,3 +141,39 @@ def test_cli_and_bad_type(tmp_path, smollm2_dir, capsys):
     with pytest.raises(CheckpointError, match="no byte-level BPE tokenizer.json"):
         os.remove(os.path.join(d, "tokenizer.json"))
         convert_hf_to_gguf(d, str(tmp_path / "x.gguf"))
+
+
+def test_sentencepiece_tokenizer_export(tmp_path):
+    """Llama 2 style: tokenizer.model goes in as a llama (SentencePiece) vocabulary that
+    transformers' GGUF tokenizer reads back to the same ids as sentencepiece itself."""
+    import sentencepiece as spm
+    import tokenizer_refs as R
+
+    proto = R.train_sentencepiece([s for s in R.corpus() if s.strip()] * 2)
+    sp = spm.SentencePieceProcessor(model_proto=proto)
+    hf = tiny_hf_model("llama", seed=5, vocab_size=sp.get_piece_size() + 3)  # padded embedding rows
+    d = tmp_path / "sp_model"
+    hf.save_pretrained(str(d))
+    (d / "tokenizer.model").write_bytes(proto)
+    path = convert_hf_to_gguf(str(d), str(tmp_path / "sp.gguf"), "f16")
+    reader = gguf.GGUFReader(path)
+    assert reader.fields["tokenizer.ggml.model"].contents() == "llama"
+    toks = reader.fields["tokenizer.ggml.tokens"].contents()
+    assert toks[:sp.get_piece_size()] == [sp.id_to_piece(i) for i in range(sp.get_piece_size())]
+    assert toks[-1] == f"[PAD{sp.get_piece_size() + 2}]"
+    got = transformers.AutoTokenizer.from_pretrained(str(tmp_path), gguf_file="sp.gguf")
+    for text in ["Hello world, this is a test.", "Numbers 12345 and  spaces"]:
+        assert got(text, add_special_tokens=False)["input_ids"] == sp.encode(text)
+    t = tokens(3, vocab=sp.get_piece_size(), s=10)
+    torch.testing.assert_close(hf_logits(load_gguf_in_transformers(path), t),
+                               hf_logits(rounded_reference_sp(hf), t), atol=2e-5, rtol=1e-4)
+
+
+def rounded_reference_sp(hf):
+    ref = tiny_hf_model("llama", seed=5, vocab_size=hf.config.vocab_size)
+    ref.load_state_dict(hf.state_dict())
+    with torch.no_grad():
+        for p in ref.parameters():
+            if p.ndim == 2:
+                p.copy_(p.half().float())
+    return ref.eval()

@@ -73,3 +73,16 @@ def test_mixed_dataset_items_lengths_and_state():
 def test_bad_mix_values(kw, msg):
     with pytest.raises(DatasetError, match=msg):
         mix_order([3, 3], **kw)
+
+
+def test_tune_validate_accepts_mix_keys_only_on_dataset_items():
+    from omegaconf import OmegaConf
+
+    from tinytune.config._validate import validate_config
+
+    node = {"_component_": "tinytune.datasets.sft_dataset", "source": "a.jsonl"}
+    ok = OmegaConf.create({"dataset": [dict(node, weight=0.5), dict(node, epochs=2)]})
+    assert validate_config(ok)[0] == []
+    bad = OmegaConf.create({"dataset": [dict(node, wieght=0.5)], "validation": {"dataset": dict(node, weight=1)}})
+    problems = [p.key for p in validate_config(bad)[0]]
+    assert problems == ["dataset[0]", "validation.dataset"]

@@ -9,8 +9,8 @@ import os
 import pytest
 import torch
 import yaml
-
 from _recipe_fixtures import make_tiny_checkpoint, write_chat_jsonl
+
 from tinytune.cli.main import main as tune_main
 
 LORA = {"lora_attn_modules": ["q_proj", "v_proj"], "apply_lora_to_mlp": True, "lora_rank": 4, "lora_alpha": 8.0}

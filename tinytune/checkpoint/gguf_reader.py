@@ -1,4 +1,4 @@
-"""Reading llama-architecture GGUF files: hyperparameters, dequantized tensors, q/k un-permute.
+"""Reading llama / qwen2 / qwen3 GGUF files: hyperparameters, dequantized tensors, q/k un-permute.
 
 llama.cpp's converter reorders the rows of the q and k projections of every head so that the two
 rotary halves are interleaved (pairs ``(x[2i], x[2i+1])``). tinytune (like HF transformers) uses
@@ -110,12 +110,15 @@ def _f32(x: float) -> float:
     return float(f"{float(x):.7g}")
 
 
+IMPORT_ARCHITECTURES = ("llama", "qwen2", "qwen3")  # qwen: NEOX RoPE, rows are stored unpermuted
+
+
 def gguf_model_info(reader: Any, path: str) -> ModelInfo:
     """Reads the hyperparameters of a llama-architecture GGUF into a :class:`ModelInfo`."""
     arch = _field(reader, "general.architecture", path)
-    if arch != "llama":
+    if arch not in IMPORT_ARCHITECTURES:
         raise CheckpointError(
-            f"{path}: GGUF architecture {arch!r} is not supported (tinytune imports 'llama')"
+            f"{path}: GGUF architecture {arch!r} is not supported (tinytune imports {', '.join(IMPORT_ARCHITECTURES)})"
         )
     dim = int(_field(reader, f"{arch}.embedding_length", path))
     heads = int(_field(reader, f"{arch}.attention.head_count", path))
@@ -130,7 +133,9 @@ def gguf_model_info(reader: Any, path: str) -> ModelInfo:
         "pad_token_id": _field(reader, "tokenizer.ggml.padding_token_id", path, None),
     }
     return ModelInfo(
-        model_type="llama",
+        model_type=arch,
+        qkv_bias=arch == "qwen2",  # Qwen2/2.5 always carry q/k/v biases
+        qk_norm=arch == "qwen3",
         vocab_size=int(vocab),
         dim=dim,
         num_layers=int(_field(reader, f"{arch}.block_count", path)),
@@ -228,7 +233,8 @@ def read_gguf(path: str, dtype: torch.dtype = torch.float32) -> GGUFModel:
     except Exception as e:  # gguf raises ValueError/struct errors on corrupt files
         raise CheckpointError(f"{path}: not a readable GGUF file ({e})") from None
     info = gguf_model_info(reader, path)
-    keymap = gguf_key_map("llama")
+    keymap = gguf_key_map(info.model_type)
+    permuted = info.model_type == "llama"  # llama.cpp interleaves llama's q/k rows only
     sd: dict[str, torch.Tensor] = {}
     types: dict[str, str] = {}
     for t in reader.tensors:
@@ -241,9 +247,9 @@ def read_gguf(path: str, dtype: torch.dtype = torch.float32) -> GGUFModel:
         if name is None:
             raise CheckpointError(f"{path}: GGUF tensor {t.name!r} has no tinytune equivalent")
         w = dequantize_tensor(t, path)
-        if name.endswith(("q_proj.weight", "q_proj.bias")):
+        if permuted and name.endswith(("q_proj.weight", "q_proj.bias")):
             w = unpermute_qk(w, info.num_heads)
-        elif name.endswith(("k_proj.weight", "k_proj.bias")):
+        elif permuted and name.endswith(("k_proj.weight", "k_proj.bias")):
             w = unpermute_qk(w, info.num_kv_heads)
         sd[name] = torch.from_numpy(w).to(dtype)
         types[name] = t.tensor_type.name
@@ -273,6 +279,10 @@ def _check_shapes(sd: dict[str, torch.Tensor], info: ModelInfo, path: str) -> No
                 p + "mlp.down_proj.weight": (info.dim, info.hidden_dim),
             }
         )
+        if info.qkv_bias:
+            expect.update({p + "attn.q_proj.bias": (q,), p + "attn.k_proj.bias": (kv,), p + "attn.v_proj.bias": (kv,)})
+        if info.qk_norm:
+            expect.update({p + "attn.q_norm.weight": (info.head_dim,), p + "attn.k_norm.weight": (info.head_dim,)})
     missing = sorted(set(expect) - set(sd))
     if missing:
         raise CheckpointError(f"{path}: GGUF is missing tensors {missing[:5]}{' ...' if len(missing) > 5 else ''}")
@@ -281,5 +291,6 @@ def _check_shapes(sd: dict[str, torch.Tensor], info: ModelInfo, path: str) -> No
             raise CheckpointError(
                 f"{path}: tensor {k!r} has shape {tuple(sd[k].shape)}, metadata implies {shape}"
             )
-    if any(k.endswith(".bias") for k in sd):
-        raise CheckpointError(f"{path}: q/k/v biases are not supported for GGUF llama import")
+    if any(k.endswith(".bias") for k in sd) != info.qkv_bias:
+        raise CheckpointError(f"{path}: q/k/v biases are {'missing' if info.qkv_bias else 'not supported'} for "
+                              f"GGUF {info.model_type} import")

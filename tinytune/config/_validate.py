@@ -53,7 +53,10 @@ def validate_config(cfg: DictConfig) -> tuple[list[Problem], int]:
                 key = format_path(path) or "<root>"
                 try:
                     fn = locate(obj["_component_"], format_path(path), None)
-                    kwargs = {str(k): v for k, v in obj.items() if k not in SPECIAL_KEYS}
+                    # items of a dataset mix (`dataset: [...]`) also carry weight/epochs (training.setup reads them)
+                    mix_item = len(path) == 2 and path[0] == "dataset" and isinstance(path[1], int)
+                    skip = SPECIAL_KEYS + (("weight", "epochs") if mix_item else ())
+                    kwargs = {str(k): v for k, v in obj.items() if k not in skip}
                     check_arguments(fn, (), kwargs, partial=True, path=format_path(path), source=None,
                                     dotted=obj["_component_"])
                 except ConfigError as e:

@@ -13,10 +13,10 @@ token cache as file sources (:func:`tinytune.datasets.sft.build_token_cache`). W
 from __future__ import annotations
 
 import itertools
-from functools import partial
 import os
 import re
 from collections.abc import Iterator, Mapping
+from functools import partial
 from typing import Any
 
 from torch.utils.data import IterableDataset
@@ -128,7 +128,7 @@ def load_hf_source(source: Any, *, name: str | None = None, split: str = "train"
                            hint="Check the id at https://huggingface.co/datasets") from None
     except ConnectionError as e:
         raise DatasetError(f"source: dataset {source!r} is not in the local datasets cache and the hub cannot be "
-                           f"reached ({e})",
+                           f"reached ({e}); no local file or folder of that name exists either",
                            hint="Connect and rerun, or save it with save_to_disk on a machine with network and "
                                 "point `source` at that folder") from None
     except ValueError as e:

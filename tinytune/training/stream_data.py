@@ -29,7 +29,7 @@ class IterableBatchStream:
     def epoch(self) -> int:
         return int(self.dataset.epoch)
 
-    def __iter__(self) -> "IterableBatchStream":
+    def __iter__(self) -> IterableBatchStream:
         return self
 
     def _item(self) -> dict:
