@@ -190,7 +190,7 @@ def finetune(cfg: DictConfig, lora: bool) -> dict:
               f"of {accum} x {batch_size} samples x {dp_size} data-parallel ranks")
 
     # ---- 4. optimizer, schedule, DCP resume ------------------------------------------------------
-    optimizer, lr_scheduler = build_optimizer_and_scheduler(cfg, params, total_steps)
+    optimizer, lr_scheduler = build_optimizer_and_scheduler(cfg, model.named_parameters(), total_steps)  # no_decay by name
     ckpt = DistributedCheckpointer(out_dir, keep_last=cfg_get(cfg, "keep_last_checkpoints", 2))
     step, epoch, batches_done = 0, 0, 0  # batches_done: this rank's micro-batches used in `epoch`
     resume_path = ckpt.resolve(cfg_get(cfg, "resume_from_checkpoint"))

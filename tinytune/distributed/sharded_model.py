@@ -39,7 +39,11 @@ def _init_lora_adapters(model: nn.Module) -> None:
         reset = getattr(module, "reset_lora_parameters", None)
         if reset is None:
             continue
+        if getattr(module, "use_dora", False) or getattr(module, "init", "default") == "pissa":
+            raise ValueError(f"{name}: use_dora / lora_init=pissa are not supported by the distributed recipes "
+                             "(their init needs the full base weight); use the single-device lora_finetune")
         stub = nn.Module()
+        stub.init, stub.rank = getattr(module, "init", "default"), module.rank  # gaussian init reads both
         full = {}
         for sub in ("lora_a", "lora_b"):
             weight = getattr(module, sub).weight
