@@ -12,7 +12,7 @@ from tinytune.generation import generate
 from tinytune.models.smollm2 import smollm2_tiny
 from tinytune.training.evaluation import evaluate_loss
 from tinytune.training.lr_schedulers import get_lr_scheduler, resolve_warmup_steps
-from tinytune.training.setup import LoopSettings
+from tinytune.config.recipe_settings import ValidationSettings
 from tinytune.training.steps import optimizer_step
 
 
@@ -95,8 +95,8 @@ def test_validation_max_batches_reads_only_the_first_batches():
     assert evaluate_loss(model, batches, torch.device("cpu"))["tokens"] == 4 * 2 * 7
     # the recipes read the key from validation.max_batches
     from omegaconf import OmegaConf
-    assert LoopSettings.from_config(OmegaConf.create({"validation": {"max_batches": 2}})).val_max_batches == 2
-    assert LoopSettings.from_config(OmegaConf.create({})).val_max_batches is None
+    assert ValidationSettings.from_config(OmegaConf.create({"max_batches": 2})).max_batches == 2
+    assert ValidationSettings.from_config(OmegaConf.create({})).max_batches is None
 
 
 def test_generation_stops_at_stop_tokens_per_row():
@@ -123,20 +123,21 @@ def test_generation_stops_at_stop_tokens_per_row():
 def test_no_decay_groups_default_and_configured():
     from omegaconf import OmegaConf
 
+    from tinytune.config.recipe_settings import OptimSettings
     from tinytune.training.steps import build_optimizer_and_scheduler
     torch.manual_seed(0)
     model = smollm2_tiny()
-    cfg = OmegaConf.create({"optimizer": {"name": "adamw", "lr": 1e-3, "weight_decay": 0.1}})
+    cfg = OptimSettings.from_config(OmegaConf.create({"optimizer": {"name": "adamw", "lr": 1e-3, "weight_decay": 0.1}}))
     opt, _ = build_optimizer_and_scheduler(cfg, model.named_parameters(), 10)
     wd = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
     for name, p in model.named_parameters():
         exempt = name.endswith("bias") or "norm" in name or name.startswith("tok_embeddings")
         assert wd[id(p)] == (0.0 if exempt else 0.1), name
     assert any(v == 0.1 for v in wd.values()) and any(v == 0.0 for v in wd.values())
-    cfg = OmegaConf.create({"optimizer": {"name": "adamw", "lr": 1e-3, "weight_decay": 0.1, "no_decay": []}})
+    cfg = OptimSettings.from_config(OmegaConf.create({"optimizer": {"name": "adamw", "lr": 1e-3, "weight_decay": 0.1, "no_decay": []}}))
     opt, _ = build_optimizer_and_scheduler(cfg, model.named_parameters(), 10)
     assert {g["weight_decay"] for g in opt.param_groups} == {0.1}
     # plain parameters (no names): one group, the configured decay everywhere
-    cfg = OmegaConf.create({"optimizer": {"name": "adamw", "lr": 1e-3, "weight_decay": 0.1}})
+    cfg = OptimSettings.from_config(OmegaConf.create({"optimizer": {"name": "adamw", "lr": 1e-3, "weight_decay": 0.1}}))
     opt, _ = build_optimizer_and_scheduler(cfg, model.parameters(), 10)
     assert len(opt.param_groups) == 1

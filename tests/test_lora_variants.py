@@ -10,8 +10,8 @@ import torch
 from _ckpt_helpers import hf_logits, our_logits, tiny_hf_model, tokens
 
 from tinytune.checkpoint import load_hf_model, load_peft_adapter, save_hf_checkpoint, save_peft_adapter
+from tinytune.config.recipe_settings import LoRASettings
 from tinytune.modules.peft import LoRALinear, disable_adapters, get_adapter_params, get_merged_state_dict, lora_linear_factory
-from tinytune.training.setup import lora_settings
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
@@ -102,7 +102,9 @@ def test_variant_adapter_loads_in_peft_with_equal_logits_and_merges(tmp_path, na
     ours = our_logits(model, toks)
     assert not torch.allclose(ours, base_logits, atol=1e-3)
     out = tmp_path / "adapter"
-    save_peft_adapter(model, info, str(out), lora_settings(None, model))
+    lora = LoRASettings(lora_rank=4, lora_alpha=8.0, use_dora=variant.get("use_dora", False),
+                        use_rslora=variant.get("use_rslora", False), lora_init=variant.get("init", "default"))
+    save_peft_adapter(model, info, str(out), lora)
     cfg = json.loads((out / "adapter_config.json").read_text())
     assert cfg["use_dora"] == variant.get("use_dora", False)
     assert cfg["use_rslora"] == variant.get("use_rslora", False)
@@ -147,11 +149,12 @@ def test_qlora_with_dora_trains(tmp_path):
 def test_loraplus_param_groups():
     from omegaconf import OmegaConf
 
+    from tinytune.config.recipe_settings import OptimSettings
     from tinytune.training.steps import build_optimizer_and_scheduler
     torch.manual_seed(0)
     layer = torch.nn.Sequential(LoRALinear(8, 8, rank=2, alpha=4.0), torch.nn.LayerNorm(8))
     layer[0].weight.requires_grad_(False)
-    cfg = OmegaConf.create({"optimizer": {"name": "adamw", "lr": 1e-3, "weight_decay": 0.1}})
+    cfg = OptimSettings.from_config(OmegaConf.create({"optimizer": {"name": "adamw", "lr": 1e-3, "weight_decay": 0.1}}))
     opt, _ = build_optimizer_and_scheduler(cfg, layer.named_parameters(), 10, loraplus_lr_ratio=16.0)
     lrs = {id(p): (g["lr"], g["weight_decay"]) for g in opt.param_groups for p in g["params"]}
     assert lrs[id(layer[0].lora_b.weight)] == pytest.approx((1.6e-2, 0.1))

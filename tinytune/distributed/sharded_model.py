@@ -17,8 +17,8 @@ from tinytune.checkpoint.keys import hf_key_map
 from tinytune.checkpoint.loader import build_model
 from tinytune.checkpoint.lora import is_lora_key
 from tinytune.checkpoint.model_info import CheckpointError, ModelInfo, read_model_info
-from tinytune.distributed.mesh import ParallelMesh
 from tinytune.distributed.fsdp import apply_fsdp, load_full_state_dict, materialize_meta_model
+from tinytune.distributed.mesh import ParallelMesh
 from tinytune.distributed.parallel_plans import apply_tp
 
 __all__ = ["load_hf_model_sharded"]
@@ -39,11 +39,14 @@ def _init_lora_adapters(model: nn.Module) -> None:
         reset = getattr(module, "reset_lora_parameters", None)
         if reset is None:
             continue
-        if getattr(module, "use_dora", False) or getattr(module, "init", "default") == "pissa":
-            raise ValueError(f"{name}: use_dora / lora_init=pissa are not supported by the distributed recipes "
-                             "(their init needs the full base weight); use the single-device lora_finetune")
+        init = getattr(module, "init", "default")
+        if init == "pissa" or getattr(module, "lora_magnitude", None) is not None:
+            # both need the full base weight of the layer, which sharded loading never holds
+            raise ValueError(f"{name}: lora_init=pissa and use_dora are not supported with sharded loading "
+                             "(the distributed recipes); use the single-device lora_finetune recipe")
         stub = nn.Module()
-        stub.init, stub.rank = getattr(module, "init", "default"), module.rank  # gaussian init reads both
+        stub.init, stub.rank, stub.lora_magnitude = init, module.rank, None
+        stub.weight = nn.Parameter(torch.empty(0), requires_grad=False)  # not meta: the init runs
         full = {}
         for sub in ("lora_a", "lora_b"):
             weight = getattr(module, sub).weight

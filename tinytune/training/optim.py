@@ -6,6 +6,9 @@ import logging
 from typing import Iterable
 
 import torch
+from omegaconf import OmegaConf
+
+from tinytune.config import instantiate
 
 OPTIMIZERS = ("adamw", "adamw8bit", "adamw4bit", "adamw_offload", "adamw8bit_offload", "sgd")
 # bitsandbytes' paged optimizers (Llama-2 QLoRA recipes) -> the closest torchao optimizer
@@ -116,9 +119,6 @@ def build_optimizer(
     if _component_ is not None:
         if name is not None:
             raise ValueError(f"optimizer: set either name ({name!r}) or _component_ ({_component_!r}), not both")
-        from omegaconf import OmegaConf  # noqa: PLC0415
-
-        from tinytune.config import instantiate  # noqa: PLC0415
 
         node = OmegaConf.create({"optimizer": {"_component_": _component_, **cfg}}).optimizer  # errors name the key
         return instantiate(node, params)
@@ -137,8 +137,8 @@ def build_optimizer(
         name = PAGED_ALIASES[name]
     if name in ("adamw8bit", "adamw4bit", "adamw_offload", "adamw8bit_offload"):
         logging.getLogger("torchao").setLevel(logging.ERROR)
-        try:  # optional dependency
-            import torchao.optim as tao  # noqa: PLC0415
+        try:
+            import torchao.optim as tao  # noqa: PLC0415 (optional: torchao)
         except ImportError as e:
             raise ImportError(f"optimizer.name={name} needs torchao (pip install torchao)") from e
         args = dict(lr=lr, weight_decay=weight_decay, betas=tuple(betas), eps=eps, **kwargs)
