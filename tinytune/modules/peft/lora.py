@@ -135,9 +135,13 @@ class LoRALinear(nn.Module):
         """Initialises the adapter from the current base weight (see ``init``); DoRA's magnitude
         becomes the row norms of the adapted weight. Nothing happens on the meta device (the loader
         calls this again once the base weight is loaded)."""
-        if self.lora_a.weight.is_meta or self.weight.is_meta:
+        weight = getattr(self, "weight", None)  # None: a stand-in holding only lora_a / lora_b (sharded init)
+        if self.lora_a.weight.is_meta or (weight is not None and weight.is_meta):
             return
-        if self.init == "pissa":
+        init = getattr(self, "init", "default")
+        if init == "pissa":
+            if weight is None:
+                raise ValueError("lora_init=pissa needs the base weight to initialise the adapter")
             w = self.weight.detach().float()  # [out, in]
             u, sv, vh = torch.linalg.svd(w, full_matrices=False)  # w = u diag(sv) vh
             sr = sv[: self.rank] / self.scaling
@@ -149,12 +153,12 @@ class LoRALinear(nn.Module):
             self.pissa_a0 = self.lora_a.weight.detach().clone()
             self.pissa_b0 = self.lora_b.weight.detach().clone()
         else:
-            if self.init == "gaussian":
+            if init == "gaussian":
                 nn.init.normal_(self.lora_a.weight, std=1.0 / self.rank)
             else:
                 nn.init.kaiming_uniform_(self.lora_a.weight, a=math.sqrt(5))
             nn.init.zeros_(self.lora_b.weight)
-        if self.lora_magnitude is not None:
+        if getattr(self, "lora_magnitude", None) is not None:
             self.lora_magnitude.weight.copy_(self._adapted_weight().norm(dim=1).to(self.lora_magnitude.weight.dtype))
 
     def _adapted_weight(self) -> torch.Tensor:
