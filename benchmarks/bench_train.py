@@ -34,6 +34,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from _flops import gemm_peak_flops, step_flops  # noqa: E402
 from _common import (  # noqa: E402
     current_rss_mib,
     emit_result,
@@ -242,6 +243,9 @@ def worker_main(spec: dict) -> None:
         times.append(time.perf_counter() - t0)
         cpu_times.append(time.process_time() - c0)  # all threads of this process: robust to other load
         losses.append(float(loss))
+    if spec["framework"] == "tinytune":
+        flops = _tinytune_flops(spec, batch)
+        peak = gemm_peak_flops(torch, dtype)  # same process, same threads, after the timed steps
     result = {
         "framework": spec["framework"], "mode": spec["mode"], "packed": spec["packed"], "times": times, "cpu_times": cpu_times,
         "first_loss": losses[0], "label_tokens": batch.label_tokens, "trainable": trainable,
@@ -249,7 +253,27 @@ def worker_main(spec: dict) -> None:
     }
     if cuda:
         result["peak_gpu_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    if spec["framework"] == "tinytune":
+        result.update(flops=flops, gemm_peak=peak)
     emit_result(result)
+
+
+def _tinytune_flops(spec: dict, batch) -> dict:
+    """Model FLOPs of one step on ``batch`` as the tinytune side computes it (padding-free or not)."""
+    from tinytune.training.padding_free import drop_unlabeled_tail
+
+    mb = {"tokens": batch.tokens, "labels": batch.labels}
+    if batch.packed:
+        mb.update(input_pos=batch.input_pos, seq_lens=seq_lens_tensor(batch))
+    if spec.get("padding_free", True):
+        mb = drop_unlabeled_tail(mb)
+    if "seq_lens" in mb:
+        docs = [n for row in mb["seq_lens"].tolist() for n in row if n > 0]
+    else:
+        docs = [mb["tokens"].shape[1]] * mb["tokens"].shape[0]
+    shape = spec["shape"]
+    labels = int((mb["labels"] != -100).sum())
+    return step_flops(shape, docs, labels, spec["mode"], spec["rank"], LORA_TARGETS)
 
 
 # ================================================================================ parent side
@@ -340,11 +364,17 @@ def main(argv: list[str] | None = None) -> int:
 
     weights, weights_desc = prepare_weights(args)
     with open(os.path.join(weights, "config.json")) as f:
-        vocab = json.load(f)["vocab_size"]
+        hf_config = json.load(f)
+    vocab = hf_config["vocab_size"]
+    heads = hf_config["num_attention_heads"]
+    shape = dict(dim=hf_config["hidden_size"], num_layers=hf_config["num_hidden_layers"], num_heads=heads,
+                 num_kv_heads=hf_config.get("num_key_value_heads", heads),
+                 head_dim=hf_config.get("head_dim") or hf_config["hidden_size"] // heads,
+                 hidden_dim=hf_config["intermediate_size"], vocab_size=vocab)
     modes = ["full", "lora"] if args.mode == "both" else [args.mode]
     packings = [True] if args.packed else [False] if args.unpacked else [False, True]
     fused = {"default": None, "on": True, "off": False}[args.fused_adamw]
-    base = dict(bs=args.bs, seq=args.seq, vocab=vocab, dtype=args.dtype, device=args.device, weights=weights,
+    base = dict(bs=args.bs, seq=args.seq, vocab=vocab, shape=shape, dtype=args.dtype, device=args.device, weights=weights,
                 steps=args.steps, warmup=args.warmup, rank=args.rank, alpha=args.alpha, threads=args.threads,
                 padding_free=args.padding_free == "on",
                 optim={"lr": args.lr, "weight_decay": 0.01, "fused": fused})
@@ -368,8 +398,8 @@ def main(argv: list[str] | None = None) -> int:
 
     gpu = args.device.startswith("cuda")
     headers = ["config", "framework", "tok/s", "s/step", "CPU s/step", "loss@1", "trainable", "peak GPU MiB" if gpu else "peak RSS MiB",
-               "train delta MiB", "tok/s ours/theirs", "CPU-s theirs/ours", "peak ours/theirs"]
-    rows, summary = [], {}
+               "train delta MiB", "tok/s ours/theirs", "CPU-s theirs/ours", "peak ours/theirs", "MFU"]
+    rows, summary, mfu_notes = [], {}, []
     for mode in modes:
         for packed in packings:
             agg = {}
@@ -385,11 +415,21 @@ def main(argv: list[str] | None = None) -> int:
                 delta = median([r["peak_rss_mib"] - r["rss_before_mib"] for r in runs]) if not gpu else float("nan")
                 agg[fw] = dict(tps=runs[0]["label_tokens"] / t, t=t, cpu=cpu, loss=runs[0]["first_loss"], peak=peak,
                                delta=delta, trainable=runs[0]["trainable"])
+                if "flops" in runs[0]:
+                    gemm_peak = max(r["gemm_peak"] for r in runs)
+                    flops = runs[0]["flops"]
+                    agg[fw].update(gflop=flops["total"] / 1e9, mfu=flops["total"] / t / gemm_peak)
+                    mfu_notes.append(
+                        f"{_row_label(mode, packed)}: {flops['total'] / 1e9:.1f} GFLOP/step (linear "
+                        f"{flops['linear'] / 1e9:.1f}, attention {flops['attention'] / 1e9:.1f}, CE "
+                        f"{flops['ce'] / 1e9:.1f}); GEMM peak {gemm_peak / 1e9:.1f} GFLOP/s; "
+                        f"{flops['total'] / t / 1e9:.1f} GFLOP/s achieved = {100 * flops['total'] / t / gemm_peak:.1f}% "
+                        "of the GEMM-bound limit")
             ours = agg.get("tinytune", {})
             for fw in frameworks:
                 a = agg[fw]
                 if "error" in a:
-                    rows.append([_row_label(mode, packed), fw, "error"] + ["-"] * 9)
+                    rows.append([_row_label(mode, packed), fw, "error"] + ["-"] * 10)
                     notes.append(f"{fw} {_row_label(mode, packed)}: {a['error']}")
                     continue
                 ratio_t = ratio_c = ratio_m = "-"
@@ -400,9 +440,12 @@ def main(argv: list[str] | None = None) -> int:
                     summary[(mode, packed, fw)] = (ours["tps"] / a["tps"], ours["peak"] / a["peak"])
                 rows.append([_row_label(mode, packed), fw, fmt(a["tps"], ".0f"), fmt(a["t"], ".3f"),
                              fmt(a["cpu"], ".2f"), fmt(a["loss"], ".4f"), f"{a['trainable'] / 1e6:.2f}M",
-                             fmt(a["peak"], ".0f"), fmt(a["delta"], ".0f"), ratio_t, ratio_c, ratio_m])
+                             fmt(a["peak"], ".0f"), fmt(a["delta"], ".0f"), ratio_t, ratio_c, ratio_m,
+                             f"{100 * a['mfu']:.1f}%" if "mfu" in a else "-"])
     print()
     print_table(headers, rows)
+    for n in mfu_notes:
+        print(f"MFU (tinytune, model FLOPs as computed / measured {args.dtype} GEMM peak): {n}")
     for n in notes:
         print(f"note: {n}")
     if args.json:

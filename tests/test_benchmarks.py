@@ -100,3 +100,83 @@ def test_bench_generate_smoke():
     for r in rows:
         agree, total = (int(x) for x in r[4].split("/"))
         assert total == int(r[0]) * 8 and agree == total  # fp32 greedy: both sides decode the same tokens
+
+
+class _GemmCounter:
+    """FLOPs of every GEMM aten op actually dispatched (an independent count: no formula of ours)."""
+
+    def __new__(cls):
+        import torch
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        aten = torch.ops.aten
+
+        class Mode(TorchDispatchMode):
+            mm = bmm = flash_fwd = 0
+
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                p = func.overloadpacket
+                if p in (aten.mm, aten.addmm, aten.addmm_):
+                    a, b = (args[0], args[1]) if p is aten.mm else (args[1], args[2])
+                    self.mm += 2 * a.shape[0] * a.shape[1] * b.shape[1]
+                elif p is aten._scaled_dot_product_flash_attention_for_cpu:  # per-document CPU path
+                    q = args[0]  # [b, h, n, d]: QKᵀ and PV over the full square
+                    self.flash_fwd += 2 * 2 * q.shape[0] * q.shape[1] * q.shape[2] ** 2 * q.shape[3]
+                elif p in (aten.bmm, aten.baddbmm):
+                    a, b = (args[0], args[1]) if p is aten.bmm else (args[1], args[2])
+                    self.bmm += 2 * a.shape[0] * a.shape[1] * a.shape[2] * b.shape[2]
+                return func(*args, **(kwargs or {}))
+
+        return Mode()
+
+
+@pytest.mark.parametrize("mode", ["full", "lora"])
+@pytest.mark.parametrize("padding_free", [False, True])
+def test_step_flops_match_dispatched_gemms(mode, padding_free):
+    """bench_train's MFU numerator equals the GEMM FLOPs a real step dispatches: projections, LoRA
+    adapters and the CE exactly; attention as the causal half of SDPA's math path, per document."""
+    import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    sys.path.insert(0, BENCH)
+    from _flops import step_flops
+
+    from tinytune.checkpoint import ModelInfo, build_model
+    from tinytune.modules.peft import lora_linear_factory, set_trainable_params
+    from tinytune.training.padding_free import drop_unlabeled_tail
+    from tinytune.training.steps import sft_accumulate
+
+    shape = dict(vocab_size=256, dim=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16, hidden_dim=160)
+    info = ModelInfo(model_type="llama", norm_eps=1e-5, rope_base=1e5, max_seq_len=512, tie_word_embeddings=False,
+                     **shape)
+    targets = ["q_proj", "v_proj", "down_proj"]
+    torch.manual_seed(0)
+    if mode == "lora":
+        model = build_model(info, linear_factory=lora_linear_factory(targets, rank=4, alpha=8, dropout=0.0))
+        set_trainable_params(model)
+    else:
+        model = build_model(info)
+    tokens = torch.randint(0, 256, (2, 48))
+    labels = tokens.clone()
+    labels[:, :10] = -100
+    labels[0, 31:] = -100  # row 0's last label at 30, row 1's at 47: padding-free drops row 0's tail
+    mb = {"tokens": tokens, "labels": labels}
+    flat = drop_unlabeled_tail(mb) if padding_free else mb
+    docs = flat["seq_lens"][0].tolist() if padding_free else [48, 48]
+    counter = _GemmCounter()
+    with sdpa_kernel(SDPBackend.MATH), counter:
+        sft_accumulate(model, [mb], torch.device("cpu"), padding_free=padding_free)
+    ours = step_flops(shape, docs, int((labels != -100).sum()), mode, 4, targets)
+    assert ours["linear"] + ours["ce"] == counter.mm
+    causal_share = sum(n * (n + 1) / 2 for n in docs) / sum(n * n for n in docs)  # kernels count full squares
+    if not padding_free:  # math SDPA: every forward and backward GEMM is a bmm
+        assert ours["attention"] == pytest.approx(counter.bmm * causal_share, rel=1e-12)
+    elif mode == "full":  # per-document flash calls: forward counted, backward = 2x forward (all grads)
+        assert ours["attention"] == pytest.approx(3 * counter.flash_fwd * causal_share, rel=1e-12)
+
+
+def test_bench_train_reports_mfu():
+    out = _run("bench_train.py", "--smoke", "--frameworks", "tinytune", "--mode", "lora", "--packed")
+    row = _table(out)[0]
+    assert row[-1].endswith("%") and 0 < float(row[-1][:-1]) <= 100
+    assert "GEMM peak" in out and "GFLOP/step" in out

@@ -27,6 +27,7 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+from tinytune.checkpoint.dcp_safe import safe_dcp_load
 from tinytune.config._errors import ConfigError
 from tinytune.device import rng_state, set_rng_state
 
@@ -149,7 +150,7 @@ class DistributedCheckpointer:
         """
         path = Path(path)
         state = self._state_dicts(model, optimizer)
-        dcp.load(state, checkpoint_id=str(path))
+        safe_dcp_load(state, path)  # no unpickling of code (dcp.load would unpickle .metadata as is)
         if optimizer is not None:
             set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
         else:
