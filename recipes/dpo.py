@@ -35,7 +35,8 @@ from tinytune.training.setup import (
     setup_device,
     train_data,
 )
-from tinytune.training.steps import build_optimizer_and_scheduler, current_lr, optimizer_step
+from tinytune.training.resume_check import config_fingerprint
+from tinytune.training.steps import NonFiniteGuard, build_optimizer_and_scheduler, current_lr, optimizer_step
 from tinytune.training.training_state import open_checkpointer, resume_training_state, save_training_state
 
 
@@ -71,13 +72,15 @@ def recipe_main(cfg: DictConfig) -> dict:
     # ---- 4. optimizer, LR schedule, checkpointer (resume) ----------------------------------
     optimizer, lr_scheduler = build_optimizer_and_scheduler(cfg, model.parameters(), total_steps)
     ckpt = open_checkpointer(cfg, out_dir)
+    fingerprint = config_fingerprint(cfg, model, data.train_ds, info)  # checked on resume
     weights_key = "adapter" if use_lora else "model"
     step = resume_training_state(ckpt, cfg_get(cfg, "resume_from_checkpoint"), model=model, weights_key=weights_key,
-                                 optimizer=optimizer, lr_scheduler=lr_scheduler, stream=stream)
+                                 optimizer=optimizer, lr_scheduler=lr_scheduler, stream=stream, fingerprint=fingerprint)
 
     # ---- 5. training loop -------------------------------------------------------------------
     loggers = build_metric_loggers(cfg_get(cfg, "metric_loggers"), out_dir)
     loop = LoopSettings.from_config(cfg)  # log / validate / checkpoint cadence, stop_after, clip
+    guard = NonFiniteGuard(loop.nan_policy)  # a NaN/Inf loss or grad norm stops the run (or skips the step)
     model.train()
     progress = TrainProgress(total_steps, initial_step=step, desc="dpo")
     metrics = {"loss": float("nan")}
@@ -86,7 +89,7 @@ def recipe_main(cfg: DictConfig) -> dict:
         micro_batches = [next(stream) for _ in range(accum)]
         lr = current_lr(optimizer)
         metrics = dpo_accumulate(model, reference, micro_batches, device, beta, label_smoothing)
-        grad_norm = optimizer_step(model, optimizer, lr_scheduler, loop.clip)
+        grad_norm = optimizer_step(model, optimizer, lr_scheduler, loop.clip, guard=guard, loss=metrics["loss"], step=step + 1)
         step += 1
         dt = progress.tick()
         progress.update(metrics["loss"], lr, metrics["label_tokens"] / max(dt, 1e-9))
@@ -99,7 +102,8 @@ def recipe_main(cfg: DictConfig) -> dict:
         if (loop.ckpt_every and step % loop.ckpt_every == 0) or (loop.stop_after and step == loop.stop_after):
             weights = get_adapter_state_dict(model) if use_lora else model.state_dict()
             save_training_state(ckpt, step, {weights_key: weights},
-                                optimizer=optimizer, lr_scheduler=lr_scheduler, stream=stream)
+                                optimizer=optimizer, lr_scheduler=lr_scheduler, stream=stream,
+                                fingerprint=fingerprint)
         if loop.stop_after and step >= loop.stop_after and step < total_steps:
             progress.close()
             loggers.close()
@@ -109,7 +113,7 @@ def recipe_main(cfg: DictConfig) -> dict:
     loggers.close()
 
     # ---- 6. export and plot -----------------------------------------------------------------
-    summary = {"step": step, "loss": metrics["loss"], "output_dir": out_dir}
+    summary = {"step": step, "loss": metrics["loss"], "output_dir": out_dir, "skipped_steps": guard.skipped}
     if use_lora:
         summary["adapter_dir"] = save_peft_adapter(model, info, os.path.join(out_dir, "adapter"), lora_cfg,
                                                    base_model_name_or_path=checkpoint_dir)

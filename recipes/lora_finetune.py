@@ -44,7 +44,8 @@ from tinytune.training.setup import (
     setup_device,
     train_data,
 )
-from tinytune.training.steps import build_optimizer_and_scheduler, current_lr, optimizer_step, sft_accumulate
+from tinytune.training.resume_check import config_fingerprint
+from tinytune.training.steps import NonFiniteGuard, build_optimizer_and_scheduler, current_lr, optimizer_step, sft_accumulate
 from tinytune.training.training_state import open_checkpointer, resume_training_state, save_training_state
 
 
@@ -75,8 +76,9 @@ def recipe_main(cfg: DictConfig) -> dict:
     # ---- 4. optimizer, LR schedule, checkpointer (resume) ----------------------------------
     optimizer, lr_scheduler = build_optimizer_and_scheduler(cfg, model.parameters(), total_steps)
     ckpt = open_checkpointer(cfg, out_dir)
+    fingerprint = config_fingerprint(cfg, model, data.train_ds, info)  # checked on resume
     step = resume_training_state(ckpt, cfg_get(cfg, "resume_from_checkpoint"), model=model, weights_key="adapter",
-                                 optimizer=optimizer, lr_scheduler=lr_scheduler, stream=stream)
+                                 optimizer=optimizer, lr_scheduler=lr_scheduler, stream=stream, fingerprint=fingerprint)
 
     # ---- 5. generation before training (optional) ------------------------------------------
     samples = SampleGenerations(cfg, tokenizer)
@@ -87,6 +89,7 @@ def recipe_main(cfg: DictConfig) -> dict:
     # ---- 6. training loop -------------------------------------------------------------------
     loggers = build_metric_loggers(cfg_get(cfg, "metric_loggers"), out_dir)
     loop = LoopSettings.from_config(cfg)  # log / validate / checkpoint cadence, stop_after, clip
+    guard = NonFiniteGuard(loop.nan_policy)  # a NaN/Inf loss or grad norm stops the run (or skips the step)
     model.train()
     progress = TrainProgress(total_steps, initial_step=step, desc="lora_finetune")
     window = LogWindow()  # means since the last log line, and run totals
@@ -95,7 +98,7 @@ def recipe_main(cfg: DictConfig) -> dict:
         micro_batches = [next(stream) for _ in range(accum)]
         lr = current_lr(optimizer)
         loss, n_tokens = sft_accumulate(model, micro_batches, device, loop.padding_free)
-        grad_norm = optimizer_step(model, optimizer, lr_scheduler, loop.clip)
+        grad_norm = optimizer_step(model, optimizer, lr_scheduler, loop.clip, guard=guard, loss=loss, step=step + 1)
         step += 1
         dt = progress.tick()
         window.add(float(loss), n_tokens, dt)
@@ -107,7 +110,8 @@ def recipe_main(cfg: DictConfig) -> dict:
             loggers.log_dict(validation_row(val), step)
         if (loop.ckpt_every and step % loop.ckpt_every == 0) or (loop.stop_after and step == loop.stop_after):
             save_training_state(ckpt, step, {"adapter": get_adapter_state_dict(model)},
-                                optimizer=optimizer, lr_scheduler=lr_scheduler, stream=stream)
+                                optimizer=optimizer, lr_scheduler=lr_scheduler, stream=stream,
+                                fingerprint=fingerprint)
         if loop.stop_after and step >= loop.stop_after and step < total_steps:
             progress.close()
             loggers.close()
@@ -116,7 +120,7 @@ def recipe_main(cfg: DictConfig) -> dict:
     progress.close()
 
     # ---- 7. final validation, export, plot, generation after ---------------------------------
-    summary = {"step": step, "loss": window.last_loss, "output_dir": out_dir, **window.totals()}
+    summary = {"step": step, "loss": window.last_loss, "output_dir": out_dir, "skipped_steps": guard.skipped, **window.totals()}
     if val_loader is not None:
         val = validation_row(evaluate_loss(model, val_loader, device, loop.val_max_batches, loop.padding_free))
         loggers.log_dict(val, step)

@@ -13,6 +13,7 @@ from tinytune.checkpoint.hf_reader import find_weight_files, iter_shards, list_k
 from tinytune.checkpoint.keys import hf_key_map
 from tinytune.checkpoint.lora import is_lora_key
 from tinytune.checkpoint.model_info import CheckpointError, ModelInfo, read_model_info
+from tinytune.errors import NonFiniteError
 
 
 def _builders() -> dict[str, Callable[..., nn.Module]]:
@@ -90,6 +91,7 @@ def load_state_into_meta_model(
 
     Raises:
         CheckpointError: unexpected key, shape mismatch, or missing keys (named with the file).
+        NonFiniteError: a tensor holding NaN/Inf (named with the file).
     """
     device = torch.device(device)
     expected = {k: tuple(v.shape) for k, v in model.state_dict(keep_vars=True).items()}
@@ -104,6 +106,12 @@ def load_state_into_meta_model(
             if tuple(t.shape) != expected[k]:
                 raise CheckpointError(
                     f"{file}: key {k!r} has shape {tuple(t.shape)} but the model expects {expected[k]}"
+                )
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                bad = int((~torch.isfinite(t)).sum())
+                raise NonFiniteError(
+                    f"{file}: tensor {k!r} holds {bad} NaN/Inf value(s) of {t.numel()}; the checkpoint is corrupt "
+                    "(a bad download, conversion or disk). Re-download or re-convert it; training on it gives NaN"
                 )
         sd = {k: (t.to(device=device, dtype=dtype) if t.is_floating_point() else t.to(device)) for k, t in sd.items()}
         model.load_state_dict(sd, strict=False, assign=True)

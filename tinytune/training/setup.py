@@ -62,28 +62,42 @@ def prepare_output_dir(cfg: DictConfig) -> str:
 def resolve_checkpoint_dir(cfg: DictConfig) -> str:
     """The HF checkpoint directory to start from.
 
-    ``checkpoint_dir`` is used when it exists; otherwise, when ``bundled_model`` names a bundled
-    model (``smollm2-135m-instruct``), it is converted on first use (``tune download``).
+    ``checkpoint_dir`` must be an HF checkpoint directory (with ``config.json``). The one exception
+    is the bundled model's own location (``$TINYTUNE_HOME/models/<bundled_model>``, default
+    ``~/.cache/tinytune/models/...``, which the shipped configs name): when ``bundled_model`` is set
+    and that directory is missing, the bundled model is converted there on first use (``tune
+    download``). Without ``checkpoint_dir`` the bundled model is used.
 
     Raises:
-        ConfigError: neither a directory nor a bundled model is available.
+        ConfigError: ``checkpoint_dir`` names a directory that does not exist or has no
+            ``config.json`` (a typo never falls back to the bundled model), or neither is set.
     """
+    from tinytune.checkpoint.bundled import tinytune_home  # noqa: PLC0415
+
     path = cfg_get(cfg, "checkpoint_dir")
     bundled = cfg_get(cfg, "bundled_model")
     if path:
         path = os.path.abspath(os.path.expanduser(str(path)))
         if os.path.isfile(os.path.join(path, "config.json")):
             return path
+        bundled_homes = {os.path.join(home, "models", str(bundled)) for home in
+                         (tinytune_home(), os.path.abspath(os.path.expanduser("~/.cache/tinytune")))}
+        if not bundled or path not in bundled_homes:
+            what = "does not exist" if not os.path.exists(path) else "has no config.json (not an HF checkpoint)"
+            raise ConfigError(
+                f"checkpoint_dir: {path} {what}. Fix the path (e.g. OUTPUT_DIR/hf_model of a finished run)"
+                + (f", or drop checkpoint_dir to use the bundled model {bundled}" if bundled else "")
+            )
     if bundled:
         from tinytune.checkpoint import ensure_bundled  # noqa: PLC0415
 
         got = ensure_bundled(str(bundled))
         if path and os.path.abspath(got) != path:
-            log.warning("checkpoint_dir %s not found; using the bundled model at %s", path, got)
+            log.warning("checkpoint_dir %s is the bundled model's default place; using it from %s", path, got)
         return got
     raise ConfigError(
-        f"checkpoint_dir: {path!r} is not an HF checkpoint directory (no config.json). "
-        "Run `tune download smollm2-135m-instruct` or point checkpoint_dir at a model directory."
+        "checkpoint_dir: not set. Point it at an HF checkpoint directory, or set "
+        "bundled_model: smollm2-135m-instruct (`tune download smollm2-135m-instruct`)."
     )
 
 
@@ -256,6 +270,8 @@ class LoopSettings:
         clip: ``clip_grad_norm`` (None: no clipping).
         padding_free: ``padding_free`` (True): drop what no label depends on from every training and
             validation micro-batch (:mod:`tinytune.training.padding_free`).
+        nan_policy: ``nan_policy`` (``stop``): what a non-finite loss or gradient norm does
+            (``stop`` | ``skip_step``; :class:`tinytune.training.steps.NonFiniteGuard`).
     """
 
     log_every: int
@@ -265,6 +281,7 @@ class LoopSettings:
     stop_after: int
     clip: float | None
     padding_free: bool = True
+    nan_policy: str = "stop"
 
     @classmethod
     def from_config(cls, cfg: DictConfig) -> "LoopSettings":
@@ -275,4 +292,6 @@ class LoopSettings:
                    ckpt_every=int(cfg_get(cfg, "checkpoint_every_n_steps", 0)),
                    stop_after=int(cfg_get(cfg, "stop_after_steps", 0)),
                    clip=cfg_get(cfg, "clip_grad_norm"),
-                   padding_free=bool(cfg_get(cfg, "padding_free", True)))
+                   padding_free=bool(cfg_get(cfg, "padding_free", True)),
+                   # settings key: nan_policy (stop|skip_step, default stop)
+                   nan_policy=str(cfg_get(cfg, "nan_policy", "stop")))

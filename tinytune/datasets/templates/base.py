@@ -13,10 +13,12 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+from tinytune.errors import TinytuneError
+
 _PLACEHOLDER = re.compile(r"\{(bos|eos|content)\}")
 
 
-class TemplateError(ValueError):
+class TemplateError(TinytuneError, ValueError):
     """A conversation the template cannot render (e.g. a role it has no format for)."""
 
 

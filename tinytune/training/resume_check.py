@@ -1,0 +1,45 @@
+"""The run fingerprint of a recipe config: what a checkpoint must match to be resumed by this run.
+
+See :mod:`tinytune.checkpoint.fingerprint` for what is compared and how a mismatch is reported.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from tinytune.checkpoint.fingerprint import run_fingerprint
+
+# Config keys that change the training trajectory: a checkpoint written with other values is not
+# this run's. Keys left out may change between the parts of one run: max_steps / epochs (the LR
+# schedule is recomputed), logging, validation cadence, checkpoint cadence and retention,
+# stop_after_steps, nan_policy, output and export settings, device placement and activation checkpointing.
+TRAJECTORY_KEYS = (
+    "seed", "dtype", "batch_size", "gradient_accumulation_steps", "shuffle", "padding_free", "clip_grad_norm",
+    "optimizer", "lr_scheduler", "model", "dataset", "validation.dataset", "validation.split_ratio",
+    "validation.split_size", "tokenizer", "pad_to_multiple_of", "beta", "loss",
+)
+
+
+def trajectory_settings(cfg: DictConfig) -> dict[str, Any]:
+    """``{key: plain value}`` of every :data:`TRAJECTORY_KEYS` entry (None when unset)."""
+    out = {}
+    for key in TRAJECTORY_KEYS:
+        value = OmegaConf.select(cfg, key, default=None)
+        out[key] = OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+    return out
+
+
+def config_fingerprint(cfg: DictConfig, model: nn.Module, dataset: Any, info: Any = None) -> dict[str, Any]:
+    """This run's fingerprint: trained parameters, base model config, dataset identity, settings.
+
+    Args:
+        cfg: the recipe config.
+        model: the model being trained (trainable parameters set).
+        dataset: the training dataset.
+        info: the base checkpoint's :class:`~tinytune.checkpoint.ModelInfo` (its ``hf_config``).
+    """
+    return run_fingerprint(model=model, base_model_config=getattr(info, "hf_config", None), dataset=dataset,
+                           settings=trajectory_settings(cfg))
