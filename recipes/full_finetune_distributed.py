@@ -40,7 +40,9 @@ from torch.utils.data import DataLoader
 
 from tinytune import config
 from tinytune.checkpoint import save_hf_checkpoint, save_peft_adapter
+from tinytune.checkpoint.fingerprint import check_fingerprint
 from tinytune.config import ConfigError
+from tinytune.errors import run_context
 from tinytune.training.dcp import DistributedCheckpointer
 from tinytune.training.device import get_dtype, set_seed
 from tinytune.training.dist_sampler import ResumableDistributedSampler
@@ -57,7 +59,9 @@ from tinytune.training.distributed import (
 from tinytune.training.fsdp import clip_grad_norm_, gather_full_state_dict, set_gradient_sync
 from tinytune.training.losses import IGNORE_INDEX, count_label_tokens, sft_loss_sum
 from tinytune.training.padding_free import drop_unlabeled_tail
-from tinytune.training.steps import build_optimizer_and_scheduler
+from tinytune.training.lr_schedulers import refresh_lr
+from tinytune.training.resume_check import config_fingerprint
+from tinytune.training.steps import NonFiniteGuard, build_optimizer_and_scheduler
 from tinytune.training.memory import reset_peak_memory
 from tinytune.training.metric_logging import (
     build_metric_loggers,
@@ -192,9 +196,13 @@ def finetune(cfg: DictConfig, lora: bool) -> dict:
     # ---- 4. optimizer, schedule, DCP resume ------------------------------------------------------
     optimizer, lr_scheduler = build_optimizer_and_scheduler(cfg, params, total_steps)
     ckpt = DistributedCheckpointer(out_dir, keep_last=cfg_get(cfg, "keep_last_checkpoints", 2))
+    ckpt.clean_leftovers()  # unfinished writes of a crashed run
+    run_context.checkpoint_root = str(ckpt.root)
+    fingerprint = config_fingerprint(cfg, model, dataset, info)  # checked on resume
     step, epoch, batches_done = 0, 0, 0  # batches_done: this rank's micro-batches used in `epoch`
     resume_path = ckpt.resolve(cfg_get(cfg, "resume_from_checkpoint"))
     if resume_path is not None:
+        check_fingerprint(ckpt.fingerprint(resume_path), fingerprint, str(resume_path))
         state = ckpt.load(resume_path, model, optimizer)
         if (state.get("batch_size"), state.get("accum")) != (batch_size, accum):
             raise ConfigError(
@@ -203,6 +211,7 @@ def finetune(cfg: DictConfig, lora: bool) -> dict:
                 "the same values (or start a new output_dir)."
             )
         lr_scheduler.load_state_dict(state["lr_scheduler"])
+        refresh_lr(lr_scheduler)  # this run's schedule (a raised max_steps extends it)
         sampler.load_state_dict(state["sampler"])
         step, epoch, batches_done = int(state["step"]), int(state["epoch"]), int(state["batches_done"])
         if is_rank_zero():
@@ -213,11 +222,12 @@ def finetune(cfg: DictConfig, lora: bool) -> dict:
             "step": step, "epoch": epoch, "batches_done": batches_done, "batch_size": batch_size, "accum": accum,
             "lr_scheduler": lr_scheduler.state_dict(),
             "sampler": sampler.state_dict(batches_done * batch_size),
-        })
+        }, fingerprint=fingerprint)
 
     # ---- 5. training loop ------------------------------------------------------------------------
     loggers = build_metric_loggers(cfg_get(cfg, "metric_loggers"), out_dir) if is_rank_zero() else None
     loop = LoopSettings.from_config(cfg)  # log / validate / checkpoint cadence, stop_after, clip
+    guard = NonFiniteGuard(loop.nan_policy)  # a NaN/Inf loss or grad norm stops the run (or skips the step)
     loss_ctx = loss_parallel if use_loss_parallel else contextlib.nullcontext
 
     def validate() -> None:
@@ -258,13 +268,16 @@ def finetune(cfg: DictConfig, lora: bool) -> dict:
                 # FSDP averages gradients over dp ranks; scale so they add up instead.
                 (loss * dp_size).backward()
             local_loss += loss.detach().full_tensor() if hasattr(loss, "full_tensor") else loss.detach()
-        grad_norm = float(clip_grad_norm_(params, float(loop.clip))) if loop.clip else None
-        optimizer.step()
+        norm = float(clip_grad_norm_(params, float(loop.clip) if loop.clip else float("inf")))  # global norm
+        grad_norm = norm if loop.clip else None
+        loss_value = float(all_reduce_sum(local_loss, mesh.dp))  # global mean loss per label token
+        if guard.check(step + 1, loss_value, norm):  # same values on every rank: same verdict
+            optimizer.step()
         lr_scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
+        run_context.step = step
         batches_done += accum
-        loss_value = float(all_reduce_sum(local_loss, mesh.dp))  # global mean loss per label token
         dt = time.perf_counter() - t0
         train_seconds += dt
         train_tokens += int(num_tokens)
@@ -285,6 +298,7 @@ def finetune(cfg: DictConfig, lora: bool) -> dict:
     if val_ds is not None:
         validate()
     summary = {"step": step, "loss": loss_value, "output_dir": out_dir, "world_size": dist_info.world_size,
+               "skipped_steps": guard.skipped,
                "train_seconds": round(train_seconds, 2), "train_label_tokens": train_tokens, **summary_val}
     if cfg_get(cfg, "save_hf", True) or (lora and cfg_get(cfg, "save_adapter", True)):
         full = gather_full_state_dict(model)  # collective: every rank takes part
