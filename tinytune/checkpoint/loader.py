@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from tinytune.checkpoint.builder_check import check_builder_matches
 from tinytune.checkpoint.hf_reader import find_weight_files, iter_shards, list_keys
 from tinytune.checkpoint.keys import hf_key_map
 from tinytune.checkpoint.lora import is_lora_key
@@ -154,7 +155,8 @@ def load_hf_model(
         dtype: dtype of the model's floating parameters (``torch.bfloat16`` or ``"bf16"`` etc.).
         device: where the parameters go.
         model_builder: zero-argument callable building the model instead of the config-driven
-            builder (e.g. a LoRA builder); its shapes must match the checkpoint.
+            builder (e.g. a LoRA builder); every hyperparameter must match config.json
+            (:func:`tinytune.checkpoint.builder_check.check_builder_matches`).
         linear_factory: passed to the config-driven builder (e.g. a LoRA factory).
 
     Returns:
@@ -175,6 +177,8 @@ def load_hf_model(
     drop = {"output.weight"} if info.tie_word_embeddings else set()
     with torch.device("meta"):
         model = model_builder() if model_builder is not None else build_model(info, linear_factory)
+    if model_builder is not None:
+        check_builder_matches(model, info, path)
     load_state_into_meta_model(model, iter_shards(path, keymap, dtype=None, drop=drop), path, device, dtype)
     return model, info
 
@@ -205,6 +209,8 @@ def load_gguf_model(
     drop = {"output.weight"} if g.info.tie_word_embeddings else set()
     with torch.device("meta"):
         model = model_builder() if model_builder is not None else build_model(g.info, linear_factory)
+    if model_builder is not None:
+        check_builder_matches(model, g.info, path)
     sd = {k: v for k, v in g.state_dict.items() if k not in drop}
     load_state_into_meta_model(model, [(path, sd)], path, device, dtype)
     return model, g.info
