@@ -13,7 +13,7 @@ import errno
 import json
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 TRACEBACK_ENV = "TINYTUNE_TRACEBACK"
@@ -47,13 +47,25 @@ class RunContext:
     Attributes:
         step: the last optimizer step finished (None before training starts).
         checkpoint_root: directory holding the run's ``step_N`` checkpoints (None: not checkpointing).
+        on_exit: callables run before an error is printed (a progress bar registers its ``close``).
     """
 
     step: int | None = None
     checkpoint_root: str | None = None
+    on_exit: list = field(default_factory=list)
 
     def reset(self) -> None:
         self.step, self.checkpoint_root = None, None
+        self.on_exit.clear()
+
+    def close_all(self) -> None:
+        """Runs the registered exit hooks (e.g. closing a progress bar before an error line), once."""
+        hooks, self.on_exit[:] = list(self.on_exit), []
+        for hook in hooks:
+            try:
+                hook()
+            except Exception:  # noqa: BLE001 - a failing cleanup must not hide the error being reported
+                pass
 
 
 run_context = RunContext()

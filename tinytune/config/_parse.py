@@ -72,6 +72,7 @@ def parse(recipe_main: Callable[[DictConfig], Any]) -> Callable[[Sequence[str] |
             message = user_error_message(e)
             if message is None or show_traceback():
                 raise
+            run_context.close_all()  # e.g. the progress bar, so the message gets its own line
             print(f"{parser.prog}: error: {message}", file=sys.stderr)
             raise SystemExit(130 if isinstance(e, KeyboardInterrupt) else 1) from None
 

@@ -209,8 +209,12 @@ class DistributedCheckpointer:
         rng_file = path / f"rng_rank{_rank()}.pt"
         if rng_file.is_file():
             set_rng_state(_load_tensors(rng_file))
-        with open(path / TRAINER_STATE, encoding="utf-8") as f:
-            return json.load(f)
+        try:
+            with open(path / TRAINER_STATE, encoding="utf-8") as f:
+                return json.load(f)
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{path / TRAINER_STATE}: unreadable trainer state ({e}); resume from another "
+                                  "checkpoint or start fresh with resume_from_checkpoint=null") from None
 
     @staticmethod
     def _state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:

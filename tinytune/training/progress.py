@@ -25,6 +25,7 @@ class TrainProgress:
                         disable=disable, file=sys.stderr, mininterval=0.5)
         self._t = time.perf_counter()
         run_context.step = initial_step
+        run_context.on_exit.append(self.close)  # an error message then starts on its own line
 
     def tick(self) -> float:
         """Seconds since the previous tick (or construction); restarts the clock."""
