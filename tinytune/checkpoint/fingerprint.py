@@ -112,11 +112,22 @@ def fingerprint_differences(saved: dict[str, Any], current: dict[str, Any]) -> l
     if da != db:
         keys = sorted(k for k in set(da) | set(db) if da.get(k) != db.get(k))
         lines.append(f"dataset: differs in {keys} (other data, tokenization, split or packing)")
-    sa, sb = saved.get("settings", {}), current.get("settings", {})
+    sa, sb = _flatten(saved.get("settings", {})), _flatten(current.get("settings", {}))
     for key in sorted(set(sa) | set(sb)):
         if sa.get(key) != sb.get(key):
             lines.append(f"{key}: checkpoint {_short(sa.get(key))}, this run {_short(sb.get(key))}")
     return lines
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"model": {"lora_rank": 8}}`` -> ``{"model.lora_rank": 8}`` (so a difference names the leaf key)."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
 
 
 def check_fingerprint(saved: dict[str, Any] | None, current: dict[str, Any], checkpoint: str) -> None:

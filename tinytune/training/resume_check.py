@@ -18,9 +18,12 @@ from tinytune.checkpoint.fingerprint import run_fingerprint
 # stop_after_steps, nan_policy, output and export settings, device placement and activation checkpointing.
 TRAJECTORY_KEYS = (
     "seed", "dtype", "batch_size", "gradient_accumulation_steps", "shuffle", "padding_free", "clip_grad_norm",
-    "optimizer", "lr_scheduler", "model", "dataset", "validation.dataset", "validation.split_ratio",
-    "validation.split_size", "tokenizer", "pad_to_multiple_of", "beta", "loss",
+    "optimizer", "lr_scheduler", "model", "validation.split_ratio", "validation.split_size", "pad_to_multiple_of",
+    "beta", "label_smoothing", "loss",
 )
+# The data is compared by content instead of by its config node (tinytune.checkpoint.fingerprint.dataset_identity:
+# token-cache key = file digests + tokenizer + template + max_seq_len ..., sample count and order), so a moved
+# but identical data file still resumes.
 
 
 def trajectory_settings(cfg: DictConfig) -> dict[str, Any]:
