@@ -323,6 +323,35 @@ def test_adapter_weights_load_strictly_with_a_short_error():
                             adapter_only=True)
 
 
+def test_distributed_resume_checks_fingerprint_and_extends_lr(tmp_path):
+    """The DCP path (one-process group, no torchrun): foreign checkpoint refused; raised max_steps extends the LR."""
+    import torch.distributed as dist
+    from omegaconf import OmegaConf
+
+    from recipes.lora_finetune_distributed import recipe_main
+    from tests.dist_workers.recipe_worker import base_cfg
+    from tests.dist_workers.tiny_checkpoint import write_tiny_checkpoint
+
+    ckpt = write_tiny_checkpoint(str(tmp_path / "ckpt"), "qwen3", tie=False)
+    out = tmp_path / "dist"
+    cfg = dict(base_cfg(str(out), ckpt, dp=1, tp=1, lora=True), validation=None, stop_after_steps=2)
+    try:
+        recipe_main(OmegaConf.create(cfg))
+        marker = json.loads((out / "dcp" / "step_2" / "COMPLETE").read_text())
+        assert "trainer_state.json" in marker["sha256"] and marker["fingerprint"]["settings"]["seed"] == 7
+        with pytest.raises(ResumeError, match="(?s)different run.*seed: checkpoint 7, this run 8"):
+            recipe_main(OmegaConf.create(dict(cfg, seed=8, stop_after_steps=0)))
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        recipe_main(OmegaConf.create(dict(cfg, max_steps=8, stop_after_steps=0)))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    lr = {r["step"]: r["lr"] for r in _strict_rows(out / "metrics.jsonl") if "lr" in r}
+    # this run's 8-step cosine with 1 warmup step, at step 2 (the first new step is 3)
+    assert lr[3] == pytest.approx(3e-3 * 0.5 * (1 + math.cos(math.pi * (2 - 1) / (8 - 1))))
+
+
 # ---- 4. explicit builder vs config.json ---------------------------------------------------------------
 
 
