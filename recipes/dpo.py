@@ -89,7 +89,8 @@ def recipe_main(cfg: DictConfig) -> dict:
         micro_batches = [next(stream) for _ in range(accum)]
         lr = current_lr(optimizer)
         metrics = dpo_accumulate(model, reference, micro_batches, device, beta, label_smoothing)
-        grad_norm = optimizer_step(model, optimizer, lr_scheduler, loop.clip, guard=guard, loss=metrics["loss"], step=step + 1)
+        grad_norm = optimizer_step(model, optimizer, lr_scheduler, loop.clip, guard=guard, loss=metrics["loss"],
+                                   step=step + 1)
         step += 1
         dt = progress.tick()
         progress.update(metrics["loss"], lr, metrics["label_tokens"] / max(dt, 1e-9))

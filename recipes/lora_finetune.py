@@ -45,7 +45,13 @@ from tinytune.training.setup import (
     train_data,
 )
 from tinytune.training.resume_check import config_fingerprint
-from tinytune.training.steps import NonFiniteGuard, build_optimizer_and_scheduler, current_lr, optimizer_step, sft_accumulate
+from tinytune.training.steps import (
+    NonFiniteGuard,
+    build_optimizer_and_scheduler,
+    current_lr,
+    optimizer_step,
+    sft_accumulate,
+)
 from tinytune.training.training_state import open_checkpointer, resume_training_state, save_training_state
 
 
@@ -120,7 +126,8 @@ def recipe_main(cfg: DictConfig) -> dict:
     progress.close()
 
     # ---- 7. final validation, export, plot, generation after ---------------------------------
-    summary = {"step": step, "loss": window.last_loss, "output_dir": out_dir, "skipped_steps": guard.skipped, **window.totals()}
+    summary = {"step": step, "loss": window.last_loss, "output_dir": out_dir, "skipped_steps": guard.skipped,
+               **window.totals()}
     if val_loader is not None:
         val = validation_row(evaluate_loss(model, val_loader, device, loop.val_max_batches, loop.padding_free))
         loggers.log_dict(val, step)

@@ -73,5 +73,6 @@ def check_digests(path: str, marker: dict[str, Any]) -> str | None:
     for name, digest in (marker.get("sha256") or {}).items():
         got = sha256_file(os.path.join(path, name))
         if got != digest:
-            return f"file {os.path.join(path, name)} fails its sha256 check (corrupt: {got[:12]}... != {digest[:12]}...)"
+            return (f"file {os.path.join(path, name)} fails its sha256 check (corrupt: {got[:12]}... != "
+                    f"{digest[:12]}...)")
     return None
