@@ -75,7 +75,8 @@ def recipe_main(cfg: DictConfig) -> dict:
     fingerprint = config_fingerprint(cfg, model, data.train_ds, info)  # checked on resume
     weights_key = "adapter" if use_lora else "model"
     step = resume_training_state(ckpt, cfg_get(cfg, "resume_from_checkpoint"), model=model, weights_key=weights_key,
-                                 optimizer=optimizer, lr_scheduler=lr_scheduler, stream=stream, fingerprint=fingerprint)
+                                 optimizer=optimizer, lr_scheduler=lr_scheduler, stream=stream, fingerprint=fingerprint,
+                                 total_steps=total_steps)
 
     # ---- 5. training loop -------------------------------------------------------------------
     loggers = build_metric_loggers(cfg_get(cfg, "metric_loggers"), out_dir)

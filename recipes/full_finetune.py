@@ -80,7 +80,8 @@ def recipe_main(cfg: DictConfig) -> dict:
     ckpt = open_checkpointer(cfg, out_dir)
     fingerprint = config_fingerprint(cfg, model, data.train_ds, info)  # checked on resume
     step = resume_training_state(ckpt, cfg_get(cfg, "resume_from_checkpoint"), model=model, weights_key="model",
-                                 optimizer=optimizer, lr_scheduler=lr_scheduler, stream=stream, fingerprint=fingerprint)
+                                 optimizer=optimizer, lr_scheduler=lr_scheduler, stream=stream, fingerprint=fingerprint,
+                                 total_steps=total_steps)
 
     # ---- 5. generation before training (optional) ------------------------------------------
     samples = SampleGenerations(cfg, tokenizer)

@@ -62,6 +62,7 @@ from tinytune.training.padding_free import drop_unlabeled_tail
 from tinytune.training.lr_schedulers import refresh_lr
 from tinytune.training.resume_check import config_fingerprint
 from tinytune.training.steps import NonFiniteGuard, build_optimizer_and_scheduler
+from tinytune.training.training_state import check_not_past_end
 from tinytune.training.memory import reset_peak_memory
 from tinytune.training.metric_logging import (
     build_metric_loggers,
@@ -214,6 +215,7 @@ def finetune(cfg: DictConfig, lora: bool) -> dict:
         refresh_lr(lr_scheduler)  # this run's schedule (a raised max_steps extends it)
         sampler.load_state_dict(state["sampler"])
         step, epoch, batches_done = int(state["step"]), int(state["epoch"]), int(state["batches_done"])
+        check_not_past_end(step, total_steps, resume_path)
         if is_rank_zero():
             print(f"resumed from {resume_path} at step {step}")
 

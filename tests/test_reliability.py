@@ -303,6 +303,13 @@ def test_raised_max_steps_extends_the_lr_schedule(assets, tmp_path, capsys):
     assert lr[8] == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi * 7 / 8)))
 
 
+def test_lowered_max_steps_below_the_checkpoint_is_refused(stopped_run, tmp_path, capsys):
+    cfg, out = stopped_run
+    rc, _, err = _tune(dict(cfg, max_steps=1, resume_from_checkpoint="auto"), tmp_path, capsys)
+    assert rc == 1 and "is at step 2, past this run's last step 1" in _short(err)
+    assert not os.path.exists(out / "adapter")
+
+
 def test_adapter_weights_load_strictly_with_a_short_error():
     from tinytune.checkpoint.training_state import load_weights_strict
     from tinytune.models import llama_decoder

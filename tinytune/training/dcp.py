@@ -102,11 +102,20 @@ class DistributedCheckpointer:
 
     @staticmethod
     def verify(path: str | os.PathLike) -> str | None:
-        """Why checkpoint ``path`` cannot be trusted (size or sha256 mismatch naming the file); None if sound."""
-        marker = read_marker(str(path))
-        if marker is None:
-            return f"no readable {COMPLETE_MARKER} marker (written by an older tinytune, or cut short)"
-        return check_digests(str(path), marker)
+        """Why checkpoint ``path`` cannot be trusted (size or sha256 mismatch naming the file); None if sound.
+
+        Rank 0 reads the files and tells the others (collective when a process group is up).
+        """
+        why = None
+        if _rank() == 0:
+            marker = read_marker(str(path))
+            why = (f"no readable {COMPLETE_MARKER} marker (written by an older tinytune, or cut short)"
+                   if marker is None else check_digests(str(path), marker))
+        if dist.is_initialized():
+            box = [why]
+            dist.broadcast_object_list(box, src=0)
+            why = box[0]
+        return why
 
     @staticmethod
     def fingerprint(path: str | os.PathLike) -> dict[str, Any] | None:
@@ -117,7 +126,8 @@ class DistributedCheckpointer:
     def latest(self) -> Path | None:
         """Newest complete checkpoint whose files pass their sha256 check, or None.
 
-        A corrupt one is skipped with a warning naming the file (every rank reaches the same verdict).
+        A corrupt one is skipped with a warning naming the file. Collective when a process group is
+        up (every rank must call it; rank 0 checks the files).
         """
         for p in reversed(self.complete_checkpoints()):
             why = self.verify(p)

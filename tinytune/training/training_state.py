@@ -13,7 +13,7 @@ from typing import Any
 
 from torch import nn
 
-from tinytune.errors import run_context
+from tinytune.errors import ResumeError, run_context
 
 
 def open_checkpointer(cfg: Any, out_dir: str):
@@ -32,7 +32,7 @@ def open_checkpointer(cfg: Any, out_dir: str):
 
 
 def resume_training_state(ckpt, resume_from: Any, *, model: nn.Module, weights_key: str, optimizer, lr_scheduler,
-                          stream, fingerprint: dict[str, Any] | None = None) -> int:
+                          stream, fingerprint: dict[str, Any] | None = None, total_steps: int | None = None) -> int:
     """Restores a saved training state when ``resume_from`` (``auto``, a path or None) names one.
 
     Args:
@@ -43,6 +43,8 @@ def resume_training_state(ckpt, resume_from: Any, *, model: nn.Module, weights_k
         optimizer, lr_scheduler, stream: restored from ``optimizer``, ``lr_scheduler``, ``data``.
             The LR is then recomputed from this run's schedule (a raised ``max_steps`` extends it).
         fingerprint: this run's fingerprint; a checkpoint written by a different run is refused.
+        total_steps: this run's step count; a checkpoint past it is refused (it would be exported as
+            if it had trained ``total_steps``).
 
     Returns:
         The step to continue from (0 when nothing is resumed). RNG states are restored too.
@@ -68,6 +70,7 @@ def resume_training_state(ckpt, resume_from: Any, *, model: nn.Module, weights_k
     stream.load_state_dict(state["data"])
     set_rng_state(state["rng"])
     step = int(state["step"])
+    check_not_past_end(step, total_steps, path)
     run_context.step = step
     print(f"resumed from {path} at step {step}")
     return step
@@ -83,3 +86,15 @@ def save_training_state(ckpt, step: int, weights: dict[str, Any], *, optimizer, 
     """
     ckpt.save(step, {**weights, "optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(),
                      "data": stream.state_dict(), "step": step}, fingerprint=fingerprint)
+
+
+def check_not_past_end(step: int, total_steps: int | None, path: Any) -> None:
+    """Refuses to resume a checkpoint at a step beyond this run's last step.
+
+    Raises:
+        ResumeError: naming both numbers and what to do.
+    """
+    if total_steps is not None and step > total_steps:
+        raise ResumeError(f"resume_from_checkpoint: {path} is at step {step}, past this run's last step {total_steps} "
+                          f"(max_steps / epochs lowered?). Set max_steps >= {step}, or start fresh with "
+                          "resume_from_checkpoint=null or a new output_dir")
