@@ -510,6 +510,11 @@ def test_torn_metrics_line_is_tolerated_on_resume(stopped_run, tmp_path, capsys,
     rc, _, _ = _tune(dict(cfg, resume_from_checkpoint="auto"), tmp_path, capsys)
     assert rc == 0 and [r["step"] for r in _strict_rows(out / "metrics.jsonl")] == [1, 2, 3, 4]
     assert any("torn last line" in r.getMessage() for r in caplog.records)
+    from tinytune.training.plotting import read_metrics
+
+    with open(out / "metrics.jsonl", "a") as f:  # a torn line in the middle (older runs) is skipped too
+        f.write('{"step": 9, "lo\n{"step": 10, "loss": 1.0}\n')
+    assert [r["step"] for r in read_metrics(str(out / "metrics.jsonl"))] == [1, 2, 3, 4, 10]
 
 
 def test_leftover_tmp_checkpoint_dirs_are_cleaned_on_start(stopped_run, tmp_path, capsys):

@@ -20,7 +20,7 @@ import sys
 import time
 from typing import Any, Iterable, Mapping, TextIO
 
-from tinytune.errors import dumps_json_line
+from tinytune.errors import dumps_json_line, json_safe
 
 log = logging.getLogger(__name__)
 
@@ -286,6 +286,6 @@ def write_summary(out_dir: str, summary: dict, t_start: float) -> dict:
     summary.update({k: None for k, v in summary.items() if isinstance(v, float) and not math.isfinite(v)})
     summary["total_seconds"] = round(time.perf_counter() - t_start, 2)
     with open(os.path.join(out_dir, "summary.json"), "w", encoding="utf-8") as f:
-        json.dump(summary, f, indent=2, default=str)
+        json.dump(json_safe(summary), f, indent=2, default=str, allow_nan=False)
     print(f"done: {json.dumps(summary, default=str)}")
     return summary
