@@ -313,21 +313,29 @@ def test_lowered_max_steps_below_the_checkpoint_is_refused(stopped_run, tmp_path
 def test_adapter_weights_load_strictly_with_a_short_error():
     from tinytune.checkpoint.training_state import load_weights_strict
     from tinytune.models import llama_decoder
-    from tinytune.modules.peft import get_adapter_state_dict, lora_linear_factory
+    from tinytune.modules.peft import get_adapter_state_dict, lora_linear_factory, set_trainable_params
 
     def build(rank):
         factory = lora_linear_factory({"q_proj", "v_proj"}, rank=rank, alpha=8.0)
         return llama_decoder(vocab_size=32, dim=16, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=8, hidden_dim=32,
                              max_seq_len=16, rope_base=10000.0, linear_factory=factory)
 
+    def build_trainable(rank):
+        model = build(rank)
+        set_trainable_params(model)
+        return model
+
     sd = get_adapter_state_dict(build(4))
     with pytest.raises(ResumeError, match=r"4 with another shape .*lora_a.weight: checkpoint \(4, 16\), model \(8, 16\)"):
-        load_weights_strict(build(8), sd, "ckpt/step_2", adapter_only=True)
+        load_weights_strict(build_trainable(8), sd, "ckpt/step_2", adapter_only=True)
     with pytest.raises(ResumeError, match="1 missing"):
-        load_weights_strict(build(4), dict(list(sd.items())[1:]), "ckpt/step_2", adapter_only=True)
+        load_weights_strict(build_trainable(4), dict(list(sd.items())[1:]), "ckpt/step_2", adapter_only=True)
     with pytest.raises(ResumeError, match="1 unexpected"):
-        load_weights_strict(build(4), {**sd, "layers.0.attn.k_proj.lora_a.weight": torch.zeros(4, 16)}, "x",
-                            adapter_only=True)
+        load_weights_strict(build_trainable(4), {**sd, "layers.0.attn.k_proj.lora_a.weight": torch.zeros(4, 16)},
+                            "x", adapter_only=True)
+    model = build_trainable(4)
+    load_weights_strict(model, sd, "x", adapter_only=True)  # the matching adapter loads
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in sd.items())
 
 
 def test_distributed_resume_checks_fingerprint_and_extends_lr(tmp_path):
@@ -421,6 +429,10 @@ def test_every_loader_refuses_pickled_code(assets, tmp_path):
     (dpath / "rng_rank0.pt").unlink()
     _plant(dpath / "trainer_state.json", marker)
     with pytest.raises(CheckpointError, match="unreadable trainer state"):
+        dckpt.load(dpath, model, None)
+    (dpath / "trainer_state.json").unlink()  # an older checkpoint's pickled trainer_state.pt
+    _plant(dpath / "trainer_state.pt", marker)
+    with pytest.raises(CheckpointError, match="trainer_state.pt: refused"):
         dckpt.load(dpath, model, None)
     # HF weights as pytorch_model.bin
     hf = tmp_path / "hf_bin"

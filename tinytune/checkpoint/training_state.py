@@ -278,14 +278,18 @@ def load_weights_strict(model: nn.Module, weights: dict[str, torch.Tensor], wher
 
     Args:
         model: the model.
-        weights: a full state dict, or with ``adapter_only`` exactly the model's LoRA weights.
+        weights: a full state dict, or with ``adapter_only`` exactly the model's trainable
+            parameters (the adapters: LoRA A/B, DoRA magnitudes, ...).
         where: the checkpoint, for the message.
 
     Raises:
         ResumeError: missing or unexpected keys, or a shape mismatch (first few named).
     """
     own = model.state_dict()
-    expected = {k for k in own if is_lora_key(k)} if adapter_only else set(own)
+    if adapter_only:
+        expected = {n for n, p in model.named_parameters() if p.requires_grad} or {k for k in own if is_lora_key(k)}
+    else:
+        expected = set(own)
     unexpected = sorted(set(weights) - expected)
     missing = sorted(expected - set(weights))
     reshaped = sorted(k for k in set(weights) & expected if tuple(weights[k].shape) != tuple(own[k].shape))

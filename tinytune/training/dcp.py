@@ -46,6 +46,7 @@ __all__ = ["DistributedCheckpointer"]
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 COMPLETE_MARKER = "COMPLETE"
 TRAINER_STATE = "trainer_state.json"
+LEGACY_TRAINER_STATE = "trainer_state.pt"
 
 
 def _rank() -> int:
@@ -87,8 +88,8 @@ class DistributedCheckpointer:
         for p in self.root.iterdir():
             m = _STEP_DIR.match(p.name)
             if m and (p / COMPLETE_MARKER).is_file():
-                marker = read_marker(str(p))
-                if marker is not None and check_sizes(str(p), marker) is None:
+                marker = read_marker(str(p))  # None: a plain-text marker of an older tinytune (no manifest)
+                if marker is None or check_sizes(str(p), marker) is None:
                     found.append((int(m.group(1)), p))
         return [p for _, p in sorted(found)]
 
@@ -109,8 +110,10 @@ class DistributedCheckpointer:
         why = None
         if _rank() == 0:
             marker = read_marker(str(path))
-            why = (f"no readable {COMPLETE_MARKER} marker (written by an older tinytune, or cut short)"
-                   if marker is None else check_digests(str(path), marker))
+            if marker is None:
+                logger.warning("%s: written by an older tinytune without sha256 digests; not verified", path)
+            else:
+                why = check_digests(str(path), marker)
         if dist.is_initialized():
             box = [why]
             dist.broadcast_object_list(box, src=0)
@@ -219,6 +222,8 @@ class DistributedCheckpointer:
         rng_file = path / f"rng_rank{_rank()}.pt"
         if rng_file.is_file():
             set_rng_state(_load_tensors(rng_file))
+        if not (path / TRAINER_STATE).is_file() and (path / LEGACY_TRAINER_STATE).is_file():
+            return _load_tensors(path / LEGACY_TRAINER_STATE)  # older tinytune; plain values load weights_only
         try:
             with open(path / TRAINER_STATE, encoding="utf-8") as f:
                 return json.load(f)
