@@ -14,7 +14,7 @@ from omegaconf import DictConfig
 
 import tinytune.config
 from tinytune.generation import generate
-from tinytune.training.prompting import encode_chat_prompt, get_bound_template, stop_token_ids
+from tinytune.training.prompting import encode_chat_prompt, get_bound_template, stop_token_ids, thinking_from_cfg
 from tinytune.training.setup import cfg_get, load_model_and_tokenizer, setup_device
 
 
@@ -39,6 +39,7 @@ class StreamPrinter:
 
 def recipe_main(cfg: DictConfig) -> list[dict]:
     """Runs the chat loop; returns the conversation (list of messages)."""
+    thinking = thinking_from_cfg(cfg, "enable_thinking")  # checked before the model loads
     device, dtype, seed = setup_device(cfg)
     _, tokenizer, model, info = load_model_and_tokenizer(cfg, device, dtype)
     model.eval()
@@ -74,11 +75,11 @@ def recipe_main(cfg: DictConfig) -> list[dict]:
             continue
         history.append({"role": "user", "content": text})
         msgs = ([{"role": "system", "content": system}] if system else []) + history
-        prompt = encode_chat_prompt(tokenizer, template, msgs)
+        prompt = encode_chat_prompt(tokenizer, template, msgs, thinking)
         while len(prompt) + max_new > max_len and len(history) > 2:  # forget the oldest exchange
             history = history[2:]
             msgs = ([{"role": "system", "content": system}] if system else []) + history
-            prompt = encode_chat_prompt(tokenizer, template, msgs)
+            prompt = encode_chat_prompt(tokenizer, template, msgs, thinking)
         printer = StreamPrinter(tokenizer)
         out = generate(model, [prompt], max_new_tokens=max_new, temperature=temperature, top_k=cfg_get(cfg, "top_k"),
                        top_p=cfg_get(cfg, "top_p"), stop_tokens=stops, pad_id=int(tokenizer.pad_id or 0),

@@ -1,9 +1,11 @@
-"""Direct Preference Optimization (DPO, sigmoid loss) on one device.
+"""Preference optimisation (DPO and its relatives) on one device.
 
-Trains on pairs (``chosen`` / ``rejected`` answers to the same prompt). The reference model is
-the frozen starting point: for a LoRA policy (a ``lora_*`` builder or LoRA keys under ``model``)
-it is the same model with adapters disabled (no extra memory); for full fine-tuning it is a
-frozen copy. Loss: ``-log sigmoid(beta * ((pi_c - pi_r) - (ref_c - ref_r)))``.
+Trains on pairs (``chosen`` / ``rejected`` answers to the same prompt) with ``loss``: ``sigmoid``
+(DPO: ``-log sigmoid(beta * ((pi_c - pi_r) - (ref_c - ref_r)))``), ``ipo``, ``hinge``, ``robust``,
+or the reference-free ``simpo`` and ``orpo`` (:mod:`tinytune.training.preference_losses`). The
+reference model is the frozen starting point: for a LoRA policy (a ``lora_*`` builder or LoRA keys
+under ``model``) it is the same model with adapters disabled (no extra memory); for full
+fine-tuning it is a frozen copy. Reference-free losses build no reference.
 
     tune run dpo --config smollm2/135M_dpo max_steps=20
 """
@@ -18,6 +20,7 @@ from omegaconf import DictConfig
 
 import tinytune.config
 from tinytune.checkpoint import save_hf_checkpoint, save_peft_adapter
+from tinytune.datasets import data_summary
 from tinytune.modules.peft import get_adapter_params, get_adapter_state_dict, get_merged_state_dict, set_trainable_params
 from tinytune.training.activation_checkpointing import apply_activation_checkpointing
 from tinytune.training.data import validation_batches
@@ -25,6 +28,7 @@ from tinytune.training.dpo import dpo_accumulate, dpo_eval, make_reference
 from tinytune.training.memory import reset_peak_memory
 from tinytune.training.metric_logging import build_metric_loggers, log_train_row, report_early_stop, write_summary
 from tinytune.training.plotting import plot_loss
+from tinytune.training.preference_losses import PreferenceLoss
 from tinytune.training.progress import TrainProgress
 from tinytune.training.setup import (
     LoopSettings,
@@ -37,7 +41,7 @@ from tinytune.training.setup import (
 )
 from tinytune.training.resume_check import config_fingerprint
 from tinytune.training.steps import NonFiniteGuard, build_optimizer_and_scheduler, current_lr, optimizer_step
-from tinytune.training.training_state import open_checkpointer, resume_training_state, save_training_state
+from tinytune.training.checkpointing import open_checkpointer, resume_training_state, save_training_state
 
 
 def recipe_main(cfg: DictConfig) -> dict:
@@ -49,20 +53,24 @@ def recipe_main(cfg: DictConfig) -> dict:
 
     # ---- 2. policy, reference, tokenizer -----------------------------------------------------
     checkpoint_dir, tokenizer, model, info = load_model_and_tokenizer(cfg, device, dtype)
+    # settings key: loss (str, "sigmoid"); beta (float, 0.1); label_smoothing (float, 0.0); gamma (float, 0.0)
+    loss_fn = PreferenceLoss(str(cfg_get(cfg, "loss", "sigmoid")), float(cfg_get(cfg, "beta", 0.1)),
+                             float(cfg_get(cfg, "label_smoothing", 0.0)), float(cfg_get(cfg, "gamma", 0.0)))
     use_lora = bool(get_adapter_params(model))
+    frozen = None  # LoRA: reference = this model with adapters disabled; reference-free losses: none
     if use_lora:
         lora_cfg = lora_settings(cfg, model)
         set_trainable_params(model)
-        frozen = None  # reference = this model with adapters disabled
     else:
         model.requires_grad_(True)
-        frozen = copy.deepcopy(model).requires_grad_(False).eval()  # reference = frozen copy
+        if loss_fn.needs_reference:
+            frozen = copy.deepcopy(model).requires_grad_(False).eval()  # reference = frozen copy
     reference = make_reference(model, frozen)
     if cfg_get(cfg, "activation_checkpointing", False):
         apply_activation_checkpointing(model)
-    beta = float(cfg_get(cfg, "beta", 0.1))
-    label_smoothing = float(cfg_get(cfg, "label_smoothing", 0.0))
-    print(f"dpo: {'LoRA' if use_lora else 'full'} policy from {checkpoint_dir}, beta={beta}")
+    ref_text = ("base with adapters disabled" if use_lora else "frozen copy") if loss_fn.needs_reference else "none"
+    print(f"dpo: {'LoRA' if use_lora else 'full'} policy from {checkpoint_dir}, loss={loss_fn.kind}, "
+          f"beta={loss_fn.beta}, reference: {ref_text}")
 
     # ---- 3. data (pairs; the preference dataset brings its pair collate) -----------------------
     data = train_data(cfg, tokenizer, seed, default_batch_size=2)
@@ -89,7 +97,7 @@ def recipe_main(cfg: DictConfig) -> dict:
     while step < total_steps:
         micro_batches = [next(stream) for _ in range(accum)]
         lr = current_lr(optimizer)
-        metrics = dpo_accumulate(model, reference, micro_batches, device, beta, label_smoothing)
+        metrics = dpo_accumulate(model, reference, micro_batches, device, loss_fn)
         grad_norm = optimizer_step(model, optimizer, lr_scheduler, loop.clip, guard=guard, loss=metrics["loss"],
                                    step=step + 1)
         step += 1
@@ -99,8 +107,8 @@ def recipe_main(cfg: DictConfig) -> dict:
             row = {**metrics, "lr": lr, "tokens_per_s": metrics["label_tokens"] / max(dt, 1e-9)}
             log_train_row(loggers, step, row, device, grad_norm)
         if val_loader is not None and loop.val_every and (step % loop.val_every == 0 or step == total_steps):
-            val = dpo_eval(model, reference, val_loader, device, beta, loop.val_max_batches)
-            loggers.log_dict({"val_loss": val["loss"], "val_rewards_accuracy": val["rewards_accuracy"]}, step)
+            val = dpo_eval(model, reference, val_loader, device, loss_fn, loop.val_max_batches)
+            loggers.log_dict({f"val_{k}": v for k, v in val.items() if k != "pairs"}, step)
         if (loop.ckpt_every and step % loop.ckpt_every == 0) or (loop.stop_after and step == loop.stop_after):
             weights = get_adapter_state_dict(model) if use_lora else model.state_dict()
             save_training_state(ckpt, step, {weights_key: weights},
@@ -115,7 +123,8 @@ def recipe_main(cfg: DictConfig) -> dict:
     loggers.close()
 
     # ---- 6. export and plot -----------------------------------------------------------------
-    summary = {"step": step, "loss": metrics["loss"], "output_dir": out_dir, "skipped_steps": guard.skipped}
+    summary = {"step": step, "loss": metrics["loss"], "output_dir": out_dir, "skipped_steps": guard.skipped,
+               "data": data_summary(data.train_ds)}
     if use_lora:
         summary["adapter_dir"] = save_peft_adapter(model, info, os.path.join(out_dir, "adapter"), lora_cfg,
                                                    base_model_name_or_path=checkpoint_dir)

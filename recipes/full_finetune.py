@@ -21,6 +21,7 @@ from tinytune.checkpoint import save_hf_checkpoint
 from tinytune.training.activation_checkpointing import apply_activation_checkpointing
 from tinytune.training.data import validation_batches
 from tinytune.training.evaluation import evaluate_loss
+from tinytune.training.gguf_export import export_gguf, export_gguf_type
 from tinytune.training.memory import reset_peak_memory
 from tinytune.training.metric_logging import (
     LogWindow,
@@ -49,7 +50,7 @@ from tinytune.training.steps import (
     optimizer_step,
     sft_accumulate,
 )
-from tinytune.training.training_state import open_checkpointer, resume_training_state, save_training_state
+from tinytune.training.checkpointing import open_checkpointer, resume_training_state, save_training_state
 
 
 def recipe_main(cfg: DictConfig) -> dict:
@@ -58,6 +59,7 @@ def recipe_main(cfg: DictConfig) -> dict:
     # ---- 1. device, precision, seed, output directory -------------------------------------
     device, dtype, seed = setup_device(cfg)
     out_dir = prepare_output_dir(cfg)
+    gguf_type = export_gguf_type(cfg)  # export_gguf: checked before training
 
     # ---- 2. model and tokenizer ---------------------------------------------------------------
     checkpoint_dir, tokenizer, model, info = load_model_and_tokenizer(cfg, device, dtype)
@@ -72,7 +74,7 @@ def recipe_main(cfg: DictConfig) -> dict:
     stream, accum, total_steps = data.stream, data.accum, data.total_steps
     val_batch_size = int(cfg_get(cfg, "validation.batch_size", data.batch_size))
     val_loader = validation_batches(data.val_ds, val_batch_size, data.collate) if data.val_ds else None
-    print(f"data: {len(data.train_ds)} train / {len(data.val_ds) if data.val_ds else 0} validation samples; "
+    print(f"data: {getattr(data.train_ds, '__len__', lambda: 'streaming')()} train / {len(data.val_ds) if data.val_ds else 0} validation samples; "
           f"{total_steps} steps of {accum} x {data.batch_size} samples")
 
     # ---- 4. optimizer, LR schedule, checkpointer (resume) ----------------------------------
@@ -133,9 +135,11 @@ def recipe_main(cfg: DictConfig) -> dict:
     if cfg_get(cfg, "save_hf", True):
         summary["hf_dir"] = save_hf_checkpoint(model.state_dict(), info, os.path.join(out_dir, "hf_model"),
                                                tokenizer_dir=checkpoint_dir)
+    summary.update(export_gguf(gguf_type, model.state_dict(), info, checkpoint_dir, out_dir,
+                               tokenizer.chat_template))
     summary["loss_plot"] = plot_loss(os.path.join(out_dir, "metrics.jsonl"), os.path.join(out_dir, "loss.png"),
                                      title=f"full_finetune: {os.path.basename(out_dir)}")
-    samples.generate_after(model, out_dir)
+    summary.update(samples.generate_after(model, out_dir))  # held-out fractions, if any
     return write_summary(out_dir, summary, t_start)
 
 

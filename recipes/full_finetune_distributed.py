@@ -43,11 +43,11 @@ from tinytune.checkpoint import save_hf_checkpoint, save_peft_adapter
 from tinytune.checkpoint.fingerprint import check_fingerprint
 from tinytune.config import ConfigError
 from tinytune.errors import run_context
-from tinytune.training.dcp import DistributedCheckpointer
-from tinytune.training.device import get_dtype, set_seed
-from tinytune.training.dist_sampler import ResumableDistributedSampler
-from tinytune.training.dist_evaluation import evaluate_loss_distributed
-from tinytune.training.distributed import (
+from tinytune.checkpoint.dcp import DistributedCheckpointer
+from tinytune.device import get_dtype, set_seed
+from tinytune.distributed.dist_sampler import ResumableDistributedSampler
+from tinytune.distributed.dist_evaluation import evaluate_loss_distributed
+from tinytune.distributed.mesh import (
     ParallelDims,
     all_reduce_sum,
     build_device_mesh,
@@ -56,13 +56,13 @@ from tinytune.training.distributed import (
     is_rank_zero,
     shutdown_distributed,
 )
-from tinytune.training.fsdp import clip_grad_norm_, gather_full_state_dict, set_gradient_sync
+from tinytune.distributed.fsdp import clip_grad_norm_, gather_full_state_dict, set_gradient_sync
 from tinytune.training.losses import IGNORE_INDEX, count_label_tokens, sft_loss_sum
 from tinytune.training.padding_free import drop_unlabeled_tail
 from tinytune.training.lr_schedulers import refresh_lr
 from tinytune.training.resume_check import config_fingerprint
 from tinytune.training.steps import NonFiniteGuard, build_optimizer_and_scheduler
-from tinytune.training.training_state import check_not_past_end
+from tinytune.training.checkpointing import check_not_past_end
 from tinytune.training.memory import reset_peak_memory
 from tinytune.training.metric_logging import (
     build_metric_loggers,
@@ -82,7 +82,7 @@ from tinytune.training.setup import (
     resolve_checkpoint_dir,
     train_val_datasets,
 )
-from tinytune.training.sharded_model import load_hf_model_sharded
+from tinytune.distributed.sharded_model import load_hf_model_sharded
 
 
 def _lora_setup(cfg: DictConfig):

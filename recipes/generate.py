@@ -17,7 +17,7 @@ from omegaconf import DictConfig
 
 import tinytune.config
 from tinytune.config import ConfigError
-from tinytune.training.prompting import generate_replies, get_bound_template
+from tinytune.training.prompting import generate_replies, get_bound_template, thinking_from_cfg
 from tinytune.training.setup import cfg_get, load_model_and_tokenizer, setup_device
 
 
@@ -61,6 +61,7 @@ def read_prompts(cfg: DictConfig) -> list:
 
 def recipe_main(cfg: DictConfig) -> list[str]:
     """Answers every prompt; prints prompt and reply; returns the replies."""
+    thinking = thinking_from_cfg(cfg, "enable_thinking")  # checked before the model loads
     device, dtype, seed = setup_device(cfg)
     _, tokenizer, model, _ = load_model_and_tokenizer(cfg, device, dtype)
     model.eval()
@@ -71,6 +72,7 @@ def recipe_main(cfg: DictConfig) -> list[str]:
         model, tokenizer, template, prompts,
         max_new_tokens=int(cfg_get(cfg, "max_new_tokens", 128)), temperature=float(cfg_get(cfg, "temperature", 0.0)),
         top_k=cfg_get(cfg, "top_k"), top_p=cfg_get(cfg, "top_p"), system=cfg_get(cfg, "system"), seed=seed,
+        enable_thinking=thinking,
     )
     dt = time.perf_counter() - t0
     for p, r in zip(prompts, replies):

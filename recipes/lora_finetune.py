@@ -19,10 +19,12 @@ from omegaconf import DictConfig
 
 import tinytune.config
 from tinytune.checkpoint import save_hf_checkpoint, save_peft_adapter
+from tinytune.datasets import data_summary
 from tinytune.modules.peft import disable_adapters, get_adapter_state_dict, get_merged_state_dict, set_trainable_params
 from tinytune.training.activation_checkpointing import apply_activation_checkpointing
 from tinytune.training.data import validation_batches
 from tinytune.training.evaluation import evaluate_loss
+from tinytune.training.gguf_export import export_gguf, export_gguf_type
 from tinytune.training.memory import reset_peak_memory
 from tinytune.training.metric_logging import (
     LogWindow,
@@ -44,6 +46,7 @@ from tinytune.training.setup import (
     setup_device,
     train_data,
 )
+from tinytune.training.optim import loraplus_param_groups
 from tinytune.training.resume_check import config_fingerprint
 from tinytune.training.steps import (
     NonFiniteGuard,
@@ -52,7 +55,7 @@ from tinytune.training.steps import (
     optimizer_step,
     sft_accumulate,
 )
-from tinytune.training.training_state import open_checkpointer, resume_training_state, save_training_state
+from tinytune.training.checkpointing import open_checkpointer, resume_training_state, save_training_state
 
 
 def recipe_main(cfg: DictConfig) -> dict:
@@ -61,6 +64,7 @@ def recipe_main(cfg: DictConfig) -> dict:
     # ---- 1. device, precision, seed, output directory -------------------------------------
     device, dtype, seed = setup_device(cfg)
     out_dir = prepare_output_dir(cfg)
+    gguf_type = export_gguf_type(cfg)  # export_gguf: checked before training
 
     # ---- 2. model (frozen base + adapters) and tokenizer ----------------------------------
     checkpoint_dir, tokenizer, model, info = load_model_and_tokenizer(cfg, device, dtype)
@@ -76,11 +80,15 @@ def recipe_main(cfg: DictConfig) -> dict:
     stream, accum, total_steps = data.stream, data.accum, data.total_steps
     val_batch_size = int(cfg_get(cfg, "validation.batch_size", data.batch_size))
     val_loader = validation_batches(data.val_ds, val_batch_size, data.collate) if data.val_ds else None
-    print(f"data: {len(data.train_ds)} train / {len(data.val_ds) if data.val_ds else 0} validation samples; "
+    print(f"data: {getattr(data.train_ds, '__len__', lambda: 'streaming')()} train / {len(data.val_ds) if data.val_ds else 0} validation samples; "
           f"{total_steps} steps of {accum} x {data.batch_size} samples")
 
     # ---- 4. optimizer, LR schedule, checkpointer (resume) ----------------------------------
-    optimizer, lr_scheduler = build_optimizer_and_scheduler(cfg, model.parameters(), total_steps)
+    # settings key: loraplus_lr_ratio (float, None): LoRA+, the B matrices train at optimizer.lr x this
+    ratio = cfg_get(cfg, "loraplus_lr_ratio")
+    params = (loraplus_param_groups(model, float(cfg_get(cfg, "optimizer.lr", 2e-5)), float(ratio))
+              if ratio is not None else model.parameters())
+    optimizer, lr_scheduler = build_optimizer_and_scheduler(cfg, params, total_steps)
     ckpt = open_checkpointer(cfg, out_dir)
     fingerprint = config_fingerprint(cfg, model, data.train_ds, info)  # checked on resume
     step = resume_training_state(ckpt, cfg_get(cfg, "resume_from_checkpoint"), model=model, weights_key="adapter",
@@ -128,7 +136,7 @@ def recipe_main(cfg: DictConfig) -> dict:
 
     # ---- 7. final validation, export, plot, generation after ---------------------------------
     summary = {"step": step, "loss": window.last_loss, "output_dir": out_dir, "skipped_steps": guard.skipped,
-               **window.totals()}
+               **window.totals(), "data": data_summary(data.train_ds)}
     if val_loader is not None:
         val = validation_row(evaluate_loss(model, val_loader, device, loop.val_max_batches, loop.padding_free))
         loggers.log_dict(val, step)
@@ -140,9 +148,11 @@ def recipe_main(cfg: DictConfig) -> dict:
     if cfg_get(cfg, "save_merged", True):
         summary["hf_dir"] = save_hf_checkpoint(get_merged_state_dict(model), info, os.path.join(out_dir, "hf_model"),
                                                tokenizer_dir=checkpoint_dir)
+    summary.update(export_gguf(gguf_type, get_merged_state_dict(model), info, checkpoint_dir, out_dir,
+                               tokenizer.chat_template))
     summary["loss_plot"] = plot_loss(os.path.join(out_dir, "metrics.jsonl"), os.path.join(out_dir, "loss.png"),
                                      title=f"lora_finetune: {os.path.basename(out_dir)}")
-    samples.generate_after(model, out_dir)
+    summary.update(samples.generate_after(model, out_dir))  # held-out fractions, if any
     return write_summary(out_dir, summary, t_start)
 
 

@@ -92,3 +92,11 @@ def test_profile_train_smoke():
     m = re.search(r"aten op calls per step: (\d+)", out)
     assert m and int(m.group(1)) > 50, out[-2000:]
     assert "aten::mm" in out and "Self CPU" in out
+
+
+def test_bench_generate_smoke():
+    rows = _table(_run("bench_generate.py", "--smoke", "--batch-sizes", "1,3"))
+    assert [r[0] for r in rows] == ["1", "3"]
+    for r in rows:
+        agree, total = (int(x) for x in r[4].split("/"))
+        assert total == int(r[0]) * 8 and agree == total  # fp32 greedy: both sides decode the same tokens

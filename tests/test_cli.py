@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from tinytune.cli import main as cli_main
-from tinytune.cli import registry
+from tinytune.config import registry
 from tinytune.cli.main import main
 
 FIXTURES = Path(__file__).parent / "fixtures" / "cli"

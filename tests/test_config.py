@@ -8,7 +8,7 @@ import pytest
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from tinytune.cli import registry
+from tinytune.config import registry
 from tinytune.config import (
     ConfigError,
     apply_overrides,

@@ -182,8 +182,9 @@ def test_truncation_policies(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="tinytune.datasets"):
         dropped = sft_dataset(tok, rows, truncation="drop", **kw)
     assert len(dropped) == 1 and dropped.meta["dropped_too_long"] == 1 and "dropped 1 sample" in caplog.text
-    right = sft_dataset(tok, rows, truncation="right", **kw)[0]
-    assert len(right["tokens"]) == 48 and all(x == IGNORE_INDEX for x in right["labels"])
+    right = sft_dataset(tok, rows, truncation="right", **kw)
+    assert len(right) == 1 and right.meta["dropped"] == {"no_trained_tokens": 1}  # nothing left to train
+    assert ds.meta["truncated"] == {"truncated_prompt": 1}
     long_text = text_dataset(tok, [{"text": long_q}], cache_dir=str(tmp_path), max_seq_len=64)
     assert len(long_text) == 4 and sum(len(long_text[i]["tokens"]) for i in range(4)) == 202
 
@@ -288,11 +289,13 @@ def test_template_options_through_builder(tmp_path):
                               {"from": "function_call", "value": "{\"name\": \"get_weather\"}"},
                               {"from": "observation", "value": "sunny"}, {"from": "gpt", "value": "It is sunny."}]}
     tok = make()
-    ds = sft_dataset(tok, [conv], template="qwen2_5", **kw)
+    # ShareGPT function_call / observation turns become OpenAI tool_calls / tool messages, rendered by a
+    # template that takes tools (MindSpeed qwen3: Qwen's <tool_call> JSON, observations masked).
+    ds = sft_dataset(tok, [conv], prompt_type="qwen3", **kw)
     text = tok.decode(ds[0]["tokens"], skip_special_tokens=False)
-    assert text.startswith("<|im_start|>system\nYou are Qwen, created by Alibaba Cloud.")
     assert "<|im_start|>user\n<tool_response>\nsunny\n</tool_response><|im_end|>" in text
-    assert _trained(tok, ds[0]) == "{\"name\": \"get_weather\"}<|im_end|>It is sunny.<|im_end|>"
+    assert _trained(tok, ds[0]) == ('<tool_call>\n{"name": "get_weather", "arguments": {}}\n</tool_call><|im_end|>\n'
+                                    "It is sunny.<|im_end|>\n")
     # MindSpeed prompt_type and a system prompt for conversations without one.
     ds = sft_dataset(tok, [CONV], prompt_type="qwen", system_prompt="Be brief.", **kw)
     assert tok.decode(ds[0]["tokens"], skip_special_tokens=False).startswith("<|im_start|>system\nBe brief.<|im_end|>")
@@ -302,8 +305,8 @@ def test_template_options_through_builder(tmp_path):
     ds = sft_dataset(tok_t, [CONV], **kw)
     assert "named SmolLM" in tok.decode(ds[0]["tokens"], skip_special_tokens=False)
     assert _trained(tok, ds[0]) == "uno<|im_end|>dos<|im_end|>"
-    # A template without a tool role gives a clear error naming the row.
-    with pytest.raises(DatasetError, match="no tool role"):
+    # A template without tool support gives a clear error naming the row.
+    with pytest.raises(DatasetError, match="tool"):
         sft_dataset(tok, [conv], template="mistral", **kw)
 
 

@@ -17,7 +17,7 @@ from tinytune.training.metric_logging import (
 )
 from tinytune.training.prompting import SampleGenerations
 from tinytune.training.steps import build_optimizer_and_scheduler
-from tinytune.training.training_state import open_checkpointer, resume_training_state, save_training_state
+from tinytune.training.checkpointing import open_checkpointer, resume_training_state, save_training_state
 
 
 class _Recorder:

@@ -191,6 +191,8 @@ def test_lora_finetune_outputs_merge_and_first_loss(assets, tmp_path):
         assert not torch.allclose(merged(x), base(x), atol=1e-3)  # training changed something
     gens = json.load(open(os.path.join(out, "generations.json")))
     assert gens[0]["prompt"] == "What is ice?" and "before" in gens[0] and "after" in gens[0]
+    data = json.load(open(os.path.join(out, "summary.json")))["data"]  # dataset counts reach the summary
+    assert data["rows"] >= data["sequences"] > 0 and set(data) >= {"dropped", "truncated", "unused_columns"}
 
 
 def test_lora_memorization_loss_decreases(assets, tmp_path):
@@ -260,8 +262,8 @@ def test_dpo_lora_recipe_matches_formula(assets, tmp_path):
     assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
     assert sum(r["loss"] for r in rows[-3:]) / 3 < math.log(2)  # last epoch (3 batches) below the start
     # recompute the last logged metrics' meaning: accuracy in [0, 1], margin = chosen - rejected
-    assert 0.0 <= rows[-1]["rewards_accuracy"] <= 1.0
-    assert rows[-1]["rewards_margin"] == pytest.approx(rows[-1]["rewards_chosen"] - rows[-1]["rewards_rejected"])
+    assert 0.0 <= rows[-1]["rewards/accuracies"] <= 1.0
+    assert rows[-1]["rewards/margins"] == pytest.approx(rows[-1]["rewards/chosen"] - rows[-1]["rewards/rejected"])
     # the direct formula on the trained (merged) policy vs the base as reference, first pair
     from tinytune.datasets import preference_dataset
     from tinytune.tokenizers import load_tokenizer
@@ -294,6 +296,54 @@ def test_dpo_full_uses_frozen_copy(assets, tmp_path):
     rows = [r for r in _metrics(out) if "loss" in r]
     assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
     assert rows[1]["loss"] != pytest.approx(math.log(2), abs=1e-6)  # reference stayed, policy moved
+
+
+def _first_pairs_logps(model, assets, n):
+    """Summed label log-probs and label counts of the first ``n`` pairs (plain log-softmax)."""
+    from tinytune.datasets import preference_dataset
+    from tinytune.tokenizers import load_tokenizer
+    tok = load_tokenizer(assets["ckpt"])
+    ds = preference_dataset(tok, assets["pairs"], template="chatml", max_seq_len=64, num_workers=1)
+    batch = ds.collate_fn([ds[i] for i in range(n)])
+    with torch.no_grad():
+        lp = torch.log_softmax(model(batch["tokens"]).double(), -1)
+    mask = batch["labels"] != -100
+    logps = (lp.gather(-1, batch["labels"].clamp(min=0)[..., None]).squeeze(-1) * mask).sum(-1)
+    lens = mask.sum(-1)
+    return logps[:n], logps[n:], lens[:n], lens[n:]
+
+
+def test_dpo_reference_free_losses_first_step_and_no_reference(assets, tmp_path, capsys):
+    # simpo, full fine-tuning: no frozen copy is made; the first logged loss is the SimPO formula
+    cfg = _dpo_cfg(assets, tmp_path / "simpo", max_steps=2, batch_size=3, loss="simpo", beta=2.0, gamma=0.5,
+                   optimizer={"name": "adamw", "lr": 1e-3})
+    out = _run("dpo", cfg, tmp_path)
+    assert "loss=simpo, beta=2.0, reference: none" in capsys.readouterr().out
+    pc, pr, lc, lr = _first_pairs_logps(_load(assets["ckpt"]), assets, 3)
+    want = -F.logsigmoid(2.0 * (pc / lc - pr / lr) - 0.5).mean()
+    rows = [r for r in _metrics(out) if "loss" in r]
+    assert rows[0]["loss"] == pytest.approx(float(want), rel=1e-5)
+    assert rows[0]["rewards/chosen"] == pytest.approx(float((2.0 * pc / lc).mean()), rel=1e-5)
+    # orpo with LoRA (fresh adapters = base model): NLL token mean over chosen + lambda * odds-ratio term
+    cfg = _dpo_cfg(assets, tmp_path / "orpo", model=dict(LORA), max_steps=1, batch_size=3, loss="orpo", beta=0.2)
+    out = _run("dpo", cfg, tmp_path)
+    ac, ar = pc / lc, pr / lr
+    log_odds = (ac - ar) - (torch.log(1 - torch.exp(ac)) - torch.log(1 - torch.exp(ar)))
+    want = -pc.sum() / lc.sum() - 0.2 * F.logsigmoid(log_odds).mean()
+    row = [r for r in _metrics(out) if "loss" in r][0]
+    assert row["loss"] == pytest.approx(float(want), rel=1e-5)
+    assert row["nll_loss"] == pytest.approx(float(-pc.sum() / lc.sum()), rel=1e-5)
+
+
+def test_dpo_unknown_loss_is_a_config_error(assets, tmp_path, capsys):
+    path = tmp_path / "bad.yaml"
+    path.write_text("# recipe: dpo\n" + yaml.safe_dump(_dpo_cfg(assets, tmp_path / "bad", loss="ipo", gamma=1.0)))
+    try:
+        rc = tune_main(["run", "dpo", "--config", str(path)])
+    except SystemExit as e:
+        rc = e.code
+    assert rc == 2
+    assert "gamma: only loss=simpo uses it" in capsys.readouterr().err
 
 
 # ---- generate / chat / eval ---------------------------------------------------------------------
@@ -374,7 +424,7 @@ SINGLE_DEVICE = ("full_finetune", "lora_finetune", "dpo", "generate", "chat", "e
 
 
 def test_shipped_configs_name_an_existing_recipe_and_valid_components():
-    from tinytune.cli.registry import list_configs, list_recipes
+    from tinytune.config.registry import list_configs, list_recipes
     from tinytune.config import load_config, validate_config
 
     recipes = list_recipes()

@@ -28,7 +28,7 @@ from tinytune.checkpoint import TrainingCheckpointer, load_hf_model, load_peft_a
 from tinytune.checkpoint.model_info import CheckpointError
 from tinytune.cli.main import main as tune_main
 from tinytune.errors import NonFiniteError, ResumeError
-from tinytune.training.dcp import DistributedCheckpointer
+from tinytune.checkpoint.dcp import DistributedCheckpointer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LORA = {"lora_attn_modules": ["q_proj", "v_proj"], "apply_lora_to_mlp": False, "lora_rank": 4, "lora_alpha": 8.0}
@@ -343,13 +343,13 @@ def test_distributed_resume_checks_fingerprint_and_extends_lr(tmp_path):
     import torch.distributed as dist
     from omegaconf import OmegaConf
 
-    from recipes.lora_finetune_distributed import recipe_main
+    from recipes.full_finetune_distributed import recipe_main
     from tests.dist_workers.recipe_worker import base_cfg
     from tests.dist_workers.tiny_checkpoint import write_tiny_checkpoint
 
     ckpt = write_tiny_checkpoint(str(tmp_path / "ckpt"), "qwen3", tie=False)
     out = tmp_path / "dist"
-    cfg = dict(base_cfg(str(out), ckpt, dp=1, tp=1, lora=True), validation=None, stop_after_steps=2)
+    cfg = dict(base_cfg(str(out), ckpt, dp=1, tp=1, lora=False), validation=None, stop_after_steps=2)
     try:
         recipe_main(OmegaConf.create(cfg))
         marker = json.loads((out / "dcp" / "step_2" / "COMPLETE").read_text())

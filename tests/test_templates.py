@@ -119,15 +119,27 @@ def test_qwen3_thinking_modes_match_official(conv, thinking):
     msgs = QWEN3_CONVS[conv]
     kw = {} if thinking is None else {"enable_thinking": thinking}
     hf = hf_tokenizer(tok, jinja("qwen3"))
-    ref_text, ref_ids = hf_render(hf, msgs, **kw)
+    # enable_thinking=False removes all reasoning first (Qwen3 SFT guide), then renders as Qwen3 does
+    ref_msgs = [strip_think(m) for m in msgs] if thinking is False else msgs
+    ref_text, ref_ids = hf_render(hf, ref_msgs, **kw)
     text, ids, labels = ours(tok, "qwen3", msgs, enable_thinking=thinking)
     assert text == ref_text and ids == ref_ids
-    # Historical reasoning is stripped; the last turn keeps its think block.
+    # Historical reasoning is stripped; the last turn keeps its think block (empty with thinking off).
     assert text.count("<think>") == 1
+    assert ("<think>\n\n</think>" in text) == (thinking is False or conv == "plain")
     # Generation prompt: empty think block only with thinking off.
     gen = get_template("qwen3").render_text(msgs[:-1], add_generation_prompt=True, enable_thinking=thinking)
     assert gen == hf.apply_chat_template(msgs[:-1], tokenize=False, add_generation_prompt=True, **kw)
     assert gen.endswith("<think>\n\n</think>\n\n") == (thinking is False)
+
+
+def strip_think(m: dict) -> dict:
+    """Test-side reasoning removal: no reasoning_content, content after the last </think>."""
+    if m["role"] != "assistant":
+        return m
+    m = {k: v for k, v in m.items() if k != "reasoning_content"}
+    m["content"] = m["content"].split("</think>")[-1].lstrip("\n")
+    return m
 
 
 def trained_text(tok, tokens, labels) -> str:
@@ -166,10 +178,15 @@ def test_qwen3_masks_by_thinking_mode():
     assert trained_text(tok, t, lab) == A2["content"] + "<|im_end|>"  # empty think block is prompt
     _, t, lab = ours(tok, "qwen3", msgs, enable_thinking=True, mask_history=True)
     assert trained_text(tok, t, lab) == "<think>\n\n</think>\n\n" + A2["content"] + "<|im_end|>"
+    _, t, lab = ours(tok, "qwen3", msgs, enable_thinking=None, mask_history=True)
+    assert trained_text(tok, t, lab) == A2["content"] + "<|im_end|>"  # no reasoning: empty block is prompt
     msgs = QWEN3_CONVS["reasoning_field"]
-    _, t, lab = ours(tok, "qwen3", msgs, enable_thinking=False)
-    assert trained_text(tok, t, lab) == ("It is 4.<|im_end|><think>\nThree threes.\nSum them.\n</think>\n\n"
-                                         "9, since 3+3+3 = 9.<|im_end|>")
+    _, t, lab = ours(tok, "qwen3", msgs, enable_thinking=False)  # all reasoning removed
+    assert trained_text(tok, t, lab) == "It is 4.<|im_end|>9, since 3+3+3 = 9.<|im_end|>"
+    for mode in (None, True):  # reasoning kept and trained
+        _, t, lab = ours(tok, "qwen3", msgs, enable_thinking=mode)
+        assert trained_text(tok, t, lab) == ("It is 4.<|im_end|><think>\nThree threes.\nSum them.\n</think>\n\n"
+                                             "9, since 3+3+3 = 9.<|im_end|>")
 
 
 def _mindspeed(name):
@@ -200,18 +217,13 @@ def _lf_render(entry, messages, bos="", eos=""):
 @pytest.mark.parametrize("prompt_type", ["alpaca", "qwen", "chatml", "llama3"])
 @pytest.mark.parametrize("conv", list(CONVS))
 def test_mindspeed_prompt_types_render_like_mindspeed(prompt_type, conv):
-    if prompt_type == "alpaca" and conv in WITH_SYS:
-        pytest.skip("MindSpeed glues a custom system prompt to '### Instruction:'; tinytune keeps the blank line")
     msgs = CONVS[conv]
     entry = _mindspeed(prompt_type)
     eos = {"alpaca": "</s>", "llama3": "<|eot_id|>"}.get(prompt_type, "<|im_end|>")
     bos = "<s>" if prompt_type != "llama3" else "<|begin_of_text|>"
     expected = _lf_render(entry, msgs, bos=bos, eos=eos)
-    if prompt_type in ("qwen", "chatml"):
-        expected = expected.replace("<|im_end|><|im_start|>", "<|im_end|>\n<|im_start|>") + "\n"
-    if prompt_type == "alpaca":
-        expected = bos + expected
-    got = get_template(prompt_type).render_text(msgs, bos_token=bos, eos_token=eos)
+    # prompt types render exactly as MindSpeed (tests/test_datasets_mindspeed.py covers all 34 names)
+    got = get_template(f"mindspeed:{prompt_type}").render_text(msgs, bos_token=bos, eos_token=eos)
     assert got == expected
     assert prompt_type in mindspeed_prompt_types()
 
@@ -234,7 +246,7 @@ def test_hf_template_renders_and_masks_model_template(reference, make_tok):
     (seq,) = enc.encode_samples([ChatSample(msgs)])[0]
     assert seq.tokens == ref_ids
     end = tok.hf.id_to_token(tok.stop_tokens[0]) if not reference.startswith("gemma") else "<end_of_turn>"
-    think = "<think>\n\n</think>\n\n" if reference == "qwen3" else ""
+    think = ""  # qwen3, enable_thinking null: an answer without reasoning gets its empty think block as prompt
     fmt = ANSWER.get(reference, lambda a: a)
     expected = fmt(A1["content"]) + end + think + fmt(A2["content"]) + end
     got = trained_text(tok, seq.tokens, seq.labels)
@@ -256,8 +268,8 @@ def test_hf_template_with_generation_tags_and_errors():
     assert t.render_text(msgs) == "Q: What is 2+2?\nA: It is 4.<|im_end|>Q: And 3 times 3?\nExplain briefly.\n" \
                                   "A: 9, since 3+3+3 = 9.<|im_end|>"
     (seq,) = SampleEncoder(tok, t).encode_samples([ChatSample(msgs)])[0]
-    # " It" is one token (the space belongs to the word); " 9" is two (digits split off), only "9" trained
-    assert trained_text(tok, seq.tokens, seq.labels) == " It is 4.<|im_end|>9, since 3+3+3 = 9.<|im_end|>"
+    # no generation prompt: everything after the previous turn up to the end-of-turn token is the answer
+    assert trained_text(tok, seq.tokens, seq.labels) == "A: It is 4.<|im_end|>A: 9, since 3+3+3 = 9.<|im_end|>"
     with pytest.raises(TemplateError, match="no system"):
         t.render(CONVS["single_sys"])
 

@@ -138,8 +138,9 @@ def generate(
 
     try:
         cur = prompt_len
-        if use_cache:  # prefill
-            logits = model(tokens[:, :cur], input_pos[:, :cur], mask=mask[:, :cur, :cur])  # [b, L, V]
+        if use_cache:  # prefill: the vocabulary projection only for the last position
+            hidden = model(tokens[:, :cur], input_pos[:, :cur], mask=mask[:, :cur, :cur], return_hidden=True)
+            logits = model.output(hidden[:, -1:])  # [b, 1, V]
         for step in range(max_new_tokens):
             if not use_cache:
                 logits = model(tokens[:, :cur], input_pos[:, :cur], mask=mask[:, :cur, :cur])  # [b, cur, V]

@@ -16,7 +16,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 import torch.distributed as dist  # noqa: E402
 
 from recipes.full_finetune_distributed import run  # noqa: E402
-from tinytune.training.distributed import init_distributed, shutdown_distributed  # noqa: E402
+from tinytune.distributed.mesh import init_distributed, shutdown_distributed  # noqa: E402
 
 LORA = {"lora_attn_modules": ["q_proj", "v_proj", "o_proj"], "apply_lora_to_mlp": True, "lora_rank": 4,
         "lora_alpha": 8.0, "lora_dropout": 0.0}

@@ -8,6 +8,7 @@ from tinytune.checkpoint.keys import KeyMap, gguf_key_map, hf_key_map
 from tinytune.checkpoint.loader import build_model, load_gguf_model, load_hf_model, resolve_dtype
 from tinytune.checkpoint.lora import load_peft_adapter, merge_lora_state_dict, save_peft_adapter
 from tinytune.checkpoint.model_info import CheckpointError, ModelInfo, read_model_info
+from tinytune.checkpoint.reward import save_reward_checkpoint
 from tinytune.checkpoint.training_state import (
     TrainingCheckpointer,
     apply_training_state,
@@ -35,6 +36,7 @@ __all__ = [
     "permute_qk",
     "read_gguf",
     "read_model_info",
+    "save_reward_checkpoint",
     "resolve_dtype",
     "rng_state",
     "save_hf_checkpoint",

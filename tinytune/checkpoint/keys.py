@@ -59,6 +59,11 @@ GGUF_KEY_TABLES: dict[str, list[tuple[str, str]]] = {
         ("output.weight", "output.weight"),
     ],
 }
+# Qwen2/2.5 (q/k/v biases via {kind}) and Qwen3 (per-head q/k norms) use llama's names (GGUF export).
+GGUF_KEY_TABLES["qwen2"] = list(GGUF_KEY_TABLES["llama"])
+GGUF_KEY_TABLES["qwen3"] = GGUF_KEY_TABLES["llama"] + [
+    ("blk.{layer}.attn_{qk}_norm.weight", "layers.{layer}.attn.{qk}_norm.weight")
+]
 # Tensors llama.cpp stores that a checkpoint does not need (recomputed from the config).
 GGUF_IGNORED_KEYS: list[str] = [r"rope_freqs\.weight", r"rope_factors_(long|short)\.weight"]
 

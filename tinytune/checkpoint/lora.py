@@ -2,7 +2,8 @@
 
 tinytune LoRA names (docs/ARCHITECTURE.md): ``<proj>.lora_a.weight [r, in]`` and
 ``<proj>.lora_b.weight [out, r]`` next to the base ``<proj>.weight``. PEFT names the same
-tensors ``base_model.model.<hf proj>.lora_A.weight`` / ``lora_B.weight``.
+tensors ``base_model.model.<hf proj>.lora_A.weight`` / ``lora_B.weight``; DoRA's magnitude
+``<proj>.lora_magnitude.weight [out]`` is PEFT's ``<hf proj>.lora_magnitude_vector``.
 """
 
 from __future__ import annotations
@@ -20,12 +21,12 @@ from tinytune.checkpoint.keys import hf_key_map
 from tinytune.checkpoint.model_info import CheckpointError, ModelInfo
 from tinytune.checkpoint.tensors import to_plain_tensor
 
-_LORA_SUFFIXES = (".lora_a.weight", ".lora_b.weight")
+_LORA_SUFFIXES = (".lora_a.weight", ".lora_b.weight", ".lora_magnitude.weight")
 PEFT_PREFIX = "base_model.model."
 
 
 def is_lora_key(name: str) -> bool:
-    """True for ``...lora_a.weight`` / ``...lora_b.weight`` keys."""
+    """True for ``...lora_a.weight`` / ``...lora_b.weight`` / ``...lora_magnitude.weight`` (DoRA) keys."""
     return name.endswith(_LORA_SUFFIXES)
 
 
@@ -65,19 +66,19 @@ def lora_scaling_from(
     model: nn.Module | None,
     state_dict: Mapping[str, torch.Tensor],
 ) -> float:
-    """The LoRA scaling ``alpha / rank`` from ``lora_cfg`` or, failing that, the model's modules."""
+    """The LoRA scaling ``alpha / rank`` (``use_rslora``: ``alpha / sqrt(rank)``) from ``lora_cfg`` or,
+    failing that, the model's modules."""
     if lora_cfg is None and model is not None:
         for m in model.modules():
-            rank = getattr(m, "rank", None)
-            alpha = getattr(m, "alpha", None)
-            if hasattr(m, "lora_a") and rank is not None and alpha is not None:
-                return float(alpha) / float(rank)
+            if hasattr(m, "lora_a") and hasattr(m, "scaling"):
+                return float(m.scaling)
     rank, alpha = lora_rank_alpha(lora_cfg, state_dict)
-    return alpha / rank
+    return alpha / rank**0.5 if _cfg_get(lora_cfg, "use_rslora", default=False) else alpha / rank
 
 
 def merge_lora_state_dict(state_dict: Mapping[str, torch.Tensor], scaling: float) -> dict[str, torch.Tensor]:
-    """Returns a state dict with every LoRA pair merged: ``W + scaling * B @ A`` (fp32 math).
+    """Returns a state dict with every LoRA pair merged: ``W + scaling * B @ A`` (fp32 math); with a DoRA
+    magnitude ``m`` the merged rows are rescaled to ``m / ||W + scaling * B @ A||_row``.
 
     Raises:
         CheckpointError: a ``lora_a`` without its ``lora_b`` or base weight.
@@ -96,6 +97,9 @@ def merge_lora_state_dict(state_dict: Mapping[str, torch.Tensor], scaling: float
         a = state_dict[k].detach().float()  # [r, in]
         b = state_dict[b_key].detach().float()  # [out, r]
         merged = w.detach().float() + scaling * (b @ a)  # [out, in]
+        mag = state_dict.get(prefix + ".lora_magnitude.weight")
+        if mag is not None:  # DoRA
+            merged = (mag.detach().float() / merged.norm(dim=1))[:, None] * merged
         out[w_key] = merged.to(w.dtype)
     return out
 
@@ -103,18 +107,22 @@ def merge_lora_state_dict(state_dict: Mapping[str, torch.Tensor], scaling: float
 def _peft_key(name: str, info: ModelInfo) -> str:
     """``layers.0.attn.q_proj.lora_a.weight`` -> ``base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight``."""
     keymap = hf_key_map(info.model_type)
-    ab = "lora_A" if name.endswith(".lora_a.weight") else "lora_B"
-    base = name[: -len(".lora_a.weight")] + ".weight"
+    if name.endswith(".lora_magnitude.weight"):
+        base, tail = name[: -len(".lora_magnitude.weight")] + ".weight", "lora_magnitude_vector"
+    else:
+        base = name[: -len(".lora_a.weight")] + ".weight"
+        tail = "lora_A.weight" if name.endswith(".lora_a.weight") else "lora_B.weight"
     hf = keymap.to_external(base)
     if hf is None:
         raise CheckpointError(f"LoRA key {name!r}: its base {base!r} has no HF name")
-    return f"{PEFT_PREFIX}{hf[: -len('.weight')]}.{ab}.weight"
+    return f"{PEFT_PREFIX}{hf[: -len('.weight')]}.{tail}"
 
 
 def _tinytune_key(peft_key: str, info: ModelInfo, file: str) -> str:
     keymap = hf_key_map(info.model_type)
     core = peft_key[len(PEFT_PREFIX) :] if peft_key.startswith(PEFT_PREFIX) else peft_key
-    for ab, ours in ((".lora_A.weight", ".lora_a.weight"), (".lora_B.weight", ".lora_b.weight")):
+    for ab, ours in ((".lora_A.weight", ".lora_a.weight"), (".lora_B.weight", ".lora_b.weight"),
+                     (".lora_magnitude_vector", ".lora_magnitude.weight")):
         if core.endswith(ab):
             base = keymap.to_tinytune(core[: -len(ab)] + ".weight")
             if base is not None:
@@ -143,7 +151,9 @@ def save_peft_adapter(
         model: LoRA model or its (adapter) state dict with tinytune names.
         info: model info (key table family, base model path).
         out_dir: target directory.
-        lora_cfg: ``lora_rank`` (or ``rank``/``r``), ``lora_alpha``, ``lora_dropout``.
+        lora_cfg: ``lora_rank`` (or ``rank``/``r``), ``lora_alpha``, ``lora_dropout``, ``use_rslora``,
+            ``init`` (``pissa`` adapters are written as the equivalent rank-``2r`` plain LoRA on the
+            original base, as peft converts them; needs ``model`` to be the module).
         base_model_name_or_path: recorded in the config (default: ``info.source_dir``).
 
     Returns:
@@ -156,8 +166,21 @@ def save_peft_adapter(
     if not sd:
         raise CheckpointError("save_peft_adapter: the model has no LoRA weights (lora_a/lora_b)")
     rank, alpha = lora_rank_alpha(lora_cfg, sd)
+    use_rslora = bool(_cfg_get(lora_cfg, "use_rslora", default=False))
+    init = str(_cfg_get(lora_cfg, "init", "lora_init", default="default"))
+    if init == "pissa":
+        if not isinstance(model, nn.Module):
+            raise CheckpointError("save_peft_adapter: a PiSSA adapter needs the model (its initial factors), "
+                                  "not a state dict")
+        # peft's PiSSA -> LoRA conversion: the delta s (B A - B0 A0) as rank 2r on the original base
+        for name, m in model.named_modules():
+            if hasattr(m, "peft_lora_delta"):
+                prefix = f"{name}." if name else ""
+                sd[prefix + "lora_a.weight"], sd[prefix + "lora_b.weight"], _ = m.peft_lora_delta()
+        rank, alpha = 2 * rank, alpha * (2**0.5 if use_rslora else 2.0)
     tensors = {_peft_key(k, info): to_plain_tensor(v, None) for k, v in sd.items()}
-    targets = sorted({k.split(".")[-3] for k in tensors})
+    targets = sorted({k.split(".")[-3] if not k.endswith("lora_magnitude_vector") else k.split(".")[-2]
+                      for k in tensors})
     os.makedirs(out_dir, exist_ok=True)
     write_file_atomic(
         os.path.join(out_dir, "adapter_model.safetensors"),
@@ -174,10 +197,11 @@ def save_peft_adapter(
         "bias": "none",
         "fan_in_fan_out": False,
         "inference_mode": True,
-        "init_lora_weights": True,
+        # PiSSA is exported converted to plain LoRA (above); gaussian only names the init
+        "init_lora_weights": "gaussian" if init == "gaussian" else True,
         "modules_to_save": None,
-        "use_rslora": False,
-        "use_dora": False,
+        "use_rslora": use_rslora,
+        "use_dora": any(k.endswith(".lora_magnitude.weight") for k in sd),
     }
     write_json_atomic(os.path.join(out_dir, "adapter_config.json"), config)
     return out_dir

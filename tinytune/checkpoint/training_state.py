@@ -29,7 +29,7 @@ from tinytune.checkpoint.integrity import COMPLETE_FILE, check_digests, check_si
 from tinytune.checkpoint.lora import is_lora_key
 from tinytune.checkpoint.model_info import CheckpointError
 from tinytune.errors import ResumeError, is_disk_full
-from tinytune.training.device import rng_state, set_rng_state
+from tinytune.device import rng_state, set_rng_state
 
 logger = logging.getLogger(__name__)
 

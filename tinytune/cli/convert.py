@@ -12,7 +12,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "convert",
         help="convert checkpoints between formats",
-        description="Convert checkpoints. Formats: gguf (llama architecture) -> HF safetensors directory.",
+        description="Convert checkpoints: gguf (llama architecture) -> HF safetensors directory; hf-to-gguf: HF directory -> GGUF.",
     )
     sub = p.add_subparsers(dest="format", metavar="<format>")
     g = sub.add_parser(
@@ -31,6 +31,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--no-tokenizer", action="store_true", help="write weights and config only")
     g.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     g.set_defaults(func=run_gguf)
+    h = sub.add_parser(
+        "hf-to-gguf",
+        help="HF checkpoint directory -> GGUF file (llama.cpp, Ollama)",
+        description=(
+            "Write an HF checkpoint directory (Llama 2/3, Qwen2/2.5/3, SmolLM2; e.g. a fine-tune's hf_model/) as one "
+            "GGUF file with the tokenizer and chat template in its metadata. Norms and biases stay F32; --type sets "
+            "the 2-D weights."
+        ),
+    )
+    h.add_argument("hf_dir", help="input HF checkpoint directory (config.json, safetensors, tokenizer files)")
+    h.add_argument("out", help="output .gguf file")
+    h.add_argument("--type", default="f16", help="f16 (default), bf16, q8_0 or f32")
+    h.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    h.set_defaults(func=run_hf_to_gguf)
     p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
 
 
@@ -56,4 +70,21 @@ def run_gguf(args: argparse.Namespace) -> int:
         print(f"tune convert: error: {e}", file=sys.stderr)
         return 1
     print(f"Wrote {info.model_type} checkpoint ({info.num_layers} layers, dim {info.dim}) to {out}")
+    return 0
+
+
+def run_hf_to_gguf(args: argparse.Namespace) -> int:
+    """Write the GGUF; print where it went. Returns the exit status."""
+    from tinytune.checkpoint.gguf_writer import check_gguf_type, convert_hf_to_gguf  # noqa: PLC0415
+    from tinytune.checkpoint.model_info import CheckpointError  # noqa: PLC0415
+
+    try:
+        out_type = check_gguf_type(args.type, "--type")
+        if os.path.exists(args.out) and not args.overwrite:
+            raise CheckpointError(f"{args.out} exists; pass --overwrite to replace it")
+        path = convert_hf_to_gguf(args.hf_dir, args.out, out_type)
+    except (CheckpointError, ValueError, OSError) as e:
+        print(f"tune convert: error: {e}", file=sys.stderr)
+        return 1
+    print(f"Wrote {out_type} GGUF to {path} ({os.path.getsize(path) / 2**20:.1f} MiB)")
     return 0

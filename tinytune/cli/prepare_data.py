@@ -23,6 +23,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     p.add_argument("--num-workers", type=int, default=None, help="tokenizer processes (default: the config's "
                                                                  "num_workers, else min(4, CPUs))")
+    p.add_argument("--show", type=int, default=None, metavar="N",
+                   help="print N rendered samples with the trained tokens marked, then the dataset statistics "
+                        "(rows, dropped/truncated by reason, tokens, trained fraction, length histogram, unused "
+                        "columns)")
+    p.add_argument("--tokens", action="store_true", help="with --show: put | between tokens")
+    p.add_argument("--color", choices=("auto", "always", "never"), default="auto",
+                   help="with --show: mark trained tokens in colour (auto: on a terminal) or with [[...]]")
     p.set_defaults(func=run)
 
 
@@ -49,6 +56,7 @@ def run(args: argparse.Namespace) -> int:
 
     from tinytune import config as tt_config
     from tinytune.datasets import DatasetError, TemplateError
+    from tinytune.datasets.show import show_dataset
 
     cfg = tt_config.load_config(args.config, args.overrides)
     nodes = [("dataset", cfg.get("dataset"))]
@@ -79,11 +87,18 @@ def run(args: argparse.Namespace) -> int:
         if m:
             print(f"  rows {m.get('rows')}, sequences {m.get('sequences')}, tokens {m.get('tokens')}, "
                   f"trained tokens {m.get('trained_tokens')}")
-            print(f"  skipped bad rows {m.get('skipped_bad', 0)}, dropped too long {m.get('dropped_too_long', 0)}")
+            dropped = ", ".join(f"{k} {v}" for k, v in sorted((m.get("dropped") or {}).items())) or "none"
+            truncated = ", ".join(f"{k} {v}" for k, v in sorted((m.get("truncated") or {}).items())) or "none"
+            print(f"  skipped bad rows {m.get('skipped_bad', 0)}, dropped {dropped}, truncated {truncated}")
+            if m.get("unused_columns"):
+                print(f"  columns not used by the style: {', '.join(sorted(m['unused_columns']))}")
             if not hit:
                 print(f"  built in {m.get('build_seconds')}s with {m.get('num_workers')} worker(s)")
         cache = getattr(getattr(ds, "cache", None) or getattr(getattr(ds, "dataset", None), "cache", None),
                         "path", None)
         if cache:
             print(f"  cache: {cache}")
+        if args.show is not None:
+            color = {"always": True, "never": False}.get(args.color)
+            show_dataset(ds, tokenizer, args.show, color=color, show_tokens=args.tokens, name=where)
     return 0

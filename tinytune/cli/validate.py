@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from tinytune.cli import registry
+from tinytune.config import registry
 from tinytune.config._errors import did_you_mean
 
 

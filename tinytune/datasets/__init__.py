@@ -2,7 +2,7 @@
 length-grouped sampling, and a memory-mapped token cache.
 
 Config builders: :func:`sft_dataset` (alias ``chat_dataset``), :func:`text_dataset`,
-:func:`preference_dataset`, :func:`chitchat_dataset`, :func:`chatterbot_dataset`.
+:func:`preference_dataset`, :func:`kto_dataset`, :func:`chitchat_dataset`, :func:`chatterbot_dataset`.
 """
 
 from tinytune.datasets.cache import TokenCache, default_cache_dir
@@ -10,9 +10,11 @@ from tinytune.datasets.collate import packed_collate, padded_collate, preference
 from tinytune.datasets.corpora import chatterbot_dataset, chitchat_dataset
 from tinytune.datasets.encoding import IGNORE_INDEX, SampleEncoder, labels_from_mask
 from tinytune.datasets.errors import DatasetError
+from tinytune.datasets.kto import KTODataset, kto_collate, kto_dataset
 from tinytune.datasets.packing import PackedDataset, pack_bins
 from tinytune.datasets.readers import iter_rows
 from tinytune.datasets.sampler import GroupByLengthSampler
+from tinytune.datasets.show import data_summary, dataset_stats, show_dataset
 from tinytune.datasets.sft import (
     PreferenceDataset,
     TokenizedDataset,
@@ -27,6 +29,7 @@ __all__ = [
     "IGNORE_INDEX",
     "DatasetError",
     "GroupByLengthSampler",
+    "KTODataset",
     "PackedDataset",
     "PreferenceDataset",
     "SampleEncoder",
@@ -36,9 +39,13 @@ __all__ = [
     "chat_dataset",
     "chatterbot_dataset",
     "chitchat_dataset",
+    "data_summary",
+    "dataset_stats",
     "default_cache_dir",
     "get_template",
     "iter_rows",
+    "kto_collate",
+    "kto_dataset",
     "labels_from_mask",
     "pack_bins",
     "packed_collate",
@@ -46,5 +53,6 @@ __all__ = [
     "preference_collate",
     "preference_dataset",
     "sft_dataset",
+    "show_dataset",
     "text_dataset",
 ]

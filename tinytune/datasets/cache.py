@@ -26,17 +26,18 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
 
+from tinytune.datasets.encoding import DROP_REASONS
 from tinytune.datasets.errors import BadSampleLog, DatasetError
 from tinytune.datasets.readers import _plain, is_row_list, resolve_files
 
 log = logging.getLogger("tinytune.datasets")
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 _CONTENT_HASH_LIMIT = 256 << 20
 _PROBE = "Hello, world! 123 héllo 你好 <tab>\t\n  end. The quick brown fox."
 
@@ -105,7 +106,9 @@ def fingerprint_template(template) -> Any:
             "source": hashlib.blake2b((getattr(template, "chat_template", "") or "").encode(),
                                       digest_size=16).hexdigest(),
             "end_of_turn": list(getattr(template, "end_of_turn", []) or []),
-            "bos": getattr(template, "bos_token", ""), "eos": getattr(template, "eos_token", "")}
+            "bos": getattr(template, "bos_token", ""), "eos": getattr(template, "eos_token", ""),
+            "template_kwargs": getattr(template, "template_kwargs", None),
+            "masking": getattr(template, "MASKING", None)}
 
 
 def cache_key(parts: dict) -> str:
@@ -162,8 +165,11 @@ def _init_worker(encoder, to_sample: Callable) -> None:
 def _work(chunk: list[tuple[str, int, Any]]):
     """Converts and encodes one chunk of rows. Returns flat arrays plus per-row outcomes."""
     encoder, to_sample = _WORKER["encoder"], _WORKER["to_sample"]
-    samples, outcomes, keep = [], [], []
+    samples, outcomes, keep, columns = [], [], [], {}
     for file, row_no, row in chunk:
+        if isinstance(row, Mapping):
+            for c in row:
+                columns[str(c)] = columns.get(str(c), 0) + 1
         try:
             samples.append(to_sample(row, file, row_no))
             keep.append(len(outcomes))
@@ -171,15 +177,16 @@ def _work(chunk: list[tuple[str, int, Any]]):
         except DatasetError as e:
             outcomes.append(("error", e.message, e.file, e.row, e.hint))
     tokens, labels, lengths, results = encoder.encode_samples_flat(samples)
-    for k, res in zip(keep, results):
+    reasons = getattr(encoder, "last_reasons", [None] * len(samples))
+    for j, (k, res) in enumerate(zip(keep, results)):
         file, row_no, _ = chunk[k]
         if isinstance(res, str):
-            outcomes[k] = ("too_long",) if res == "too_long" else ("error", res, file, row_no,
-                                                                    "Fix the row, pick another template, "
-                                                                    "or set skip_bad_samples: true")
+            outcomes[k] = ("dropped", res) if res in DROP_REASONS else ("error", res, file, row_no,
+                                                                         "Fix the row, pick another template, "
+                                                                         "or set skip_bad_samples: true")
             continue
-        outcomes[k] = ("ok", res)
-    return tokens, labels, lengths, outcomes
+        outcomes[k] = ("ok", res, reasons[j], getattr(samples[j], "unused", ()))
+    return tokens, labels, lengths, (outcomes, columns)
 
 
 def _chunks(rows: Iterable, size: int) -> Iterator[list]:
@@ -230,6 +237,9 @@ def build_cache(path: str, rows: Iterable, encoder, to_sample: Callable, *, num_
         flab = open(os.path.join(tmp, "labels.bin"), "wb")
         lengths_all: list[np.ndarray] = []
         trained = 0
+        truncated: dict[str, int] = {}
+        unused: dict[str, int] = {}
+        columns: dict[str, int] = {}
         _init_worker(encoder, to_sample)
         chunks = _chunks(rows, chunk_size)
         head = [c for c in (next(chunks, None), next(chunks, None)) if c is not None]
@@ -240,16 +250,23 @@ def build_cache(path: str, rows: Iterable, encoder, to_sample: Callable, *, num_
             pool = ctx.Pool(num_workers, initializer=_init_worker, initargs=(encoder, to_sample))
         try:
             results = pool.imap(_work, chunks) if pool else map(_work, chunks)
-            for tokens, labels, lengths, outcomes in results:
+            for tokens, labels, lengths, (outcomes, cols) in results:
                 n_rows += len(outcomes)
+                for c, n in cols.items():
+                    columns[c] = columns.get(c, 0) + n
                 for out in outcomes:
                     if out[0] == "error":
                         err = DatasetError(out[1], file=out[2], row=out[3], hint=out[4])
                         if not skip_bad_samples:
                             raise err
                         bad.add(err)
-                    elif out[0] == "too_long":
-                        bad.dropped_too_long += 1
+                    elif out[0] == "dropped":
+                        bad.drop(out[1])
+                    else:
+                        if out[2]:
+                            truncated[out[2]] = truncated.get(out[2], 0) + 1
+                        for c in out[3]:
+                            unused[c] = unused.get(c, 0) + 1
                 trained += int((labels != -100).sum())
                 tokens.tofile(ftok)
                 labels.tofile(flab)
@@ -267,7 +284,7 @@ def build_cache(path: str, rows: Iterable, encoder, to_sample: Callable, *, num_
         lengths = np.concatenate(lengths_all) if lengths_all else np.zeros(0, dtype=np.int64)
         if len(lengths) == 0:
             raise DatasetError(f"no usable samples in {n_rows} row(s) (skipped {bad.count} bad, dropped "
-                               f"{bad.dropped_too_long} too long)",
+                               f"{sum(bad.dropped.values())}: {bad.dropped or 'none'})",
                                hint="Check the data source, `style`/`column_map`, and `max_seq_len`")
         offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
         np.cumsum(lengths, out=offsets[1:])
@@ -283,6 +300,10 @@ def build_cache(path: str, rows: Iterable, encoder, to_sample: Callable, *, num_
             "trained_tokens": trained,
             "skipped_bad": bad.count,
             "dropped_too_long": bad.dropped_too_long,
+            "dropped": dict(bad.dropped),
+            "truncated": truncated,
+            "columns": columns,
+            "unused_columns": unused,
             "bad_examples": bad.examples,
             "build_seconds": round(time.time() - t0, 3),
             "num_workers": num_workers,

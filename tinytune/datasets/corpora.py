@@ -17,6 +17,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 from tinytune.datasets.cache import _hash_file
+from tinytune.datasets.encoding import DEFAULT_TRUNCATION
 from tinytune.datasets.errors import BadSampleLog, DatasetError
 from tinytune.datasets.sft import _finish_sft, _resolve_template, build_token_cache
 
@@ -111,7 +112,7 @@ def _build(tokenizer, rows, fp, *, name, template, prompt_type, system_prompt, m
 def chitchat_dataset(tokenizer, *, template: Any = None, prompt_type: str | None = None,
                      system_prompt: str | None = None, max_seq_len: int | None = None,
                      max_conversations: int | None = None, max_turns: int | None = None, joiner: str = "\n",
-                     train_on_input: bool = False, mask_history: bool = False, truncation: str = "prompt_first",
+                     train_on_input: bool = False, mask_history: bool = False, truncation: str = DEFAULT_TRUNCATION,
                      packed: bool = False, packing_strategy: str = "ffd", split: str = "train",
                      val_fraction: float = 0.0, seed: int = 0, skip_bad_samples: bool = True,
                      cache_dir: str | None = None, num_workers: int | None = None):
@@ -140,7 +141,7 @@ def chitchat_dataset(tokenizer, *, template: Any = None, prompt_type: str | None
 def chatterbot_dataset(tokenizer, *, language: str = "english", categories: Sequence[str] | None = None,
                        template: Any = None, prompt_type: str | None = None, system_prompt: str | None = None,
                        max_seq_len: int | None = None, max_turns: int | None = None, train_on_input: bool = False,
-                       mask_history: bool = False, truncation: str = "prompt_first", packed: bool = False,
+                       mask_history: bool = False, truncation: str = DEFAULT_TRUNCATION, packed: bool = False,
                        packing_strategy: str = "ffd", split: str = "train", val_fraction: float = 0.0, seed: int = 0,
                        skip_bad_samples: bool = True, cache_dir: str | None = None, num_workers: int | None = None):
     """The ChatterBot corpus Q/A conversations as chat samples.

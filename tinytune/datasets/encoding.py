@@ -9,6 +9,7 @@ per-token "trainable" mask then decides the labels:
 
 from __future__ import annotations
 
+import inspect
 import re
 from dataclasses import dataclass
 
@@ -17,9 +18,32 @@ import numpy as np
 from tinytune.datasets.errors import DatasetError
 from tinytune.datasets.styles import ChatSample, PreferenceSample, TextSample
 from tinytune.datasets.templates import Segment, TemplateError
+from tinytune.datasets.templates.base import check_enable_thinking
 
 IGNORE_INDEX = -100
-TRUNCATION_POLICIES = ("prompt_first", "right", "drop")
+TRUNCATION_POLICIES = ("balanced", "prompt_first", "right", "drop")
+DEFAULT_TRUNCATION = "balanced"
+# Why a sample was changed or dropped (counted per dataset in the cache's meta.json).
+TRUNCATED_PROMPT = "truncated_prompt"  # prompt cut from the left, answer whole
+TRUNCATED_ANSWER = "truncated_answer"  # answer cut at its end (no end-of-turn), prompt kept its share
+TRUNCATED_RIGHT = "truncated_right"  # truncation=right cut the end
+TEXT_CHUNKED = "text_chunked"  # a long text split into max_seq_len chunks
+DROPPED_TOO_LONG = "too_long"  # truncation=drop
+DROPPED_NO_TRAINED = "no_trained_tokens"  # nothing left to train after truncation
+DROP_REASONS = (DROPPED_TOO_LONG, DROPPED_NO_TRAINED)
+
+
+def answer_budget(prompt_len: int, answer_len: int, limit: int) -> int:
+    """Tokens of the answer kept when ``prompt_len + answer_len > limit`` (``balanced`` policy).
+
+    A short answer (under half the limit) is kept whole; else a short prompt (under half) is kept
+    whole; else both are cut in proportion to their lengths (LLaMA-Factory's rule).
+    """
+    if answer_len * 2 < limit:
+        return answer_len
+    if prompt_len * 2 < limit:
+        return limit - prompt_len
+    return int(limit * answer_len / (prompt_len + answer_len))
 
 
 def labels_from_mask(tokens: list[int], mask: list[bool]) -> list[int]:
@@ -88,13 +112,18 @@ class SampleEncoder:
         max_seq_len: longest sequence kept (None: no limit).
         train_on_input: train on prompt tokens too.
         mask_history: train only on the last assistant turn.
-        truncation: ``prompt_first`` (cut the prompt from the left, keep the answer), ``right``
-            (cut the end), or ``drop`` (drop the sample; counted).
+        truncation: what to do with a sequence longer than ``max_seq_len`` (every case counted):
+            ``balanced`` (default): the prompt keeps its share (:func:`answer_budget`), cut from the
+            left after a leading BOS so the answer's turn header stays; an answer that must be cut
+            loses its end and its end-of-turn token (a cut answer never teaches the model to stop).
+            ``prompt_first``: cut the prompt from the left and keep the answer whole; an answer
+            that alone does not fit is cut as in ``balanced``. ``right``: cut the end.
+            ``drop``: drop the sample. A sample left with no trained token is dropped.
         enable_thinking: Qwen3 thinking switch passed to the template (None = as-is).
     """
 
     def __init__(self, tokenizer, template=None, *, max_seq_len: int | None = None, train_on_input: bool = False,
-                 mask_history: bool = False, truncation: str = "prompt_first",
+                 mask_history: bool = False, truncation: str = DEFAULT_TRUNCATION,
                  enable_thinking: bool | None = None):
         if truncation not in TRUNCATION_POLICIES:
             raise DatasetError(f"unknown truncation {truncation!r}; choose from {', '.join(TRUNCATION_POLICIES)}",
@@ -105,13 +134,31 @@ class SampleEncoder:
         self.train_on_input = train_on_input
         self.mask_history = mask_history
         self.truncation = truncation
-        self.enable_thinking = enable_thinking
+        self.enable_thinking = check_enable_thinking(enable_thinking)
         self.bos_id = getattr(tokenizer, "bos_id", None)
         self.eos_id = getattr(tokenizer, "eos_id", None)
 
     # -- planning -------------------------------------------------------------------------------
-    def _plan_chat(self, messages: list[dict], mask_history: bool) -> _Plan:
-        segments = self.template.render(messages, enable_thinking=self.enable_thinking)
+    def _takes_tools(self) -> bool:
+        """Whether the template's ``render`` accepts ``tools=`` (and so renders tool calls)."""
+        if "_tools_ok" not in self.__dict__:
+            try:
+                params = inspect.signature(self.template.render).parameters
+            except (TypeError, ValueError):
+                params = {}
+            self._tools_ok = "tools" in params or any(p.kind == p.VAR_KEYWORD for p in params.values())
+        return self._tools_ok
+
+    def _plan_chat(self, messages: list[dict], mask_history: bool, tools: list | None = None) -> _Plan:
+        kwargs = {"enable_thinking": self.enable_thinking}
+        if tools or any(m.get("tool_calls") for m in messages):
+            if not self._takes_tools():
+                what = "a `tools` column" if tools else "tool calls"
+                raise TemplateError(f"template {getattr(self.template, 'name', '?')!r} cannot render {what}; "
+                                    "use a template with tool support")
+            if tools:
+                kwargs["tools"] = tools
+        segments = self.template.render(messages, **kwargs)
         flags = _apply_policy(segments, self.train_on_input, mask_history)
         last_answer = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=-1)
         pieces: list[tuple[str | None, int | None, bool]] = []
@@ -169,22 +216,33 @@ class SampleEncoder:
             return [memo[t] if t in memo else fresh[t] for t in texts]
         return [memo[t] for t in texts]
 
-    def _truncate(self, tokens: list[int], mask: list[bool], answer_start: int) -> tuple[list[int], list[bool]] | None:
+    def _truncate(self, tokens: list[int], mask: list[bool], answer_start: int):
+        """Applies the truncation policy.
+
+        Returns:
+            ``(tokens, mask, reason)`` (reason None when unchanged), or the reason string when
+            the sample is dropped.
+        """
         limit = self.max_seq_len
         if limit is None or len(tokens) <= limit:
-            return tokens, mask
+            return tokens, mask, None
         if self.truncation == "drop":
-            return None
+            return DROPPED_TOO_LONG
         if self.truncation == "right":
-            return tokens[:limit], mask[:limit]
-        # prompt_first: drop prompt tokens from the left (keep a leading BOS), keep the answer.
-        answer_len = len(tokens) - answer_start
-        keep_prompt = limit - answer_len
-        if keep_prompt <= 0:
-            return tokens[answer_start:answer_start + limit], mask[answer_start:answer_start + limit]
-        head = 1 if (self.bos_id is not None and tokens and tokens[0] == self.bos_id and keep_prompt >= 1) else 0
-        cut = answer_start - (keep_prompt - head)
-        return tokens[:head] + tokens[cut:], mask[:head] + mask[cut:]
+            tokens, mask, reason = tokens[:limit], mask[:limit], TRUNCATED_RIGHT
+        else:
+            answer_len = len(tokens) - answer_start
+            keep_answer = answer_len if self.truncation == "prompt_first" and answer_len < limit else \
+                answer_budget(answer_start, answer_len, limit)
+            keep_prompt = limit - keep_answer
+            head = 1 if (self.bos_id is not None and tokens and tokens[0] == self.bos_id and keep_prompt >= 1) else 0
+            cut = answer_start - (keep_prompt - head)
+            end = answer_start + keep_answer
+            reason = TRUNCATED_PROMPT if keep_answer == answer_len else TRUNCATED_ANSWER
+            tokens, mask = tokens[:head] + tokens[cut:end], mask[:head] + mask[cut:end]
+        if not any(mask[1:]):
+            return DROPPED_NO_TRAINED
+        return tokens, mask, reason
 
     def _special_split(self):
         """Regex that splits text at special-token strings (the tokenizer's hard boundaries)."""
@@ -319,16 +377,20 @@ class SampleEncoder:
         return out
 
     def _encode_raw(self, samples: list) -> list:
-        """Per sample: a list of ``(tokens, mask)`` sequences, ``"too_long"``, or an error message."""
+        """Per sample: a list of ``(tokens, mask)`` sequences, a drop reason (``"too_long"``,
+        ``"no_trained_tokens"``), or an error message. ``self.last_reasons[k]`` holds why sample
+        ``k`` was truncated (None: it was not)."""
+        reasons: list[str | None] = [None] * len(samples)
+        self.last_reasons = reasons
         plans: list[_Plan | None] = []
         owners: list[int] = []
         results: list = [None] * len(samples)
         for k, s in enumerate(samples):
             try:
                 if isinstance(s, ChatSample):
-                    new = [self._plan_chat(s.messages, self.mask_history)]
+                    new = [self._plan_chat(s.messages, self.mask_history, s.tools)]
                 elif isinstance(s, PreferenceSample):
-                    new = [self._plan_chat(s.chosen, True), self._plan_chat(s.rejected, True)]
+                    new = [self._plan_chat(s.chosen, True, s.tools), self._plan_chat(s.rejected, True, s.tools)]
                 elif isinstance(s, TextSample):
                     new = [self._plan_text(s.text)]
                 else:
@@ -349,12 +411,16 @@ class SampleEncoder:
                     t, m = tokens[a:a + step], mask[a:a + step]
                     if len(t) > 1:
                         results[k].append((t, m))
+                if len(tokens) > step:
+                    reasons[k] = TEXT_CHUNKED
                 continue
             cut = self._truncate(tokens, mask, answer_start)
-            if cut is None:
-                results[k] = "too_long"
+            if isinstance(cut, str):
+                results[k] = cut
                 continue
-            results[k].append(cut)
+            if reasons[k] is None or cut[2] is not None:  # a pair reports a truncated side
+                reasons[k] = cut[2]
+            results[k].append(cut[:2])
         return results
 
     def encode_samples(self, samples: list) -> list[list[Encoded] | DatasetError | str]:
@@ -362,8 +428,9 @@ class SampleEncoder:
 
         Returns:
             per sample: a list of sequences (one for chat, two [chosen, rejected] for preference,
-            one or more chunks for long text), ``"too_long"`` when truncation dropped it, or the
-            ``DatasetError``/``TemplateError`` message for a sample the template cannot render.
+            one or more chunks for long text), a drop reason (``"too_long"``,
+            ``"no_trained_tokens"``), or the ``DatasetError``/``TemplateError`` message for a
+            sample the template cannot render.
         """
         return [res if isinstance(res, str) else [Encoded(t, labels_from_mask(t, m)) for t, m in res]
                 for res in self._encode_raw(samples)]
@@ -373,8 +440,8 @@ class SampleEncoder:
 
         Returns:
             ``(tokens int32 [n], labels int32 [n], lengths int64 [k], outcomes)`` where
-            ``outcomes[i]`` is the number of sequences of sample ``i``, ``"too_long"``, or an
-            error message.
+            ``outcomes[i]`` is the number of sequences of sample ``i``, a drop reason, or an
+            error message; ``self.last_reasons[i]`` says why a kept sample was truncated.
         """
         tokens: list[int] = []
         mask: list[bool] = []

@@ -38,24 +38,35 @@ class DatasetError(TinytuneError, ValueError):
 
 @dataclass
 class BadSampleLog:
-    """Counts skipped samples (``skip_bad_samples: true``) and keeps a few examples for the log."""
+    """Counts skipped rows (``skip_bad_samples: true``) and dropped samples by reason, and keeps a
+    few examples for the log."""
 
     count: int = 0
-    dropped_too_long: int = 0
+    dropped: dict = field(default_factory=dict)
     examples: list[str] = field(default_factory=list)
+
+    @property
+    def dropped_too_long(self) -> int:
+        """Samples dropped by ``truncation: drop``."""
+        return self.dropped.get("too_long", 0)
 
     def add(self, err: DatasetError | str) -> None:
         self.count += 1
         if len(self.examples) < 5:
             self.examples.append(str(err))
 
+    def drop(self, reason: str) -> None:
+        """Counts one sample dropped for ``reason``."""
+        self.dropped[reason] = self.dropped.get(reason, 0) + 1
+
     def report(self, name: str = "dataset") -> None:
-        """Logs a warning with the counts (no-op when nothing was skipped)."""
+        """Logs a warning with the counts (no-op when nothing was skipped or dropped)."""
         if self.count:
             log.warning(
                 "%s: skipped %d bad sample(s) (skip_bad_samples=true); first: %s",
                 name, self.count, " | ".join(self.examples),
             )
-        if self.dropped_too_long:
-            log.warning("%s: dropped %d sample(s) longer than max_seq_len (truncation=drop)",
-                        name, self.dropped_too_long)
+        for reason, n in sorted(self.dropped.items()):
+            what = {"too_long": "longer than max_seq_len (truncation=drop)",
+                    "no_trained_tokens": "with no trained token left after truncation"}.get(reason, reason)
+            log.warning("%s: dropped %d sample(s) %s", name, n, what)

@@ -78,7 +78,7 @@ def resolve_files(source: str | os.PathLike | Sequence[str]) -> list[str]:
 
 def _read_json(path: str, bad: BadSampleLog | None) -> Iterator[Row]:
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:
             data = json.load(f)
     except json.JSONDecodeError as e:
         raise DatasetError(f"invalid JSON at line {e.lineno} column {e.colno}: {e.msg}", file=path,
@@ -94,7 +94,7 @@ def _read_json(path: str, bad: BadSampleLog | None) -> Iterator[Row]:
 
 
 def _read_jsonl(path: str, bad: BadSampleLog | None) -> Iterator[Row]:
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:
         for i, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -111,7 +111,7 @@ def _read_jsonl(path: str, bad: BadSampleLog | None) -> Iterator[Row]:
 
 
 def _read_csv(path: str, bad: BadSampleLog | None) -> Iterator[Row]:
-    with open(path, encoding="utf-8", newline="") as f:
+    with open(path, encoding="utf-8-sig", newline="") as f:  # -sig: Excel writes a BOM
         reader = csv.DictReader(f)
         for i, row in enumerate(reader, 1):
             if None in row:  # more fields than header columns
@@ -126,7 +126,7 @@ def _read_csv(path: str, bad: BadSampleLog | None) -> Iterator[Row]:
 
 
 def _read_txt(path: str, bad: BadSampleLog | None) -> Iterator[Row]:
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:
         for i, line in enumerate(f, 1):
             line = line.rstrip("\n").rstrip("\r")
             if line.strip():
@@ -179,13 +179,54 @@ _READERS = {
 }
 
 
+def guess_encoding(data: bytes) -> str:
+    """A best guess at the encoding of bytes that are not UTF-8 (for the error message)."""
+    boms = [(b"\xff\xfe\x00\x00", "UTF-32LE"), (b"\x00\x00\xfe\xff", "UTF-32BE"), (b"\xff\xfe", "UTF-16LE"),
+            (b"\xfe\xff", "UTF-16BE")]
+    for bom, name in boms:
+        if data.startswith(bom):
+            return name
+    if data.count(b"\x00") > len(data) // 4:
+        return "UTF-16LE" if data[1:2] == b"\x00" else "UTF-16BE"
+    for name in ("GB18030", "SHIFT_JIS"):
+        try:
+            text = data.decode(name)
+        except UnicodeDecodeError:
+            continue
+        if sum("\u3040" <= c <= "\u9fff" for c in text) > sum(ord(c) > 127 for c in text) // 2:
+            return name
+    try:
+        data.decode("cp1252")
+        return "CP1252"  # Windows-1252 (Excel on Western Windows)
+    except UnicodeDecodeError:
+        return "ISO-8859-1"
+
+
+def _not_utf8(path: str, err: UnicodeDecodeError) -> DatasetError:
+    with open(path, "rb") as f:
+        head = f.read(1 << 16)
+    enc = guess_encoding(head)
+    return DatasetError(f"the file is not UTF-8 (byte 0x{err.object[err.start]:02x} cannot be decoded); it looks "
+                        f"like {enc}", file=path,
+                        hint=f"Convert it to UTF-8, e.g. `iconv -f {enc} -t UTF-8 {os.path.basename(path)} > "
+                             f"utf8_{os.path.basename(path)}`")
+
+
 def read_file(path: str, bad: BadSampleLog | None = None) -> Iterator[Row]:
-    """Yields ``(path, row_number, row)`` for one data file (format from the extension)."""
+    """Yields ``(path, row_number, row)`` for one data file (format from the extension).
+
+    Raises:
+        DatasetError: for an unsupported extension or a text file that is not UTF-8 (naming the
+            encoding it looks like).
+    """
     ext = os.path.splitext(path)[1].lower()
     reader = _READERS.get(ext)
     if reader is None:
         raise DatasetError(f"unsupported file type {ext!r}", file=path, hint="Convert the file to JSONL or Parquet")
-    yield from reader(path, bad)
+    try:
+        yield from reader(path, bad)
+    except UnicodeDecodeError as e:
+        raise _not_utf8(path, e) from None
 
 
 def iter_rows(source: Any, bad: BadSampleLog | None = None) -> Iterator[Row]:

@@ -28,11 +28,11 @@ from tinytune.datasets.cache import (
     load_or_build,
 )
 from tinytune.datasets.collate import preference_collate
-from tinytune.datasets.encoding import SampleEncoder
+from tinytune.datasets.encoding import DEFAULT_TRUNCATION, SampleEncoder
 from tinytune.datasets.errors import BadSampleLog, DatasetError
 from tinytune.datasets.packing import PackedDataset
 from tinytune.datasets.readers import _plain, apply_column_map, iter_rows
-from tinytune.datasets.styles import STYLES, ChatSample, PreferenceSample, row_to_sample
+from tinytune.datasets.styles import STYLES, ChatSample, PreferenceSample, check_tags, row_to_sample
 from tinytune.datasets.templates import get_template
 
 log = logging.getLogger("tinytune.datasets")
@@ -107,13 +107,13 @@ class PreferenceDataset(Dataset):
 
 
 def convert_row(row: Any, file: str, row_no: int, *, style: str, column_map: Mapping | None,
-                system_prompt: str | None, want: str) -> Any:
+                system_prompt: str | None, want: str, tags: Mapping | None = None) -> Any:
     """Column-maps and converts one row to a sample (picklable for worker processes).
 
     Raises:
         DatasetError: for bad rows (missing columns, empty answers, roles out of order).
     """
-    sample = row_to_sample(apply_column_map(row, column_map, file, row_no), style, file, row_no)
+    sample = row_to_sample(apply_column_map(row, column_map, file, row_no), style, file, row_no, tags)
     if want == "preference" and not isinstance(sample, PreferenceSample):
         raise DatasetError(f"expected a chosen/rejected pair, got a {type(sample).__name__}", file=file, row=row_no,
                            hint="Use style: preference with `chosen`/`rejected` columns (see column_map)")
@@ -130,7 +130,10 @@ def convert_row(row: Any, file: str, row_no: int, *, style: str, column_map: Map
 
 def _resolve_template(tokenizer, template, prompt_type, chat_template, style):
     if prompt_type:
-        template = prompt_type
+        if template is not None:
+            raise DatasetError(f"both `template` ({template!r}) and `prompt_type` ({prompt_type!r}) are set",
+                               hint="Keep one: `prompt_type` names a MindSpeed prompt type, `template` a tinytune one")
+        template = f"mindspeed:{prompt_type}"
     if template is None:
         if style == "text":
             return None
@@ -167,9 +170,10 @@ def _default_workers(num_workers: int | None) -> int:
 def build_token_cache(tokenizer, rows: Callable[[BadSampleLog], Iterable], source_fp: Any, *, kind: str,
                       style: str, template=None, column_map: Mapping | None = None, system_prompt: str | None = None,
                       max_seq_len: int | None = None, train_on_input: bool = False, mask_history: bool = False,
-                      truncation: str = "prompt_first", enable_thinking: bool | None = None,
+                      truncation: str = DEFAULT_TRUNCATION, enable_thinking: bool | None = None,
                       skip_bad_samples: bool = False, cache_dir: str | None = None,
-                      num_workers: int | None = None, name: str = "dataset") -> tuple[TokenCache, bool]:
+                      num_workers: int | None = None, name: str = "dataset",
+                      tags: Mapping | None = None) -> tuple[TokenCache, bool]:
     """Opens or builds the token cache for a data source (shared by all builders).
 
     Args:
@@ -186,6 +190,7 @@ def build_token_cache(tokenizer, rows: Callable[[BadSampleLog], Iterable], sourc
         raise DatasetError(f"unknown style {style!r}; choose from {', '.join(STYLES)}",
                            hint="Fix `style` in the dataset config")
     column_map = _plain(column_map)
+    tags = check_tags(_plain(tags))
     encoder = SampleEncoder(tokenizer, template, max_seq_len=max_seq_len, train_on_input=train_on_input,
                             mask_history=mask_history, truncation=truncation, enable_thinking=enable_thinking)
     parts = {
@@ -193,12 +198,12 @@ def build_token_cache(tokenizer, rows: Callable[[BadSampleLog], Iterable], sourc
         "template": fingerprint_template(template), "style": style, "column_map": column_map,
         "system_prompt": system_prompt, "max_seq_len": max_seq_len, "train_on_input": train_on_input,
         "mask_history": mask_history, "truncation": truncation, "enable_thinking": enable_thinking,
-        "skip_bad_samples": skip_bad_samples,
+        "skip_bad_samples": skip_bad_samples, "tags": tags,
     }
     key = cache_key(parts)
     cache_dir = os.path.expanduser(cache_dir or default_cache_dir())
     to_sample = functools.partial(convert_row, style=style, column_map=column_map, system_prompt=system_prompt,
-                                  want=kind)
+                                  want=kind, tags=tags)
     workers = _default_workers(num_workers)
 
     def build(path: str) -> TokenCache:
@@ -210,16 +215,31 @@ def build_token_cache(tokenizer, rows: Callable[[BadSampleLog], Iterable], sourc
         log.info("%s: tokenized %d rows -> %d sequences, %d tokens in %.1fs with %d worker(s); cache %s",
                  name, m["rows"], m["sequences"], m["tokens"], m["build_seconds"], workers, path)
         bad.report(name)
+        report_meta(name, m, built=True)
         return cache
 
     cache, hit = load_or_build(cache_dir, key, build)
     if hit:
         m = cache.meta
         log.info("%s: token cache hit (%d sequences) at %s", name, m["sequences"], cache.path)
-        if m.get("skipped_bad") or m.get("dropped_too_long"):
-            log.warning("%s: this cache skipped %d bad row(s) and dropped %d too-long sample(s) when built",
-                        name, m.get("skipped_bad", 0), m.get("dropped_too_long", 0))
+        if m.get("skipped_bad") or m.get("dropped"):
+            log.warning("%s: this cache skipped %d bad row(s) and dropped %s when built",
+                        name, m.get("skipped_bad", 0), m.get("dropped") or "nothing")
+        report_meta(name, m, built=False)
     return cache, hit
+
+
+def report_meta(name: str, meta: Mapping, *, built: bool) -> None:
+    """Warns once per dataset about truncated samples and columns no style read."""
+    truncated = meta.get("truncated") or {}
+    if truncated:
+        log.warning("%s: truncated %s of %d row(s) to max_seq_len (by reason; `tune prepare-data --show` shows "
+                    "samples)", name, dict(sorted(truncated.items())), meta.get("rows", 0))
+    unused = meta.get("unused_columns") or {}
+    if unused:
+        log.warning("%s: column(s) %s are in the data but the sample style does not use them (rows: %s); map them "
+                    "with `column_map` or drop them from the data", name, ", ".join(repr(c) for c in sorted(unused)),
+                    ", ".join(f"{c}={n}" for c, n in sorted(unused.items())))
 
 
 def _finish_sft(tokenizer, cache: TokenCache, hit: bool, *, split: str, val_fraction: float, seed: int,
@@ -240,17 +260,20 @@ def _finish_sft(tokenizer, cache: TokenCache, hit: bool, *, split: str, val_frac
 def sft_dataset(tokenizer, source: Any, *, style: str = "auto", template: Any = None, prompt_type: str | None = None,
                 chat_template: str | None = None, system_prompt: str | None = None,
                 column_map: Mapping[str, str] | None = None, max_seq_len: int | None = None,
-                train_on_input: bool = False, mask_history: bool = False, truncation: str = "prompt_first",
+                train_on_input: bool = False, mask_history: bool = False, truncation: str = DEFAULT_TRUNCATION,
                 enable_thinking: bool | None = None, packed: bool = False, packing_strategy: str = "ffd",
                 split: str = "train", val_fraction: float = 0.0, seed: int = 0, skip_bad_samples: bool = False,
-                cache_dir: str | None = None, num_workers: int | None = None):
+                cache_dir: str | None = None, num_workers: int | None = None, tags: Mapping[str, str] | None = None):
     """Supervised fine-tuning dataset from files or a list of rows.
 
     Args:
         tokenizer: tinytune tokenizer.
         source: a file (.json .jsonl .csv .parquet .arrow .txt), a directory, a glob, a list of
-            those, or a Python list of row dicts.
-        style: ``auto`` (per row from its keys), ``alpaca``, ``sharegpt``, ``messages``, ``text``.
+            those, or a Python list of row dicts; or a ``datasets`` source (hub id, hub-style or
+            ``save_to_disk`` folder, ``datasets.Dataset``: see :func:`tinytune.datasets.hf_source.hf_dataset`
+            for its options).
+        style: ``auto`` (per row from its keys), ``alpaca``, ``sharegpt``, ``messages``,
+            ``prompt_completion``, ``text``.
         template: template name (see ``tinytune.datasets.templates``), a dict of template
             fields, or None (``hf`` when the tokenizer has a chat template, else ``chatml``).
         prompt_type: MindSpeed ``prompt_type`` name (overrides ``template``).
@@ -260,8 +283,11 @@ def sft_dataset(tokenizer, source: Any, *, style: str = "auto", template: Any = 
         max_seq_len: longest sample (see ``truncation``); required for packing.
         train_on_input: train on prompt tokens too.
         mask_history: train only on the last assistant turn.
-        truncation: ``prompt_first`` (cut the prompt from the left, keep the answer), ``right``,
-            or ``drop`` (drop and count).
+        truncation: ``balanced`` (default: the prompt keeps a share, cut from the left; a cut
+            answer loses its end-of-turn), ``prompt_first``, ``right`` or ``drop``; every
+            truncated or dropped sample is counted by reason (see ``SampleEncoder``).
+        tags: ShareGPT tag names (``role_tag content_tag user_tag assistant_tag system_tag
+            observation_tag function_tag``), as MindSpeed's ``--map-keys`` ``tags``.
         enable_thinking: Qwen3: True/False/None (as-is).
         packed: pack samples into ``max_seq_len`` rows (items gain ``input_pos``/``seq_lens``).
         packing_strategy: ``ffd`` (best-fit decreasing) or ``greedy``.
@@ -276,13 +302,24 @@ def sft_dataset(tokenizer, source: Any, *, style: str = "auto", template: Any = 
         A map-style dataset of ``{"tokens", "labels"}`` items (``PackedDataset`` when packed),
         with a ``lengths`` array for length grouping and ``cache_hit``.
     """
+    from tinytune.datasets import hf_source  # noqa: PLC0415  (hf_source builds on this module: a cycle)
+
+    if hf_source.is_hf_source(source):  # hub id, save_to_disk / hub-style folder, `datasets` object
+        return hf_source.sft_to_hf_dataset(tokenizer, source, split=split, val_fraction=val_fraction, style=style,
+                                           template=template, prompt_type=prompt_type, chat_template=chat_template,
+                                           system_prompt=system_prompt, column_map=column_map, max_seq_len=max_seq_len,
+                                           train_on_input=train_on_input, mask_history=mask_history,
+                                           truncation=truncation, enable_thinking=enable_thinking, packed=packed,
+                                           packing_strategy=packing_strategy, skip_bad_samples=skip_bad_samples,
+                                           cache_dir=cache_dir, num_workers=num_workers, tags=tags)
     tmpl = _resolve_template(tokenizer, template, prompt_type, chat_template, style)
     cache, hit = build_token_cache(
         tokenizer, lambda bad: iter_rows(source, bad), fingerprint_source(source), kind="sft", style=style,
         template=tmpl, column_map=column_map, system_prompt=system_prompt, max_seq_len=max_seq_len,
         train_on_input=train_on_input, mask_history=mask_history, truncation=truncation,
         enable_thinking=enable_thinking, skip_bad_samples=skip_bad_samples, cache_dir=cache_dir,
-        num_workers=num_workers, name=f"sft_dataset({source if isinstance(source, str) else type(source).__name__})")
+        num_workers=num_workers, tags=tags,
+        name=f"sft_dataset({source if isinstance(source, str) else type(source).__name__})")
     return _finish_sft(tokenizer, cache, hit, split=split, val_fraction=val_fraction, seed=seed, packed=packed,
                        max_seq_len=max_seq_len, packing_strategy=packing_strategy)
 
@@ -301,12 +338,14 @@ def text_dataset(tokenizer, source: Any, *, column_map: Mapping[str, str] | None
 def preference_dataset(tokenizer, source: Any, *, template: Any = None, prompt_type: str | None = None,
                        chat_template: str | None = None, system_prompt: str | None = None,
                        column_map: Mapping[str, str] | None = None, max_seq_len: int | None = None,
-                       truncation: str = "prompt_first", enable_thinking: bool | None = None,
+                       truncation: str = DEFAULT_TRUNCATION, enable_thinking: bool | None = None,
                        split: str = "train", val_fraction: float = 0.0, seed: int = 0,
                        skip_bad_samples: bool = False, cache_dir: str | None = None,
-                       num_workers: int | None = None) -> PreferenceDataset:
-    """DPO pairs: ``chosen``/``rejected`` as texts with a shared ``prompt`` (optional ``system``) or
-    as message lists. Only the final answer of each side is trained. Items hold
+                       num_workers: int | None = None, tags: Mapping[str, str] | None = None) -> PreferenceDataset:
+    """DPO pairs: ``chosen``/``rejected`` as texts, turns or message lists, with a shared prompt from
+    ``prompt`` (text or messages), alpaca ``instruction``/``input``/``history`` (MindSpeed's
+    pairwise alpaca) or ShareGPT ``conversations`` (optional ``system``, ``tools``), or as full
+    conversations. Only the final answer of each side is trained. Items hold
     ``chosen_tokens, chosen_labels, rejected_tokens, rejected_labels``; ``dataset.collate_fn`` pads
     a batch into ``[2b, s]`` (chosen first). Options as in :func:`sft_dataset`."""
     tmpl = _resolve_template(tokenizer, template, prompt_type, chat_template, "preference")
@@ -314,7 +353,7 @@ def preference_dataset(tokenizer, source: Any, *, template: Any = None, prompt_t
         tokenizer, lambda bad: iter_rows(source, bad), fingerprint_source(source), kind="preference",
         style="preference", template=tmpl, column_map=column_map, system_prompt=system_prompt,
         max_seq_len=max_seq_len, mask_history=True, truncation=truncation, enable_thinking=enable_thinking,
-        skip_bad_samples=skip_bad_samples, cache_dir=cache_dir, num_workers=num_workers,
+        skip_bad_samples=skip_bad_samples, cache_dir=cache_dir, num_workers=num_workers, tags=tags,
         name="preference_dataset")
     pad_id = getattr(tokenizer, "pad_id", None)
     if pad_id is None:

@@ -42,6 +42,9 @@ def lora_model(
     lora_alpha: float = 16.0,
     lora_dropout: float = 0.0,
     quantize_base: bool = False,
+    use_dora: bool = False,
+    use_rslora: bool = False,
+    lora_init: str = "default",
 ) -> nn.Module:
     """Builds ``base_builder(linear_factory=...)`` with LoRA on the chosen projections.
 
@@ -54,12 +57,15 @@ def lora_model(
             where no separate output linear exists).
         lora_rank, lora_alpha, lora_dropout: LoRA hyperparameters (scaling ``alpha / rank``).
         quantize_base: QLoRA: keep the adapted layers' frozen base weights in NF4.
+        use_dora, use_rslora, lora_init: LoRA variants: DoRA magnitudes, ``alpha / sqrt(rank)``
+            scaling, adapter init ``default | gaussian | pissa`` (:class:`tinytune.modules.peft.LoRALinear`).
     """
     targets = lora_target_modules(lora_attn_modules, apply_lora_to_mlp, apply_lora_to_output)
     if not targets:
         raise ValueError("LoRA builder: no modules to adapt (empty lora_attn_modules and apply_lora_to_mlp=False)")
     factory = lora_linear_factory(targets, rank=lora_rank, alpha=lora_alpha, dropout=lora_dropout,
-                                  quantize_base=quantize_base)
+                                  quantize_base=quantize_base, use_dora=use_dora, use_rslora=use_rslora,
+                                  init=lora_init)
     return base_builder(linear_factory=factory)
 
 
@@ -75,12 +81,16 @@ def _variant(target: str, quantize_base: bool) -> Callable[..., nn.Module]:
         lora_alpha: float = 16.0,
         lora_dropout: float = 0.0,
         quantize_base: bool = quantize_base,
+        use_dora: bool = False,
+        use_rslora: bool = False,
+        lora_init: str = "default",
     ) -> nn.Module:
         base = getattr(importlib.import_module(module_name), fn_name)
         return lora_model(
             base, lora_attn_modules=lora_attn_modules, apply_lora_to_mlp=apply_lora_to_mlp,
             apply_lora_to_output=apply_lora_to_output, lora_rank=lora_rank, lora_alpha=lora_alpha,
-            lora_dropout=lora_dropout, quantize_base=quantize_base,
+            lora_dropout=lora_dropout, quantize_base=quantize_base, use_dora=use_dora, use_rslora=use_rslora,
+            lora_init=lora_init,
         )
 
     builder.__name__ = builder.__qualname__ = ("qlora_" if quantize_base else "lora_") + fn_name

@@ -54,6 +54,8 @@ class BPETokenizer(Tokenizer):
         rank_to_id: optional table mapping tiktoken ranks (and added-token ranks, see below) to
             ids, for vocabularies whose ids do not follow merge priority.
         missing_bytes: bytes absent from the vocabulary; HF drops them, so do we.
+        decode_only: id -> bytes of vocabulary tokens that encoding never produces (no merge
+            builds them) but that decode like any other id, as in HF.
         nfc: apply Unicode NFC normalization first (Qwen2 `normalizer: NFC`).
         **kwargs: forwarded to `Tokenizer` (vocab_size, bos_id, eos_id, ...).
     """
@@ -66,10 +68,13 @@ class BPETokenizer(Tokenizer):
         *,
         rank_to_id: Sequence[int] | None = None,
         missing_bytes: Sequence[int] = (),
+        decode_only: dict[int, bytes] | None = None,
         nfc: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(added_tokens=added_tokens, **kwargs)
+        self._decode_only = dict(decode_only or {})
+        self._decode_only_by_bytes = {data: i for i, data in self._decode_only.items()}
         self._ranks = mergeable_ranks
         self._pat_str = pat_str
         self._rank_to_id_arg = list(rank_to_id) if rank_to_id is not None else None
@@ -203,28 +208,47 @@ class BPETokenizer(Tokenizer):
 
     # ---- decoding -----------------------------------------------------------------------------
     def _decode_ids(self, ids: list[int]) -> str:
+        if self._decode_only and any(i in self._decode_only for i in ids):
+            parts: list[bytes] = []
+            run: list[int] = []
+            for i in ids + [-1]:
+                if i >= 0 and i not in self._decode_only:
+                    run.append(i)
+                    continue
+                if run:
+                    parts.append(self._decode_bytes(run))
+                    run = []
+                if i >= 0:
+                    parts.append(self._decode_only[i])
+            return b"".join(parts).decode("utf-8", errors="replace")
+        return self._decode_bytes(ids).decode("utf-8", errors="replace")
+
+    def _decode_bytes(self, ids: list[int]) -> bytes:
         if self._id_to_rank is not None:
             try:
                 ids = [self._id_to_rank[i] for i in ids]
             except KeyError as e:
                 raise ValueError(f"{self.name}: id {e.args[0]} is not assigned to any token") from None
         try:
-            data = self._enc.decode_bytes(ids)
+            return self._enc.decode_bytes(ids)
         except KeyError as e:
             raise ValueError(f"{self.name}: id {e.args[0]} is not assigned to any token") from None
-        return data.decode("utf-8", errors="replace")
 
     def _vocab_lookup(self, token: str) -> int | None:
         for data in (token_to_bytes(token), token.encode("utf-8")):
             if data is not None and data in self._ranks:
                 r = self._ranks[data]
                 return self._rank_to_id[r] if self._rank_to_id is not None else r
+            if data is not None and data in self._decode_only_by_bytes:
+                return self._decode_only_by_bytes[data]
         return None
 
     def id_to_token(self, token_id: int) -> str:
         """Returns the byte-level spelling of a vocabulary id (added tokens: their content)."""
         if token_id in self._added_by_id:
             return self._added_by_id[token_id].content
+        if token_id in self._decode_only:
+            return bytes_to_token(self._decode_only[token_id])
         rank = self._id_to_rank[token_id] if self._id_to_rank is not None else token_id
         return bytes_to_token(self._enc.decode_single_token_bytes(rank))
 
@@ -236,6 +260,7 @@ class BPETokenizer(Tokenizer):
             pat_str=self._pat_str,
             rank_to_id=self._rank_to_id_arg,
             missing_bytes=self._missing_bytes,
+            decode_only=self._decode_only,
             nfc=self._nfc,
         )
         return state

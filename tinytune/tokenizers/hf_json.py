@@ -5,7 +5,8 @@ produced by merge number ``k`` a rank that grows with ``k``, and let tiktoken me
 first. Where the vocabulary ids already grow with the merge order (Llama 3, Qwen2, SmolLM2),
 ranks are the ids and no remapping happens; otherwise a rank -> id table is kept.
 Tokens no merge can build are left out of the ranks (HF's merge-list BPE can never emit them)
-unless the model sets ``ignore_merges`` (then HF, like tiktoken, looks whole pieces up first).
+unless the model sets ``ignore_merges`` (then HF, like tiktoken, looks whole pieces up first);
+they stay decodable (``decode_only``), as in HF.
 """
 
 from __future__ import annotations
@@ -59,7 +60,8 @@ def build_ranks(
 
     Returns:
         dict with ``mergeable_ranks``, ``rank_to_id`` (None when ranks are the ids),
-        ``missing_bytes`` and ``stats`` (counts for diagnostics).
+        ``missing_bytes``, ``decode_only`` (id -> bytes of the tokens no merge can build and that
+        are not ranked: never produced by encoding, but decoded like any id) and ``stats``.
     """
     id_bytes: dict[int, bytes] = {}
     bad: list[str] = []
@@ -117,6 +119,7 @@ def build_ranks(
         mergeable_ranks=ranks,
         rank_to_id=rank_to_id,
         missing_bytes=missing,
+        decode_only={} if keep_orphans else {i: id_bytes[i] for i in orphans},
         stats=dict(orphans=len(orphans), monotonic=monotonic, non_byte_level=len(bad)),
     )
 
@@ -143,7 +146,8 @@ def bpe_kwargs_from_tokenizer_json(data: dict[str, Any], source: str = "tokenize
         source: the file path, for error messages.
 
     Returns:
-        kwargs: mergeable_ranks, pat_str, added_tokens, rank_to_id, missing_bytes, nfc, vocab_size.
+        kwargs: mergeable_ranks, pat_str, added_tokens, rank_to_id, missing_bytes, decode_only, nfc,
+        vocab_size.
 
     Raises:
         ValueError: when the file is not a byte-level BPE tokenizer this back end can run.
@@ -171,6 +175,7 @@ def bpe_kwargs_from_tokenizer_json(data: dict[str, Any], source: str = "tokenize
         mergeable_ranks=built["mergeable_ranks"],
         rank_to_id=built["rank_to_id"],
         missing_bytes=built["missing_bytes"],
+        decode_only=built["decode_only"],
         pat_str=pat_str,
         nfc=nfc,
         added_tokens=added,

@@ -9,7 +9,7 @@ from typing import Any
 from tinytune.errors import TinytuneError
 from tinytune.tokenizers.base import AddedToken, Tokenizer
 from tinytune.tokenizers.bpe import BPETokenizer
-from tinytune.tokenizers.families import QWEN_NON_SPECIAL, llama3_special_tokens, qwen_special_tokens
+from tinytune.tokenizers.special_tokens import QWEN_NON_SPECIAL, llama3_special_tokens, qwen_special_tokens
 from tinytune.tokenizers.hf_json import (
     added_tokens_from_json,
     bpe_kwargs_from_tokenizer_json,
@@ -132,12 +132,15 @@ def _finish_bpe(kwargs: dict[str, Any], config: dict[str, Any], directory: Path 
     by_content = {t.content: t.id for t in added}
     ranks = kwargs["mergeable_ranks"]
     r2i = kwargs.get("rank_to_id")
+    unranked = {data: i for i, data in (kwargs.get("decode_only") or {}).items()}
 
     def lookup(s: str) -> int | None:
         if s in by_content:
             return by_content[s]
         r = ranks.get(s.encode("utf-8"))
-        return None if r is None else (r2i[r] if r2i is not None else r)
+        if r is None:
+            return unranked.get(s.encode("utf-8"))  # e.g. a GGUF's <|endoftext|> that no merge builds
+        return r2i[r] if r2i is not None else r
 
     ids = _resolve_ids(lookup, config, added, default_bos=default_bos, default_add_bos=default_add_bos)
     ids["stop_tokens"] = ids["stop_tokens"] + _generation_eos(directory)
@@ -192,6 +195,7 @@ def vocab_merges_tokenizer(directory: str | Path) -> Tokenizer:
         mergeable_ranks=built["mergeable_ranks"],
         rank_to_id=built["rank_to_id"],
         missing_bytes=built["missing_bytes"],
+        decode_only=built["decode_only"],
         pat_str=QWEN2_PATTERN if qwen else GPT2_PATTERN,
         nfc=qwen,
         added_tokens=added,

@@ -7,7 +7,7 @@ from typing import Any, Callable, Iterator
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from tinytune.training.dist_sampler import ResumableDistributedSampler
+from tinytune.distributed.dist_sampler import ResumableDistributedSampler
 
 
 def split_dataset(dataset: Dataset, val_ratio: float | None = None, val_size: int | None = None,
@@ -110,8 +110,11 @@ class BatchStream:
 
     def state_dict(self) -> dict[str, int]:
         """Position to resume from."""
-        return {"epoch": self.epoch, "batches_done": self.batches_done, "seed": self.sampler.seed,
-                "batch_size": self.batch_size}
+        state = {"epoch": self.epoch, "batches_done": self.batches_done, "seed": self.sampler.seed,
+                 "batch_size": self.batch_size}
+        if hasattr(self.dataset, "state_dict"):  # a dataset mix: items served per source
+            state["dataset"] = self.dataset.state_dict()
+        return state
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         """Continues from a saved position.
@@ -126,6 +129,8 @@ class BatchStream:
             )
         self.epoch = int(state["epoch"])
         self.batches_done = int(state["batches_done"])
+        if "dataset" in state and hasattr(self.dataset, "load_state_dict"):
+            self.dataset.load_state_dict(state["dataset"])
         self._it = None
 
 

@@ -13,12 +13,32 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
+from tinytune.config import ConfigError
+from tinytune.datasets.templates import TemplateError
+from tinytune.datasets.templates.base import check_enable_thinking
+from tinytune.training.setup import cfg_get
+from tinytune.training.held_out import fraction_correct, parse_held_out
+
 
 def get_bound_template(name: Any, tokenizer):
     """``get_template(name)`` bound to ``tokenizer`` (``hf`` uses the tokenizer's chat template)."""
     from tinytune.datasets.templates import get_template  # noqa: PLC0415
 
     return get_template(name or "hf").bind(tokenizer)
+
+
+def thinking_from_cfg(cfg: Any, key: str) -> bool | None:
+    """``enable_thinking`` from a config key: true, false or null; anything else is a ConfigError
+    naming the key (a quoted ``'false'`` must not silently mean thinking on).
+
+    Args:
+        cfg: recipe config.
+        key: dotted key, e.g. ``enable_thinking`` or ``sample_generation.enable_thinking``.
+    """
+    try:
+        return check_enable_thinking(cfg_get(cfg, key), key)
+    except TemplateError as e:
+        raise ConfigError(str(e)) from None
 
 
 def encode_chat_prompt(tokenizer, template, messages: list[dict], enable_thinking: bool | None = None) -> list[int]:
@@ -28,17 +48,22 @@ def encode_chat_prompt(tokenizer, template, messages: list[dict], enable_thinkin
         tokenizer: tinytune tokenizer.
         template: a bound template (:func:`get_bound_template`).
         messages: ``[{"role": "system"|"user"|"assistant", "content": str}, ...]``.
-        enable_thinking: Qwen3 thinking switch.
+        enable_thinking: Qwen3 thinking switch: False writes the official non-thinking generation
+            prompt (an empty ``<think>`` block); True/None let the model think.
     """
     segments = template.render(messages, add_generation_prompt=True, enable_thinking=enable_thinking)
     ids: list[int] = []
+    text = ""  # consecutive text segments are encoded as one string, as the whole render would be
     for seg in segments:
         if seg.special is not None:
+            ids.extend(tokenizer.encode(text, add_bos=False, add_eos=False) if text else [])
+            text = ""
             tid = tokenizer.bos_id if seg.special == "bos" else tokenizer.eos_id
             if tid is not None:
                 ids.append(int(tid))
-        elif seg.text:
-            ids.extend(tokenizer.encode(seg.text, add_bos=False, add_eos=False))
+        else:
+            text += seg.text
+    ids.extend(tokenizer.encode(text, add_bos=False, add_eos=False) if text else [])
     return ids
 
 
@@ -71,15 +96,19 @@ def prompt_messages(prompt: str | dict | Sequence[dict], system: str | None = No
 def generate_replies(model: nn.Module, tokenizer, template, prompts: Sequence[str | Sequence[dict]], *,
                      max_new_tokens: int = 64, temperature: float = 0.0, top_k: int | None = None,
                      top_p: float | None = None, system: str | None = None, seed: int | None = None,
-                     on_token: Callable[[int, int], None] | None = None) -> list[str]:
+                     on_token: Callable[[int, int], None] | None = None,
+                     enable_thinking: bool | None = None) -> list[str]:
     """Answers each prompt through the chat template (batched, left-padded, KV cache).
+
+    ``enable_thinking`` goes to the template's generation prompt (Qwen3: False = non-thinking mode).
 
     Returns:
         The decoded replies (special tokens skipped, surrounding whitespace stripped).
     """
     from tinytune.generation import generate  # noqa: PLC0415
 
-    encoded = [encode_chat_prompt(tokenizer, template, prompt_messages(p, system)) for p in prompts]
+    encoded = [encode_chat_prompt(tokenizer, template, prompt_messages(p, system), enable_thinking)
+               for p in prompts]
     gen = None
     if seed is not None and temperature > 0:
         gen = torch.Generator(device=next(model.parameters()).device)
@@ -110,9 +139,10 @@ def side_by_side(prompts: Sequence[str], before: Sequence[str], after: Sequence[
 class SampleGenerations:
     """Answers ``sample_generation.prompts`` before and after training and compares them.
 
-    Config keys: ``sample_generation.prompts`` (none: everything here is a no-op),
-    ``sample_generation.max_new_tokens`` (48), ``sample_generation.system`` and ``template`` (``hf``).
-    Decoding is greedy.
+    Config keys: ``sample_generation.prompts`` and ``sample_generation.held_out`` (questions with
+    expected answers, scored: :mod:`tinytune.training.held_out`; none of either: everything here
+    is a no-op), ``sample_generation.max_new_tokens`` (48), ``sample_generation.system`` and
+    ``template`` (``hf``). Decoding is greedy.
 
     Args:
         cfg: recipe config.
@@ -124,10 +154,14 @@ class SampleGenerations:
 
         gen_cfg = cfg_get(cfg, "sample_generation")
         self.tokenizer = tokenizer
-        self.prompts = list(cfg_get(gen_cfg, "prompts", []) or [])
+        # settings key: sample_generation.held_out (list of {prompt, expect}; scored before/after)
+        self.held_out = parse_held_out(cfg_get(gen_cfg, "held_out"))
+        self.prompts = list(cfg_get(gen_cfg, "prompts", []) or []) + [q.prompt for q in self.held_out]
         self.template = get_bound_template(cfg_get(cfg, "template", "hf"), tokenizer) if self.prompts else None
         self.gen_kw = dict(max_new_tokens=int(cfg_get(gen_cfg, "max_new_tokens", 48)),
                            system=cfg_get(gen_cfg, "system"))
+        # sample_generation.enable_thinking (Qwen3): true / false / null, as for the dataset
+        self.gen_kw["enable_thinking"] = thinking_from_cfg(cfg, "sample_generation.enable_thinking")
         self.before: list[str] = []
 
     def _answer(self, model: nn.Module) -> list[str]:
@@ -138,13 +172,29 @@ class SampleGenerations:
         if self.prompts:
             self.before = self._answer(model)
 
-    def generate_after(self, model: nn.Module, out_dir: str) -> None:
+    def generate_after(self, model: nn.Module, out_dir: str) -> dict[str, float]:
         """Answers again, prints both side by side and writes ``out_dir/generations.json``
-        (``[{"prompt", "before", "after"}, ...]``)."""
+        (``[{"prompt", "before", "after"}, ...]``, held-out items with ``correct_before/after``).
+
+        Returns:
+            ``{"held_out_correct_before", "held_out_correct_after"}`` (fractions) when there are
+            held-out questions, else ``{}``: the recipes add it to their summary.
+        """
         if not self.prompts:
-            return
+            return {}
         after = self._answer(model)
         print(side_by_side(self.prompts, self.before, after))
         rows = [{"prompt": p, "before": b, "after": a} for p, b, a in zip(self.prompts, self.before, after)]
+        scores: dict[str, float] = {}
+        if self.held_out:
+            k = len(self.held_out)
+            for q, row in zip(self.held_out, rows[-k:]):
+                row.update(expect=list(q.expect), correct_before=q.is_correct(row["before"]),
+                           correct_after=q.is_correct(row["after"]))
+            scores = {"held_out_correct_before": fraction_correct(self.held_out, self.before[-k:]),
+                      "held_out_correct_after": fraction_correct(self.held_out, after[-k:])}
+            print(f"held-out questions answered correctly: before {scores['held_out_correct_before']:.0%}, "
+                  f"after {scores['held_out_correct_after']:.0%} (of {k})")
         with open(os.path.join(out_dir, "generations.json"), "w", encoding="utf-8") as f:
             json.dump(rows, f, indent=2)
+        return scores

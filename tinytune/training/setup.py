@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import nn
 
 from tinytune import config as tt_config
@@ -22,7 +22,7 @@ from tinytune.config import ConfigError
 log = logging.getLogger(__name__)
 
 LORA_KEYS = ("lora_attn_modules", "apply_lora_to_mlp", "apply_lora_to_output", "lora_rank", "lora_alpha",
-             "lora_dropout", "quantize_base")
+             "lora_dropout", "quantize_base", "use_dora", "use_rslora", "lora_init")
 
 
 def cfg_get(cfg: Any, key: str, default: Any = None) -> Any:
@@ -38,9 +38,9 @@ def cfg_get(cfg: Any, key: str, default: Any = None) -> Any:
 def setup_device(cfg: DictConfig) -> tuple[torch.device, torch.dtype, int]:
     """``(device, dtype, seed)`` from ``device`` (auto), ``dtype`` (fp32) and ``seed`` (0).
 
-    Seeds every RNG (:func:`tinytune.training.device.set_seed`) and returns the seed used.
+    Seeds every RNG (:func:`tinytune.device.set_seed`) and returns the seed used.
     """
-    from tinytune.training.device import get_device, get_dtype, set_seed  # noqa: PLC0415
+    from tinytune.device import get_device, get_dtype, set_seed  # noqa: PLC0415
 
     device = get_device(cfg_get(cfg, "device", "auto"))
     dtype = get_dtype(cfg_get(cfg, "dtype", "fp32"), device)
@@ -62,8 +62,9 @@ def prepare_output_dir(cfg: DictConfig) -> str:
 def resolve_checkpoint_dir(cfg: DictConfig) -> str:
     """The HF checkpoint directory to start from.
 
-    ``checkpoint_dir`` must be an HF checkpoint directory (with ``config.json``). The one exception
-    is the bundled model's own location (``$TINYTUNE_HOME/models/<bundled_model>``, default
+    ``checkpoint_dir`` must be an HF checkpoint directory (with ``config.json``) or ``hf://ORG/NAME[@REV]``
+    (a Hugging Face Hub model, see :func:`tinytune.hub.resolve_hf_checkpoint`). The one exception is
+    the bundled model's own location (``$TINYTUNE_HOME/models/<bundled_model>``, default
     ``~/.cache/tinytune/models/...``, which the shipped configs name): when ``bundled_model`` is set
     and that directory is missing, the bundled model is converted there on first use (``tune
     download``). Without ``checkpoint_dir`` the bundled model is used.
@@ -76,6 +77,13 @@ def resolve_checkpoint_dir(cfg: DictConfig) -> str:
 
     path = cfg_get(cfg, "checkpoint_dir")
     bundled = cfg_get(cfg, "bundled_model")
+    if path and str(path).startswith("hf://"):  # a hub model: the hub cache, downloaded on first use
+        from tinytune.hub import HubError, resolve_hf_checkpoint  # noqa: PLC0415
+
+        try:
+            return resolve_hf_checkpoint(str(path))
+        except HubError as e:
+            raise ConfigError(f"checkpoint_dir: {path}: {e}") from None
     if path:
         path = os.path.abspath(os.path.expanduser(str(path)))
         if os.path.isfile(os.path.join(path, "config.json")):
@@ -137,7 +145,12 @@ def load_model(cfg: DictConfig, checkpoint_dir: str, device: torch.device, dtype
         factory = lora_linear_factory(targets, rank=int(kw.get("lora_rank", 8)),
                                       alpha=float(kw.get("lora_alpha", 16)),
                                       dropout=float(kw.get("lora_dropout", 0.0)),
-                                      quantize_base=bool(kw.get("quantize_base", False)))
+                                      quantize_base=bool(kw.get("quantize_base", False)),
+                                      # settings key: model.use_dora (bool, False); model.use_rslora (bool, False);
+                                      # model.lora_init (str, "default": default | gaussian | pissa)
+                                      use_dora=bool(kw.get("use_dora", False)),
+                                      use_rslora=bool(kw.get("use_rslora", False)),
+                                      init=str(kw.get("lora_init", "default")))
     model, info = load_hf_model(checkpoint_dir, dtype=dtype, device=device, model_builder=builder,
                                 linear_factory=factory)
     return model, info
@@ -157,12 +170,14 @@ def load_model_and_tokenizer(cfg: DictConfig, device: torch.device, dtype: torch
 
 
 def lora_settings(cfg: DictConfig, model: nn.Module) -> dict[str, Any]:
-    """``{"lora_rank", "lora_alpha", "lora_dropout"}`` for the adapter export (read from the model)."""
+    """``{"lora_rank", "lora_alpha", "lora_dropout", "use_rslora", "use_dora", "init"}`` for the adapter
+    export (read from the model)."""
     from tinytune.modules.peft import lora_modules  # noqa: PLC0415
 
     for _, m in lora_modules(model):
         p = m.dropout.p if isinstance(m.dropout, nn.Dropout) else 0.0
-        return {"lora_rank": m.rank, "lora_alpha": m.alpha, "lora_dropout": p}
+        return {"lora_rank": m.rank, "lora_alpha": m.alpha, "lora_dropout": p, "use_rslora": m.use_rslora,
+                "use_dora": m.use_dora, "init": m.init}
     raise ConfigError("model: no LoRA layers; use a lora_* / qlora_* builder or set model.lora_attn_modules")
 
 
@@ -174,11 +189,53 @@ def load_tokenizer(cfg: DictConfig, checkpoint_dir: str):
     return _load(os.path.expanduser(str(path)))
 
 
-def build_dataset(node: DictConfig, tokenizer, where: str = "dataset"):
-    """Instantiates a dataset node, passing the tokenizer (``_component_`` + arguments)."""
+def build_dataset(node: DictConfig, tokenizer, where: str = "dataset", seed: int = 0):
+    """Instantiates a dataset node, passing the tokenizer (``_component_`` + arguments).
+
+    A list of nodes, each with ``weight:`` or ``epochs:``, is a dataset mix (seeded with ``seed``):
+    :class:`tinytune.datasets.mixing.MixedDataset`.
+    """
+    if isinstance(node, ListConfig):
+        return _build_mix(node, tokenizer, where, seed)
     if node is None or "_component_" not in node:
         raise ConfigError(f"{where}: needs a _component_ (e.g. tinytune.datasets.chatterbot_dataset)")
     return tt_config.instantiate(node, tokenizer=tokenizer)
+
+
+def _build_mix(nodes: ListConfig, tokenizer, where: str, seed: int):
+    """``dataset: [{_component_: ..., weight: 0.7}, ...]`` (or ``epochs:``) -> a :class:`MixedDataset`."""
+    from torch.utils.data import IterableDataset  # noqa: PLC0415
+
+    from tinytune.datasets import DatasetError  # noqa: PLC0415
+    from tinytune.datasets.mixing import MixedDataset  # noqa: PLC0415
+
+    parts, names, weights, epochs = [], [], [], []
+    for i, item in enumerate(nodes):
+        key = f"{where}[{i}]"
+        if not isinstance(item, DictConfig):
+            raise ConfigError(f"{key}: expected a dataset node with _component_ and weight: or epochs:")
+        # settings key: dataset[i].weight / dataset[i].epochs (a dataset mix: sampling weight or passes per source)
+        weight, n_epochs = item.get("weight"), item.get("epochs")
+        inner = OmegaConf.create({k: v for k, v in item.items() if k not in ("weight", "epochs")})
+        if n_epochs is not None and item.get("streaming"):
+            raise ConfigError(f"{key}.epochs: {n_epochs!r} is meaningless for a streaming dataset (no length); "
+                              "use weight:, or streaming: false")
+        ds = build_dataset(inner, tokenizer, key)
+        if isinstance(ds, IterableDataset) and n_epochs is not None:
+            raise ConfigError(f"{key}.epochs: {n_epochs!r} is meaningless for a streaming dataset (no length); "
+                              "use weight:, or streaming: false")
+        parts.append(ds)
+        names.append(key)
+        weights.append(weight)
+        epochs.append(n_epochs)
+    use_w = any(w is not None for w in weights)
+    try:
+        mix = MixedDataset(parts, names, weights=weights if use_w else None,
+                           epochs=epochs if any(e is not None for e in epochs) else None, seed=seed)
+    except DatasetError as e:
+        raise ConfigError(str(e)) from None
+    print(mix.describe())
+    return mix
 
 
 def build_collate(cfg: DictConfig, tokenizer, dataset=None):
@@ -205,10 +262,15 @@ def train_val_datasets(cfg: DictConfig, tokenizer):
     """
     from tinytune.training.data import split_dataset  # noqa: PLC0415
 
-    train = build_dataset(cfg_get(cfg, "dataset"), tokenizer)
+    train = build_dataset(cfg_get(cfg, "dataset"), tokenizer, seed=int(cfg_get(cfg, "seed", 0)))
     val_node = cfg_get(cfg, "validation.dataset")
     if val_node is not None:
         return train, build_dataset(val_node, tokenizer, "validation.dataset")
+    if isinstance(train, torch.utils.data.IterableDataset):  # streaming: no length to split
+        if cfg_get(cfg, "validation.split_ratio") or cfg_get(cfg, "validation.split_size"):
+            raise ConfigError("validation.split_ratio / split_size: a streaming dataset cannot be split; use "
+                              "validation.dataset (e.g. the same source with split: 'validation')")
+        return train, None
     return split_dataset(train, val_ratio=cfg_get(cfg, "validation.split_ratio"),
                          val_size=cfg_get(cfg, "validation.split_size"), seed=int(cfg_get(cfg, "seed", 0)))
 
@@ -250,6 +312,16 @@ def train_data(cfg: DictConfig, tokenizer, seed: int, default_batch_size: int = 
     collate = build_collate(cfg, tokenizer, train_ds)
     batch_size = int(cfg_get(cfg, "batch_size", default_batch_size))
     accum = int(cfg_get(cfg, "gradient_accumulation_steps", 1))
+    if isinstance(train_ds, torch.utils.data.IterableDataset):  # streaming: no length, so max_steps, no epochs
+        from tinytune.training.stream_data import IterableBatchStream  # noqa: PLC0415
+
+        if cfg_get(cfg, "epochs") is not None:
+            raise ConfigError(f"epochs: {cfg_get(cfg, 'epochs')!r} is meaningless with a streaming dataset "
+                              "(no length); set max_steps instead")
+        if not int(cfg_get(cfg, "max_steps", 0)):
+            raise ConfigError("max_steps: required with a streaming dataset (it has no length to count epochs)")
+        stream = IterableBatchStream(train_ds, batch_size, collate)
+        return TrainData(train_ds, val_ds, collate, stream, batch_size, accum, int(cfg_get(cfg, "max_steps")))
     stream = BatchStream(train_ds, batch_size, collate, shuffle=bool(cfg_get(cfg, "shuffle", True)), seed=seed)
     steps_per_epoch = max(1, stream.batches_per_epoch // accum)
     total_steps = int(cfg_get(cfg, "max_steps", 0)) or int(cfg_get(cfg, "epochs", 1)) * steps_per_epoch

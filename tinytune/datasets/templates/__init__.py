@@ -17,6 +17,7 @@ from functools import lru_cache
 from tinytune.datasets.templates.base import ChatTemplate, Segment, TemplateError, segments_to_text
 from tinytune.datasets.templates.builtin import BUILTIN_TEMPLATES
 from tinytune.datasets.templates.hf import HFChatTemplate, render_jinja
+from tinytune.datasets.templates.mindspeed import MindSpeedTemplate, mindspeed_table, mindspeed_template
 
 _REGISTRY: dict[str, ChatTemplate] = dict(BUILTIN_TEMPLATES)
 
@@ -36,7 +37,7 @@ def register_template(template: ChatTemplate) -> None:
 
 def template_names() -> list[str]:
     """All names :func:`get_template` accepts."""
-    return sorted(set(_REGISTRY) | set(mindspeed_prompt_types()) | {"hf"})
+    return sorted(set(_REGISTRY) | set(mindspeed_table()) | {"hf"})
 
 
 def get_template(name: str | Mapping | ChatTemplate | HFChatTemplate, **kwargs):
@@ -51,7 +52,7 @@ def get_template(name: str | Mapping | ChatTemplate | HFChatTemplate, **kwargs):
     Raises:
         TemplateError: for an unknown name.
     """
-    if isinstance(name, (ChatTemplate, HFChatTemplate)):
+    if isinstance(name, (ChatTemplate, HFChatTemplate, MindSpeedTemplate)):
         return name
     if isinstance(name, Mapping):
         fields = dict(name)
@@ -61,6 +62,8 @@ def get_template(name: str | Mapping | ChatTemplate | HFChatTemplate, **kwargs):
         return ChatTemplate(**fields)
     if name == "hf":
         return HFChatTemplate(**kwargs)
+    if name.startswith("mindspeed:") or (name not in _REGISTRY and name in mindspeed_table()):
+        return mindspeed_template(name.removeprefix("mindspeed:"), kwargs.get("default_system"))
     kwargs = {k: v for k, v in kwargs.items() if k not in ("chat_template", "end_of_turn")}
     if name in _REGISTRY:
         t = _REGISTRY[name]

@@ -1,8 +1,10 @@
 """The ``hf`` template: render a model's own Jinja ``chat_template`` the way transformers does.
 
 The whole conversation is rendered once (sandboxed Jinja, ``trim_blocks``/``lstrip_blocks``,
-``raise_exception``, ``tojson``); then each assistant answer is located in the rendered text and
-marked trainable together with the end-of-turn token that follows it. Everything else is masked.
+``raise_exception``, ``tojson``). Assistant turns are located by structure, never by searching
+for their text: answer ``k`` starts where ``render(messages[:k], add_generation_prompt=True)``
+ends (that render must be a prefix of the whole one) and runs up to and including the first
+end-of-turn token after it. That span is trained; everything else is masked.
 """
 
 from __future__ import annotations
@@ -11,7 +13,13 @@ import json
 from datetime import datetime
 from functools import lru_cache
 
-from tinytune.datasets.templates.base import Segment, TemplateError, qwen3_split_reasoning
+from tinytune.datasets.templates.base import (
+    Segment,
+    TemplateError,
+    check_enable_thinking,
+    has_reasoning,
+    without_reasoning,
+)
 
 
 def _raise_exception(message: str):
@@ -28,7 +36,7 @@ def _strftime_now(fmt: str) -> str:
 
 def _generation_extension():
     """``{% generation %}...{% endgeneration %}`` (assistant-mask markers some templates carry):
-    rendered as their body; tinytune finds answers in the text itself."""
+    rendered as their body; tinytune locates answers by prefix renders instead."""
     from jinja2 import nodes
     from jinja2.ext import Extension
 
@@ -84,12 +92,14 @@ class HFChatTemplate:
             ``tokenizer.chat_template`` at :meth:`bind` time.
         end_of_turn: strings that close an assistant turn and are trained with it; by default the
             tokenizer's EOS and stop-token strings.
+        template_kwargs: extra template variables (e.g. ``{"date_string": "01 Jan 2025"}``).
     """
 
     name = "hf"
+    MASKING = "prefix-render"  # part of the token-cache key: caches built with other rules are not reused
 
     def __init__(self, chat_template: str | None = None, end_of_turn: list[str] | None = None,
-                 bos_token: str = "", eos_token: str = ""):
+                 bos_token: str = "", eos_token: str = "", template_kwargs: dict | None = None):
         if chat_template and "{" not in chat_template and chat_template.endswith((".jinja", ".j2", ".txt")):
             with open(chat_template, encoding="utf-8") as f:
                 chat_template = f.read()
@@ -97,6 +107,11 @@ class HFChatTemplate:
         self.end_of_turn = list(end_of_turn or [])
         self.bos_token = bos_token
         self.eos_token = eos_token
+        self.template_kwargs = dict(template_kwargs or {})
+        reserved = {"messages", "tools", "add_generation_prompt", "enable_thinking", "bos_token", "eos_token"}
+        if reserved & set(self.template_kwargs):
+            raise TemplateError(f"template_kwargs may not set {sorted(reserved & set(self.template_kwargs))}; "
+                                "they are render arguments")
 
     def bind(self, tokenizer) -> "HFChatTemplate":
         """Returns a copy that uses ``tokenizer``'s chat template and special-token strings."""
@@ -108,65 +123,134 @@ class HFChatTemplate:
         if not ends:
             ids = [getattr(tokenizer, "eos_id", None)] + list(getattr(tokenizer, "stop_tokens", None) or [])
             ends = [s for s in (_token_string(tokenizer, i) for i in ids) if s]
+        if not ends:
+            raise TemplateError("template 'hf': the tokenizer names no EOS or stop token, so the end of an "
+                                "assistant turn is unknown; set `end_of_turn` (e.g. ['<|im_end|>'])")
         bos = self.bos_token or _token_string(tokenizer, getattr(tokenizer, "bos_id", None)) or ""
         eos = self.eos_token or _token_string(tokenizer, getattr(tokenizer, "eos_id", None)) or ""
-        return HFChatTemplate(source, sorted(set(ends), key=len, reverse=True), bos, eos)
+        return HFChatTemplate(source, sorted(set(ends), key=len, reverse=True), bos, eos, self.template_kwargs)
 
     @property
     def stop_strings(self) -> tuple[str, ...]:
         return tuple(self.end_of_turn)
 
-    def render_text(self, messages: list[dict], *, bos_token: str | None = None, eos_token: str | None = None,
-                    add_generation_prompt: bool = False, enable_thinking: bool | None = None) -> str:
-        """Renders a conversation to one string."""
+    def _thinking(self, enable_thinking: bool | None) -> bool | None:
+        """``enable_thinking`` after the type check; None for a template that does not read it (then
+        the value changes nothing, as for the built-in templates other than qwen3)."""
+        check_enable_thinking(enable_thinking)
+        return enable_thinking if "enable_thinking" in (self.chat_template or "") else None
+
+    def _render(self, messages: list[dict], tools, add_generation_prompt: bool, thinking_kw: dict) -> str:
         if not self.chat_template:
             raise TemplateError("template 'hf' is not bound to a tokenizer/chat template")
-        kw = {} if enable_thinking is None else {"enable_thinking": enable_thinking}
-        return render_jinja(self.chat_template, messages,
-                            bos_token=self.bos_token if bos_token is None else bos_token,
-                            eos_token=self.eos_token if eos_token is None else eos_token,
-                            add_generation_prompt=add_generation_prompt, **kw)
+        kw = dict(self.template_kwargs, **thinking_kw)
+        if tools is not None:
+            kw["tools"] = tools
+        try:
+            return render_jinja(self.chat_template, messages, bos_token=self.bos_token, eos_token=self.eos_token,
+                                add_generation_prompt=add_generation_prompt, **kw)
+        except TemplateError:
+            raise
+        except Exception as e:  # jinja2 errors, or a template indexing a message that is not there
+            raise TemplateError(f"template 'hf': the chat template failed on {len(messages)} message(s)"
+                                f"{' + generation prompt' if add_generation_prompt else ''}: "
+                                f"{type(e).__name__}: {e}") from None
 
-    def render(self, messages: list[dict], *, add_generation_prompt: bool = False,
+    def render_text(self, messages: list[dict], *, tools: list[dict] | None = None, bos_token: str | None = None,
+                    eos_token: str | None = None, add_generation_prompt: bool = False,
+                    enable_thinking: bool | None = None) -> str:
+        """Renders a conversation to one string (``enable_thinking`` is passed on when not None;
+        with False, reasoning is first removed from the messages as in :meth:`render`)."""
+        enable_thinking = self._thinking(enable_thinking)
+        if enable_thinking is False:
+            messages = [without_reasoning(m) for m in messages]
+        kw = {} if enable_thinking is None else {"enable_thinking": enable_thinking}
+        if bos_token is not None or eos_token is not None:
+            t = HFChatTemplate(self.chat_template, self.end_of_turn,
+                               self.bos_token if bos_token is None else bos_token,
+                               self.eos_token if eos_token is None else eos_token, self.template_kwargs)
+            return t._render(messages, tools, add_generation_prompt, kw)
+        return self._render(messages, tools, add_generation_prompt, kw)
+
+    def _answer_start(self, messages: list[dict], k: int, text: str, tools, enable_thinking: bool | None) -> int:
+        """Where assistant message ``k``'s answer begins in ``text``: the end of the generation
+        prompt rendered for ``messages[:k]``.
+
+        The prompt is rendered with ``enable_thinking=False`` first where the answer should not
+        train an empty think block (thinking off, or null and the turn has no reasoning), so a
+        Qwen3-style template puts that block into the prompt; where that render is not a prefix
+        (the template writes no think block for this turn, e.g. a historical turn) the plain
+        generation prompt is used.
+        """
+        if enable_thinking is True or (enable_thinking is None and has_reasoning(messages[k])):
+            tries = [{"enable_thinking": True}]
+        else:
+            tries = [{"enable_thinking": False}, {"enable_thinking": True}]
+        seen = []
+        for kw in tries:
+            prompt = self._render(messages[:k], tools, True, kw)
+            if text.startswith(prompt):
+                return len(prompt)
+            seen.append(prompt)
+        common = 0
+        limit = min(len(seen[-1]), len(text))
+        while common < limit and seen[-1][common] == text[common]:
+            common += 1
+        raise TemplateError(
+            f"template 'hf': message {k} (assistant): the chat template's render of the first {k} message(s) "
+            f"with add_generation_prompt=True is not a prefix of the whole conversation's render (they differ "
+            f"at character {common}: {seen[-1][common:common + 40]!r} vs {text[common:common + 40]!r}), so the "
+            "answer cannot be located; the template rewrites earlier turns depending on later ones. Use the "
+            "family's named template (e.g. qwen3), or split the conversation into samples that end before "
+            "the rewritten turn")
+
+    def render(self, messages: list[dict], *, tools: list[dict] | None = None, add_generation_prompt: bool = False,
                enable_thinking: bool | None = None) -> list[Segment]:
-        """Renders, then splits the text into masked prompt and trained answer segments.
+        """Renders, then marks each assistant turn (located by structure) as trained.
+
+        Args:
+            messages: OpenAI-format messages (see docs/ARCHITECTURE.md, Data).
+            tools: JSON-schema function dicts, passed to the template as ``tools``.
+            add_generation_prompt: end with the assistant header (for generation).
+            enable_thinking: True / False / None with the Qwen3 SFT-guide semantics of the
+                built-in ``qwen3`` template (False removes reasoning from the messages first); the
+                value is passed to the template as ``enable_thinking`` when not None. Ignored
+                (after its type check) by templates that do not read ``enable_thinking``.
 
         Raises:
-            TemplateError: when an assistant answer cannot be found in the rendered text (the
-                template rewrites answers in a way tinytune cannot follow; use a named template).
+            TemplateError: when a turn cannot be located by structure (see :meth:`_answer_start`)
+                or has no end-of-turn token.
         """
-        text = self.render_text(messages, add_generation_prompt=add_generation_prompt,
-                                enable_thinking=enable_thinking)
+        enable_thinking = self._thinking(enable_thinking)
+        if enable_thinking is False:
+            messages = [without_reasoning(m) for m in messages]
+        kw = {} if enable_thinking is None else {"enable_thinking": enable_thinking}
+        text = self._render(messages, tools, add_generation_prompt, kw)
         out: list[Segment] = []
         cursor = 0
-        for i, m in enumerate(messages):
-            if m["role"] != "assistant":
+        for k, m in enumerate(messages):
+            if m.get("role") != "assistant":
                 continue
-            reasoning, post_think = qwen3_split_reasoning(m)
-            raw = m.get("content") or ""
-            candidates = [c for c in {raw, raw.strip(), post_think, post_think.lstrip("\n"), post_think.strip()} if c]
-            found = [(text.find(c, cursor), -len(c), c) for c in candidates]
-            found = [f for f in found if f[0] >= 0]
-            if not found:
-                raise TemplateError(f"message {i}: the assistant answer does not appear in the text rendered by "
-                                    "the chat template; use a named template instead of 'hf'")
-            start, _, cand = min(found)
-            end = start + len(cand)
-            if enable_thinking is not False or reasoning.strip():
-                think = text.rfind("<think>", cursor, start)
-                if think >= 0 and text.find("</think>", think, start) >= 0:
-                    start = think
-            gap = len(text[end:end + 8]) - len(text[end:end + 8].lstrip(" \n"))  # e.g. Llama 2's " </s>"
-            for s in self.end_of_turn:
-                if text.startswith(s, end):
-                    end += len(s)
-                    break
-                if gap and text.startswith(s, end + gap):
-                    end += gap + len(s)
-                    break
+            start = self._answer_start(messages, k, text, tools, enable_thinking)
+            if start < cursor:
+                raise TemplateError(f"template 'hf': message {k} (assistant) starts inside the previous answer; "
+                                    "the template does not render turns in order")
+            hits = [(text.find(s, start), s) for s in self.end_of_turn]
+            hits = [(i, s) for i, s in hits if i >= 0]
+            if not hits:
+                raise TemplateError(f"template 'hf': message {k} (assistant): no end-of-turn token "
+                                    f"({', '.join(self.end_of_turn)}) follows the answer; set `end_of_turn`")
+            at, s = min(hits, key=lambda h: (h[0], -len(h[1])))
+            end = at + len(s)
             if start > cursor:
-                out.append(Segment(text=text[cursor:start], message=i))
-            out.append(Segment(text=text[start:end], train=True, message=i))
+                # The assistant header (the generation prompt's own text) belongs to turn k, what
+                # comes before it to the earlier messages (truncation keeps turn k whole).
+                prev = self._render(messages[:k], tools, False, kw) if k else ""
+                head = len(prev) if cursor <= len(prev) < start and text.startswith(prev) else cursor
+                if head > cursor:
+                    out.append(Segment(text=text[cursor:head]))
+                out.append(Segment(text=text[head:start], message=k))
+            out.append(Segment(text=text[start:end], train=True, message=k))
             cursor = end
         if cursor < len(text):
             out.append(Segment(text=text[cursor:]))

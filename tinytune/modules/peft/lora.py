@@ -26,7 +26,16 @@ LORA_MODULE_ALIASES = {
     "down": "down_proj",
     "w2": "down_proj",
 }
+LORA_INITS = ("default", "gaussian", "pissa")
 LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "output")
+
+
+class DoRAMagnitude(nn.Module):
+    """DoRA's trainable magnitude vector: ``weight [out_dim]``."""
+
+    def __init__(self, out_dim: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(out_dim))
 
 
 class LoRALinear(nn.Module):
@@ -49,6 +58,14 @@ class LoRALinear(nn.Module):
         dropout: dropout probability applied to the adapter's input.
         use_bias: whether the base projection has a bias (frozen like the weight in LoRA training).
         quantize_base: store the base weight in NF4 (QLoRA).
+        use_dora: DoRA (Liu et al., 2024): a trainable per-output magnitude ``lora_magnitude.weight [out]``
+            rescales the adapted weight, ``y = m / ||W + s B A||_row * (W + s B A) x`` (the norm is
+            detached, as in the paper and peft); ``m`` starts at the row norms of the base.
+        use_rslora: rank-stabilised scaling ``alpha / sqrt(rank)`` (Kalajdzievski, 2023) instead of
+            ``alpha / rank``.
+        init: adapter init: ``default`` (Kaiming-uniform A, zero B), ``gaussian`` (A ~ N(0, 1/rank),
+            zero B) or ``pissa`` (Meng et al., 2024: A, B from the top-``rank`` singular triplets of W,
+            the base keeps the residual ``W - s B A``; not with ``quantize_base``).
     """
 
     def __init__(
@@ -60,16 +77,27 @@ class LoRALinear(nn.Module):
         dropout: float = 0.0,
         use_bias: bool = False,
         quantize_base: bool = False,
+        use_dora: bool = False,
+        use_rslora: bool = False,
+        init: str = "default",
     ) -> None:
         super().__init__()
         if rank <= 0:
             raise ValueError(f"LoRA rank must be a positive integer, got {rank}")
+        if init not in LORA_INITS:
+            raise ValueError(f"LoRA init {init!r}: choose from {list(LORA_INITS)}")
+        if init == "pissa" and quantize_base:
+            raise ValueError("LoRA init 'pissa' with quantize_base (QLoRA) is not supported: PiSSA rewrites the base "
+                             "weight to its residual, which NF4 would re-quantize; use init 'default' or 'gaussian'")
         self.in_dim = in_dim
         self.out_dim = out_dim
         self.rank = rank
         self.alpha = alpha
         self.use_bias = use_bias
         self.quantize_base = quantize_base
+        self.use_dora = use_dora
+        self.use_rslora = use_rslora
+        self.init = init
         self.disabled = False  # True: behave as the base layer (used for DPO reference passes)
 
         base = nn.Linear(in_dim, out_dim, bias=use_bias)  # default nn.Linear init for the base
@@ -85,6 +113,12 @@ class LoRALinear(nn.Module):
         self.dropout = nn.Dropout(p=dropout) if dropout > 0 else nn.Identity()
         self.lora_a = nn.Linear(in_dim, rank, bias=False)
         self.lora_b = nn.Linear(rank, out_dim, bias=False)
+        # DoRA magnitude [out] (a submodule like lora_a/lora_b, so the loader materialises it alone);
+        # registered only with use_dora, so plain LoRA state dicts are unchanged
+        self.lora_magnitude = DoRAMagnitude(out_dim) if use_dora else None
+        # PiSSA's initial adapters, kept (not saved) to export the adapter as a plain LoRA delta
+        self.register_buffer("pissa_a0", None, persistent=False)
+        self.register_buffer("pissa_b0", None, persistent=False)
         self.reset_lora_parameters()
 
         if quantize_base:
@@ -93,13 +127,40 @@ class LoRALinear(nn.Module):
 
     @property
     def scaling(self) -> float:
-        """The factor ``alpha / rank`` applied to the low-rank update."""
-        return self.alpha / self.rank
+        """The factor applied to the low-rank update: ``alpha / rank`` (rsLoRA: ``alpha / sqrt(rank)``)."""
+        return self.alpha / math.sqrt(self.rank) if self.use_rslora else self.alpha / self.rank
 
+    @torch.no_grad()
     def reset_lora_parameters(self) -> None:
-        """Kaiming-uniform ``lora_a`` (as ``nn.Linear``) and zero ``lora_b``."""
-        nn.init.kaiming_uniform_(self.lora_a.weight, a=math.sqrt(5))
-        nn.init.zeros_(self.lora_b.weight)
+        """Initialises the adapter from the current base weight (see ``init``); DoRA's magnitude
+        becomes the row norms of the adapted weight. Nothing happens on the meta device (the loader
+        calls this again once the base weight is loaded)."""
+        if self.lora_a.weight.is_meta or self.weight.is_meta:
+            return
+        if self.init == "pissa":
+            w = self.weight.detach().float()  # [out, in]
+            u, sv, vh = torch.linalg.svd(w, full_matrices=False)  # w = u diag(sv) vh
+            sr = sv[: self.rank] / self.scaling
+            a = torch.diag(sr.sqrt()) @ vh[: self.rank]  # [r, in]
+            b = u[:, : self.rank] @ torch.diag(sr.sqrt())  # [out, r]
+            self.lora_a.weight.copy_(a)
+            self.lora_b.weight.copy_(b)
+            self.weight.copy_((w - self.scaling * b @ a).to(self.weight.dtype))
+            self.pissa_a0 = self.lora_a.weight.detach().clone()
+            self.pissa_b0 = self.lora_b.weight.detach().clone()
+        else:
+            if self.init == "gaussian":
+                nn.init.normal_(self.lora_a.weight, std=1.0 / self.rank)
+            else:
+                nn.init.kaiming_uniform_(self.lora_a.weight, a=math.sqrt(5))
+            nn.init.zeros_(self.lora_b.weight)
+        if self.lora_magnitude is not None:
+            self.lora_magnitude.weight.copy_(self._adapted_weight().norm(dim=1).to(self.lora_magnitude.weight.dtype))
+
+    def _adapted_weight(self) -> torch.Tensor:
+        """``W + s B A`` in fp32 (``[out, in]``; NF4 bases dequantized)."""
+        delta = self.lora_b.weight.float() @ self.lora_a.weight.float()  # [out, in]
+        return dequantize(self.weight).float() + self.scaling * delta
 
     def base_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The frozen projection alone: ``x @ W.T + b``."""
@@ -111,6 +172,8 @@ class LoRALinear(nn.Module):
         return F.linear(x, self.weight, self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [..., in_dim]
+        if self.lora_magnitude is not None and not self.disabled:
+            return self._dora_forward(x)
         if not self.disabled and plain_tensors(x, self.weight, self.bias, self.lora_a.weight, self.lora_b.weight):
             # one Function: base GEMM, then scale * B(A(x)) added by addmm_ (no extra [N, out] passes)
             x_d = None if isinstance(self.dropout, nn.Identity) else self.dropout(x)
@@ -121,17 +184,48 @@ class LoRALinear(nn.Module):
         update = self.lora_b(self.lora_a(self.dropout(x)))  # [..., out_dim]
         return out + self.scaling * update
 
+    def _dora_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``base(x) + (m/n - 1) * W x_d + (m/n) * s * B A x_d`` with ``n = ||W + s B A||_row`` detached
+        (``x_d``: the adapter's dropout of ``x``; equals ``m/n * (W + s B A) x + b`` without dropout)."""
+        out = self.base_forward(x)  # [..., out]
+        dropping = isinstance(self.dropout, nn.Dropout) and self.training
+        x_d = self.dropout(x) if dropping else x
+        lora = self.lora_b(self.lora_a(x_d))  # [..., out]
+        w = dequantize(self.weight).to(x.dtype)  # [out, in]
+        with torch.no_grad():
+            norm = (w.float() + self.scaling * (self.lora_b.weight.float() @ self.lora_a.weight.float())).norm(dim=1)
+        mag = self.lora_magnitude.weight  # [out]
+        scale = (mag / norm.to(mag.dtype)).to(x.dtype)  # [out]
+        if dropping:
+            base_d = F.linear(x_d, w)
+        else:
+            base_d = out - self.bias if self.bias is not None else out
+        return out + (scale - 1) * base_d + scale * self.scaling * lora
+
     @torch.no_grad()
     def merged_weight(self) -> torch.Tensor:
-        """``W + (alpha / rank) * B @ A`` as a plain tensor in the base weight's dtype."""
+        """``W + s B A`` (DoRA: times ``m / ||W + s B A||_row``) as a plain tensor in the base weight's dtype."""
         base = dequantize(self.weight)
-        delta = self.lora_b.weight.float() @ self.lora_a.weight.float()  # [out, in]
-        return (base.float() + self.scaling * delta).to(base.dtype)
+        w = self._adapted_weight()  # [out, in]
+        if self.lora_magnitude is not None:
+            w = (self.lora_magnitude.weight.float() / w.norm(dim=1))[:, None] * w
+        return w.to(base.dtype)
+
+    def peft_lora_delta(self) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """``(A [r', in], B [out, r'], r')`` to export: the adapter itself, or for PiSSA its plain-LoRA
+        equivalent on the original base, ``s (B A - B0 A0)`` as rank ``2r`` (peft's conversion)."""
+        a, b = self.lora_a.weight.detach(), self.lora_b.weight.detach()
+        if self.init != "pissa":
+            return a, b, self.rank
+        if self.pissa_a0 is None:
+            raise ValueError("PiSSA adapter without its initial factors (was reset_lora_parameters skipped?)")
+        return torch.cat([a, self.pissa_a0]), torch.cat([b, -self.pissa_b0], dim=1), 2 * self.rank
 
     def extra_repr(self) -> str:
         return (
             f"in_dim={self.in_dim}, out_dim={self.out_dim}, rank={self.rank}, alpha={self.alpha}, "
-            f"bias={self.use_bias}, quantize_base={self.quantize_base}"
+            f"bias={self.use_bias}, quantize_base={self.quantize_base}, use_dora={self.use_dora}, "
+            f"use_rslora={self.use_rslora}, init={self.init}"
         )
 
     # --- NF4 plumbing -------------------------------------------------------------------------
@@ -190,6 +284,9 @@ def lora_linear_factory(
     alpha: float,
     dropout: float = 0.0,
     quantize_base: bool = False,
+    use_dora: bool = False,
+    use_rslora: bool = False,
+    init: str = "default",
 ) -> Callable[[str, int, int, bool], nn.Module]:
     """Builds a ``linear_factory`` for the component builders.
 
@@ -202,6 +299,7 @@ def lora_linear_factory(
         alpha: LoRA alpha.
         dropout: adapter-input dropout.
         quantize_base: store the LoRA layers' base weights in NF4 (QLoRA).
+        use_dora, use_rslora, init: LoRA variants (see :class:`LoRALinear`).
     """
     targets = set(canonical_lora_modules(lora_modules))
 
@@ -209,7 +307,7 @@ def lora_linear_factory(
         if name in targets:
             return LoRALinear(
                 in_dim, out_dim, rank=rank, alpha=alpha, dropout=dropout, use_bias=bias,
-                quantize_base=quantize_base,
+                quantize_base=quantize_base, use_dora=use_dora, use_rslora=use_rslora, init=init,
             )
         return nn.Linear(in_dim, out_dim, bias=bias)
 

@@ -10,7 +10,7 @@ from torch import nn
 
 from tinytune.modules.peft.lora import LoRALinear
 
-ADAPTER_KEYS = ("lora_a", "lora_b")
+ADAPTER_KEYS = ("lora_a", "lora_b", "lora_magnitude")
 
 
 def lora_modules(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
@@ -21,10 +21,13 @@ def lora_modules(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
 
 
 def get_adapter_params(model: nn.Module) -> dict[str, nn.Parameter]:
-    """Returns the adapter parameters (``*.lora_a.weight``, ``*.lora_b.weight``) by qualified name."""
+    """Returns the adapter parameters (``*.lora_a.weight``, ``*.lora_b.weight``, DoRA's
+    ``*.lora_magnitude.weight``) by qualified name."""
     out = {}
     for name, m in lora_modules(model):
         for sub in ADAPTER_KEYS:
+            if getattr(m, sub, None) is None:  # lora_magnitude: DoRA only
+                continue
             for pname, p in getattr(m, sub).named_parameters():
                 out[f"{name}.{sub}.{pname}"] = p
     return out
@@ -92,7 +95,7 @@ def get_merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         prefix = f"{name}." if name else ""
         sd[prefix + "weight"] = m.merged_weight()
         for k in list(sd):
-            if k.startswith(prefix + "lora_a.") or k.startswith(prefix + "lora_b."):
+            if k.startswith(prefix + "lora_a.") or k.startswith(prefix + "lora_b.") or k.startswith(prefix + "lora_magnitude."):
                 del sd[k]
     return sd
 

@@ -36,8 +36,8 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 from tinytune.checkpoint.integrity import check_digests, check_sizes, directory_manifest, read_marker
 from tinytune.checkpoint.model_info import CheckpointError
 from tinytune.config._errors import ConfigError
+from tinytune.device import rng_state, set_rng_state
 from tinytune.errors import ResumeError
-from tinytune.training.device import rng_state, set_rng_state
 
 logger = logging.getLogger(__name__)
 

@@ -46,7 +46,7 @@ def _style_for(module: nn.Module, colwise: bool, seq_parallel: bool = False) -> 
         # with sequence parallelism the partial sums are reduce-scattered over the sequence instead
         return RowwiseParallel(output_layouts=Shard(1), use_local_output=False) if seq_parallel else RowwiseParallel()
     try:  # LoRA projections need styles that also place the adapter matrices
-        from tinytune.training.lora_tp import lora_parallel_style
+        from tinytune.distributed.lora_tp import lora_parallel_style
     except ImportError as err:  # pragma: no cover - only without the LoRA module
         raise TypeError(f"No tensor-parallel style for {type(module).__name__}") from err
     return lora_parallel_style(module, colwise=colwise, seq_parallel=seq_parallel)

@@ -23,6 +23,7 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from tinytune.config._errors import ConfigError
+from tinytune.device import get_device
 
 __all__ = [
     "DistInfo",
@@ -82,7 +83,7 @@ def init_distributed(device: str | None = "auto", cpu_offload: bool = False, tim
 
     Args:
         device: ``"cpu"``, ``"cuda"``, ``"npu"`` or ``"auto"`` (resolved by
-            :func:`tinytune.training.device.get_device`; under torchrun a bare ``cuda`` / ``npu``
+            :func:`tinytune.device.get_device`; under torchrun a bare ``cuda`` / ``npu``
             means the ``LOCAL_RANK``-th device).
         cpu_offload: register gloo next to the accelerator backend (for FSDP CPU offload).
         timeout_s: collective timeout.
@@ -93,8 +94,6 @@ def init_distributed(device: str | None = "auto", cpu_offload: bool = False, tim
     Raises:
         ValueError: for a device type without a collective backend (e.g. ``mps``).
     """
-    from tinytune.training.device import get_device
-
     torch_device = get_device(device or "auto")
     backend = get_backend(torch_device.type, cpu_offload)
     local_rank = int(os.environ.get("LOCAL_RANK", 0))

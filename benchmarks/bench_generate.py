@@ -1,0 +1,118 @@
+"""Greedy decoding throughput: tinytune ``generate`` vs HF ``model.generate`` on the same weights.
+
+Both sides load the same HF directory (the bundled SmolLM2-135M-Instruct conversion, or a random
+init of that shape), decode the same left-padded prompts greedily with a KV cache for exactly
+``--new-tokens`` tokens (no early stop), in the same process, rounds interleaved (ours, HF, ours,
+HF, ...). Reported per batch size: new tokens/s (median round), the ratio ours/HF, and the share of
+generated tokens on which both sides agree (a cross-check that they decode the same thing; fp32
+greedy can part ways only where two logits tie to rounding).
+
+    python benchmarks/bench_generate.py                       # batch 1 and 8, 64 new tokens
+    python benchmarks/bench_generate.py --batch-sizes 1,8 --new-tokens 128 --rounds 5
+    python benchmarks/bench_generate.py --smoke               # tiny model, seconds (used by the tests)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from _common import fmt, machine_line, median, print_table  # noqa: E402
+from bench_train import prepare_weights  # noqa: E402
+
+
+def _prompts(batch_size: int, vocab: int, min_len: int, max_len: int, seed: int) -> list[list[int]]:
+    """Prompts of varied length (so batches are left-padded), token ids away from 0 (the pad id)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    lens = torch.randint(min_len, max_len + 1, (batch_size,), generator=g).tolist()
+    return [torch.randint(1, vocab, (n,), generator=g).tolist() for n in lens]
+
+
+def _ours(model, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
+    from tinytune.generation import generate
+
+    return generate(model, prompts, max_new_tokens=new_tokens, temperature=0.0, stop_tokens=[], pad_id=0)
+
+
+def _hf(model, prompts: list[list[int]], new_tokens: int, cache: str) -> list[list[int]]:
+    import torch
+
+    width = max(len(p) for p in prompts)
+    ids = torch.zeros(len(prompts), width, dtype=torch.long)  # [b, L] left-padded
+    attn = torch.zeros(len(prompts), width, dtype=torch.long)  # [b, L]
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = torch.tensor(p)
+        attn[i, width - len(p):] = 1
+    kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
+                  eos_token_id=None)
+    if cache != "dynamic":
+        kwargs["cache_implementation"] = cache
+    out = model.generate(input_ids=ids, attention_mask=attn, **kwargs)  # [b, L + new]
+    return out[:, width:].tolist()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--weights", default="bundled", help="bundled | random | an HF directory")
+    p.add_argument("--batch-sizes", default="1,8")
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--prompt-len", default="24,64", help="min,max prompt length in tokens")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    p.add_argument("--hf-cache", default="dynamic", help="HF cache_implementation: dynamic | static")
+    p.add_argument("--smoke", action="store_true", help="tiny random model, few tokens")
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.weights, args.new_tokens, args.rounds, args.prompt_len = "random", 8, 1, "4,9"
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from tinytune.checkpoint import load_hf_model
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    weights, what = prepare_weights(args)
+    ours, _ = load_hf_model(weights, dtype=torch.float32, device="cpu")
+    ours.eval()
+    hf = AutoModelForCausalLM.from_pretrained(weights, dtype=torch.float32).eval()
+    vocab = ours.tok_embeddings.num_embeddings
+    lo, hi = (int(x) for x in args.prompt_len.split(","))
+
+    rows = []
+    for bs in (int(x) for x in args.batch_sizes.split(",")):
+        prompts = _prompts(bs, vocab, lo, hi, seed=bs)
+        with torch.inference_mode():
+            _ours(ours, prompts, 2)  # warm-up both sides (allocator, kernels)
+            _hf(hf, prompts, 2, args.hf_cache)
+            times = {"tinytune": [], "hf": []}
+            outs = {}
+            for _ in range(args.rounds):
+                for name in ("tinytune", "hf"):
+                    t0 = time.perf_counter()
+                    outs[name] = (_ours(ours, prompts, args.new_tokens) if name == "tinytune"
+                                  else _hf(hf, prompts, args.new_tokens, args.hf_cache))
+                    times[name].append(time.perf_counter() - t0)
+        agree = sum(a == b for ra, rb in zip(outs["tinytune"], outs["hf"]) for a, b in zip(ra, rb))
+        total = bs * args.new_tokens
+        assert all(len(r) == args.new_tokens for r in outs["tinytune"] + outs["hf"]), "a side stopped early"
+        tps = {k: total / median(v) for k, v in times.items()}
+        rows.append([str(bs), fmt(tps["tinytune"]), fmt(tps["hf"]), fmt(tps["tinytune"] / tps["hf"], ".2f") + "x",
+                     f"{agree}/{total}"])
+
+    print(machine_line())
+    print(f"weights: {what}; fp32; greedy, {args.new_tokens} new tokens, prompts {lo}-{hi} tokens (left-padded); "
+          f"HF cache: {args.hf_cache}; {args.rounds} rounds, median; torch threads {torch.get_num_threads()}")
+    print_table(["batch", "tinytune tok/s", "HF tok/s", "speed vs HF", "same tokens"], rows)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,134 @@
+"""Reward model training on one device: a scalar head on the decoder, Bradley-Terry loss on pairs.
+
+Each sequence's score is ``score(h_last)``: a ``Linear(dim, 1)`` on the final hidden state at its
+last non-padding token (:class:`tinytune.modules.reward.RewardModel`). The loss is
+``-log sigmoid(r_chosen - r_rejected)`` averaged over the pairs of an optimizer step; validation
+reports the loss and the accuracy (chosen scored above rejected). The result is exported as an HF
+``<Arch>ForSequenceClassification`` checkpoint (``hf_model/``) that transformers loads with the
+same scores. Full fine-tuning or LoRA (the head is always trained in full; the export is merged).
+
+    tune run reward_model --config smollm2/135M_reward max_steps=20
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+from omegaconf import DictConfig
+
+import tinytune.config
+from tinytune.checkpoint import save_reward_checkpoint
+from tinytune.modules.peft import get_adapter_params, get_merged_state_dict, set_trainable_params
+from tinytune.modules.reward import RewardModel
+from tinytune.training.activation_checkpointing import apply_activation_checkpointing
+from tinytune.training.data import validation_batches
+from tinytune.training.memory import reset_peak_memory
+from tinytune.training.metric_logging import build_metric_loggers, log_train_row, report_early_stop, write_summary
+from tinytune.training.plotting import plot_loss
+from tinytune.training.progress import TrainProgress
+from tinytune.training.reward import reward_accumulate, reward_eval
+from tinytune.training.setup import (
+    LoopSettings,
+    cfg_get,
+    load_model_and_tokenizer,
+    prepare_output_dir,
+    setup_device,
+    train_data,
+)
+from tinytune.training.resume_check import config_fingerprint
+from tinytune.training.steps import NonFiniteGuard, build_optimizer_and_scheduler, current_lr, optimizer_step
+from tinytune.training.checkpointing import open_checkpointer, resume_training_state, save_training_state
+
+
+def recipe_main(cfg: DictConfig) -> dict:
+    """Reward-model training; returns a summary dict."""
+    t_start = time.perf_counter()
+    # ---- 1. device, precision, seed, output directory -------------------------------------
+    device, dtype, seed = setup_device(cfg)
+    out_dir = prepare_output_dir(cfg)
+
+    # ---- 2. decoder + score head, tokenizer --------------------------------------------------
+    checkpoint_dir, tokenizer, decoder, info = load_model_and_tokenizer(cfg, device, dtype)
+    pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else (tokenizer.eos_id or 0)
+    model = RewardModel(decoder, info.dim, pad_id).to(device)
+    torch.nn.init.normal_(model.score.weight, std=0.02)  # as HF initialises a fresh score head
+    model.score.to(dtype)
+    use_lora = bool(get_adapter_params(model))
+    if use_lora:
+        set_trainable_params(model)  # adapters only ...
+        model.score.requires_grad_(True)  # ... plus the head
+    else:
+        model.requires_grad_(True)
+    if cfg_get(cfg, "activation_checkpointing", False):
+        apply_activation_checkpointing(decoder)
+    print(f"reward_model: {'LoRA' if use_lora else 'full'} decoder from {checkpoint_dir}, score at the last "
+          f"non-pad token (pad id {pad_id})")
+
+    # ---- 3. data (pairs; the preference dataset brings its pair collate) -----------------------
+    data = train_data(cfg, tokenizer, seed, default_batch_size=4)
+    stream, accum, total_steps = data.stream, data.accum, data.total_steps
+    val_loader = validation_batches(data.val_ds, data.batch_size, data.collate) if data.val_ds else None
+
+    # ---- 4. optimizer, LR schedule, checkpointer (resume) ----------------------------------
+    optimizer, lr_scheduler = build_optimizer_and_scheduler(cfg, model.parameters(), total_steps)
+    ckpt = open_checkpointer(cfg, out_dir)
+    fingerprint = config_fingerprint(cfg, model, data.train_ds, info)  # checked on resume
+    weights_key = "adapter" if use_lora else "model"
+
+    def weights():  # LoRA: adapters + head (what trains); full: everything
+        return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad} if use_lora else model.state_dict()
+
+    step = resume_training_state(ckpt, cfg_get(cfg, "resume_from_checkpoint"), model=model, weights_key=weights_key,
+                                 optimizer=optimizer, lr_scheduler=lr_scheduler, stream=stream, fingerprint=fingerprint,
+                                 total_steps=total_steps)
+
+    # ---- 5. training loop -------------------------------------------------------------------
+    loggers = build_metric_loggers(cfg_get(cfg, "metric_loggers"), out_dir)
+    loop = LoopSettings.from_config(cfg)  # log / validate / checkpoint cadence, stop_after, clip
+    guard = NonFiniteGuard(loop.nan_policy)  # a NaN/Inf loss or grad norm stops the run (or skips the step)
+    model.train()
+    progress = TrainProgress(total_steps, initial_step=step, desc="reward_model")
+    metrics, val = {"loss": float("nan")}, None
+    reset_peak_memory(device)
+    while step < total_steps:
+        micro_batches = [next(stream) for _ in range(accum)]
+        lr = current_lr(optimizer)
+        metrics = reward_accumulate(model, micro_batches, device)
+        grad_norm = optimizer_step(model, optimizer, lr_scheduler, loop.clip, guard=guard, loss=metrics["loss"],
+                                   step=step + 1)
+        step += 1
+        dt = progress.tick()
+        progress.update(metrics["loss"], lr, metrics["pairs"] / max(dt, 1e-9))
+        if step % loop.log_every == 0 or step == total_steps:
+            log_train_row(loggers, step, {**metrics, "lr": lr}, device, grad_norm)
+        if val_loader is not None and loop.val_every and (step % loop.val_every == 0 or step == total_steps):
+            val = reward_eval(model, val_loader, device, loop.val_max_batches)
+            loggers.log_dict({f"val_{k}": v for k, v in val.items() if k != "pairs"}, step)
+        if (loop.ckpt_every and step % loop.ckpt_every == 0) or (loop.stop_after and step == loop.stop_after):
+            save_training_state(ckpt, step, {weights_key: weights()},
+                                optimizer=optimizer, lr_scheduler=lr_scheduler, stream=stream,
+                                fingerprint=fingerprint)
+        if loop.stop_after and step >= loop.stop_after and step < total_steps:
+            progress.close()
+            loggers.close()
+            report_early_stop(step)
+            return {"step": step, "loss": metrics["loss"], "output_dir": out_dir}
+    progress.close()
+    loggers.close()
+
+    # ---- 6. export (HF sequence classification) and plot --------------------------------------
+    summary = {"step": step, "loss": metrics["loss"], "output_dir": out_dir, "skipped_steps": guard.skipped}
+    if val is not None:
+        summary["val_accuracy"] = val["accuracy"]
+    sd = get_merged_state_dict(decoder) if use_lora else decoder.state_dict()
+    summary["hf_dir"] = save_reward_checkpoint(sd, model.score.weight, info, os.path.join(out_dir, "hf_model"),
+                                               pad_token_id=pad_id, tokenizer_dir=checkpoint_dir)
+    summary["loss_plot"] = plot_loss(os.path.join(out_dir, "metrics.jsonl"), os.path.join(out_dir, "loss.png"),
+                                     title=f"reward_model: {os.path.basename(out_dir)}")
+    return write_summary(out_dir, summary, t_start)
+
+
+if __name__ == "__main__":
+    tinytune.config.parse(recipe_main)()
