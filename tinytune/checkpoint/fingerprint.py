@@ -48,7 +48,11 @@ def dataset_identity(dataset: Any) -> dict[str, Any]:
     count, and a digest of the indices exposed (a split or a packing); any other dataset is
     identified by a digest of its first and last 16 items.
     """
-    out: dict[str, Any] = {"type": type(dataset).__name__, "len": len(dataset)}
+    try:
+        n = len(dataset)
+    except TypeError:  # an iterable dataset: identified by its type only
+        return {"type": type(dataset).__name__}
+    out: dict[str, Any] = {"type": type(dataset).__name__, "len": n}
     node, chain = dataset, []
     for _ in range(8):  # unwrap Subset / PackedDataset / split views
         chain.append(type(node).__name__)
@@ -66,7 +70,6 @@ def dataset_identity(dataset: Any) -> dict[str, Any]:
         node = inner
     out["chain"] = chain
     if "token_cache" not in out:
-        n = len(dataset)
         picks = sorted(set(list(range(min(16, n))) + list(range(max(0, n - 16), n))))
         out["items"] = _digest([dataset[i] for i in picks])
     return out
