@@ -20,37 +20,46 @@ from omegaconf import DictConfig
 
 import tinytune.config
 from tinytune.checkpoint import save_reward_checkpoint
+from tinytune.config.recipe_settings import RewardModelSettings
 from tinytune.modules.peft import get_adapter_params, get_merged_state_dict, set_trainable_params
 from tinytune.modules.reward import RewardModel
-from tinytune.training.activation_checkpointing import apply_activation_checkpointing
-from tinytune.training.data import validation_batches
-from tinytune.training.memory import reset_peak_memory
-from tinytune.training.metric_logging import build_metric_loggers, log_train_row, report_early_stop, write_summary
-from tinytune.training.plotting import plot_loss
-from tinytune.training.progress import TrainProgress
-from tinytune.training.reward import reward_accumulate, reward_eval
-from tinytune.training.setup import (
-    LoopSettings,
-    cfg_get,
+from tinytune.training import (
+    NonFiniteGuard,
+    TrainProgress,
+    apply_activation_checkpointing,
+    build_metric_loggers,
+    build_optimizer_and_scheduler,
+    config_fingerprint,
+    current_lr,
     load_model_and_tokenizer,
+    log_train_row,
+    open_checkpointer,
+    optimizer_step,
+    plot_loss,
     prepare_output_dir,
+    report_early_stop,
+    reset_peak_memory,
+    resume_training_state,
+    reward_accumulate,
+    reward_eval,
+    save_training_state,
     setup_device,
     train_data,
+    validation_batches,
+    write_summary,
 )
-from tinytune.training.resume_check import config_fingerprint
-from tinytune.training.steps import NonFiniteGuard, build_optimizer_and_scheduler, current_lr, optimizer_step
-from tinytune.training.checkpointing import open_checkpointer, resume_training_state, save_training_state
-
 
 def recipe_main(cfg: DictConfig) -> dict:
     """Reward-model training; returns a summary dict."""
     t_start = time.perf_counter()
-    # ---- 1. device, precision, seed, output directory -------------------------------------
-    device, dtype, seed = setup_device(cfg)
-    out_dir = prepare_output_dir(cfg)
+    # ---- 1. settings (every key checked here), device, precision, seed, output directory -------
+    s = RewardModelSettings.from_config(cfg)
+    loop = s.loop  # log / checkpoint cadence, stop_after, clip
+    device, dtype, seed = setup_device(s.hardware)
+    out_dir = prepare_output_dir(s.output_dir, cfg)
 
     # ---- 2. decoder + score head, tokenizer --------------------------------------------------
-    checkpoint_dir, tokenizer, decoder, info = load_model_and_tokenizer(cfg, device, dtype)
+    checkpoint_dir, tokenizer, decoder, info = load_model_and_tokenizer(s, device, dtype)
     pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else (tokenizer.eos_id or 0)
     model = RewardModel(decoder, info.dim, pad_id).to(device)
     torch.nn.init.normal_(model.score.weight, std=0.02)  # as HF initialises a fresh score head
@@ -61,32 +70,32 @@ def recipe_main(cfg: DictConfig) -> dict:
         model.score.requires_grad_(True)  # ... plus the head
     else:
         model.requires_grad_(True)
-    if cfg_get(cfg, "activation_checkpointing", False):
+    if loop.activation_checkpointing:
         apply_activation_checkpointing(decoder)
     print(f"reward_model: {'LoRA' if use_lora else 'full'} decoder from {checkpoint_dir}, score at the last "
           f"non-pad token (pad id {pad_id})")
 
     # ---- 3. data (pairs; the preference dataset brings its pair collate) -----------------------
-    data = train_data(cfg, tokenizer, seed, default_batch_size=4)
+    data = train_data(s.data, tokenizer, seed, s.hardware.seed)
     stream, accum, total_steps = data.stream, data.accum, data.total_steps
+    val_cfg = s.data.validation
     val_loader = validation_batches(data.val_ds, data.batch_size, data.collate) if data.val_ds else None
 
     # ---- 4. optimizer, LR schedule, checkpointer (resume) ----------------------------------
-    optimizer, lr_scheduler = build_optimizer_and_scheduler(cfg, model.parameters(), total_steps)
-    ckpt = open_checkpointer(cfg, out_dir)
+    optimizer, lr_scheduler = build_optimizer_and_scheduler(s.optim, model.parameters(), total_steps)
+    ckpt = open_checkpointer(loop.keep_last_checkpoints, out_dir)
     fingerprint = config_fingerprint(cfg, model, data.train_ds, info)  # checked on resume
     weights_key = "adapter" if use_lora else "model"
 
     def weights():  # LoRA: adapters + head (what trains); full: everything
         return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad} if use_lora else model.state_dict()
 
-    step = resume_training_state(ckpt, cfg_get(cfg, "resume_from_checkpoint"), model=model, weights_key=weights_key,
-                                 optimizer=optimizer, lr_scheduler=lr_scheduler, stream=stream, fingerprint=fingerprint,
-                                 total_steps=total_steps)
+    step = resume_training_state(ckpt, loop.resume_from_checkpoint, model=model, weights_key=weights_key,
+                                 optimizer=optimizer, lr_scheduler=lr_scheduler, stream=stream, accum=accum,
+                                 fingerprint=fingerprint, total_steps=total_steps)
 
     # ---- 5. training loop -------------------------------------------------------------------
-    loggers = build_metric_loggers(cfg_get(cfg, "metric_loggers"), out_dir)
-    loop = LoopSettings.from_config(cfg)  # log / validate / checkpoint cadence, stop_after, clip
+    loggers = build_metric_loggers(loop.metric_loggers, out_dir)
     guard = NonFiniteGuard(loop.nan_policy)  # a NaN/Inf loss or grad norm stops the run (or skips the step)
     model.train()
     progress = TrainProgress(total_steps, initial_step=step, desc="reward_model")
@@ -96,21 +105,21 @@ def recipe_main(cfg: DictConfig) -> dict:
         micro_batches = [next(stream) for _ in range(accum)]
         lr = current_lr(optimizer)
         metrics = reward_accumulate(model, micro_batches, device)
-        grad_norm = optimizer_step(model, optimizer, lr_scheduler, loop.clip, guard=guard, loss=metrics["loss"],
-                                   step=step + 1)
+        grad_norm = optimizer_step(model, optimizer, lr_scheduler, loop.clip_grad_norm, guard=guard,
+                                   loss=metrics["loss"], step=step + 1)
         step += 1
         dt = progress.tick()
         progress.update(metrics["loss"], lr, metrics["pairs"] / max(dt, 1e-9))
-        if step % loop.log_every == 0 or step == total_steps:
+        if loop.log_due(step, total_steps):
             log_train_row(loggers, step, {**metrics, "lr": lr}, device, grad_norm)
-        if val_loader is not None and loop.val_every and (step % loop.val_every == 0 or step == total_steps):
-            val = reward_eval(model, val_loader, device, loop.val_max_batches)
+        if val_loader is not None and val_cfg.every_n_steps and (step % val_cfg.every_n_steps == 0 or step == total_steps):
+            val = reward_eval(model, val_loader, device, val_cfg.max_batches)
             loggers.log_dict({f"val_{k}": v for k, v in val.items() if k != "pairs"}, step)
-        if (loop.ckpt_every and step % loop.ckpt_every == 0) or (loop.stop_after and step == loop.stop_after):
+        if loop.checkpoint_due(step):
             save_training_state(ckpt, step, {weights_key: weights()},
-                                optimizer=optimizer, lr_scheduler=lr_scheduler, stream=stream,
+                                optimizer=optimizer, lr_scheduler=lr_scheduler, stream=stream, accum=accum,
                                 fingerprint=fingerprint)
-        if loop.stop_after and step >= loop.stop_after and step < total_steps:
+        if loop.stops_early(step, total_steps):
             progress.close()
             loggers.close()
             report_early_stop(step)

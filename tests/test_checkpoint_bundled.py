@@ -68,7 +68,7 @@ def test_smollm2_matches_hf_transformers(smollm2, smollm2_dir):
     hf = transformers.AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
     x = torch.tensor([ids])
     with torch.no_grad():
-        torch.testing.assert_close(model(x).float(), hf(input_ids=x).logits.float(), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(model(x).float(), hf(input_ids=x).logits.float(), atol=2e-4, rtol=1e-4)
 
 
 @pytest.mark.slow

@@ -12,7 +12,7 @@ from tinytune.generation import generate
 from tinytune.models.smollm2 import smollm2_tiny
 from tinytune.training.evaluation import evaluate_loss
 from tinytune.training.lr_schedulers import get_lr_scheduler, resolve_warmup_steps
-from tinytune.training.setup import LoopSettings
+from tinytune.config.recipe_settings import ValidationSettings
 from tinytune.training.steps import optimizer_step
 
 
@@ -95,8 +95,8 @@ def test_validation_max_batches_reads_only_the_first_batches():
     assert evaluate_loss(model, batches, torch.device("cpu"))["tokens"] == 4 * 2 * 7
     # the recipes read the key from validation.max_batches
     from omegaconf import OmegaConf
-    assert LoopSettings.from_config(OmegaConf.create({"validation": {"max_batches": 2}})).val_max_batches == 2
-    assert LoopSettings.from_config(OmegaConf.create({})).val_max_batches is None
+    assert ValidationSettings.from_config(OmegaConf.create({"max_batches": 2})).max_batches == 2
+    assert ValidationSettings.from_config(OmegaConf.create({})).max_batches is None
 
 
 def test_generation_stops_at_stop_tokens_per_row():

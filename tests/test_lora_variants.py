@@ -11,7 +11,7 @@ from _ckpt_helpers import hf_logits, our_logits, tiny_hf_model, tokens
 
 from tinytune.checkpoint import load_hf_model, load_peft_adapter, save_hf_checkpoint, save_peft_adapter
 from tinytune.modules.peft import LoRALinear, get_adapter_params, get_merged_state_dict, lora_linear_factory
-from tinytune.training.setup import lora_settings
+from tinytune.config.recipe_settings import LoRASettings
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
@@ -100,7 +100,9 @@ def test_variant_adapter_loads_in_peft_with_equal_logits_and_merges(tmp_path, na
     ours = our_logits(model, toks)
     assert not torch.allclose(ours, base_logits, atol=1e-3)
     out = tmp_path / "adapter"
-    save_peft_adapter(model, info, str(out), lora_settings(None, model))
+    lora = LoRASettings(lora_rank=4, lora_alpha=8.0, use_dora=variant.get("use_dora", False),
+                        use_rslora=variant.get("use_rslora", False), lora_init=variant.get("init", "default"))
+    save_peft_adapter(model, info, str(out), lora)
     cfg = json.loads((out / "adapter_config.json").read_text())
     assert cfg["use_dora"] == variant.get("use_dora", False)
     assert cfg["use_rslora"] == variant.get("use_rslora", False)

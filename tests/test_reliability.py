@@ -92,6 +92,7 @@ def _strict_rows(path):
 
 def _inject(monkeypatch, at_call, kind):
     """Makes the `at_call`-th loss (1-based; one call per step here) NaN, or raise KeyboardInterrupt."""
+    import tinytune.training as training
     import tinytune.training.steps as steps
 
     real, calls = steps.sft_loss, {"n": 0}
@@ -106,6 +107,7 @@ def _inject(monkeypatch, at_call, kind):
         return loss
 
     monkeypatch.setattr(steps, "sft_loss", loss_fn)
+    monkeypatch.setattr(training, "sft_loss", loss_fn)  # the SFT recipes import it from here (runpy: fresh each run)
 
 
 def _checkpoints(out):
@@ -240,21 +242,25 @@ def test_mistyped_checkpoint_dir_is_an_error_not_the_bundled_model(assets, tmp_p
 
 
 def test_bundled_model_only_when_checkpoint_dir_is_unset_or_its_default(monkeypatch, tmp_path):
-    from omegaconf import OmegaConf
-
-    import tinytune.checkpoint as ckpt_pkg
+    import tinytune.training.setup as setup_mod
     from tinytune.checkpoint.bundled import tinytune_home
+    from tinytune.config.recipe_settings import ModelSourceSettings
     from tinytune.training.setup import resolve_checkpoint_dir
 
-    monkeypatch.setattr(ckpt_pkg, "ensure_bundled", lambda name: f"/bundled/{name}")
+    monkeypatch.setattr(setup_mod, "ensure_bundled", lambda name: f"/bundled/{name}")
     name = "smollm2-135m-instruct"
-    assert resolve_checkpoint_dir(OmegaConf.create({"bundled_model": name})) == f"/bundled/{name}"
+
+    def src(**keys):
+        return ModelSourceSettings.from_config(keys)
+
+    assert resolve_checkpoint_dir(src(bundled_model=name)) == f"/bundled/{name}"
     default = os.path.join(tinytune_home(), "models", name)  # what the shipped configs name
-    assert resolve_checkpoint_dir(OmegaConf.create({"checkpoint_dir": default, "bundled_model": name})) == \
-        f"/bundled/{name}"
+    assert resolve_checkpoint_dir(src(checkpoint_dir=default, bundled_model=name)) == f"/bundled/{name}"
     (tmp_path / "empty").mkdir()
     with pytest.raises(Exception, match="has no config.json"):
-        resolve_checkpoint_dir(OmegaConf.create({"checkpoint_dir": str(tmp_path / "empty"), "bundled_model": name}))
+        resolve_checkpoint_dir(src(checkpoint_dir=str(tmp_path / "empty"), bundled_model=name))
+    with pytest.raises(Exception, match="does not exist"):
+        resolve_checkpoint_dir(src(checkpoint_dir=str(tmp_path / "typo"), bundled_model=name))
 
 
 # ---- 3. resume belongs to this run ------------------------------------------------------------------
@@ -301,6 +307,23 @@ def test_raised_max_steps_extends_the_lr_schedule(assets, tmp_path, capsys):
     # first new step: this run's 8-step cosine at step 4 = 0.5 * (1 + cos(pi / 2)) of the base LR
     assert lr[5] == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi * 4 / 8)))
     assert lr[8] == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi * 7 / 8)))
+
+
+def test_fingerprint_settings_are_declared_keys_and_nan_policy_is_in_every_training_recipe():
+    from tinytune.config.recipe_settings import RECIPE_SETTINGS, TrainSettings
+    from tinytune.training.resume_check import TRAJECTORY_KEYS
+
+    training = [cls for cls in RECIPE_SETTINGS.values() if issubclass(cls, TrainSettings)]
+    assert len(training) == 7
+    declared = {k for cls in training for k in cls.declared_keys()}
+    assert [k for k in TRAJECTORY_KEYS if k not in declared] == []  # a fingerprint key nothing reads compares nothing
+    for cls in training:
+        assert "nan_policy" in cls.declared_keys(), cls.NAME
+        assert cls.from_config({"output_dir": "o", "dataset": {"_component_": "tinytune.datasets.chat_dataset"},
+                                "nan_policy": "skip_step"}).loop.nan_policy == "skip_step"
+    with pytest.raises(Exception, match="nan_policy"):
+        RECIPE_SETTINGS["lora_finetune"].from_config({"output_dir": "o", "nan_policy": "ignore",
+                                                       "dataset": {"_component_": "tinytune.datasets.chat_dataset"}})
 
 
 def test_lowered_max_steps_below_the_checkpoint_is_refused(stopped_run, tmp_path, capsys):
@@ -384,7 +407,8 @@ def test_builder_disagreeing_with_config_json_is_refused(assets, tmp_path, capsy
     assert "num_hidden_layers: builder 3, config.json 2" in msg and "config.json" in msg
     model = {"_component_": "tinytune.models.llama_decoder", **hp, "norm_eps": 1e-6}
     out = tmp_path / "out"
-    rc, _, err = _tune(_cfg(assets, out, model=model), tmp_path, capsys, recipe="full_finetune")
+    cfg = {k: v for k, v in _cfg(assets, out, model=model).items() if k != "save_merged"}  # a LoRA-only key
+    rc, _, err = _tune(cfg, tmp_path, capsys, recipe="full_finetune")
     assert rc == 1 and "rms_norm_eps: builder 1e-06, config.json 1e-05" in _short(err)
     assert not os.path.exists(out / "hf_model")
 

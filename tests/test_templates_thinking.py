@@ -17,7 +17,8 @@ from tinytune.datasets import sft_dataset
 from tinytune.datasets.encoding import SampleEncoder
 from tinytune.datasets.styles import ChatSample
 from tinytune.datasets.templates import TemplateError, get_template
-from tinytune.training.prompting import encode_chat_prompt, thinking_from_cfg
+from tinytune.config.recipe_settings import LoRAFinetuneSettings
+from tinytune.training.prompting import encode_chat_prompt
 
 BAD = ["false", "0", "no", "true", 0, 1, "null"]
 MSGS = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"},
@@ -33,9 +34,10 @@ def test_non_bool_enable_thinking_is_refused_naming_the_key(value, tmp_path):
                     enable_thinking=value, cache_dir=str(tmp_path))
     with pytest.raises(TemplateError, match="enable_thinking"):
         get_template("qwen3").render(MSGS, enable_thinking=value)
-    cfg = OmegaConf.create({"sample_generation": {"enable_thinking": value}})
-    with pytest.raises(ConfigError, match=r"sample_generation\.enable_thinking must be"):
-        thinking_from_cfg(cfg, "sample_generation.enable_thinking")
+    cfg = OmegaConf.create({"output_dir": str(tmp_path), "sample_generation": {"enable_thinking": value},
+                            "dataset": {"_component_": "tinytune.datasets.sft_dataset"}})
+    with pytest.raises(ConfigError, match=r"sample_generation\.enable_thinking: expected bool \| null"):
+        LoRAFinetuneSettings.from_config(cfg)
 
 
 @pytest.mark.parametrize("mode", [None, True, False])
@@ -64,7 +66,7 @@ def test_generate_recipe_reads_enable_thinking_and_refuses_strings(tmp_path, cap
     except SystemExit as e:
         rc = e.code
     assert rc == 2
-    assert "enable_thinking must be true, false or null (got 'false'" in capsys.readouterr().err
+    assert "enable_thinking: expected bool | null, got 'false'" in capsys.readouterr().err
     path.write_text("# recipe: generate\n" + yaml.safe_dump({**base, "enable_thinking": False}))
     try:
         rc = tune_main(["run", "generate", "--config", str(path)])

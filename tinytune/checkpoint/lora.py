@@ -20,6 +20,7 @@ from tinytune.checkpoint.atomic import write_file_atomic, write_json_atomic
 from tinytune.checkpoint.keys import hf_key_map
 from tinytune.checkpoint.model_info import CheckpointError, ModelInfo
 from tinytune.checkpoint.tensors import to_plain_tensor
+from tinytune.config.recipe_settings import LoRASettings
 
 _LORA_SUFFIXES = (".lora_a.weight", ".lora_b.weight", ".lora_magnitude.weight")
 PEFT_PREFIX = "base_model.model."
@@ -30,9 +31,11 @@ def is_lora_key(name: str) -> bool:
     return name.endswith(_LORA_SUFFIXES)
 
 
-def _cfg_get(cfg: Mapping[str, Any] | None, *names: str, default: Any = None) -> Any:
+def _cfg_get(cfg: Mapping[str, Any] | LoRASettings | None, *names: str, default: Any = None) -> Any:
     if cfg is None:
         return default
+    if isinstance(cfg, LoRASettings):  # the recipes' one LoRA definition
+        cfg = cfg.peft_config()
     for n in names:
         if n in cfg and cfg[n] is not None:
             return cfg[n]
@@ -151,9 +154,10 @@ def save_peft_adapter(
         model: LoRA model or its (adapter) state dict with tinytune names.
         info: model info (key table family, base model path).
         out_dir: target directory.
-        lora_cfg: ``lora_rank`` (or ``rank``/``r``), ``lora_alpha``, ``lora_dropout``, ``use_rslora``,
-            ``init`` (``pissa`` adapters are written as the equivalent rank-``2r`` plain LoRA on the
-            original base, as peft converts them; needs ``model`` to be the module).
+        lora_cfg: a :class:`LoRASettings`, or a mapping with ``lora_rank`` (or ``rank``/``r``),
+            ``lora_alpha``, ``lora_dropout``, ``use_rslora``, ``init`` (``pissa`` adapters are written
+            as the equivalent rank-``2r`` plain LoRA on the original base, as peft converts them;
+            needs ``model`` to be the module).
         base_model_name_or_path: recorded in the config (default: ``info.source_dir``).
 
     Returns:

@@ -13,6 +13,7 @@ reductions).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import os
@@ -36,6 +37,8 @@ __all__ = [
     "get_dp_info",
     "init_distributed",
     "is_rank_zero",
+    "process_group",
+    "rank_zero_first",
     "shutdown_distributed",
 ]
 
@@ -111,6 +114,33 @@ def shutdown_distributed() -> None:
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def process_group(device: str | None = "auto", cpu_offload: bool = False):
+    """``with process_group(...) as info:`` :func:`init_distributed` on entry; on exit the group is
+    destroyed again when this call created it (a caller's group is left alone)."""
+    owns_group = not dist.is_initialized()
+    info = init_distributed(device, cpu_offload=cpu_offload)
+    try:
+        yield info
+    finally:
+        if owns_group:
+            shutdown_distributed()
+
+
+@contextlib.contextmanager
+def rank_zero_first():
+    """Rank 0 runs the block first, the other ranks after it (e.g. building a token cache on disk
+    that the others then read). Without a process group it just runs the block."""
+    if not dist.is_initialized():
+        yield
+        return
+    if not is_rank_zero():
+        dist.barrier()
+    yield
+    if is_rank_zero():
+        dist.barrier()
 
 
 def is_rank_zero() -> bool:

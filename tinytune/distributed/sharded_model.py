@@ -39,7 +39,14 @@ def _init_lora_adapters(model: nn.Module) -> None:
         reset = getattr(module, "reset_lora_parameters", None)
         if reset is None:
             continue
+        init = getattr(module, "init", "default")
+        if init == "pissa" or getattr(module, "lora_magnitude", None) is not None:
+            # both need the full base weight of the layer, which sharded loading never holds
+            raise ValueError(f"{name}: lora_init=pissa and use_dora are not supported with sharded loading "
+                             "(the distributed recipes); use the single-device lora_finetune recipe")
         stub = nn.Module()
+        stub.init, stub.rank, stub.lora_magnitude = init, module.rank, None
+        stub.weight = nn.Parameter(torch.empty(0), requires_grad=False)  # not meta: the init runs
         full = {}
         for sub in ("lora_a", "lora_b"):
             weight = getattr(module, sub).weight

@@ -13,32 +13,14 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from tinytune.config import ConfigError
-from tinytune.datasets.templates import TemplateError
-from tinytune.datasets.templates.base import check_enable_thinking
-from tinytune.training.setup import cfg_get
+from tinytune.datasets.templates import get_template
+from tinytune.generation import generate
 from tinytune.training.held_out import fraction_correct, parse_held_out
 
 
 def get_bound_template(name: Any, tokenizer):
     """``get_template(name)`` bound to ``tokenizer`` (``hf`` uses the tokenizer's chat template)."""
-    from tinytune.datasets.templates import get_template  # noqa: PLC0415
-
     return get_template(name or "hf").bind(tokenizer)
-
-
-def thinking_from_cfg(cfg: Any, key: str) -> bool | None:
-    """``enable_thinking`` from a config key: true, false or null; anything else is a ConfigError
-    naming the key (a quoted ``'false'`` must not silently mean thinking on).
-
-    Args:
-        cfg: recipe config.
-        key: dotted key, e.g. ``enable_thinking`` or ``sample_generation.enable_thinking``.
-    """
-    try:
-        return check_enable_thinking(cfg_get(cfg, key), key)
-    except TemplateError as e:
-        raise ConfigError(str(e)) from None
 
 
 def encode_chat_prompt(tokenizer, template, messages: list[dict], enable_thinking: bool | None = None) -> list[int]:
@@ -105,8 +87,6 @@ def generate_replies(model: nn.Module, tokenizer, template, prompts: Sequence[st
     Returns:
         The decoded replies (special tokens skipped, surrounding whitespace stripped).
     """
-    from tinytune.generation import generate  # noqa: PLC0415
-
     encoded = [encode_chat_prompt(tokenizer, template, prompt_messages(p, system), enable_thinking)
                for p in prompts]
     gen = None
@@ -139,29 +119,25 @@ def side_by_side(prompts: Sequence[str], before: Sequence[str], after: Sequence[
 class SampleGenerations:
     """Answers ``sample_generation.prompts`` before and after training and compares them.
 
-    Config keys: ``sample_generation.prompts`` and ``sample_generation.held_out`` (questions with
+    Settings: ``sample_generation.prompts`` and ``sample_generation.held_out`` (questions with
     expected answers, scored: :mod:`tinytune.training.held_out`; none of either: everything here
-    is a no-op), ``sample_generation.max_new_tokens`` (48), ``sample_generation.system`` and
-    ``template`` (``hf``). Decoding is greedy.
+    is a no-op), ``sample_generation.max_new_tokens``, ``sample_generation.system``,
+    ``sample_generation.enable_thinking`` and ``template``. Decoding is greedy.
 
     Args:
-        cfg: recipe config.
+        sample: the ``sample_generation`` settings.
+        template: the ``template`` setting (a template name).
         tokenizer: tinytune tokenizer.
     """
 
-    def __init__(self, cfg: Any, tokenizer) -> None:
-        from tinytune.training.setup import cfg_get  # noqa: PLC0415
-
-        gen_cfg = cfg_get(cfg, "sample_generation")
+    def __init__(self, sample: Any, template: str, tokenizer) -> None:
         self.tokenizer = tokenizer
-        # settings key: sample_generation.held_out (list of {prompt, expect}; scored before/after)
-        self.held_out = parse_held_out(cfg_get(gen_cfg, "held_out"))
-        self.prompts = list(cfg_get(gen_cfg, "prompts", []) or []) + [q.prompt for q in self.held_out]
-        self.template = get_bound_template(cfg_get(cfg, "template", "hf"), tokenizer) if self.prompts else None
-        self.gen_kw = dict(max_new_tokens=int(cfg_get(gen_cfg, "max_new_tokens", 48)),
-                           system=cfg_get(gen_cfg, "system"))
-        # sample_generation.enable_thinking (Qwen3): true / false / null, as for the dataset
-        self.gen_kw["enable_thinking"] = thinking_from_cfg(cfg, "sample_generation.enable_thinking")
+        self.held_out = parse_held_out(sample.held_out)  # checked by the settings layer already
+        self.prompts = list(sample.prompts) + [q.prompt for q in self.held_out]
+        self.template = get_bound_template(template, tokenizer) if self.prompts else None
+        # enable_thinking (Qwen3): true / false / null, as for the dataset
+        self.gen_kw = dict(max_new_tokens=sample.max_new_tokens, system=sample.system,
+                           enable_thinking=sample.enable_thinking)
         self.before: list[str] = []
 
     def _answer(self, model: nn.Module) -> list[str]:

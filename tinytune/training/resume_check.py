@@ -16,10 +16,13 @@ from tinytune.checkpoint.fingerprint import run_fingerprint
 # this run's. Keys left out may change between the parts of one run: max_steps / epochs (the LR
 # schedule is recomputed), logging, validation cadence, checkpoint cadence and retention,
 # stop_after_steps, nan_policy, output and export settings, device placement and activation checkpointing.
+# Every key is declared by some training recipe's settings (tinytune.config.recipe_settings; tested).
 TRAJECTORY_KEYS = (
     "seed", "dtype", "batch_size", "gradient_accumulation_steps", "shuffle", "padding_free", "clip_grad_norm",
     "optimizer", "lr_scheduler", "model", "validation.split_ratio", "validation.split_size", "pad_to_multiple_of",
-    "beta", "label_smoothing", "loss",
+    "loraplus_lr_ratio",
+    "beta", "label_smoothing", "loss", "gamma",  # dpo
+    "desirable_weight", "undesirable_weight",  # kto
 )
 # The data is compared by content instead of by its config node (tinytune.checkpoint.fingerprint.dataset_identity:
 # token-cache key = file digests + tokenizer + template + max_seq_len ..., sample count and order), so a moved

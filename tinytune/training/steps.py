@@ -5,16 +5,19 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from tinytune.config import ConfigError
+from tinytune.config.recipe_settings import NAN_POLICIES, OptimSettings
 from tinytune.errors import NonFiniteError, last_good_checkpoint, run_context
-
 from tinytune.training.data import to_device
 from tinytune.training.losses import count_label_tokens, sft_loss
+from tinytune.training.lr_schedulers import build_lr_scheduler
+from tinytune.training.optim import build_optimizer
 from tinytune.training.padding_free import drop_unlabeled_tail
 
 log = logging.getLogger(__name__)
@@ -46,9 +49,6 @@ def sft_accumulate(model: nn.Module, micro_batches: Sequence[dict], device: torc
         loss.backward()
         total += loss.detach()
     return total, n
-
-
-NAN_POLICIES = ("stop", "skip_step")
 
 
 class NonFiniteGuard:
@@ -102,8 +102,9 @@ class NonFiniteGuard:
 
 
 def optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, lr_scheduler=None,
-                   clip_grad_norm: float | None = None, *, guard: NonFiniteGuard | None = None,
-                   loss: torch.Tensor | float | None = None, step: int | None = None) -> float | None:
+                   clip_grad_norm: float | None = None, clip_fn=torch.nn.utils.clip_grad_norm_, *,
+                   guard: NonFiniteGuard | None = None, loss: torch.Tensor | float | None = None,
+                   step: int | None = None) -> float | None:
     """Clips gradients (if asked), steps the optimizer and scheduler, zeroes gradients.
 
     With a ``guard`` the loss and the gradient norm are checked first: a non-finite one stops the
@@ -111,6 +112,9 @@ def optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, lr_schedu
     still advances, so step numbers and LRs stay aligned.
 
     Args:
+        clip_fn: ``(params, max_norm) -> total norm``; the distributed recipes pass the DTensor-aware
+            :func:`tinytune.distributed.fsdp.clip_grad_norm_` (also used, with an infinite
+            threshold that scales nothing, for the guard's norm when there is no clipping).
         guard: the run's :class:`NonFiniteGuard` (None: no check).
         loss: the step's loss (checked by the guard).
         step: the step being taken, for messages.
@@ -121,9 +125,10 @@ def optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, lr_schedu
     norm = None
     params = [p for p in model.parameters() if p.grad is not None]
     if clip_grad_norm:
-        norm = float(torch.nn.utils.clip_grad_norm_(params, float(clip_grad_norm)))
+        norm = float(clip_fn(params, float(clip_grad_norm)))
     elif guard is not None:
-        norm = float(torch.nn.utils.get_total_norm([p.grad for p in params])) if params else 0.0
+        # an infinite threshold measures the (DTensor-aware) total norm and scales nothing
+        norm = float(clip_fn(params, float("inf"))) if params else 0.0
     if guard is None or guard.check(int(step or 0), float(loss) if loss is not None else 0.0, norm):
         optimizer.step()
     if lr_scheduler is not None:
@@ -137,18 +142,21 @@ def current_lr(optimizer: torch.optim.Optimizer) -> float:
     return float(optimizer.param_groups[0]["lr"])
 
 
-def build_optimizer_and_scheduler(cfg, params, total_steps: int):
-    """``(optimizer, lr_scheduler)`` from ``optimizer.*`` and ``lr_scheduler.*`` (default: constant).
+def build_optimizer_and_scheduler(optim: OptimSettings, params, total_steps: int):
+    """``(optimizer, lr_scheduler)`` from the ``optimizer`` and ``lr_scheduler`` settings (default: constant).
 
     Args:
-        cfg: recipe config.
+        optim: the recipe's optimizer settings (the two nodes, already checked).
         params: the parameters to train.
         total_steps: optimizer steps of the whole run (for warmup ratios and decay).
     """
-    from tinytune.training.lr_schedulers import build_lr_scheduler  # noqa: PLC0415
-    from tinytune.training.optim import build_optimizer  # noqa: PLC0415
-    from tinytune.training.setup import cfg_get  # noqa: PLC0415
-
-    optimizer = build_optimizer(params, **dict(cfg_get(cfg, "optimizer", {})))
-    lr_scheduler = build_lr_scheduler(optimizer, total_steps, cfg_get(cfg, "lr_scheduler", {"name": "constant"}))
+    optimizer = build_optimizer(params, **_plain(optim.optimizer, {}))
+    lr_scheduler = build_lr_scheduler(optimizer, total_steps, _plain(optim.lr_scheduler, {"name": "constant"}))
     return optimizer, lr_scheduler
+
+
+def _plain(node: Any, default: dict) -> dict:
+    """A config node as a plain dict (the node's keys only; null = ``default``)."""
+    if node is None:
+        return dict(default)
+    return dict(OmegaConf.to_container(node, resolve=True)) if isinstance(node, DictConfig) else dict(node)
