@@ -17,8 +17,10 @@ from tinytune.checkpoint.fingerprint import run_fingerprint
 # schedule is recomputed), logging, validation cadence, checkpoint cadence and retention,
 # stop_after_steps, nan_policy, output and export settings, device placement and activation checkpointing.
 # Every key is declared by some training recipe's settings (tinytune.config.recipe_settings; tested).
+# batch_size and gradient_accumulation_steps are not here: the batch stream and
+# tinytune.training.checkpointing.check_same_accumulation refuse those with their own messages.
 TRAJECTORY_KEYS = (
-    "seed", "dtype", "batch_size", "gradient_accumulation_steps", "shuffle", "padding_free", "clip_grad_norm",
+    "seed", "dtype", "shuffle", "padding_free", "clip_grad_norm",
     "optimizer", "lr_scheduler", "model", "validation.split_ratio", "validation.split_size", "pad_to_multiple_of",
     "loraplus_lr_ratio",
     "beta", "label_smoothing", "loss", "gamma",  # dpo
