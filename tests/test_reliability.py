@@ -390,6 +390,40 @@ def test_distributed_resume_checks_fingerprint_and_extends_lr(tmp_path):
     assert lr[3] == pytest.approx(3e-3 * 0.5 * (1 + math.cos(math.pi * (2 - 1) / (8 - 1))))
 
 
+def test_distributed_recipe_guards_non_finite_loss(tmp_path, monkeypatch):
+    """The DCP recipes' loop (one-process group): a NaN loss stops before the optimizer step, or is skipped and counted."""
+    import torch.distributed as dist
+    from omegaconf import OmegaConf
+
+    import recipes.lora_finetune_distributed as rec
+    from tests.dist_workers.recipe_worker import base_cfg
+    from tests.dist_workers.tiny_checkpoint import write_tiny_checkpoint
+
+    real, calls = rec.sft_loss_sum, {"n": 0}
+
+    def loss_fn(model, batch):  # the 3rd micro-batch = step 2 (2 micro-batches per step)
+        calls["n"] += 1
+        loss = real(model, batch)
+        return loss * float("nan") if calls["n"] == 3 else loss
+
+    monkeypatch.setattr(rec, "sft_loss_sum", loss_fn)
+    ckpt = write_tiny_checkpoint(str(tmp_path / "ckpt"), "qwen3", tie=False)
+    cfg = dict(base_cfg(str(tmp_path / "stop"), ckpt, dp=1, tp=1, lora=True), validation=None,
+               checkpoint_every_n_steps=1, save_merged=False, save_adapter=False)
+    try:
+        with pytest.raises(NonFiniteError, match=r"step 2: non-finite loss nan.*last checkpoint: .*step_1"):
+            rec.recipe_main(OmegaConf.create(cfg))
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        calls["n"] = 0
+        summary = rec.recipe_main(OmegaConf.create(dict(cfg, output_dir=str(tmp_path / "skip"),
+                                                        nan_policy="skip_step")))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    assert summary["step"] == 4 and summary["skipped_steps"] == 1 and math.isfinite(summary["loss"])
+
+
 # ---- 4. explicit builder vs config.json ---------------------------------------------------------------
 
 
