@@ -14,8 +14,8 @@ import torch
 from omegaconf import DictConfig
 
 import tinytune.config
-from tinytune.generation import generate
 from tinytune.config.recipe_settings import ChatSettings
+from tinytune.generation import generate
 from tinytune.training import load_model_and_tokenizer, setup_device
 from tinytune.training.prompting import encode_chat_prompt, get_bound_template, stop_token_ids
 

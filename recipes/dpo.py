@@ -22,7 +22,12 @@ import tinytune.config
 from tinytune.checkpoint import save_hf_checkpoint, save_peft_adapter
 from tinytune.config.recipe_settings import DPOSettings
 from tinytune.datasets import data_summary
-from tinytune.modules.peft import get_adapter_params, get_adapter_state_dict, get_merged_state_dict, set_trainable_params
+from tinytune.modules.peft import (
+    get_adapter_params,
+    get_adapter_state_dict,
+    get_merged_state_dict,
+    set_trainable_params,
+)
 from tinytune.training import (
     NonFiniteGuard,
     PreferenceLoss,
@@ -88,7 +93,7 @@ def recipe_main(cfg: DictConfig) -> dict:
     val_loader = validation_batches(data.val_ds, data.batch_size, data.collate) if data.val_ds else None
 
     # ---- 4. optimizer, LR schedule, checkpointer (resume) ----------------------------------
-    optimizer, lr_scheduler = build_optimizer_and_scheduler(s.optim, model.parameters(), total_steps)
+    optimizer, lr_scheduler = build_optimizer_and_scheduler(s.optim, model.named_parameters(), total_steps)
     ckpt = open_checkpointer(loop.keep_last_checkpoints, out_dir)
     fingerprint = config_fingerprint(cfg, model, data.train_ds, info)  # checked on resume
     weights_key = "adapter" if use_lora else "model"

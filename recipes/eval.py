@@ -2,7 +2,10 @@
 
 The data is ``dataset`` (a dataset node, e.g. a file through ``tinytune.datasets.chat_dataset``);
 with ``validation.split_ratio`` / ``validation.split_size`` only the held-out part is evaluated,
-the same samples a fine-tuning run with the same ``seed`` and split held out.
+the same samples a fine-tuning run with the same ``seed`` and split held out. With
+``generation.num_samples: N`` the model also answers the prompts of the first N samples (greedy,
+``generation.max_new_tokens``) and the answers are scored against the references: exact match,
+ROUGE-L and BLEU (:mod:`tinytune.training.text_metrics`).
 
     tune run eval --config smollm2/eval checkpoint_dir=outputs/demo/hf_model
 """
@@ -19,6 +22,7 @@ import tinytune.config
 from tinytune.config.recipe_settings import EvalSettings
 from tinytune.training import (
     build_collate,
+    evaluate_generations,
     evaluate_loss,
     load_model_and_tokenizer,
     setup_device,
@@ -41,6 +45,13 @@ def recipe_main(cfg: DictConfig) -> dict:
     result.update(samples=len(data), seconds=round(time.perf_counter() - t0, 2), checkpoint_dir=checkpoint_dir)
     print(f"eval: loss {result['loss']:.4f} | perplexity {result['perplexity']:.3f} | "
           f"{result['tokens']} label tokens in {result['samples']} samples")
+    n_gen = s.generation.num_samples
+    if n_gen > 0:
+        items = [data[i] for i in range(min(n_gen, len(data)))]
+        gen = evaluate_generations(model, tokenizer, items, s.generation.max_new_tokens)
+        result["generation"] = gen
+        print(f"eval: generation on {gen['samples']} samples: exact match {gen['exact_match']:.3f} | "
+              f"ROUGE-L {gen['rouge_l']:.3f} | BLEU {gen['bleu']:.2f}")
     out_dir = s.output_dir
     if out_dir:
         os.makedirs(os.path.expanduser(str(out_dir)), exist_ok=True)

@@ -19,6 +19,7 @@ from omegaconf import DictConfig
 
 import tinytune.config
 from tinytune.checkpoint import save_hf_checkpoint
+from tinytune.config import ConfigError
 from tinytune.config.recipe_settings import FullFinetuneSettings
 from tinytune.training import (
     LogWindow,
@@ -32,6 +33,8 @@ from tinytune.training import (
     count_label_tokens,
     current_lr,
     drop_unlabeled_tail,
+    EarlyStopping,
+    activate_neftune,
     evaluate_loss,
     export_gguf,
     load_model_and_tokenizer,
@@ -49,6 +52,7 @@ from tinytune.training import (
     to_device,
     train_data,
     validation_batches,
+    validation_generation_row,
     validation_row,
     write_summary,
 )
@@ -70,6 +74,8 @@ def recipe_main(cfg: DictConfig) -> dict:
     print(f"model: {info.model_type} from {checkpoint_dir}; training all {n_total:,} parameters")
     if loop.activation_checkpointing:
         apply_activation_checkpointing(model)
+    if s.neftune_noise_alpha is not None:  # NEFTune noise on the input embeddings, training only
+        activate_neftune(model, s.neftune_noise_alpha)
 
     # ---- 3. data ---------------------------------------------------------------------------
     data = train_data(s.data, tokenizer, seed, s.hardware.seed)
@@ -81,7 +87,7 @@ def recipe_main(cfg: DictConfig) -> dict:
           f"{total_steps} steps of {accum} x {data.batch_size} samples")
 
     # ---- 4. optimizer, LR schedule, checkpointer (resume) ----------------------------------
-    optimizer, lr_scheduler = build_optimizer_and_scheduler(s.optim, model.parameters(), total_steps)
+    optimizer, lr_scheduler = build_optimizer_and_scheduler(s.optim, model.named_parameters(), total_steps)
     ckpt = open_checkpointer(loop.keep_last_checkpoints, out_dir)
     fingerprint = config_fingerprint(cfg, model, data.train_ds, info)  # checked on resume
     step = resume_training_state(ckpt, loop.resume_from_checkpoint, model=model, weights_key="model",
@@ -97,6 +103,10 @@ def recipe_main(cfg: DictConfig) -> dict:
     # ---- 6. training loop -------------------------------------------------------------------
     loggers = build_metric_loggers(loop.metric_loggers, out_dir)
     guard = NonFiniteGuard(loop.nan_policy)  # a NaN/Inf loss or grad norm stops the run (or skips the step)
+    stopper = EarlyStopping(s.early_stopping.patience, s.early_stopping.min_delta, s.save_best)
+    gen_n, gen_tokens = val_cfg.generation.num_samples, val_cfg.generation.max_new_tokens
+    if stopper.active and val_loader is None:
+        raise ConfigError("early_stopping / save_best: need validation data (validation.dataset or split_ratio)")
     model.train()
     progress = TrainProgress(total_steps, initial_step=step, desc="full_finetune")
     window = LogWindow()  # means since the last log line, and run totals
@@ -127,6 +137,11 @@ def recipe_main(cfg: DictConfig) -> dict:
         if val_loader is not None and val_cfg.due(step, total_steps):
             val = evaluate_loss(model, val_loader, device, val_cfg.max_batches, loop.padding_free)
             loggers.log_dict(validation_row(val), step)
+            if gen_n:  # exact match / ROUGE-L / BLEU of greedy answers to validation prompts
+                loggers.log_dict(validation_generation_row(model, tokenizer, data.val_ds, gen_n, gen_tokens), step)
+            if stopper.update(val["loss"], step, model.state_dict):
+                print(f"early stopping at step {step}: no validation improvement in {stopper.patience} evaluations")
+                break
         if loop.checkpoint_due(step):
             save_training_state(ckpt, step, {"model": model.state_dict()},
                                 optimizer=optimizer, lr_scheduler=lr_scheduler, stream=stream, accum=accum,
@@ -145,6 +160,15 @@ def recipe_main(cfg: DictConfig) -> dict:
         val = validation_row(evaluate_loss(model, val_loader, device, val_cfg.max_batches, loop.padding_free))
         loggers.log_dict(val, step)
         summary.update(val)
+        if gen_n:
+            gen = validation_generation_row(model, tokenizer, data.val_ds, gen_n, gen_tokens)
+            loggers.log_dict(gen, step)
+            summary.update(gen)
+        if stopper.active and step != stopper.best_step:
+            stopper.update(val["val_loss"], step, model.state_dict)
+    if stopper.active:
+        summary.update(stopper.summary(), stopped_early=step < total_steps)
+        stopper.restore_best(model)  # save_best: the exports below hold the best step's weights
     loggers.close()
     if s.save_hf:
         summary["hf_dir"] = save_hf_checkpoint(model.state_dict(), info, os.path.join(out_dir, "hf_model"),

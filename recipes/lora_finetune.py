@@ -36,11 +36,12 @@ from tinytune.training import (
     count_label_tokens,
     current_lr,
     drop_unlabeled_tail,
+    EarlyStopping,
+    activate_neftune,
     evaluate_loss,
     export_gguf,
     load_model_and_tokenizer,
     log_train_row,
-    loraplus_param_groups,
     model_lora,
     open_checkpointer,
     optimizer_step,
@@ -55,6 +56,7 @@ from tinytune.training import (
     to_device,
     train_data,
     validation_batches,
+    validation_generation_row,
     validation_row,
     write_summary,
 )
@@ -79,6 +81,8 @@ def recipe_main(cfg: DictConfig) -> dict:
     print(f"model: {info.model_type} from {checkpoint_dir}; trainable {n_trainable:,} of {n_total:,} parameters")
     if loop.activation_checkpointing:
         apply_activation_checkpointing(model)
+    if s.neftune_noise_alpha is not None:  # NEFTune noise on the input embeddings, training only
+        activate_neftune(model, s.neftune_noise_alpha)
 
     # ---- 3. data ---------------------------------------------------------------------------
     data = train_data(s.data, tokenizer, seed, s.hardware.seed)
@@ -90,10 +94,9 @@ def recipe_main(cfg: DictConfig) -> dict:
           f"{total_steps} steps of {accum} x {data.batch_size} samples")
 
     # ---- 4. optimizer, LR schedule, checkpointer (resume) ----------------------------------
-    # loraplus_lr_ratio (LoRA+): the B matrices train at the optimizer's lr x this
-    params = (loraplus_param_groups(model, s.optim.lr(), s.loraplus_lr_ratio)
-              if s.loraplus_lr_ratio is not None else model.parameters())
-    optimizer, lr_scheduler = build_optimizer_and_scheduler(s.optim, params, total_steps)
+    # loraplus_lr_ratio (LoRA+): the B matrices train at the optimizer's lr x this; no_decay groups by name
+    optimizer, lr_scheduler = build_optimizer_and_scheduler(s.optim, model.named_parameters(), total_steps,
+                                                            s.loraplus_lr_ratio)
     ckpt = open_checkpointer(loop.keep_last_checkpoints, out_dir)
     fingerprint = config_fingerprint(cfg, model, data.train_ds, info)  # checked on resume
     step = resume_training_state(ckpt, loop.resume_from_checkpoint, model=model, weights_key="adapter",
@@ -109,6 +112,10 @@ def recipe_main(cfg: DictConfig) -> dict:
     # ---- 6. training loop -------------------------------------------------------------------
     loggers = build_metric_loggers(loop.metric_loggers, out_dir)
     guard = NonFiniteGuard(loop.nan_policy)  # a NaN/Inf loss or grad norm stops the run (or skips the step)
+    stopper = EarlyStopping(s.early_stopping.patience, s.early_stopping.min_delta, s.save_best)
+    gen_n, gen_tokens = val_cfg.generation.num_samples, val_cfg.generation.max_new_tokens
+    if stopper.active and val_loader is None:
+        raise ConfigError("early_stopping / save_best: need validation data (validation.dataset or split_ratio)")
     model.train()
     progress = TrainProgress(total_steps, initial_step=step, desc="lora_finetune")
     window = LogWindow()  # means since the last log line, and run totals
@@ -139,6 +146,11 @@ def recipe_main(cfg: DictConfig) -> dict:
         if val_loader is not None and val_cfg.due(step, total_steps):
             val = evaluate_loss(model, val_loader, device, val_cfg.max_batches, loop.padding_free)
             loggers.log_dict(validation_row(val), step)
+            if gen_n:  # exact match / ROUGE-L / BLEU of greedy answers to validation prompts
+                loggers.log_dict(validation_generation_row(model, tokenizer, data.val_ds, gen_n, gen_tokens), step)
+            if stopper.update(val["loss"], step, lambda: get_adapter_state_dict(model)):
+                print(f"early stopping at step {step}: no validation improvement in {stopper.patience} evaluations")
+                break
         if loop.checkpoint_due(step):
             save_training_state(ckpt, step, {"adapter": get_adapter_state_dict(model)},
                                 optimizer=optimizer, lr_scheduler=lr_scheduler, stream=stream, accum=accum,
@@ -158,6 +170,15 @@ def recipe_main(cfg: DictConfig) -> dict:
         val = validation_row(evaluate_loss(model, val_loader, device, val_cfg.max_batches, loop.padding_free))
         loggers.log_dict(val, step)
         summary.update(val)
+        if gen_n:
+            gen = validation_generation_row(model, tokenizer, data.val_ds, gen_n, gen_tokens)
+            loggers.log_dict(gen, step)
+            summary.update(gen)
+        if stopper.active and step != stopper.best_step:
+            stopper.update(val["val_loss"], step, lambda: get_adapter_state_dict(model))
+    if stopper.active:
+        summary.update(stopper.summary(), stopped_early=step < total_steps)
+        stopper.restore_best(model)  # save_best: the exports below hold the best step's weights
     loggers.close()
     if s.save_adapter:
         summary["adapter_dir"] = save_peft_adapter(model, info, os.path.join(out_dir, "adapter"), lora,

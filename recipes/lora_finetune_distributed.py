@@ -24,8 +24,7 @@ from omegaconf import DictConfig
 from torch.distributed.tensor.parallel import loss_parallel
 
 import tinytune.config
-from tinytune.checkpoint import save_hf_checkpoint
-from tinytune.checkpoint import save_peft_adapter
+from tinytune.checkpoint import save_hf_checkpoint, save_peft_adapter
 from tinytune.config import ConfigError
 from tinytune.config.recipe_settings import LoRAFinetuneDistributedSettings, LoRASettings
 from tinytune.device import get_dtype, set_seed
@@ -139,7 +138,8 @@ def recipe_main(cfg: DictConfig) -> dict:
                   f"{total_steps} steps of {accum} x {data.batch_size} samples x {dp_size} data-parallel ranks")
 
         # ---- 4. optimizer, LR schedule, DCP checkpointer (resume) --------------------------------
-        optimizer, lr_scheduler = build_optimizer_and_scheduler(s.optim, params, total_steps)
+        # named: optimizer.no_decay groups (biases, norms, embeddings), as in the single-device recipes
+        optimizer, lr_scheduler = build_optimizer_and_scheduler(s.optim, model.named_parameters(), total_steps)
         ckpt = open_sharded_checkpointer(loop.keep_last_checkpoints, out_dir)  # (clears crashed writes)
         fingerprint = config_fingerprint(cfg, model, data.train_ds, info)  # checked on resume
         step = resume_sharded_state(ckpt, loop.resume_from_checkpoint, model=model, optimizer=optimizer,

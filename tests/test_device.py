@@ -228,7 +228,6 @@ def test_cuda_state_without_cuda_warns(caplog, monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_device_dtype_and_rng_round_trip():
     device = get_device("auto")
     assert device.type == "cuda"

@@ -10,7 +10,6 @@ import json
 import os
 
 import pytest
-import torch
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
@@ -155,7 +154,6 @@ def test_plain_python_single_process_run(runs, tmp_path):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_nccl_bf16_run_tracks_fp32_reference(tmp_path):
     ckpt = write_tiny_checkpoint(str(tmp_path / "ckpt"), "qwen3", tie=False)
     torchrun(1, [str(REPO / "tests/dist_workers/recipe_worker.py"), str(tmp_path), ckpt, "cuda_fsdp"],

@@ -17,6 +17,7 @@ from omegaconf import OmegaConf  # noqa: E402
 from tinytune.checkpoint import load_hf_model  # noqa: E402
 from tinytune.cli.main import main as tune_main  # noqa: E402
 from tinytune.config import ConfigError  # noqa: E402
+from tinytune.config.recipe_settings import ModelSourceSettings  # noqa: E402
 from tinytune.hub import (  # noqa: E402
     BIN_PATTERNS,
     CHECKPOINT_PATTERNS,
@@ -74,10 +75,10 @@ def test_checkpoint_dir_hf_uri_in_a_config(tiny_checkpoint, tmp_path, monkeypatc
     cache = tmp_path / "hub"
     snap = populate_hub_cache(cache, "acme/tiny-qwen2", src)
     monkeypatch.setattr(hub.constants, "HF_HUB_CACHE", str(cache))  # what HF_HUB_CACHE=... sets at import
-    cfg = OmegaConf.create({"checkpoint_dir": "hf://acme/tiny-qwen2"})
+    cfg = ModelSourceSettings.from_config(OmegaConf.create({"checkpoint_dir": "hf://acme/tiny-qwen2"}))
     assert resolve_checkpoint_dir(cfg) == snap
     # not cached, offline (conftest sets HF_HUB_OFFLINE=1): one clear error naming the key
-    cfg = OmegaConf.create({"checkpoint_dir": "hf://acme/not-cached"})
+    cfg = ModelSourceSettings.from_config(OmegaConf.create({"checkpoint_dir": "hf://acme/not-cached"}))
     with pytest.raises(ConfigError, match=r"checkpoint_dir: hf://acme/not-cached: .*not in the local hub cache.*"
                                           r"no network"):
         resolve_checkpoint_dir(cfg)

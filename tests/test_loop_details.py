@@ -118,3 +118,26 @@ def test_generation_stops_at_stop_tokens_per_row():
     assert len(got[0]) <= 3 and len(got[2]) <= 5
     # without KV cache: same rule
     assert generate(model, prompts, max_new_tokens=12, stop_tokens=[stop_a, stop_b], use_cache=False) == got
+
+
+def test_no_decay_groups_default_and_configured():
+    from omegaconf import OmegaConf
+
+    from tinytune.config.recipe_settings import OptimSettings
+    from tinytune.training.steps import build_optimizer_and_scheduler
+    torch.manual_seed(0)
+    model = smollm2_tiny()
+    cfg = OptimSettings.from_config(OmegaConf.create({"optimizer": {"name": "adamw", "lr": 1e-3, "weight_decay": 0.1}}))
+    opt, _ = build_optimizer_and_scheduler(cfg, model.named_parameters(), 10)
+    wd = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
+    for name, p in model.named_parameters():
+        exempt = name.endswith("bias") or "norm" in name or name.startswith("tok_embeddings")
+        assert wd[id(p)] == (0.0 if exempt else 0.1), name
+    assert any(v == 0.1 for v in wd.values()) and any(v == 0.0 for v in wd.values())
+    cfg = OptimSettings.from_config(OmegaConf.create({"optimizer": {"name": "adamw", "lr": 1e-3, "weight_decay": 0.1, "no_decay": []}}))
+    opt, _ = build_optimizer_and_scheduler(cfg, model.named_parameters(), 10)
+    assert {g["weight_decay"] for g in opt.param_groups} == {0.1}
+    # plain parameters (no names): one group, the configured decay everywhere
+    cfg = OptimSettings.from_config(OmegaConf.create({"optimizer": {"name": "adamw", "lr": 1e-3, "weight_decay": 0.1}}))
+    opt, _ = build_optimizer_and_scheduler(cfg, model.parameters(), 10)
+    assert len(opt.param_groups) == 1

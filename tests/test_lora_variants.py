@@ -10,8 +10,8 @@ import torch
 from _ckpt_helpers import hf_logits, our_logits, tiny_hf_model, tokens
 
 from tinytune.checkpoint import load_hf_model, load_peft_adapter, save_hf_checkpoint, save_peft_adapter
-from tinytune.modules.peft import LoRALinear, get_adapter_params, get_merged_state_dict, lora_linear_factory
 from tinytune.config.recipe_settings import LoRASettings
+from tinytune.modules.peft import LoRALinear, disable_adapters, get_adapter_params, get_merged_state_dict, lora_linear_factory
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
@@ -97,6 +97,8 @@ def test_variant_adapter_loads_in_peft_with_equal_logits_and_merges(tmp_path, na
     # fresh adapters leave the model unchanged (PiSSA: residual + principal part = W)
     torch.testing.assert_close(our_logits(model, toks), base_logits, atol=2e-5, rtol=1e-4)
     _train_a_little(model)
+    with disable_adapters(model):  # the reference of DPO / KTO: the original base (PiSSA: residual + principal)
+        torch.testing.assert_close(our_logits(model, toks), base_logits, atol=2e-5, rtol=1e-4)
     ours = our_logits(model, toks)
     assert not torch.allclose(ours, base_logits, atol=1e-3)
     out = tmp_path / "adapter"
@@ -145,14 +147,20 @@ def test_qlora_with_dora_trains(tmp_path):
 
 
 def test_loraplus_param_groups():
-    from tinytune.training.optim import build_optimizer, loraplus_param_groups
+    from omegaconf import OmegaConf
+
+    from tinytune.config.recipe_settings import OptimSettings
+    from tinytune.training.steps import build_optimizer_and_scheduler
     torch.manual_seed(0)
     layer = torch.nn.Sequential(LoRALinear(8, 8, rank=2, alpha=4.0), torch.nn.LayerNorm(8))
     layer[0].weight.requires_grad_(False)
-    groups = loraplus_param_groups(layer, lr=1e-3, loraplus_lr_ratio=16.0)
-    opt = build_optimizer(groups, name="adamw", lr=1e-3)
-    lrs = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
-    assert lrs[id(layer[0].lora_b.weight)] == pytest.approx(1.6e-2)
-    assert lrs[id(layer[0].lora_a.weight)] == pytest.approx(1e-3)
-    assert lrs[id(layer[1].weight)] == pytest.approx(1e-3)
+    cfg = OptimSettings.from_config(OmegaConf.create({"optimizer": {"name": "adamw", "lr": 1e-3, "weight_decay": 0.1}}))
+    opt, _ = build_optimizer_and_scheduler(cfg, layer.named_parameters(), 10, loraplus_lr_ratio=16.0)
+    lrs = {id(p): (g["lr"], g["weight_decay"]) for g in opt.param_groups for p in g["params"]}
+    assert lrs[id(layer[0].lora_b.weight)] == pytest.approx((1.6e-2, 0.1))
+    assert lrs[id(layer[0].lora_a.weight)] == pytest.approx((1e-3, 0.1))
+    assert lrs[id(layer[1].weight)] == pytest.approx((1e-3, 0.1))
+    assert lrs[id(layer[1].bias)] == pytest.approx((1e-3, 0.0))  # biases: no decay
     assert id(layer[0].weight) not in lrs  # frozen parameters are left out
+    with pytest.raises(ValueError, match="no trainable LoRA B"):
+        build_optimizer_and_scheduler(cfg, torch.nn.Linear(2, 2).named_parameters(), 10, loraplus_lr_ratio=2.0)

@@ -5,8 +5,9 @@ import math
 
 import pytest
 import torch
-from tinytune.config.recipe_settings import OptimSettings, SampleGenerationSettings
 
+from tinytune.config.recipe_settings import OptimSettings, SampleGenerationSettings
+from tinytune.training.checkpointing import open_checkpointer, resume_training_state, save_training_state
 from tinytune.training.data import BatchStream
 from tinytune.training.metric_logging import (
     LogWindow,
@@ -17,7 +18,6 @@ from tinytune.training.metric_logging import (
 )
 from tinytune.training.prompting import SampleGenerations
 from tinytune.training.steps import build_optimizer_and_scheduler
-from tinytune.training.checkpointing import open_checkpointer, resume_training_state, save_training_state
 
 
 class _Recorder:

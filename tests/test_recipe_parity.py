@@ -10,9 +10,9 @@ import os
 
 import pytest
 import torch.distributed as dist
+from _recipe_fixtures import make_tiny_checkpoint, write_chat_jsonl
 from omegaconf import OmegaConf
 
-from _recipe_fixtures import make_tiny_checkpoint, write_chat_jsonl
 from tinytune.config import ConfigError
 
 PAIRS = {"full": ("recipes.full_finetune", "recipes.full_finetune_distributed"),
@@ -103,15 +103,3 @@ def test_fp16_is_refused_the_same_way(assets, tmp_path, distributed):
         _run(assets, tmp_path, "full", distributed, dtype="fp16")
     assert not os.path.exists(tmp_path / ("dist" if distributed else "single"))
 
-
-def test_distributed_recipes_import_no_other_recipe():
-    import ast
-    import pathlib
-
-    root = pathlib.Path(__file__).resolve().parent.parent / "recipes"
-    for path in root.glob("*.py"):
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.ImportFrom):
-                assert not (node.module or "").startswith("recipes"), (path.name, node.module)
-            if isinstance(node, ast.Import):
-                assert not any(a.name.startswith("recipes") for a in node.names), path.name

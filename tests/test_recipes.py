@@ -14,8 +14,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
-
 from _recipe_fixtures import QA, make_tiny_checkpoint, write_chat_jsonl, write_preference_jsonl
+
 from tinytune.cli.main import main as tune_main
 
 
@@ -124,6 +124,23 @@ def test_full_finetune_matches_plain_pytorch_loop(assets, tmp_path):
     assert os.path.isfile(os.path.join(out, "loss.png"))
 
 
+def test_full_finetune_weight_decay_skips_norms_biases_embeddings(assets, tmp_path):
+    cfg = _sft_cfg(assets, tmp_path / "wd", max_steps=2, optimizer={"name": "adamw", "lr": 1e-2, "weight_decay": 0.5})
+    out = _run("full_finetune", cfg, tmp_path)
+    model = _load(assets["ckpt"])
+    decay = [p for n, p in model.named_parameters() if not (n.endswith("bias") or "norm" in n or "tok_embeddings" in n)]
+    rest = [p for n, p in model.named_parameters() if n.endswith("bias") or "norm" in n or "tok_embeddings" in n]
+    assert decay and rest
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.5}, {"params": rest, "weight_decay": 0.0}], lr=1e-2)
+    for b in _ordered_batches(assets, 2, 4)[0]:
+        F.cross_entropy(model(b["tokens"]).flatten(0, 1), b["labels"].flatten(), ignore_index=-100).backward()
+        opt.step()
+        opt.zero_grad()
+    trained = _load(os.path.join(out, "hf_model"))
+    for (n, p), (_, q) in zip(model.named_parameters(), trained.named_parameters()):
+        torch.testing.assert_close(q, p, atol=5e-5, rtol=1e-4, msg=n)
+
+
 def test_torchtune_style_component_optimizer_and_scheduler(assets, tmp_path):
     """`optimizer._component_` / `lr_scheduler._component_` blocks train like `name:` ones."""
     a = _run("full_finetune", _sft_cfg(assets, tmp_path / "named", max_steps=2), tmp_path)
@@ -165,8 +182,8 @@ def test_lora_finetune_outputs_merge_and_first_loss(assets, tmp_path):
     assert all(r["peak_mem_gib"] > 0 for r in rows if "loss" in r)
 
     # first loss (adapters still zero) == base model's loss on the first training batch
-    from tinytune.training.data import split_dataset
     from tinytune.datasets import padded_collate
+    from tinytune.training.data import split_dataset
     _, ds = _ordered_batches(assets, 1, 4)
     train, _ = split_dataset(ds, val_size=3, seed=0)
     first = padded_collate([train[i] for i in range(4)], pad_id=0)
@@ -177,9 +194,8 @@ def test_lora_finetune_outputs_merge_and_first_loss(assets, tmp_path):
     assert rows[0]["loss"] == pytest.approx(float(want), abs=1e-5)
 
     # merged HF checkpoint == base + trained adapter (loaded from the PEFT adapter dir)
-    from tinytune.checkpoint import load_peft_adapter
+    from tinytune.checkpoint import load_hf_model, load_peft_adapter
     from tinytune.modules.peft import lora_linear_factory
-    from tinytune.checkpoint import load_hf_model
     factory = lora_linear_factory(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
                                   rank=4, alpha=8.0)
     lora_model, info = load_hf_model(assets["ckpt"], linear_factory=factory)
@@ -240,6 +256,68 @@ def test_qlora_recipe_runs_and_starts_at_dequantized_base_loss(assets, tmp_path)
         want = F.cross_entropy(base(batches[0]["tokens"]).flatten(0, 1), batches[0]["labels"].flatten())
     assert losses[0] == pytest.approx(float(want), abs=1e-5)
     assert os.path.isfile(os.path.join(out, "hf_model", "model.safetensors"))
+
+
+def test_neftune_noise_in_training_only(assets, tmp_path):
+    # lr 0: the weights never change, so only NEFTune can move the training loss; validation is clean
+    common = dict(model=dict(LORA), max_steps=1, optimizer={"name": "adamw", "lr": 0.0},
+                  validation={"split_size": 4})
+    plain = _run("lora_finetune", _sft_cfg(assets, tmp_path / "plain", **common), tmp_path)
+    noisy = _run("lora_finetune", _sft_cfg(assets, tmp_path / "noisy", neftune_noise_alpha=50.0, **common), tmp_path)
+    train = [[r["loss"] for r in _metrics(o) if "loss" in r][0] for o in (plain, noisy)]
+    val = [[r["val_loss"] for r in _metrics(o) if "val_loss" in r][-1] for o in (plain, noisy)]
+    assert train[1] != pytest.approx(train[0], abs=1e-4)
+    assert val[1] == pytest.approx(val[0], abs=1e-7)
+
+
+def test_lora_early_stopping_and_save_best(assets, tmp_path):
+    # min_delta so large that nothing after the first validation improves: patience 2 stops at step 3
+    cfg = _sft_cfg(assets, tmp_path / "es", model=dict(LORA), max_steps=8, batch_size=2,
+                   optimizer={"name": "adamw", "lr": 5e-2}, validation={"split_size": 4, "every_n_steps": 1},
+                   early_stopping={"patience": 2, "min_delta": 1e9}, save_best=True)
+    out = _run("lora_finetune", cfg, tmp_path)
+    summary = json.load(open(os.path.join(out, "summary.json")))
+    assert summary["step"] == 3 and summary["stopped_early"] and summary["best_step"] == 1
+    # save_best without stopping: hf_model/ is the step with the lowest logged validation loss
+    cfg = _sft_cfg(assets, tmp_path / "best", model=dict(LORA), max_steps=5, batch_size=2,
+                   optimizer={"name": "adamw", "lr": 2e-1}, validation={"split_size": 4, "every_n_steps": 1},
+                   save_best=True)
+    out = _run("lora_finetune", cfg, tmp_path)
+    summary = json.load(open(os.path.join(out, "summary.json")))
+    vals = {r["step"]: r["val_loss"] for r in _metrics(out) if "val_loss" in r}
+    best = min(vals, key=vals.get)
+    assert summary["best_step"] == best and summary["best_val_loss"] == pytest.approx(vals[best])
+    from tinytune.datasets import padded_collate
+    from tinytune.training.data import split_dataset
+    _, ds = _ordered_batches(assets, 1, 4)
+    _, val = split_dataset(ds, val_size=4, seed=0)
+    b = padded_collate([val[i] for i in range(4)], pad_id=0)
+    with torch.no_grad():
+        got = F.cross_entropy(_load(os.path.join(out, "hf_model"))(b["tokens"]).flatten(0, 1), b["labels"].flatten())
+    assert float(got) == pytest.approx(vals[best], rel=1e-4)
+    assert best != max(vals)  # the best step is not the last one, so the export really went back to it
+
+
+def test_lora_validation_generation_metrics(assets, tmp_path):
+    cfg = _sft_cfg(assets, tmp_path / "vg", model=dict(LORA), max_steps=1,
+                   validation={"split_size": 4, "generation": {"num_samples": 3, "max_new_tokens": 6}})
+    out = _run("lora_finetune", cfg, tmp_path)
+    row = [r for r in _metrics(out) if "val_bleu" in r][-1]
+    summary = json.load(open(os.path.join(out, "summary.json")))
+    assert summary["val_rouge_l"] == row["val_rouge_l"]
+    # independent: the exported model answers the same validation questions through the chat template
+    from tinytune.tokenizers import load_tokenizer
+    from tinytune.training.data import split_dataset
+    from tinytune.training.prompting import generate_replies, get_bound_template
+    from tinytune.training.text_metrics import generation_metrics
+    _, ds = _ordered_batches(assets, 1, 4)
+    _, val = split_dataset(ds, val_size=4, seed=0)
+    idx = [val.indices[i] for i in range(3)]
+    tok = load_tokenizer(assets["ckpt"])
+    preds = generate_replies(_load(os.path.join(out, "hf_model")), tok, get_bound_template("chatml", tok),
+                             [QA[i][0] for i in idx], max_new_tokens=6)
+    want = generation_metrics(preds, [QA[i][1] for i in idx])
+    assert {k: row["val_" + k] for k in want} == pytest.approx(want)
 
 
 # ---- DPO ----------------------------------------------------------------------------------------
@@ -407,8 +485,8 @@ def test_eval_recipe_matches_plain_cross_entropy(assets, tmp_path):
     del cfg["max_new_tokens"]  # eval generates nothing: the key would be refused as unread
     _run("eval", cfg, tmp_path)
     res = json.load(open(tmp_path / "ev" / "eval.json"))
-    from tinytune.training.data import split_dataset
     from tinytune.datasets import padded_collate
+    from tinytune.training.data import split_dataset
     _, ds = _ordered_batches(assets, 1, 4)
     _, val = split_dataset(ds, val_size=4, seed=0)
     b = padded_collate([val[i] for i in range(4)], pad_id=0)
@@ -419,14 +497,36 @@ def test_eval_recipe_matches_plain_cross_entropy(assets, tmp_path):
     assert res["samples"] == 4 and len(QA) == 12
 
 
+def test_eval_recipe_generation_metrics(assets, tmp_path):
+    cfg = _infer_cfg(assets, output_dir=str(tmp_path / "evg"), batch_size=4,
+                     dataset={"_component_": "tinytune.datasets.chat_dataset", "source": assets["chat"],
+                              "template": "chatml", "max_seq_len": 64, "num_workers": 1},
+                     generation={"num_samples": 3, "max_new_tokens": 8})
+    del cfg["max_new_tokens"]  # eval reads generation.max_new_tokens, not the top-level key
+    _run("eval", cfg, tmp_path)
+    gen = json.load(open(tmp_path / "evg" / "eval.json"))["generation"]
+    # independent path: answers rendered from the raw questions through the chat template
+    want_preds = _direct_replies(assets, [q for q, _ in QA[:3]], max_new_tokens=8)
+    assert [e["prediction"] for e in gen["examples"]] == want_preds
+    assert [e["reference"] for e in gen["examples"]] == [a for _, a in QA[:3]]
+    refs = [a for _, a in QA[:3]]
+    assert gen["exact_match"] == sum(p.strip() == r for p, r in zip(want_preds, refs)) / 3
+    sacrebleu = pytest.importorskip("sacrebleu")
+    assert gen["bleu"] == pytest.approx(sacrebleu.corpus_bleu(want_preds, [refs]).score, abs=1e-9)
+    rouge_scorer = pytest.importorskip("rouge_score.rouge_scorer")
+    scorer = rouge_scorer.RougeScorer(["rougeL"])
+    want_rouge = sum(scorer.score(r, p)["rougeL"].fmeasure for p, r in zip(want_preds, refs)) / 3
+    assert gen["rouge_l"] == pytest.approx(want_rouge, abs=1e-12)
+
+
 # ---- shipped configs ----------------------------------------------------------------------------
 
-SINGLE_DEVICE = ("full_finetune", "lora_finetune", "dpo", "generate", "chat", "eval")
+SINGLE_DEVICE = ("full_finetune", "lora_finetune", "dpo", "kto", "reward_model", "generate", "chat", "eval")
 
 
 def test_shipped_configs_name_an_existing_recipe_and_valid_components():
-    from tinytune.config.registry import list_configs, list_recipes
     from tinytune.config import load_config, validate_config
+    from tinytune.config.registry import list_configs, list_recipes
 
     recipes = list_recipes()
     mine = {n: e for n, e in list_configs().items() if e.recipe in SINGLE_DEVICE}

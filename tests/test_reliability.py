@@ -21,14 +21,14 @@ import time
 import pytest
 import torch
 import yaml
+from _recipe_fixtures import make_tiny_checkpoint, write_chat_jsonl
 from safetensors.torch import load_file, save_file
 
-from _recipe_fixtures import make_tiny_checkpoint, write_chat_jsonl
 from tinytune.checkpoint import TrainingCheckpointer, load_hf_model, load_peft_adapter, read_model_info
+from tinytune.checkpoint.dcp import DistributedCheckpointer
 from tinytune.checkpoint.model_info import CheckpointError
 from tinytune.cli.main import main as tune_main
 from tinytune.errors import NonFiniteError, ResumeError
-from tinytune.checkpoint.dcp import DistributedCheckpointer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LORA = {"lora_attn_modules": ["q_proj", "v_proj"], "apply_lora_to_mlp": False, "lora_rank": 4, "lora_alpha": 8.0}

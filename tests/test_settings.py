@@ -221,3 +221,24 @@ def test_readme_key_table_matches_the_declarations():
     assert start in readme and end in readme
     block = readme.split(start, 1)[1].split(end, 1)[0].strip()
     assert block == settings_table().strip(), "regenerate: python -m tinytune.config.recipe_settings"
+
+
+def test_declared_choices_equal_the_runtime_tables():
+    """The settings layer imports nothing above config/, so it repeats a few name tables: they must agree."""
+    from tinytune.checkpoint.gguf_writer import GGUF_TYPES
+    from tinytune.config import recipe_settings as rs
+    from tinytune.modules.peft.lora import LORA_INITS
+    from tinytune.training.optim import OPTIMIZERS, PAGED_ALIASES
+    from tinytune.training.preference_losses import PREFERENCE_LOSSES
+
+    assert set(rs.GGUF_TYPES) == set(GGUF_TYPES)
+    assert tuple(rs.LORA_INITS) == tuple(LORA_INITS)
+    assert tuple(rs.PREFERENCE_LOSSES) == tuple(PREFERENCE_LOSSES)
+    assert set(rs.OPTIMIZER_NAMES) == set(OPTIMIZERS) | set(PAGED_ALIASES)
+
+
+def test_every_registered_recipe_has_settings():
+    from tinytune.config import registry
+    from tinytune.config.recipe_settings import RECIPE_SETTINGS
+
+    assert set(registry.list_recipes()) == set(RECIPE_SETTINGS)

@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from tinytune.checkpoint.atomic import write_file_atomic, write_json_atomic
@@ -163,7 +164,6 @@ def save_peft_adapter(
     Returns:
         ``out_dir``.
     """
-    from safetensors.torch import save_file  # noqa: PLC0415
 
 
     sd = adapter_state_dict(model)
@@ -218,7 +218,6 @@ def load_peft_adapter(adapter_dir: str, info: ModelInfo, model: nn.Module | None
         CheckpointError: missing files, an unknown key, or (with ``model``) a key or shape the
             model does not have.
     """
-    from safetensors.torch import load_file  # noqa: PLC0415
 
     file = os.path.join(adapter_dir, "adapter_model.safetensors")
     cfg_file = os.path.join(adapter_dir, "adapter_config.json")

@@ -28,8 +28,8 @@ from tinytune.checkpoint.atomic import atomic_directory
 from tinytune.checkpoint.integrity import COMPLETE_FILE, check_digests, check_sizes, directory_manifest, read_marker
 from tinytune.checkpoint.lora import is_lora_key
 from tinytune.checkpoint.model_info import CheckpointError
-from tinytune.errors import ResumeError, is_disk_full
 from tinytune.device import rng_state, set_rng_state
+from tinytune.errors import ResumeError, is_disk_full
 
 logger = logging.getLogger(__name__)
 

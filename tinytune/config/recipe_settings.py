@@ -28,6 +28,9 @@ PREFERENCE_LOSSES = ("sigmoid", "ipo", "hinge", "robust", "simpo", "orpo")  # as
 NAN_POLICIES = ("stop", "skip_step")  # tinytune.training.steps.NonFiniteGuard
 #: Keys of one source in a dataset mix (``dataset: [{_component_: ..., weight: 0.7}, ...]``), beside its node.
 MIX_KEYS = ("weight", "epochs")
+#: as tinytune.training.optim.OPTIMIZERS + PAGED_ALIASES (tested equal)
+OPTIMIZER_NAMES = ("adamw", "adamw8bit", "adamw4bit", "adamw_offload", "adamw8bit_offload", "sgd", "paged_adamw",
+                   "paged_adamw_32bit", "paged_adamw_8bit")
 
 
 def _loggers(value: Any) -> str | None:
@@ -154,6 +157,25 @@ class ValidationSettings(Settings):
 
 
 @dataclass(frozen=True)
+class GenerationMetricsSettings(Settings):
+    """Greedy answers to the prompts of the first samples, scored against their references."""
+
+    num_samples: int = setting(0, "samples answered and scored: exact match, ROUGE-L, BLEU (0: off)", ge=0)
+    max_new_tokens: int = setting(64, "tokens per answer", ge=1)
+
+
+@dataclass(frozen=True)
+class SFTValidationSettings(ValidationSettings):
+    generation: GenerationMetricsSettings = section(GenerationMetricsSettings)
+
+
+@dataclass(frozen=True)
+class EarlyStoppingSettings(Settings):
+    patience: int | None = setting(None, "validations without improvement before stopping (null: never)", ge=1)
+    min_delta: float = setting(0.0, "smallest validation-loss decrease that counts as an improvement", ge=0)
+
+
+@dataclass(frozen=True)
 class DataSettings(Settings):
     dataset: Any = component("training dataset node, or a mix: a list of nodes each with weight: (sampling "
                              "weight) or epochs: (passes over that source)", required=True,
@@ -169,6 +191,11 @@ class DataSettings(Settings):
 
 
 @dataclass(frozen=True)
+class SFTDataSettings(DataSettings):
+    validation: SFTValidationSettings = section(SFTValidationSettings)
+
+
+@dataclass(frozen=True)
 class PreferenceDataSettings(DataSettings):
     batch_size: int = setting(2, "micro-batch size (pairs)", ge=1)
 
@@ -177,8 +204,9 @@ class PreferenceDataSettings(DataSettings):
 class OptimizerSettings(Settings):
     """``optimizer:`` without ``_component_`` (keys of ``tinytune.training.optim.build_optimizer``)."""
 
-    name: str = setting("adamw", "optimizer", choices=("adamw", "adamw8bit", "sgd"))
-    lr: float = setting(2e-5, "learning rate", gt=0)
+    name: str = setting("adamw", "optimizer (paged_*: bitsandbytes names, run as the torchao offload variants)",
+                        choices=OPTIMIZER_NAMES)
+    lr: float = setting(2e-5, "learning rate (0: the weights stay put, e.g. to measure noise)", ge=0)
     weight_decay: float = setting(0.0, "decoupled weight decay", ge=0)
     betas: list[float] | None = setting(None, "Adam betas (default [0.9, 0.999])")
     eps: float | None = setting(None, "Adam epsilon (default 1e-8)", gt=0)
@@ -188,6 +216,8 @@ class OptimizerSettings(Settings):
     amsgrad: bool | None = setting(None, "AdamW AMSGrad")
     fused: bool | None = setting(None, "fused AdamW kernel (default: on where it applies)")
     foreach: bool | None = setting(None, "multi-tensor optimizer step")
+    no_decay: list[str] = setting(["bias", "norm", "tok_embeddings"], "parameter-name substrings trained without "
+                                  "weight decay")
 
 
 @dataclass(frozen=True)
@@ -206,12 +236,6 @@ class OptimSettings(Settings):
                                plain=OptimizerSettings, runtime_args=("params",))
     lr_scheduler: Any = component("LR schedule: name + keys, or a _component_ (gets the optimizer); "
                                   "default constant", plain=LRSchedulerSettings, runtime_args=("optimizer",))
-
-    def lr(self) -> float:
-        """The optimizer's base learning rate (``optimizer.lr``, else the declared default)."""
-        node = self.optimizer
-        value = node.get("lr") if node is not None else None
-        return float(value) if value is not None else OptimizerSettings.lr
 
 
 @dataclass(frozen=True)
@@ -284,23 +308,33 @@ class FSDPSettings(Settings):
     cpu_offload: bool = setting(False, "keep sharded parameters and optimizer state on CPU")
 
 
+@dataclass(frozen=True)
+class SFTSettings(TrainSettings):
+    """Keys of the single-device SFT recipes (full_finetune, lora_finetune)."""
+
+    data: SFTDataSettings = group(SFTDataSettings)
+    sample_generation: SampleGenerationSettings = section(SampleGenerationSettings)
+    neftune_noise_alpha: float | None = setting(None, "NEFTune noise on the input embeddings, training only "
+                                                "(null: off)", gt=0)
+    early_stopping: EarlyStoppingSettings = section(EarlyStoppingSettings)
+    save_best: bool = setting(False, "export the weights of the best validation step (needs validation data)")
+
+
 # ---- one class per recipe -----------------------------------------------------------------------------
 @dataclass(frozen=True)
-class FullFinetuneSettings(TrainSettings):
+class FullFinetuneSettings(SFTSettings):
     NAME = "full_finetune"
     model: Any = component("model builder node (null: the architecture config.json names)")
-    sample_generation: SampleGenerationSettings = section(SampleGenerationSettings)
     save_hf: bool = setting(True, "write hf_model/ at the end")
     export_gguf: str | None = setting(None, "also write output_dir/model-TYPE.gguf (null: no GGUF)",
                                       check=_gguf_type)
 
 
 @dataclass(frozen=True)
-class LoRAFinetuneSettings(TrainSettings):
+class LoRAFinetuneSettings(SFTSettings):
     NAME = "lora_finetune"
     model: Any = component("a lora_*/qlora_* builder node, or LoRA keys only (applied to config.json's "
                            "architecture)", plain=LoRASettings)
-    sample_generation: SampleGenerationSettings = section(SampleGenerationSettings)
     save_adapter: bool = setting(True, "write adapter/ (PEFT) at the end")
     save_merged: bool = setting(True, "write hf_model/ (adapters merged) at the end")
     export_gguf: str | None = setting(None, "also write output_dir/model-TYPE.gguf, adapters merged (null: no "
@@ -405,6 +439,7 @@ class EvalSettings(Settings):
     padding_free: bool = setting(True, "drop positions no label depends on (same loss)")
     pad_to_multiple_of: int = setting(8, "pad batch length to a multiple of this", ge=1)
     output_dir: str | None = setting(None, "write eval.json here")
+    generation: GenerationMetricsSettings = section(GenerationMetricsSettings)
 
 
 #: Recipe name -> its settings class (``tune validate`` and ``tune run`` look configs up here).

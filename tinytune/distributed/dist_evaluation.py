@@ -11,8 +11,8 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.utils.data import Dataset
 
-from tinytune.distributed.mesh import all_reduce_sum
 from tinytune.datasets.encoding import IGNORE_INDEX
+from tinytune.distributed.mesh import all_reduce_sum
 
 __all__ = ["evaluate_loss_distributed"]
 

@@ -17,8 +17,8 @@ from tinytune.checkpoint.keys import hf_key_map
 from tinytune.checkpoint.loader import build_model
 from tinytune.checkpoint.lora import is_lora_key
 from tinytune.checkpoint.model_info import CheckpointError, ModelInfo, read_model_info
-from tinytune.distributed.mesh import ParallelMesh
 from tinytune.distributed.fsdp import apply_fsdp, load_full_state_dict, materialize_meta_model
+from tinytune.distributed.mesh import ParallelMesh
 from tinytune.distributed.parallel_plans import apply_tp
 
 __all__ = ["load_hf_model_sharded"]

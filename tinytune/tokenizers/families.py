@@ -16,6 +16,7 @@ from tinytune.tokenizers.patterns import LLAMA3_PATTERN, QWEN2_PATTERN
 from tinytune.tokenizers.special_tokens import QWEN_NON_SPECIAL, llama3_special_tokens, qwen_special_tokens
 from tinytune.tokenizers.tiktoken_file import load_tiktoken_ranks
 
+
 # ---- Llama 3 -----------------------------------------------------------------------------------
 def _tiktoken_tokenizer(
     path: str | Path,

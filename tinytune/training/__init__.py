@@ -17,6 +17,7 @@ from tinytune.training.checkpointing import (
 )
 from tinytune.training.data import BatchStream, split_dataset, to_device, validation_batches
 from tinytune.training.dpo import chosen_rejected_logps, dpo_accumulate, dpo_eval, make_reference
+from tinytune.training.early_stopping import EarlyStopping
 from tinytune.training.evaluation import evaluate_loss
 from tinytune.training.gguf_export import export_gguf
 from tinytune.training.kto import kto_accumulate, kto_eval
@@ -39,12 +40,14 @@ from tinytune.training.metric_logging import (
     validation_row,
     write_summary,
 )
-from tinytune.training.optim import build_optimizer, loraplus_param_groups
+from tinytune.training.optim import build_optimizer, param_groups
+from tinytune.training.neftune import activate_neftune
 from tinytune.training.padding_free import drop_unlabeled_tail
 from tinytune.training.plotting import plot_loss
 from tinytune.training.preference_losses import PreferenceLoss
 from tinytune.training.progress import TrainProgress
 from tinytune.training.prompting import SampleGenerations
+from tinytune.training.resume_check import config_fingerprint
 from tinytune.training.reward import reward_accumulate, reward_eval
 from tinytune.training.setup import (
     TrainData,
@@ -61,7 +64,6 @@ from tinytune.training.setup import (
     train_data,
     train_val_datasets,
 )
-from tinytune.training.resume_check import config_fingerprint
 from tinytune.training.steps import (
     NonFiniteGuard,
     build_optimizer_and_scheduler,
@@ -69,16 +71,19 @@ from tinytune.training.steps import (
     optimizer_step,
     sft_accumulate,
 )
+from tinytune.training.text_metrics import evaluate_generations, validation_generation_row
 
 __all__ = [
     "IGNORE_INDEX",
     "BatchStream",
+    "EarlyStopping",
     "LogWindow",
     "NonFiniteGuard",
     "PreferenceLoss",
     "SampleGenerations",
     "TrainData",
     "TrainProgress",
+    "activate_neftune",
     "apply_activation_checkpointing",
     "build_collate",
     "check_training_dtype",
@@ -95,6 +100,7 @@ __all__ = [
     "dpo_eval",
     "dpo_loss",
     "drop_unlabeled_tail",
+    "evaluate_generations",
     "evaluate_loss",
     "export_gguf",
     "get_lr_scheduler",
@@ -104,13 +110,13 @@ __all__ = [
     "load_model_and_tokenizer",
     "load_tokenizer",
     "log_train_row",
-    "loraplus_param_groups",
     "model_lora",
     "make_reference",
     "memory_stats",
     "open_checkpointer",
     "open_sharded_checkpointer",
     "optimizer_step",
+    "param_groups",
     "plot_loss",
     "prepare_output_dir",
     "report_early_stop",
@@ -133,6 +139,7 @@ __all__ = [
     "train_row",
     "train_val_datasets",
     "validation_batches",
+    "validation_generation_row",
     "validation_row",
     "write_summary",
 ]

@@ -1,4 +1,4 @@
-"""Optimizer builder: AdamW (PyTorch) or torchao's 8-bit AdamW."""
+"""Optimizer builder: AdamW (PyTorch), torchao's 8-/4-bit AdamW and CPU-offloaded optimizer state."""
 
 from __future__ import annotations
 
@@ -6,8 +6,15 @@ import logging
 from typing import Iterable
 
 import torch
+from omegaconf import OmegaConf
 
-OPTIMIZERS = ("adamw", "adamw8bit", "sgd")
+from tinytune.config import instantiate
+
+OPTIMIZERS = ("adamw", "adamw8bit", "adamw4bit", "adamw_offload", "adamw8bit_offload", "sgd")
+# bitsandbytes' paged optimizers (Llama-2 QLoRA recipes) -> the closest torchao optimizer
+PAGED_ALIASES = {"paged_adamw": "adamw_offload", "paged_adamw_32bit": "adamw_offload",
+                 "paged_adamw_8bit": "adamw8bit_offload"}
+log = logging.getLogger(__name__)
 
 
 def _flat(params: list) -> list[torch.nn.Parameter]:
@@ -25,23 +32,48 @@ def _fused_adamw_ok(params: list[torch.nn.Parameter]) -> bool:
     )
 
 
-def loraplus_param_groups(model: torch.nn.Module, lr: float, loraplus_lr_ratio: float) -> list[dict]:
-    """LoRA+ (Hayou et al., 2024) parameter groups: LoRA ``B`` matrices at ``lr * loraplus_lr_ratio``,
-    every other trainable parameter at ``lr``. Pass the result to :func:`build_optimizer`.
+DEFAULT_LR = 2e-5
+# parameters exempt from weight decay by default (HF Trainer / torchtune): biases, norms, embeddings
+DEFAULT_NO_DECAY = ("bias", "norm", "tok_embeddings")
+
+
+def param_groups(named_params, *, weight_decay: float | None = None, no_decay=DEFAULT_NO_DECAY,
+                 lr: float = DEFAULT_LR, loraplus_lr_ratio: float | None = None) -> list[dict]:
+    """Optimizer parameter groups from ``(name, parameter)`` pairs (trainable ones only).
+
+    Args:
+        named_params: e.g. ``model.named_parameters()``.
+        weight_decay: the decay of ordinary parameters (None: the optimizer's default).
+        no_decay: name patterns (substrings) of parameters trained without weight decay.
+        lr: the base learning rate (used only for the LoRA+ group).
+        loraplus_lr_ratio: LoRA+ (Hayou et al., 2024): LoRA ``B`` matrices (``lora_b.weight``) at
+            ``lr * loraplus_lr_ratio``.
 
     Raises:
-        ValueError: ``loraplus_lr_ratio <= 0`` or a model without LoRA ``B`` matrices.
+        ValueError: ``loraplus_lr_ratio <= 0`` or no LoRA ``B`` matrices to apply it to.
     """
-    if loraplus_lr_ratio <= 0:
+    if loraplus_lr_ratio is not None and loraplus_lr_ratio <= 0:
         raise ValueError(f"loraplus_lr_ratio: must be > 0 (got {loraplus_lr_ratio})")
-    fast, rest = [], []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            (fast if name.endswith("lora_b.weight") else rest).append(p)
-    if not fast:
+    groups: dict[tuple[bool, bool], list] = {}
+    for name, p in named_params:
+        if not p.requires_grad:
+            continue
+        exempt = any(pat in name for pat in no_decay)
+        fast = loraplus_lr_ratio is not None and name.endswith("lora_b.weight")
+        groups.setdefault((exempt, fast), []).append(p)
+    if loraplus_lr_ratio is not None and not any(fast for _, fast in groups):
         raise ValueError("loraplus_lr_ratio: the model has no trainable LoRA B matrices (lora_b.weight)")
-    groups = [{"params": fast, "lr": lr * loraplus_lr_ratio}]
-    return ([{"params": rest, "lr": lr}] if rest else []) + groups
+    out = []
+    for (exempt, fast), ps in sorted(groups.items()):
+        g: dict = {"params": ps}
+        if exempt:
+            g["weight_decay"] = 0.0
+        elif weight_decay is not None:
+            g["weight_decay"] = float(weight_decay)
+        if fast:
+            g["lr"] = lr * float(loraplus_lr_ratio)
+        out.append(g)
+    return out
 
 
 def build_optimizer(
@@ -57,7 +89,12 @@ def build_optimizer(
             (dicts with ``params`` and per-group settings such as ``lr``).
         name: ``adamw`` (default; ``torch.optim.AdamW``), ``adamw8bit`` (``torchao.optim.AdamW8bit``:
             8-bit block-quantised moments; works on CPU and CUDA, tensors under 4096 elements keep
-            fp32 state; the first step compiles the update, a few seconds) or ``sgd``.
+            fp32 state; the first step compiles the update, a few seconds), ``adamw4bit``
+            (``torchao.optim.AdamW4bit``), ``adamw_offload`` / ``adamw8bit_offload`` (torchao's
+            ``CPUOffloadOptimizer`` around AdamW / AdamW8bit: state and update on the CPU, for CUDA
+            parameters; on CPU parameters the plain optimizer, with a log line), or ``sgd``.
+            ``paged_adamw_32bit`` / ``paged_adamw_8bit`` (bitsandbytes names) run the offload
+            variants, with a log line saying so.
         _component_: instead of ``name``, any optimizer class by dotted path (torchtune-style
             ``optimizer._component_: torch.optim.AdamW``); it gets the parameters and exactly the
             keys the config sets (its own defaults for the rest), checked against its signature.
@@ -82,13 +119,10 @@ def build_optimizer(
     if _component_ is not None:
         if name is not None:
             raise ValueError(f"optimizer: set either name ({name!r}) or _component_ ({_component_!r}), not both")
-        from omegaconf import OmegaConf  # noqa: PLC0415
-
-        from tinytune.config import instantiate  # noqa: PLC0415
 
         node = OmegaConf.create({"optimizer": {"_component_": _component_, **cfg}}).optimizer  # errors name the key
         return instantiate(node, params)
-    lr, weight_decay = cfg.pop("lr", 2e-5), cfg.pop("weight_decay", 0.0)
+    lr, weight_decay = cfg.pop("lr", DEFAULT_LR), cfg.pop("weight_decay", 0.0)
     betas, eps, kwargs = tuple(cfg.pop("betas", (0.9, 0.999))), cfg.pop("eps", 1e-8), cfg
     name = str(name or "adamw").lower()
     if name == "adamw":
@@ -97,14 +131,30 @@ def build_optimizer(
             # step for 108M fp32 params drops from 7.7 s to 3.1 s (benchmarks/RESULTS.md). Same math.
             kwargs["fused"] = True
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=tuple(betas), eps=eps, **kwargs)
-    if name == "adamw8bit":
+    if name in PAGED_ALIASES:
+        log.warning("optimizer: %s is bitsandbytes' paged optimizer; running %s (torchao) instead", name,
+                    PAGED_ALIASES[name])
+        name = PAGED_ALIASES[name]
+    if name in ("adamw8bit", "adamw4bit", "adamw_offload", "adamw8bit_offload"):
         logging.getLogger("torchao").setLevel(logging.ERROR)
         try:
-            from torchao.optim import AdamW8bit
+            import torchao.optim as tao  # noqa: PLC0415 (optional: torchao)
         except ImportError as e:
-            raise ImportError("optimizer.name=adamw8bit needs torchao (pip install torchao)") from e
-        return AdamW8bit(params, lr=lr, weight_decay=weight_decay, betas=tuple(betas), eps=eps, **kwargs)
+            raise ImportError(f"optimizer.name={name} needs torchao (pip install torchao)") from e
+        args = dict(lr=lr, weight_decay=weight_decay, betas=tuple(betas), eps=eps, **kwargs)
+        if name == "adamw8bit":
+            return tao.AdamW8bit(params, **args)
+        if name == "adamw4bit":
+            return tao.AdamW4bit(params, **args)
+        inner = torch.optim.AdamW if name == "adamw_offload" else tao.AdamW8bit
+        if not any(p.device.type in ("cuda", "xpu") for p in _flat(params)):
+            log.warning("optimizer: %s: the parameters are on the CPU, so the optimizer state already is; "
+                        "running %s", name, inner.__name__)
+            return inner(params, **args)
+        log.info("optimizer: %s: torchao CPUOffloadOptimizer(%s), state and step on the CPU", name, inner.__name__)
+        return tao.CPUOffloadOptimizer(params, inner, **args)
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr, weight_decay=weight_decay, **kwargs)
-    raise ValueError(f"optimizer.name: unknown optimizer {name!r}; choose from {list(OPTIMIZERS)}")
+    raise ValueError(f"optimizer.name: unknown optimizer {name!r}; choose from {list(OPTIMIZERS)} "
+                     f"(or the aliases {sorted(PAGED_ALIASES)})")
 

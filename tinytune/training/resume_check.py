@@ -22,7 +22,7 @@ from tinytune.checkpoint.fingerprint import run_fingerprint
 TRAJECTORY_KEYS = (
     "seed", "dtype", "shuffle", "padding_free", "clip_grad_norm",
     "optimizer", "lr_scheduler", "model", "validation.split_ratio", "validation.split_size", "pad_to_multiple_of",
-    "loraplus_lr_ratio",
+    "loraplus_lr_ratio", "neftune_noise_alpha",
     "beta", "label_smoothing", "loss", "gamma",  # dpo
     "desirable_weight", "undesirable_weight",  # kto
 )

@@ -17,7 +17,7 @@ from tinytune.errors import NonFiniteError, last_good_checkpoint, run_context
 from tinytune.training.data import to_device
 from tinytune.training.losses import count_label_tokens, sft_loss
 from tinytune.training.lr_schedulers import build_lr_scheduler
-from tinytune.training.optim import build_optimizer
+from tinytune.training.optim import DEFAULT_LR, DEFAULT_NO_DECAY, build_optimizer, param_groups
 from tinytune.training.padding_free import drop_unlabeled_tail
 
 log = logging.getLogger(__name__)
@@ -142,15 +142,26 @@ def current_lr(optimizer: torch.optim.Optimizer) -> float:
     return float(optimizer.param_groups[0]["lr"])
 
 
-def build_optimizer_and_scheduler(optim: OptimSettings, params, total_steps: int):
+def build_optimizer_and_scheduler(optim: OptimSettings, params, total_steps: int,
+                                  loraplus_lr_ratio: float | None = None):
     """``(optimizer, lr_scheduler)`` from the ``optimizer`` and ``lr_scheduler`` settings (default: constant).
 
     Args:
         optim: the recipe's optimizer settings (the two nodes, already checked).
-        params: the parameters to train.
+        params: the parameters to train; pass ``model.named_parameters()`` so that names matching
+            ``optimizer.no_decay`` (default: biases, norms, embeddings) get no weight decay.
         total_steps: optimizer steps of the whole run (for warmup ratios and decay).
+        loraplus_lr_ratio: LoRA+ learning-rate ratio of the B matrices (named parameters only).
     """
-    optimizer = build_optimizer(params, **_plain(optim.optimizer, {}))
+    opt_cfg = _plain(optim.optimizer, {})
+    no_decay = [str(x) for x in opt_cfg.pop("no_decay", DEFAULT_NO_DECAY)]
+    params = list(params)
+    if params and isinstance(params[0], tuple):  # (name, parameter) pairs
+        params = param_groups(params, weight_decay=opt_cfg.get("weight_decay"), no_decay=no_decay,
+                              lr=float(opt_cfg.get("lr", DEFAULT_LR)), loraplus_lr_ratio=loraplus_lr_ratio)
+    elif loraplus_lr_ratio is not None:
+        raise ValueError("loraplus_lr_ratio needs named parameters (model.named_parameters())")
+    optimizer = build_optimizer(params, **opt_cfg)
     lr_scheduler = build_lr_scheduler(optimizer, total_steps, _plain(optim.lr_scheduler, {"name": "constant"}))
     return optimizer, lr_scheduler
 

@@ -98,7 +98,7 @@ class LoRALinear(nn.Module):
         self.use_dora = use_dora
         self.use_rslora = use_rslora
         self.init = init
-        self.disabled = False  # True: behave as the base layer (used for DPO reference passes)
+        self.disabled = False  # True: behave as the original base layer (DPO / KTO reference passes)
 
         base = nn.Linear(in_dim, out_dim, bias=use_bias)  # default nn.Linear init for the base
         weight = base.weight.detach()
@@ -180,6 +180,8 @@ class LoRALinear(nn.Module):
             return lora_linear(x, self.weight, self.bias, self.lora_a.weight, self.lora_b.weight, self.scaling, x_d)
         out = self.base_forward(x)  # [..., out_dim]
         if self.disabled:
+            if self.pissa_a0 is not None:  # PiSSA: the base holds the residual; add back W's principal part
+                out = out + self.scaling * F.linear(F.linear(x, self.pissa_a0.to(x.dtype)), self.pissa_b0.to(x.dtype))
             return out
         update = self.lora_b(self.lora_a(self.dropout(x)))  # [..., out_dim]
         return out + self.scaling * update
