@@ -29,11 +29,13 @@ from tinytune.modules.peft import (
     set_trainable_params,
 )
 from tinytune.training import (
+    NonFiniteGuard,
     PreferenceLoss,
     TrainProgress,
     apply_activation_checkpointing,
     build_metric_loggers,
     build_optimizer_and_scheduler,
+    config_fingerprint,
     current_lr,
     dpo_accumulate,
     dpo_eval,
@@ -93,12 +95,15 @@ def recipe_main(cfg: DictConfig) -> dict:
     # ---- 4. optimizer, LR schedule, checkpointer (resume) ----------------------------------
     optimizer, lr_scheduler = build_optimizer_and_scheduler(s.optim, model.named_parameters(), total_steps)
     ckpt = open_checkpointer(loop.keep_last_checkpoints, out_dir)
+    fingerprint = config_fingerprint(cfg, model, data.train_ds, info)  # checked on resume
     weights_key = "adapter" if use_lora else "model"
     step = resume_training_state(ckpt, loop.resume_from_checkpoint, model=model, weights_key=weights_key,
-                                 optimizer=optimizer, lr_scheduler=lr_scheduler, stream=stream, accum=accum)
+                                 optimizer=optimizer, lr_scheduler=lr_scheduler, stream=stream, accum=accum,
+                                 fingerprint=fingerprint, total_steps=total_steps)
 
     # ---- 5. training loop -------------------------------------------------------------------
     loggers = build_metric_loggers(loop.metric_loggers, out_dir)
+    guard = NonFiniteGuard(loop.nan_policy)  # a NaN/Inf loss or grad norm stops the run (or skips the step)
     model.train()
     progress = TrainProgress(total_steps, initial_step=step, desc="dpo")
     metrics = {"loss": float("nan")}
@@ -107,7 +112,8 @@ def recipe_main(cfg: DictConfig) -> dict:
         micro_batches = [next(stream) for _ in range(accum)]
         lr = current_lr(optimizer)
         metrics = dpo_accumulate(model, reference, micro_batches, device, loss_fn)
-        grad_norm = optimizer_step(model, optimizer, lr_scheduler, loop.clip_grad_norm)
+        grad_norm = optimizer_step(model, optimizer, lr_scheduler, loop.clip_grad_norm, guard=guard,
+                                   loss=metrics["loss"], step=step + 1)
         step += 1
         dt = progress.tick()
         progress.update(metrics["loss"], lr, metrics["label_tokens"] / max(dt, 1e-9))
@@ -120,7 +126,8 @@ def recipe_main(cfg: DictConfig) -> dict:
         if loop.checkpoint_due(step):
             weights = get_adapter_state_dict(model) if use_lora else model.state_dict()
             save_training_state(ckpt, step, {weights_key: weights},
-                                optimizer=optimizer, lr_scheduler=lr_scheduler, stream=stream, accum=accum)
+                                optimizer=optimizer, lr_scheduler=lr_scheduler, stream=stream, accum=accum,
+                                fingerprint=fingerprint)
         if loop.stops_early(step, total_steps):
             progress.close()
             loggers.close()
@@ -130,7 +137,8 @@ def recipe_main(cfg: DictConfig) -> dict:
     loggers.close()
 
     # ---- 6. export and plot -----------------------------------------------------------------
-    summary = {"step": step, "loss": metrics["loss"], "output_dir": out_dir, "data": data_summary(data.train_ds)}
+    summary = {"step": step, "loss": metrics["loss"], "output_dir": out_dir, "skipped_steps": guard.skipped,
+               "data": data_summary(data.train_ds)}
     if use_lora:
         summary["adapter_dir"] = save_peft_adapter(model, info, os.path.join(out_dir, "adapter"), lora,
                                                    base_model_name_or_path=checkpoint_dir)

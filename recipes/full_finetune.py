@@ -24,11 +24,13 @@ from tinytune.config.recipe_settings import FullFinetuneSettings
 from tinytune.datasets import data_summary
 from tinytune.training import (
     LogWindow,
+    NonFiniteGuard,
     SampleGenerations,
     TrainProgress,
     apply_activation_checkpointing,
     build_metric_loggers,
     build_optimizer_and_scheduler,
+    config_fingerprint,
     count_label_tokens,
     current_lr,
     drop_unlabeled_tail,
@@ -88,8 +90,10 @@ def recipe_main(cfg: DictConfig) -> dict:
     # ---- 4. optimizer, LR schedule, checkpointer (resume) ----------------------------------
     optimizer, lr_scheduler = build_optimizer_and_scheduler(s.optim, model.named_parameters(), total_steps)
     ckpt = open_checkpointer(loop.keep_last_checkpoints, out_dir)
+    fingerprint = config_fingerprint(cfg, model, data.train_ds, info)  # checked on resume
     step = resume_training_state(ckpt, loop.resume_from_checkpoint, model=model, weights_key="model",
-                                 optimizer=optimizer, lr_scheduler=lr_scheduler, stream=stream, accum=accum)
+                                 optimizer=optimizer, lr_scheduler=lr_scheduler, stream=stream, accum=accum,
+                                 fingerprint=fingerprint, total_steps=total_steps)
 
     # ---- 5. generation before training (optional) ------------------------------------------
     samples = SampleGenerations(s.sample_generation, s.source.template, tokenizer)
@@ -99,6 +103,7 @@ def recipe_main(cfg: DictConfig) -> dict:
 
     # ---- 6. training loop -------------------------------------------------------------------
     loggers = build_metric_loggers(loop.metric_loggers, out_dir)
+    guard = NonFiniteGuard(loop.nan_policy)  # a NaN/Inf loss or grad norm stops the run (or skips the step)
     stopper = EarlyStopping(s.early_stopping.patience, s.early_stopping.min_delta, s.save_best)
     gen_n, gen_tokens = val_cfg.generation.num_samples, val_cfg.generation.max_new_tokens
     if stopper.active and val_loader is None:
@@ -122,7 +127,8 @@ def recipe_main(cfg: DictConfig) -> dict:
             mb_loss.backward()
             loss += mb_loss.detach()
         n_tokens = int(num_tokens)
-        grad_norm = optimizer_step(model, optimizer, lr_scheduler, loop.clip_grad_norm)
+        grad_norm = optimizer_step(model, optimizer, lr_scheduler, loop.clip_grad_norm, guard=guard, loss=loss,
+                                   step=step + 1)
         step += 1
         dt = progress.tick()
         window.add(float(loss), n_tokens, dt)
@@ -139,7 +145,8 @@ def recipe_main(cfg: DictConfig) -> dict:
                 break
         if loop.checkpoint_due(step):
             save_training_state(ckpt, step, {"model": model.state_dict()},
-                                optimizer=optimizer, lr_scheduler=lr_scheduler, stream=stream, accum=accum)
+                                optimizer=optimizer, lr_scheduler=lr_scheduler, stream=stream, accum=accum,
+                                fingerprint=fingerprint)
         if loop.stops_early(step, total_steps):
             progress.close()
             loggers.close()
@@ -148,8 +155,8 @@ def recipe_main(cfg: DictConfig) -> dict:
     progress.close()
 
     # ---- 7. final validation, export, plot, generation after ---------------------------------
-    summary = {"step": step, "loss": window.last_loss, "output_dir": out_dir, **window.totals(),
-               "data": data_summary(data.train_ds)}
+    summary = {"step": step, "loss": window.last_loss, "output_dir": out_dir, "skipped_steps": guard.skipped,
+               **window.totals(), "data": data_summary(data.train_ds)}
     if val_loader is not None:
         val = validation_row(evaluate_loss(model, val_loader, device, val_cfg.max_batches, loop.padding_free))
         loggers.log_dict(val, step)

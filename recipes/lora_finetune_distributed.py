@@ -25,7 +25,6 @@ from torch.distributed.tensor.parallel import loss_parallel
 
 import tinytune.config
 from tinytune.checkpoint import save_hf_checkpoint, save_peft_adapter
-from tinytune.checkpoint.dcp import DistributedCheckpointer
 from tinytune.config import ConfigError
 from tinytune.config.recipe_settings import LoRAFinetuneDistributedSettings, LoRASettings
 from tinytune.datasets import data_summary
@@ -46,11 +45,13 @@ from tinytune.models.lora_builders import lora_factory
 from tinytune.modules.peft import set_trainable_params
 from tinytune.training import (
     LogWindow,
+    NonFiniteGuard,
     TrainProgress,
     apply_activation_checkpointing,
     build_metric_loggers,
     build_optimizer_and_scheduler,
     check_training_dtype,
+    config_fingerprint,
     count_label_tokens,
     current_lr,
     drop_unlabeled_tail,
@@ -58,6 +59,7 @@ from tinytune.training import (
     load_tokenizer,
     log_train_row,
     model_lora,
+    open_sharded_checkpointer,
     optimizer_step,
     plot_loss,
     prepare_output_dir,
@@ -139,14 +141,17 @@ def recipe_main(cfg: DictConfig) -> dict:
         # ---- 4. optimizer, LR schedule, DCP checkpointer (resume) --------------------------------
         # named: optimizer.no_decay groups (biases, norms, embeddings), as in the single-device recipes
         optimizer, lr_scheduler = build_optimizer_and_scheduler(s.optim, model.named_parameters(), total_steps)
-        ckpt = DistributedCheckpointer(out_dir, keep_last=loop.keep_last_checkpoints)
+        ckpt = open_sharded_checkpointer(loop.keep_last_checkpoints, out_dir)  # (clears crashed writes)
+        fingerprint = config_fingerprint(cfg, model, data.train_ds, info)  # checked on resume
         step = resume_sharded_state(ckpt, loop.resume_from_checkpoint, model=model, optimizer=optimizer,
-                                    lr_scheduler=lr_scheduler, stream=stream, accum=accum)
+                                    lr_scheduler=lr_scheduler, stream=stream, accum=accum,
+                                    fingerprint=fingerprint, total_steps=total_steps)
 
         # ---- 5. training loop ----------------------------------------------------------------------
         loss_sum = sft_loss_sum_vocab_parallel if par.loss_parallel else sft_loss_sum
         loss_ctx = loss_parallel if par.loss_parallel else contextlib.nullcontext
         loggers = build_metric_loggers(loop.metric_loggers if rank0 else [], out_dir)  # rank 0 logs
+        guard = NonFiniteGuard(loop.nan_policy)  # a NaN/Inf loss or grad norm stops the run (or skips the step)
         model.train()
         progress = TrainProgress(total_steps, initial_step=step, desc="lora_finetune_distributed", disable=not rank0)
         window = LogWindow()  # means since the last log line, and run totals
@@ -164,10 +169,13 @@ def recipe_main(cfg: DictConfig) -> dict:
                     loss = loss_sum(model, mb) / num_tokens  # forward + loss
                     (loss * dp_size).backward()  # FSDP averages gradients over dp ranks; scale so they add up
                 local_loss += loss.detach().full_tensor() if hasattr(loss, "full_tensor") else loss.detach()
-            grad_norm = optimizer_step(model, optimizer, lr_scheduler, loop.clip_grad_norm, clip_fn=clip_grad_norm_)
+            step_loss = float(all_reduce_sum(local_loss, mesh.dp))  # global mean per label token
+            # loss and (global) grad norm are the same on every rank: the guard's verdict is too
+            grad_norm = optimizer_step(model, optimizer, lr_scheduler, loop.clip_grad_norm, clip_fn=clip_grad_norm_,
+                                       guard=guard, loss=step_loss, step=step + 1)
             step += 1
             dt = progress.tick()
-            window.add(float(all_reduce_sum(local_loss, mesh.dp)), int(num_tokens), dt)  # global mean per token
+            window.add(step_loss, int(num_tokens), dt)
             progress.update(window.last_loss, lr, int(num_tokens) / max(dt, 1e-9))
             if loop.log_due(step, total_steps):  # means over the steps since the last log
                 log_train_row(loggers, step, window.flush(lr, stream.epoch), device, grad_norm)
@@ -177,7 +185,7 @@ def recipe_main(cfg: DictConfig) -> dict:
                 loggers.log_dict(validation_row(val), step)
             if loop.checkpoint_due(step):
                 save_sharded_state(ckpt, step, model=model, optimizer=optimizer, lr_scheduler=lr_scheduler,
-                                   stream=stream, accum=accum)
+                                   stream=stream, accum=accum, fingerprint=fingerprint)
             if loop.stops_early(step, total_steps):
                 progress.close()
                 loggers.close()
@@ -188,7 +196,8 @@ def recipe_main(cfg: DictConfig) -> dict:
 
         # ---- 6. final validation, export (gathered on rank 0), plot --------------------------------
         summary = {"step": step, "loss": window.last_loss, "output_dir": out_dir,
-                   "world_size": dist_info.world_size, **window.totals(), "data": data_summary(data.train_ds)}
+                   "world_size": dist_info.world_size, "skipped_steps": guard.skipped, **window.totals(),
+                   "data": data_summary(data.train_ds)}
         if data.val_ds is not None:
             val = validation_row(evaluate_loss_distributed(model, data.val_ds, data.collate, val_batch_size, mesh.dp,
                                                            device, loss_sum, val_cfg.max_batches, loss_ctx))

@@ -25,10 +25,12 @@ from tinytune.datasets import data_summary
 from tinytune.modules.peft import get_adapter_params, get_merged_state_dict, set_trainable_params
 from tinytune.modules.reward import RewardModel
 from tinytune.training import (
+    NonFiniteGuard,
     TrainProgress,
     apply_activation_checkpointing,
     build_metric_loggers,
     build_optimizer_and_scheduler,
+    config_fingerprint,
     current_lr,
     load_model_and_tokenizer,
     log_train_row,
@@ -83,16 +85,19 @@ def recipe_main(cfg: DictConfig) -> dict:
     # ---- 4. optimizer, LR schedule, checkpointer (resume) ----------------------------------
     optimizer, lr_scheduler = build_optimizer_and_scheduler(s.optim, model.named_parameters(), total_steps)
     ckpt = open_checkpointer(loop.keep_last_checkpoints, out_dir)
+    fingerprint = config_fingerprint(cfg, model, data.train_ds, info)  # checked on resume
     weights_key = "adapter" if use_lora else "model"
 
     def weights():  # LoRA: adapters + head (what trains); full: everything
         return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad} if use_lora else model.state_dict()
 
     step = resume_training_state(ckpt, loop.resume_from_checkpoint, model=model, weights_key=weights_key,
-                                 optimizer=optimizer, lr_scheduler=lr_scheduler, stream=stream, accum=accum)
+                                 optimizer=optimizer, lr_scheduler=lr_scheduler, stream=stream, accum=accum,
+                                 fingerprint=fingerprint, total_steps=total_steps)
 
     # ---- 5. training loop -------------------------------------------------------------------
     loggers = build_metric_loggers(loop.metric_loggers, out_dir)
+    guard = NonFiniteGuard(loop.nan_policy)  # a NaN/Inf loss or grad norm stops the run (or skips the step)
     model.train()
     progress = TrainProgress(total_steps, initial_step=step, desc="reward_model")
     metrics, val = {"loss": float("nan")}, None
@@ -101,7 +106,8 @@ def recipe_main(cfg: DictConfig) -> dict:
         micro_batches = [next(stream) for _ in range(accum)]
         lr = current_lr(optimizer)
         metrics = reward_accumulate(model, micro_batches, device)
-        grad_norm = optimizer_step(model, optimizer, lr_scheduler, loop.clip_grad_norm)
+        grad_norm = optimizer_step(model, optimizer, lr_scheduler, loop.clip_grad_norm, guard=guard,
+                                   loss=metrics["loss"], step=step + 1)
         step += 1
         dt = progress.tick()
         progress.update(metrics["loss"], lr, metrics["pairs"] / max(dt, 1e-9))
@@ -112,7 +118,8 @@ def recipe_main(cfg: DictConfig) -> dict:
             loggers.log_dict({f"val_{k}": v for k, v in val.items() if k != "pairs"}, step)
         if loop.checkpoint_due(step):
             save_training_state(ckpt, step, {weights_key: weights()},
-                                optimizer=optimizer, lr_scheduler=lr_scheduler, stream=stream, accum=accum)
+                                optimizer=optimizer, lr_scheduler=lr_scheduler, stream=stream, accum=accum,
+                                fingerprint=fingerprint)
         if loop.stops_early(step, total_steps):
             progress.close()
             loggers.close()
@@ -122,7 +129,8 @@ def recipe_main(cfg: DictConfig) -> dict:
     loggers.close()
 
     # ---- 6. export (HF sequence classification) and plot --------------------------------------
-    summary = {"step": step, "loss": metrics["loss"], "output_dir": out_dir, "data": data_summary(data.train_ds)}
+    summary = {"step": step, "loss": metrics["loss"], "output_dir": out_dir, "skipped_steps": guard.skipped,
+               "data": data_summary(data.train_ds)}
     if val is not None:
         summary["val_accuracy"] = val["accuracy"]
     sd = get_merged_state_dict(decoder) if use_lora else decoder.state_dict()

@@ -102,7 +102,7 @@ def test_incomplete_checkpoints_are_skipped(tmp_path, caplog):
     assert "COMPLETE" in text
     with pytest.raises(ValueError, match="step_4.*incomplete"):
         ckpt.load(str(tmp_path / "step_4"))
-    with pytest.raises(FileNotFoundError, match="step_9"):
+    with pytest.raises(ValueError, match="step_9 does not exist"):
         ckpt.load(str(tmp_path / "step_9"))
 
 

@@ -15,6 +15,8 @@ import glob
 import os
 from collections.abc import Sequence
 
+from tinytune.errors import TinytuneError
+
 HF_PREFIX = "hf://"
 
 # What a tinytune checkpoint directory needs (see tinytune.checkpoint.hf_writer.TOKENIZER_FILES).
@@ -37,7 +39,7 @@ CHECKPOINT_PATTERNS = (
 BIN_PATTERNS = ("pytorch_model*.bin", "pytorch_model.bin.index.json")
 
 
-class HubError(ValueError):
+class HubError(TinytuneError, ValueError):
     """A hub download or lookup failed; the message names the repo and what to do."""
 
 

@@ -2,7 +2,7 @@
 
 ``torch.distributed.checkpoint`` keeps its ``.metadata`` file as a plain pickle and loads every
 non-tensor value of a state dict (e.g. an optimizer's ``param_groups``) with
-``torch.load(weights_only=False)``: a crafted checkpoint directory would run code on resume.
+``torch.load`` with weights_only switched off: a crafted checkpoint directory would run code on resume.
 :class:`SafeFileSystemReader` unpickles the metadata with an allow-list of the classes DCP itself
 writes there, and :class:`SafeLoadPlanner` loads non-tensor values with ``weights_only=True``.
 Both raise :class:`UnsafeCheckpointError` naming the file and what was refused.

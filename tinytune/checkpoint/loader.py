@@ -9,11 +9,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from tinytune.checkpoint.builder_check import check_builder_matches
 from tinytune.checkpoint.gguf_reader import read_gguf
 from tinytune.checkpoint.hf_reader import find_weight_files, iter_shards, list_keys
 from tinytune.checkpoint.keys import hf_key_map
 from tinytune.checkpoint.lora import is_lora_key
 from tinytune.checkpoint.model_info import CheckpointError, ModelInfo, read_model_info
+from tinytune.errors import NonFiniteError
 from tinytune.models import llama_decoder, qwen2_decoder, qwen3_decoder
 
 
@@ -91,6 +93,7 @@ def load_state_into_meta_model(
 
     Raises:
         CheckpointError: unexpected key, shape mismatch, or missing keys (named with the file).
+        NonFiniteError: a tensor holding NaN/Inf (named with the file).
     """
     device = torch.device(device)
     expected = {k: tuple(v.shape) for k, v in model.state_dict(keep_vars=True).items()}
@@ -105,6 +108,12 @@ def load_state_into_meta_model(
             if tuple(t.shape) != expected[k]:
                 raise CheckpointError(
                     f"{file}: key {k!r} has shape {tuple(t.shape)} but the model expects {expected[k]}"
+                )
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                bad = int((~torch.isfinite(t)).sum())
+                raise NonFiniteError(
+                    f"{file}: tensor {k!r} holds {bad} NaN/Inf value(s) of {t.numel()}; the checkpoint is corrupt "
+                    "(a bad download, conversion or disk). Re-download or re-convert it; training on it gives NaN"
                 )
         sd = {k: (t.to(device=device, dtype=dtype) if t.is_floating_point() else t.to(device)) for k, t in sd.items()}
         model.load_state_dict(sd, strict=False, assign=True)
@@ -147,7 +156,8 @@ def load_hf_model(
         dtype: dtype of the model's floating parameters (``torch.bfloat16`` or ``"bf16"`` etc.).
         device: where the parameters go.
         model_builder: zero-argument callable building the model instead of the config-driven
-            builder (e.g. a LoRA builder); its shapes must match the checkpoint.
+            builder (e.g. a LoRA builder); every hyperparameter must match config.json
+            (:func:`tinytune.checkpoint.builder_check.check_builder_matches`).
         linear_factory: passed to the config-driven builder (e.g. a LoRA factory).
 
     Returns:
@@ -168,6 +178,8 @@ def load_hf_model(
     drop = {"output.weight"} if info.tie_word_embeddings else set()
     with torch.device("meta"):
         model = model_builder() if model_builder is not None else build_model(info, linear_factory)
+    if model_builder is not None:
+        check_builder_matches(model, info, path)
     load_state_into_meta_model(model, iter_shards(path, keymap, dtype=None, drop=drop), path, device, dtype)
     return model, info
 
@@ -197,6 +209,8 @@ def load_gguf_model(
     drop = {"output.weight"} if g.info.tie_word_embeddings else set()
     with torch.device("meta"):
         model = model_builder() if model_builder is not None else build_model(g.info, linear_factory)
+    if model_builder is not None:
+        check_builder_matches(model, g.info, path)
     sd = {k: v for k, v in g.state_dict.items() if k not in drop}
     load_state_into_meta_model(model, [(path, sd)], path, device, dtype)
     return model, g.info

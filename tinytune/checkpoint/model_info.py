@@ -11,10 +11,12 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from tinytune.errors import TinytuneError
+
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(TinytuneError, ValueError):
     """A checkpoint on disk cannot be read or does not match the model; the message says why."""
 
 

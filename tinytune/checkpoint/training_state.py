@@ -2,8 +2,12 @@
 
 A checkpoint directory holds ``training_state.pt`` (whatever dict the recipe passes: model or
 adapter weights, optimizer, LR scheduler, dataloader position, RNG states, step/epoch) and a
-``COMPLETE`` marker, written last, that lists every file with its size. Directories without a
-valid marker (a crash or a copy cut short) are skipped with a warning when resuming.
+``COMPLETE`` marker, written last, that lists every file with its size and sha256 and the run's
+fingerprint (:mod:`tinytune.checkpoint.integrity`, :mod:`tinytune.checkpoint.fingerprint`).
+Directories without a valid marker (a crash or a copy cut short) are skipped with a warning when
+resuming; one whose files fail their sha256 check is skipped with a warning naming the file, and
+``auto`` falls back to the previous complete checkpoint. The state file is read with
+``torch.load(weights_only=True)``: it cannot run code.
 """
 
 from __future__ import annotations
@@ -21,12 +25,15 @@ import torch
 from torch import nn
 
 from tinytune.checkpoint.atomic import atomic_directory
+from tinytune.checkpoint.integrity import COMPLETE_FILE, check_digests, check_sizes, directory_manifest, read_marker
+from tinytune.checkpoint.lora import is_lora_key
+from tinytune.checkpoint.model_info import CheckpointError
 from tinytune.device import rng_state, set_rng_state
+from tinytune.errors import ResumeError, is_disk_full
 
 logger = logging.getLogger(__name__)
 
 STATE_FILE = "training_state.pt"
-COMPLETE_FILE = "COMPLETE"
 _STEP_RE = re.compile(r"^step_(\d+)$")
 
 
@@ -48,37 +55,72 @@ class TrainingCheckpointer:
             raise ValueError(f"keep_last must be >= 1 or None, got {keep_last}")
         self.output_dir = os.path.abspath(output_dir)
         self.keep_last = keep_last
+        self._verified: set[str] = set()
 
     def path_for(self, step: int) -> str:
         """The directory of the checkpoint for ``step``."""
         return os.path.join(self.output_dir, f"step_{step}")
 
-    def save(self, step: int, state: dict[str, Any], include_rng: bool = True) -> str:
+    def save(self, step: int, state: dict[str, Any], include_rng: bool = True,
+             fingerprint: dict[str, Any] | None = None) -> str:
         """Writes ``state`` atomically to ``step_{step}`` and prunes old checkpoints.
 
         Args:
             step: global optimizer step (names the directory).
-            state: picklable dict of tensors / state dicts / plain values.
+            state: dict of tensors / state dicts / plain values (what ``weights_only`` loads).
             include_rng: add ``state["rng"] = rng_state()`` when it is not there.
+            fingerprint: the run's fingerprint (:func:`tinytune.checkpoint.fingerprint.run_fingerprint`),
+                stored in the marker and checked on resume.
 
         Returns:
             The checkpoint directory.
+
+        Raises:
+            CheckpointError: the disk is full ("No space left on device"; the partial directory is
+                removed and the previous checkpoints are intact).
         """
         state = dict(state)
         state.setdefault("step", step)
         if include_rng and "rng" not in state:
             state["rng"] = rng_state()
         target = self.path_for(step)
-        with atomic_directory(target, overwrite=True) as tmp:
-            torch.save(state, os.path.join(tmp, STATE_FILE))
-            files = {
-                name: os.path.getsize(os.path.join(tmp, name)) for name in sorted(os.listdir(tmp))
-            }
-            marker = {"step": step, "time": time.time(), "files": files}
-            with open(os.path.join(tmp, COMPLETE_FILE), "w", encoding="utf-8") as f:
-                json.dump(marker, f)
+        try:
+            with atomic_directory(target, overwrite=True) as tmp:
+                torch.save(state, os.path.join(tmp, STATE_FILE))
+                marker = {"step": step, "time": time.time(), **directory_manifest(tmp)}
+                if fingerprint is not None:
+                    marker["fingerprint"] = fingerprint
+                with open(os.path.join(tmp, COMPLETE_FILE), "w", encoding="utf-8") as f:
+                    json.dump(marker, f)
+        except (OSError, RuntimeError) as e:  # torch.save reports a failed write as RuntimeError
+            if not (is_disk_full(e) or "No space left on device" in str(e)):
+                raise
+            good = self.latest(verify=False)
+            raise CheckpointError(
+                f"No space left on device while writing checkpoint {target} (not written; partial files "
+                f"removed). Still good: {good or 'no earlier checkpoint'}. Free space and rerun with "
+                "resume_from_checkpoint=auto."
+            ) from None
+        self._verified.add(target)
         self._prune()
         return target
+
+    def clean_leftovers(self) -> list[str]:
+        """Removes ``.tmp-step_*`` / ``.old-step_*`` directories a crashed save left; returns them.
+
+        Call at the start of a run (one run per output directory).
+        """
+        if not os.path.isdir(self.output_dir):
+            return []
+        gone = []
+        for name in sorted(os.listdir(self.output_dir)):
+            if name.startswith((".tmp-step_", ".old-step_")):
+                shutil.rmtree(os.path.join(self.output_dir, name), ignore_errors=True)
+                gone.append(name)
+        if gone:
+            logger.warning("Removed %d unfinished checkpoint write(s) left by an earlier crash in %s: %s",
+                           len(gone), self.output_dir, ", ".join(gone))
+        return gone
 
     def _step_dirs(self) -> list[tuple[int, str]]:
         if not os.path.isdir(self.output_dir):
@@ -94,21 +136,29 @@ class TrainingCheckpointer:
     @staticmethod
     def is_complete(path: str) -> tuple[bool, str]:
         """Whether ``path`` is a complete checkpoint, and if not, why."""
-        marker = os.path.join(path, COMPLETE_FILE)
-        if not os.path.isfile(marker):
+        if not os.path.isfile(os.path.join(path, COMPLETE_FILE)):
             return False, f"no {COMPLETE_FILE} marker (interrupted while writing?)"
-        try:
-            with open(marker, encoding="utf-8") as f:
-                files = json.load(f)["files"]
-        except (json.JSONDecodeError, KeyError, OSError) as e:
-            return False, f"unreadable {COMPLETE_FILE} marker ({e!r})"
-        for name, size in files.items():
-            p = os.path.join(path, name)
-            if not os.path.isfile(p):
-                return False, f"file {name} listed in {COMPLETE_FILE} is missing"
-            if os.path.getsize(p) != size:
-                return False, f"file {name} has {os.path.getsize(p)} bytes, {COMPLETE_FILE} says {size}"
-        return True, ""
+        marker = read_marker(path)
+        if marker is None:
+            return False, f"unreadable {COMPLETE_FILE} marker"
+        why = check_sizes(path, marker)
+        return (why is None), (why or "")
+
+    def verify(self, path: str) -> str | None:
+        """Why checkpoint ``path`` cannot be trusted (size or sha256 mismatch, naming the file); None if sound."""
+        path = os.path.abspath(path)
+        if path in self._verified:
+            return None
+        marker = read_marker(path)
+        why = f"no readable {COMPLETE_FILE} marker" if marker is None else check_digests(path, marker)
+        if why is None:
+            self._verified.add(path)
+        return why
+
+    def fingerprint(self, path: str) -> dict[str, Any] | None:
+        """The run fingerprint stored with checkpoint ``path`` (None for checkpoints without one)."""
+        marker = read_marker(path)
+        return None if marker is None else marker.get("fingerprint")
 
     def complete_checkpoints(self, warn: bool = True) -> list[tuple[int, str]]:
         """``(step, path)`` of every complete checkpoint, oldest first; warns about others."""
@@ -121,29 +171,48 @@ class TrainingCheckpointer:
                 logger.warning("Skipping incomplete checkpoint %s: %s", path, why)
         return out
 
-    def latest(self) -> str | None:
-        """Path of the newest complete checkpoint, or None."""
-        done = self.complete_checkpoints()
-        return done[-1][1] if done else None
+    def latest(self, verify: bool = True) -> str | None:
+        """Path of the newest complete checkpoint, or None.
+
+        With ``verify`` (default) a checkpoint whose files fail their sha256 check is skipped with a
+        warning naming the file, falling back to the previous one.
+        """
+        for _step, path in reversed(self.complete_checkpoints(warn=verify)):
+            if not verify:
+                return path
+            why = self.verify(path)
+            if why is None:
+                return path
+            logger.warning("Skipping corrupt checkpoint %s: %s; falling back to the previous complete one",
+                           path, why)
+        return None
 
     def load(self, path: str) -> dict[str, Any]:
         """Loads a checkpoint directory (must be complete).
 
         Raises:
-            FileNotFoundError / ValueError: the directory does not exist or is incomplete.
+            CheckpointError: the directory does not exist, is incomplete, fails its sha256 check
+                (the message names the file), or holds objects ``weights_only`` refuses (code).
         """
         if not os.path.isdir(path):
-            raise FileNotFoundError(f"resume checkpoint {path} does not exist")
+            raise CheckpointError(f"resume_from_checkpoint: {path} does not exist; use resume_from_checkpoint=auto "
+                                  "or the path of a step_N directory")
         ok, why = self.is_complete(path)
         if not ok:
-            raise ValueError(f"checkpoint {path} is incomplete: {why}; pick another or use resume_from_checkpoint=auto")
+            raise CheckpointError(f"checkpoint {path} is incomplete: {why}; pick another or use "
+                                  "resume_from_checkpoint=auto")
+        why = self.verify(path)
+        if why is not None:
+            raise ResumeError(f"checkpoint {path} is corrupt: {why}; resume from an earlier step_N directory or "
+                              "use resume_from_checkpoint=auto (falls back to the newest sound one)")
         file = os.path.join(path, STATE_FILE)
         try:
             return torch.load(file, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as e:
-            raise ValueError(
-                f"{file}: holds objects that torch.load(weights_only=True) refuses ({e}); keep "
-                "training state to tensors, numbers, strings, lists and dicts"
+            raise CheckpointError(
+                f"{file}: refused: holds objects that torch.load(weights_only=True) does not load (pickled "
+                f"code or classes; {str(e).splitlines()[0]}). Training state holds only tensors, numbers, "
+                "strings, lists and dicts"
             ) from None
 
     def load_latest(self) -> dict[str, Any] | None:
@@ -201,3 +270,41 @@ def apply_training_state(
         lr_scheduler.load_state_dict(state["lr_scheduler"])
     if restore_rng and "rng" in state:
         set_rng_state(state["rng"])
+
+
+def load_weights_strict(model: nn.Module, weights: dict[str, torch.Tensor], where: str,
+                        adapter_only: bool = False) -> None:
+    """Loads ``weights`` into ``model`` after checking keys and shapes; a short error otherwise.
+
+    Args:
+        model: the model.
+        weights: a full state dict, or with ``adapter_only`` exactly the model's trainable
+            parameters (the adapters: LoRA A/B, DoRA magnitudes, ...).
+        where: the checkpoint, for the message.
+
+    Raises:
+        ResumeError: missing or unexpected keys, or a shape mismatch (first few named).
+    """
+    own = model.state_dict()
+    if adapter_only:
+        expected = {n for n, p in model.named_parameters() if p.requires_grad} or {k for k in own if is_lora_key(k)}
+    else:
+        expected = set(own)
+    unexpected = sorted(set(weights) - expected)
+    missing = sorted(expected - set(weights))
+    reshaped = sorted(k for k in set(weights) & expected if tuple(weights[k].shape) != tuple(own[k].shape))
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing (e.g. {missing[:3]})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})")
+    if reshaped:
+        k = reshaped[0]
+        problems.append(f"{len(reshaped)} with another shape (e.g. {k}: checkpoint {tuple(weights[k].shape)}, "
+                        f"model {tuple(own[k].shape)})")
+    if problems:
+        kind = "adapter" if adapter_only else "model"
+        raise ResumeError(f"{where}: its {kind} weights do not fit this model: {'; '.join(problems)}. It was "
+                          "written for another model or LoRA layout (targets, rank); resume_from_checkpoint=null "
+                          "or a new output_dir starts fresh")
+    model.load_state_dict(weights, strict=not adapter_only)

@@ -15,6 +15,7 @@ import sys
 from typing import Sequence
 
 from tinytune.config._errors import ConfigError
+from tinytune.errors import TinytuneError, show_traceback, user_error_message
 
 # Order shown in `tune --help`. Modules that are not written yet are skipped.
 SUBCOMMANDS = ("ls", "cp", "cat", "validate", "run", "download", "convert", "prepare_data")
@@ -54,6 +55,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"tune {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except (TinytuneError, KeyboardInterrupt, OSError) as e:  # data, checkpoint, tokenizer, Ctrl-C, full disk
+        message = user_error_message(e)
+        if message is None or show_traceback():
+            raise
+        print(f"tune {args.command}: error: {message}", file=sys.stderr)
+        return 130 if isinstance(e, KeyboardInterrupt) else 1
 
 
 if __name__ == "__main__":

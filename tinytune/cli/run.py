@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from tinytune.config import registry
+from tinytune.errors import show_traceback
 
 # torchrun options forwarded as-is: (dest, takes a value)
 LAUNCHER_FLAGS = (
@@ -129,7 +130,12 @@ def run_distributed(launcher: list[str], recipe: Path, recipe_args: list[str]) -
     try:
         torchrun_main([*launcher, str(recipe), *recipe_args])
     except ChildFailedError as e:
-        print(f"tune run: a worker failed:\n{e}", file=sys.stderr)
+        if show_traceback():
+            print(f"tune run: a worker failed:\n{e}", file=sys.stderr)
+        else:  # each worker printed its own short message above
+            codes = sorted({f.exitcode for f in e.failures.values()})
+            print(f"tune run: {len(e.failures)} worker process(es) failed (exit code {', '.join(map(str, codes))}); "
+                  "their messages are above (TINYTUNE_TRACEBACK=1 for details)", file=sys.stderr)
         return 1
     return 0
 

@@ -8,8 +8,10 @@ from __future__ import annotations
 import difflib
 from typing import Iterable
 
+from tinytune.errors import TinytuneError
 
-class ConfigError(ValueError):
+
+class ConfigError(TinytuneError, ValueError):
     """A problem with a config file, an override or a ``_component_`` path.
 
     The message always names what is wrong (the key, the file, the value) and, where it can,

@@ -12,6 +12,7 @@ from omegaconf import DictConfig
 
 from tinytune.config._errors import ConfigError
 from tinytune.config._loader import load_config
+from tinytune.errors import TinytuneError, run_context, show_traceback, user_error_message
 
 
 def build_parser(prog: str | None = None, description: str | None = None) -> argparse.ArgumentParser:
@@ -32,7 +33,9 @@ def parse(recipe_main: Callable[[DictConfig], Any]) -> Callable[[Sequence[str] |
     The returned callable reads ``--config CFG`` (a registry name or a path) and ``key=value``
     overrides from ``argv`` (default ``sys.argv[1:]``), builds the config (overrides applied,
     interpolations resolved) and calls ``recipe_main(cfg)``. Config problems are printed as one
-    clear message and exit with status 2 (set ``TINYTUNE_TRACEBACK=1`` to see the traceback).
+    clear message and exit with status 2; other deliberate errors (:class:`tinytune.errors.TinytuneError`:
+    data, checkpoint, tokenizer, resume), a full disk and Ctrl-C print a few lines and exit with 1
+    (130 for Ctrl-C). Set ``TINYTUNE_TRACEBACK=1`` to see the traceback.
 
     Args:
         recipe_main: The recipe function.
@@ -57,6 +60,7 @@ def parse(recipe_main: Callable[[DictConfig], Any]) -> Callable[[Sequence[str] |
             if os.environ.get("TINYTUNE_TRACEBACK"):
                 raise
             parser.exit(2, f"{parser.prog}: config error: {e}\n")
+        run_context.reset()
         try:
             return recipe_main(cfg)
         except ConfigError as e:
@@ -64,5 +68,12 @@ def parse(recipe_main: Callable[[DictConfig], Any]) -> Callable[[Sequence[str] |
                 raise
             print(f"{parser.prog}: config error: {e}", file=sys.stderr)
             raise SystemExit(2) from None
+        except (TinytuneError, KeyboardInterrupt, OSError) as e:  # data, checkpoint, resume, Ctrl-C, full disk
+            message = user_error_message(e)
+            if message is None or show_traceback():
+                raise
+            run_context.close_all()  # e.g. the progress bar, so the message gets its own line
+            print(f"{parser.prog}: error: {message}", file=sys.stderr)
+            raise SystemExit(130 if isinstance(e, KeyboardInterrupt) else 1) from None
 
     return main

@@ -30,6 +30,7 @@ PACKING_STRATEGIES = ("ffd", "greedy")  # as datasets.packing.pack_bins (tested)
 #: ShareGPT tag names a dataset's ``tags:`` may set (as ``tinytune.datasets.styles.DEFAULT_TAGS``, tested equal).
 SHAREGPT_TAGS = ("role_tag", "content_tag", "user_tag", "assistant_tag", "system_tag", "observation_tag",
                  "function_tag")
+NAN_POLICIES = ("stop", "skip_step")  # tinytune.training.steps.NonFiniteGuard
 #: Keys of one source in a dataset mix (``dataset: [{_component_: ..., weight: 0.7}, ...]``), beside its node.
 MIX_KEYS = ("weight", "epochs")
 #: as tinytune.training.optim.OPTIMIZERS + PAGED_ALIASES (tested equal)
@@ -291,6 +292,8 @@ class LoopSettings(Settings):
                                                      check=_loggers)
     keep_last_checkpoints: int = setting(2, "complete checkpoints to keep", ge=1)
     resume_from_checkpoint: str | None = setting(None, "auto (newest in output_dir) | a step dir | null")
+    nan_policy: str = setting("stop", "a NaN/Inf loss or gradient norm: stop the run before the optimizer step, "
+                              "or skip_step (drop the step, count it)", choices=NAN_POLICIES)
 
     def log_due(self, step: int, total_steps: int) -> bool:
         """A train row is logged at this step (every ``log_every_n_steps`` and the last step)."""

@@ -5,10 +5,12 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
+from tinytune.errors import TinytuneError
+
 log = logging.getLogger("tinytune.datasets")
 
 
-class DatasetError(ValueError):
+class DatasetError(TinytuneError, ValueError):
     """A data problem that names where it is and what to do about it.
 
     Args:

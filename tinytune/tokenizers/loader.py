@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from tinytune.errors import TinytuneError
 from tinytune.tokenizers.base import AddedToken, Tokenizer
 from tinytune.tokenizers.bpe import BPETokenizer
 from tinytune.tokenizers.gguf import hf_tokenizer_files_from_gguf
@@ -296,7 +297,32 @@ def _is_gguf(path: Path) -> bool:
         return False
 
 
+class TokenizerError(TinytuneError, ValueError):
+    """A tokenizer file or directory that cannot be used (the message names the file)."""
+
+
+class TokenizerNotFoundError(TinytuneError, FileNotFoundError):
+    """No tokenizer at the given path (the message names the path and the files looked for)."""
+
+
 def load_tokenizer(path: str | Path) -> Tokenizer:
+    """Loads a tokenizer, detecting the back end (see :func:`_load_tokenizer`).
+
+    Raises:
+        TokenizerNotFoundError: (a FileNotFoundError) naming the path and the files looked for.
+        TokenizerError: (a ValueError) naming the file when its content is unusable.
+    """
+    try:
+        return _load_tokenizer(path)
+    except TinytuneError:
+        raise
+    except FileNotFoundError as e:
+        raise TokenizerNotFoundError(str(e)) from None
+    except ValueError as e:
+        raise TokenizerError(f"tokenizer {path}: {e}") from None
+
+
+def _load_tokenizer(path: str | Path) -> Tokenizer:
     """Loads a tokenizer, detecting the back end.
 
     Accepts a directory holding `tokenizer.json`, `tokenizer.model` (SentencePiece or tiktoken),
@@ -325,7 +351,7 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         ]
         for c in candidates:
             if c.is_file():
-                return load_tokenizer(c)
+                return _load_tokenizer(c)
         if (path / "vocab.json").is_file() and (path / "merges.txt").is_file():
             return vocab_merges_tokenizer(path)
         ggufs = sorted(path.glob("*.gguf"))

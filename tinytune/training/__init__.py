@@ -9,6 +9,7 @@ the log window and progress bar, validation, sample generations, and training-st
 from tinytune.training.activation_checkpointing import apply_activation_checkpointing
 from tinytune.training.checkpointing import (
     open_checkpointer,
+    open_sharded_checkpointer,
     resume_sharded_state,
     resume_training_state,
     save_sharded_state,
@@ -46,6 +47,7 @@ from tinytune.training.plotting import plot_loss
 from tinytune.training.preference_losses import PreferenceLoss
 from tinytune.training.progress import TrainProgress
 from tinytune.training.prompting import SampleGenerations
+from tinytune.training.resume_check import config_fingerprint
 from tinytune.training.reward import reward_accumulate, reward_eval
 from tinytune.training.setup import (
     TrainData,
@@ -62,7 +64,13 @@ from tinytune.training.setup import (
     train_data,
     train_val_datasets,
 )
-from tinytune.training.steps import build_optimizer_and_scheduler, current_lr, optimizer_step, sft_accumulate
+from tinytune.training.steps import (
+    NonFiniteGuard,
+    build_optimizer_and_scheduler,
+    current_lr,
+    optimizer_step,
+    sft_accumulate,
+)
 from tinytune.training.text_metrics import evaluate_generations, validation_generation_row
 
 __all__ = [
@@ -70,6 +78,7 @@ __all__ = [
     "BatchStream",
     "EarlyStopping",
     "LogWindow",
+    "NonFiniteGuard",
     "PreferenceLoss",
     "SampleGenerations",
     "TrainData",
@@ -84,6 +93,7 @@ __all__ = [
     "build_optimizer",
     "build_optimizer_and_scheduler",
     "chosen_rejected_logps",
+    "config_fingerprint",
     "count_label_tokens",
     "current_lr",
     "dpo_accumulate",
@@ -104,6 +114,7 @@ __all__ = [
     "make_reference",
     "memory_stats",
     "open_checkpointer",
+    "open_sharded_checkpointer",
     "optimizer_step",
     "param_groups",
     "plot_loss",

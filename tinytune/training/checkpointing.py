@@ -1,7 +1,10 @@
 """Training-state checkpoints of the single-device recipes: open, resume, save.
 
 A state dict is ``{"model" | "adapter": weights, "optimizer", "lr_scheduler", "data", "step", "accum"}``
-(the checkpointer adds ``"rng"``); see :class:`tinytune.checkpoint.TrainingCheckpointer`.
+(the checkpointer adds ``"rng"``); see :class:`tinytune.checkpoint.TrainingCheckpointer`. The run
+fingerprint (:func:`tinytune.training.resume_check.config_fingerprint`) is stored with every
+checkpoint and compared on resume. The distributed recipes' DCP checkpoints
+(:class:`tinytune.checkpoint.dcp.DistributedCheckpointer`) hold the same trainer state.
 """
 
 from __future__ import annotations
@@ -12,13 +15,35 @@ from typing import Any
 from torch import nn
 
 from tinytune.checkpoint import TrainingCheckpointer, set_rng_state
+from tinytune.checkpoint.dcp import DistributedCheckpointer
+from tinytune.checkpoint.fingerprint import check_fingerprint
+from tinytune.checkpoint.training_state import load_weights_strict
 from tinytune.config import ConfigError
 from tinytune.distributed.mesh import is_rank_zero
+from tinytune.errors import ResumeError, run_context
+from tinytune.training.lr_schedulers import refresh_lr
 
 
 def open_checkpointer(keep_last: int, out_dir: str):
-    """A :class:`TrainingCheckpointer` over ``out_dir/checkpoints`` keeping the newest ``keep_last``."""
-    return TrainingCheckpointer(os.path.join(out_dir, "checkpoints"), keep_last=keep_last)
+    """A :class:`TrainingCheckpointer` over ``out_dir/checkpoints`` keeping the newest ``keep_last``.
+
+    Unfinished checkpoint writes left by a crash (``.tmp-step_*``) are removed.
+    """
+    ckpt = TrainingCheckpointer(os.path.join(out_dir, "checkpoints"), keep_last=keep_last)
+    ckpt.clean_leftovers()
+    run_context.checkpoint_root = ckpt.output_dir
+    return ckpt
+
+
+def open_sharded_checkpointer(keep_last: int, out_dir: str):
+    """A :class:`DistributedCheckpointer` over ``out_dir/dcp`` keeping the newest ``keep_last``.
+
+    Unfinished writes left by a crash (``.step_*.tmp``) are removed (rank 0).
+    """
+    ckpt = DistributedCheckpointer(out_dir, keep_last=keep_last)
+    ckpt.clean_leftovers()
+    run_context.checkpoint_root = str(ckpt.root)
+    return ckpt
 
 
 def check_same_accumulation(state: dict, path: str, accum: int) -> None:
@@ -38,76 +63,116 @@ def check_same_accumulation(state: dict, path: str, accum: int) -> None:
 
 
 def resume_training_state(ckpt, resume_from: Any, *, model: nn.Module, weights_key: str, optimizer, lr_scheduler,
-                          stream, accum: int = 1) -> int:
+                          stream, accum: int = 1, fingerprint: dict[str, Any] | None = None,
+                          total_steps: int | None = None) -> int:
     """Restores a saved training state when ``resume_from`` (``auto``, a path or None) names one.
 
     Args:
         ckpt: the run's checkpointer (:func:`open_checkpointer`).
         resume_from: the ``resume_from_checkpoint`` config value.
-        model: gets ``state[weights_key]``: ``"model"`` loads strictly, ``"adapter"`` (LoRA weights
-            only) non-strictly.
+        model: gets ``state[weights_key]``: ``"model"`` (every weight) or ``"adapter"`` (exactly the
+            LoRA weights); keys and shapes are checked first (a short error on a mismatch).
         optimizer, lr_scheduler, stream: restored from ``optimizer``, ``lr_scheduler``, ``data``.
+            The LR is then recomputed from this run's schedule (a raised ``max_steps`` extends it).
         accum: this run's ``gradient_accumulation_steps`` (must equal the checkpoint's).
+        fingerprint: this run's fingerprint; a checkpoint written by a different run is refused.
+        total_steps: this run's step count; a checkpoint past it is refused (it would be exported as
+            if it had trained ``total_steps``).
 
     Returns:
         The step to continue from (0 when nothing is resumed). RNG states are restored too.
+
+    Raises:
+        ResumeError: the checkpoint belongs to another run, is corrupt, or does not fit the model.
     """
     path = ckpt.resolve(resume_from)
     if not path:
         return 0
+    if fingerprint is not None:
+        check_fingerprint(ckpt.fingerprint(path), fingerprint, path)
     state = ckpt.load(path)
     check_same_accumulation(state, path, accum)
-    model.load_state_dict(state[weights_key], strict=weights_key == "model")
+    load_weights_strict(model, state[weights_key], path, adapter_only=weights_key == "adapter")
     optimizer.load_state_dict(state["optimizer"])
     lr_scheduler.load_state_dict(state["lr_scheduler"])
+    refresh_lr(lr_scheduler)
     stream.load_state_dict(state["data"])
     set_rng_state(state["rng"])
     step = int(state["step"])
+    check_not_past_end(step, total_steps, path)
+    run_context.step = step
     print(f"resumed from {path} at step {step}")
     return step
 
 
 def save_training_state(ckpt, step: int, weights: dict[str, Any], *, optimizer, lr_scheduler, stream,
-                        accum: int = 1) -> None:
+                        accum: int = 1, fingerprint: dict[str, Any] | None = None) -> None:
     """Saves ``{**weights, "optimizer", "lr_scheduler", "data", "step", "accum"}`` as the checkpoint of ``step``.
 
     Args:
         weights: ``{"model": state_dict}`` or ``{"adapter": adapter_state_dict}``.
         accum: the run's ``gradient_accumulation_steps`` (checked on resume).
+        fingerprint: this run's fingerprint, stored with the checkpoint.
     """
     ckpt.save(step, {**weights, "optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(),
-                     "data": stream.state_dict(), "step": step, "accum": accum})
+                     "data": stream.state_dict(), "step": step, "accum": accum}, fingerprint=fingerprint)
+
+
+def check_not_past_end(step: int, total_steps: int | None, path: Any) -> None:
+    """Refuses to resume a checkpoint at a step beyond this run's last step.
+
+    Raises:
+        ResumeError: naming both numbers and what to do.
+    """
+    if total_steps is not None and step > total_steps:
+        raise ResumeError(f"resume_from_checkpoint: {path} is at step {step}, past this run's last step {total_steps} "
+                          f"(max_steps / epochs lowered?). Set max_steps >= {step}, or start fresh with "
+                          "resume_from_checkpoint=null or a new output_dir")
 
 
 def resume_sharded_state(ckpt, resume_from: Any, *, model: nn.Module, optimizer, lr_scheduler, stream,
-                         accum: int) -> int:
+                         accum: int, fingerprint: dict[str, Any] | None = None,
+                         total_steps: int | None = None) -> int:
     """:func:`resume_training_state` for the distributed recipes' DCP checkpoints (collective).
 
     Args:
-        ckpt: a :class:`tinytune.checkpoint.dcp.DistributedCheckpointer`.
+        ckpt: a :class:`tinytune.checkpoint.dcp.DistributedCheckpointer` (:func:`open_sharded_checkpointer`).
         resume_from: the ``resume_from_checkpoint`` setting.
         model, optimizer: sharded, restored in place (DCP reshards across world sizes).
-        lr_scheduler, stream: restored from the trainer state.
+        lr_scheduler, stream: restored from the trainer state; the LR is then recomputed from this
+            run's schedule.
         accum: this run's ``gradient_accumulation_steps`` (must equal the checkpoint's).
+        fingerprint: this run's fingerprint; a checkpoint written by a different run is refused.
+        total_steps: this run's step count; a checkpoint past it is refused.
 
     Returns:
         The step to continue from (0 when nothing is resumed).
+
+    Raises:
+        ResumeError: the checkpoint belongs to another run, is corrupt, or is past this run's end.
     """
     path = ckpt.resolve(resume_from)
     if path is None:
         return 0
+    if fingerprint is not None:
+        check_fingerprint(ckpt.fingerprint(path), fingerprint, str(path))
     state = ckpt.load(path, model, optimizer)
     check_same_accumulation(state, str(path), accum)
     lr_scheduler.load_state_dict(state["lr_scheduler"])
+    refresh_lr(lr_scheduler)
     stream.load_state_dict(state["data"])
     step = int(state["step"])
+    check_not_past_end(step, total_steps, path)
+    run_context.step = step
     if is_rank_zero():
         print(f"resumed from {path} at step {step}")
     return step
 
 
-def save_sharded_state(ckpt, step: int, *, model: nn.Module, optimizer, lr_scheduler, stream, accum: int) -> None:
+def save_sharded_state(ckpt, step: int, *, model: nn.Module, optimizer, lr_scheduler, stream, accum: int,
+                       fingerprint: dict[str, Any] | None = None) -> None:
     """Saves a DCP checkpoint of ``step`` (collective): sharded weights and optimizer, and
-    ``{"step", "accum", "lr_scheduler", "data"}`` (the same trainer state as the single-device one)."""
+    ``{"step", "accum", "lr_scheduler", "data"}`` (the same trainer state as the single-device one,
+    as JSON) with the run fingerprint."""
     ckpt.save(step, model, optimizer, {"step": step, "accum": accum, "lr_scheduler": lr_scheduler.state_dict(),
-                                       "data": stream.state_dict()})
+                                       "data": stream.state_dict()}, fingerprint=fingerprint)

@@ -127,3 +127,24 @@ def build_lr_scheduler(optimizer: Optimizer, num_training_steps: int, cfg: dict)
         cfg.setdefault("num_training_steps", num_training_steps)
     node = OmegaConf.create({"lr_scheduler": {"_component_": component, **cfg}}).lr_scheduler  # errors name the key
     return instantiate(node, optimizer)
+
+
+def refresh_lr(lr_scheduler: LRScheduler) -> None:
+    """Sets the optimizer's LR from *this* run's schedule at the restored step (after a resume).
+
+    A checkpoint restores the LR the old run computed for its next step; when the run was
+    extended (a larger ``max_steps`` or ``epochs``), that value belongs to the old, shorter
+    schedule (0 at its end for decaying schedules). Recomputing it from this run's schedule
+    extends the schedule instead, and is a no-op when nothing changed.
+    """
+    step = lr_scheduler.last_epoch
+    opt = lr_scheduler.optimizer
+    if isinstance(lr_scheduler, LambdaLR):
+        lrs = [base * f(step) for base, f in zip(lr_scheduler.base_lrs, lr_scheduler.lr_lambdas)]
+    elif hasattr(lr_scheduler, "_get_closed_form_lr"):
+        lrs = lr_scheduler._get_closed_form_lr()
+    else:  # a schedule without a closed form keeps the restored LR
+        return
+    for group, lr in zip(opt.param_groups, lrs):
+        group["lr"] = lr
+    lr_scheduler._last_lr = list(lrs)

@@ -13,11 +13,16 @@ log line, plus run totals), :func:`log_train_row` (adds memory stats and ``grad_
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import sys
 import time
 from typing import Any, Iterable, Mapping, TextIO
+
+from tinytune.errors import dumps_json_line, json_safe
+
+log = logging.getLogger(__name__)
 
 
 def _scalar(v: Any) -> Any:
@@ -49,18 +54,36 @@ class StdoutLogger:
         pass
 
 
+def drop_torn_last_line(path: str) -> None:
+    """Cuts an unterminated last line (a run killed mid-write) off a JSONL file, with a warning."""
+    if not os.path.isfile(path) or os.path.getsize(path) == 0:
+        return
+    with open(path, "rb+") as f:
+        f.seek(-1, os.SEEK_END)
+        if f.read(1) == b"\n":
+            return
+        f.seek(0)
+        content = f.read()
+        keep = content.rfind(b"\n") + 1  # 0 when the file is one torn line
+        f.truncate(keep)
+    log.warning("%s: dropped a torn last line (%d bytes, the run was interrupted while writing it)",
+                path, len(content) - keep)
+
+
 class JSONLLogger:
     """Appends one JSON object per call (``{"step": N, "time": t, ...metrics}``) to a file."""
 
     def __init__(self, path: str) -> None:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         self.path = path
+        drop_torn_last_line(path)
         self._f = open(path, "a", encoding="utf-8")
 
     def log_dict(self, metrics: Mapping[str, Any], step: int) -> None:
+        """Appends one row; NaN/Inf values are written as ``null`` (strict JSON)."""
         row = {"step": int(step), "time": round(time.time(), 3)}
         row.update({k: _scalar(v) for k, v in metrics.items()})
-        self._f.write(json.dumps(row) + "\n")
+        self._f.write(dumps_json_line(row) + "\n")
         self._f.flush()
 
     def close(self) -> None:
@@ -263,6 +286,6 @@ def write_summary(out_dir: str, summary: dict, t_start: float) -> dict:
     summary.update({k: None for k, v in summary.items() if isinstance(v, float) and not math.isfinite(v)})
     summary["total_seconds"] = round(time.perf_counter() - t_start, 2)
     with open(os.path.join(out_dir, "summary.json"), "w", encoding="utf-8") as f:
-        json.dump(summary, f, indent=2, default=str)
+        json.dump(json_safe(summary), f, indent=2, default=str, allow_nan=False)
     print(f"done: {json.dumps(summary, default=str)}")
     return summary

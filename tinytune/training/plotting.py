@@ -3,25 +3,31 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
+
+log = logging.getLogger(__name__)
 
 
 def read_metrics(path: str) -> list[dict]:
     """Reads a metrics JSONL file (one JSON object per line); skips blank lines.
 
-    Raises:
-        ValueError: naming the file and line of a malformed row.
+    A malformed line (a write cut short by a crash in an older run) is skipped with a warning
+    naming the file and line, so the plot at the end of a resumed run never fails on it.
     """
     rows = []
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8", errors="replace") as f:
         for i, line in enumerate(f, 1):
             line = line.strip()
             if not line:
                 continue
             try:
-                rows.append(json.loads(line))
+                row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{i}: not a JSON object ({e})") from None
+                log.warning("%s:%d: skipped, not a JSON object (%s)", path, i, e)
+                continue
+            if isinstance(row, dict):
+                rows.append(row)
     return rows
 
 

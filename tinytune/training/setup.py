@@ -19,6 +19,7 @@ from torch.utils.data import IterableDataset
 
 from tinytune import config as tt_config
 from tinytune.checkpoint import ensure_bundled, load_hf_model
+from tinytune.checkpoint.bundled import tinytune_home
 from tinytune.config import ConfigError
 from tinytune.config.recipe_settings import (
     MIX_KEYS,
@@ -82,12 +83,16 @@ def prepare_output_dir(output_dir: str | None, cfg: DictConfig) -> str:
 def resolve_checkpoint_dir(src: ModelSourceSettings) -> str:
     """The HF checkpoint directory to start from.
 
-    ``checkpoint_dir`` is used when it exists (``hf://ORG/NAME[@REV]``: a Hugging Face Hub model,
-    see :func:`tinytune.hub.resolve_hf_checkpoint`); otherwise, when ``bundled_model`` names a bundled
-    model (``smollm2-135m-instruct``), it is converted on first use (``tune download``).
+    ``checkpoint_dir`` must be an HF checkpoint directory (with ``config.json``) or ``hf://ORG/NAME[@REV]``
+    (a Hugging Face Hub model, see :func:`tinytune.hub.resolve_hf_checkpoint`). The one exception is
+    the bundled model's own location (``$TINYTUNE_HOME/models/<bundled_model>``, default
+    ``~/.cache/tinytune/models/...``, which the shipped configs name): when ``bundled_model`` is set
+    and that directory is missing, the bundled model is converted there on first use (``tune
+    download``). Without ``checkpoint_dir`` the bundled model is used.
 
     Raises:
-        ConfigError: neither a directory nor a bundled model is available.
+        ConfigError: ``checkpoint_dir`` names a directory that does not exist or has no
+            ``config.json`` (a typo never falls back to the bundled model), or neither is set.
     """
     path, bundled = src.checkpoint_dir, src.bundled_model
     if path and str(path).startswith("hf://"):  # a hub model: the hub cache, downloaded on first use
@@ -99,14 +104,22 @@ def resolve_checkpoint_dir(src: ModelSourceSettings) -> str:
         path = os.path.abspath(os.path.expanduser(str(path)))
         if os.path.isfile(os.path.join(path, "config.json")):
             return path
+        bundled_homes = {os.path.join(home, "models", str(bundled)) for home in
+                         (tinytune_home(), os.path.abspath(os.path.expanduser("~/.cache/tinytune")))}
+        if not bundled or path not in bundled_homes:
+            what = "does not exist" if not os.path.exists(path) else "has no config.json (not an HF checkpoint)"
+            raise ConfigError(
+                f"checkpoint_dir: {path} {what}. Fix the path (e.g. OUTPUT_DIR/hf_model of a finished run)"
+                + (f", or drop checkpoint_dir to use the bundled model {bundled}" if bundled else "")
+            )
     if bundled:
         got = ensure_bundled(str(bundled))
         if path and os.path.abspath(got) != path:
-            log.warning("checkpoint_dir %s not found; using the bundled model at %s", path, got)
+            log.warning("checkpoint_dir %s is the bundled model's default place; using it from %s", path, got)
         return got
     raise ConfigError(
-        f"checkpoint_dir: {path!r} is not an HF checkpoint directory (no config.json). "
-        "Run `tune download smollm2-135m-instruct` or point checkpoint_dir at a model directory."
+        "checkpoint_dir: not set. Point it at an HF checkpoint directory, or set "
+        "bundled_model: smollm2-135m-instruct (`tune download smollm2-135m-instruct`)."
     )
 
 

@@ -3,18 +3,24 @@ the optimizer and LR schedule from the config."""
 
 from __future__ import annotations
 
+import logging
+import math
 from typing import Any, Sequence
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from tinytune.config.recipe_settings import OptimSettings
+from tinytune.config import ConfigError
+from tinytune.config.recipe_settings import NAN_POLICIES, OptimSettings
+from tinytune.errors import NonFiniteError, last_good_checkpoint, run_context
 from tinytune.training.data import to_device
 from tinytune.training.losses import count_label_tokens, sft_loss
 from tinytune.training.lr_schedulers import build_lr_scheduler
 from tinytune.training.optim import DEFAULT_LR, DEFAULT_NO_DECAY, build_optimizer, param_groups
 from tinytune.training.padding_free import drop_unlabeled_tail
+
+log = logging.getLogger(__name__)
 
 
 def sft_accumulate(model: nn.Module, micro_batches: Sequence[dict], device: torch.device,
@@ -45,22 +51,86 @@ def sft_accumulate(model: nn.Module, micro_batches: Sequence[dict], device: torc
     return total, n
 
 
+class NonFiniteGuard:
+    """Stops the run (or skips the step) when a step's loss or gradient norm is NaN/Inf.
+
+    Checked before the optimizer step, so neither the weights nor the optimizer state (Adam
+    moments, step count) ever see a non-finite gradient.
+
+    Args:
+        policy: ``stop`` (raise :class:`~tinytune.errors.NonFiniteError`) or ``skip_step`` (drop
+            the step's gradients, advance the LR schedule, count and log it).
+
+    Attributes:
+        skipped: steps skipped so far.
+    """
+
+    def __init__(self, policy: str = "stop") -> None:
+        if policy not in NAN_POLICIES:
+            raise ConfigError(f"nan_policy: {policy!r} is not one of {list(NAN_POLICIES)}")
+        self.policy = policy
+        self.skipped = 0
+
+    def check(self, step: int, loss: float, grad_norm: float | None) -> bool:
+        """True when the step may be applied; False when it is skipped.
+
+        Args:
+            step: the step being taken (1-based).
+            loss: its loss.
+            grad_norm: its total gradient norm (None: not computed).
+
+        Raises:
+            NonFiniteError: a non-finite value under ``nan_policy: stop``.
+        """
+        bad = [f"loss {loss}"] if not math.isfinite(loss) else []
+        if grad_norm is not None and not math.isfinite(grad_norm):
+            bad.append(f"gradient norm {grad_norm}")
+        if not bad:
+            return True
+        what = " and ".join(bad)
+        if self.policy == "stop":
+            good = last_good_checkpoint(run_context.checkpoint_root)
+            raise NonFiniteError(
+                f"step {step}: non-finite {what}; stopped before the optimizer step (nan_policy: stop), so no "
+                f"weights, checkpoint or export hold it (last checkpoint: {good or 'none'}). Usual causes: NaN/Inf "
+                "in the base weights or inputs, a too high lr, fp16 overflow. nan_policy=skip_step skips such steps"
+            )
+        self.skipped += 1
+        log.warning("step %d: non-finite %s; step skipped (nan_policy: skip_step), %d skipped so far",
+                    step, what, self.skipped)
+        return False
+
+
 def optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, lr_scheduler=None,
-                   clip_grad_norm: float | None = None, clip_fn=torch.nn.utils.clip_grad_norm_) -> float | None:
+                   clip_grad_norm: float | None = None, clip_fn=torch.nn.utils.clip_grad_norm_, *,
+                   guard: NonFiniteGuard | None = None, loss: torch.Tensor | float | None = None,
+                   step: int | None = None) -> float | None:
     """Clips gradients (if asked), steps the optimizer and scheduler, zeroes gradients.
+
+    With a ``guard`` the loss and the gradient norm are checked first: a non-finite one stops the
+    run or (``skip_step``) drops the gradients without touching the optimizer; the LR schedule
+    still advances, so step numbers and LRs stay aligned.
 
     Args:
         clip_fn: ``(params, max_norm) -> total norm``; the distributed recipes pass the DTensor-aware
-            :func:`tinytune.distributed.fsdp.clip_grad_norm_`.
+            :func:`tinytune.distributed.fsdp.clip_grad_norm_` (also used, with an infinite
+            threshold that scales nothing, for the guard's norm when there is no clipping).
+        guard: the run's :class:`NonFiniteGuard` (None: no check).
+        loss: the step's loss (checked by the guard).
+        step: the step being taken, for messages.
 
     Returns:
-        The total gradient norm before clipping (None without clipping).
+        The total gradient norm before clipping (None without clipping and without a guard).
     """
     norm = None
+    params = [p for p in model.parameters() if p.grad is not None]
     if clip_grad_norm:
-        params = [p for p in model.parameters() if p.grad is not None]
         norm = float(clip_fn(params, float(clip_grad_norm)))
-    optimizer.step()
+    elif guard is not None:
+        # an infinite threshold measures the (DTensor-aware) total norm and scales nothing
+        norm = float(clip_fn(params, float("inf"))) if params else 0.0
+    if guard is None or guard.check(int(step or 0), float(loss) if loss is not None else 0.0, norm):
+        optimizer.step()
     if lr_scheduler is not None:
         lr_scheduler.step()
     optimizer.zero_grad(set_to_none=True)
