@@ -29,6 +29,7 @@ section) and only the adapters trainable.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import time
 
@@ -41,6 +42,13 @@ from torch.utils.data import DataLoader
 from tinytune import config
 from tinytune.checkpoint import save_hf_checkpoint, save_peft_adapter
 from tinytune.config import ConfigError
+from tinytune.distributed.pipeline import (  # pipeline parallelism (issue 17)
+    PipelineSettings,
+    build_pipeline,
+    build_pipeline_mesh,
+    check_pipeline_layout,
+    world_size_from_env,
+)
 from tinytune.training.dcp import DistributedCheckpointer
 from tinytune.training.device import get_dtype, set_seed
 from tinytune.training.dist_sampler import ResumableDistributedSampler
@@ -126,17 +134,37 @@ def _loss_sum(model, batch: dict, use_loss_parallel: bool) -> torch.Tensor:
 def finetune(cfg: DictConfig, lora: bool) -> dict:
     """The training loop shared by the full and LoRA distributed recipes (see the module docstring)."""
     t_start = time.perf_counter()
+    # ---- pipeline parallelism (issue 17): keys read here, layout checked before any process group --
+    pipe, pipe_dims = None, None
+    pipe_settings = PipelineSettings(  # settings key: parallelism.pipeline_parallel / pipeline_schedule / microbatches / layers_per_stage / pipeline_seq_len
+        degree=cfg_get(cfg, "parallelism.pipeline_parallel", 1), schedule=cfg_get(cfg, "parallelism.pipeline_schedule", "1f1b"),
+        microbatches=cfg_get(cfg, "parallelism.microbatches"), layers_per_stage=cfg_get(cfg, "parallelism.layers_per_stage"),
+        seq_len=cfg_get(cfg, "parallelism.pipeline_seq_len"))
+    if pipe_settings.degree > 1:
+        pipe_dims = check_pipeline_layout(
+            pipe_settings, world_size_from_env(), resolve_checkpoint_dir(cfg),
+            data_parallel_shard=cfg_get(cfg, "parallelism.data_parallel_shard", -1),
+            data_parallel_replicate=cfg_get(cfg, "parallelism.data_parallel_replicate", 1),
+            tensor_parallel=cfg_get(cfg, "parallelism.tensor_parallel", 1),
+            loss_parallel=bool(cfg_get(cfg, "parallelism.loss_parallel", False)),
+            sequence_parallel=bool(cfg_get(cfg, "parallelism.sequence_parallel", False)),
+            validation=any(cfg_get(cfg, f"validation.{k}") for k in ("dataset", "split_size", "split_ratio")))
+    # ---- end pipeline hook ------------------------------------------------------------------------
     # ---- 1. processes, mesh, precision, seed ---------------------------------------------------
     cpu_offload = bool(cfg_get(cfg, "fsdp.cpu_offload", False))
     dist_info = init_distributed(cfg_get(cfg, "device", "auto"), cpu_offload=cpu_offload)
     device = dist_info.device
-    dims = ParallelDims.from_config(
-        dist_info.world_size,
-        data_parallel_shard=cfg_get(cfg, "parallelism.data_parallel_shard", -1),
-        data_parallel_replicate=cfg_get(cfg, "parallelism.data_parallel_replicate", 1),
-        tensor_parallel=cfg_get(cfg, "parallelism.tensor_parallel", 1),
-    )
-    mesh = build_device_mesh(dims, device.type)
+    if pipe_dims is not None:  # pipeline hook: 4-D mesh [pp, dp_replicate, dp_shard, tp]
+        dims = pipe_dims
+        mesh, pp_mesh = build_pipeline_mesh(pipe_settings.degree, dims, device.type)
+    else:
+        dims = ParallelDims.from_config(
+            dist_info.world_size,
+            data_parallel_shard=cfg_get(cfg, "parallelism.data_parallel_shard", -1),
+            data_parallel_replicate=cfg_get(cfg, "parallelism.data_parallel_replicate", 1),
+            tensor_parallel=cfg_get(cfg, "parallelism.tensor_parallel", 1),
+        )
+        mesh = build_device_mesh(dims, device.type)
     dp_rank, dp_size = get_dp_info(mesh)
     use_loss_parallel = bool(cfg_get(cfg, "parallelism.loss_parallel", False))
     # padding-free rows have any length; tensor/sequence parallelism needs the collated [b, s] shape
@@ -156,13 +184,19 @@ def finetune(cfg: DictConfig, lora: bool) -> dict:
     ac = None
     if cfg_get(cfg, "activation_checkpointing", False):
         from tinytune.training.activation_checkpointing import apply_activation_checkpointing as ac
-    model, info = load_hf_model_sharded(
-        checkpoint_dir, mesh, device, linear_factory=factory, trainable=trainable,
-        loss_parallel=use_loss_parallel, sequence_parallel=bool(cfg_get(cfg, "parallelism.sequence_parallel", False)),
-        activation_checkpointing=ac,
-        fsdp={"param_dtype": None if dtype == torch.float32 else dtype, "reduce_dtype": torch.float32,
-              "cpu_offload": cpu_offload, "reshard_after_forward": bool(cfg_get(cfg, "fsdp.reshard_after_forward", True))},
-    )
+    fsdp_kw = {"param_dtype": None if dtype == torch.float32 else dtype, "reduce_dtype": torch.float32,
+               "cpu_offload": cpu_offload, "reshard_after_forward": bool(cfg_get(cfg, "fsdp.reshard_after_forward", True))}
+    if pipe_dims is not None:  # pipeline hook: this rank's stages + the schedule
+        pipe = build_pipeline(pipe_settings, checkpoint_dir, mesh, pp_mesh, device,
+                              batch_size=int(cfg_get(cfg, "batch_size", 4)), packed=padding_free, linear_factory=factory,
+                              trainable=trainable, fsdp=fsdp_kw, activation_checkpointing=ac)
+        model, info = pipe.model, pipe.info
+    else:
+        model, info = load_hf_model_sharded(
+            checkpoint_dir, mesh, device, linear_factory=factory, trainable=trainable,
+            loss_parallel=use_loss_parallel, sequence_parallel=bool(cfg_get(cfg, "parallelism.sequence_parallel", False)),
+            activation_checkpointing=ac, fsdp=fsdp_kw,
+        )
     params = [p for p in model.parameters() if p.requires_grad]
     if lora:
         stray = [n for n, p in model.named_parameters() if p.requires_grad and ".lora_" not in n]
@@ -244,27 +278,30 @@ def finetune(cfg: DictConfig, lora: bool) -> dict:
             batches = iter(loader)
         t0 = time.perf_counter()
         micro = [next(batches) for _ in range(accum)]
-        if padding_free:  # drop what no label depends on, one packed row per micro-batch (as single-device)
+        if padding_free and pipe is None:  # drop what no label depends on, one packed row per micro-batch (as single-device)
             micro = [drop_unlabeled_tail(b) for b in micro]
         micro = [{k: v.to(device) for k, v in b.items()} for b in micro]
         lr = float(optimizer.param_groups[0]["lr"])
         # Label tokens of the whole global step: every rank divides by the same number.
         num_tokens = all_reduce_sum(count_label_tokens(micro).to(device), mesh.dp).clamp(min=1).float()
         local_loss = torch.zeros((), device=device)
-        for i, batch in enumerate(micro):
+        if pipe is not None:  # pipeline hook: the schedule runs forward + backward of every micro-batch
+            local_loss = pipe.train_step(micro, num_tokens, device, dataset)
+        for i, batch in enumerate(micro if pipe is None else []):
             set_gradient_sync(model, i == accum - 1)  # reduce-scatter only after the last micro-batch
             with loss_ctx():
                 loss = _loss_sum(model, batch, use_loss_parallel) / num_tokens
                 # FSDP averages gradients over dp ranks; scale so they add up instead.
                 (loss * dp_size).backward()
             local_loss += loss.detach().full_tensor() if hasattr(loss, "full_tensor") else loss.detach()
-        grad_norm = float(clip_grad_norm_(params, float(loop.clip))) if loop.clip else None
+        clip = pipe.clip_grad_norm_ if pipe is not None else functools.partial(clip_grad_norm_, params)  # pipeline hook
+        grad_norm = float(clip(float(loop.clip))) if loop.clip else None
         optimizer.step()
         lr_scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
         batches_done += accum
-        loss_value = float(all_reduce_sum(local_loss, mesh.dp))  # global mean loss per label token
+        loss_value = float(all_reduce_sum(local_loss, mesh.dp if pipe is None else None))  # global mean loss per label token
         dt = time.perf_counter() - t0
         train_seconds += dt
         train_tokens += int(num_tokens)
@@ -287,7 +324,7 @@ def finetune(cfg: DictConfig, lora: bool) -> dict:
     summary = {"step": step, "loss": loss_value, "output_dir": out_dir, "world_size": dist_info.world_size,
                "train_seconds": round(train_seconds, 2), "train_label_tokens": train_tokens, **summary_val}
     if cfg_get(cfg, "save_hf", True) or (lora and cfg_get(cfg, "save_adapter", True)):
-        full = gather_full_state_dict(model)  # collective: every rank takes part
+        full = gather_full_state_dict(model) if pipe is None else pipe.gather_full_state_dict()  # collective
         if is_rank_zero():
             if lora and cfg_get(cfg, "save_adapter", True):
                 summary["adapter_dir"] = save_peft_adapter({k: v for k, v in full.items() if ".lora_" in k}, info,
