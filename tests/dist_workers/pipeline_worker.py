@@ -21,14 +21,13 @@ from tinytune.training.distributed import init_distributed, shutdown_distributed
 
 
 def pp_cfg(out: str, ckpt: str, lora: bool, pp: int = 1, dp: int = 1, tp: int = 1, schedule: str = "1f1b") -> dict:
-    """The recipe-test config without validation; with ``pp > 1``: one loader batch of 4 / dp rows per step."""
+    """The recipe-test config without validation; with ``pp > 1``: loader batches of 2 rows, each split into
+    2 pipeline micro-batches (so with dp=1 an optimizer step runs two schedule steps)."""
     cfg = base_cfg(out, ckpt, dp=dp, tp=tp, lora=lora)
     cfg["validation"] = None
     if pp > 1:
-        cfg.update(batch_size=4 // dp, gradient_accumulation_steps=1)
-        cfg["parallelism"].update(pipeline_parallel=pp, pipeline_schedule=schedule, microbatches=4 // dp)
-        if schedule in ("interleaved_1f1b", "looped_bfs"):
-            cfg["parallelism"]["microbatches"] = 2
+        cfg.update(batch_size=2, gradient_accumulation_steps=2 // dp)
+        cfg["parallelism"].update(pipeline_parallel=pp, pipeline_schedule=schedule, microbatches=2)
     return cfg
 
 

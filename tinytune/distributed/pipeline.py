@@ -521,7 +521,7 @@ class Pipeline:
             full = value.full_tensor() if isinstance(value, DTensor) else value
             mine[name] = full.detach().cpu()
         lead = self.mesh.dp.get_local_rank() == 0 and self.mesh.tp.get_local_rank() == 0
-        box = [None] * self.pp_mesh.size() if dist.get_rank() == 0 else None
+        box = [None] * self.pp_mesh.size() if self.pp_mesh.get_local_rank() == 0 else None  # each pp group's dst
         dist.gather_object(mine if lead else None, box, group=self.pp_mesh.get_group(), group_dst=0)
         if dist.get_rank() != 0:
             return {}
