@@ -17,7 +17,7 @@ from typing import Sequence
 from tinytune.config._errors import ConfigError
 
 # Order shown in `tune --help`. Modules that are not written yet are skipped.
-SUBCOMMANDS = ("ls", "cp", "cat", "validate", "run", "download", "convert", "prepare_data")
+SUBCOMMANDS = ("ls", "cp", "cat", "validate", "run", "download", "convert", "prepare_data", "plan")
 
 
 def build_parser() -> argparse.ArgumentParser:

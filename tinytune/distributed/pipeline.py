@@ -586,6 +586,7 @@ def build_pipeline(
     if activation_checkpointing is not None:
         activation_checkpointing(model)
     lora_values = _lora_init_values(model)
+    all_keys = set(model.state_dict())
     ranges = stage_layer_ranges(model, settings)
     n_stages = len(ranges)
     pp, pp_rank = pp_mesh.size(), pp_mesh.get_local_rank()
@@ -604,9 +605,9 @@ def build_pipeline(
     wanted = set(rank_model.state_dict())
     keymap = hf_key_map(info.model_type)
     loaded: set[str] = set()
-    for file, shard in iter_shards(path, keymap, dtype=torch.float32):
-        loaded |= load_full_state_dict(rank_model, {k: v for k, v in shard.items() if k in wanted}, strict=False,
-                                       where=file)
+    # other stages' tensors are dropped as they are read: a rank holds at most its own stages' full tensors
+    for file, shard in iter_shards(path, keymap, dtype=torch.float32, drop=all_keys - wanted):
+        loaded |= load_full_state_dict(rank_model, shard, strict=False, where=file)
         del shard
     missing = sorted(k for k in wanted if k not in loaded and not is_lora_key(k))
     if missing:

@@ -4,6 +4,8 @@ For one model (its HF hyperparameters), one workload (micro-batch, sequence leng
 LoRA / QLoRA, optimizer, activation checkpointing, pipeline schedule) and one layout
 ``[pp, dp_replicate, dp_shard, tp]`` this estimates what the busiest rank holds:
 
+The peak is taken at the end of the forward and at the end of the backward (see :func:`rank_memory`).
+
 * parameters: its stage's parameters, TP-split matrices divided by ``tp``, all divided by ``dp_shard``
   (FSDP2), in the storage dtype (fp32 master weights in the distributed recipes; NF4 for QLoRA bases);
 * gradients and optimizer state: the trainable share of the above (fp32; AdamW keeps two moments);
@@ -94,6 +96,8 @@ class Workload:
         attention_scores: the attention kernel keeps ``[b, h, s, s]`` probabilities (plain SDPA math);
             False for flash-style kernels.
         fsdp: parameters are sharded/gathered by FSDP2 (the distributed recipes).
+        accum_steps: gradient-accumulation micro-batches per optimizer step outside the pipeline.
+        load_on_device: the checkpoint is read into the same memory (CPU runs).
     """
 
     rows: int = 1
@@ -110,6 +114,8 @@ class Workload:
     ce_chunk_bytes: int = 2**30
     attention_scores: bool = False
     fsdp: bool = True
+    accum_steps: int = 1
+    load_on_device: bool = False
 
     def __post_init__(self) -> None:
         if self.mode not in ("full", "lora", "qlora"):
@@ -141,17 +147,25 @@ def _layer_params(info: ModelInfo, work: Workload) -> tuple[float, float, float]
 def _activation_elems_per_token(info: ModelInfo, tp: int) -> float:
     """Elements one layer saves for backward per token (no checkpointing)."""
     q, kv, h, d = info.num_heads * info.head_dim / tp, info.num_kv_heads * info.head_dim / tp, info.hidden_dim / tp, info.dim
-    # norms: inputs + normed outputs (2 x 2d); q/k/v after RoPE + attention output and its o_proj input (3q + 2kv);
-    # MLP: gate, up, silu(gate), product (4h)
-    return 4 * d + 3 * q + 2 * kv + 4 * h
+    # two RMSNorms: input, normalised input, output (3d each); q/k/v projections' outputs, the same after
+    # RoPE (and Qwen3's q/k norms), attention output and the o_proj input copy (4q + 3kv);
+    # MLP: gate, up, silu(gate), their product (4h)
+    return 6 * d + 4 * q + 3 * kv + 4 * h
 
 
-def rank_memory(info: ModelInfo, layout: Layout, work: Workload) -> dict[str, float]:
-    """Estimated bytes on the busiest rank of ``layout``.
+def rank_memory(info: ModelInfo, layout: Layout, work: Workload, pp_rank: int | None = None) -> dict[str, float]:
+    """Estimated peak bytes on the busiest rank of ``layout`` (or on pipeline rank ``pp_rank``).
+
+    The peak is the larger of two moments: the end of the forward (parameters, optimizer state, the
+    activations of every micro-batch in flight, the CE chunk, the gathered root group; gradients too
+    when earlier micro-batches of the step already ran backward) and the end of the backward
+    (parameters, optimizer state, gradients, gathered layers and the reduce-scatter buffer). With
+    ``work.load_on_device`` (CPU runs) a third moment counts: loading, when the rank holds its shards
+    plus its stages' full fp32 tensors read from the checkpoint.
 
     Returns:
         ``{"params", "grads", "optimizer", "activations", "activations_no_ac", "activations_ac", "ce_chunk",
-        "comm", "total", "stage_layers"}`` (``activations`` is the one ``work`` selects).
+        "comm", "total", "phase", "stage_layers", "pp_rank"}`` (``activations`` is the one ``work`` selects).
 
     Raises:
         ConfigError: layouts the recipes refuse (TP not dividing the heads, PP deeper than the model,
@@ -173,9 +187,9 @@ def rank_memory(info: ModelInfo, layout: Layout, work: Workload) -> dict[str, fl
     head_adapters = work.lora_rank * (info.dim + info.vocab_size) if work.mode != "full" and "output" in work.lora_targets else 0
     ranges = balanced_split([int(split + repl)] * info.num_layers, n_stages, embed, head + info.dim)
     tokens = work.rows * work.seq_len  # per micro-batch
-    m = work.microbatches if pp > 1 else 1
+    m = max(work.microbatches, pp) if pp > 1 else 1  # 1F1B needs at least pp micro-batches
     best: dict[str, float] | None = None
-    for rank in range(pp):
+    for rank in range(pp) if pp_rank is None else [pp_rank]:
         stages = list(range(rank, n_stages, pp))
         n_layers = sum(len(ranges[s]) for s in stages)
         first, last = 0 in stages, n_stages - 1 in stages
@@ -206,21 +220,24 @@ def rank_memory(info: ModelInfo, layout: Layout, work: Workload) -> dict[str, fl
         ce = 0.0
         if last:
             chunk = min(tokens, max(1, work.ce_chunk_bytes // (info.vocab_size * (4 + 2 * cb))))
-            ce = chunk * info.vocab_size * (4 + 2 * cb) + tokens * info.dim * 4
+            ce = chunk * info.vocab_size * (4 + (cb if cb < 4 else 0)) + tokens * info.dim * (cb + 4)  # logits, grad_h
             if work.mode == "full" or head_adapters:
                 ce += info.vocab_size * info.dim * 4  # fp32 [V, d] weight-gradient accumulator
-        comm = 0.0
-        if work.fsdp:
-            root = (embed if first else 0) + ((head + info.dim) if last else 0)
-            layer_full = split / tp + repl
-            comm += root * cb + 2 * layer_full * cb  # gathered root group + current and prefetched layer
-            comm += (layer_full if work.mode == "full" else adapters / tp) * 4  # reduce-scatter input (fp32)
-        if pp > 1:
-            comm += 2 * tokens * info.dim * cb * min(m, 2)  # send / receive buffers (activation + gradient)
-        total = params + grads + optim + acts + ce + comm
+        root = (embed if first else 0) + ((head + info.dim) if last else 0)
+        layer_full = split / tp + repl
+        gathered_root = root * cb if work.fsdp else 0.0  # the root group stays gathered forward to backward
+        gathered_layers = 2 * layer_full * cb if work.fsdp else 0.0  # current + prefetched layer
+        reduce_buf = ((layer_full if work.mode == "full" else adapters / tp) * 4) if work.fsdp else 0.0
+        pp_buf = 2 * tokens * info.dim * cb * min(m, 2) if pp > 1 else 0.0  # send / receive buffers
+        comm = gathered_root + gathered_layers + reduce_buf + pp_buf
+        grads_in_fwd = grads if (pp > 1 or work.accum_steps > 1) else 0.0
+        at_fwd = params + optim + acts + ce + gathered_root + gathered_layers + pp_buf + grads_in_fwd
+        at_bwd = params + optim + grads + gathered_root + gathered_layers + reduce_buf + pp_buf + per_layer
+        at_load = params + base * 4 if work.load_on_device else 0.0
+        total, phase = max((at_fwd, "forward"), (at_bwd, "backward"), (at_load, "load"))
         row = {"params": params, "grads": grads, "optimizer": optim, "activations": acts,
                "activations_no_ac": no_ac, "activations_ac": ac, "ce_chunk": ce, "comm": comm, "total": total,
-               "stage_layers": n_layers, "pp_rank": rank}
+               "phase": phase, "stage_layers": n_layers, "pp_rank": rank}
         if best is None or total > best["total"]:
             best = row
     return best
