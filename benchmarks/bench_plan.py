@@ -39,8 +39,9 @@ MODEL = {"vocab_size": 32000, "hidden_size": 512, "intermediate_size": 1536, "nu
          "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 64}
 SMOKE_MODEL = {"vocab_size": 2048, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
                "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16}
-SEQ = 1024  # tokens per (packed) micro-batch
-ROWS = 4  # samples per micro-batch, each 200-250 tokens
+SEQ = 1024  # tokens per packed micro-batch (4 samples of 200-250 tokens)
+ROWS = 4  # samples per micro-batch
+ROW_LEN = 256  # with TP micro-batches stay padded rows: 4 x 256 tokens
 
 
 def _anon_bytes() -> int:
@@ -95,7 +96,7 @@ def recipe_cfg(out: str, ckpt: str, pp: int, dp: int, tp: int, vocab: int, smoke
         "parallelism": {"data_parallel_shard": dp, "tensor_parallel": tp},
     }
     if pp > 1:
-        cfg["parallelism"].update(pipeline_parallel=pp, microbatches=2, pipeline_seq_len=SEQ)
+        cfg["parallelism"].update(pipeline_parallel=pp, microbatches=2, pipeline_seq_len=SEQ if tp == 1 else ROW_LEN)
     return cfg
 
 
@@ -121,13 +122,14 @@ def worker(spec: dict) -> None:
     shutdown_distributed()
 
 
-def predict(sizes: dict, pp: int, dp: int, tp: int, tokens: int):
+def predict(sizes: dict, pp: int, dp: int, tp: int):
     from tinytune.checkpoint.model_info import model_info_from_hf_config
     from tinytune.distributed.plan import Layout, Workload, rank_memory
 
     info = model_info_from_hf_config({"model_type": "qwen3", "max_position_embeddings": 4096, "rms_norm_eps": 1e-6,
                                       "rope_theta": 1e4, "tie_word_embeddings": False, **sizes})
-    work = Workload(rows=1, seq_len=tokens, microbatches=2, compute_dtype="fp32", master_dtype="fp32",
+    rows, seq = (1, SEQ) if tp == 1 else (ROWS, ROW_LEN)  # packed row, or padded rows with TP
+    work = Workload(rows=rows, seq_len=seq, microbatches=2, compute_dtype="fp32", master_dtype="fp32",
                     ce_chunk_bytes=256 * 2**20, schedule="1f1b", load_on_device=True)
     return rank_memory(info, Layout(pp=pp, dp_shard=dp, tp=tp), work)
 
@@ -136,12 +138,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--worker")
+    parser.add_argument("--layouts", nargs="*", help=f"a subset of {list(LAYOUTS)}")
     args = parser.parse_args()
     if args.worker:
         worker(json.loads(args.worker))
         return
     sizes = SMOKE_MODEL if args.smoke else MODEL
     layouts = {"single (1 process)": LAYOUTS["single (1 process)"]} if args.smoke else LAYOUTS
+    if args.layouts:
+        layouts = {k: v for k, v in layouts.items() if k in args.layouts}
     tmp = tempfile.mkdtemp(prefix="bench_plan_")
     ckpt = write_checkpoint(os.path.join(tmp, "ckpt"), sizes)
     print("| layout | ranks | predicted busiest rank (MiB) | measured busiest rank (MiB) | predicted / measured |")
@@ -163,8 +168,7 @@ def main() -> None:
             print(f"| {name} | {n} | failed: {proc.stderr[-300:]!r} | | |")
             continue
         measured = max(json.load(open(os.path.join(out, f"mem_rank{r}.json")))["peak"] for r in range(n))
-        # tokens of one micro-batch: packed rows of up to SEQ tokens (PP) or one packed loader batch (no PP)
-        plan = predict(sizes, pp, dp, tp, SEQ)
+        plan = predict(sizes, pp, dp, tp)
         pred = plan["total"]
         print(f"| {name} | {n} | {pred / 2**20:.0f} ({plan['phase']}) | {measured / 2**20:.0f} | {pred / measured:.2f} |")
 
