@@ -18,7 +18,7 @@ from tests.dist_workers.launch import REPO, torchrun
 from tests.dist_workers.pipeline_worker import pp_cfg
 from tests.dist_workers.tiny_checkpoint import write_tiny_checkpoint
 from tinytune.config import ConfigError
-from tinytune.distributed.pipeline import (
+from tinytune.distributed.pipeline_stages import (
     PipelineSettings,
     balanced_split,
     check_pipeline_layout,

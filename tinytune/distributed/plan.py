@@ -28,7 +28,7 @@ import dataclasses
 
 from tinytune.checkpoint.model_info import ModelInfo
 from tinytune.config._errors import ConfigError
-from tinytune.distributed.pipeline import balanced_split
+from tinytune.distributed.pipeline_stages import balanced_split
 
 __all__ = ["Layout", "Workload", "candidate_layouts", "format_bytes", "parse_bytes", "plan_table", "rank_memory"]
 
