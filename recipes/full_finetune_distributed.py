@@ -147,8 +147,7 @@ def finetune(cfg: DictConfig, lora: bool) -> dict:
             data_parallel_replicate=cfg_get(cfg, "parallelism.data_parallel_replicate", 1),
             tensor_parallel=cfg_get(cfg, "parallelism.tensor_parallel", 1),
             loss_parallel=bool(cfg_get(cfg, "parallelism.loss_parallel", False)),
-            sequence_parallel=bool(cfg_get(cfg, "parallelism.sequence_parallel", False)),
-            validation=any(cfg_get(cfg, f"validation.{k}") for k in ("dataset", "split_size", "split_ratio")))
+            sequence_parallel=bool(cfg_get(cfg, "parallelism.sequence_parallel", False)))
     # ---- end pipeline hook ------------------------------------------------------------------------
     # ---- 1. processes, mesh, precision, seed ---------------------------------------------------
     cpu_offload = bool(cfg_get(cfg, "fsdp.cpu_offload", False))
@@ -256,6 +255,8 @@ def finetune(cfg: DictConfig, lora: bool) -> dict:
 
     def validate() -> None:
         def loss_fn(m, b):
+            if pipe is not None:  # pipeline hook: forward-only through the schedule
+                return pipe.eval_loss_sum(b)
             with loss_ctx():
                 return _loss_sum(m, b, use_loss_parallel)
 

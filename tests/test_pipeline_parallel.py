@@ -1,7 +1,7 @@
 """Pipeline parallelism (torch.distributed.pipelining) on CPU/gloo vs the single-device recipes.
 
 Every run: tiny Qwen3 checkpoint with 4 layers (fp32), 4 AdamW steps on a global batch of 4
-samples, cosine schedule, gradient clipping, no validation. References: ``full_finetune`` /
+samples, cosine schedule, gradient clipping, validation at steps 2 and 4. References: ``full_finetune`` /
 ``lora_finetune`` in this process on the same global batches. PP runs split each step's batch into
 pipeline micro-batches (packed padding-free rows; padded rows with TP).
 """
@@ -65,6 +65,9 @@ def _check_run(tmp, scenario, ref, lora):
     ref_losses = _losses(ref)
     assert list(ref_losses) == [1, 2, 3, 4] and ref_losses[4] != ref_losses[1]
     assert _losses(got) == pytest.approx(ref_losses, abs=TOL)
+    ref_val = _losses(ref, "val_loss")
+    assert list(ref_val) == [2, 4]
+    assert _losses(got, "val_loss") == pytest.approx(ref_val, abs=TOL)
     _assert_same_weights(_weights(got, "hf_model"), _weights(ref, "hf_model"), TOL)
     if lora:
         _assert_same_weights(_weights(got, "adapter"), _weights(ref, "adapter"), TOL)
@@ -175,3 +178,33 @@ def test_unknown_schedule_and_stray_keys_are_errors():
         PipelineSettings(degree=1, microbatches=4)
     with pytest.raises(ConfigError, match="positive integer"):
         PipelineSettings(degree="2")
+
+
+def test_layers_per_stage_fixes_the_split():
+    from tinytune.distributed.pipeline_stages import stage_layer_ranges
+
+    with torch.device("meta"):
+        from tinytune.checkpoint.loader import build_model
+        from tinytune.checkpoint.model_info import model_info_from_hf_config
+
+        model = build_model(model_info_from_hf_config({
+            "model_type": "qwen3", "vocab_size": 320, "hidden_size": 32, "intermediate_size": 48,
+            "num_hidden_layers": 8, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8,
+            "max_position_embeddings": 64, "rms_norm_eps": 1e-5, "rope_theta": 1e4, "tie_word_embeddings": False}))
+    fixed = stage_layer_ranges(model, PipelineSettings(degree=2, schedule="interleaved_1f1b", layers_per_stage=2))
+    assert fixed == [range(0, 2), range(2, 4), range(4, 6), range(6, 8)]
+    # balanced: the big embedding (320 x 32) and head weigh on the end stages, so they get fewer layers
+    balanced = stage_layer_ranges(model, PipelineSettings(degree=4))
+    assert [len(r) for r in balanced] == [1, 3, 3, 1]
+
+
+def test_recipe_refuses_a_bad_layout_before_creating_a_process_group(ckpt, tmp_path):
+    import torch.distributed as dist
+
+    from recipes.full_finetune_distributed import recipe_main
+
+    _, path = ckpt
+    cfg = pp_cfg(str(tmp_path / "run"), path, lora=False, pp=2)  # plain python: one process
+    with pytest.raises(ConfigError, match="1 processes are not divisible by parallelism.pipeline_parallel=2"):
+        recipe_main(OmegaConf.create(cfg))
+    assert not dist.is_initialized()

@@ -4,7 +4,7 @@ Usage: pipeline_worker.py OUT_DIR CKPT_DIR SCENARIO...
 
 A scenario name is ``<pp>x<dp>x<tp>-<schedule>[-lora][-ac][-resume]`` (e.g. ``2x1x1-1f1b``,
 ``2x2x1-gpipe-lora``); each writes OUT_DIR/<scenario>/. Every run: 4 optimizer steps on a global
-batch of 4 samples, fp32 on CPU, no validation (see :func:`pp_cfg`).
+batch of 4 samples, fp32 on CPU, validation at steps 2 and 4 (see :func:`pp_cfg`).
 """
 
 import os
@@ -21,10 +21,9 @@ from tinytune.training.distributed import init_distributed, shutdown_distributed
 
 
 def pp_cfg(out: str, ckpt: str, lora: bool, pp: int = 1, dp: int = 1, tp: int = 1, schedule: str = "1f1b") -> dict:
-    """The recipe-test config without validation; with ``pp > 1``: loader batches of 2 rows, each split into
+    """The recipe-test config (validation at steps 2 and 4); with ``pp > 1``: loader batches of 2 rows, each split into
     2 pipeline micro-batches (so with dp=1 an optimizer step runs two schedule steps)."""
     cfg = base_cfg(out, ckpt, dp=dp, tp=tp, lora=lora)
-    cfg["validation"] = None
     if pp > 1:
         cfg.update(batch_size=2, gradient_accumulation_steps=2 // dp)
         cfg["parallelism"].update(pipeline_parallel=pp, pipeline_schedule=schedule, microbatches=2)

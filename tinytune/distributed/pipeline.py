@@ -46,6 +46,7 @@ from tinytune.distributed.pipeline_stages import (
 from tinytune.kernels import linear_cross_entropy
 from tinytune.training.distributed import ParallelDims, ParallelMesh
 from tinytune.training.fsdp import apply_fsdp, load_full_state_dict, materialize_meta_model
+from tinytune.training.losses import IGNORE_INDEX
 from tinytune.training.parallel_plans import apply_tp
 from tinytune.training.sharded_model import _has_lm_head
 
@@ -123,7 +124,9 @@ class Pipeline:
     layer_ranges: list[range]
     seq_len: int | None
     packed: bool
+    rows_per_microbatch: int = 1
     _num_tokens: torch.Tensor | None = None
+    _eval: bool = False
 
     @property
     def has_first(self) -> bool:
@@ -137,6 +140,8 @@ class Pipeline:
         """Schedule loss on the last stage: summed CE / global label tokens, times dp (FSDP averages over dp)."""
         last = self.stages[len(self.layer_ranges) - 1]
         loss = linear_cross_entropy(hidden, last.output_weight, labels, reduction="sum")  # hidden [b, s, d]
+        if self._eval:  # validation: the plain sum
+            return loss
         return loss / self._num_tokens * self.mesh.dp.size()
 
     def train_step(self, micro: list[dict], num_tokens: torch.Tensor, device: torch.device, dataset=None) -> torch.Tensor:
@@ -177,6 +182,49 @@ class Pipeline:
             if count:
                 local = local + sum(loss.detach() for loss in losses) / self.mesh.dp.size()
         return local
+
+    def eval_loss_sum(self, batch: dict) -> torch.Tensor:
+        """Summed cross-entropy over a validation batch's label tokens, forward-only through the pipeline.
+
+        The batch's rows are cut into micro-batches of the training size (missing ones fully masked) and
+        packed / padded to the training shape, so the stages' buffers fit. Every rank gets the sum.
+
+        Args:
+            batch: ``tokens [b, s]``, ``labels [b, s]`` (+ ``input_pos``, ``seq_lens``), on this rank's device.
+
+        Returns:
+            fp64 scalar on the batch's device.
+        """
+        device = batch["labels"].device
+        m, per = self.settings.n_microbatches, self.rows_per_microbatch
+        if self.seq_len is None:
+            raise RuntimeError("eval_loss_sum before the first training step: the micro-batch length is not fixed yet.")
+        cpu = {k: v.cpu() for k, v in batch.items()}
+        b = cpu["labels"].shape[0]
+        groups = [range(i, min(i + per, b)) for i in range(0, b, per)]
+        groups += [range(0)] * (-len(groups) % m)  # whole schedule steps
+        total = torch.zeros((), dtype=torch.float64, device=device)
+        for start in range(0, len(groups), m):
+            parts = []
+            for rows in groups[start:start + m]:
+                idx = list(rows) + [0] * (per - len(rows)) if not self.packed else list(rows) or [0]
+                sub = {k: v[idx] for k, v in cpu.items()}
+                masked = [j >= len(rows) for j in range(len(idx))]  # filler rows: no labels
+                sub["labels"] = torch.where(torch.tensor(masked)[:, None], IGNORE_INDEX, sub["labels"])
+                parts.append(pack_microbatch(sub, self.seq_len, self.packed))
+            full = {k: torch.cat([p[k] for p in parts]).to(device) for k in parts[0]}
+            kwargs = {k: full[k] for k in ("input_pos", "seq_lens") if k in full}
+            args = (full["tokens"],) if self.has_first else ()
+            losses: list[torch.Tensor] = []
+            self._eval = True
+            try:
+                self.schedule.eval(*args, target=full["labels"] if self.has_last else None, losses=losses, **kwargs)
+            finally:
+                self._eval = False
+            if self.has_last:
+                total += sum(loss.detach().double() for loss in losses)
+        dist.all_reduce(total, group=self.pp_mesh.get_group())  # only the last stage computed it
+        return total
 
     @torch.no_grad()
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
@@ -303,7 +351,8 @@ def build_pipeline(
                              where="LoRA init")
 
     pipe = Pipeline(model=rank_model, stages=stages, schedule=None, mesh=mesh, pp_mesh=pp_mesh, info=info,
-                    settings=settings, layer_ranges=ranges, seq_len=settings.seq_len, packed=packed)
+                    settings=settings, layer_ranges=ranges, seq_len=settings.seq_len, packed=packed,
+                    rows_per_microbatch=batch_size // m)
     pp_group = pp_mesh.get_group()
     pstages = [PipelineStage(stages[s], s, n_stages, device, group=pp_group) for s in sorted(stages)]
     cls = SCHEDULES[settings.schedule]

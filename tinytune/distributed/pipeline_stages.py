@@ -101,8 +101,7 @@ class PipelineSettings:
 
 def check_pipeline_layout(settings: PipelineSettings, world_size: int, checkpoint_dir: str, *,
                           data_parallel_shard: int = -1, data_parallel_replicate: int = 1, tensor_parallel: int = 1,
-                          loss_parallel: bool = False, sequence_parallel: bool = False,
-                          validation: bool = False) -> ParallelDims:
+                          loss_parallel: bool = False, sequence_parallel: bool = False) -> ParallelDims:
     """Check a PP layout against the world size and the model before any process-group work.
 
     Args:
@@ -111,7 +110,6 @@ def check_pipeline_layout(settings: PipelineSettings, world_size: int, checkpoin
         checkpoint_dir: HF checkpoint directory (its ``config.json``: layers, heads, tied head).
         data_parallel_shard, data_parallel_replicate, tensor_parallel: the other ``parallelism.*`` sizes.
         loss_parallel, sequence_parallel: the TP options (not supported with PP).
-        validation: whether the config asks for a validation set (not supported with PP yet).
 
     Returns:
         The non-pipeline dims (their world size is ``world_size / pipeline_parallel``).
@@ -144,10 +142,6 @@ def check_pipeline_layout(settings: PipelineSettings, world_size: int, checkpoin
     if loss_parallel or sequence_parallel:
         raise ConfigError("parallelism.loss_parallel / sequence_parallel are not supported with pipeline_parallel > 1; "
                           "set them to false.")
-    if validation:
-        raise ConfigError("validation (validation.dataset / split_size / split_ratio) is not supported with "
-                          "parallelism.pipeline_parallel > 1 yet; remove the validation section, or evaluate the "
-                          "exported hf_model/ with the eval recipe.")
     m = settings.n_microbatches
     if settings.schedule == "1f1b" and m < pp:
         raise ConfigError(f"pipeline_schedule=1f1b needs parallelism.microbatches >= pipeline_parallel={pp}; got {m}.")
