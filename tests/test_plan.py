@@ -85,3 +85,31 @@ def test_tune_plan_cli_lists_layouts_that_fit(capsys, tmp_path):
     assert tune(["plan", str(tmp_path), "--mode", "lora"]) == 0
     assert "lora" in capsys.readouterr().out
     assert tune(["plan", str(tmp_path), "--device-memory", "lots"]) == 2
+
+
+def test_tune_plan_reads_a_recipe_config_and_its_overrides(capsys, tmp_path):
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "config.json").write_text(json.dumps(HF))
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(f"checkpoint_dir: {tmp_path / 'ckpt'}\nbatch_size: 4\ndtype: fp32\n"
+                   "model:\n  lora_rank: 4\n  apply_lora_to_mlp: true\n"
+                   "parallelism:\n  tensor_parallel: 2\n  data_parallel_shard: 2\n")
+    assert tune(["plan", str(cfg), "+parallelism.pipeline_parallel=3", "+parallelism.microbatches=2"]) == 0
+    out = capsys.readouterr().out
+    assert "lora, 2 x 2048 tokens" in out and "pp3 x dp1x2 x tp2" in out
+    assert tune(["plan", str(cfg), "parallelism.tensor_parallel=3"]) == 0  # a refused layout is a table row
+    assert "refused: tp=3 does not divide" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_bench_plan_smoke():
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, os.path.join(root, "benchmarks", "bench_plan.py"), "--smoke"],
+                          capture_output=True, text=True, timeout=600, env=dict(os.environ, PYTHONPATH=root))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [ln for ln in proc.stdout.splitlines() if ln.startswith("| single")]
+    assert len(rows) == 1 and "failed" not in rows[0]

@@ -114,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
             shard = 1
         layouts = [Layout(pp=pp, dp_replicate=rep, dp_shard=shard, tp=tp)]
     print(f"model: {info.model_type}, {info.num_layers} layers, dim {info.dim}, vocab {info.vocab_size}; {mode}, "
-          f"{work.rows} x {work.seq_len} tokens per micro-batch, {work.microbatches} pipeline micro-batches, "
+          f"{work.rows} x {work.seq_len} tokens per micro-batch, {work.microbatches} pipeline micro-batches (at least pp), "
           f"{dtype} compute / fp32 master weights, optimizer {work.optimizer}, activation checkpointing "
           f"{'on' if ac else 'off'} (the act column)")
     print(plan_table(info, work, layouts, memory))

@@ -280,7 +280,7 @@ def plan_table(info: ModelInfo, work: Workload, layouts: list[Layout], device_me
         if device_memory:
             row.append("yes" if r["total"] <= headroom * device_memory else "no")
         rows.append(row)
-    widths = [max(len(c), *(len(r[i]) for r in rows if len(r) > i)) for i, c in enumerate(cols)]
+    widths = [max([len(c)] + [len(r[i]) for r in rows if len(r) > i]) for i, c in enumerate(cols)]
     lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cols, widths)))]
     for r in rows:
         if len(r) == 2:
