@@ -288,13 +288,14 @@ def finetune(cfg: DictConfig, lora: bool) -> dict:
         local_loss = torch.zeros((), device=device)
         if pipe is not None:  # pipeline hook: the schedule runs forward + backward of every micro-batch
             local_loss = pipe.train_step(micro, num_tokens, device, dataset)
-        for i, batch in enumerate(micro if pipe is None else []):
-            set_gradient_sync(model, i == accum - 1)  # reduce-scatter only after the last micro-batch
-            with loss_ctx():
-                loss = _loss_sum(model, batch, use_loss_parallel) / num_tokens
-                # FSDP averages gradients over dp ranks; scale so they add up instead.
-                (loss * dp_size).backward()
-            local_loss += loss.detach().full_tensor() if hasattr(loss, "full_tensor") else loss.detach()
+        else:
+            for i, batch in enumerate(micro):
+                set_gradient_sync(model, i == accum - 1)  # reduce-scatter only after the last micro-batch
+                with loss_ctx():
+                    loss = _loss_sum(model, batch, use_loss_parallel) / num_tokens
+                    # FSDP averages gradients over dp ranks; scale so they add up instead.
+                    (loss * dp_size).backward()
+                local_loss += loss.detach().full_tensor() if hasattr(loss, "full_tensor") else loss.detach()
         clip = pipe.clip_grad_norm_ if pipe is not None else functools.partial(clip_grad_norm_, params)  # pipeline hook
         grad_norm = float(clip(float(loop.clip))) if loop.clip else None
         optimizer.step()
