@@ -176,6 +176,8 @@ def test_unknown_schedule_and_stray_keys_are_errors():
         PipelineSettings(degree=2, schedule="zigzag")
     with pytest.raises(ConfigError, match="only apply with"):
         PipelineSettings(degree=1, microbatches=4)
+    with pytest.raises(ConfigError, match="only apply with"):
+        PipelineSettings(degree=1, schedule="gpipe")
     with pytest.raises(ConfigError, match="positive integer"):
         PipelineSettings(degree="2")
 

@@ -72,9 +72,9 @@ class PipelineSettings:
                 raise ConfigError(f"parallelism.{key}={value!r}: must be a positive integer.")
         if self.schedule not in SCHEDULE_NAMES:
             raise ConfigError(f"parallelism.pipeline_schedule={self.schedule!r}: use one of {list(SCHEDULE_NAMES)}.")
-        if self.degree == 1 and (self.microbatches or self.layers_per_stage or self.seq_len):
-            raise ConfigError("parallelism.microbatches / layers_per_stage / pipeline_seq_len only apply with "
-                              "parallelism.pipeline_parallel > 1; remove them or set pipeline_parallel.")
+        if self.degree == 1 and (self.microbatches or self.layers_per_stage or self.seq_len or self.schedule != "1f1b"):
+            raise ConfigError("parallelism.microbatches / layers_per_stage / pipeline_seq_len / pipeline_schedule only "
+                              "apply with parallelism.pipeline_parallel > 1; remove them or set pipeline_parallel.")
 
     @property
     def n_microbatches(self) -> int:
