@@ -5,7 +5,7 @@ recipe trains a mid-size random Qwen3-shaped model (vocab 32,000, dim 512, 4 lay
 steps. Every rank samples its anonymous resident memory (``RssAnon``: heap and anonymous mappings,
 not the memory-mapped checkpoint file) every 2 ms in a background thread; the measured peak is
 the highest value minus the value just before training started (after imports and the process
-group). The prediction is :func:`tinytune.distributed.plan.rank_memory` for the same workload
+group). The prediction is :func:`tinytune.distributed.memory_plan.rank_memory` for the same workload
 (fp32 compute and master weights, CPU's 256 MiB CE chunk budget, flash-style CPU attention).
 
     python benchmarks/bench_plan.py            # the four layouts, markdown table
@@ -91,7 +91,7 @@ def recipe_cfg(out: str, ckpt: str, pp: int, dp: int, tp: int, vocab: int, smoke
                     "min_len": 40 if smoke else 200, "max_len": 50 if smoke else 250},
         "batch_size": ROWS * (2 if pp > 1 else 1), "gradient_accumulation_steps": 1, "max_steps": 3,
         "optimizer": {"name": "adamw", "lr": 1e-4}, "lr_scheduler": {"name": "cosine", "warmup_steps": 1},
-        "metric_loggers": ["jsonl"], "save_hf": False, "save_adapter": False, "checkpoint_every_n_steps": 0,
+        "metric_loggers": ["jsonl"], "save_hf": False, "checkpoint_every_n_steps": 0,
         "resume_from_checkpoint": None,
         "parallelism": {"data_parallel_shard": dp, "tensor_parallel": tp},
     }
@@ -104,8 +104,8 @@ def worker(spec: dict) -> None:
     """One rank: baseline RssAnon, run the recipe, write the peak to ``spec['out']/mem_rank<r>.json``."""
     from omegaconf import OmegaConf
 
-    from recipes.full_finetune_distributed import run
-    from tinytune.training.distributed import init_distributed, shutdown_distributed
+    from recipes.full_finetune_distributed import recipe_main
+    from tinytune.distributed.mesh import init_distributed, shutdown_distributed
 
     info = init_distributed("cpu")
     import gc
@@ -114,7 +114,7 @@ def worker(spec: dict) -> None:
     sampler = _Sampler()
     base = _anon_bytes()
     sampler.start()
-    run(OmegaConf.create(spec["cfg"]), lora=False)
+    recipe_main(OmegaConf.create(spec["cfg"]))
     sampler.stop = True
     sampler.join()
     with open(os.path.join(spec["out"], f"mem_rank{info.rank}.json"), "w") as f:
@@ -124,7 +124,7 @@ def worker(spec: dict) -> None:
 
 def predict(sizes: dict, pp: int, dp: int, tp: int):
     from tinytune.checkpoint.model_info import model_info_from_hf_config
-    from tinytune.distributed.plan import Layout, Workload, rank_memory
+    from tinytune.distributed.memory_plan import Layout, Workload, rank_memory
 
     info = model_info_from_hf_config({"model_type": "qwen3", "max_position_embeddings": 4096, "rms_norm_eps": 1e-6,
                                       "rope_theta": 1e4, "tie_word_embeddings": False, **sizes})

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import sys
 
+import torch
 from omegaconf import DictConfig
 
 import tinytune.config
+from tinytune.config.recipe_settings import ChatSettings
 from tinytune.generation import generate
+from tinytune.training import load_model_and_tokenizer, setup_device
 from tinytune.training.prompting import encode_chat_prompt, get_bound_template, stop_token_ids
-from tinytune.training.setup import cfg_get, load_model_and_tokenizer, setup_device
 
 
 class StreamPrinter:
@@ -39,19 +41,18 @@ class StreamPrinter:
 
 def recipe_main(cfg: DictConfig) -> list[dict]:
     """Runs the chat loop; returns the conversation (list of messages)."""
-    device, dtype, seed = setup_device(cfg)
-    _, tokenizer, model, info = load_model_and_tokenizer(cfg, device, dtype)
+    s = ChatSettings.from_config(cfg)  # every key checked before the model loads
+    device, dtype, seed = setup_device(s.hardware, training=False)
+    _, tokenizer, model, info = load_model_and_tokenizer(s, device, dtype)
     model.eval()
-    template = get_bound_template(cfg_get(cfg, "template", "hf"), tokenizer)
+    template = get_bound_template(s.source.template, tokenizer)
     stops = stop_token_ids(tokenizer, template)
-    max_new = int(cfg_get(cfg, "max_new_tokens", 256))
-    max_len = int(cfg_get(cfg, "max_seq_len", min(info.max_seq_len, 2048)))
-    temperature = float(cfg_get(cfg, "temperature", 0.0))
-    system = cfg_get(cfg, "system")
+    max_new = s.max_new_tokens
+    max_len = s.max_seq_len or min(info.max_seq_len, 2048)
+    temperature = s.temperature
+    system = s.system
     gen = None
     if temperature > 0:
-        import torch  # noqa: PLC0415
-
         gen = torch.Generator(device=device)
         gen.manual_seed(seed)
 
@@ -80,8 +81,8 @@ def recipe_main(cfg: DictConfig) -> list[dict]:
             msgs = ([{"role": "system", "content": system}] if system else []) + history
             prompt = encode_chat_prompt(tokenizer, template, msgs)
         printer = StreamPrinter(tokenizer)
-        out = generate(model, [prompt], max_new_tokens=max_new, temperature=temperature, top_k=cfg_get(cfg, "top_k"),
-                       top_p=cfg_get(cfg, "top_p"), stop_tokens=stops, pad_id=int(tokenizer.pad_id or 0),
+        out = generate(model, [prompt], max_new_tokens=max_new, temperature=temperature, top_k=s.top_k,
+                       top_p=s.top_p, stop_tokens=stops, pad_id=int(tokenizer.pad_id or 0),
                        generator=gen, on_token=printer)
         reply = tokenizer.decode(out[0], skip_special_tokens=True)
         if len(reply) > len(printer.shown):

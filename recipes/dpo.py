@@ -18,66 +18,80 @@ from omegaconf import DictConfig
 
 import tinytune.config
 from tinytune.checkpoint import save_hf_checkpoint, save_peft_adapter
-from tinytune.modules.peft import get_adapter_params, get_adapter_state_dict, get_merged_state_dict, set_trainable_params
-from tinytune.training.activation_checkpointing import apply_activation_checkpointing
-from tinytune.training.data import validation_batches
-from tinytune.training.dpo import dpo_accumulate, dpo_eval, make_reference
-from tinytune.training.memory import reset_peak_memory
-from tinytune.training.metric_logging import build_metric_loggers, log_train_row, report_early_stop, write_summary
-from tinytune.training.plotting import plot_loss
-from tinytune.training.progress import TrainProgress
-from tinytune.training.setup import (
-    LoopSettings,
-    cfg_get,
+from tinytune.config.recipe_settings import DPOSettings
+from tinytune.modules.peft import (
+    get_adapter_params,
+    get_adapter_state_dict,
+    get_merged_state_dict,
+    set_trainable_params,
+)
+from tinytune.training import (
+    TrainProgress,
+    apply_activation_checkpointing,
+    build_metric_loggers,
+    build_optimizer_and_scheduler,
+    current_lr,
+    dpo_accumulate,
+    dpo_eval,
     load_model_and_tokenizer,
-    lora_settings,
+    log_train_row,
+    make_reference,
+    model_lora,
+    open_checkpointer,
+    optimizer_step,
+    plot_loss,
     prepare_output_dir,
+    report_early_stop,
+    reset_peak_memory,
+    resume_training_state,
+    save_training_state,
     setup_device,
     train_data,
+    validation_batches,
+    write_summary,
 )
-from tinytune.training.steps import build_optimizer_and_scheduler, current_lr, optimizer_step
-from tinytune.training.training_state import open_checkpointer, resume_training_state, save_training_state
 
 
 def recipe_main(cfg: DictConfig) -> dict:
     """DPO training; returns a summary dict."""
     t_start = time.perf_counter()
-    # ---- 1. device, precision, seed, output directory -------------------------------------
-    device, dtype, seed = setup_device(cfg)
-    out_dir = prepare_output_dir(cfg)
+    # ---- 1. settings (every key checked here), device, precision, seed, output directory -------
+    s = DPOSettings.from_config(cfg)
+    loop = s.loop  # log / checkpoint cadence, stop_after, clip
+    device, dtype, seed = setup_device(s.hardware)
+    out_dir = prepare_output_dir(s.output_dir, cfg)
 
     # ---- 2. policy, reference, tokenizer -----------------------------------------------------
-    checkpoint_dir, tokenizer, model, info = load_model_and_tokenizer(cfg, device, dtype)
+    checkpoint_dir, tokenizer, model, info = load_model_and_tokenizer(s, device, dtype)
     use_lora = bool(get_adapter_params(model))
     if use_lora:
-        lora_cfg = lora_settings(cfg, model)
+        lora = model_lora(s.model)
         set_trainable_params(model)
         frozen = None  # reference = this model with adapters disabled
     else:
         model.requires_grad_(True)
         frozen = copy.deepcopy(model).requires_grad_(False).eval()  # reference = frozen copy
     reference = make_reference(model, frozen)
-    if cfg_get(cfg, "activation_checkpointing", False):
+    if loop.activation_checkpointing:
         apply_activation_checkpointing(model)
-    beta = float(cfg_get(cfg, "beta", 0.1))
-    label_smoothing = float(cfg_get(cfg, "label_smoothing", 0.0))
+    beta, label_smoothing = s.beta, s.label_smoothing
     print(f"dpo: {'LoRA' if use_lora else 'full'} policy from {checkpoint_dir}, beta={beta}")
 
     # ---- 3. data (pairs; the preference dataset brings its pair collate) -----------------------
-    data = train_data(cfg, tokenizer, seed, default_batch_size=2)
+    data = train_data(s.data, tokenizer, seed, s.hardware.seed)
     stream, accum, total_steps = data.stream, data.accum, data.total_steps
+    val_cfg = s.data.validation
     val_loader = validation_batches(data.val_ds, data.batch_size, data.collate) if data.val_ds else None
 
     # ---- 4. optimizer, LR schedule, checkpointer (resume) ----------------------------------
-    optimizer, lr_scheduler = build_optimizer_and_scheduler(cfg, model.parameters(), total_steps)
-    ckpt = open_checkpointer(cfg, out_dir)
+    optimizer, lr_scheduler = build_optimizer_and_scheduler(s.optim, model.parameters(), total_steps)
+    ckpt = open_checkpointer(loop.keep_last_checkpoints, out_dir)
     weights_key = "adapter" if use_lora else "model"
-    step = resume_training_state(ckpt, cfg_get(cfg, "resume_from_checkpoint"), model=model, weights_key=weights_key,
-                                 optimizer=optimizer, lr_scheduler=lr_scheduler, stream=stream)
+    step = resume_training_state(ckpt, loop.resume_from_checkpoint, model=model, weights_key=weights_key,
+                                 optimizer=optimizer, lr_scheduler=lr_scheduler, stream=stream, accum=accum)
 
     # ---- 5. training loop -------------------------------------------------------------------
-    loggers = build_metric_loggers(cfg_get(cfg, "metric_loggers"), out_dir)
-    loop = LoopSettings.from_config(cfg)  # log / validate / checkpoint cadence, stop_after, clip
+    loggers = build_metric_loggers(loop.metric_loggers, out_dir)
     model.train()
     progress = TrainProgress(total_steps, initial_step=step, desc="dpo")
     metrics = {"loss": float("nan")}
@@ -86,21 +100,21 @@ def recipe_main(cfg: DictConfig) -> dict:
         micro_batches = [next(stream) for _ in range(accum)]
         lr = current_lr(optimizer)
         metrics = dpo_accumulate(model, reference, micro_batches, device, beta, label_smoothing)
-        grad_norm = optimizer_step(model, optimizer, lr_scheduler, loop.clip)
+        grad_norm = optimizer_step(model, optimizer, lr_scheduler, loop.clip_grad_norm)
         step += 1
         dt = progress.tick()
         progress.update(metrics["loss"], lr, metrics["label_tokens"] / max(dt, 1e-9))
-        if step % loop.log_every == 0 or step == total_steps:
+        if loop.log_due(step, total_steps):
             row = {**metrics, "lr": lr, "tokens_per_s": metrics["label_tokens"] / max(dt, 1e-9)}
             log_train_row(loggers, step, row, device, grad_norm)
-        if val_loader is not None and loop.val_every and (step % loop.val_every == 0 or step == total_steps):
-            val = dpo_eval(model, reference, val_loader, device, beta, loop.val_max_batches)
+        if val_loader is not None and val_cfg.every_n_steps and (step % val_cfg.every_n_steps == 0 or step == total_steps):
+            val = dpo_eval(model, reference, val_loader, device, beta, val_cfg.max_batches)
             loggers.log_dict({"val_loss": val["loss"], "val_rewards_accuracy": val["rewards_accuracy"]}, step)
-        if (loop.ckpt_every and step % loop.ckpt_every == 0) or (loop.stop_after and step == loop.stop_after):
+        if loop.checkpoint_due(step):
             weights = get_adapter_state_dict(model) if use_lora else model.state_dict()
             save_training_state(ckpt, step, {weights_key: weights},
-                                optimizer=optimizer, lr_scheduler=lr_scheduler, stream=stream)
-        if loop.stop_after and step >= loop.stop_after and step < total_steps:
+                                optimizer=optimizer, lr_scheduler=lr_scheduler, stream=stream, accum=accum)
+        if loop.stops_early(step, total_steps):
             progress.close()
             loggers.close()
             report_early_stop(step)
@@ -111,7 +125,7 @@ def recipe_main(cfg: DictConfig) -> dict:
     # ---- 6. export and plot -----------------------------------------------------------------
     summary = {"step": step, "loss": metrics["loss"], "output_dir": out_dir}
     if use_lora:
-        summary["adapter_dir"] = save_peft_adapter(model, info, os.path.join(out_dir, "adapter"), lora_cfg,
+        summary["adapter_dir"] = save_peft_adapter(model, info, os.path.join(out_dir, "adapter"), lora,
                                                    base_model_name_or_path=checkpoint_dir)
         sd = get_merged_state_dict(model)
     else:

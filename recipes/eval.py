@@ -16,25 +16,32 @@ import time
 from omegaconf import DictConfig
 
 import tinytune.config
-from tinytune.training.data import validation_batches
-from tinytune.training.evaluation import evaluate_loss
-from tinytune.training.setup import build_collate, cfg_get, load_model_and_tokenizer, setup_device, train_val_datasets
+from tinytune.config.recipe_settings import EvalSettings
+from tinytune.training import (
+    build_collate,
+    evaluate_loss,
+    load_model_and_tokenizer,
+    setup_device,
+    train_val_datasets,
+    validation_batches,
+)
 
 
 def recipe_main(cfg: DictConfig) -> dict:
     """Evaluates; prints and returns ``{"loss", "perplexity", "tokens", "samples"}``."""
-    device, dtype, _ = setup_device(cfg)
-    checkpoint_dir, tokenizer, model, _ = load_model_and_tokenizer(cfg, device, dtype)
-    train_ds, val_ds = train_val_datasets(cfg, tokenizer)
+    s = EvalSettings.from_config(cfg)  # every key checked before the model loads
+    device, dtype, _ = setup_device(s.hardware, training=False)
+    checkpoint_dir, tokenizer, model, _ = load_model_and_tokenizer(s, device, dtype)
+    train_ds, val_ds = train_val_datasets(s, tokenizer, s.hardware.seed)
     data = val_ds if val_ds is not None else train_ds  # no split configured: the whole dataset
-    loader = validation_batches(data, int(cfg_get(cfg, "batch_size", 8)), build_collate(cfg, tokenizer, data))
+    loader = validation_batches(data, s.batch_size, build_collate(s.pad_to_multiple_of, tokenizer, data))
     t0 = time.perf_counter()
-    padding_free = bool(cfg_get(cfg, "padding_free", True))  # same loss; skips what follows the last label
-    result = evaluate_loss(model, loader, device, cfg_get(cfg, "max_batches"), padding_free)
+    # padding-free: same loss; skips what follows the last label
+    result = evaluate_loss(model, loader, device, s.max_batches, s.padding_free)
     result.update(samples=len(data), seconds=round(time.perf_counter() - t0, 2), checkpoint_dir=checkpoint_dir)
     print(f"eval: loss {result['loss']:.4f} | perplexity {result['perplexity']:.3f} | "
           f"{result['tokens']} label tokens in {result['samples']} samples")
-    out_dir = cfg_get(cfg, "output_dir")
+    out_dir = s.output_dir
     if out_dir:
         os.makedirs(os.path.expanduser(str(out_dir)), exist_ok=True)
         with open(os.path.join(os.path.expanduser(str(out_dir)), "eval.json"), "w", encoding="utf-8") as f:

@@ -17,21 +17,22 @@ from omegaconf import DictConfig
 
 import tinytune.config
 from tinytune.config import ConfigError
+from tinytune.config.recipe_settings import GenerateSettings
+from tinytune.training import load_model_and_tokenizer, setup_device
 from tinytune.training.prompting import generate_replies, get_bound_template
-from tinytune.training.setup import cfg_get, load_model_and_tokenizer, setup_device
 
 
-def read_prompts(cfg: DictConfig) -> list:
+def read_prompts(s: GenerateSettings) -> list:
     """Prompts from ``prompt``, ``prompts`` and ``prompt_file`` (in that order).
 
     Raises:
         ConfigError: no prompt given, or a prompt file line that cannot be used (file and line named).
     """
     prompts: list = []
-    if cfg_get(cfg, "prompt"):
-        prompts.append(str(cfg.prompt))
-    prompts += [str(p) for p in (cfg_get(cfg, "prompts", []) or [])]
-    path = cfg_get(cfg, "prompt_file")
+    if s.prompt:
+        prompts.append(s.prompt)
+    prompts += list(s.prompts)
+    path = s.prompt_file
     if path:
         path = os.path.expanduser(str(path))
         if not os.path.isfile(path):
@@ -61,23 +62,24 @@ def read_prompts(cfg: DictConfig) -> list:
 
 def recipe_main(cfg: DictConfig) -> list[str]:
     """Answers every prompt; prints prompt and reply; returns the replies."""
-    device, dtype, seed = setup_device(cfg)
-    _, tokenizer, model, _ = load_model_and_tokenizer(cfg, device, dtype)
+    s = GenerateSettings.from_config(cfg)  # every key checked before the model loads
+    device, dtype, seed = setup_device(s.hardware, training=False)
+    _, tokenizer, model, _ = load_model_and_tokenizer(s, device, dtype)
     model.eval()
-    template = get_bound_template(cfg_get(cfg, "template", "hf"), tokenizer)
-    prompts = read_prompts(cfg)
+    template = get_bound_template(s.source.template, tokenizer)
+    prompts = read_prompts(s)
     t0 = time.perf_counter()
     replies = generate_replies(
         model, tokenizer, template, prompts,
-        max_new_tokens=int(cfg_get(cfg, "max_new_tokens", 128)), temperature=float(cfg_get(cfg, "temperature", 0.0)),
-        top_k=cfg_get(cfg, "top_k"), top_p=cfg_get(cfg, "top_p"), system=cfg_get(cfg, "system"), seed=seed,
+        max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, system=s.system,
+        seed=seed,
     )
     dt = time.perf_counter() - t0
     for p, r in zip(prompts, replies):
         shown = p if isinstance(p, str) else p[-1]["content"]
         print(f">>> {shown}\n{r}\n")
     print(f"[{len(prompts)} prompt(s) in {dt:.1f}s]")
-    out = cfg_get(cfg, "output_file")
+    out = s.output_file
     if out:
         with open(os.path.expanduser(str(out)), "w", encoding="utf-8") as f:
             for p, r in zip(prompts, replies):

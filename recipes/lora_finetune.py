@@ -15,78 +15,89 @@ from __future__ import annotations
 import os
 import time
 
+import torch
 from omegaconf import DictConfig
 
 import tinytune.config
 from tinytune.checkpoint import save_hf_checkpoint, save_peft_adapter
+from tinytune.config import ConfigError
+from tinytune.config.recipe_settings import LoRAFinetuneSettings
 from tinytune.modules.peft import disable_adapters, get_adapter_state_dict, get_merged_state_dict, set_trainable_params
-from tinytune.training.activation_checkpointing import apply_activation_checkpointing
-from tinytune.training.data import validation_batches
-from tinytune.training.evaluation import evaluate_loss
-from tinytune.training.memory import reset_peak_memory
-from tinytune.training.metric_logging import (
+from tinytune.training import (
     LogWindow,
+    SampleGenerations,
+    TrainProgress,
+    apply_activation_checkpointing,
     build_metric_loggers,
+    build_optimizer_and_scheduler,
+    count_label_tokens,
+    current_lr,
+    drop_unlabeled_tail,
+    evaluate_loss,
+    load_model_and_tokenizer,
     log_train_row,
+    model_lora,
+    open_checkpointer,
+    optimizer_step,
+    plot_loss,
+    prepare_output_dir,
     report_early_stop,
+    reset_peak_memory,
+    resume_training_state,
+    save_training_state,
+    setup_device,
+    sft_loss,
+    to_device,
+    train_data,
+    validation_batches,
     validation_row,
     write_summary,
 )
-from tinytune.training.plotting import plot_loss
-from tinytune.training.progress import TrainProgress
-from tinytune.training.prompting import SampleGenerations
-from tinytune.training.setup import (
-    LoopSettings,
-    cfg_get,
-    load_model_and_tokenizer,
-    lora_settings,
-    prepare_output_dir,
-    setup_device,
-    train_data,
-)
-from tinytune.training.steps import build_optimizer_and_scheduler, current_lr, optimizer_step, sft_accumulate
-from tinytune.training.training_state import open_checkpointer, resume_training_state, save_training_state
 
 
 def recipe_main(cfg: DictConfig) -> dict:
     """LoRA/QLoRA fine-tuning; returns a summary dict (final losses, paths, timings)."""
     t_start = time.perf_counter()
-    # ---- 1. device, precision, seed, output directory -------------------------------------
-    device, dtype, seed = setup_device(cfg)
-    out_dir = prepare_output_dir(cfg)
+    # ---- 1. settings (every key checked here), device, precision, seed, output directory -------
+    s = LoRAFinetuneSettings.from_config(cfg)
+    lora = model_lora(s.model)
+    if lora is None:
+        raise ConfigError("model: no LoRA settings; use a lora_* / qlora_* builder or set model.lora_attn_modules")
+    loop = s.loop  # log / checkpoint cadence, stop_after, clip, padding-free
+    device, dtype, seed = setup_device(s.hardware)
+    out_dir = prepare_output_dir(s.output_dir, cfg)
 
     # ---- 2. model (frozen base + adapters) and tokenizer ----------------------------------
-    checkpoint_dir, tokenizer, model, info = load_model_and_tokenizer(cfg, device, dtype)
-    lora_cfg = lora_settings(cfg, model)
+    checkpoint_dir, tokenizer, model, info = load_model_and_tokenizer(s, device, dtype)
     n_trainable = set_trainable_params(model)
     n_total = sum(p.numel() for p in model.parameters())
     print(f"model: {info.model_type} from {checkpoint_dir}; trainable {n_trainable:,} of {n_total:,} parameters")
-    if cfg_get(cfg, "activation_checkpointing", False):
+    if loop.activation_checkpointing:
         apply_activation_checkpointing(model)
 
     # ---- 3. data ---------------------------------------------------------------------------
-    data = train_data(cfg, tokenizer, seed)
+    data = train_data(s.data, tokenizer, seed, s.hardware.seed)
     stream, accum, total_steps = data.stream, data.accum, data.total_steps
-    val_batch_size = int(cfg_get(cfg, "validation.batch_size", data.batch_size))
+    val_cfg = s.data.validation
+    val_batch_size = val_cfg.batch_size or data.batch_size
     val_loader = validation_batches(data.val_ds, val_batch_size, data.collate) if data.val_ds else None
     print(f"data: {len(data.train_ds)} train / {len(data.val_ds) if data.val_ds else 0} validation samples; "
           f"{total_steps} steps of {accum} x {data.batch_size} samples")
 
     # ---- 4. optimizer, LR schedule, checkpointer (resume) ----------------------------------
-    optimizer, lr_scheduler = build_optimizer_and_scheduler(cfg, model.parameters(), total_steps)
-    ckpt = open_checkpointer(cfg, out_dir)
-    step = resume_training_state(ckpt, cfg_get(cfg, "resume_from_checkpoint"), model=model, weights_key="adapter",
-                                 optimizer=optimizer, lr_scheduler=lr_scheduler, stream=stream)
+    optimizer, lr_scheduler = build_optimizer_and_scheduler(s.optim, model.parameters(), total_steps)
+    ckpt = open_checkpointer(loop.keep_last_checkpoints, out_dir)
+    step = resume_training_state(ckpt, loop.resume_from_checkpoint, model=model, weights_key="adapter",
+                                 optimizer=optimizer, lr_scheduler=lr_scheduler, stream=stream, accum=accum)
 
     # ---- 5. generation before training (optional) ------------------------------------------
-    samples = SampleGenerations(cfg, tokenizer)
+    samples = SampleGenerations(s.sample_generation, s.source.template, tokenizer)
     if samples.prompts:
         with disable_adapters(model):  # the base model, also when resuming
             samples.generate_before(model)
 
     # ---- 6. training loop -------------------------------------------------------------------
-    loggers = build_metric_loggers(cfg_get(cfg, "metric_loggers"), out_dir)
-    loop = LoopSettings.from_config(cfg)  # log / validate / checkpoint cadence, stop_after, clip
+    loggers = build_metric_loggers(loop.metric_loggers, out_dir)
     model.train()
     progress = TrainProgress(total_steps, initial_step=step, desc="lora_finetune")
     window = LogWindow()  # means since the last log line, and run totals
@@ -94,21 +105,32 @@ def recipe_main(cfg: DictConfig) -> dict:
     while step < total_steps:
         micro_batches = [next(stream) for _ in range(accum)]
         lr = current_lr(optimizer)
-        loss, n_tokens = sft_accumulate(model, micro_batches, device, loop.padding_free)
-        grad_norm = optimizer_step(model, optimizer, lr_scheduler, loop.clip)
+        # Forward, loss, backward per micro-batch. Each summed loss is divided by the label tokens of
+        # the whole window, so k micro-batches of 1 give the same update as one batch of k.
+        num_tokens = count_label_tokens(micro_batches)
+        window_tokens = torch.as_tensor(num_tokens, device=device)
+        loss = torch.zeros((), dtype=torch.float32, device=device)
+        for mb in micro_batches:
+            if loop.padding_free:  # drop positions no label depends on; rows laid end to end: [1, n]
+                mb = drop_unlabeled_tail(mb)
+            mb_loss = sft_loss(model, to_device(mb, device), window_tokens)
+            mb_loss.backward()
+            loss += mb_loss.detach()
+        n_tokens = int(num_tokens)
+        grad_norm = optimizer_step(model, optimizer, lr_scheduler, loop.clip_grad_norm)
         step += 1
         dt = progress.tick()
         window.add(float(loss), n_tokens, dt)
         progress.update(window.last_loss, lr, n_tokens / max(dt, 1e-9))
-        if step % loop.log_every == 0 or step == total_steps:  # means over the steps since the last log
+        if loop.log_due(step, total_steps):  # means over the steps since the last log
             log_train_row(loggers, step, window.flush(lr, stream.epoch), device, grad_norm)
-        if val_loader is not None and loop.val_every and step % loop.val_every == 0 and step != total_steps:
-            val = evaluate_loss(model, val_loader, device, loop.val_max_batches, loop.padding_free)
+        if val_loader is not None and val_cfg.due(step, total_steps):
+            val = evaluate_loss(model, val_loader, device, val_cfg.max_batches, loop.padding_free)
             loggers.log_dict(validation_row(val), step)
-        if (loop.ckpt_every and step % loop.ckpt_every == 0) or (loop.stop_after and step == loop.stop_after):
+        if loop.checkpoint_due(step):
             save_training_state(ckpt, step, {"adapter": get_adapter_state_dict(model)},
-                                optimizer=optimizer, lr_scheduler=lr_scheduler, stream=stream)
-        if loop.stop_after and step >= loop.stop_after and step < total_steps:
+                                optimizer=optimizer, lr_scheduler=lr_scheduler, stream=stream, accum=accum)
+        if loop.stops_early(step, total_steps):
             progress.close()
             loggers.close()
             report_early_stop(step)
@@ -118,14 +140,14 @@ def recipe_main(cfg: DictConfig) -> dict:
     # ---- 7. final validation, export, plot, generation after ---------------------------------
     summary = {"step": step, "loss": window.last_loss, "output_dir": out_dir, **window.totals()}
     if val_loader is not None:
-        val = validation_row(evaluate_loss(model, val_loader, device, loop.val_max_batches, loop.padding_free))
+        val = validation_row(evaluate_loss(model, val_loader, device, val_cfg.max_batches, loop.padding_free))
         loggers.log_dict(val, step)
         summary.update(val)
     loggers.close()
-    if cfg_get(cfg, "save_adapter", True):
-        summary["adapter_dir"] = save_peft_adapter(model, info, os.path.join(out_dir, "adapter"), lora_cfg,
+    if s.save_adapter:
+        summary["adapter_dir"] = save_peft_adapter(model, info, os.path.join(out_dir, "adapter"), lora,
                                                    base_model_name_or_path=checkpoint_dir)
-    if cfg_get(cfg, "save_merged", True):
+    if s.save_merged:
         summary["hf_dir"] = save_hf_checkpoint(get_merged_state_dict(model), info, os.path.join(out_dir, "hf_model"),
                                                tokenizer_dir=checkpoint_dir)
     summary["loss_plot"] = plot_loss(os.path.join(out_dir, "metrics.jsonl"), os.path.join(out_dir, "loss.png"),

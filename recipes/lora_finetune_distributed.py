@@ -1,26 +1,249 @@
 """Multi-process LoRA fine-tuning with FSDP2, optional tensor parallelism and DCP checkpoints.
 
-Same loop as ``full_finetune_distributed`` (see that file), with LoRA adapters on the
-projections named by the LoRA keys of the ``model`` section (``lora_attn_modules``,
-``apply_lora_to_mlp``, ``lora_rank``, ``lora_alpha``, ``lora_dropout``, as in ``lora_finetune``); only the adapters are trained (the frozen
-base is sharded by FSDP too). At the end rank 0 writes the PEFT adapter (``adapter/``) and
-the merged model as HF safetensors (``hf_model/``).
-
-Launch::
+Launch (one node, 2 processes)::
 
     tune run --nproc_per_node 2 lora_finetune_distributed --config smollm2/135M_lora_distributed
+
+The keys are those of ``lora_finetune`` (same meaning, same defaults; ``model`` holds the LoRA
+keys, applied to the checkpoint's architecture) plus ``parallelism.*``, ``fsdp.*``, ``num_workers``
+and ``plot_loss``; ``batch_size`` is per data-parallel rank. Adapters go on the projections the
+LoRA settings name; only they train, the frozen base is sharded by FSDP too. Data order, loss
+normalisation and checkpoints are as in ``full_finetune_distributed``. At the end rank 0 writes
+the PEFT adapter (``adapter/``) and the merged model as HF safetensors (``hf_model/``).
+QLoRA (``model.quantize_base``) is single-device only.
+
+Pipeline parallelism (``parallelism.pipeline_parallel > 1``, :mod:`tinytune.distributed.pipeline`):
+the mesh is ``[pp, dp_replicate, dp_shard, tp]``, each rank builds only its stages of the model, and a
+``torch.distributed.pipelining`` schedule runs forward + backward of each loader batch split into
+``parallelism.microbatches`` pipeline micro-batches; the layout is checked before any process group.
 """
 
-from omegaconf import DictConfig
+from __future__ import annotations
 
-from recipes.full_finetune_distributed import run
-from tinytune import config
+import contextlib
+import os
+import time
+
+import torch
+from omegaconf import DictConfig
+from torch.distributed.tensor.parallel import loss_parallel
+
+import tinytune.config
+from tinytune.checkpoint import save_hf_checkpoint, save_peft_adapter
+from tinytune.checkpoint.dcp import DistributedCheckpointer
+from tinytune.config import ConfigError
+from tinytune.config.recipe_settings import LoRAFinetuneDistributedSettings, LoRASettings
+from tinytune.device import get_dtype, set_seed
+from tinytune.distributed.dist_evaluation import evaluate_loss_distributed
+from tinytune.distributed.fsdp import clip_grad_norm_, gather_full_state_dict, set_gradient_sync
+from tinytune.distributed.mesh import (
+    ParallelDims,
+    all_reduce_sum,
+    build_device_mesh,
+    get_dp_info,
+    is_rank_zero,
+    process_group,
+    rank_zero_first,
+)
+from tinytune.distributed.pipeline import (
+    PipelineSettings,
+    build_pipeline,
+    build_pipeline_mesh,
+    check_pipeline_layout,
+    world_size_from_env,
+)
+from tinytune.distributed.sharded_model import load_hf_model_sharded
+from tinytune.models.lora_builders import lora_factory
+from tinytune.modules.peft import set_trainable_params
+from tinytune.training import (
+    LogWindow,
+    TrainProgress,
+    apply_activation_checkpointing,
+    build_metric_loggers,
+    build_optimizer_and_scheduler,
+    check_training_dtype,
+    count_label_tokens,
+    current_lr,
+    drop_unlabeled_tail,
+    fsdp_policy,
+    load_tokenizer,
+    log_train_row,
+    model_lora,
+    optimizer_step,
+    plot_loss,
+    prepare_output_dir,
+    report_early_stop,
+    reset_peak_memory,
+    resolve_checkpoint_dir,
+    resume_sharded_state,
+    save_sharded_state,
+    sft_loss_sum,
+    sft_loss_sum_vocab_parallel,
+    to_device,
+    train_data,
+    validation_row,
+    write_summary,
+)
 
 
 def recipe_main(cfg: DictConfig) -> dict:
-    """Distributed LoRA fine-tuning (FSDP2 / TP / DCP)."""
-    return run(cfg, lora=True)
+    """Distributed LoRA fine-tuning (FSDP2 / TP / DCP); returns a summary dict."""
+    t_start = time.perf_counter()
+    # ---- 1. settings (every key checked here), processes, mesh, precision, seed ----------------
+    s = LoRAFinetuneDistributedSettings.from_config(cfg)
+    loop, par, val_cfg = s.loop, s.parallelism, s.data.validation
+    if s.model is not None and "_component_" in s.model:
+        raise ConfigError("model._component_: the distributed recipe builds the architecture config.json names; "
+                          "give only the LoRA keys in model (lora_attn_modules, lora_rank, ...).")
+    lora = model_lora(s.model) or LoRASettings()  # no model block: the LoRA defaults
+    if lora.quantize_base:
+        raise ConfigError("model.quantize_base: QLoRA (NF4 base) is not supported by the distributed recipe; "
+                          "use lora_finetune for QLoRA, or LoRA with quantize_base: false here.")
+    if par.loss_parallel and lora.apply_lora_to_output:
+        raise ConfigError("parallelism.loss_parallel cannot be combined with model.apply_lora_to_output.")
+    check_training_dtype(s.hardware.dtype)
+    pipe_settings, pipe = PipelineSettings.from_parallelism(par), None
+    if pipe_settings.degree > 1:  # pipeline parallelism: world size, layers, heads checked before any process group
+        pipe_dims = check_pipeline_layout(
+            pipe_settings, world_size_from_env(), resolve_checkpoint_dir(s.source),
+            data_parallel_shard=par.data_parallel_shard, data_parallel_replicate=par.data_parallel_replicate,
+            tensor_parallel=par.tensor_parallel, loss_parallel=par.loss_parallel,
+            sequence_parallel=par.sequence_parallel)
+    with process_group(s.hardware.device, cpu_offload=s.fsdp.cpu_offload) as dist_info:
+        device, rank0 = dist_info.device, is_rank_zero()
+        if pipe_settings.degree > 1:  # 4-D mesh [pp, dp_replicate, dp_shard, tp]
+            dims = pipe_dims
+            mesh, pp_mesh = build_pipeline_mesh(pipe_settings.degree, dims, device.type)
+        else:
+            dims = ParallelDims.from_config(dist_info.world_size, data_parallel_shard=par.data_parallel_shard,
+                                            data_parallel_replicate=par.data_parallel_replicate,
+                                            tensor_parallel=par.tensor_parallel)
+            mesh = build_device_mesh(dims, device.type)
+        dp_rank, dp_size = get_dp_info(mesh)
+        # padding-free rows have any length; tensor/sequence parallelism needs the collated [b, s] shape
+        padding_free = loop.padding_free and dims.tp == 1
+        dtype = get_dtype(s.hardware.dtype, device)
+        seed = set_seed(s.hardware.seed)
+        out_dir = prepare_output_dir(s.output_dir, cfg) if rank0 else os.path.abspath(os.path.expanduser(s.output_dir))
+
+        # ---- 2. sharded model (frozen base + adapters) and tokenizer -------------------------------
+        checkpoint_dir = resolve_checkpoint_dir(s.source)
+        tokenizer = load_tokenizer(s.source, checkpoint_dir)
+        ac = apply_activation_checkpointing if loop.activation_checkpointing else None
+        if pipe_settings.degree > 1:  # this rank's pipeline stages (sharded, filled) and the schedule
+            pipe = build_pipeline(pipe_settings, checkpoint_dir, mesh, pp_mesh, device, batch_size=s.data.batch_size,
+                                  packed=padding_free, linear_factory=lora_factory(lora),
+                                  trainable=set_trainable_params, fsdp=fsdp_policy(s.fsdp, dtype),
+                                  activation_checkpointing=ac)
+            model, info = pipe.model, pipe.info
+        else:
+            model, info = load_hf_model_sharded(
+                checkpoint_dir, mesh, device, linear_factory=lora_factory(lora), trainable=set_trainable_params,
+                loss_parallel=par.loss_parallel, sequence_parallel=par.sequence_parallel,
+                activation_checkpointing=ac, fsdp=fsdp_policy(s.fsdp, dtype),
+            )
+        params = [p for p in model.parameters() if p.requires_grad]
+        stray = [n for n, p in model.named_parameters() if p.requires_grad and ".lora_" not in n]
+        if stray:
+            raise RuntimeError(f"LoRA run would also train non-adapter parameters {stray[:4]}; this is a bug.")
+        if rank0:
+            n_total = sum(p.numel() for p in model.parameters())
+            print(f"model: {info.model_type} from {checkpoint_dir}; trainable {sum(p.numel() for p in params):,} of "
+                  f"{n_total:,} parameters on {dist_info.world_size} processes "
+                  f"(pp={pipe_settings.degree}, dp_replicate={dims.dp_replicate}, dp_shard={dims.dp_shard}, "
+                  f"tp={dims.tp})")
+
+        # ---- 3. data: this rank's slice of every global batch ------------------------------------
+        with rank_zero_first():  # rank 0 tokenises (token cache on disk), the others read it
+            data = train_data(s.data, tokenizer, seed, s.hardware.seed, dp_rank=dp_rank, dp_size=dp_size,
+                              num_workers=s.num_workers)
+        stream, accum, total_steps = data.stream, data.accum, data.total_steps
+        val_batch_size = val_cfg.batch_size or data.batch_size
+        if rank0:
+            print(f"data: {len(data.train_ds)} train / {len(data.val_ds) if data.val_ds else 0} validation samples; "
+                  f"{total_steps} steps of {accum} x {data.batch_size} samples x {dp_size} data-parallel ranks")
+
+        # ---- 4. optimizer, LR schedule, DCP checkpointer (resume) --------------------------------
+        optimizer, lr_scheduler = build_optimizer_and_scheduler(s.optim, params, total_steps)
+        ckpt = DistributedCheckpointer(out_dir, keep_last=loop.keep_last_checkpoints)
+        step = resume_sharded_state(ckpt, loop.resume_from_checkpoint, model=model, optimizer=optimizer,
+                                    lr_scheduler=lr_scheduler, stream=stream, accum=accum)
+
+        # ---- 5. training loop ----------------------------------------------------------------------
+        loss_sum = sft_loss_sum_vocab_parallel if par.loss_parallel else sft_loss_sum
+        loss_ctx = loss_parallel if par.loss_parallel else contextlib.nullcontext
+        val_loss_sum = pipe.eval_loss_fn if pipe is not None else loss_sum  # PP: forward-only through the schedule
+        clip_fn = pipe.clip_grad_norm_ if pipe is not None else clip_grad_norm_  # PP: norm over every stage
+        loss_mesh = mesh.dp if pipe is None else None  # PP: only last stages hold losses, so sum over the world
+        loggers = build_metric_loggers(loop.metric_loggers if rank0 else [], out_dir)  # rank 0 logs
+        model.train()
+        progress = TrainProgress(total_steps, initial_step=step, desc="lora_finetune_distributed", disable=not rank0)
+        window = LogWindow()  # means since the last log line, and run totals
+        reset_peak_memory(device)
+        while step < total_steps:
+            micro_batches = [next(stream) for _ in range(accum)]
+            lr = current_lr(optimizer)
+            # Label tokens of the whole global step: every rank divides by the same number.
+            num_tokens = all_reduce_sum(count_label_tokens(micro_batches).to(device), mesh.dp).clamp(min=1).float()
+            local_loss = torch.zeros((), device=device)
+            if pipe is not None:  # the schedule runs forward + backward of every pipeline micro-batch
+                local_loss = pipe.train_step(micro_batches, num_tokens, device, data.train_ds)
+            else:
+                for i, mb in enumerate(micro_batches):
+                    mb = to_device(drop_unlabeled_tail(mb) if padding_free else mb, device)
+                    set_gradient_sync(model, i == accum - 1)  # reduce-scatter only after the last micro-batch
+                    with loss_ctx():
+                        loss = loss_sum(model, mb) / num_tokens  # forward + loss
+                        (loss * dp_size).backward()  # FSDP averages gradients over dp ranks; scale so they add up
+                    local_loss += loss.detach().full_tensor() if hasattr(loss, "full_tensor") else loss.detach()
+            grad_norm = optimizer_step(model, optimizer, lr_scheduler, loop.clip_grad_norm, clip_fn=clip_fn)
+            step += 1
+            dt = progress.tick()
+            window.add(float(all_reduce_sum(local_loss, loss_mesh)), int(num_tokens), dt)  # global mean per token
+            progress.update(window.last_loss, lr, int(num_tokens) / max(dt, 1e-9))
+            if loop.log_due(step, total_steps):  # means over the steps since the last log
+                log_train_row(loggers, step, window.flush(lr, stream.epoch), device, grad_norm)
+            if data.val_ds is not None and val_cfg.due(step, total_steps):
+                val = evaluate_loss_distributed(model, data.val_ds, data.collate, val_batch_size, mesh.dp, device,
+                                                val_loss_sum, val_cfg.max_batches, loss_ctx)
+                loggers.log_dict(validation_row(val), step)
+            if loop.checkpoint_due(step):
+                save_sharded_state(ckpt, step, model=model, optimizer=optimizer, lr_scheduler=lr_scheduler,
+                                   stream=stream, accum=accum)
+            if loop.stops_early(step, total_steps):
+                progress.close()
+                loggers.close()
+                if rank0:
+                    report_early_stop(step)
+                return {"step": step, "loss": window.last_loss, "output_dir": out_dir}
+        progress.close()
+
+        # ---- 6. final validation, export (gathered on rank 0), plot --------------------------------
+        summary = {"step": step, "loss": window.last_loss, "output_dir": out_dir,
+                   "world_size": dist_info.world_size, **window.totals()}
+        if data.val_ds is not None:
+            val = validation_row(evaluate_loss_distributed(model, data.val_ds, data.collate, val_batch_size, mesh.dp,
+                                                           device, val_loss_sum, val_cfg.max_batches, loss_ctx))
+            loggers.log_dict(val, step)
+            summary.update(val)
+        loggers.close()
+        if s.save_adapter or s.save_merged:
+            full = gather_full_state_dict(model) if pipe is None else pipe.gather_full_state_dict()  # collective
+            if rank0 and s.save_adapter:
+                adapter = {k: v for k, v in full.items() if ".lora_" in k}
+                summary["adapter_dir"] = save_peft_adapter(adapter, info, os.path.join(out_dir, "adapter"), lora,
+                                                           base_model_name_or_path=checkpoint_dir)
+            if rank0 and s.save_merged:  # W + (alpha / rank) B A
+                summary["hf_dir"] = save_hf_checkpoint(full, info, os.path.join(out_dir, "hf_model"),
+                                                       tokenizer_dir=checkpoint_dir, lora_cfg=lora)
+            del full
+        if rank0:
+            if s.plot_loss:
+                summary["loss_plot"] = plot_loss(os.path.join(out_dir, "metrics.jsonl"),
+                                                 os.path.join(out_dir, "loss.png"), title="lora_finetune_distributed")
+            write_summary(out_dir, summary, t_start)
+        return summary
 
 
 if __name__ == "__main__":
-    config.parse(recipe_main)()
+    tinytune.config.parse(recipe_main)()

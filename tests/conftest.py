@@ -33,3 +33,23 @@ def smollm2_dir(tmp_path_factory) -> str:
     from tinytune.checkpoint.bundled import ensure_smollm2
 
     return ensure_smollm2(home=str(tmp_path_factory.mktemp("tinytune_home")))
+
+
+# Modules whose tests run whole recipes, several processes or real 135M-parameter models: the
+# default suite runs them, the fast tier (`make test-fast`, `-m fast`) leaves them out.
+HEAVY_MODULES = {
+    "test_recipes", "test_recipe_parity", "test_distributed_recipes", "test_distributed_primitives",
+    "test_checkpoint_bundled", "test_model_parity", "test_benchmarks", "test_datasets_cli", "test_gguf_import",
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    """The one place markers are applied: ``gpu`` tests skip themselves without CUDA, and every
+    test that is not slow, not gpu and not in a heavy module gets ``fast``."""
+    no_cuda = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(no_cuda)
+        module = item.module.__name__.rsplit(".", 1)[-1] if item.module is not None else ""
+        if "slow" not in item.keywords and "gpu" not in item.keywords and module not in HEAVY_MODULES:
+            item.add_marker(pytest.mark.fast)

@@ -1,7 +1,6 @@
 """HF checkpoint load/save: logits parity with transformers, sharding, .bin input, errors."""
 
 import json
-import os
 
 import pytest
 import torch
@@ -153,7 +152,6 @@ def test_lm_head_absent_means_tied(tmp_path):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_load_to_cuda_bf16(tmp_path):
     hf = tiny_hf_model("qwen3")
     hf.save_pretrained(tmp_path / "src")

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from tinytune.cli import main as cli_main
-from tinytune.cli import registry
 from tinytune.cli.main import main
+from tinytune.config import registry
 
 FIXTURES = Path(__file__).parent / "fixtures" / "cli"
 REPO = Path(__file__).resolve().parent.parent

@@ -8,7 +8,6 @@ import pytest
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from tinytune.cli import registry
 from tinytune.config import (
     ConfigError,
     apply_overrides,
@@ -17,6 +16,7 @@ from tinytune.config import (
     load_config,
     parse,
     parse_value,
+    registry,
     validate_config,
 )
 

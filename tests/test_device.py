@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from tinytune.training import device as dev
-from tinytune.training.device import DeviceError, get_device, get_dtype, rng_state, set_rng_state, set_seed
+from tinytune import device as dev
+from tinytune.device import DeviceError, get_device, get_dtype, rng_state, set_rng_state, set_seed
 
 
 @pytest.fixture
@@ -36,8 +36,8 @@ def fake_cuda(monkeypatch):
 # So the NPU paths are exercised in a child process with a stand-in torch_npu.
 _FAKE_NPU = """
 import sys, types, torch
-from tinytune.training import device as dev
-from tinytune.training.device import DeviceError, get_device, get_dtype
+from tinytune import device as dev
+from tinytune.device import DeviceError, get_device, get_dtype
 torch.utils.rename_privateuse1_backend("npu")
 calls = []
 torch.npu = types.SimpleNamespace(is_available=lambda: True, device_count=lambda: 1, set_device=calls.append,
@@ -172,7 +172,7 @@ def test_set_seed_reproducible():
 
 
 def test_set_seed_none_draws_and_logs(caplog):
-    with caplog.at_level(logging.INFO, logger="tinytune.training.device"):
+    with caplog.at_level(logging.INFO, logger="tinytune.device"):
         seed = set_seed(None)
     assert 0 <= seed < 2**32 and str(seed) in caplog.text
     a = _draws()
@@ -222,13 +222,12 @@ def test_cuda_state_without_cuda_warns(caplog, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     state = rng_state()
     state["cuda"] = [torch.zeros(16, dtype=torch.uint8)]
-    with caplog.at_level(logging.WARNING, logger="tinytune.training.device"):
+    with caplog.at_level(logging.WARNING, logger="tinytune.device"):
         set_rng_state(state)
     assert "CUDA" in caplog.text
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_device_dtype_and_rng_round_trip():
     device = get_device("auto")
     assert device.type == "cuda"

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from tests.dist_workers.launch import REPO, torchrun
-from tinytune.training.dcp import DistributedCheckpointer
-from tinytune.training.dist_sampler import ResumableDistributedSampler
-from tinytune.training.distributed import ParallelDims, get_backend
+from tinytune.checkpoint.dcp import DistributedCheckpointer
+from tinytune.distributed.dist_sampler import ResumableDistributedSampler
+from tinytune.distributed.mesh import ParallelDims, get_backend
 
 
 def test_parallel_dims_infer_and_validate():
@@ -91,7 +91,7 @@ def test_four_rank_hsdp_and_fsdp_tp_match_single_process(tmp_path):
 
 def test_dcp_checkpointer_roundtrip_and_pruning(tmp_path):
     """One-process group in this process: save 3 steps with keep_last=2, restore the newest exactly."""
-    from tinytune.training.distributed import init_distributed, shutdown_distributed
+    from tinytune.distributed.mesh import init_distributed, shutdown_distributed
 
     init_distributed("cpu")
     try:

@@ -99,7 +99,6 @@ def test_bad_prompts_raise():
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_kernel_forward_and_generation(monkeypatch, dtype):
     """On CUDA the forward goes through the Triton kernel; compare with SDPA and generate there."""

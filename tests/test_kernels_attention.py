@@ -189,7 +189,6 @@ GPU_CASES = [  # (b, h, h_kv, s, d)
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("b,h,hkv,s,d", GPU_CASES)
 @pytest.mark.parametrize("packed", [False, True])

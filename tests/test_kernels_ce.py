@@ -7,8 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tinytune.kernels import default_chunk_size, linear_cross_entropy
-from tinytune.kernels import linear_ce
+from tinytune.kernels import default_chunk_size, linear_ce, linear_cross_entropy
 from tinytune.kernels._runtime import interpreting
 
 IGN = -100
@@ -208,7 +207,6 @@ def test_second_backward_fails_loudly():
 
 # ---------------------------------------------------------------- GPU only: Triton path, bf16, big sizes
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("n,d,v", [(4099, 512, 32000), (2048, 1024, 151936)])
 @pytest.mark.parametrize("chunk_size", [None, 600])
@@ -219,7 +217,6 @@ def test_gpu_triton_matches_reference(dtype, n, d, v, chunk_size):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_gpu_peak_memory_below_unfused():
     n, d, v = 8192, 1024, 128256
     h, w, y = _data(n, d, v, torch.bfloat16, device="cuda")

@@ -56,7 +56,10 @@ def _reference(tmp, ckpt, lora):
         from recipes.full_finetune import recipe_main
     out = os.path.join(tmp, "ref_lora" if lora else "ref")
     if not os.path.isdir(out):
-        recipe_main(OmegaConf.create(pp_cfg(out, ckpt, lora)))
+        cfg = pp_cfg(out, ckpt, lora)
+        for key in ("parallelism", "fsdp", "plot_loss"):  # distributed-only keys: the single-device recipes refuse them
+            cfg.pop(key)
+        recipe_main(OmegaConf.create(cfg))
     return out
 
 
@@ -96,7 +99,11 @@ def test_pp2_full_matches_single_device(two_rank_runs, scenario):
 def test_pp2_lora_gpipe_resume_matches_single_device(two_rank_runs):
     tmp, refs = two_rank_runs
     run_dir = os.path.join(tmp, "2x1x1-gpipe-lora-resume")
-    assert sorted(os.listdir(os.path.join(run_dir, "dcp"))) == ["step_2"]  # steps 3-4 came from the resumed run
+    # the resumed run checkpoints its last step too (keep_last_checkpoints=1); metrics.jsonl is appended to, so
+    # one row per step means steps 3-4 came from the run resumed at step 2 (a fresh run would log 1-2 again)
+    assert sorted(os.listdir(os.path.join(run_dir, "dcp"))) == ["step_4"]
+    rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4]
     _check_run(tmp, "2x1x1-gpipe-lora-resume", refs["lora"], lora=True)
 
 

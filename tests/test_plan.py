@@ -9,8 +9,8 @@ from tinytune.checkpoint.loader import build_model
 from tinytune.checkpoint.model_info import model_info_from_hf_config
 from tinytune.cli.main import main as tune
 from tinytune.config import ConfigError
-from tinytune.distributed.plan import Layout, Workload, candidate_layouts, parse_bytes, rank_memory
-from tinytune.models.lora_builders import lora_target_modules
+from tinytune.config.recipe_settings import LoRASettings
+from tinytune.distributed.memory_plan import Layout, Workload, candidate_layouts, parse_bytes, rank_memory
 from tinytune.modules.peft import lora_linear_factory
 
 HF = {"model_type": "qwen3", "vocab_size": 1000, "hidden_size": 64, "intermediate_size": 160, "num_hidden_layers": 6,
@@ -46,7 +46,7 @@ def test_full_finetune_state_matches_the_real_parameter_count():
 
 def test_lora_trainable_count_matches_the_lora_model():
     info = model_info_from_hf_config(HF)
-    targets = lora_target_modules(["q_proj", "v_proj", "o_proj"], True, False)
+    targets = LoRASettings(lora_attn_modules=["q_proj", "v_proj", "o_proj"], apply_lora_to_mlp=True).target_modules()
     with torch.device("meta"):
         model = build_model(info, lora_linear_factory(targets, rank=4, alpha=8.0, dropout=0.0))
     n_lora, n_all = _count(model, lora_only=True), _count(model)
@@ -74,7 +74,7 @@ def test_refused_layouts():
         rank_memory(info, Layout(pp=8), Workload())
     with pytest.raises(ConfigError, match="QLoRA"):
         rank_memory(info, Layout(dp_shard=2), Workload(mode="qlora"))
-    assert all(l.world == 8 and 4 % l.tp == 0 for l in candidate_layouts(info, 8))
+    assert all(lay.world == 8 and 4 % lay.tp == 0 for lay in candidate_layouts(info, 8))
 
 
 def test_tune_plan_cli_lists_layouts_that_fit(capsys, tmp_path):

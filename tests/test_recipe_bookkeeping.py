@@ -5,8 +5,9 @@ import math
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
+from tinytune.config.recipe_settings import OptimSettings, SampleGenerationSettings
+from tinytune.training.checkpointing import open_checkpointer, resume_training_state, save_training_state
 from tinytune.training.data import BatchStream
 from tinytune.training.metric_logging import (
     LogWindow,
@@ -17,7 +18,6 @@ from tinytune.training.metric_logging import (
 )
 from tinytune.training.prompting import SampleGenerations
 from tinytune.training.steps import build_optimizer_and_scheduler
-from tinytune.training.training_state import open_checkpointer, resume_training_state, save_training_state
 
 
 class _Recorder:
@@ -68,7 +68,7 @@ def test_validation_row_and_write_summary(tmp_path, capsys):
 
 
 def test_sample_generations_without_prompts_is_a_no_op(tmp_path):
-    samples = SampleGenerations(OmegaConf.create({}), tokenizer=None)
+    samples = SampleGenerations(SampleGenerationSettings(), "hf", tokenizer=None)
     assert samples.prompts == [] and samples.template is None
     samples.generate_before(None)
     samples.generate_after(None, str(tmp_path))
@@ -80,17 +80,17 @@ def _identity_collate(items):
 
 
 def test_training_state_round_trip_restores_step_weights_and_data(tmp_path):
-    cfg = OmegaConf.create({"optimizer": {"name": "adamw", "lr": 0.1}, "keep_last_checkpoints": 1})
+    optim = OptimSettings(optimizer={"name": "adamw", "lr": 0.1})
     data = [torch.randn(3) for _ in range(8)]
 
     def fresh():
         torch.manual_seed(0)
         model = torch.nn.Linear(3, 1)
-        opt, sched = build_optimizer_and_scheduler(cfg, model.parameters(), total_steps=10)
+        opt, sched = build_optimizer_and_scheduler(optim, model.parameters(), total_steps=10)
         return model, opt, sched, BatchStream(data, 2, _identity_collate, seed=0)
 
     model, opt, sched, stream = fresh()
-    ckpt = open_checkpointer(cfg, str(tmp_path))
+    ckpt = open_checkpointer(1, str(tmp_path))
     assert resume_training_state(ckpt, "auto", model=model, weights_key="model", optimizer=opt,
                                  lr_scheduler=sched, stream=stream) == 0  # nothing saved yet
     for _ in range(3):

@@ -14,8 +14,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
-
 from _recipe_fixtures import QA, make_tiny_checkpoint, write_chat_jsonl, write_preference_jsonl
+
 from tinytune.cli.main import main as tune_main
 
 
@@ -165,8 +165,8 @@ def test_lora_finetune_outputs_merge_and_first_loss(assets, tmp_path):
     assert all(r["peak_mem_gib"] > 0 for r in rows if "loss" in r)
 
     # first loss (adapters still zero) == base model's loss on the first training batch
-    from tinytune.training.data import split_dataset
     from tinytune.datasets import padded_collate
+    from tinytune.training.data import split_dataset
     _, ds = _ordered_batches(assets, 1, 4)
     train, _ = split_dataset(ds, val_size=3, seed=0)
     first = padded_collate([train[i] for i in range(4)], pad_id=0)
@@ -177,9 +177,8 @@ def test_lora_finetune_outputs_merge_and_first_loss(assets, tmp_path):
     assert rows[0]["loss"] == pytest.approx(float(want), abs=1e-5)
 
     # merged HF checkpoint == base + trained adapter (loaded from the PEFT adapter dir)
-    from tinytune.checkpoint import load_peft_adapter
+    from tinytune.checkpoint import load_hf_model, load_peft_adapter
     from tinytune.modules.peft import lora_linear_factory
-    from tinytune.checkpoint import load_hf_model
     factory = lora_linear_factory(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
                                   rank=4, alpha=8.0)
     lora_model, info = load_hf_model(assets["ckpt"], linear_factory=factory)
@@ -354,10 +353,11 @@ def test_eval_recipe_matches_plain_cross_entropy(assets, tmp_path):
                      dataset={"_component_": "tinytune.datasets.chat_dataset", "source": assets["chat"],
                               "template": "chatml", "max_seq_len": 64, "num_workers": 1},
                      validation={"split_size": 4})
+    del cfg["max_new_tokens"]  # eval generates nothing: the key would be refused as unread
     _run("eval", cfg, tmp_path)
     res = json.load(open(tmp_path / "ev" / "eval.json"))
-    from tinytune.training.data import split_dataset
     from tinytune.datasets import padded_collate
+    from tinytune.training.data import split_dataset
     _, ds = _ordered_batches(assets, 1, 4)
     _, val = split_dataset(ds, val_size=4, seed=0)
     b = padded_collate([val[i] for i in range(4)], pad_id=0)
@@ -374,8 +374,8 @@ SINGLE_DEVICE = ("full_finetune", "lora_finetune", "dpo", "generate", "chat", "e
 
 
 def test_shipped_configs_name_an_existing_recipe_and_valid_components():
-    from tinytune.cli.registry import list_configs, list_recipes
     from tinytune.config import load_config, validate_config
+    from tinytune.config.registry import list_configs, list_recipes
 
     recipes = list_recipes()
     mine = {n: e for n, e in list_configs().items() if e.recipe in SINGLE_DEVICE}

@@ -15,9 +15,10 @@ from omegaconf import OmegaConf
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 import torch.distributed as dist  # noqa: E402
 
-from recipes.full_finetune_distributed import run  # noqa: E402
+from recipes.full_finetune_distributed import recipe_main as full_main  # noqa: E402
+from recipes.lora_finetune_distributed import recipe_main as lora_main  # noqa: E402
 from tests.dist_workers.recipe_worker import base_cfg  # noqa: E402
-from tinytune.training.distributed import init_distributed, shutdown_distributed  # noqa: E402
+from tinytune.distributed.mesh import init_distributed, shutdown_distributed  # noqa: E402
 
 
 def pp_cfg(out: str, ckpt: str, lora: bool, pp: int = 1, dp: int = 1, tp: int = 1, schedule: str = "1f1b") -> dict:
@@ -39,9 +40,10 @@ def main() -> None:
         lora = "lora" in flags
         cfg = pp_cfg(os.path.join(out_root, scenario), ckpt, lora, pp=pp, dp=dp, tp=tp, schedule=schedule)
         cfg["activation_checkpointing"] = "ac" in flags
+        run = lora_main if lora else full_main
         if "resume" in flags:  # stop after 2 steps, then a second run resumes from DCP
-            run(OmegaConf.create(dict(cfg, stop_after_steps=2, checkpoint_every_n_steps=0)), lora=lora)
-        run(OmegaConf.create(cfg), lora=lora)
+            run(OmegaConf.create(dict(cfg, stop_after_steps=2, checkpoint_every_n_steps=0)))
+        run(OmegaConf.create(cfg))
         dist.barrier()
     shutdown_distributed()
 

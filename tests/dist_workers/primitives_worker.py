@@ -16,14 +16,26 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-from tests.dist_workers.toy_decoder import ToyDecoder  # noqa: E402
-from tinytune.training.dcp import DistributedCheckpointer  # noqa: E402
-from tinytune.training.distributed import (  # noqa: E402
-    ParallelDims, all_reduce_sum, build_device_mesh, get_dp_info, init_distributed, shutdown_distributed)
-from tinytune.training.fsdp import (  # noqa: E402
-    apply_fsdp, gather_full_state_dict, load_full_state_dict, materialize_meta_model, set_gradient_sync)
-from tinytune.training.parallel_plans import apply_tp  # noqa: E402
 from torch.distributed.tensor.parallel import loss_parallel  # noqa: E402
+
+from tests.dist_workers.toy_decoder import ToyDecoder  # noqa: E402
+from tinytune.checkpoint.dcp import DistributedCheckpointer  # noqa: E402
+from tinytune.distributed.fsdp import (  # noqa: E402
+    apply_fsdp,
+    gather_full_state_dict,
+    load_full_state_dict,
+    materialize_meta_model,
+    set_gradient_sync,
+)
+from tinytune.distributed.mesh import (  # noqa: E402
+    ParallelDims,
+    all_reduce_sum,
+    build_device_mesh,
+    get_dp_info,
+    init_distributed,
+    shutdown_distributed,
+)
+from tinytune.distributed.parallel_plans import apply_tp  # noqa: E402
 
 STEPS, ACCUM, B, S, V = 3, 2, 4, 8, 64
 LAYOUTS = {"fsdp": dict(data_parallel_shard=-1), "tp": dict(data_parallel_shard=1, tensor_parallel=-1),

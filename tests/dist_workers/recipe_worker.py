@@ -15,8 +15,9 @@ from omegaconf import OmegaConf
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 import torch.distributed as dist  # noqa: E402
 
-from recipes.full_finetune_distributed import run  # noqa: E402
-from tinytune.training.distributed import init_distributed, shutdown_distributed  # noqa: E402
+from recipes.full_finetune_distributed import recipe_main as full_main  # noqa: E402
+from recipes.lora_finetune_distributed import recipe_main as lora_main  # noqa: E402
+from tinytune.distributed.mesh import init_distributed, shutdown_distributed  # noqa: E402
 
 LORA = {"lora_attn_modules": ["q_proj", "v_proj", "o_proj"], "apply_lora_to_mlp": True, "lora_rank": 4,
         "lora_alpha": 8.0, "lora_dropout": 0.0}
@@ -26,7 +27,7 @@ def base_cfg(out: str, ckpt: str, dp: int, tp: int, lora: bool) -> dict:
     global_batch = 4
     cfg = {
         "output_dir": out, "seed": 7, "device": "cpu", "dtype": "fp32",
-        "checkpoint_dir": ckpt, "model": dict(LORA) if lora else None, "plot_loss": False,
+        "checkpoint_dir": ckpt, "plot_loss": False,
         "dataset": {"_component_": "tests.dist_workers.data.random_sft", "n": 48},
         "batch_size": global_batch // dp // 2, "gradient_accumulation_steps": 2, "epochs": 1, "max_steps": 4,
         "optimizer": {"name": "adamw", "lr": 3e-3, "weight_decay": 0.01},
@@ -39,6 +40,8 @@ def base_cfg(out: str, ckpt: str, dp: int, tp: int, lora: bool) -> dict:
         "parallelism": {"data_parallel_shard": -1, "tensor_parallel": tp, "loss_parallel": False},
         "fsdp": {"reshard_after_forward": True, "cpu_offload": False},
     }
+    if lora:
+        cfg["model"] = dict(LORA)
     return cfg
 
 
@@ -63,8 +66,9 @@ def main() -> None:
             cfg.update(device="cuda", dtype="bf16")
         if scenario.endswith("resume"):  # stop after 2 steps, then a second run resumes from DCP
             stop = 4 if "_epochs" in scenario else 2
-            run(OmegaConf.create(dict(cfg, stop_after_steps=stop, checkpoint_every_n_steps=0)), lora=lora)
-        run(OmegaConf.create(cfg), lora=lora)
+            run = lora_main if lora else full_main
+            run(OmegaConf.create(dict(cfg, stop_after_steps=stop, checkpoint_every_n_steps=0)))
+        (lora_main if lora else full_main)(OmegaConf.create(cfg))
         dist.barrier()
     shutdown_distributed()
 

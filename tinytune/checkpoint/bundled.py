@@ -16,6 +16,8 @@ import sys
 
 import torch
 
+from tinytune.checkpoint.gguf_convert import MARKER, convert_gguf_to_hf
+
 logger = logging.getLogger(__name__)
 
 SMOLLM2_NAME = "smollm2-135m-instruct"
@@ -69,7 +71,6 @@ def find_bundled_gguf(name: str = SMOLLM2_NAME, install: bool = True) -> str:
 
 
 def _is_complete(out_dir: str, gguf_path: str) -> bool:
-    from tinytune.checkpoint.gguf_convert import MARKER  # noqa: PLC0415
 
     marker = os.path.join(out_dir, MARKER)
     if not os.path.isfile(marker):
@@ -100,7 +101,6 @@ def ensure_bundled(name: str = SMOLLM2_NAME, home: str | None = None, dtype: tor
     Returns:
         The HF-format model directory.
     """
-    from tinytune.checkpoint.gguf_convert import convert_gguf_to_hf  # noqa: PLC0415
 
     models_dir = os.path.join(home or tinytune_home(), "models")
     out_dir = os.path.join(models_dir, name)

@@ -10,6 +10,7 @@ from tinytune.checkpoint.atomic import atomic_directory, write_json_atomic
 from tinytune.checkpoint.gguf_reader import read_gguf
 from tinytune.checkpoint.hf_writer import save_hf_checkpoint
 from tinytune.checkpoint.model_info import CheckpointError, ModelInfo
+from tinytune.tokenizers.gguf import hf_tokenizer_files_from_gguf
 
 MARKER = "tinytune_convert.json"  # written last; its presence means the directory is complete
 
@@ -22,7 +23,6 @@ def write_gguf_tokenizer(gguf_path: str, out_dir: str) -> list[str]:
     Returns:
         The file names written.
     """
-    from tinytune.tokenizers.gguf import hf_tokenizer_files_from_gguf  # noqa: PLC0415
 
     try:
         files = hf_tokenizer_files_from_gguf(gguf_path)

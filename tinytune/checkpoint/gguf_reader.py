@@ -17,6 +17,7 @@ import torch
 
 from tinytune.checkpoint.keys import gguf_key_map
 from tinytune.checkpoint.model_info import CheckpointError, ModelInfo
+from tinytune.modules.position_embeddings import RotaryPositionalEmbeddings
 
 
 def _gguf():
@@ -165,7 +166,6 @@ def fit_llama3_rope_scaling(rope_freqs: np.ndarray, info: ModelInfo, path: str =
     Raises:
         CheckpointError: no parameter set reproduces the tensor.
     """
-    from tinytune.modules.position_embeddings import RotaryPositionalEmbeddings  # noqa: PLC0415
 
     freqs = torch.from_numpy(np.asarray(rope_freqs, dtype=np.float32)).reshape(-1)  # [head_dim/2]
     if torch.allclose(freqs, torch.ones_like(freqs)):

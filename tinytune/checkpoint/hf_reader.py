@@ -8,6 +8,7 @@ import os
 from collections.abc import Iterator
 
 import torch
+from safetensors import safe_open
 
 from tinytune.checkpoint.keys import KeyMap
 from tinytune.checkpoint.model_info import CheckpointError
@@ -50,7 +51,6 @@ def find_weight_files(path: str) -> list[str]:
 def list_keys(file: str) -> list[str]:
     """Tensor names stored in one weight file (reads only the header for safetensors)."""
     if file.endswith(".safetensors"):
-        from safetensors import safe_open  # noqa: PLC0415
 
         with safe_open(file, framework="pt") as f:
             return list(f.keys())
@@ -68,7 +68,6 @@ def _load_bin(file: str) -> dict[str, torch.Tensor]:
 
 def _iter_file(file: str) -> Iterator[tuple[str, torch.Tensor]]:
     if file.endswith(".safetensors"):
-        from safetensors import safe_open  # noqa: PLC0415
 
         with safe_open(file, framework="pt") as f:
             for key in f.keys():

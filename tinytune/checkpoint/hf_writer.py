@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
 from tinytune.checkpoint.atomic import fsync_dir, write_file_atomic, write_json_atomic
@@ -156,8 +157,6 @@ def save_hf_checkpoint(
             size = 0
         shards[-1][k] = t
         size += n
-
-    from safetensors.torch import save_file  # noqa: PLC0415
 
     names = (
         ["model.safetensors"]

@@ -9,15 +9,16 @@ from typing import Any
 import torch
 from torch import nn
 
+from tinytune.checkpoint.gguf_reader import read_gguf
 from tinytune.checkpoint.hf_reader import find_weight_files, iter_shards, list_keys
 from tinytune.checkpoint.keys import hf_key_map
 from tinytune.checkpoint.lora import is_lora_key
 from tinytune.checkpoint.model_info import CheckpointError, ModelInfo, read_model_info
+from tinytune.models import llama_decoder, qwen2_decoder, qwen3_decoder
 
 
 def _builders() -> dict[str, Callable[..., nn.Module]]:
     """HF ``model_type`` -> component builder (imported lazily to keep this module light)."""
-    from tinytune.models import llama_decoder, qwen2_decoder, qwen3_decoder  # noqa: PLC0415
 
     return {"llama": llama_decoder, "qwen2": qwen2_decoder, "qwen3": qwen3_decoder}
 
@@ -190,7 +191,6 @@ def load_gguf_model(
     Returns:
         ``(model, info)``.
     """
-    from tinytune.checkpoint.gguf_reader import read_gguf  # noqa: PLC0415
 
     dtype = resolve_dtype(dtype)
     g = read_gguf(path)

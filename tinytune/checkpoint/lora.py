@@ -13,12 +13,14 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from tinytune.checkpoint.atomic import write_file_atomic, write_json_atomic
 from tinytune.checkpoint.keys import hf_key_map
 from tinytune.checkpoint.model_info import CheckpointError, ModelInfo
 from tinytune.checkpoint.tensors import to_plain_tensor
+from tinytune.config.recipe_settings import LoRASettings
 
 _LORA_SUFFIXES = (".lora_a.weight", ".lora_b.weight")
 PEFT_PREFIX = "base_model.model."
@@ -29,9 +31,11 @@ def is_lora_key(name: str) -> bool:
     return name.endswith(_LORA_SUFFIXES)
 
 
-def _cfg_get(cfg: Mapping[str, Any] | None, *names: str, default: Any = None) -> Any:
+def _cfg_get(cfg: Mapping[str, Any] | LoRASettings | None, *names: str, default: Any = None) -> Any:
     if cfg is None:
         return default
+    if isinstance(cfg, LoRASettings):  # the recipes' one LoRA definition
+        cfg = cfg.peft_config()
     for n in names:
         if n in cfg and cfg[n] is not None:
             return cfg[n]
@@ -143,13 +147,13 @@ def save_peft_adapter(
         model: LoRA model or its (adapter) state dict with tinytune names.
         info: model info (key table family, base model path).
         out_dir: target directory.
-        lora_cfg: ``lora_rank`` (or ``rank``/``r``), ``lora_alpha``, ``lora_dropout``.
+        lora_cfg: a :class:`LoRASettings`, or a mapping with ``lora_rank`` (or ``rank``/``r``),
+            ``lora_alpha``, ``lora_dropout``.
         base_model_name_or_path: recorded in the config (default: ``info.source_dir``).
 
     Returns:
         ``out_dir``.
     """
-    from safetensors.torch import save_file  # noqa: PLC0415
 
 
     sd = adapter_state_dict(model)
@@ -190,7 +194,6 @@ def load_peft_adapter(adapter_dir: str, info: ModelInfo, model: nn.Module | None
         CheckpointError: missing files, an unknown key, or (with ``model``) a key or shape the
             model does not have.
     """
-    from safetensors.torch import load_file  # noqa: PLC0415
 
     file = os.path.join(adapter_dir, "adapter_model.safetensors")
     cfg_file = os.path.join(adapter_dir, "adapter_config.json")

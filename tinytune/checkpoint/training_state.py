@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from tinytune.checkpoint.atomic import atomic_directory
-from tinytune.training.device import rng_state, set_rng_state
+from tinytune.device import rng_state, set_rng_state
 
 logger = logging.getLogger(__name__)
 

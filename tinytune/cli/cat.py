@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from tinytune.cli import registry
+from tinytune.config import registry
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

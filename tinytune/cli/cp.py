@@ -6,7 +6,7 @@ import argparse
 import shutil
 from pathlib import Path
 
-from tinytune.cli import registry
+from tinytune.config import registry
 from tinytune.config._errors import ConfigError, did_you_mean
 
 

@@ -13,8 +13,9 @@ import json
 import os
 from pathlib import Path
 
-from tinytune.cli import registry
+from tinytune.config import registry
 from tinytune.config._errors import ConfigError
+from tinytune.config.recipe_settings import DeviceSettings, LoRASettings
 
 _SPECS = Path(__file__).resolve().parents[1] / "distributed" / "model_configs"
 
@@ -79,7 +80,7 @@ def _load(args) -> tuple[dict, dict]:
 def run(args: argparse.Namespace) -> int:
     """Print the per-rank memory table."""
     from tinytune.checkpoint.model_info import model_info_from_hf_config
-    from tinytune.distributed.plan import Layout, Workload, candidate_layouts, parse_bytes, plan_table
+    from tinytune.distributed.memory_plan import Layout, Workload, candidate_layouts, parse_bytes, plan_table
 
     hf, cfg = _load(args)
     if args.overrides and not cfg:
@@ -88,19 +89,18 @@ def run(args: argparse.Namespace) -> int:
     par = cfg.get("parallelism") or {}
     model = cfg.get("model") or {}
     mode = args.mode or ("qlora" if model.get("quantize_base") else "lora" if "lora_rank" in model else "full")
-    targets = list(model.get("lora_attn_modules") or ["q_proj", "v_proj"])
-    if model.get("apply_lora_to_mlp"):
-        targets += ["gate_proj", "up_proj", "down_proj"]
-    if model.get("apply_lora_to_output"):
-        targets.append("output")
+    lora = LoRASettings.from_node(model)  # the recipes' LoRA keys and defaults (apply_lora_to_mlp: true)
+    targets = lora.target_modules()
     pp = int(par.get("pipeline_parallel", 1))
     micro = int(par.get("microbatches") or pp)
     rows = args.batch_size or max(1, int(cfg.get("batch_size", 1)) // (micro if pp > 1 else 1))
     seq = args.seq_len or int(par.get("pipeline_seq_len") or (cfg.get("dataset") or {}).get("max_seq_len") or 2048)
-    dtype = args.dtype or {"bf16": "bf16", "fp32": "fp32"}.get(str(cfg.get("dtype", "bf16")), "bf16")
+    # a recipe config without dtype runs the recipes' default (fp32); a model spec alone assumes bf16
+    dtype = args.dtype or {"bf16": "bf16", "bfloat16": "bf16", "fp32": "fp32", "float32": "fp32", "float": "fp32"}.get(
+        str(cfg.get("dtype", DeviceSettings().dtype if cfg else "bf16")), "bf16")
     ac = args.activation_checkpointing if args.activation_checkpointing is not None else bool(
         cfg.get("activation_checkpointing", False))
-    work = Workload(rows=rows, seq_len=seq, microbatches=micro, mode=mode, lora_rank=int(model.get("lora_rank", 8)),
+    work = Workload(rows=rows, seq_len=seq, microbatches=micro, mode=mode, lora_rank=lora.lora_rank,
                     lora_targets=tuple(targets), optimizer=str((cfg.get("optimizer") or {}).get("name", "adamw")),
                     compute_dtype=dtype, activation_checkpointing=ac,
                     schedule=str(par.get("pipeline_schedule", "1f1b")), fsdp=mode != "qlora")

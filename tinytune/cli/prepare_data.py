@@ -31,9 +31,11 @@ def _tokenizer(cfg):
 
     path = cfg.get("tokenizer", {}).get("path") if cfg.get("tokenizer") is not None else None
     if not path:
+        from tinytune.config.recipe_settings import ModelSourceSettings
         from tinytune.training.setup import resolve_checkpoint_dir
 
-        path = resolve_checkpoint_dir(cfg)
+        src = ModelSourceSettings(checkpoint_dir=cfg.get("checkpoint_dir"), bundled_model=cfg.get("bundled_model"))
+        path = resolve_checkpoint_dir(src)
     return load_tokenizer(os.path.expanduser(str(path)))
 
 

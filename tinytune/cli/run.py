@@ -14,7 +14,7 @@ import runpy
 import sys
 from pathlib import Path
 
-from tinytune.cli import registry
+from tinytune.config import registry
 
 # torchrun options forwarded as-is: (dest, takes a value)
 LAUNCHER_FLAGS = (

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from tinytune.cli import registry
+from tinytune.config import registry
 from tinytune.config._errors import did_you_mean
 
 
@@ -16,8 +16,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="check a config without running it",
         description=(
             "Load a config (with optional overrides), resolve interpolations, import every "
-            "_component_ and bind its fields to the component's signature. Every problem is "
-            "reported with its key path. Exit status 1 when there are problems."
+            "_component_ and bind its fields to the component's signature, then run the settings "
+            "check of the recipe the config's header names (every key known, types and ranges). "
+            "Every problem is reported with its key path. Exit status 1 when there are problems."
         ),
     )
     p.add_argument("config", nargs="?", help="config name (e.g. smollm2/135M_lora) or YAML path")
@@ -33,12 +34,13 @@ def check(config: str, overrides: list[str] | tuple[str, ...] = ()) -> tuple[lis
         ``(problems, n_components)``; each problem is ``"key.path: message"``.
     """
     from tinytune.config import ConfigError, load_config, validate_config
+    from tinytune.config.recipe_settings import RECIPE_SETTINGS
 
     path = registry.resolve_config(config)
     problems: list[str] = []
+    recipe = registry.declared_recipe(path)
     # Registered configs must name their recipe (that is how `tune ls` groups them).
     if path.resolve().parent.parent == _configs_root():
-        recipe = registry.declared_recipe(path)
         recipes = registry.list_recipes()
         if recipe is None:
             problems.append("<header>: line 1 must declare the recipe, e.g. '# recipe: lora_finetune'.")
@@ -50,7 +52,12 @@ def check(config: str, overrides: list[str] | tuple[str, ...] = ()) -> tuple[lis
     except ConfigError as e:
         return problems + [f"<load>: {e}"], 0
     found, count = validate_config(cfg)
-    return problems + [str(p) for p in found], count
+    problems += [str(p) for p in found]
+    # The recipe's own check: every key read by it, types and ranges (the same one `tune run` does first).
+    if recipe in RECIPE_SETTINGS:
+        _, settings_problems = RECIPE_SETTINGS[recipe].read(cfg)
+        problems += [str(p) for p in settings_problems if str(p) not in problems]
+    return problems, count
 
 
 def _configs_root():

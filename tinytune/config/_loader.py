@@ -27,6 +27,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from tinytune.config._errors import ConfigError, close_matches, did_you_mean
+from tinytune.config.registry import resolve_config
 
 # id(root DictConfig) -> the YAML file it was loaded from. Entries are dropped when the config dies.
 _SOURCES: dict[int, str] = {}
@@ -150,8 +151,6 @@ def load_config(
     Raises:
         ConfigError: Unknown name, unreadable file, bad override or unresolvable interpolation.
     """
-    from tinytune.cli.registry import resolve_config
-
     path = resolve_config(name_or_path)
     cfg = load_yaml(path)
     apply_overrides(cfg, overrides)

@@ -312,7 +312,7 @@ class _FileLock:
 
     def __enter__(self):
         try:
-            import fcntl
+            import fcntl  # noqa: PLC0415 (POSIX only (file locks))
         except ImportError:  # pragma: no cover
             return self
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
@@ -322,7 +322,7 @@ class _FileLock:
 
     def __exit__(self, *exc):
         if self.f is not None:
-            import fcntl
+            import fcntl  # noqa: PLC0415 (POSIX only (file locks))
 
             fcntl.flock(self.f, fcntl.LOCK_UN)
             self.f.close()

@@ -16,6 +16,8 @@ import os
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+import yaml
+
 from tinytune.datasets.cache import _hash_file
 from tinytune.datasets.errors import BadSampleLog, DatasetError
 from tinytune.datasets.sft import _finish_sft, _resolve_template, build_token_cache
@@ -80,8 +82,6 @@ def _chatterbot_files(language: str, categories: Sequence[str] | None) -> list[s
 
 
 def _chatterbot_rows(files: list[str], max_turns: int | None) -> Iterator:
-    import yaml  # PyYAML (an OmegaConf dependency)
-
     for path in files:
         with open(path, encoding="utf-8") as f:
             try:

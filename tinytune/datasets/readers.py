@@ -24,7 +24,7 @@ Row = tuple[str, int, dict]
 def _plain(obj: Any) -> Any:
     """Turns OmegaConf containers into plain Python objects (no-op otherwise)."""
     try:
-        from omegaconf import DictConfig, ListConfig, OmegaConf
+        from omegaconf import DictConfig, ListConfig, OmegaConf  # noqa: PLC0415 (guarded: datasets work without omegaconf)
 
         if isinstance(obj, (DictConfig, ListConfig)):
             return OmegaConf.to_container(obj, resolve=True)
@@ -142,13 +142,13 @@ def _iter_batches_as_rows(path: str, batches: Any) -> Iterator[Row]:
 
 
 def _read_parquet(path: str, bad: BadSampleLog | None) -> Iterator[Row]:
-    import pyarrow.parquet as pq
+    import pyarrow.parquet as pq  # noqa: PLC0415 (optional: pyarrow)
 
     yield from _iter_batches_as_rows(path, pq.ParquetFile(path).iter_batches(batch_size=4096))
 
 
 def _read_arrow(path: str, bad: BadSampleLog | None) -> Iterator[Row]:
-    import pyarrow as pa
+    import pyarrow as pa  # noqa: PLC0415 (optional: pyarrow)
 
     with pa.memory_map(path, "r") as source:
         try:

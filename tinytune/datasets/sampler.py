@@ -19,7 +19,7 @@ class GroupByLengthSampler(Sampler[int]):
 
     Position: ``set_epoch(epoch, start_index=k)`` skips this rank's first ``k`` samples;
     :meth:`state_dict` / :meth:`load_state_dict` save and restore it (same API as
-    ``tinytune.training.dist_sampler.ResumableDistributedSampler``).
+    ``tinytune.distributed.dist_sampler.ResumableDistributedSampler``).
 
     Args:
         lengths: sample lengths (e.g. ``dataset.lengths``).

@@ -34,6 +34,10 @@ from tinytune.checkpoint.loader import build_model
 from tinytune.checkpoint.lora import is_lora_key
 from tinytune.checkpoint.model_info import CheckpointError, ModelInfo, read_model_info
 from tinytune.config._errors import ConfigError
+from tinytune.datasets.encoding import IGNORE_INDEX
+from tinytune.distributed.fsdp import apply_fsdp, load_full_state_dict, materialize_meta_model
+from tinytune.distributed.mesh import ParallelDims, ParallelMesh
+from tinytune.distributed.parallel_plans import apply_tp
 from tinytune.distributed.pipeline_stages import (
     MULTI_STAGE_SCHEDULES,
     DecoderStage,
@@ -43,12 +47,8 @@ from tinytune.distributed.pipeline_stages import (
     pack_microbatch,
     stage_layer_ranges,
 )
+from tinytune.distributed.sharded_model import _has_lm_head
 from tinytune.kernels import linear_cross_entropy
-from tinytune.training.distributed import ParallelDims, ParallelMesh
-from tinytune.training.fsdp import apply_fsdp, load_full_state_dict, materialize_meta_model
-from tinytune.training.losses import IGNORE_INDEX
-from tinytune.training.parallel_plans import apply_tp
-from tinytune.training.sharded_model import _has_lm_head
 
 __all__ = [
     "SCHEDULES",
@@ -226,10 +226,18 @@ class Pipeline:
         dist.all_reduce(total, group=self.pp_mesh.get_group())  # only the last stage computed it
         return total
 
+    def eval_loss_fn(self, model: nn.Module, batch: dict) -> torch.Tensor:
+        """:meth:`eval_loss_sum` as the ``(model, batch) -> summed loss`` of ``evaluate_loss_distributed``
+        (``model`` is this rank's share, run by the schedule)."""
+        return self.eval_loss_sum(batch)
+
     @torch.no_grad()
-    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
-        """Clip all gradients of the model (every stage) by their global L2 norm; returns the norm."""
-        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+    def clip_grad_norm_(self, params: list[nn.Parameter], max_norm: float) -> torch.Tensor:
+        """Clip the gradients of ``params`` (this rank's share) by the L2 norm over every stage; returns the norm.
+
+        Same signature as :func:`tinytune.distributed.fsdp.clip_grad_norm_` (``optimizer_step``'s ``clip_fn``).
+        """
+        grads = [p.grad for p in params if p.grad is not None]
         groups: dict[Any, list[torch.Tensor]] = {}
         for g in grads:
             key = (id(g.device_mesh), tuple(g.placements)) if isinstance(g, DTensor) else None

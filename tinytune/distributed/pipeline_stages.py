@@ -23,10 +23,11 @@ from torch import nn
 
 from tinytune.checkpoint.model_info import read_model_info
 from tinytune.config._errors import ConfigError
+from tinytune.config.recipe_settings import PIPELINE_SCHEDULES, ParallelismSettings, pipeline_keys_problem
+from tinytune.datasets.encoding import IGNORE_INDEX
+from tinytune.distributed.mesh import ParallelDims
+from tinytune.distributed.sharded_model import _has_lm_head
 from tinytune.modules.attention import seq_lens_to_document_ids
-from tinytune.training.distributed import ParallelDims
-from tinytune.training.losses import IGNORE_INDEX
-from tinytune.training.sharded_model import _has_lm_head
 
 __all__ = [
     "MULTI_STAGE_SCHEDULES",
@@ -40,7 +41,7 @@ __all__ = [
     "stage_layer_ranges",
 ]
 
-SCHEDULE_NAMES = ("1f1b", "gpipe", "interleaved_1f1b", "looped_bfs")
+SCHEDULE_NAMES = PIPELINE_SCHEDULES
 MULTI_STAGE_SCHEDULES = ("interleaved_1f1b", "looped_bfs")  # several stages per pp rank
 
 
@@ -72,9 +73,16 @@ class PipelineSettings:
                 raise ConfigError(f"parallelism.{key}={value!r}: must be a positive integer.")
         if self.schedule not in SCHEDULE_NAMES:
             raise ConfigError(f"parallelism.pipeline_schedule={self.schedule!r}: use one of {list(SCHEDULE_NAMES)}.")
-        if self.degree == 1 and (self.microbatches or self.layers_per_stage or self.seq_len or self.schedule != "1f1b"):
-            raise ConfigError("parallelism.microbatches / layers_per_stage / pipeline_seq_len / pipeline_schedule only "
-                              "apply with parallelism.pipeline_parallel > 1; remove them or set pipeline_parallel.")
+        problem = pipeline_keys_problem(self.degree, self.schedule, self.microbatches, self.layers_per_stage,
+                                        self.seq_len)
+        if problem:
+            raise ConfigError(problem)
+
+    @classmethod
+    def from_parallelism(cls, par: ParallelismSettings) -> PipelineSettings:
+        """The pipeline keys of a recipe's declared ``parallelism`` section (already type- and range-checked)."""
+        return cls(degree=par.pipeline_parallel, schedule=par.pipeline_schedule, microbatches=par.microbatches,
+                   layers_per_stage=par.layers_per_stage, seq_len=par.pipeline_seq_len)
 
     @property
     def n_microbatches(self) -> int:

@@ -95,9 +95,9 @@ def _strides(t):
 class _FlashAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, causal, docs, softmax_scale, visits):  # noqa: D102
-        import triton
+        import triton  # noqa: PLC0415 (optional: triton (CUDA / interpreter only))
 
-        from tinytune.kernels import flash_attn_kernels as K
+        from tinytune.kernels import flash_attn_kernels as K  # noqa: PLC0415 (optional: triton kernels)
 
         b, h, s, d = q.shape
         hkv = k.shape[1]
@@ -128,9 +128,9 @@ class _FlashAttention(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, do, _dlse):  # noqa: D102
-        import triton
+        import triton  # noqa: PLC0415 (optional: triton (CUDA / interpreter only))
 
-        from tinytune.kernels import flash_attn_kernels as K
+        from tinytune.kernels import flash_attn_kernels as K  # noqa: PLC0415 (optional: triton kernels)
 
         q, k, v, o, lse, *docs = ctx.saved_tensors
         causal, has_docs, softmax_scale, f32, prec, block_d, visits = ctx.cfg

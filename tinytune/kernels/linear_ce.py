@@ -280,7 +280,7 @@ def linear_cross_entropy(
             )
     row_step = torch_row_step
     if hidden.is_cuda and triton_usable(hidden, weight):
-        from tinytune.kernels.ce_triton import triton_row_step
+        from tinytune.kernels.ce_triton import triton_row_step  # noqa: PLC0415 (optional: triton kernels)
 
         row_step = triton_row_step
     return _linear_ce(hidden, weight, labels, ignore_index, reduction, num_tokens, chunk_size, row_step)

@@ -10,86 +10,76 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
-from typing import Callable, Sequence
+import inspect
+from typing import Any, Callable
 
 from torch import nn
 
+from tinytune.config.recipe_settings import LoRASettings
 from tinytune.modules.peft import lora_linear_factory
 
 ATTN_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
 
 
-def lora_target_modules(
-    lora_attn_modules: Sequence[str], apply_lora_to_mlp: bool = False, apply_lora_to_output: bool = False
-) -> list[str]:
-    """The projection names a LoRA builder adapts (attention list + all MLP projections + output)."""
-    names = list(lora_attn_modules or [])
-    if apply_lora_to_mlp:
-        names += list(MLP_MODULES)
-    if apply_lora_to_output:
-        names.append("output")
-    return names
+def lora_factory(lora: LoRASettings) -> Callable[[str, int, int, bool], nn.Module]:
+    """The ``linear_factory`` that puts adapters on ``lora.target_modules()`` (the one place LoRA
+    settings become layers: builders, the plain-keys path and the distributed recipe use it)."""
+    targets = lora.target_modules()
+    if not targets:
+        raise ValueError("LoRA: no modules to adapt (empty lora_attn_modules and apply_lora_to_mlp=False)")
+    return lora_linear_factory(targets, rank=lora.lora_rank, alpha=lora.lora_alpha, dropout=lora.lora_dropout,
+                               quantize_base=lora.quantize_base)
 
 
-def lora_model(
-    base_builder: Callable[..., nn.Module],
-    lora_attn_modules: Sequence[str] = ("q_proj", "v_proj"),
-    apply_lora_to_mlp: bool = False,
-    apply_lora_to_output: bool = False,
-    lora_rank: int = 8,
-    lora_alpha: float = 16.0,
-    lora_dropout: float = 0.0,
-    quantize_base: bool = False,
-) -> nn.Module:
-    """Builds ``base_builder(linear_factory=...)`` with LoRA on the chosen projections.
+def lora_model(base_builder: Callable[..., nn.Module], **lora_keys: Any) -> nn.Module:
+    """Builds ``base_builder(linear_factory=...)`` with LoRA as the keys of :class:`LoRASettings` say.
 
     Args:
         base_builder: a model builder accepting ``linear_factory`` (e.g. ``smollm2_135m``).
-        lora_attn_modules: attention projections to adapt (``q_proj k_proj v_proj o_proj``, or
-            the short names ``q k v o``).
-        apply_lora_to_mlp: also adapt ``gate_proj up_proj down_proj``.
-        apply_lora_to_output: also adapt the output projection (ignored for tied embeddings,
-            where no separate output linear exists).
-        lora_rank, lora_alpha, lora_dropout: LoRA hyperparameters (scaling ``alpha / rank``).
-        quantize_base: QLoRA: keep the adapted layers' frozen base weights in NF4.
+        **lora_keys: ``lora_attn_modules``, ``apply_lora_to_mlp``, ``apply_lora_to_output``,
+            ``lora_rank``, ``lora_alpha``, ``lora_dropout``, ``quantize_base``; missing keys take
+            the :class:`LoRASettings` defaults (checked: unknown keys and bad values are errors).
     """
-    targets = lora_target_modules(lora_attn_modules, apply_lora_to_mlp, apply_lora_to_output)
-    if not targets:
-        raise ValueError("LoRA builder: no modules to adapt (empty lora_attn_modules and apply_lora_to_mlp=False)")
-    factory = lora_linear_factory(targets, rank=lora_rank, alpha=lora_alpha, dropout=lora_dropout,
-                                  quantize_base=quantize_base)
-    return base_builder(linear_factory=factory)
+    return base_builder(linear_factory=lora_factory(LoRASettings.from_config(lora_keys)))
+
+
+def _lora_signature(quantize_base: bool) -> inspect.Signature:
+    """The keyword signature of a LoRA builder: the fields and defaults of :class:`LoRASettings`."""
+    params = []
+    for f in dataclasses.fields(LoRASettings):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        if f.name == "quantize_base":
+            default = quantize_base
+        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=default))
+    return inspect.Signature(params)
 
 
 def _variant(target: str, quantize_base: bool) -> Callable[..., nn.Module]:
     module_name, fn_name = target.split(":")
     kind = "QLoRA (NF4 base)" if quantize_base else "LoRA"
 
-    def builder(
-        lora_attn_modules: Sequence[str] = ("q_proj", "v_proj"),
-        apply_lora_to_mlp: bool = True,
-        apply_lora_to_output: bool = False,
-        lora_rank: int = 8,
-        lora_alpha: float = 16.0,
-        lora_dropout: float = 0.0,
-        quantize_base: bool = quantize_base,
-    ) -> nn.Module:
+    def builder(**lora_keys: Any) -> nn.Module:
         base = getattr(importlib.import_module(module_name), fn_name)
-        return lora_model(
-            base, lora_attn_modules=lora_attn_modules, apply_lora_to_mlp=apply_lora_to_mlp,
-            apply_lora_to_output=apply_lora_to_output, lora_rank=lora_rank, lora_alpha=lora_alpha,
-            lora_dropout=lora_dropout, quantize_base=quantize_base,
-        )
+        return lora_model(base, **{"quantize_base": quantize_base, **lora_keys})
 
+    builder.__signature__ = _lora_signature(quantize_base)  # what config checks and `inspect` see
     builder.__name__ = builder.__qualname__ = ("qlora_" if quantize_base else "lora_") + fn_name
     builder.__module__ = __name__
     builder.__doc__ = (
-        f"{kind} variant of ``{module_name}.{fn_name}``; arguments as in :func:`lora_model` "
-        f"(``quantize_base`` defaults to {quantize_base})."
+        f"{kind} variant of ``{module_name}.{fn_name}``; keyword arguments are the keys of "
+        f":class:`tinytune.config.recipe_settings.LoRASettings` (``quantize_base`` defaults to {quantize_base})."
     )
     return builder
+
+
+def is_lora_builder(dotted: str) -> bool:
+    """Whether a ``_component_`` path names one of the ``lora_*`` / ``qlora_*`` builders here."""
+    module, _, name = dotted.rpartition(".")
+    return (module == __name__ and name.startswith(("lora_", "qlora_")) and name not in ("lora_model", "lora_factory")
+            and name in globals())
 
 
 # SmolLM2

@@ -62,7 +62,7 @@ def _flash_kernel():
     """The Triton kernel, or ``None`` when it cannot be imported (looked up once)."""
     if "fn" not in _KERNEL_STATE:
         try:
-            from tinytune.kernels import flash_attention  # lazy: Triton import is slow and CUDA-only here
+            from tinytune.kernels import flash_attention  # noqa: PLC0415 (optional: triton (slow import, CUDA only)); lazy: Triton import is slow and CUDA-only here
         except Exception:  # noqa: BLE001 - any import failure means "use SDPA"
             flash_attention = None
         _KERNEL_STATE["fn"] = flash_attention

@@ -8,12 +8,10 @@ from tinytune.tokenizers.base import AddedToken, Tokenizer
 from tinytune.tokenizers.bpe import BPETokenizer
 from tinytune.tokenizers.families import (
     llama2_tokenizer,
-    llama3_special_tokens,
     llama3_tokenizer,
     mistral_tokenizer,
     qwen2_tokenizer,
     qwen3_tokenizer,
-    qwen_special_tokens,
     sentencepiece_tokenizer,
     smollm2_tokenizer,
 )
@@ -26,6 +24,7 @@ from tinytune.tokenizers.loader import (
     vocab_merges_tokenizer,
 )
 from tinytune.tokenizers.sentencepiece import SentencePieceTokenizer
+from tinytune.tokenizers.special_tokens import llama3_special_tokens, qwen_special_tokens
 
 __all__ = [
     "AddedToken",

@@ -6,6 +6,7 @@ import re
 import unicodedata
 from typing import Any, Sequence
 
+import regex
 import tiktoken
 
 from tinytune.tokenizers.base import AddedToken, Tokenizer
@@ -171,8 +172,6 @@ class BPETokenizer(Tokenizer):
 
     def _encode_with_missing(self, text: str) -> list[int]:
         """Slow path for text holding bytes the vocabulary lacks: pre-tokenize, drop them, then BPE."""
-        import regex  # tiktoken's own dependency
-
         if self._slow_regex is None:
             self._slow_regex = regex.compile(self._pat_str)
         drop = bytes(self._missing_bytes)

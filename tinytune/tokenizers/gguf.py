@@ -62,7 +62,7 @@ def read_gguf_tokenizer_metadata(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"GGUF file not found: {path}")
     try:
-        import gguf
+        import gguf  # noqa: PLC0415 (optional: gguf)
     except ImportError:
         raise ImportError("reading GGUF files needs the `gguf` package: pip install gguf") from None
     try:

@@ -8,9 +8,8 @@ from typing import Any
 
 from tinytune.tokenizers.base import AddedToken, Tokenizer
 from tinytune.tokenizers.bpe import BPETokenizer
-from tinytune.tokenizers.families import QWEN_NON_SPECIAL, llama3_special_tokens, qwen_special_tokens
+from tinytune.tokenizers.gguf import hf_tokenizer_files_from_gguf
 from tinytune.tokenizers.hf_json import (
-    added_tokens_from_json,
     bpe_kwargs_from_tokenizer_json,
     build_ranks,
     read_json,
@@ -18,6 +17,7 @@ from tinytune.tokenizers.hf_json import (
 )
 from tinytune.tokenizers.patterns import GPT2_PATTERN, LLAMA3_PATTERN, QWEN2_PATTERN
 from tinytune.tokenizers.sentencepiece import SentencePieceTokenizer
+from tinytune.tokenizers.special_tokens import QWEN_NON_SPECIAL, llama3_special_tokens, qwen_special_tokens
 from tinytune.tokenizers.tiktoken_file import is_tiktoken_file, load_tiktoken_ranks
 
 #: Added tokens that end a turn or a document in the supported families (stop generation).
@@ -253,8 +253,6 @@ def tiktoken_tokenizer(path: str | Path, family: str | None = None, config: dict
 
 def gguf_tokenizer(path: str | Path) -> Tokenizer:
     """Tokenizer built from a GGUF file's metadata (via `hf_tokenizer_files_from_gguf`)."""
-    from tinytune.tokenizers.gguf import hf_tokenizer_files_from_gguf
-
     path = Path(path)
     files = hf_tokenizer_files_from_gguf(path)
     return hf_json_tokenizer(

@@ -1,0 +1,116 @@
+"""The pieces a training recipe is made of, under one namespace.
+
+A recipe writes ``from tinytune import training`` (or imports names from here) and keeps its own
+loop visible; this package holds what stays the same between recipes: setup from settings, the
+resumable batch stream, the accumulation window (forward, loss, backward), the optimizer step,
+the log window and progress bar, validation, sample generations, and training-state checkpoints.
+"""
+
+from tinytune.training.activation_checkpointing import apply_activation_checkpointing
+from tinytune.training.checkpointing import (
+    open_checkpointer,
+    resume_sharded_state,
+    resume_training_state,
+    save_sharded_state,
+    save_training_state,
+)
+from tinytune.training.data import BatchStream, split_dataset, to_device, validation_batches
+from tinytune.training.dpo import chosen_rejected_logps, dpo_accumulate, dpo_eval, make_reference
+from tinytune.training.evaluation import evaluate_loss
+from tinytune.training.losses import (
+    IGNORE_INDEX,
+    count_label_tokens,
+    dpo_loss,
+    sft_loss,
+    sft_loss_sum,
+    sft_loss_sum_vocab_parallel,
+)
+from tinytune.training.lr_schedulers import build_lr_scheduler, get_lr_scheduler
+from tinytune.training.memory import memory_stats, reset_peak_memory
+from tinytune.training.metric_logging import (
+    LogWindow,
+    build_metric_loggers,
+    log_train_row,
+    report_early_stop,
+    train_row,
+    validation_row,
+    write_summary,
+)
+from tinytune.training.optim import build_optimizer
+from tinytune.training.padding_free import drop_unlabeled_tail
+from tinytune.training.plotting import plot_loss
+from tinytune.training.progress import TrainProgress
+from tinytune.training.prompting import SampleGenerations
+from tinytune.training.setup import (
+    TrainData,
+    build_collate,
+    check_training_dtype,
+    fsdp_policy,
+    load_model,
+    load_model_and_tokenizer,
+    load_tokenizer,
+    model_lora,
+    prepare_output_dir,
+    resolve_checkpoint_dir,
+    setup_device,
+    train_data,
+    train_val_datasets,
+)
+from tinytune.training.steps import build_optimizer_and_scheduler, current_lr, optimizer_step, sft_accumulate
+
+__all__ = [
+    "IGNORE_INDEX",
+    "BatchStream",
+    "LogWindow",
+    "SampleGenerations",
+    "TrainData",
+    "TrainProgress",
+    "apply_activation_checkpointing",
+    "build_collate",
+    "check_training_dtype",
+    "fsdp_policy",
+    "build_lr_scheduler",
+    "build_metric_loggers",
+    "build_optimizer",
+    "build_optimizer_and_scheduler",
+    "chosen_rejected_logps",
+    "count_label_tokens",
+    "current_lr",
+    "dpo_accumulate",
+    "dpo_eval",
+    "dpo_loss",
+    "drop_unlabeled_tail",
+    "evaluate_loss",
+    "get_lr_scheduler",
+    "load_model",
+    "load_model_and_tokenizer",
+    "load_tokenizer",
+    "log_train_row",
+    "model_lora",
+    "make_reference",
+    "memory_stats",
+    "open_checkpointer",
+    "optimizer_step",
+    "plot_loss",
+    "prepare_output_dir",
+    "report_early_stop",
+    "reset_peak_memory",
+    "resolve_checkpoint_dir",
+    "resume_sharded_state",
+    "resume_training_state",
+    "save_sharded_state",
+    "save_training_state",
+    "setup_device",
+    "sft_accumulate",
+    "sft_loss",
+    "sft_loss_sum",
+    "sft_loss_sum_vocab_parallel",
+    "split_dataset",
+    "to_device",
+    "train_data",
+    "train_row",
+    "train_val_datasets",
+    "validation_batches",
+    "validation_row",
+    "write_summary",
+]

@@ -7,7 +7,7 @@ from typing import Any, Callable, Iterator
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from tinytune.training.dist_sampler import ResumableDistributedSampler
+from tinytune.distributed.dist_sampler import ResumableDistributedSampler
 
 
 def split_dataset(dataset: Dataset, val_ratio: float | None = None, val_size: int | None = None,
@@ -56,17 +56,22 @@ class BatchStream:
         seed: shuffle seed.
         drop_last: drop the last incomplete batch of each epoch.
         num_workers: DataLoader worker processes.
+        dp_rank, dp_size: data-parallel rank and size: this rank takes positions ``dp_rank,
+            dp_rank + dp_size, ...`` of each epoch's permutation, so a step's union over ranks is
+            what one process with ``dp_size`` times the batch would take.
 
     Raises:
-        ValueError: when the dataset has fewer samples than one batch (with ``drop_last``).
+        ValueError: when a rank's share of the dataset is smaller than one batch (with ``drop_last``).
     """
 
     def __init__(self, dataset: Dataset, batch_size: int, collate_fn: Callable[[list], dict], *,
-                 shuffle: bool = True, seed: int = 0, drop_last: bool = True, num_workers: int = 0) -> None:
+                 shuffle: bool = True, seed: int = 0, drop_last: bool = True, num_workers: int = 0,
+                 dp_rank: int = 0, dp_size: int = 1) -> None:
         n = len(dataset)
-        if n == 0 or (drop_last and n < batch_size):
+        if n == 0 or (drop_last and n // dp_size < batch_size):
+            ranks = f" x {dp_size} data-parallel ranks" if dp_size > 1 else ""
             raise ValueError(
-                f"the training dataset has {n} samples, fewer than batch_size={batch_size}; "
+                f"the training dataset has {n} samples, fewer than batch_size={batch_size}{ranks}; "
                 "lower batch_size or add data"
             )
         self.dataset = dataset
@@ -74,14 +79,14 @@ class BatchStream:
         self.collate_fn = collate_fn
         self.drop_last = drop_last
         self.num_workers = num_workers
-        self.sampler = ResumableDistributedSampler(n, 1, 0, shuffle=shuffle, seed=seed, drop_last=True)
+        self.sampler = ResumableDistributedSampler(n, dp_size, dp_rank, shuffle=shuffle, seed=seed, drop_last=True)
         self.epoch = 0
         self.batches_done = 0  # batches of the current epoch already handed out
         self._it: Iterator | None = None
 
     @property
     def batches_per_epoch(self) -> int:
-        n = len(self.dataset)
+        n = self.sampler.num_samples  # this rank's share of the dataset
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
     def _start(self) -> None:
@@ -111,18 +116,21 @@ class BatchStream:
     def state_dict(self) -> dict[str, int]:
         """Position to resume from."""
         return {"epoch": self.epoch, "batches_done": self.batches_done, "seed": self.sampler.seed,
-                "batch_size": self.batch_size}
+                "batch_size": self.batch_size, "dp_size": self.sampler.num_replicas}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         """Continues from a saved position.
 
         Raises:
-            ValueError: the checkpoint was written with another seed or batch size.
+            ValueError: the checkpoint was written with another seed, batch size or data-parallel size.
         """
-        if int(state["seed"]) != self.sampler.seed or int(state["batch_size"]) != self.batch_size:
+        saved = (int(state["seed"]), int(state["batch_size"]), int(state.get("dp_size", 1)))
+        if saved != (self.sampler.seed, self.batch_size, self.sampler.num_replicas):
             raise ValueError(
-                f"resume: the checkpoint's data order used seed={state['seed']}, batch_size={state['batch_size']}; "
-                f"this run has seed={self.sampler.seed}, batch_size={self.batch_size}. Resume with the same values."
+                f"resume: the checkpoint's data order used seed={saved[0]}, batch_size={saved[1]}, "
+                f"data-parallel size {saved[2]}; this run has seed={self.sampler.seed}, batch_size={self.batch_size}, "
+                f"data-parallel size {self.sampler.num_replicas}. Resume with the same values (or start a new "
+                "output_dir)."
             )
         self.epoch = int(state["epoch"])
         self.batches_done = int(state["batches_done"])

@@ -8,6 +8,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
+from tinytune.modules.peft import disable_adapters
 from tinytune.training.data import to_device
 from tinytune.training.losses import dpo_loss, sequence_logps
 
@@ -25,7 +26,6 @@ def make_reference(model: nn.Module, frozen_copy: nn.Module | None) -> Callable[
     LoRA policies (``frozen_copy is None``) use themselves with adapters disabled, so the
     reference costs no memory; full fine-tuning passes a frozen copy made before training.
     """
-    from tinytune.modules.peft import disable_adapters  # noqa: PLC0415
 
     @contextlib.contextmanager
     def reference():

@@ -33,6 +33,13 @@ def sft_loss_sum(model: nn.Module, batch: dict, chunk_size: int | None = None) -
     return linear_cross_entropy(hidden, model.output_weight, batch["labels"], reduction="sum", chunk_size=chunk_size)
 
 
+def sft_loss_sum_vocab_parallel(model: nn.Module, batch: dict) -> torch.Tensor:
+    """:func:`sft_loss_sum` for tensor parallelism with loss parallel: the logits stay sharded by
+    vocabulary across TP ranks (call inside ``torch.distributed.tensor.parallel.loss_parallel()``)."""
+    logits = model(batch["tokens"], input_pos=batch.get("input_pos"), seq_lens=batch.get("seq_lens"))  # [b, s, V/tp]
+    return F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+
+
 def sft_loss(model: nn.Module, batch: dict, num_tokens: torch.Tensor | int | None = None) -> torch.Tensor:
     """Cross-entropy summed over ``batch``'s label tokens and divided by ``num_tokens``.
 

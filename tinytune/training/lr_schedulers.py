@@ -5,8 +5,11 @@ from __future__ import annotations
 import inspect
 import math
 
+from omegaconf import OmegaConf
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler
+
+from tinytune.config import instantiate, locate
 
 SCHEDULERS = ("constant", "cosine", "linear")
 
@@ -115,9 +118,6 @@ def build_lr_scheduler(optimizer: Optimizer, num_training_steps: int, cfg: dict)
         return get_lr_scheduler(optimizer, num_training_steps=num_training_steps, **cfg)
     if "name" in cfg:
         raise ValueError(f"lr_scheduler: set either name ({cfg['name']!r}) or _component_ ({component!r}), not both")
-    from omegaconf import OmegaConf  # noqa: PLC0415
-
-    from tinytune.config import instantiate, locate  # noqa: PLC0415
 
     try:
         takes_steps = "num_training_steps" in inspect.signature(locate(component, "lr_scheduler")).parameters

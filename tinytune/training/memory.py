@@ -10,7 +10,7 @@ import torch
 
 def _peak_rss_bytes() -> int:
     try:
-        import resource
+        import resource  # noqa: PLC0415 (POSIX only)
 
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         return int(rss) if sys.platform == "darwin" else int(rss) * 1024  # Linux reports KiB

@@ -39,7 +39,7 @@ class StdoutLogger:
             parts.append(f"{k}: {v:.4g}" if isinstance(v, float) else f"{k}: {v}")
         line = f"step {step} | " + " | ".join(parts)
         try:
-            from tqdm import tqdm
+            from tqdm import tqdm  # noqa: PLC0415 (guarded: stdout logger works without tqdm)
 
             tqdm.write(line, file=self.stream or sys.stdout)
         except ImportError:  # pragma: no cover
@@ -73,7 +73,7 @@ class TensorBoardLogger:
 
     def __init__(self, log_dir: str) -> None:
         try:
-            from torch.utils.tensorboard import SummaryWriter
+            from torch.utils.tensorboard import SummaryWriter  # noqa: PLC0415 (optional: tensorboard)
         except ImportError as e:
             raise ImportError(
                 "metric_loggers: 'tensorboard' needs the tensorboard package: pip install tensorboard "
@@ -97,7 +97,7 @@ class WandBLogger:
 
     def __init__(self, project: str = "tinytune", log_dir: str | None = None, config: dict | None = None, **kwargs) -> None:
         try:
-            import wandb
+            import wandb  # noqa: PLC0415 (optional: wandb)
         except ImportError as e:
             raise ImportError(
                 "metric_loggers: 'wandb' needs the wandb package: pip install wandb "

@@ -6,6 +6,9 @@ import logging
 from typing import Iterable
 
 import torch
+from omegaconf import OmegaConf
+
+from tinytune.config import instantiate
 
 OPTIMIZERS = ("adamw", "adamw8bit", "sgd")
 
@@ -52,9 +55,6 @@ def build_optimizer(
     if _component_ is not None:
         if name is not None:
             raise ValueError(f"optimizer: set either name ({name!r}) or _component_ ({_component_!r}), not both")
-        from omegaconf import OmegaConf  # noqa: PLC0415
-
-        from tinytune.config import instantiate  # noqa: PLC0415
 
         node = OmegaConf.create({"optimizer": {"_component_": _component_, **cfg}}).optimizer  # errors name the key
         return instantiate(node, params)
@@ -70,7 +70,7 @@ def build_optimizer(
     if name == "adamw8bit":
         logging.getLogger("torchao").setLevel(logging.ERROR)
         try:
-            from torchao.optim import AdamW8bit
+            from torchao.optim import AdamW8bit  # noqa: PLC0415 (optional: torchao)
         except ImportError as e:
             raise ImportError("optimizer.name=adamw8bit needs torchao (pip install torchao)") from e
         return AdamW8bit(params, lr=lr, weight_decay=weight_decay, betas=tuple(betas), eps=eps, **kwargs)

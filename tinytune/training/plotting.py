@@ -52,10 +52,10 @@ def plot_loss(metrics_path: str, out_path: str, title: str | None = None) -> str
         print(f"loss plot skipped: no loss values in {metrics_path}")
         return None
     try:
-        import matplotlib
+        import matplotlib  # noqa: PLC0415 (optional: matplotlib)
 
         matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        import matplotlib.pyplot as plt  # noqa: PLC0415 (optional: matplotlib)
     except ImportError:
         print("loss plot skipped: matplotlib is not installed (pip install matplotlib)")
         return None

@@ -13,11 +13,12 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
+from tinytune.datasets.templates import get_template
+from tinytune.generation import generate
+
 
 def get_bound_template(name: Any, tokenizer):
     """``get_template(name)`` bound to ``tokenizer`` (``hf`` uses the tokenizer's chat template)."""
-    from tinytune.datasets.templates import get_template  # noqa: PLC0415
-
     return get_template(name or "hf").bind(tokenizer)
 
 
@@ -77,8 +78,6 @@ def generate_replies(model: nn.Module, tokenizer, template, prompts: Sequence[st
     Returns:
         The decoded replies (special tokens skipped, surrounding whitespace stripped).
     """
-    from tinytune.generation import generate  # noqa: PLC0415
-
     encoded = [encode_chat_prompt(tokenizer, template, prompt_messages(p, system)) for p in prompts]
     gen = None
     if seed is not None and temperature > 0:
@@ -110,24 +109,21 @@ def side_by_side(prompts: Sequence[str], before: Sequence[str], after: Sequence[
 class SampleGenerations:
     """Answers ``sample_generation.prompts`` before and after training and compares them.
 
-    Config keys: ``sample_generation.prompts`` (none: everything here is a no-op),
-    ``sample_generation.max_new_tokens`` (48), ``sample_generation.system`` and ``template`` (``hf``).
+    Settings: ``sample_generation.prompts`` (none: everything here is a no-op),
+    ``sample_generation.max_new_tokens``, ``sample_generation.system`` and ``template``.
     Decoding is greedy.
 
     Args:
-        cfg: recipe config.
+        sample: the ``sample_generation`` settings.
+        template: the ``template`` setting (a template name).
         tokenizer: tinytune tokenizer.
     """
 
-    def __init__(self, cfg: Any, tokenizer) -> None:
-        from tinytune.training.setup import cfg_get  # noqa: PLC0415
-
-        gen_cfg = cfg_get(cfg, "sample_generation")
+    def __init__(self, sample: Any, template: str, tokenizer) -> None:
         self.tokenizer = tokenizer
-        self.prompts = list(cfg_get(gen_cfg, "prompts", []) or [])
-        self.template = get_bound_template(cfg_get(cfg, "template", "hf"), tokenizer) if self.prompts else None
-        self.gen_kw = dict(max_new_tokens=int(cfg_get(gen_cfg, "max_new_tokens", 48)),
-                           system=cfg_get(gen_cfg, "system"))
+        self.prompts = list(sample.prompts)
+        self.template = get_bound_template(template, tokenizer) if self.prompts else None
+        self.gen_kw = dict(max_new_tokens=sample.max_new_tokens, system=sample.system)
         self.before: list[str] = []
 
     def _answer(self, model: nn.Module) -> list[str]:

@@ -17,40 +17,55 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from tinytune import config as tt_config
+from tinytune.checkpoint import ensure_bundled, load_hf_model
 from tinytune.config import ConfigError
+from tinytune.config.recipe_settings import (
+    DataSettings,
+    DeviceSettings,
+    FSDPSettings,
+    LoRASettings,
+    ModelSourceSettings,
+)
+from tinytune.datasets import padded_collate
+from tinytune.device import get_device, get_dtype, set_seed
+from tinytune.models.lora_builders import is_lora_builder, lora_factory
+from tinytune.tokenizers import load_tokenizer as _load_tokenizer
+from tinytune.training.data import BatchStream, split_dataset
 
 log = logging.getLogger(__name__)
 
-LORA_KEYS = ("lora_attn_modules", "apply_lora_to_mlp", "apply_lora_to_output", "lora_rank", "lora_alpha",
-             "lora_dropout", "quantize_base")
+
+FP16_NAMES = ("fp16", "float16", "half")
 
 
-def cfg_get(cfg: Any, key: str, default: Any = None) -> Any:
-    """``cfg.key`` with a default for missing or null keys (dotted keys allowed)."""
-    node = cfg
-    for part in key.split("."):
-        if node is None or not isinstance(node, (DictConfig, dict)) or part not in node:
-            return default
-        node = node[part]
-    return default if node is None else node
+def check_training_dtype(name: str) -> None:
+    """The training recipes' precision policy (single-device and distributed alike): no fp16.
 
-
-def setup_device(cfg: DictConfig) -> tuple[torch.device, torch.dtype, int]:
-    """``(device, dtype, seed)`` from ``device`` (auto), ``dtype`` (fp32) and ``seed`` (0).
-
-    Seeds every RNG (:func:`tinytune.training.device.set_seed`) and returns the seed used.
+    Raises:
+        ConfigError: for fp16, which needs loss scaling that no training recipe does.
     """
-    from tinytune.training.device import get_device, get_dtype, set_seed  # noqa: PLC0415
+    if name in FP16_NAMES:
+        raise ConfigError(f"dtype: {name} needs loss scaling, which the training recipes do not do; "
+                          "use bf16 or fp32.")
 
-    device = get_device(cfg_get(cfg, "device", "auto"))
-    dtype = get_dtype(cfg_get(cfg, "dtype", "fp32"), device)
-    seed = set_seed(cfg_get(cfg, "seed", 0))
+
+def setup_device(hw: DeviceSettings, training: bool = True) -> tuple[torch.device, torch.dtype, int]:
+    """``(device, dtype, seed)`` from the ``device``, ``dtype`` and ``seed`` settings.
+
+    Seeds every RNG (:func:`tinytune.device.set_seed`) and returns the seed used. With
+    ``training`` the dtype policy of :func:`check_training_dtype` applies.
+    """
+    if training:
+        check_training_dtype(hw.dtype)
+    device = get_device(hw.device)
+    dtype = get_dtype(hw.dtype, device)
+    seed = set_seed(hw.seed)
     return device, dtype, seed
 
 
-def prepare_output_dir(cfg: DictConfig) -> str:
-    """Creates ``cfg.output_dir`` and writes the resolved config there as ``config.yaml``."""
-    out = cfg_get(cfg, "output_dir")
+def prepare_output_dir(output_dir: str | None, cfg: DictConfig) -> str:
+    """Creates ``output_dir`` and writes the resolved config there as ``config.yaml``."""
+    out = output_dir
     if not out:
         raise ConfigError("output_dir: required (where checkpoints, metrics and loss.png go)")
     out = os.path.abspath(os.path.expanduser(str(out)))
@@ -59,7 +74,7 @@ def prepare_output_dir(cfg: DictConfig) -> str:
     return out
 
 
-def resolve_checkpoint_dir(cfg: DictConfig) -> str:
+def resolve_checkpoint_dir(src: ModelSourceSettings) -> str:
     """The HF checkpoint directory to start from.
 
     ``checkpoint_dir`` is used when it exists; otherwise, when ``bundled_model`` names a bundled
@@ -68,15 +83,12 @@ def resolve_checkpoint_dir(cfg: DictConfig) -> str:
     Raises:
         ConfigError: neither a directory nor a bundled model is available.
     """
-    path = cfg_get(cfg, "checkpoint_dir")
-    bundled = cfg_get(cfg, "bundled_model")
+    path, bundled = src.checkpoint_dir, src.bundled_model
     if path:
         path = os.path.abspath(os.path.expanduser(str(path)))
         if os.path.isfile(os.path.join(path, "config.json")):
             return path
     if bundled:
-        from tinytune.checkpoint import ensure_bundled  # noqa: PLC0415
-
         got = ensure_bundled(str(bundled))
         if path and os.path.abspath(got) != path:
             log.warning("checkpoint_dir %s not found; using the bundled model at %s", path, got)
@@ -87,77 +99,66 @@ def resolve_checkpoint_dir(cfg: DictConfig) -> str:
     )
 
 
-def _lora_kwargs(model_cfg: Any) -> dict[str, Any]:
-    return {k: model_cfg[k] for k in LORA_KEYS if model_cfg is not None and k in model_cfg}
+def load_model(model_node: Any, lora: LoRASettings | None, checkpoint_dir: str, device: torch.device,
+               dtype: torch.dtype) -> tuple[nn.Module, Any]:
+    """Builds the model the ``model`` setting describes and loads ``checkpoint_dir`` into it.
 
-
-def load_model(cfg: DictConfig, checkpoint_dir: str, device: torch.device, dtype: torch.dtype) -> tuple[nn.Module, Any]:
-    """Builds the model described by ``cfg.model`` and loads ``checkpoint_dir`` into it.
-
-    ``cfg.model`` is either a builder node (``_component_: tinytune.models.lora_builders.lora_smollm2_135m``
-    plus its arguments) or, without ``_component_``, just LoRA settings (``lora_attn_modules``,
-    ``lora_rank``, ...) applied to whatever architecture the checkpoint's ``config.json`` names.
+    ``model`` is either a builder node (``_component_: tinytune.models.lora_builders.lora_smollm2_135m``
+    plus its arguments), or, without ``_component_``, LoRA settings applied to whatever
+    architecture the checkpoint's ``config.json`` names, or null (that architecture, no LoRA).
 
     Args:
-        cfg: recipe config.
+        model_node: the ``model`` config node (or None).
+        lora: the LoRA settings of a plain ``model`` node (None: no adapters unless the builder adds them).
         checkpoint_dir: HF checkpoint directory.
         device, dtype: where and in which dtype the weights go.
 
     Returns:
         ``(model, ModelInfo)``.
     """
-    from tinytune.checkpoint import load_hf_model  # noqa: PLC0415
-
-    model_cfg = cfg_get(cfg, "model")
     builder = None
     factory = None
-    if model_cfg is not None and "_component_" in model_cfg:
-        builder = functools.partial(tt_config.instantiate, model_cfg)
-    elif model_cfg is not None and _lora_kwargs(model_cfg):
-        from tinytune.models.lora_builders import lora_target_modules  # noqa: PLC0415
-        from tinytune.modules.peft import lora_linear_factory  # noqa: PLC0415
-
-        kw = _lora_kwargs(model_cfg)
-        targets = lora_target_modules(kw.get("lora_attn_modules", ["q_proj", "v_proj"]),
-                                      kw.get("apply_lora_to_mlp", True), kw.get("apply_lora_to_output", False))
-        factory = lora_linear_factory(targets, rank=int(kw.get("lora_rank", 8)),
-                                      alpha=float(kw.get("lora_alpha", 16)),
-                                      dropout=float(kw.get("lora_dropout", 0.0)),
-                                      quantize_base=bool(kw.get("quantize_base", False)))
+    if model_node is not None and "_component_" in model_node:
+        builder = functools.partial(tt_config.instantiate, model_node)
+    elif lora is not None:
+        factory = lora_factory(lora)
     model, info = load_hf_model(checkpoint_dir, dtype=dtype, device=device, model_builder=builder,
                                 linear_factory=factory)
     return model, info
 
 
-def load_model_and_tokenizer(cfg: DictConfig, device: torch.device, dtype: torch.dtype):
+def model_lora(model_node: Any) -> LoRASettings | None:
+    """The LoRA settings of a ``model`` node: its LoRA keys (plain node or beside a ``lora_*`` /
+    ``qlora_*`` builder), None for a node without them (or no node)."""
+    if model_node is None:
+        return None
+    if "_component_" in model_node and not is_lora_builder(str(model_node["_component_"])):
+        return None
+    if "_component_" not in model_node and not len(model_node):
+        return None
+    return LoRASettings.from_node(model_node)
+
+
+def load_model_and_tokenizer(s: Any, device: torch.device, dtype: torch.dtype):
     """Resolves the checkpoint directory, then loads the tokenizer and the model from it.
+
+    Args:
+        s: recipe settings with ``source`` (:class:`ModelSourceSettings`) and ``model``.
 
     Returns:
         ``(checkpoint_dir, tokenizer, model, ModelInfo)`` (see :func:`resolve_checkpoint_dir`,
         :func:`load_tokenizer`, :func:`load_model`).
     """
-    checkpoint_dir = resolve_checkpoint_dir(cfg)
-    tokenizer = load_tokenizer(cfg, checkpoint_dir)
-    model, info = load_model(cfg, checkpoint_dir, device, dtype)
+    checkpoint_dir = resolve_checkpoint_dir(s.source)
+    tokenizer = load_tokenizer(s.source, checkpoint_dir)
+    model, info = load_model(s.model, model_lora(s.model), checkpoint_dir, device, dtype)
     return checkpoint_dir, tokenizer, model, info
 
 
-def lora_settings(cfg: DictConfig, model: nn.Module) -> dict[str, Any]:
-    """``{"lora_rank", "lora_alpha", "lora_dropout"}`` for the adapter export (read from the model)."""
-    from tinytune.modules.peft import lora_modules  # noqa: PLC0415
-
-    for _, m in lora_modules(model):
-        p = m.dropout.p if isinstance(m.dropout, nn.Dropout) else 0.0
-        return {"lora_rank": m.rank, "lora_alpha": m.alpha, "lora_dropout": p}
-    raise ConfigError("model: no LoRA layers; use a lora_* / qlora_* builder or set model.lora_attn_modules")
-
-
-def load_tokenizer(cfg: DictConfig, checkpoint_dir: str):
-    """Tokenizer from ``cfg.tokenizer.path`` (default: the checkpoint directory)."""
-    from tinytune.tokenizers import load_tokenizer as _load  # noqa: PLC0415
-
-    path = cfg_get(cfg, "tokenizer.path") or checkpoint_dir
-    return _load(os.path.expanduser(str(path)))
+def load_tokenizer(src: ModelSourceSettings, checkpoint_dir: str):
+    """Tokenizer from the ``tokenizer.path`` setting (default: the checkpoint directory)."""
+    path = src.tokenizer.path or checkpoint_dir
+    return _load_tokenizer(os.path.expanduser(str(path)))
 
 
 def build_dataset(node: DictConfig, tokenizer, where: str = "dataset"):
@@ -167,36 +168,36 @@ def build_dataset(node: DictConfig, tokenizer, where: str = "dataset"):
     return tt_config.instantiate(node, tokenizer=tokenizer)
 
 
-def build_collate(cfg: DictConfig, tokenizer, dataset=None):
+def build_collate(pad_to_multiple_of: int, tokenizer, dataset=None):
     """The collate function: the dataset's own ``collate_fn`` if it has one, else padded collate."""
     while isinstance(dataset, torch.utils.data.Subset):  # a held-out split wraps the dataset
         dataset = dataset.dataset
     own = getattr(dataset, "collate_fn", None)
     if callable(own):
         return own
-    from tinytune.datasets import padded_collate  # noqa: PLC0415
-
     pad_id = getattr(tokenizer, "pad_id", None)
     if pad_id is None:
         pad_id = getattr(tokenizer, "eos_id", None) or 0
     return functools.partial(padded_collate, pad_id=pad_id,
-                             pad_to_multiple_of=int(cfg_get(cfg, "pad_to_multiple_of", 8)))
+                             pad_to_multiple_of=pad_to_multiple_of)
 
 
-def train_val_datasets(cfg: DictConfig, tokenizer):
+def train_val_datasets(data: Any, tokenizer, seed: int | None):
     """Training dataset plus an optional validation dataset.
 
     Validation comes from ``validation.dataset`` (a separate dataset node) or from holding out
     ``validation.split_ratio`` / ``validation.split_size`` of the training data (seeded).
-    """
-    from tinytune.training.data import split_dataset  # noqa: PLC0415
 
-    train = build_dataset(cfg_get(cfg, "dataset"), tokenizer)
-    val_node = cfg_get(cfg, "validation.dataset")
-    if val_node is not None:
-        return train, build_dataset(val_node, tokenizer, "validation.dataset")
-    return split_dataset(train, val_ratio=cfg_get(cfg, "validation.split_ratio"),
-                         val_size=cfg_get(cfg, "validation.split_size"), seed=int(cfg_get(cfg, "seed", 0)))
+    Args:
+        data: settings with ``dataset`` and ``validation`` (:class:`DataSettings`, ``EvalSettings``).
+        tokenizer: passed to the dataset builders.
+        seed: the ``seed`` setting (the split's seed; null counts as 0).
+    """
+    train = build_dataset(data.dataset, tokenizer)
+    val = data.validation
+    if val.dataset is not None:
+        return train, build_dataset(val.dataset, tokenizer, "validation.dataset")
+    return split_dataset(train, val_ratio=val.split_ratio, val_size=val.split_size, seed=int(seed or 0))
 
 
 @dataclass
@@ -220,59 +221,32 @@ class TrainData:
     total_steps: int
 
 
-def train_data(cfg: DictConfig, tokenizer, seed: int, default_batch_size: int = 4) -> TrainData:
-    """Datasets, collate and batch stream from ``dataset``, ``validation.*``, ``batch_size``,
-    ``gradient_accumulation_steps``, ``shuffle``, ``max_steps`` and ``epochs``.
+def train_data(data: DataSettings, tokenizer, seed: int, split_seed: int | None, *, dp_rank: int = 0,
+               dp_size: int = 1, num_workers: int = 0) -> TrainData:
+    """Datasets, collate and batch stream from the data settings (``dataset``, ``validation.*``,
+    ``batch_size``, ``gradient_accumulation_steps``, ``shuffle``, ``max_steps``, ``epochs``).
 
     Args:
-        cfg: recipe config.
+        data: the recipe's data settings.
         tokenizer: passed to the dataset builders.
-        seed: shuffling seed of the batch stream.
-        default_batch_size: ``batch_size`` when the config has none.
+        seed: shuffling seed of the batch stream (the seed in use).
+        split_seed: the ``seed`` setting, for a held-out validation split.
+        dp_rank, dp_size: this process's data-parallel rank and size (the stream yields this rank's
+            slice of every global batch; ``batch_size`` is per rank).
+        num_workers: DataLoader worker processes.
     """
-    from tinytune.training.data import BatchStream  # noqa: PLC0415
-
-    train_ds, val_ds = train_val_datasets(cfg, tokenizer)
-    collate = build_collate(cfg, tokenizer, train_ds)
-    batch_size = int(cfg_get(cfg, "batch_size", default_batch_size))
-    accum = int(cfg_get(cfg, "gradient_accumulation_steps", 1))
-    stream = BatchStream(train_ds, batch_size, collate, shuffle=bool(cfg_get(cfg, "shuffle", True)), seed=seed)
+    train_ds, val_ds = train_val_datasets(data, tokenizer, split_seed)
+    collate = build_collate(data.pad_to_multiple_of, tokenizer, train_ds)
+    batch_size, accum = data.batch_size, data.gradient_accumulation_steps
+    stream = BatchStream(train_ds, batch_size, collate, shuffle=data.shuffle, seed=seed, num_workers=num_workers,
+                         dp_rank=dp_rank, dp_size=dp_size)
     steps_per_epoch = max(1, stream.batches_per_epoch // accum)
-    total_steps = int(cfg_get(cfg, "max_steps", 0)) or int(cfg_get(cfg, "epochs", 1)) * steps_per_epoch
+    total_steps = data.max_steps or data.epochs * steps_per_epoch
     return TrainData(train_ds, val_ds, collate, stream, batch_size, accum, total_steps)
 
 
-@dataclass(frozen=True)
-class LoopSettings:
-    """The training-loop cadence keys of a recipe config (the loop itself stays in the recipe).
-
-    Attributes:
-        log_every: ``log_every_n_steps`` (1).
-        val_every: ``validation.every_n_steps`` (0: only at the end).
-        val_max_batches: ``validation.max_batches`` (None: all).
-        ckpt_every: ``checkpoint_every_n_steps`` (0: never during training).
-        stop_after: ``stop_after_steps`` (0: off): end the run early after a checkpoint, to resume
-            later (time-sliced jobs, resume tests).
-        clip: ``clip_grad_norm`` (None: no clipping).
-        padding_free: ``padding_free`` (True): drop what no label depends on from every training and
-            validation micro-batch (:mod:`tinytune.training.padding_free`).
-    """
-
-    log_every: int
-    val_every: int
-    val_max_batches: int | None
-    ckpt_every: int
-    stop_after: int
-    clip: float | None
-    padding_free: bool = True
-
-    @classmethod
-    def from_config(cls, cfg: DictConfig) -> "LoopSettings":
-        """Reads the keys above with their defaults."""
-        return cls(log_every=int(cfg_get(cfg, "log_every_n_steps", 1)),
-                   val_every=int(cfg_get(cfg, "validation.every_n_steps", 0)),
-                   val_max_batches=cfg_get(cfg, "validation.max_batches"),
-                   ckpt_every=int(cfg_get(cfg, "checkpoint_every_n_steps", 0)),
-                   stop_after=int(cfg_get(cfg, "stop_after_steps", 0)),
-                   clip=cfg_get(cfg, "clip_grad_norm"),
-                   padding_free=bool(cfg_get(cfg, "padding_free", True)))
+def fsdp_policy(fsdp: FSDPSettings, dtype: torch.dtype) -> dict[str, Any]:
+    """Keyword arguments of :func:`tinytune.distributed.fsdp.apply_fsdp` from the ``fsdp`` settings:
+    compute in ``dtype`` (parameters gathered in it unless fp32), reduce gradients in fp32."""
+    return {"param_dtype": None if dtype == torch.float32 else dtype, "reduce_dtype": torch.float32,
+            "cpu_offload": fsdp.cpu_offload, "reshard_after_forward": fsdp.reshard_after_forward}

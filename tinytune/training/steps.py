@@ -3,13 +3,17 @@ the optimizer and LR schedule from the config."""
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from tinytune.config.recipe_settings import OptimSettings
 from tinytune.training.data import to_device
 from tinytune.training.losses import count_label_tokens, sft_loss
+from tinytune.training.lr_schedulers import build_lr_scheduler
+from tinytune.training.optim import build_optimizer
 from tinytune.training.padding_free import drop_unlabeled_tail
 
 
@@ -42,8 +46,12 @@ def sft_accumulate(model: nn.Module, micro_batches: Sequence[dict], device: torc
 
 
 def optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, lr_scheduler=None,
-                   clip_grad_norm: float | None = None) -> float | None:
+                   clip_grad_norm: float | None = None, clip_fn=torch.nn.utils.clip_grad_norm_) -> float | None:
     """Clips gradients (if asked), steps the optimizer and scheduler, zeroes gradients.
+
+    Args:
+        clip_fn: ``(params, max_norm) -> total norm``; the distributed recipes pass the DTensor-aware
+            :func:`tinytune.distributed.fsdp.clip_grad_norm_`.
 
     Returns:
         The total gradient norm before clipping (None without clipping).
@@ -51,7 +59,7 @@ def optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, lr_schedu
     norm = None
     if clip_grad_norm:
         params = [p for p in model.parameters() if p.grad is not None]
-        norm = float(torch.nn.utils.clip_grad_norm_(params, float(clip_grad_norm)))
+        norm = float(clip_fn(params, float(clip_grad_norm)))
     optimizer.step()
     if lr_scheduler is not None:
         lr_scheduler.step()
@@ -64,18 +72,21 @@ def current_lr(optimizer: torch.optim.Optimizer) -> float:
     return float(optimizer.param_groups[0]["lr"])
 
 
-def build_optimizer_and_scheduler(cfg, params, total_steps: int):
-    """``(optimizer, lr_scheduler)`` from ``optimizer.*`` and ``lr_scheduler.*`` (default: constant).
+def build_optimizer_and_scheduler(optim: OptimSettings, params, total_steps: int):
+    """``(optimizer, lr_scheduler)`` from the ``optimizer`` and ``lr_scheduler`` settings (default: constant).
 
     Args:
-        cfg: recipe config.
+        optim: the recipe's optimizer settings (the two nodes, already checked).
         params: the parameters to train.
         total_steps: optimizer steps of the whole run (for warmup ratios and decay).
     """
-    from tinytune.training.lr_schedulers import build_lr_scheduler  # noqa: PLC0415
-    from tinytune.training.optim import build_optimizer  # noqa: PLC0415
-    from tinytune.training.setup import cfg_get  # noqa: PLC0415
-
-    optimizer = build_optimizer(params, **dict(cfg_get(cfg, "optimizer", {})))
-    lr_scheduler = build_lr_scheduler(optimizer, total_steps, cfg_get(cfg, "lr_scheduler", {"name": "constant"}))
+    optimizer = build_optimizer(params, **_plain(optim.optimizer, {}))
+    lr_scheduler = build_lr_scheduler(optimizer, total_steps, _plain(optim.lr_scheduler, {"name": "constant"}))
     return optimizer, lr_scheduler
+
+
+def _plain(node: Any, default: dict) -> dict:
+    """A config node as a plain dict (the node's keys only; null = ``default``)."""
+    if node is None:
+        return dict(default)
+    return dict(OmegaConf.to_container(node, resolve=True)) if isinstance(node, DictConfig) else dict(node)

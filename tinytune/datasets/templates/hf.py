@@ -29,8 +29,8 @@ def _strftime_now(fmt: str) -> str:
 def _generation_extension():
     """``{% generation %}...{% endgeneration %}`` (assistant-mask markers some templates carry):
     rendered as their body; tinytune finds answers in the text itself."""
-    from jinja2 import nodes
-    from jinja2.ext import Extension
+    from jinja2 import nodes  # noqa: PLC0415 (jinja2 only for hf templates (import cost))
+    from jinja2.ext import Extension  # noqa: PLC0415 (jinja2 only for hf templates (import cost))
 
     class GenerationTag(Extension):
         tags = {"generation"}
@@ -49,8 +49,8 @@ def _generation_extension():
 @lru_cache(maxsize=16)
 def compile_chat_template(source: str):
     """Compiles a chat template in a sandboxed Jinja environment configured like transformers'."""
-    from jinja2.ext import loopcontrols
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
+    from jinja2.ext import loopcontrols  # noqa: PLC0415 (jinja2 only for hf templates (import cost))
+    from jinja2.sandbox import ImmutableSandboxedEnvironment  # noqa: PLC0415 (jinja2 only for hf templates (import cost))
 
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
                                         extensions=[loopcontrols, _generation_extension()])

@@ -18,14 +18,14 @@ def _torchao_nf4():
     # torchao logs failures to load optional CUDA extensions on CPU machines; they are harmless here.
     logging.getLogger("torchao").setLevel(logging.ERROR)
     try:
-        from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import (  # torchao >= 0.13
+        from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import (  # noqa: PLC0415 (optional: torchao layout by version); torchao >= 0.13
             NF4Tensor,
             linear_nf4,
             to_nf4,
         )
     except ImportError:
         try:
-            from torchao.dtypes.nf4tensor import NF4Tensor, linear_nf4, to_nf4  # older torchao
+            from torchao.dtypes.nf4tensor import NF4Tensor, linear_nf4, to_nf4  # noqa: PLC0415 (optional: older torchao); older torchao
         except ImportError as e:  # pragma: no cover - depends on the installed torchao
             raise ImportError(
                 "QLoRA (quantize_base=True) needs torchao with NF4 support: pip install 'torchao>=0.10'"

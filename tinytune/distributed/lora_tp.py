@@ -18,6 +18,8 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_module, distribute_tensor
 from torch.distributed.tensor.parallel import ParallelStyle
 
+from tinytune.modules.peft import LoRALinear
+
 __all__ = ["LoRAParallel", "lora_parallel_style"]
 
 
@@ -83,8 +85,6 @@ def lora_parallel_style(module: nn.Module, colwise: bool, seq_parallel: bool = F
         TypeError: for modules that are not ``LoRALinear`` or have an NF4 (QLoRA) base, which
             cannot be split by DTensor.
     """
-    from tinytune.modules.peft import LoRALinear
-
     if not isinstance(module, LoRALinear):
         raise TypeError(f"No tensor-parallel style for {type(module).__name__}; expected nn.Linear or LoRALinear.")
     if module.quantize_base:

@@ -13,6 +13,7 @@ reductions).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import os
@@ -23,6 +24,7 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from tinytune.config._errors import ConfigError
+from tinytune.device import get_device
 
 __all__ = [
     "DistInfo",
@@ -35,6 +37,8 @@ __all__ = [
     "get_dp_info",
     "init_distributed",
     "is_rank_zero",
+    "process_group",
+    "rank_zero_first",
     "shutdown_distributed",
 ]
 
@@ -82,7 +86,7 @@ def init_distributed(device: str | None = "auto", cpu_offload: bool = False, tim
 
     Args:
         device: ``"cpu"``, ``"cuda"``, ``"npu"`` or ``"auto"`` (resolved by
-            :func:`tinytune.training.device.get_device`; under torchrun a bare ``cuda`` / ``npu``
+            :func:`tinytune.device.get_device`; under torchrun a bare ``cuda`` / ``npu``
             means the ``LOCAL_RANK``-th device).
         cpu_offload: register gloo next to the accelerator backend (for FSDP CPU offload).
         timeout_s: collective timeout.
@@ -93,8 +97,6 @@ def init_distributed(device: str | None = "auto", cpu_offload: bool = False, tim
     Raises:
         ValueError: for a device type without a collective backend (e.g. ``mps``).
     """
-    from tinytune.training.device import get_device
-
     torch_device = get_device(device or "auto")
     backend = get_backend(torch_device.type, cpu_offload)
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -112,6 +114,33 @@ def shutdown_distributed() -> None:
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def process_group(device: str | None = "auto", cpu_offload: bool = False):
+    """``with process_group(...) as info:`` :func:`init_distributed` on entry; on exit the group is
+    destroyed again when this call created it (a caller's group is left alone)."""
+    owns_group = not dist.is_initialized()
+    info = init_distributed(device, cpu_offload=cpu_offload)
+    try:
+        yield info
+    finally:
+        if owns_group:
+            shutdown_distributed()
+
+
+@contextlib.contextmanager
+def rank_zero_first():
+    """Rank 0 runs the block first, the other ranks after it (e.g. building a token cache on disk
+    that the others then read). Without a process group it just runs the block."""
+    if not dist.is_initialized():
+        yield
+        return
+    if not is_rank_zero():
+        dist.barrier()
+    yield
+    if is_rank_zero():
+        dist.barrier()
 
 
 def is_rank_zero() -> bool:

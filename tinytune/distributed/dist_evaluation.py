@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Callable
 
@@ -10,8 +11,8 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.utils.data import Dataset
 
-from tinytune.training.distributed import all_reduce_sum
-from tinytune.training.losses import IGNORE_INDEX
+from tinytune.datasets.encoding import IGNORE_INDEX
+from tinytune.distributed.mesh import all_reduce_sum
 
 __all__ = ["evaluate_loss_distributed"]
 
@@ -26,6 +27,7 @@ def evaluate_loss_distributed(
     device: torch.device,
     loss_sum_fn: Callable[[nn.Module, dict], torch.Tensor],
     max_batches: int | None = None,
+    loss_context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
 ) -> dict[str, float]:
     """Token-averaged cross-entropy over ``dataset``, each dp rank taking every dp-th sample.
 
@@ -43,6 +45,7 @@ def evaluate_loss_distributed(
         device: this rank's device.
         loss_sum_fn: ``(model, batch) -> summed loss`` (plain tensor, or DTensor with loss parallel).
         max_batches: cap on forwards per rank.
+        loss_context: entered around each loss (e.g. ``loss_parallel``).
 
     Returns:
         ``{"loss", "perplexity", "tokens"}``.
@@ -63,7 +66,8 @@ def evaluate_loss_distributed(
             batch = {k: v.to(device) for k, v in batch.items()}
             if not chunk:  # nothing left here: take part in the collectives, count nothing
                 batch["labels"] = torch.full_like(batch["labels"], IGNORE_INDEX)
-            loss = loss_sum_fn(model, batch)
+            with loss_context():
+                loss = loss_sum_fn(model, batch)
             loss = loss.full_tensor() if hasattr(loss, "full_tensor") else loss
             total += loss.double()
             tokens += (batch["labels"] != IGNORE_INDEX).sum()

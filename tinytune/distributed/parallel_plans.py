@@ -17,8 +17,6 @@ from __future__ import annotations
 from typing import Callable
 
 from torch import nn
-
-from tinytune.config._errors import ConfigError
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_module
 from torch.distributed.tensor.parallel import (
@@ -30,6 +28,9 @@ from torch.distributed.tensor.parallel import (
     SequenceParallel,
     parallelize_module,
 )
+
+from tinytune.config._errors import ConfigError
+from tinytune.distributed.lora_tp import lora_parallel_style
 
 __all__ = ["TP_PLANS", "apply_tp", "decoder_layer_plan"]
 
@@ -45,10 +46,7 @@ def _style_for(module: nn.Module, colwise: bool, seq_parallel: bool = False) -> 
             return ColwiseParallel()
         # with sequence parallelism the partial sums are reduce-scattered over the sequence instead
         return RowwiseParallel(output_layouts=Shard(1), use_local_output=False) if seq_parallel else RowwiseParallel()
-    try:  # LoRA projections need styles that also place the adapter matrices
-        from tinytune.training.lora_tp import lora_parallel_style
-    except ImportError as err:  # pragma: no cover - only without the LoRA module
-        raise TypeError(f"No tensor-parallel style for {type(module).__name__}") from err
+    # LoRA projections need styles that also place the adapter matrices
     return lora_parallel_style(module, colwise=colwise, seq_parallel=seq_parallel)
 
 

@@ -17,9 +17,9 @@ from tinytune.checkpoint.keys import hf_key_map
 from tinytune.checkpoint.loader import build_model
 from tinytune.checkpoint.lora import is_lora_key
 from tinytune.checkpoint.model_info import CheckpointError, ModelInfo, read_model_info
-from tinytune.training.distributed import ParallelMesh
-from tinytune.training.fsdp import apply_fsdp, load_full_state_dict, materialize_meta_model
-from tinytune.training.parallel_plans import apply_tp
+from tinytune.distributed.fsdp import apply_fsdp, load_full_state_dict, materialize_meta_model
+from tinytune.distributed.mesh import ParallelMesh
+from tinytune.distributed.parallel_plans import apply_tp
 
 __all__ = ["load_hf_model_sharded"]
 
@@ -72,7 +72,7 @@ def load_hf_model_sharded(
         linear_factory: e.g. a LoRA factory (passed to the family's component builder).
         trainable: called on the (meta) model after TP and before FSDP to set ``requires_grad``
             (e.g. ``set_trainable_params`` for LoRA).
-        fsdp: keyword arguments of :func:`tinytune.training.fsdp.apply_fsdp`.
+        fsdp: keyword arguments of :func:`tinytune.distributed.fsdp.apply_fsdp`.
         loss_parallel: split the output head by vocabulary (needs TP > 1).
         sequence_parallel: shard the residual stream on the sequence dim between blocks (needs TP > 1).
         activation_checkpointing: called on the model before sharding to wrap its layers.

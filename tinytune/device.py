@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from tinytune.config._errors import ConfigError, did_you_mean
 
@@ -263,8 +264,6 @@ def set_seed(seed: int | None = None, deterministic: bool = False) -> int:
 
 
 def _broadcast_seed(seed: int) -> int:
-    import torch.distributed as dist
-
     if not (dist.is_available() and dist.is_initialized()):
         return seed
     device = "cuda" if dist.get_backend() == "nccl" else "cpu"

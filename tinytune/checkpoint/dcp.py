@@ -28,7 +28,7 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from tinytune.config._errors import ConfigError
-from tinytune.training.device import rng_state, set_rng_state
+from tinytune.device import rng_state, set_rng_state
 
 __all__ = ["DistributedCheckpointer"]
 

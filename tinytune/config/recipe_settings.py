@@ -1,0 +1,378 @@
+"""The settings of every shipped recipe: each key it reads, its type, default, range and help.
+
+One class per group of keys, composed into one class per recipe (bottom of the file). A recipe
+starts with ``s = LoRAFinetuneSettings.from_config(cfg)`` and reads ``s``, never the raw config,
+so a key nothing reads, a wrong type or an out-of-range value is an error before any heavy work;
+``tune validate`` runs the same check for the recipe a config's header names
+(:data:`RECIPE_SETTINGS`). The README key table is tested against :meth:`Settings.describe`.
+
+To add a key: one :func:`setting` line in the group that owns it (every recipe composed from that
+group then accepts it), or in the recipe's own class. See docs/ARCHITECTURE.md ("Settings").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from tinytune.config.settings import Settings, component, group, section, setting
+
+LOGGER_NAMES = ("stdout", "jsonl", "tensorboard", "wandb")
+DTYPE_NAMES = ("bf16", "bfloat16", "fp32", "float32", "float", "fp16", "float16", "half")
+ATTN_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "q", "k", "v", "o")
+MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
+PIPELINE_SCHEDULES = ("1f1b", "gpipe", "interleaved_1f1b", "looped_bfs")  # torch.distributed.pipelining schedules
+
+
+def pipeline_keys_problem(degree: int, schedule: str, microbatches: int | None, layers_per_stage: int | None,
+                          seq_len: int | None) -> str | None:
+    """The cross-key rule of the pipeline keys: they only apply with ``pipeline_parallel > 1``."""
+    if degree == 1 and (microbatches or layers_per_stage or seq_len or schedule != "1f1b"):
+        return ("parallelism.microbatches / layers_per_stage / pipeline_seq_len / pipeline_schedule only apply with "
+                "parallelism.pipeline_parallel > 1; remove them or set pipeline_parallel.")
+    return None
+
+
+def _loggers(value: Any) -> str | None:
+    names = [n.strip() for n in value.split(",")] if isinstance(value, str) else list(value)
+    bad = [n for n in names if n and n not in LOGGER_NAMES]
+    return f"unknown logger(s) {bad}; choose from {list(LOGGER_NAMES)}" if bad else None
+
+
+def _attn_modules(value: list[str]) -> str | None:
+    bad = [m for m in value if m not in ATTN_MODULES]
+    return f"unknown attention projection(s) {bad}; choose from {list(ATTN_MODULES[:4])}" if bad else None
+
+
+# ---- LoRA: the one definition (builders, recipes and the PEFT export read this) ----------------------
+@dataclass(frozen=True)
+class LoRASettings(Settings):
+    """LoRA adapters: where they go and their hyperparameters (scaling ``lora_alpha / lora_rank``).
+
+    The same keys (and defaults) whether they sit in a plain ``model:`` block (applied to the
+    checkpoint's architecture) or next to a ``lora_*`` / ``qlora_*`` builder's ``_component_``.
+    """
+
+    NAME = "LoRA"
+    lora_attn_modules: list[str] = setting(["q_proj", "v_proj"], "attention projections to adapt",
+                                           check=_attn_modules)
+    apply_lora_to_mlp: bool = setting(True, "also adapt gate_proj, up_proj, down_proj")
+    apply_lora_to_output: bool = setting(False, "also adapt the output projection (untied models)")
+    lora_rank: int = setting(8, "adapter rank r", ge=1)
+    lora_alpha: float = setting(16.0, "adapter scaling numerator (scaling = alpha / rank)", gt=0)
+    lora_dropout: float = setting(0.0, "dropout on the adapter input", ge=0, le=0.99)
+    quantize_base: bool = setting(False, "QLoRA: frozen base weights of adapted layers in NF4")
+
+    def target_modules(self) -> list[str]:
+        """Projection names to adapt: the attention list, the MLP projections, ``output``."""
+        short = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj"}
+        names = [short.get(m, m) for m in self.lora_attn_modules]
+        if self.apply_lora_to_mlp:
+            names += list(MLP_MODULES)
+        if self.apply_lora_to_output:
+            names.append("output")
+        return names
+
+    def peft_config(self) -> dict[str, Any]:
+        """``{"lora_rank", "lora_alpha", "lora_dropout"}`` for the PEFT adapter export."""
+        return {"lora_rank": self.lora_rank, "lora_alpha": self.lora_alpha, "lora_dropout": self.lora_dropout}
+
+    @classmethod
+    def from_node(cls, node: Any) -> "LoRASettings":
+        """The LoRA keys of a ``model`` node (plain, or beside a builder's ``_component_``)."""
+        if node is None:
+            return cls()
+        keys = {f.name for f in dataclasses.fields(cls)}
+        picked = {k: node[k] for k in node.keys() if k in keys}
+        return cls.from_config(picked)
+
+
+# ---- groups of keys -----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class DeviceSettings(Settings):
+    device: str = setting("auto", "auto | cpu | cuda[:N] | npu[:N] | mps")
+    dtype: str = setting("fp32", "parameter / compute dtype", choices=DTYPE_NAMES)
+    seed: int | None = setting(0, "seed of every RNG (null: a random seed, printed)")
+
+
+@dataclass(frozen=True)
+class TokenizerSettings(Settings):
+    path: str | None = setting(None, "tokenizer file or directory (default: checkpoint_dir)")
+
+
+@dataclass(frozen=True)
+class ModelSourceSettings(Settings):
+    checkpoint_dir: str | None = setting(None, "HF checkpoint directory to start from")
+    bundled_model: str | None = setting(None, "bundled model used when checkpoint_dir has no config.json")
+    tokenizer: TokenizerSettings = section(TokenizerSettings)
+    template: str = setting("hf", "chat template name (hf = the tokenizer's own)")
+
+
+@dataclass(frozen=True)
+class ValidationSettings(Settings):
+    dataset: Any = component("validation dataset node (else a split of dataset)", runtime_args=("tokenizer",))
+    split_ratio: float | None = setting(None, "hold out this fraction of dataset", gt=0, le=0.99)
+    split_size: int | None = setting(None, "hold out this many samples of dataset", ge=1)
+    every_n_steps: int = setting(0, "validate every N steps (0: only at the end)", ge=0)
+    max_batches: int | None = setting(None, "cap on validation batches (null: all)", ge=1)
+    batch_size: int | None = setting(None, "validation batch size (null: batch_size)", ge=1)
+
+    def due(self, step: int, total_steps: int) -> bool:
+        """Validation runs at this step during training (the final one is the recipe's own)."""
+        return bool(self.every_n_steps) and step % self.every_n_steps == 0 and step != total_steps
+
+
+@dataclass(frozen=True)
+class DataSettings(Settings):
+    dataset: Any = component("training dataset node", required=True, runtime_args=("tokenizer",))
+    validation: ValidationSettings = section(ValidationSettings)
+    shuffle: bool = setting(True, "shuffle the training samples every epoch")
+    batch_size: int = setting(4, "micro-batch size", ge=1)
+    gradient_accumulation_steps: int = setting(1, "micro-batches per optimizer step", ge=1)
+    epochs: int = setting(1, "passes over the data (when max_steps is 0)", ge=1)
+    max_steps: int = setting(0, "optimizer steps (0: epochs x steps per epoch)", ge=0)
+    pad_to_multiple_of: int = setting(8, "pad batch length to a multiple of this", ge=1)
+
+
+@dataclass(frozen=True)
+class PreferenceDataSettings(DataSettings):
+    batch_size: int = setting(2, "micro-batch size (pairs)", ge=1)
+
+
+@dataclass(frozen=True)
+class OptimizerSettings(Settings):
+    """``optimizer:`` without ``_component_`` (keys of ``tinytune.training.optim.build_optimizer``)."""
+
+    name: str = setting("adamw", "optimizer", choices=("adamw", "adamw8bit", "sgd"))
+    lr: float = setting(2e-5, "learning rate", gt=0)
+    weight_decay: float = setting(0.0, "decoupled weight decay", ge=0)
+    betas: list[float] | None = setting(None, "Adam betas (default [0.9, 0.999])")
+    eps: float | None = setting(None, "Adam epsilon (default 1e-8)", gt=0)
+    momentum: float | None = setting(None, "SGD momentum", ge=0)
+    nesterov: bool | None = setting(None, "SGD Nesterov momentum")
+    dampening: float | None = setting(None, "SGD dampening", ge=0)
+    amsgrad: bool | None = setting(None, "AdamW AMSGrad")
+    fused: bool | None = setting(None, "fused AdamW kernel (default: on where it applies)")
+    foreach: bool | None = setting(None, "multi-tensor optimizer step")
+
+
+@dataclass(frozen=True)
+class LRSchedulerSettings(Settings):
+    """``lr_scheduler:`` without ``_component_`` (keys of ``get_lr_scheduler``)."""
+
+    name: str = setting("cosine", "schedule after warmup", choices=("constant", "cosine", "linear"))
+    warmup_steps: int | None = setting(None, "linear warmup steps", ge=0)
+    warmup_ratio: float | None = setting(None, "warmup as a fraction of all steps", ge=0, le=1)
+    min_lr_ratio: float | None = setting(None, "final LR / base LR (cosine, linear)", ge=0, le=1)
+
+
+@dataclass(frozen=True)
+class OptimSettings(Settings):
+    optimizer: Any = component("optimizer: name + keys, or a _component_ (gets the parameters)",
+                               plain=OptimizerSettings, runtime_args=("params",))
+    lr_scheduler: Any = component("LR schedule: name + keys, or a _component_ (gets the optimizer); "
+                                  "default constant", plain=LRSchedulerSettings, runtime_args=("optimizer",))
+
+
+@dataclass(frozen=True)
+class LoopSettings(Settings):
+    """The cadence of the training loop (the loop itself stays in the recipe)."""
+
+    log_every_n_steps: int = setting(1, "log a train row every N steps", ge=1)
+    checkpoint_every_n_steps: int = setting(0, "training-state checkpoint every N steps (0: never)", ge=0)
+    stop_after_steps: int = setting(0, "end early after this step, with a checkpoint, to resume later (0: off)",
+                                    ge=0)
+    clip_grad_norm: float | None = setting(None, "clip the total gradient norm (null: no clipping)", gt=0)
+    padding_free: bool = setting(True, "drop positions no label depends on from every micro-batch")
+    activation_checkpointing: bool = setting(False, "recompute layer activations in backward")
+    metric_loggers: list[str] | str | None = setting(None, "stdout, jsonl, tensorboard, wandb (null: stdout+jsonl)",
+                                                     check=_loggers)
+    keep_last_checkpoints: int = setting(2, "complete checkpoints to keep", ge=1)
+    resume_from_checkpoint: str | None = setting(None, "auto (newest in output_dir) | a step dir | null")
+
+    def log_due(self, step: int, total_steps: int) -> bool:
+        """A train row is logged at this step (every ``log_every_n_steps`` and the last step)."""
+        return step % self.log_every_n_steps == 0 or step == total_steps
+
+    def checkpoint_due(self, step: int) -> bool:
+        """A training-state checkpoint is written at this step (cadence, or the early stop)."""
+        every, stop = self.checkpoint_every_n_steps, self.stop_after_steps
+        return bool((every and step % every == 0) or (stop and step == stop))
+
+    def stops_early(self, step: int, total_steps: int) -> bool:
+        """The run ends here, before ``total_steps`` (``stop_after_steps``)."""
+        return bool(self.stop_after_steps) and self.stop_after_steps <= step < total_steps
+
+
+@dataclass(frozen=True)
+class SampleGenerationSettings(Settings):
+    prompts: list[Any] = setting([], "prompts answered before and after training (a list; a string is refused)")
+    max_new_tokens: int = setting(48, "tokens per answer", ge=1)
+    system: str | None = setting(None, "system message for the prompts")
+
+
+@dataclass(frozen=True)
+class TrainSettings(Settings):
+    """Keys every training recipe reads."""
+
+    output_dir: str = setting(None, "where checkpoints, metrics, exports go", required=True)
+    hardware: DeviceSettings = group(DeviceSettings)
+    source: ModelSourceSettings = group(ModelSourceSettings)
+    data: DataSettings = group(DataSettings)
+    optim: OptimSettings = group(OptimSettings)
+    loop: LoopSettings = group(LoopSettings)
+
+
+@dataclass(frozen=True)
+class ParallelismSettings(Settings):
+    data_parallel_shard: int = setting(-1, "FSDP shard degree (-1: the rest of the world size)", ge=-1)
+    data_parallel_replicate: int = setting(1, "HSDP replica groups", ge=1)
+    tensor_parallel: int = setting(1, "tensor-parallel degree", ge=1)
+    loss_parallel: bool = setting(False, "keep logits vocab-sharded across TP ranks in the loss")
+    sequence_parallel: bool = setting(False, "shard norms/activations along the sequence in TP regions")
+    pipeline_parallel: int = setting(1, "pipeline-parallel degree: stages of layers over ranks (1: off)", ge=1)
+    pipeline_schedule: str = setting("1f1b", "pipeline schedule (interleaved_1f1b / looped_bfs: 2 stages per rank)",
+                                     choices=PIPELINE_SCHEDULES)
+    microbatches: int | None = setting(None, "pipeline micro-batches per loader batch; must divide batch_size "
+                                       "(null: pipeline_parallel)", ge=1)
+    layers_per_stage: int | None = setting(None, "layers per pipeline stage (null: balance parameters, embedding "
+                                           "and head counted)", ge=1)
+    pipeline_seq_len: int | None = setting(None, "tokens every pipeline micro-batch is padded/packed to (null: "
+                                           "longest training sample x rows per micro-batch, rounded up to 8)", ge=1)
+
+    def __post_init__(self) -> None:
+        problem = pipeline_keys_problem(self.pipeline_parallel, self.pipeline_schedule, self.microbatches,
+                                        self.layers_per_stage, self.pipeline_seq_len)
+        if problem:
+            raise ValueError(problem)
+
+
+@dataclass(frozen=True)
+class FSDPSettings(Settings):
+    reshard_after_forward: bool = setting(True, "free gathered parameters after each layer's forward")
+    cpu_offload: bool = setting(False, "keep sharded parameters and optimizer state on CPU")
+
+
+# ---- one class per recipe -----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class FullFinetuneSettings(TrainSettings):
+    NAME = "full_finetune"
+    model: Any = component("model builder node (null: the architecture config.json names)")
+    sample_generation: SampleGenerationSettings = section(SampleGenerationSettings)
+    save_hf: bool = setting(True, "write hf_model/ at the end")
+
+
+@dataclass(frozen=True)
+class LoRAFinetuneSettings(TrainSettings):
+    NAME = "lora_finetune"
+    model: Any = component("a lora_*/qlora_* builder node, or LoRA keys only (applied to config.json's "
+                           "architecture)", plain=LoRASettings)
+    sample_generation: SampleGenerationSettings = section(SampleGenerationSettings)
+    save_adapter: bool = setting(True, "write adapter/ (PEFT) at the end")
+    save_merged: bool = setting(True, "write hf_model/ (adapters merged) at the end")
+
+
+@dataclass(frozen=True)
+class DPOSettings(TrainSettings):
+    NAME = "dpo"
+    data: PreferenceDataSettings = group(PreferenceDataSettings)
+    model: Any = component("policy: a builder node, or LoRA keys (LoRA policy, reference = adapters off)",
+                           plain=LoRASettings)
+    beta: float = setting(0.1, "DPO temperature", gt=0)
+    label_smoothing: float = setting(0.0, "conservative DPO label smoothing", ge=0, le=0.5)
+
+
+@dataclass(frozen=True)
+class FullFinetuneDistributedSettings(TrainSettings):
+    NAME = "full_finetune_distributed"
+    parallelism: ParallelismSettings = section(ParallelismSettings)
+    fsdp: FSDPSettings = section(FSDPSettings)
+    num_workers: int = setting(0, "DataLoader worker processes per rank", ge=0)
+    save_hf: bool = setting(True, "write hf_model/ at the end (gathered on rank 0)")
+    plot_loss: bool = setting(True, "write loss.png at the end")
+
+
+@dataclass(frozen=True)
+class LoRAFinetuneDistributedSettings(TrainSettings):
+    NAME = "lora_finetune_distributed"
+    model: Any = component("LoRA keys only (applied to config.json's architecture)", plain=LoRASettings)
+    parallelism: ParallelismSettings = section(ParallelismSettings)
+    fsdp: FSDPSettings = section(FSDPSettings)
+    num_workers: int = setting(0, "DataLoader worker processes per rank", ge=0)
+    save_adapter: bool = setting(True, "write adapter/ (PEFT) at the end")
+    save_merged: bool = setting(True, "write hf_model/ (adapters merged) at the end")
+    plot_loss: bool = setting(True, "write loss.png at the end")
+
+
+@dataclass(frozen=True)
+class InferenceSettings(Settings):
+    hardware: DeviceSettings = group(DeviceSettings)
+    source: ModelSourceSettings = group(ModelSourceSettings)
+    model: Any = component("model builder node, or LoRA keys (null: config.json's architecture)",
+                           plain=LoRASettings)
+    max_new_tokens: int = setting(128, "tokens per answer", ge=1)
+    temperature: float = setting(0.0, "sampling temperature (0: greedy)", ge=0)
+    top_k: int | None = setting(None, "sample from the k most likely tokens", ge=1)
+    top_p: float | None = setting(None, "nucleus sampling mass", gt=0, le=1)
+    system: str | None = setting(None, "system message")
+
+
+@dataclass(frozen=True)
+class GenerateSettings(InferenceSettings):
+    NAME = "generate"
+    prompt: str | None = setting(None, "one prompt")
+    prompts: list[str] = setting([], "prompts (a list; a string is refused)")
+    prompt_file: str | None = setting(None, "text file (one prompt per line) or JSONL (prompt | messages)")
+    output_file: str | None = setting(None, "write {prompt, reply} JSONL here")
+
+
+@dataclass(frozen=True)
+class ChatSettings(InferenceSettings):
+    NAME = "chat"
+    max_new_tokens: int = setting(256, "tokens per answer", ge=1)
+    max_seq_len: int | None = setting(None, "context budget; older turns are dropped (null: min(model, 2048))", ge=1)
+
+
+@dataclass(frozen=True)
+class EvalSettings(Settings):
+    NAME = "eval"
+    hardware: DeviceSettings = group(DeviceSettings)
+    source: ModelSourceSettings = group(ModelSourceSettings)
+    model: Any = component("model builder node, or LoRA keys (null: config.json's architecture)",
+                           plain=LoRASettings)
+    dataset: Any = component("dataset node to evaluate", required=True, runtime_args=("tokenizer",))
+    validation: ValidationSettings = section(ValidationSettings)
+    batch_size: int = setting(8, "batch size", ge=1)
+    max_batches: int | None = setting(None, "cap on batches (null: all)", ge=1)
+    padding_free: bool = setting(True, "drop positions no label depends on (same loss)")
+    pad_to_multiple_of: int = setting(8, "pad batch length to a multiple of this", ge=1)
+    output_dir: str | None = setting(None, "write eval.json here")
+
+
+#: Recipe name -> its settings class (``tune validate`` and ``tune run`` look configs up here).
+RECIPE_SETTINGS: dict[str, type[Settings]] = {
+    cls.NAME: cls
+    for cls in (FullFinetuneSettings, LoRAFinetuneSettings, DPOSettings, FullFinetuneDistributedSettings,
+                LoRAFinetuneDistributedSettings, GenerateSettings, ChatSettings, EvalSettings)
+}
+
+
+def settings_table() -> str:
+    """The README's table of keys: one row per key and default, with the recipes that read it."""
+    short = {"full_finetune": "full", "lora_finetune": "lora", "dpo": "dpo", "full_finetune_distributed": "full-dist",
+             "lora_finetune_distributed": "lora-dist", "generate": "generate", "chat": "chat", "eval": "eval"}
+    rows: dict[tuple[str, str, str, str], list[str]] = {}
+    for name, cls in RECIPE_SETTINGS.items():
+        for row in cls.describe():
+            rows.setdefault(row, []).append(short[name])
+    lines = ["| key | type | default | recipes | meaning |", "| --- | --- | --- | --- | --- |"]
+    for (key, tp, default, help_), recipes in sorted(rows.items()):
+        used = "all" if len(recipes) == len(RECIPE_SETTINGS) else ", ".join(recipes)
+        lines.append(f"| `{key}` | {tp.replace('|', '&#124;')} | `{default}` | {used} | "
+                     f"{help_.replace('|', '&#124;')} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(settings_table())
