@@ -11,6 +11,11 @@ LoRA settings name; only they train, the frozen base is sharded by FSDP too. Dat
 normalisation and checkpoints are as in ``full_finetune_distributed``. At the end rank 0 writes
 the PEFT adapter (``adapter/``) and the merged model as HF safetensors (``hf_model/``).
 QLoRA (``model.quantize_base``) is single-device only.
+
+Pipeline parallelism (``parallelism.pipeline_parallel > 1``, :mod:`tinytune.distributed.pipeline`):
+the mesh is ``[pp, dp_replicate, dp_shard, tp]``, each rank builds only its stages of the model, and a
+``torch.distributed.pipelining`` schedule runs forward + backward of each loader batch split into
+``parallelism.microbatches`` pipeline micro-batches; the layout is checked before any process group.
 """
 
 from __future__ import annotations
@@ -39,6 +44,13 @@ from tinytune.distributed.mesh import (
     is_rank_zero,
     process_group,
     rank_zero_first,
+)
+from tinytune.distributed.pipeline import (
+    PipelineSettings,
+    build_pipeline,
+    build_pipeline_mesh,
+    check_pipeline_layout,
+    world_size_from_env,
 )
 from tinytune.distributed.sharded_model import load_hf_model_sharded
 from tinytune.models.lora_builders import lora_factory
@@ -96,12 +108,23 @@ def recipe_main(cfg: DictConfig) -> dict:
     if par.loss_parallel and lora.apply_lora_to_output:
         raise ConfigError("parallelism.loss_parallel cannot be combined with model.apply_lora_to_output.")
     check_training_dtype(s.hardware.dtype)
+    pipe_settings, pipe = PipelineSettings.from_parallelism(par), None
+    if pipe_settings.degree > 1:  # pipeline parallelism: world size, layers, heads checked before any process group
+        pipe_dims = check_pipeline_layout(
+            pipe_settings, world_size_from_env(), resolve_checkpoint_dir(s.source),
+            data_parallel_shard=par.data_parallel_shard, data_parallel_replicate=par.data_parallel_replicate,
+            tensor_parallel=par.tensor_parallel, loss_parallel=par.loss_parallel,
+            sequence_parallel=par.sequence_parallel)
     with process_group(s.hardware.device, cpu_offload=s.fsdp.cpu_offload) as dist_info:
         device, rank0 = dist_info.device, is_rank_zero()
-        dims = ParallelDims.from_config(dist_info.world_size, data_parallel_shard=par.data_parallel_shard,
-                                        data_parallel_replicate=par.data_parallel_replicate,
-                                        tensor_parallel=par.tensor_parallel)
-        mesh = build_device_mesh(dims, device.type)
+        if pipe_settings.degree > 1:  # 4-D mesh [pp, dp_replicate, dp_shard, tp]
+            dims = pipe_dims
+            mesh, pp_mesh = build_pipeline_mesh(pipe_settings.degree, dims, device.type)
+        else:
+            dims = ParallelDims.from_config(dist_info.world_size, data_parallel_shard=par.data_parallel_shard,
+                                            data_parallel_replicate=par.data_parallel_replicate,
+                                            tensor_parallel=par.tensor_parallel)
+            mesh = build_device_mesh(dims, device.type)
         dp_rank, dp_size = get_dp_info(mesh)
         # padding-free rows have any length; tensor/sequence parallelism needs the collated [b, s] shape
         padding_free = loop.padding_free and dims.tp == 1
@@ -112,12 +135,19 @@ def recipe_main(cfg: DictConfig) -> dict:
         # ---- 2. sharded model (frozen base + adapters) and tokenizer -------------------------------
         checkpoint_dir = resolve_checkpoint_dir(s.source)
         tokenizer = load_tokenizer(s.source, checkpoint_dir)
-        model, info = load_hf_model_sharded(
-            checkpoint_dir, mesh, device, linear_factory=lora_factory(lora), trainable=set_trainable_params,
-            loss_parallel=par.loss_parallel, sequence_parallel=par.sequence_parallel,
-            activation_checkpointing=apply_activation_checkpointing if loop.activation_checkpointing else None,
-            fsdp=fsdp_policy(s.fsdp, dtype),
-        )
+        ac = apply_activation_checkpointing if loop.activation_checkpointing else None
+        if pipe_settings.degree > 1:  # this rank's pipeline stages (sharded, filled) and the schedule
+            pipe = build_pipeline(pipe_settings, checkpoint_dir, mesh, pp_mesh, device, batch_size=s.data.batch_size,
+                                  packed=padding_free, linear_factory=lora_factory(lora),
+                                  trainable=set_trainable_params, fsdp=fsdp_policy(s.fsdp, dtype),
+                                  activation_checkpointing=ac)
+            model, info = pipe.model, pipe.info
+        else:
+            model, info = load_hf_model_sharded(
+                checkpoint_dir, mesh, device, linear_factory=lora_factory(lora), trainable=set_trainable_params,
+                loss_parallel=par.loss_parallel, sequence_parallel=par.sequence_parallel,
+                activation_checkpointing=ac, fsdp=fsdp_policy(s.fsdp, dtype),
+            )
         params = [p for p in model.parameters() if p.requires_grad]
         stray = [n for n, p in model.named_parameters() if p.requires_grad and ".lora_" not in n]
         if stray:
@@ -126,7 +156,8 @@ def recipe_main(cfg: DictConfig) -> dict:
             n_total = sum(p.numel() for p in model.parameters())
             print(f"model: {info.model_type} from {checkpoint_dir}; trainable {sum(p.numel() for p in params):,} of "
                   f"{n_total:,} parameters on {dist_info.world_size} processes "
-                  f"(dp_replicate={dims.dp_replicate}, dp_shard={dims.dp_shard}, tp={dims.tp})")
+                  f"(pp={pipe_settings.degree}, dp_replicate={dims.dp_replicate}, dp_shard={dims.dp_shard}, "
+                  f"tp={dims.tp})")
 
         # ---- 3. data: this rank's slice of every global batch ------------------------------------
         with rank_zero_first():  # rank 0 tokenises (token cache on disk), the others read it
@@ -150,6 +181,9 @@ def recipe_main(cfg: DictConfig) -> dict:
         # ---- 5. training loop ----------------------------------------------------------------------
         loss_sum = sft_loss_sum_vocab_parallel if par.loss_parallel else sft_loss_sum
         loss_ctx = loss_parallel if par.loss_parallel else contextlib.nullcontext
+        val_loss_sum = pipe.eval_loss_fn if pipe is not None else loss_sum  # PP: forward-only through the schedule
+        clip_fn = pipe.clip_grad_norm_ if pipe is not None else clip_grad_norm_  # PP: norm over every stage
+        loss_mesh = mesh.dp if pipe is None else None  # PP: only last stages hold losses, so sum over the world
         loggers = build_metric_loggers(loop.metric_loggers if rank0 else [], out_dir)  # rank 0 logs
         guard = NonFiniteGuard(loop.nan_policy)  # a NaN/Inf loss or grad norm stops the run (or skips the step)
         model.train()
@@ -162,16 +196,19 @@ def recipe_main(cfg: DictConfig) -> dict:
             # Label tokens of the whole global step: every rank divides by the same number.
             num_tokens = all_reduce_sum(count_label_tokens(micro_batches).to(device), mesh.dp).clamp(min=1).float()
             local_loss = torch.zeros((), device=device)
-            for i, mb in enumerate(micro_batches):
-                mb = to_device(drop_unlabeled_tail(mb) if padding_free else mb, device)
-                set_gradient_sync(model, i == accum - 1)  # reduce-scatter only after the last micro-batch
-                with loss_ctx():
-                    loss = loss_sum(model, mb) / num_tokens  # forward + loss
-                    (loss * dp_size).backward()  # FSDP averages gradients over dp ranks; scale so they add up
-                local_loss += loss.detach().full_tensor() if hasattr(loss, "full_tensor") else loss.detach()
-            step_loss = float(all_reduce_sum(local_loss, mesh.dp))  # global mean per label token
+            if pipe is not None:  # the schedule runs forward + backward of every pipeline micro-batch
+                local_loss = pipe.train_step(micro_batches, num_tokens, device, data.train_ds)
+            else:
+                for i, mb in enumerate(micro_batches):
+                    mb = to_device(drop_unlabeled_tail(mb) if padding_free else mb, device)
+                    set_gradient_sync(model, i == accum - 1)  # reduce-scatter only after the last micro-batch
+                    with loss_ctx():
+                        loss = loss_sum(model, mb) / num_tokens  # forward + loss
+                        (loss * dp_size).backward()  # FSDP averages gradients over dp ranks; scale so they add up
+                    local_loss += loss.detach().full_tensor() if hasattr(loss, "full_tensor") else loss.detach()
+            step_loss = float(all_reduce_sum(local_loss, loss_mesh))  # global mean per label token
             # loss and (global) grad norm are the same on every rank: the guard's verdict is too
-            grad_norm = optimizer_step(model, optimizer, lr_scheduler, loop.clip_grad_norm, clip_fn=clip_grad_norm_,
+            grad_norm = optimizer_step(model, optimizer, lr_scheduler, loop.clip_grad_norm, clip_fn=clip_fn,
                                        guard=guard, loss=step_loss, step=step + 1)
             step += 1
             dt = progress.tick()
@@ -181,7 +218,7 @@ def recipe_main(cfg: DictConfig) -> dict:
                 log_train_row(loggers, step, window.flush(lr, stream.epoch), device, grad_norm)
             if data.val_ds is not None and val_cfg.due(step, total_steps):
                 val = evaluate_loss_distributed(model, data.val_ds, data.collate, val_batch_size, mesh.dp, device,
-                                                loss_sum, val_cfg.max_batches, loss_ctx)
+                                                val_loss_sum, val_cfg.max_batches, loss_ctx)
                 loggers.log_dict(validation_row(val), step)
             if loop.checkpoint_due(step):
                 save_sharded_state(ckpt, step, model=model, optimizer=optimizer, lr_scheduler=lr_scheduler,
@@ -200,12 +237,12 @@ def recipe_main(cfg: DictConfig) -> dict:
                    "data": data_summary(data.train_ds)}
         if data.val_ds is not None:
             val = validation_row(evaluate_loss_distributed(model, data.val_ds, data.collate, val_batch_size, mesh.dp,
-                                                           device, loss_sum, val_cfg.max_batches, loss_ctx))
+                                                           device, val_loss_sum, val_cfg.max_batches, loss_ctx))
             loggers.log_dict(val, step)
             summary.update(val)
         loggers.close()
         if s.save_adapter or s.save_merged:
-            full = gather_full_state_dict(model)  # collective: every rank takes part
+            full = gather_full_state_dict(model) if pipe is None else pipe.gather_full_state_dict()  # collective
             if rank0 and s.save_adapter:
                 adapter = {k: v for k, v in full.items() if ".lora_" in k}
                 summary["adapter_dir"] = save_peft_adapter(adapter, info, os.path.join(out_dir, "adapter"), lora,

@@ -88,8 +88,8 @@ def test_unknown_plus_key_override_is_an_error(recipe, tmp_path, capsys):
 def test_unknown_nested_key_is_an_error(tmp_path, capsys):
     cfg = _shipped("lora_finetune_distributed", tmp_path)
     path = _write(tmp_path, "lora_finetune_distributed", cfg)
-    err = _run_expect_config_error("lora_finetune_distributed", path, capsys, "+parallelism.pipeline_parallel=2")
-    assert "parallelism.pipeline_parallel: unknown key" in err
+    err = _run_expect_config_error("lora_finetune_distributed", path, capsys, "+parallelism.context_parallel=2")
+    assert "parallelism.context_parallel: unknown key" in err
     err = _run_expect_config_error("lora_finetune_distributed", path, capsys, "+model.lora_rnak=4")
     assert "model.lora_rnak: unknown key" in err and "'lora_rank'" in err
 
@@ -109,6 +109,22 @@ def test_unknown_nested_key_is_an_error(tmp_path, capsys):
 def test_wrong_types_and_ranges_are_refused_before_the_model_loads(recipe, override, words, tmp_path, capsys):
     path = _write(tmp_path, recipe, _shipped(recipe, tmp_path))
     err = _run_expect_config_error(recipe, path, capsys, override)
+    assert words in err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("overrides, words", [
+    (["+parallelism.pipeline_schedule=zigzag"], "parallelism.pipeline_schedule: 'zigzag' is not one of"),
+    (["+parallelism.pipeline_parallel=0"], "parallelism.pipeline_parallel: 0 is out of range: must be >= 1"),
+    (["+parallelism.pipeline_parallel=2", "+parallelism.microbatches=0"], "parallelism.microbatches: 0 is out of range"),
+    (["+parallelism.pipeline_parallel=2", "+parallelism.layers_per_stage=two"], "parallelism.layers_per_stage: expected"),
+    (["+parallelism.microbatches=4"], "only apply with parallelism.pipeline_parallel > 1"),
+    (["+parallelism.pipeline_schedule=gpipe"], "only apply with parallelism.pipeline_parallel > 1"),
+])
+@pytest.mark.parametrize("recipe", ["full_finetune_distributed", "lora_finetune_distributed"])
+def test_pipeline_keys_are_checked_by_the_settings_layer(recipe, overrides, words, tmp_path, capsys):
+    path = _write(tmp_path, recipe, _shipped(recipe, tmp_path))
+    err = _run_expect_config_error(recipe, path, capsys, *overrides)
     assert words in err
     assert not (tmp_path / "out").exists()
 

@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from tinytune.checkpoint.dcp_safe import safe_dcp_load
 from tinytune.checkpoint.integrity import check_digests, check_sizes, directory_manifest, read_marker
@@ -44,6 +44,9 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["DistributedCheckpointer"]
 
+# Optimizer state keyed by parameter name, param groups included: ranks holding different parameters
+# (pipeline stages) then write disjoint keys instead of competing for one ``param_groups`` entry.
+_OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 COMPLETE_MARKER = "COMPLETE"
 TRAINER_STATE = "trainer_state.json"
@@ -217,7 +220,8 @@ class DistributedCheckpointer:
         state = self._state_dicts(model, optimizer)
         safe_dcp_load(state, path)  # no unpickling of code (dcp.load would unpickle .metadata as is)
         if optimizer is not None:
-            set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+            set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                           options=_OPTIONS)
         else:
             set_state_dict(model, [], model_state_dict=state["model"], optim_state_dict={})
         rng_file = path / f"rng_rank{_rank()}.pt"
@@ -237,7 +241,7 @@ class DistributedCheckpointer:
         if optimizer is None:
             model_sd, _ = get_state_dict(model, [])
             return {"model": model_sd}
-        model_sd, optim_sd = get_state_dict(model, optimizer)
+        model_sd, optim_sd = get_state_dict(model, optimizer, options=_OPTIONS)
         return {"model": model_sd, "optim": optim_sd}
 
     def _prune(self) -> None:

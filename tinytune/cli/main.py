@@ -18,7 +18,7 @@ from tinytune.config._errors import ConfigError
 from tinytune.errors import TinytuneError, show_traceback, user_error_message
 
 # Order shown in `tune --help`. Modules that are not written yet are skipped.
-SUBCOMMANDS = ("ls", "cp", "cat", "validate", "run", "download", "convert", "prepare_data")
+SUBCOMMANDS = ("ls", "cp", "cat", "validate", "run", "download", "convert", "prepare_data", "plan")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -36,6 +36,16 @@ MIX_KEYS = ("weight", "epochs")
 #: as tinytune.training.optim.OPTIMIZERS + PAGED_ALIASES (tested equal)
 OPTIMIZER_NAMES = ("adamw", "adamw8bit", "adamw4bit", "adamw_offload", "adamw8bit_offload", "sgd", "paged_adamw",
                    "paged_adamw_32bit", "paged_adamw_8bit")
+PIPELINE_SCHEDULES = ("1f1b", "gpipe", "interleaved_1f1b", "looped_bfs")  # torch.distributed.pipelining schedules
+
+
+def pipeline_keys_problem(degree: int, schedule: str, microbatches: int | None, layers_per_stage: int | None,
+                          seq_len: int | None) -> str | None:
+    """The cross-key rule of the pipeline keys: they only apply with ``pipeline_parallel > 1``."""
+    if degree == 1 and (microbatches or layers_per_stage or seq_len or schedule != "1f1b"):
+        return ("parallelism.microbatches / layers_per_stage / pipeline_seq_len / pipeline_schedule only apply with "
+                "parallelism.pipeline_parallel > 1; remove them or set pipeline_parallel.")
+    return None
 
 
 def _loggers(value: Any) -> str | None:
@@ -339,6 +349,21 @@ class ParallelismSettings(Settings):
     tensor_parallel: int = setting(1, "tensor-parallel degree", ge=1)
     loss_parallel: bool = setting(False, "keep logits vocab-sharded across TP ranks in the loss")
     sequence_parallel: bool = setting(False, "shard norms/activations along the sequence in TP regions")
+    pipeline_parallel: int = setting(1, "pipeline-parallel degree: stages of layers over ranks (1: off)", ge=1)
+    pipeline_schedule: str = setting("1f1b", "pipeline schedule (interleaved_1f1b / looped_bfs: 2 stages per rank)",
+                                     choices=PIPELINE_SCHEDULES)
+    microbatches: int | None = setting(None, "pipeline micro-batches per loader batch; must divide batch_size "
+                                       "(null: pipeline_parallel)", ge=1)
+    layers_per_stage: int | None = setting(None, "layers per pipeline stage (null: balance parameters, embedding "
+                                           "and head counted)", ge=1)
+    pipeline_seq_len: int | None = setting(None, "tokens every pipeline micro-batch is padded/packed to (null: "
+                                           "longest training sample x rows per micro-batch, rounded up to 8)", ge=1)
+
+    def __post_init__(self) -> None:
+        problem = pipeline_keys_problem(self.pipeline_parallel, self.pipeline_schedule, self.microbatches,
+                                        self.layers_per_stage, self.pipeline_seq_len)
+        if problem:
+            raise ValueError(problem)
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
@@ -48,6 +49,15 @@ def config_fingerprint(cfg: DictConfig, model: nn.Module, dataset: Any, info: An
         model: the model being trained (trainable parameters set).
         dataset: the training dataset.
         info: the base checkpoint's :class:`~tinytune.checkpoint.ModelInfo` (its ``hf_config``).
+
+    Under ``torch.distributed`` this is a collective (every rank calls it).
     """
-    return run_fingerprint(model=model, base_model_config=getattr(info, "hf_config", None), dataset=dataset,
-                           settings=trajectory_settings(cfg))
+    fp = run_fingerprint(model=model, base_model_config=getattr(info, "hf_config", None), dataset=dataset,
+                         settings=trajectory_settings(cfg))
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        # collective: pipeline stages hold different layers, so the run's trained parameters are the
+        # union over the ranks (FSDP / TP ranks name the same parameters with their global shapes)
+        layouts: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(layouts, fp["trainable"])
+        fp["trainable"] = {k: v for layout in layouts for k, v in sorted(layout.items())}
+    return fp
