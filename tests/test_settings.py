@@ -15,6 +15,7 @@ from tinytune.cli.main import main as tune_main
 from tinytune.config import ConfigError, load_config
 from tinytune.config.recipe_settings import (
     RECIPE_SETTINGS,
+    DPOSettings,
     LoRAFinetuneDistributedSettings,
     LoRAFinetuneSettings,
     LoRASettings,
@@ -166,6 +167,27 @@ def test_component_fields_are_checked_against_the_signature():
     text = "\n".join(str(p) for p in problems)
     assert "max_seq_lenn" in text and "max_seq_len" in text
     assert "model.lora_rank: expected int" in text
+
+
+@pytest.mark.parametrize("keys, message", [
+    ({"loss": "ipo", "label_smoothing": 0.1}, "label_smoothing: not used by loss=ipo"),
+    ({"loss": "hinge", "label_smoothing": 0.1}, "label_smoothing: not used by loss=hinge"),
+    ({"loss": "robust", "label_smoothing": 0.5}, "label_smoothing: must be < 0.5 for loss=robust"),
+    ({"loss": "sigmoid", "gamma": 0.5}, "gamma: only loss=simpo uses it"),
+    ({"loss": "orpo", "gamma": 0.5}, "gamma: only loss=simpo uses it"),
+])
+def test_dpo_keys_the_chosen_loss_does_not_read_are_refused(keys, message):
+    _, problems = DPOSettings.read({"output_dir": "x", "dataset": {"_component_": "tinytune.datasets.chat_dataset"},
+                                    **keys})
+    assert message in "\n".join(str(p) for p in problems)
+
+
+@pytest.mark.parametrize("keys", [{"loss": "sigmoid", "label_smoothing": 0.2}, {"loss": "robust", "label_smoothing": 0.4},
+                                  {"loss": "simpo", "gamma": 0.5, "label_smoothing": 0.1}, {"loss": "ipo"}])
+def test_dpo_keys_the_chosen_loss_reads_are_accepted(keys):
+    _, problems = DPOSettings.read({"output_dir": "x", "dataset": {"_component_": "tinytune.datasets.chat_dataset"},
+                                    **keys})
+    assert not problems, problems
 
 
 # ---- one LoRA definition ---------------------------------------------------------------------------

@@ -419,6 +419,16 @@ class DPOSettings(TrainSettings):
                                      ge=0, le=0.99)
     gamma: float = setting(0.0, "SimPO target reward margin (simpo only)", ge=0)
 
+    def __post_init__(self) -> None:
+        # the rules across keys of tinytune.training.preference_losses.PreferenceLoss, so that
+        # `tune validate` refuses what the recipe would refuse (a key the chosen loss does not read)
+        if self.label_smoothing and self.loss not in ("sigmoid", "robust", "simpo"):
+            raise ValueError(f"label_smoothing: not used by loss={self.loss}; remove it or set it to 0")
+        if self.loss == "robust" and self.label_smoothing >= 0.5:
+            raise ValueError(f"label_smoothing: must be < 0.5 for loss=robust (got {self.label_smoothing})")
+        if self.gamma and self.loss != "simpo":
+            raise ValueError(f"gamma: only loss=simpo uses it (loss={self.loss}); remove it")
+
 
 @dataclass(frozen=True)
 class KTOSettings(TrainSettings):
