@@ -24,6 +24,8 @@ from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.planner import ReadItem
 
+from tinytune.errors import ResumeError
+
 # What DCP's own .metadata pickle references (torch 2.6-2.13): its dataclasses, torch.Size,
 # dtypes, the layout helper and paths. Anything else is refused.
 _METADATA_CLASSES = {
@@ -39,7 +41,7 @@ _METADATA_CLASSES = {
 _MODULES = {"torch.distributed.checkpoint.metadata": _dcp_meta, "torch.distributed.checkpoint.filesystem": _dcp_fs}
 
 
-class UnsafeCheckpointError(RuntimeError):
+class UnsafeCheckpointError(ResumeError):
     """A checkpoint file references code or classes that a checkpoint never needs."""
 
 
