@@ -34,7 +34,6 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _flops import gemm_peak_flops, step_flops  # noqa: E402
 from _common import (  # noqa: E402
     current_rss_mib,
     emit_result,
@@ -47,6 +46,7 @@ from _common import (  # noqa: E402
     run_worker,
     seq_lens_tensor,
 )
+from _flops import gemm_peak_flops, step_flops  # noqa: E402
 
 FRAMEWORKS = ("tinytune", "hf", "torchtune")
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

@@ -23,10 +23,12 @@ from tinytune.config import ConfigError
 from tinytune.config.recipe_settings import FullFinetuneSettings
 from tinytune.datasets import data_summary
 from tinytune.training import (
+    EarlyStopping,
     LogWindow,
     NonFiniteGuard,
     SampleGenerations,
     TrainProgress,
+    activate_neftune,
     apply_activation_checkpointing,
     build_metric_loggers,
     build_optimizer_and_scheduler,
@@ -34,8 +36,6 @@ from tinytune.training import (
     count_label_tokens,
     current_lr,
     drop_unlabeled_tail,
-    EarlyStopping,
-    activate_neftune,
     evaluate_loss,
     export_gguf,
     load_model_and_tokenizer,

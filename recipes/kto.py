@@ -23,7 +23,12 @@ from tinytune.checkpoint import save_hf_checkpoint, save_peft_adapter
 from tinytune.config import ConfigError
 from tinytune.config.recipe_settings import KTOSettings
 from tinytune.datasets import data_summary
-from tinytune.modules.peft import get_adapter_params, get_adapter_state_dict, get_merged_state_dict, set_trainable_params
+from tinytune.modules.peft import (
+    get_adapter_params,
+    get_adapter_state_dict,
+    get_merged_state_dict,
+    set_trainable_params,
+)
 from tinytune.training import (
     NonFiniteGuard,
     TrainProgress,
@@ -51,6 +56,7 @@ from tinytune.training import (
     validation_batches,
     write_summary,
 )
+
 
 def recipe_main(cfg: DictConfig) -> dict:
     """KTO training; returns a summary dict."""

@@ -25,10 +25,12 @@ from tinytune.config.recipe_settings import LoRAFinetuneSettings
 from tinytune.datasets import data_summary
 from tinytune.modules.peft import disable_adapters, get_adapter_state_dict, get_merged_state_dict, set_trainable_params
 from tinytune.training import (
+    EarlyStopping,
     LogWindow,
     NonFiniteGuard,
     SampleGenerations,
     TrainProgress,
+    activate_neftune,
     apply_activation_checkpointing,
     build_metric_loggers,
     build_optimizer_and_scheduler,
@@ -36,8 +38,6 @@ from tinytune.training import (
     count_label_tokens,
     current_lr,
     drop_unlabeled_tail,
-    EarlyStopping,
-    activate_neftune,
     evaluate_loss,
     export_gguf,
     load_model_and_tokenizer,

@@ -50,6 +50,7 @@ from tinytune.training import (
     write_summary,
 )
 
+
 def recipe_main(cfg: DictConfig) -> dict:
     """Reward-model training; returns a summary dict."""
     t_start = time.perf_counter()

@@ -8,8 +8,8 @@ import json
 import logging
 
 import pytest
-
 from test_datasets_helpers import chatml_test_tokenizer, llama3_test_tokenizer
+
 from tinytune.datasets import IGNORE_INDEX, DatasetError, TemplateError, preference_dataset, sft_dataset
 from tinytune.datasets.encoding import SampleEncoder, answer_budget
 from tinytune.datasets.styles import ChatSample, PreferenceSample, row_to_sample

@@ -12,8 +12,8 @@ import zlib
 from functools import lru_cache
 
 import pytest
-
 from test_datasets_helpers import HFTestTokenizer, chatml_test_tokenizer, llama3_tokenizer_json
+
 from tinytune.datasets import IGNORE_INDEX, sft_dataset
 from tinytune.datasets.encoding import SampleEncoder
 from tinytune.datasets.styles import ChatSample

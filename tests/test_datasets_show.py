@@ -8,6 +8,7 @@ import re
 import shutil
 
 from test_datasets_helpers import chatml_test_tokenizer, llama3_test_tokenizer, llama3_tokenizer_json
+
 from tinytune.datasets import IGNORE_INDEX, dataset_stats, preference_dataset, sft_dataset, show_dataset
 from tinytune.datasets.show import GREEN, format_sample
 

@@ -187,6 +187,7 @@ def test_kto_dataset_masks_match_sft_encoding_and_bad_rows(tiny, tmp_path, caplo
 def test_kto_recipe_first_step_and_validation(tiny, tmp_path, monkeypatch):
     import yaml
     from _recipe_fixtures import QA
+
     from tinytune.cli.main import main as tune_main
     from tinytune.tokenizers import load_tokenizer
     root, ckpt = tiny

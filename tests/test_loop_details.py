@@ -8,11 +8,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from tinytune.config.recipe_settings import ValidationSettings
 from tinytune.generation import generate
 from tinytune.models.smollm2 import smollm2_tiny
 from tinytune.training.evaluation import evaluate_loss
 from tinytune.training.lr_schedulers import get_lr_scheduler, resolve_warmup_steps
-from tinytune.config.recipe_settings import ValidationSettings
 from tinytune.training.steps import optimizer_step
 
 

@@ -11,7 +11,13 @@ from _ckpt_helpers import hf_logits, our_logits, tiny_hf_model, tokens
 
 from tinytune.checkpoint import load_hf_model, load_peft_adapter, save_hf_checkpoint, save_peft_adapter
 from tinytune.config.recipe_settings import LoRASettings
-from tinytune.modules.peft import LoRALinear, disable_adapters, get_adapter_params, get_merged_state_dict, lora_linear_factory
+from tinytune.modules.peft import (
+    LoRALinear,
+    disable_adapters,
+    get_adapter_params,
+    get_merged_state_dict,
+    lora_linear_factory,
+)
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")

@@ -9,9 +9,9 @@ import functools
 import os
 
 import pytest
-
 from template_corpus import corpus, reference_encoding
 from test_datasets_helpers import _extended_tokenizer_json, tinytune_test_tokenizer
+
 from tinytune.datasets.encoding import SampleEncoder
 from tinytune.datasets.styles import ChatSample
 from tinytune.datasets.templates import TemplateError, get_template

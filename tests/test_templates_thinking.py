@@ -5,19 +5,19 @@ from __future__ import annotations
 
 import pytest
 import yaml
-from omegaconf import OmegaConf
-
 from _recipe_fixtures import make_tiny_checkpoint
+from omegaconf import OmegaConf
 from template_corpus import render
 from test_datasets_helpers import tinytune_test_tokenizer
 from test_templates_fidelity import jinja, reference_tokenizer
+
 from tinytune.cli.main import main as tune_main
 from tinytune.config import ConfigError
+from tinytune.config.recipe_settings import LoRAFinetuneSettings
 from tinytune.datasets import sft_dataset
 from tinytune.datasets.encoding import SampleEncoder
 from tinytune.datasets.styles import ChatSample
 from tinytune.datasets.templates import TemplateError, get_template
-from tinytune.config.recipe_settings import LoRAFinetuneSettings
 from tinytune.training.prompting import encode_chat_prompt
 
 BAD = ["false", "0", "no", "true", 0, 1, "null"]

@@ -10,10 +10,10 @@ import os
 import random
 
 import pytest
-
 from template_corpus import reference_encoding
 from test_datasets_helpers import tinytune_test_tokenizer
 from test_templates_fidelity import encode, jinja, reference_tokenizer
+
 from tinytune.datasets import sft_dataset
 from tinytune.datasets.styles import ChatSample
 from tinytune.datasets.templates import TemplateError, get_template

@@ -14,7 +14,6 @@ from tinytune.datasets.kto import KTODataset, kto_collate, kto_dataset
 from tinytune.datasets.packing import PackedDataset, pack_bins
 from tinytune.datasets.readers import iter_rows
 from tinytune.datasets.sampler import GroupByLengthSampler
-from tinytune.datasets.show import data_summary, dataset_stats, show_dataset
 from tinytune.datasets.sft import (
     PreferenceDataset,
     TokenizedDataset,
@@ -23,6 +22,7 @@ from tinytune.datasets.sft import (
     sft_dataset,
     text_dataset,
 )
+from tinytune.datasets.show import data_summary, dataset_stats, show_dataset
 from tinytune.datasets.templates import TemplateError, get_template
 
 __all__ = [

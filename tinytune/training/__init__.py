@@ -40,8 +40,8 @@ from tinytune.training.metric_logging import (
     validation_row,
     write_summary,
 )
-from tinytune.training.optim import build_optimizer, param_groups
 from tinytune.training.neftune import activate_neftune
+from tinytune.training.optim import build_optimizer, param_groups
 from tinytune.training.padding_free import drop_unlabeled_tail
 from tinytune.training.plotting import plot_loss
 from tinytune.training.preference_losses import PreferenceLoss
