@@ -46,7 +46,7 @@ def run_worker(python: str, script: str, spec: dict, timeout: float | None = Non
         return {"error": f"timed out after {timeout:.0f}s"}
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith(RESULT_PREFIX):
-            return json.loads(line[len(RESULT_PREFIX):])
+            return json.loads(line[len(RESULT_PREFIX) :])
     tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-6:])
     return {"error": f"exit {proc.returncode}: {tail}"}
 
@@ -150,12 +150,12 @@ def make_batch(bs: int, seq: int, vocab: int, packed: bool, seed: int = 0, promp
             lens = [n] + ([seq - n] if n < seq else [])
         start = 0
         for i, n in enumerate(lens):
-            input_pos[r, start:start + n] = torch.arange(n)
+            input_pos[r, start : start + n] = torch.arange(n)
             is_pad = not packed and i == 1
             if not is_pad:
                 # pre-shifted: position j predicts token j + 1 of the same document
                 lo = start + min(prompt_len, n - 1)
-                labels[r, lo:start + n - 1] = tokens[r, lo + 1:start + n]
+                labels[r, lo : start + n - 1] = tokens[r, lo + 1 : start + n]
             start += n
         seq_lens.append(lens)
     return Batch(tokens=tokens, labels=labels, input_pos=input_pos, seq_lens=seq_lens, packed=packed)

@@ -21,8 +21,9 @@ from __future__ import annotations
 import time
 
 
-def step_flops(shape: dict, seq_lens: list[int], label_tokens: int, mode: str, rank: int,
-               lora_targets: list[str]) -> dict:
+def step_flops(
+    shape: dict, seq_lens: list[int], label_tokens: int, mode: str, rank: int, lora_targets: list[str]
+) -> dict:
     """FLOPs of forward + backward for one micro-batch.
 
     Args:
@@ -39,8 +40,13 @@ def step_flops(shape: dict, seq_lens: list[int], label_tokens: int, mode: str, r
     d, hd, h, kv, f = shape["dim"], shape["head_dim"], shape["num_heads"], shape["num_kv_heads"], shape["hidden_dim"]
     tokens = sum(seq_lens)
     projections = {
-        "q_proj": (d, h * hd), "k_proj": (d, kv * hd), "v_proj": (d, kv * hd), "o_proj": (h * hd, d),
-        "gate_proj": (d, f), "up_proj": (d, f), "down_proj": (f, d),
+        "q_proj": (d, h * hd),
+        "k_proj": (d, kv * hd),
+        "v_proj": (d, kv * hd),
+        "o_proj": (h * hd, d),
+        "gate_proj": (d, f),
+        "up_proj": (d, f),
+        "down_proj": (f, d),
     }
     full = mode == "full"
     linear = 0

@@ -23,8 +23,10 @@ import shutil
 import tempfile
 import time
 
-WORDS = ("the model data token train answer question list number colour city river write explain short "
-         "python code function value simple example reason because first second then finally").split()
+WORDS = (
+    "the model data token train answer question list number colour city river write explain short "
+    "python code function value simple example reason because first second then finally"
+).split()
 
 
 def make_alpaca(path: str, n: int, seed: int = 0) -> None:
@@ -33,8 +35,11 @@ def make_alpaca(path: str, n: int, seed: int = 0) -> None:
     sentence = lambda k: " ".join(rng.choice(WORDS) for _ in range(k)).capitalize() + "."  # noqa: E731
     with open(path, "w", encoding="utf-8") as f:
         for i in range(n):
-            row = {"instruction": sentence(rng.randint(5, 25)), "input": sentence(rng.randint(0, 20)) if i % 3 else "",
-                   "output": " ".join(sentence(rng.randint(5, 20)) for _ in range(rng.randint(1, 4)))}
+            row = {
+                "instruction": sentence(rng.randint(5, 25)),
+                "input": sentence(rng.randint(0, 20)) if i % 3 else "",
+                "output": " ".join(sentence(rng.randint(5, 20)) for _ in range(rng.randint(1, 4))),
+            }
             f.write(json.dumps(row) + "\n")
 
 
@@ -75,15 +80,21 @@ def main() -> None:
             hit = time.perf_counter() - t1
             assert again.cache_hit and len(again) == len(ds)
             rows.append((w, len(ds), ds.meta["tokens"], dt, hit, cpu, kids))
-        print(f"\nPreprocessing {args.samples} Alpaca samples, template {args.template}, tokenizer {os.path.basename(path)}"
-              f" ({os.cpu_count()} CPUs)\n")
-        print("| workers | samples | tokens | seconds | samples/s | tokens/s | speed-up | cache hit (s) "
-              "| CPU s main | CPU s workers | samples/CPU-s |")
+        print(
+            f"\nPreprocessing {args.samples} Alpaca samples, template {args.template}, tokenizer {os.path.basename(path)}"
+            f" ({os.cpu_count()} CPUs)\n"
+        )
+        print(
+            "| workers | samples | tokens | seconds | samples/s | tokens/s | speed-up | cache hit (s) "
+            "| CPU s main | CPU s workers | samples/CPU-s |"
+        )
         print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         base = rows[0][3]
         for w, n, ntok, dt, hit, cpu, kids in rows:
-            print(f"| {w} | {n} | {ntok} | {dt:.2f} | {n / dt:,.0f} | {ntok / dt:,.0f} | {base / dt:.2f}x | {hit:.3f} "
-                  f"| {cpu:.1f} | {kids:.1f} | {n / max(cpu + kids, 1e-9):,.0f} |")
+            print(
+                f"| {w} | {n} | {ntok} | {dt:.2f} | {n / dt:,.0f} | {ntok / dt:,.0f} | {base / dt:.2f}x | {hit:.3f} "
+                f"| {cpu:.1f} | {kids:.1f} | {n / max(cpu + kids, 1e-9):,.0f} |"
+            )
         print(f"\nload average at the end: {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -44,8 +44,10 @@ IGNORE = -100
 def _llama3_strings(row: dict) -> tuple[str, str]:
     """Prompt and response text of one Alpaca row in the Llama 3 chat format."""
     user = row["instruction"] + ("\n" + row["input"] if row.get("input") else "")  # as tinytune's alpaca style
-    prompt = (f"<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n{user}<|eot_id|>"
-              "<|start_header_id|>assistant<|end_header_id|>\n\n")
+    prompt = (
+        f"<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n{user}<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\n"
+    )
     return prompt, row["output"] + "<|eot_id|>"
 
 
@@ -70,7 +72,7 @@ def run_hf(tok, data: str, batch: bool, keep: list | None = None) -> tuple[int, 
     for p, r in zip(p_ids, r_ids):
         tokens = p + r
         labels = [IGNORE] * (len(p) - 1) + r + [IGNORE]  # pre-shifted: position i predicts token i + 1
-        samples.append((tokens, labels[:len(tokens)]))
+        samples.append((tokens, labels[: len(tokens)]))
     if keep is not None:
         keep.extend(samples)
     return len(samples), sum(len(t) for t, _ in samples)
@@ -131,9 +133,11 @@ def main(argv: list[str] | None = None) -> int:
         load["hf loop"] = load["hf batch"] = time.perf_counter() - t0
         kept_ds: list = []
         kept_hf: list = []
-        cases = [("tinytune", lambda: run_tinytune(tt_tok, data, os.path.join(work, "cache"), kept_ds)),
-                 ("hf loop", lambda: run_hf(hf_tok, data, batch=False, keep=kept_hf)),
-                 ("hf batch", lambda: run_hf(hf_tok, data, batch=True))]
+        cases = [
+            ("tinytune", lambda: run_tinytune(tt_tok, data, os.path.join(work, "cache"), kept_ds)),
+            ("hf loop", lambda: run_hf(hf_tok, data, batch=False, keep=kept_hf)),
+            ("hf batch", lambda: run_hf(hf_tok, data, batch=True)),
+        ]
         results = {}
         for name, fn in cases:
             c0, t0 = time.process_time(), time.perf_counter()
@@ -142,11 +146,32 @@ def main(argv: list[str] | None = None) -> int:
         print(f"# bench_data_vs_hf: {machine_line()}")
         print(f"# {n} generated Alpaca rows -> tokens/labels, Llama 3 format, tokenizer {path}")
         ours_cpu = results["tinytune"][3]
-        rows = [[name, str(s), str(t), fmt(load[name], ".2f"), fmt(w, ".2f"), fmt(c, ".2f"), fmt(s / c, ",.0f"),
-                 "-" if name == "tinytune" else f"{c / ours_cpu:.2f}x"]
-                for name, (s, t, w, c) in results.items()]
-        print_table(["pipeline", "samples", "tokens", "tokenizer load s", "wall s", "CPU s", "samples/CPU-s",
-                     "CPU theirs/ours"], rows)
+        rows = [
+            [
+                name,
+                str(s),
+                str(t),
+                fmt(load[name], ".2f"),
+                fmt(w, ".2f"),
+                fmt(c, ".2f"),
+                fmt(s / c, ",.0f"),
+                "-" if name == "tinytune" else f"{c / ours_cpu:.2f}x",
+            ]
+            for name, (s, t, w, c) in results.items()
+        ]
+        print_table(
+            [
+                "pipeline",
+                "samples",
+                "tokens",
+                "tokenizer load s",
+                "wall s",
+                "CPU s",
+                "samples/CPU-s",
+                "CPU theirs/ours",
+            ],
+            rows,
+        )
         same = same_ids(kept_ds[0], kept_hf)
         print(f"# tinytune tokens and labels identical to the HF loop's: {same}")
         if not same:

@@ -47,10 +47,11 @@ def _hf(model, prompts: list[list[int]], new_tokens: int, cache: str) -> list[li
     ids = torch.zeros(len(prompts), width, dtype=torch.long)  # [b, L] left-padded
     attn = torch.zeros(len(prompts), width, dtype=torch.long)  # [b, L]
     for i, p in enumerate(prompts):
-        ids[i, width - len(p):] = torch.tensor(p)
-        attn[i, width - len(p):] = 1
-    kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
-                  eos_token_id=None)
+        ids[i, width - len(p) :] = torch.tensor(p)
+        attn[i, width - len(p) :] = 1
+    kwargs = dict(
+        max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0, eos_token_id=None
+    )
     if cache != "dynamic":
         kwargs["cache_implementation"] = cache
     out = model.generate(input_ids=ids, attention_mask=attn, **kwargs)  # [b, L + new]
@@ -97,19 +98,31 @@ def main(argv: list[str] | None = None) -> int:
             for _ in range(args.rounds):
                 for name in ("tinytune", "hf"):
                     t0 = time.perf_counter()
-                    outs[name] = (_ours(ours, prompts, args.new_tokens) if name == "tinytune"
-                                  else _hf(hf, prompts, args.new_tokens, args.hf_cache))
+                    outs[name] = (
+                        _ours(ours, prompts, args.new_tokens)
+                        if name == "tinytune"
+                        else _hf(hf, prompts, args.new_tokens, args.hf_cache)
+                    )
                     times[name].append(time.perf_counter() - t0)
         agree = sum(a == b for ra, rb in zip(outs["tinytune"], outs["hf"]) for a, b in zip(ra, rb))
         total = bs * args.new_tokens
         assert all(len(r) == args.new_tokens for r in outs["tinytune"] + outs["hf"]), "a side stopped early"
         tps = {k: total / median(v) for k, v in times.items()}
-        rows.append([str(bs), fmt(tps["tinytune"]), fmt(tps["hf"]), fmt(tps["tinytune"] / tps["hf"], ".2f") + "x",
-                     f"{agree}/{total}"])
+        rows.append(
+            [
+                str(bs),
+                fmt(tps["tinytune"]),
+                fmt(tps["hf"]),
+                fmt(tps["tinytune"] / tps["hf"], ".2f") + "x",
+                f"{agree}/{total}",
+            ]
+        )
 
     print(machine_line())
-    print(f"weights: {what}; fp32; greedy, {args.new_tokens} new tokens, prompts {lo}-{hi} tokens (left-padded); "
-          f"HF cache: {args.hf_cache}; {args.rounds} rounds, median; torch threads {torch.get_num_threads()}")
+    print(
+        f"weights: {what}; fp32; greedy, {args.new_tokens} new tokens, prompts {lo}-{hi} tokens (left-padded); "
+        f"HF cache: {args.hf_cache}; {args.rounds} rounds, median; torch threads {torch.get_num_threads()}"
+    )
     print_table(["batch", "tinytune tok/s", "HF tok/s", "speed vs HF", "same tokens"], rows)
     return 0
 

@@ -57,6 +57,7 @@ def worker_main(spec: dict) -> None:
         def loss_fn(h_, w_, y_):
             return linear_cross_entropy(h_, w_, y_, reduction="mean")
     elif spec["method"] == "plain":
+
         def loss_fn(h_, w_, y_):
             return F.cross_entropy(F.linear(h_, w_).float(), y_, ignore_index=-100)
     else:
@@ -95,8 +96,14 @@ def worker_main(spec: dict) -> None:
         peak = (torch.cuda.max_memory_allocated() - before) / 2**20
     else:
         peak = peak_rss_mib() - rss_before
-    emit_result({"peak_mib": peak, "time_s": elapsed, "loss": float(loss),
-                 "grad_ok": bool(h.grad is not None and w.grad is not None)})
+    emit_result(
+        {
+            "peak_mib": peak,
+            "time_s": elapsed,
+            "loss": float(loss),
+            "grad_ok": bool(h.grad is not None and w.grad is not None),
+        }
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -149,8 +156,17 @@ def main(argv: list[str] | None = None) -> int:
             ratio = "-"
             if m != "tinytune" and "tinytune" in res and r["peak_mib"] > 0:
                 ratio = f"{res['tinytune']['peak_mib'] / r['peak_mib']:.2f}x"
-            rows.append([f"{vocab} (d={dim})", m, fmt(r["peak_mib"], ".0f"), ratio, fmt(r["time_s"], ".3f"),
-                         fmt(r["loss"], ".4f"), fmt(logits_mib, ".0f")])
+            rows.append(
+                [
+                    f"{vocab} (d={dim})",
+                    m,
+                    fmt(r["peak_mib"], ".0f"),
+                    ratio,
+                    fmt(r["time_s"], ".3f"),
+                    fmt(r["loss"], ".4f"),
+                    fmt(logits_mib, ".0f"),
+                ]
+            )
     print()
     print_table(["vocab", "method", "peak MiB", "ours/theirs", "time s", "loss", "fp32 logits MiB"], rows)
     for n in notes:

@@ -35,10 +35,24 @@ LAYOUTS = {  # name: (processes, pp, dp_shard, tp)
     "pp2 x fsdp2": (4, 2, 2, 1),
     "pp2 x tp2": (4, 2, 1, 2),
 }
-MODEL = {"vocab_size": 32000, "hidden_size": 512, "intermediate_size": 1536, "num_hidden_layers": 4,
-         "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 64}
-SMOKE_MODEL = {"vocab_size": 2048, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-               "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16}
+MODEL = {
+    "vocab_size": 32000,
+    "hidden_size": 512,
+    "intermediate_size": 1536,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 4,
+    "head_dim": 64,
+}
+SMOKE_MODEL = {
+    "vocab_size": 2048,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 16,
+}
 SEQ = 1024  # tokens per packed micro-batch (4 samples of 200-250 tokens)
 ROWS = 4  # samples per micro-batch
 ROW_LEN = 256  # with TP micro-batches stay padded rows: 4 x 256 tokens
@@ -72,8 +86,16 @@ def write_checkpoint(out_dir: str, sizes: dict) -> str:
     from tinytune.checkpoint.model_info import model_info_from_hf_config
 
     make_tokenizer_files(out_dir, vocab_size=320)
-    cfg = {"model_type": "qwen3", "architectures": ["Qwen3ForCausalLM"], "max_position_embeddings": 4096,
-           "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "tie_word_embeddings": False, "torch_dtype": "float32", **sizes}
+    cfg = {
+        "model_type": "qwen3",
+        "architectures": ["Qwen3ForCausalLM"],
+        "max_position_embeddings": 4096,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 10000.0,
+        "tie_word_embeddings": False,
+        "torch_dtype": "float32",
+        **sizes,
+    }
     info = model_info_from_hf_config(cfg)
     torch.manual_seed(0)
     model = build_model(info)
@@ -86,12 +108,27 @@ def write_checkpoint(out_dir: str, sizes: dict) -> str:
 
 def recipe_cfg(out: str, ckpt: str, pp: int, dp: int, tp: int, vocab: int, smoke: bool) -> dict:
     cfg = {
-        "output_dir": out, "seed": 0, "device": "cpu", "dtype": "fp32", "checkpoint_dir": ckpt, "plot_loss": False,
-        "dataset": {"_component_": "tests.dist_workers.data.random_sft", "n": 64, "vocab": min(vocab, 1000),
-                    "min_len": 40 if smoke else 200, "max_len": 50 if smoke else 250},
-        "batch_size": ROWS * (2 if pp > 1 else 1), "gradient_accumulation_steps": 1, "max_steps": 3,
-        "optimizer": {"name": "adamw", "lr": 1e-4}, "lr_scheduler": {"name": "cosine", "warmup_steps": 1},
-        "metric_loggers": ["jsonl"], "save_hf": False, "checkpoint_every_n_steps": 0,
+        "output_dir": out,
+        "seed": 0,
+        "device": "cpu",
+        "dtype": "fp32",
+        "checkpoint_dir": ckpt,
+        "plot_loss": False,
+        "dataset": {
+            "_component_": "tests.dist_workers.data.random_sft",
+            "n": 64,
+            "vocab": min(vocab, 1000),
+            "min_len": 40 if smoke else 200,
+            "max_len": 50 if smoke else 250,
+        },
+        "batch_size": ROWS * (2 if pp > 1 else 1),
+        "gradient_accumulation_steps": 1,
+        "max_steps": 3,
+        "optimizer": {"name": "adamw", "lr": 1e-4},
+        "lr_scheduler": {"name": "cosine", "warmup_steps": 1},
+        "metric_loggers": ["jsonl"],
+        "save_hf": False,
+        "checkpoint_every_n_steps": 0,
         "resume_from_checkpoint": None,
         "parallelism": {"data_parallel_shard": dp, "tensor_parallel": tp},
     }
@@ -126,11 +163,27 @@ def predict(sizes: dict, pp: int, dp: int, tp: int):
     from tinytune.checkpoint.model_info import model_info_from_hf_config
     from tinytune.distributed.memory_plan import Layout, Workload, rank_memory
 
-    info = model_info_from_hf_config({"model_type": "qwen3", "max_position_embeddings": 4096, "rms_norm_eps": 1e-6,
-                                      "rope_theta": 1e4, "tie_word_embeddings": False, **sizes})
+    info = model_info_from_hf_config(
+        {
+            "model_type": "qwen3",
+            "max_position_embeddings": 4096,
+            "rms_norm_eps": 1e-6,
+            "rope_theta": 1e4,
+            "tie_word_embeddings": False,
+            **sizes,
+        }
+    )
     rows, seq = (1, SEQ) if tp == 1 else (ROWS, ROW_LEN)  # packed row, or padded rows with TP
-    work = Workload(rows=rows, seq_len=seq, microbatches=2, compute_dtype="fp32", master_dtype="fp32",
-                    ce_chunk_bytes=256 * 2**20, schedule="1f1b", load_on_device=True)
+    work = Workload(
+        rows=rows,
+        seq_len=seq,
+        microbatches=2,
+        compute_dtype="fp32",
+        master_dtype="fp32",
+        ce_chunk_bytes=256 * 2**20,
+        schedule="1f1b",
+        load_on_device=True,
+    )
     return rank_memory(info, Layout(pp=pp, dp_shard=dp, tp=tp), work)
 
 
@@ -154,15 +207,29 @@ def main() -> None:
     for name, (n, pp, dp, tp) in layouts.items():
         out = os.path.join(tmp, name.replace(" ", "_").replace("(", "").replace(")", ""))
         os.makedirs(out)
-        spec = {"out": out, "cfg": recipe_cfg(os.path.join(out, "run"), ckpt, pp, dp, tp, sizes["vocab_size"],
-                                               args.smoke)}
+        spec = {
+            "out": out,
+            "cfg": recipe_cfg(os.path.join(out, "run"), ckpt, pp, dp, tp, sizes["vocab_size"], args.smoke),
+        }
         # fixed mmap threshold: large buffers are mapped and unmapped, so resident memory follows live tensors
         # (glibc's adaptive threshold would otherwise keep freed checkpoint buffers in the heap)
-        env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONPATH=ROOT,
-                   MALLOC_MMAP_THRESHOLD_="131072")
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), "--master_addr",
-               "127.0.0.1", "--master_port", str(29500 + os.getpid() % 1000 + n), __file__, "--worker",
-               json.dumps(spec)]
+        env = dict(
+            os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONPATH=ROOT, MALLOC_MMAP_THRESHOLD_="131072"
+        )
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            str(n),
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            str(29500 + os.getpid() % 1000 + n),
+            __file__,
+            "--worker",
+            json.dumps(spec),
+        ]
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
         if proc.returncode:
             print(f"| {name} | {n} | failed: {proc.stderr[-300:]!r} | | |")
@@ -170,7 +237,9 @@ def main() -> None:
         measured = max(json.load(open(os.path.join(out, f"mem_rank{r}.json")))["peak"] for r in range(n))
         plan = predict(sizes, pp, dp, tp)
         pred = plan["total"]
-        print(f"| {name} | {n} | {pred / 2**20:.0f} ({plan['phase']}) | {measured / 2**20:.0f} | {pred / measured:.2f} |")
+        print(
+            f"| {name} | {n} | {pred / 2**20:.0f} ({plan['phase']}) | {measured / 2**20:.0f} | {pred / measured:.2f} |"
+        )
 
 
 if __name__ == "__main__":

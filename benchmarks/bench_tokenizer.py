@@ -34,7 +34,7 @@ def make_docs(n: int, seed: int = 0) -> list[str]:
     rng = random.Random(seed)
     docs = []
     for _ in range(n):
-        parts = rng.sample(corpus, 8) + [readme[rng.randrange(0, max(1, len(readme) - 400)):][:400]]
+        parts = rng.sample(corpus, 8) + [readme[rng.randrange(0, max(1, len(readme) - 400)) :][:400]]
         docs.append("\n".join(parts))
     return docs
 
@@ -81,7 +81,9 @@ def main() -> None:
         t_hf = best_time(lambda: [hf.encode(d, add_special_tokens=False) for d in docs], args.repeat)
         t_hfb = best_time(lambda: hf.encode_batch(docs, add_special_tokens=False), args.repeat)
         ratio = (n_tok / t_ours) / (n_tok / min(t_hf, t_hfb))
-        print(f"{label:<24}{n_tok:>10}{n_tok / t_ours:>16,.0f}{n_tok / t_hf:>17,.0f}{n_tok / t_hfb:>16,.0f}{ratio:>7.2f}x")
+        print(
+            f"{label:<24}{n_tok:>10}{n_tok / t_ours:>16,.0f}{n_tok / t_hf:>17,.0f}{n_tok / t_hfb:>16,.0f}{ratio:>7.2f}x"
+        )
     print("ratio = tinytune tok/s / best HF tok/s (higher is better for tinytune)")
 
 

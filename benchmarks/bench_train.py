@@ -115,8 +115,14 @@ def _build_hf(spec, torch, dtype, device):
     if spec["mode"] == "lora":
         from peft import LoraConfig, get_peft_model
 
-        cfg = LoraConfig(r=spec["rank"], lora_alpha=spec["alpha"], lora_dropout=0.0, target_modules=LORA_TARGETS,
-                         bias="none", task_type="CAUSAL_LM")
+        cfg = LoraConfig(
+            r=spec["rank"],
+            lora_alpha=spec["alpha"],
+            lora_dropout=0.0,
+            target_modules=LORA_TARGETS,
+            bias="none",
+            task_type="CAUSAL_LM",
+        )
         model = get_peft_model(model, cfg)
     model.train()
     optimizer = _adamw(torch, [p for p in model.parameters() if p.requires_grad], spec)
@@ -160,15 +166,27 @@ def _build_torchtune(spec, torch, dtype, device):
     with open(os.path.join(spec["weights"], "config.json")) as f:
         cfg = json.load(f)
     shape = dict(
-        vocab_size=cfg["vocab_size"], num_layers=cfg["num_hidden_layers"], num_heads=cfg["num_attention_heads"],
-        num_kv_heads=cfg["num_key_value_heads"], embed_dim=cfg["hidden_size"],
-        max_seq_len=cfg["max_position_embeddings"], intermediate_dim=cfg["intermediate_size"],
-        norm_eps=cfg["rms_norm_eps"], rope_base=cfg["rope_theta"], tie_word_embeddings=cfg["tie_word_embeddings"],
+        vocab_size=cfg["vocab_size"],
+        num_layers=cfg["num_hidden_layers"],
+        num_heads=cfg["num_attention_heads"],
+        num_kv_heads=cfg["num_key_value_heads"],
+        embed_dim=cfg["hidden_size"],
+        max_seq_len=cfg["max_position_embeddings"],
+        intermediate_dim=cfg["intermediate_size"],
+        norm_eps=cfg["rms_norm_eps"],
+        rope_base=cfg["rope_theta"],
+        tie_word_embeddings=cfg["tie_word_embeddings"],
     )
     with torch.device(device):
         if spec["mode"] == "lora":
-            model = lora_llama3_2(["q_proj", "k_proj", "v_proj", "output_proj"], apply_lora_to_mlp=True, lora_rank=spec["rank"],
-                                  lora_alpha=spec["alpha"], lora_dropout=0.0, **shape)
+            model = lora_llama3_2(
+                ["q_proj", "k_proj", "v_proj", "output_proj"],
+                apply_lora_to_mlp=True,
+                lora_rank=spec["rank"],
+                lora_alpha=spec["alpha"],
+                lora_dropout=0.0,
+                **shape,
+            )
         else:
             model = llama3_2(**shape)
         # SmolLM2 uses unscaled RoPE; llama3_2 builds Llama 3 scaled RoPE: swap in the plain one.
@@ -176,8 +194,12 @@ def _build_torchtune(spec, torch, dtype, device):
         rope = RotaryPositionalEmbeddings(head_dim, max_seq_len=shape["max_seq_len"], base=shape["rope_base"])
     for layer in model.layers:
         layer.attn.pos_embeddings = rope
-    sd = hf_to_tune(load_file(os.path.join(spec["weights"], "model.safetensors")), num_heads=shape["num_heads"],
-                    num_kv_heads=shape["num_kv_heads"], dim=shape["embed_dim"])
+    sd = hf_to_tune(
+        load_file(os.path.join(spec["weights"], "model.safetensors")),
+        num_heads=shape["num_heads"],
+        num_kv_heads=shape["num_kv_heads"],
+        dim=shape["embed_dim"],
+    )
     sd.pop("output.weight", None)
     missing, unexpected = model.load_state_dict(sd, strict=False)
     bad = [k for k in missing if "lora" not in k] + list(unexpected)
@@ -247,9 +269,16 @@ def worker_main(spec: dict) -> None:
         flops = _tinytune_flops(spec, batch)
         peak = gemm_peak_flops(torch, dtype)  # same process, same threads, after the timed steps
     result = {
-        "framework": spec["framework"], "mode": spec["mode"], "packed": spec["packed"], "times": times, "cpu_times": cpu_times,
-        "first_loss": losses[0], "label_tokens": batch.label_tokens, "trainable": trainable,
-        "peak_rss_mib": peak_rss_mib(), "rss_before_mib": rss_before,
+        "framework": spec["framework"],
+        "mode": spec["mode"],
+        "packed": spec["packed"],
+        "times": times,
+        "cpu_times": cpu_times,
+        "first_loss": losses[0],
+        "label_tokens": batch.label_tokens,
+        "trainable": trainable,
+        "peak_rss_mib": peak_rss_mib(),
+        "rss_before_mib": rss_before,
     }
     if cuda:
         result["peak_gpu_mib"] = torch.cuda.max_memory_allocated() / 2**20
@@ -296,8 +325,9 @@ def prepare_weights(args) -> tuple[str, str]:
     from tinytune.checkpoint.model_info import hf_config_from_model_info
 
     shape = SMOKE_SHAPE if args.smoke else SMOLLM2_135M_SHAPE
-    info = ModelInfo(model_type="llama", norm_eps=1e-5, rope_base=100_000.0, max_seq_len=8192,
-                     tie_word_embeddings=True, **shape)
+    info = ModelInfo(
+        model_type="llama", norm_eps=1e-5, rope_base=100_000.0, max_seq_len=8192, tie_word_embeddings=True, **shape
+    )
     info.hf_config = hf_config_from_model_info(info)
     torch.manual_seed(0)
     out = tempfile.mkdtemp(prefix="tinytune_bench_weights_")
@@ -330,14 +360,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--alpha", type=float, default=32.0)
     p.add_argument("--lr", type=float, default=2e-4)
-    p.add_argument("--fused-adamw", choices=["default", "on", "off"], default="on",
-                   help="AdamW fused=True/False on every side (on: the HF Trainer and torchtune default)")
-    p.add_argument("--padding-free", choices=["on", "off"], default="on",
-                   help="tinytune: drop positions after each row's last label (the recipes' default: on);\n"
-                        "off trains on the padded batch as the peers do")
-    p.add_argument("--threads", type=int, default=0,
-                   help="torch.set_num_threads in workers (0: PyTorch default). Use 1 on a machine shared with\n"
-                        "other jobs: multi-threaded GEMMs then wait for descheduled OpenMP threads")
+    p.add_argument(
+        "--fused-adamw",
+        choices=["default", "on", "off"],
+        default="on",
+        help="AdamW fused=True/False on every side (on: the HF Trainer and torchtune default)",
+    )
+    p.add_argument(
+        "--padding-free",
+        choices=["on", "off"],
+        default="on",
+        help="tinytune: drop positions after each row's last label (the recipes' default: on);\n"
+        "off trains on the padded batch as the peers do",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch.set_num_threads in workers (0: PyTorch default). Use 1 on a machine shared with\n"
+        "other jobs: multi-threaded GEMMs then wait for descheduled OpenMP threads",
+    )
     p.add_argument("--json", help="also write all raw results to this file")
     p.add_argument("--smoke", action="store_true", help="tiny model, bs 2, seq 64, 1 step, 1 round")
     args = p.parse_args(argv)
@@ -367,23 +409,43 @@ def main(argv: list[str] | None = None) -> int:
         hf_config = json.load(f)
     vocab = hf_config["vocab_size"]
     heads = hf_config["num_attention_heads"]
-    shape = dict(dim=hf_config["hidden_size"], num_layers=hf_config["num_hidden_layers"], num_heads=heads,
-                 num_kv_heads=hf_config.get("num_key_value_heads", heads),
-                 head_dim=hf_config.get("head_dim") or hf_config["hidden_size"] // heads,
-                 hidden_dim=hf_config["intermediate_size"], vocab_size=vocab)
+    shape = dict(
+        dim=hf_config["hidden_size"],
+        num_layers=hf_config["num_hidden_layers"],
+        num_heads=heads,
+        num_kv_heads=hf_config.get("num_key_value_heads", heads),
+        head_dim=hf_config.get("head_dim") or hf_config["hidden_size"] // heads,
+        hidden_dim=hf_config["intermediate_size"],
+        vocab_size=vocab,
+    )
     modes = ["full", "lora"] if args.mode == "both" else [args.mode]
     packings = [True] if args.packed else [False] if args.unpacked else [False, True]
     fused = {"default": None, "on": True, "off": False}[args.fused_adamw]
-    base = dict(bs=args.bs, seq=args.seq, vocab=vocab, shape=shape, dtype=args.dtype, device=args.device, weights=weights,
-                steps=args.steps, warmup=args.warmup, rank=args.rank, alpha=args.alpha, threads=args.threads,
-                padding_free=args.padding_free == "on",
-                optim={"lr": args.lr, "weight_decay": 0.01, "fused": fused})
+    base = dict(
+        bs=args.bs,
+        seq=args.seq,
+        vocab=vocab,
+        shape=shape,
+        dtype=args.dtype,
+        device=args.device,
+        weights=weights,
+        steps=args.steps,
+        warmup=args.warmup,
+        rank=args.rank,
+        alpha=args.alpha,
+        threads=args.threads,
+        padding_free=args.padding_free == "on",
+        optim={"lr": args.lr, "weight_decay": 0.01, "fused": fused},
+    )
 
     print(f"# bench_train: {machine_line()}")
-    print(f"# weights: {weights_desc}; bs {args.bs} x seq {args.seq}, {args.dtype} on {args.device}, "
-          f"threads {args.threads or 'default'}; tinytune padding-free {args.padding_free}; "
-          f"AdamW lr {args.lr} wd 0.01; LoRA r={args.rank} alpha={args.alpha} on {','.join(LORA_TARGETS)}; "
-          f"{args.warmup} warm-up + {args.steps} timed steps x {args.rounds} rounds per config", flush=True)
+    print(
+        f"# weights: {weights_desc}; bs {args.bs} x seq {args.seq}, {args.dtype} on {args.device}, "
+        f"threads {args.threads or 'default'}; tinytune padding-free {args.padding_free}; "
+        f"AdamW lr {args.lr} wd 0.01; LoRA r={args.rank} alpha={args.alpha} on {','.join(LORA_TARGETS)}; "
+        f"{args.warmup} warm-up + {args.steps} timed steps x {args.rounds} rounds per config",
+        flush=True,
+    )
     results: dict[tuple, list[dict]] = {}
     script = os.path.abspath(__file__)
     for rnd in range(args.rounds):
@@ -397,8 +459,21 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"  round {rnd + 1}: {fw:9s} {_row_label(mode, packed):14s} {status}", flush=True)
 
     gpu = args.device.startswith("cuda")
-    headers = ["config", "framework", "tok/s", "s/step", "CPU s/step", "loss@1", "trainable", "peak GPU MiB" if gpu else "peak RSS MiB",
-               "train delta MiB", "tok/s ours/theirs", "CPU-s theirs/ours", "peak ours/theirs", "MFU"]
+    headers = [
+        "config",
+        "framework",
+        "tok/s",
+        "s/step",
+        "CPU s/step",
+        "loss@1",
+        "trainable",
+        "peak GPU MiB" if gpu else "peak RSS MiB",
+        "train delta MiB",
+        "tok/s ours/theirs",
+        "CPU-s theirs/ours",
+        "peak ours/theirs",
+        "MFU",
+    ]
     rows, summary, mfu_notes = [], {}, []
     for mode in modes:
         for packed in packings:
@@ -413,8 +488,15 @@ def main(argv: list[str] | None = None) -> int:
                 cpu = median([c for r in runs for c in r.get("cpu_times", [])])
                 peak = median([r["peak_gpu_mib" if gpu else "peak_rss_mib"] for r in runs])
                 delta = median([r["peak_rss_mib"] - r["rss_before_mib"] for r in runs]) if not gpu else float("nan")
-                agg[fw] = dict(tps=runs[0]["label_tokens"] / t, t=t, cpu=cpu, loss=runs[0]["first_loss"], peak=peak,
-                               delta=delta, trainable=runs[0]["trainable"])
+                agg[fw] = dict(
+                    tps=runs[0]["label_tokens"] / t,
+                    t=t,
+                    cpu=cpu,
+                    loss=runs[0]["first_loss"],
+                    peak=peak,
+                    delta=delta,
+                    trainable=runs[0]["trainable"],
+                )
                 if "flops" in runs[0]:
                     gemm_peak = max(r["gemm_peak"] for r in runs)
                     flops = runs[0]["flops"]
@@ -424,7 +506,8 @@ def main(argv: list[str] | None = None) -> int:
                         f"{flops['linear'] / 1e9:.1f}, attention {flops['attention'] / 1e9:.1f}, CE "
                         f"{flops['ce'] / 1e9:.1f}); GEMM peak {gemm_peak / 1e9:.1f} GFLOP/s; "
                         f"{flops['total'] / t / 1e9:.1f} GFLOP/s achieved = {100 * flops['total'] / t / gemm_peak:.1f}% "
-                        "of the GEMM-bound limit")
+                        "of the GEMM-bound limit"
+                    )
             ours = agg.get("tinytune", {})
             for fw in frameworks:
                 a = agg[fw]
@@ -438,10 +521,23 @@ def main(argv: list[str] | None = None) -> int:
                     ratio_c = f"{a['cpu'] / ours['cpu']:.2f}x"
                     ratio_m = f"{ours['peak'] / a['peak']:.2f}x"
                     summary[(mode, packed, fw)] = (ours["tps"] / a["tps"], ours["peak"] / a["peak"])
-                rows.append([_row_label(mode, packed), fw, fmt(a["tps"], ".0f"), fmt(a["t"], ".3f"),
-                             fmt(a["cpu"], ".2f"), fmt(a["loss"], ".4f"), f"{a['trainable'] / 1e6:.2f}M",
-                             fmt(a["peak"], ".0f"), fmt(a["delta"], ".0f"), ratio_t, ratio_c, ratio_m,
-                             f"{100 * a['mfu']:.1f}%" if "mfu" in a else "-"])
+                rows.append(
+                    [
+                        _row_label(mode, packed),
+                        fw,
+                        fmt(a["tps"], ".0f"),
+                        fmt(a["t"], ".3f"),
+                        fmt(a["cpu"], ".2f"),
+                        fmt(a["loss"], ".4f"),
+                        f"{a['trainable'] / 1e6:.2f}M",
+                        fmt(a["peak"], ".0f"),
+                        fmt(a["delta"], ".0f"),
+                        ratio_t,
+                        ratio_c,
+                        ratio_m,
+                        f"{100 * a['mfu']:.1f}%" if "mfu" in a else "-",
+                    ]
+                )
     print()
     print_table(headers, rows)
     for n in mfu_notes:
@@ -450,8 +546,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"note: {n}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "machine": machine_line(), "weights": weights_desc,
-                       "results": [{"key": list(k), "runs": v} for k, v in results.items()]}, f, indent=1)
+            json.dump(
+                {
+                    "args": vars(args),
+                    "machine": machine_line(),
+                    "weights": weights_desc,
+                    "results": [{"key": list(k), "runs": v} for k, v in results.items()],
+                },
+                f,
+                indent=1,
+            )
     return 0 if all("error" not in r for v in results.values() for r in v) else 1
 
 

@@ -67,21 +67,34 @@ def run_cpu(cases) -> list[dict]:
         for kind in ("unfused", "chunked"):
             out = subprocess.run(
                 [sys.executable, __file__, "--_case", json.dumps([kind, n, d, v, dtype])],
-                capture_output=True, text=True, check=True,
+                capture_output=True,
+                text=True,
+                check=True,
             )
             res[kind] = json.loads(out.stdout.strip().splitlines()[-1])
         assert abs(res["chunked"]["loss"] - res["unfused"]["loss"]) < 1e-3 * max(1.0, abs(res["unfused"]["loss"]))
         logits_mib = n * v * 4 / 2**20
-        rows.append(dict(n=n, d=d, v=v, dtype=dtype, logits_mib=logits_mib, **{
-            f"{k}_{m}": res[k][m] for k in res for m in ("peak_mib", "time_s")
-        }))
-    print(f"\n{'tokens':>6} {'dim':>5} {'vocab':>7} {'dtype':>8} {'fp32 logits':>11} | "
-          f"{'plain peak':>10} {'chunked peak':>12} {'ratio':>6} | {'plain s':>7} {'chunked s':>9} {'ratio':>6}")
+        rows.append(
+            dict(
+                n=n,
+                d=d,
+                v=v,
+                dtype=dtype,
+                logits_mib=logits_mib,
+                **{f"{k}_{m}": res[k][m] for k in res for m in ("peak_mib", "time_s")},
+            )
+        )
+    print(
+        f"\n{'tokens':>6} {'dim':>5} {'vocab':>7} {'dtype':>8} {'fp32 logits':>11} | "
+        f"{'plain peak':>10} {'chunked peak':>12} {'ratio':>6} | {'plain s':>7} {'chunked s':>9} {'ratio':>6}"
+    )
     for r in rows:
-        print(f"{r['n']:>6} {r['d']:>5} {r['v']:>7} {r['dtype']:>8} {r['logits_mib']:>8.0f}MiB | "
-              f"{r['unfused_peak_mib']:>7.0f}MiB {r['chunked_peak_mib']:>9.0f}MiB "
-              f"{r['chunked_peak_mib'] / r['unfused_peak_mib']:>6.3f} | {r['unfused_time_s']:>7.2f} "
-              f"{r['chunked_time_s']:>9.2f} {r['chunked_time_s'] / r['unfused_time_s']:>6.2f}")
+        print(
+            f"{r['n']:>6} {r['d']:>5} {r['v']:>7} {r['dtype']:>8} {r['logits_mib']:>8.0f}MiB | "
+            f"{r['unfused_peak_mib']:>7.0f}MiB {r['chunked_peak_mib']:>9.0f}MiB "
+            f"{r['chunked_peak_mib'] / r['unfused_peak_mib']:>6.3f} | {r['unfused_time_s']:>7.2f} "
+            f"{r['chunked_time_s']:>9.2f} {r['chunked_time_s'] / r['unfused_time_s']:>6.2f}"
+        )
     return rows
 
 
@@ -101,8 +114,10 @@ def bench_attention_gpu():
 
     dev, dt = "cuda", torch.bfloat16
     print(f"\nattention, causal, bf16 ({torch.cuda.get_device_name()}); TFLOP/s (4*B*H*N^2*D/2, bwd = 2.5x fwd)")
-    print(f"{'B':>3} {'H':>3} {'Hkv':>3} {'N':>6} {'D':>4} | {'ours fwd':>8} {'sdpa fwd':>8} | "
-          f"{'ours f+b':>8} {'sdpa f+b':>8} {'ratio':>6}")
+    print(
+        f"{'B':>3} {'H':>3} {'Hkv':>3} {'N':>6} {'D':>4} | {'ours fwd':>8} {'sdpa fwd':>8} | "
+        f"{'ours f+b':>8} {'sdpa f+b':>8} {'ratio':>6}"
+    )
     for b, h, hkv, n, d in [(8, 16, 16, 2048, 64), (4, 32, 8, 4096, 128), (1, 32, 8, 16384, 128)]:
         q = torch.randn(b, h, n, d, device=dev, dtype=dt, requires_grad=True)
         k = torch.randn(b, hkv, n, d, device=dev, dtype=dt, requires_grad=True)
@@ -123,8 +138,10 @@ def bench_attention_gpu():
                 t_f = _bench(fn)
             t_fb = _bench(lambda: fn().backward(do))
             res[name] = (flops / t_f / 1e12, 3.5 * flops / t_fb / 1e12)
-        print(f"{b:>3} {h:>3} {hkv:>3} {n:>6} {d:>4} | {res['ours'][0]:>8.1f} {res['sdpa'][0]:>8.1f} | "
-              f"{res['ours'][1]:>8.1f} {res['sdpa'][1]:>8.1f} {res['ours'][1] / res['sdpa'][1]:>6.2f}")
+        print(
+            f"{b:>3} {h:>3} {hkv:>3} {n:>6} {d:>4} | {res['ours'][0]:>8.1f} {res['sdpa'][0]:>8.1f} | "
+            f"{res['ours'][1]:>8.1f} {res['sdpa'][1]:>8.1f} {res['ours'][1] / res['sdpa'][1]:>6.2f}"
+        )
 
     try:
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
@@ -151,8 +168,10 @@ def bench_attention_gpu():
         bm = create_block_mask(mask_mod, None, None, n, n, device=dev)
         t_ours = _bench(lambda: flash_attention(q, k, v, seq_lens=seq_lens).backward(do))
         t_flex = _bench(lambda: flex(q, k, v, block_mask=bm, enable_gqa=h != hkv).backward(do))
-        print(f"B={b} H={h}/{hkv} N={n} D={d} docs={len(lens)}: ours {t_ours * 1e3:.2f} ms, "
-              f"flex {t_flex * 1e3:.2f} ms, ratio {t_flex / t_ours:.2f}x")
+        print(
+            f"B={b} H={h}/{hkv} N={n} D={d} docs={len(lens)}: ours {t_ours * 1e3:.2f} ms, "
+            f"flex {t_flex * 1e3:.2f} ms, ratio {t_flex / t_ours:.2f}x"
+        )
 
 
 def bench_ce_gpu():
@@ -165,15 +184,19 @@ def bench_ce_gpu():
         return F.cross_entropy(F.linear(h, w).float(), y, reduction="mean")
 
     print(f"\nlinear + cross-entropy, bf16, d={d}: fwd+bwd time and peak memory above inputs")
-    print(f"{'tokens':>6} {'vocab':>7} | {'fused ms':>8} {'compiled ms':>11} {'ratio':>6} | "
-          f"{'fused MiB':>9} {'compiled MiB':>12} {'ratio':>6}")
+    print(
+        f"{'tokens':>6} {'vocab':>7} | {'fused ms':>8} {'compiled ms':>11} {'ratio':>6} | "
+        f"{'fused MiB':>9} {'compiled MiB':>12} {'ratio':>6}"
+    )
     for n, v in [(8192, 128256), (16384, 128256), (8192, 151936), (32768, 151936)]:
         h = torch.randn(n, d, device=dev, dtype=dt, requires_grad=True)
         w = (torch.randn(v, d, device=dev, dtype=dt) / math.sqrt(d)).requires_grad_()
         y = torch.randint(0, v, (n,), device=dev)
         res = {}
-        for name, fn in (("fused", lambda: linear_cross_entropy(h, w, y, reduction="mean")),
-                         ("compiled", lambda: compiled(h, w, y))):
+        for name, fn in (
+            ("fused", lambda: linear_cross_entropy(h, w, y, reduction="mean")),
+            ("compiled", lambda: compiled(h, w, y)),
+        ):
             fn().backward()  # compile / autotune
             h.grad = w.grad = None
             torch.cuda.synchronize()
@@ -189,9 +212,11 @@ def bench_ce_gpu():
                 h.grad = w.grad = None
 
             res[name] = (_bench(step), peak)
-        print(f"{n:>6} {v:>7} | {res['fused'][0] * 1e3:>8.1f} {res['compiled'][0] * 1e3:>11.1f} "
-              f"{res['fused'][0] / res['compiled'][0]:>6.2f} | {res['fused'][1]:>9.0f} {res['compiled'][1]:>12.0f} "
-              f"{res['fused'][1] / res['compiled'][1]:>6.3f}")
+        print(
+            f"{n:>6} {v:>7} | {res['fused'][0] * 1e3:>8.1f} {res['compiled'][0] * 1e3:>11.1f} "
+            f"{res['fused'][0] / res['compiled'][0]:>6.2f} | {res['fused'][1]:>9.0f} {res['compiled'][1]:>12.0f} "
+            f"{res['fused'][1] / res['compiled'][1]:>6.3f}"
+        )
 
 
 CPU_CASES = [(2048, 576, 49152, "float32"), (4096, 576, 49152, "float32"), (1024, 576, 151936, "float32")]
@@ -212,8 +237,10 @@ def main() -> None:
         if args.part in ("all", "attention"):
             bench_attention_gpu()
     else:
-        print(f"CPU: chunked PyTorch linear_cross_entropy vs F.cross_entropy(F.linear(h, W)), fwd+bwd, "
-              f"{torch.get_num_threads()} threads; peak = RSS high-water-mark delta in a fresh process")
+        print(
+            f"CPU: chunked PyTorch linear_cross_entropy vs F.cross_entropy(F.linear(h, W)), fwd+bwd, "
+            f"{torch.get_num_threads()} threads; peak = RSS high-water-mark delta in a fresh process"
+        )
         run_cpu(CPU_CASES)
 
 

@@ -44,9 +44,23 @@ def main(argv: list[str] | None = None) -> int:
     weights, what = bt.prepare_weights(argparse.Namespace(weights=args.weights, smoke=args.smoke))
     with open(os.path.join(weights, "config.json")) as f:
         vocab = json.load(f)["vocab_size"]
-    spec = dict(bs=args.bs, seq=args.seq, vocab=vocab, dtype=args.dtype, device=args.device, weights=weights,
-                steps=1, warmup=1, rank=16, alpha=32.0, threads=args.threads, framework=args.framework,
-                mode=args.mode, packed=args.packed, optim={"lr": 2e-4, "weight_decay": 0.01, "fused": True})
+    spec = dict(
+        bs=args.bs,
+        seq=args.seq,
+        vocab=vocab,
+        dtype=args.dtype,
+        device=args.device,
+        weights=weights,
+        steps=1,
+        warmup=1,
+        rank=16,
+        alpha=32.0,
+        threads=args.threads,
+        framework=args.framework,
+        mode=args.mode,
+        packed=args.packed,
+        optim={"lr": 2e-4, "weight_decay": 0.01, "fused": True},
+    )
     torch_, dtype, device = bt._torch_setup(spec)
     build = {"tinytune": bt._build_tinytune, "hf": bt._build_hf, "torchtune": bt._build_torchtune}[args.framework]
     _, make_step = build(spec, torch_, dtype, device)
@@ -70,8 +84,10 @@ def main(argv: list[str] | None = None) -> int:
         timed()
     events = prof.key_averages()
     n_ops = sum(e.count for e in events if e.key.startswith("aten::"))
-    print(f"# {args.framework} {args.mode} {'packed' if args.packed else 'unpacked'}, bs {args.bs} x {args.seq}, "
-          f"{args.dtype} on {device}, weights: {what}")
+    print(
+        f"# {args.framework} {args.mode} {'packed' if args.packed else 'unpacked'}, bs {args.bs} x {args.seq}, "
+        f"{args.dtype} on {device}, weights: {what}"
+    )
     print(f"# step {plain * 1e3:.1f} ms (best of 3, unprofiled); aten op calls per step: {n_ops}")
     print(events.table(sort_by="self_cpu_time_total", row_limit=args.rows, max_name_column_width=48))
     if cuda:

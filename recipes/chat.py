@@ -34,7 +34,7 @@ class StreamPrinter:
         text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
         if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
             return
-        self.out.write(text[len(self.shown):])
+        self.out.write(text[len(self.shown) :])
         self.out.flush()
         self.shown = text
 
@@ -82,12 +82,21 @@ def recipe_main(cfg: DictConfig) -> list[dict]:
             msgs = ([{"role": "system", "content": system}] if system else []) + history
             prompt = encode_chat_prompt(tokenizer, template, msgs, thinking)
         printer = StreamPrinter(tokenizer)
-        out = generate(model, [prompt], max_new_tokens=max_new, temperature=temperature, top_k=s.top_k,
-                       top_p=s.top_p, stop_tokens=stops, pad_id=int(tokenizer.pad_id or 0),
-                       generator=gen, on_token=printer)
+        out = generate(
+            model,
+            [prompt],
+            max_new_tokens=max_new,
+            temperature=temperature,
+            top_k=s.top_k,
+            top_p=s.top_p,
+            stop_tokens=stops,
+            pad_id=int(tokenizer.pad_id or 0),
+            generator=gen,
+            on_token=printer,
+        )
         reply = tokenizer.decode(out[0], skip_special_tokens=True)
         if len(reply) > len(printer.shown):
-            sys.stdout.write(reply[len(printer.shown):])
+            sys.stdout.write(reply[len(printer.shown) :])
         print(flush=True)
         history.append({"role": "assistant", "content": reply.strip()})
     return history

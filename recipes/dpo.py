@@ -83,8 +83,10 @@ def recipe_main(cfg: DictConfig) -> dict:
     if loop.activation_checkpointing:
         apply_activation_checkpointing(model)
     ref_text = ("base with adapters disabled" if use_lora else "frozen copy") if loss_fn.needs_reference else "none"
-    print(f"dpo: {'LoRA' if use_lora else 'full'} policy from {checkpoint_dir}, loss={loss_fn.kind}, "
-          f"beta={loss_fn.beta}, reference: {ref_text}")
+    print(
+        f"dpo: {'LoRA' if use_lora else 'full'} policy from {checkpoint_dir}, loss={loss_fn.kind}, "
+        f"beta={loss_fn.beta}, reference: {ref_text}"
+    )
 
     # ---- 3. data (pairs; the preference dataset brings its pair collate) -----------------------
     data = train_data(s.data, tokenizer, seed, s.hardware.seed)
@@ -97,9 +99,18 @@ def recipe_main(cfg: DictConfig) -> dict:
     ckpt = open_checkpointer(loop.keep_last_checkpoints, out_dir)
     fingerprint = config_fingerprint(cfg, model, data.train_ds, info)  # checked on resume
     weights_key = "adapter" if use_lora else "model"
-    step = resume_training_state(ckpt, loop.resume_from_checkpoint, model=model, weights_key=weights_key,
-                                 optimizer=optimizer, lr_scheduler=lr_scheduler, stream=stream, accum=accum,
-                                 fingerprint=fingerprint, total_steps=total_steps)
+    step = resume_training_state(
+        ckpt,
+        loop.resume_from_checkpoint,
+        model=model,
+        weights_key=weights_key,
+        optimizer=optimizer,
+        lr_scheduler=lr_scheduler,
+        stream=stream,
+        accum=accum,
+        fingerprint=fingerprint,
+        total_steps=total_steps,
+    )
 
     # ---- 5. training loop -------------------------------------------------------------------
     loggers = build_metric_loggers(loop.metric_loggers, out_dir)
@@ -112,22 +123,34 @@ def recipe_main(cfg: DictConfig) -> dict:
         micro_batches = [next(stream) for _ in range(accum)]
         lr = current_lr(optimizer)
         metrics = dpo_accumulate(model, reference, micro_batches, device, loss_fn)
-        grad_norm = optimizer_step(model, optimizer, lr_scheduler, loop.clip_grad_norm, guard=guard,
-                                   loss=metrics["loss"], step=step + 1)
+        grad_norm = optimizer_step(
+            model, optimizer, lr_scheduler, loop.clip_grad_norm, guard=guard, loss=metrics["loss"], step=step + 1
+        )
         step += 1
         dt = progress.tick()
         progress.update(metrics["loss"], lr, metrics["label_tokens"] / max(dt, 1e-9))
         if loop.log_due(step, total_steps):
             row = {**metrics, "lr": lr, "tokens_per_s": metrics["label_tokens"] / max(dt, 1e-9)}
             log_train_row(loggers, step, row, device, grad_norm)
-        if val_loader is not None and val_cfg.every_n_steps and (step % val_cfg.every_n_steps == 0 or step == total_steps):
+        if (
+            val_loader is not None
+            and val_cfg.every_n_steps
+            and (step % val_cfg.every_n_steps == 0 or step == total_steps)
+        ):
             val = dpo_eval(model, reference, val_loader, device, loss_fn, val_cfg.max_batches)
             loggers.log_dict({f"val_{k}": v for k, v in val.items() if k != "pairs"}, step)
         if loop.checkpoint_due(step):
             weights = get_adapter_state_dict(model) if use_lora else model.state_dict()
-            save_training_state(ckpt, step, {weights_key: weights},
-                                optimizer=optimizer, lr_scheduler=lr_scheduler, stream=stream, accum=accum,
-                                fingerprint=fingerprint)
+            save_training_state(
+                ckpt,
+                step,
+                {weights_key: weights},
+                optimizer=optimizer,
+                lr_scheduler=lr_scheduler,
+                stream=stream,
+                accum=accum,
+                fingerprint=fingerprint,
+            )
         if loop.stops_early(step, total_steps):
             progress.close()
             loggers.close()
@@ -137,17 +160,26 @@ def recipe_main(cfg: DictConfig) -> dict:
     loggers.close()
 
     # ---- 6. export and plot -----------------------------------------------------------------
-    summary = {"step": step, "loss": metrics["loss"], "output_dir": out_dir, "skipped_steps": guard.skipped,
-               "data": data_summary(data.train_ds)}
+    summary = {
+        "step": step,
+        "loss": metrics["loss"],
+        "output_dir": out_dir,
+        "skipped_steps": guard.skipped,
+        "data": data_summary(data.train_ds),
+    }
     if use_lora:
-        summary["adapter_dir"] = save_peft_adapter(model, info, os.path.join(out_dir, "adapter"), lora,
-                                                   base_model_name_or_path=checkpoint_dir)
+        summary["adapter_dir"] = save_peft_adapter(
+            model, info, os.path.join(out_dir, "adapter"), lora, base_model_name_or_path=checkpoint_dir
+        )
         sd = get_merged_state_dict(model)
     else:
         sd = model.state_dict()
     summary["hf_dir"] = save_hf_checkpoint(sd, info, os.path.join(out_dir, "hf_model"), tokenizer_dir=checkpoint_dir)
-    summary["loss_plot"] = plot_loss(os.path.join(out_dir, "metrics.jsonl"), os.path.join(out_dir, "loss.png"),
-                                     title=f"dpo: {os.path.basename(out_dir)}")
+    summary["loss_plot"] = plot_loss(
+        os.path.join(out_dir, "metrics.jsonl"),
+        os.path.join(out_dir, "loss.png"),
+        title=f"dpo: {os.path.basename(out_dir)}",
+    )
     return write_summary(out_dir, summary, t_start)
 
 

@@ -43,15 +43,19 @@ def recipe_main(cfg: DictConfig) -> dict:
     # padding-free: same loss; skips what follows the last label
     result = evaluate_loss(model, loader, device, s.max_batches, s.padding_free)
     result.update(samples=len(data), seconds=round(time.perf_counter() - t0, 2), checkpoint_dir=checkpoint_dir)
-    print(f"eval: loss {result['loss']:.4f} | perplexity {result['perplexity']:.3f} | "
-          f"{result['tokens']} label tokens in {result['samples']} samples")
+    print(
+        f"eval: loss {result['loss']:.4f} | perplexity {result['perplexity']:.3f} | "
+        f"{result['tokens']} label tokens in {result['samples']} samples"
+    )
     n_gen = s.generation.num_samples
     if n_gen > 0:
         items = [data[i] for i in range(min(n_gen, len(data)))]
         gen = evaluate_generations(model, tokenizer, items, s.generation.max_new_tokens)
         result["generation"] = gen
-        print(f"eval: generation on {gen['samples']} samples: exact match {gen['exact_match']:.3f} | "
-              f"ROUGE-L {gen['rouge_l']:.3f} | BLEU {gen['bleu']:.2f}")
+        print(
+            f"eval: generation on {gen['samples']} samples: exact match {gen['exact_match']:.3f} | "
+            f"ROUGE-L {gen['rouge_l']:.3f} | BLEU {gen['bleu']:.2f}"
+        )
     out_dir = s.output_dir
     if out_dir:
         os.makedirs(os.path.expanduser(str(out_dir)), exist_ok=True)

@@ -56,7 +56,7 @@ def read_prompts(s: GenerateSettings) -> list:
                 else:
                     prompts.append(line)
     if not prompts:
-        raise ConfigError("no prompts: set prompt=\"...\", prompts=[...] or prompt_file=PATH")
+        raise ConfigError('no prompts: set prompt="...", prompts=[...] or prompt_file=PATH')
     return prompts
 
 
@@ -70,9 +70,17 @@ def recipe_main(cfg: DictConfig) -> list[str]:
     prompts = read_prompts(s)
     t0 = time.perf_counter()
     replies = generate_replies(
-        model, tokenizer, template, prompts,
-        max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, system=s.system,
-        seed=seed, enable_thinking=s.enable_thinking,
+        model,
+        tokenizer,
+        template,
+        prompts,
+        max_new_tokens=s.max_new_tokens,
+        temperature=s.temperature,
+        top_k=s.top_k,
+        top_p=s.top_p,
+        system=s.system,
+        seed=seed,
+        enable_thinking=s.enable_thinking,
     )
     dt = time.perf_counter() - t0
     for p, r in zip(prompts, replies):

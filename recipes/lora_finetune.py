@@ -90,18 +90,30 @@ def recipe_main(cfg: DictConfig) -> dict:
     val_cfg = s.data.validation
     val_batch_size = val_cfg.batch_size or data.batch_size
     val_loader = validation_batches(data.val_ds, val_batch_size, data.collate) if data.val_ds else None
-    print(f"data: {getattr(data.train_ds, '__len__', lambda: 'streaming')()} train / {len(data.val_ds) if data.val_ds else 0} validation samples; "
-          f"{total_steps} steps of {accum} x {data.batch_size} samples")
+    print(
+        f"data: {getattr(data.train_ds, '__len__', lambda: 'streaming')()} train / {len(data.val_ds) if data.val_ds else 0} validation samples; "
+        f"{total_steps} steps of {accum} x {data.batch_size} samples"
+    )
 
     # ---- 4. optimizer, LR schedule, checkpointer (resume) ----------------------------------
     # loraplus_lr_ratio (LoRA+): the B matrices train at the optimizer's lr x this; no_decay groups by name
-    optimizer, lr_scheduler = build_optimizer_and_scheduler(s.optim, model.named_parameters(), total_steps,
-                                                            s.loraplus_lr_ratio)
+    optimizer, lr_scheduler = build_optimizer_and_scheduler(
+        s.optim, model.named_parameters(), total_steps, s.loraplus_lr_ratio
+    )
     ckpt = open_checkpointer(loop.keep_last_checkpoints, out_dir)
     fingerprint = config_fingerprint(cfg, model, data.train_ds, info)  # checked on resume
-    step = resume_training_state(ckpt, loop.resume_from_checkpoint, model=model, weights_key="adapter",
-                                 optimizer=optimizer, lr_scheduler=lr_scheduler, stream=stream, accum=accum,
-                                 fingerprint=fingerprint, total_steps=total_steps)
+    step = resume_training_state(
+        ckpt,
+        loop.resume_from_checkpoint,
+        model=model,
+        weights_key="adapter",
+        optimizer=optimizer,
+        lr_scheduler=lr_scheduler,
+        stream=stream,
+        accum=accum,
+        fingerprint=fingerprint,
+        total_steps=total_steps,
+    )
 
     # ---- 5. generation before training (optional) ------------------------------------------
     samples = SampleGenerations(s.sample_generation, s.source.template, tokenizer)
@@ -135,8 +147,9 @@ def recipe_main(cfg: DictConfig) -> dict:
             mb_loss.backward()
             loss += mb_loss.detach()
         n_tokens = int(num_tokens)
-        grad_norm = optimizer_step(model, optimizer, lr_scheduler, loop.clip_grad_norm, guard=guard,
-                                   loss=loss, step=step + 1)
+        grad_norm = optimizer_step(
+            model, optimizer, lr_scheduler, loop.clip_grad_norm, guard=guard, loss=loss, step=step + 1
+        )
         step += 1
         dt = progress.tick()
         window.add(float(loss), n_tokens, dt)
@@ -152,9 +165,16 @@ def recipe_main(cfg: DictConfig) -> dict:
                 print(f"early stopping at step {step}: no validation improvement in {stopper.patience} evaluations")
                 break
         if loop.checkpoint_due(step):
-            save_training_state(ckpt, step, {"adapter": get_adapter_state_dict(model)},
-                                optimizer=optimizer, lr_scheduler=lr_scheduler, stream=stream, accum=accum,
-                                fingerprint=fingerprint)
+            save_training_state(
+                ckpt,
+                step,
+                {"adapter": get_adapter_state_dict(model)},
+                optimizer=optimizer,
+                lr_scheduler=lr_scheduler,
+                stream=stream,
+                accum=accum,
+                fingerprint=fingerprint,
+            )
         if loop.stops_early(step, total_steps):
             progress.close()
             loggers.close()
@@ -163,9 +183,14 @@ def recipe_main(cfg: DictConfig) -> dict:
     progress.close()
 
     # ---- 7. final validation, export, plot, generation after ---------------------------------
-    summary = {"step": step, "loss": window.last_loss, "output_dir": out_dir, "skipped_steps": guard.skipped,
-               **window.totals(),
-               "data": data_summary(data.train_ds)}
+    summary = {
+        "step": step,
+        "loss": window.last_loss,
+        "output_dir": out_dir,
+        "skipped_steps": guard.skipped,
+        **window.totals(),
+        "data": data_summary(data.train_ds),
+    }
     if val_loader is not None:
         val = validation_row(evaluate_loss(model, val_loader, device, val_cfg.max_batches, loop.padding_free))
         loggers.log_dict(val, step)
@@ -181,15 +206,21 @@ def recipe_main(cfg: DictConfig) -> dict:
         stopper.restore_best(model)  # save_best: the exports below hold the best step's weights
     loggers.close()
     if s.save_adapter:
-        summary["adapter_dir"] = save_peft_adapter(model, info, os.path.join(out_dir, "adapter"), lora,
-                                                   base_model_name_or_path=checkpoint_dir)
+        summary["adapter_dir"] = save_peft_adapter(
+            model, info, os.path.join(out_dir, "adapter"), lora, base_model_name_or_path=checkpoint_dir
+        )
     if s.save_merged:
-        summary["hf_dir"] = save_hf_checkpoint(get_merged_state_dict(model), info, os.path.join(out_dir, "hf_model"),
-                                               tokenizer_dir=checkpoint_dir)
-    summary.update(export_gguf(s.export_gguf, get_merged_state_dict(model), info, checkpoint_dir, out_dir,
-                               tokenizer.chat_template))
-    summary["loss_plot"] = plot_loss(os.path.join(out_dir, "metrics.jsonl"), os.path.join(out_dir, "loss.png"),
-                                     title=f"lora_finetune: {os.path.basename(out_dir)}")
+        summary["hf_dir"] = save_hf_checkpoint(
+            get_merged_state_dict(model), info, os.path.join(out_dir, "hf_model"), tokenizer_dir=checkpoint_dir
+        )
+    summary.update(
+        export_gguf(s.export_gguf, get_merged_state_dict(model), info, checkpoint_dir, out_dir, tokenizer.chat_template)
+    )
+    summary["loss_plot"] = plot_loss(
+        os.path.join(out_dir, "metrics.jsonl"),
+        os.path.join(out_dir, "loss.png"),
+        title=f"lora_finetune: {os.path.basename(out_dir)}",
+    )
     summary.update(samples.generate_after(model, out_dir))  # held-out fractions, if any
     return write_summary(out_dir, summary, t_start)
 

@@ -96,34 +96,48 @@ def recipe_main(cfg: DictConfig) -> dict:
     s = LoRAFinetuneDistributedSettings.from_config(cfg)
     loop, par, val_cfg = s.loop, s.parallelism, s.data.validation
     if s.model is not None and "_component_" in s.model:
-        raise ConfigError("model._component_: the distributed recipe builds the architecture config.json names; "
-                          "give only the LoRA keys in model (lora_attn_modules, lora_rank, ...).")
+        raise ConfigError(
+            "model._component_: the distributed recipe builds the architecture config.json names; "
+            "give only the LoRA keys in model (lora_attn_modules, lora_rank, ...)."
+        )
     lora = model_lora(s.model) or LoRASettings()  # no model block: the LoRA defaults
     if lora.quantize_base:
-        raise ConfigError("model.quantize_base: QLoRA (NF4 base) is not supported by the distributed recipe; "
-                          "use lora_finetune for QLoRA, or LoRA with quantize_base: false here.")
+        raise ConfigError(
+            "model.quantize_base: QLoRA (NF4 base) is not supported by the distributed recipe; "
+            "use lora_finetune for QLoRA, or LoRA with quantize_base: false here."
+        )
     if lora.use_dora or lora.lora_init == "pissa":  # both need each layer's full base weight at init
-        raise ConfigError("model.use_dora / model.lora_init=pissa: not supported by the distributed recipe (sharded "
-                          "loading never holds a full base weight); use lora_finetune for them.")
+        raise ConfigError(
+            "model.use_dora / model.lora_init=pissa: not supported by the distributed recipe (sharded "
+            "loading never holds a full base weight); use lora_finetune for them."
+        )
     if par.loss_parallel and lora.apply_lora_to_output:
         raise ConfigError("parallelism.loss_parallel cannot be combined with model.apply_lora_to_output.")
     check_training_dtype(s.hardware.dtype)
     pipe_settings, pipe = PipelineSettings.from_parallelism(par), None
     if pipe_settings.degree > 1:  # pipeline parallelism: world size, layers, heads checked before any process group
         pipe_dims = check_pipeline_layout(
-            pipe_settings, world_size_from_env(), resolve_checkpoint_dir(s.source),
-            data_parallel_shard=par.data_parallel_shard, data_parallel_replicate=par.data_parallel_replicate,
-            tensor_parallel=par.tensor_parallel, loss_parallel=par.loss_parallel,
-            sequence_parallel=par.sequence_parallel)
+            pipe_settings,
+            world_size_from_env(),
+            resolve_checkpoint_dir(s.source),
+            data_parallel_shard=par.data_parallel_shard,
+            data_parallel_replicate=par.data_parallel_replicate,
+            tensor_parallel=par.tensor_parallel,
+            loss_parallel=par.loss_parallel,
+            sequence_parallel=par.sequence_parallel,
+        )
     with process_group(s.hardware.device, cpu_offload=s.fsdp.cpu_offload) as dist_info:
         device, rank0 = dist_info.device, is_rank_zero()
         if pipe_settings.degree > 1:  # 4-D mesh [pp, dp_replicate, dp_shard, tp]
             dims = pipe_dims
             mesh, pp_mesh = build_pipeline_mesh(pipe_settings.degree, dims, device.type)
         else:
-            dims = ParallelDims.from_config(dist_info.world_size, data_parallel_shard=par.data_parallel_shard,
-                                            data_parallel_replicate=par.data_parallel_replicate,
-                                            tensor_parallel=par.tensor_parallel)
+            dims = ParallelDims.from_config(
+                dist_info.world_size,
+                data_parallel_shard=par.data_parallel_shard,
+                data_parallel_replicate=par.data_parallel_replicate,
+                tensor_parallel=par.tensor_parallel,
+            )
             mesh = build_device_mesh(dims, device.type)
         dp_rank, dp_size = get_dp_info(mesh)
         # padding-free rows have any length; tensor/sequence parallelism needs the collated [b, s] shape
@@ -137,16 +151,31 @@ def recipe_main(cfg: DictConfig) -> dict:
         tokenizer = load_tokenizer(s.source, checkpoint_dir)
         ac = apply_activation_checkpointing if loop.activation_checkpointing else None
         if pipe_settings.degree > 1:  # this rank's pipeline stages (sharded, filled) and the schedule
-            pipe = build_pipeline(pipe_settings, checkpoint_dir, mesh, pp_mesh, device, batch_size=s.data.batch_size,
-                                  packed=padding_free, linear_factory=lora_factory(lora),
-                                  trainable=set_trainable_params, fsdp=fsdp_policy(s.fsdp, dtype),
-                                  activation_checkpointing=ac)
+            pipe = build_pipeline(
+                pipe_settings,
+                checkpoint_dir,
+                mesh,
+                pp_mesh,
+                device,
+                batch_size=s.data.batch_size,
+                packed=padding_free,
+                linear_factory=lora_factory(lora),
+                trainable=set_trainable_params,
+                fsdp=fsdp_policy(s.fsdp, dtype),
+                activation_checkpointing=ac,
+            )
             model, info = pipe.model, pipe.info
         else:
             model, info = load_hf_model_sharded(
-                checkpoint_dir, mesh, device, linear_factory=lora_factory(lora), trainable=set_trainable_params,
-                loss_parallel=par.loss_parallel, sequence_parallel=par.sequence_parallel,
-                activation_checkpointing=ac, fsdp=fsdp_policy(s.fsdp, dtype),
+                checkpoint_dir,
+                mesh,
+                device,
+                linear_factory=lora_factory(lora),
+                trainable=set_trainable_params,
+                loss_parallel=par.loss_parallel,
+                sequence_parallel=par.sequence_parallel,
+                activation_checkpointing=ac,
+                fsdp=fsdp_policy(s.fsdp, dtype),
             )
         params = [p for p in model.parameters() if p.requires_grad]
         stray = [n for n, p in model.named_parameters() if p.requires_grad and ".lora_" not in n]
@@ -154,29 +183,42 @@ def recipe_main(cfg: DictConfig) -> dict:
             raise RuntimeError(f"LoRA run would also train non-adapter parameters {stray[:4]}; this is a bug.")
         if rank0:
             n_total = sum(p.numel() for p in model.parameters())
-            print(f"model: {info.model_type} from {checkpoint_dir}; trainable {sum(p.numel() for p in params):,} of "
-                  f"{n_total:,} parameters on {dist_info.world_size} processes "
-                  f"(pp={pipe_settings.degree}, dp_replicate={dims.dp_replicate}, dp_shard={dims.dp_shard}, "
-                  f"tp={dims.tp})")
+            print(
+                f"model: {info.model_type} from {checkpoint_dir}; trainable {sum(p.numel() for p in params):,} of "
+                f"{n_total:,} parameters on {dist_info.world_size} processes "
+                f"(pp={pipe_settings.degree}, dp_replicate={dims.dp_replicate}, dp_shard={dims.dp_shard}, "
+                f"tp={dims.tp})"
+            )
 
         # ---- 3. data: this rank's slice of every global batch ------------------------------------
         with rank_zero_first():  # rank 0 tokenises (token cache on disk), the others read it
-            data = train_data(s.data, tokenizer, seed, s.hardware.seed, dp_rank=dp_rank, dp_size=dp_size,
-                              num_workers=s.num_workers)
+            data = train_data(
+                s.data, tokenizer, seed, s.hardware.seed, dp_rank=dp_rank, dp_size=dp_size, num_workers=s.num_workers
+            )
         stream, accum, total_steps = data.stream, data.accum, data.total_steps
         val_batch_size = val_cfg.batch_size or data.batch_size
         if rank0:
-            print(f"data: {len(data.train_ds)} train / {len(data.val_ds) if data.val_ds else 0} validation samples; "
-                  f"{total_steps} steps of {accum} x {data.batch_size} samples x {dp_size} data-parallel ranks")
+            print(
+                f"data: {len(data.train_ds)} train / {len(data.val_ds) if data.val_ds else 0} validation samples; "
+                f"{total_steps} steps of {accum} x {data.batch_size} samples x {dp_size} data-parallel ranks"
+            )
 
         # ---- 4. optimizer, LR schedule, DCP checkpointer (resume) --------------------------------
         # named: optimizer.no_decay groups (biases, norms, embeddings), as in the single-device recipes
         optimizer, lr_scheduler = build_optimizer_and_scheduler(s.optim, model.named_parameters(), total_steps)
         ckpt = open_sharded_checkpointer(loop.keep_last_checkpoints, out_dir)  # (clears crashed writes)
         fingerprint = config_fingerprint(cfg, model, data.train_ds, info)  # checked on resume
-        step = resume_sharded_state(ckpt, loop.resume_from_checkpoint, model=model, optimizer=optimizer,
-                                    lr_scheduler=lr_scheduler, stream=stream, accum=accum,
-                                    fingerprint=fingerprint, total_steps=total_steps)
+        step = resume_sharded_state(
+            ckpt,
+            loop.resume_from_checkpoint,
+            model=model,
+            optimizer=optimizer,
+            lr_scheduler=lr_scheduler,
+            stream=stream,
+            accum=accum,
+            fingerprint=fingerprint,
+            total_steps=total_steps,
+        )
 
         # ---- 5. training loop ----------------------------------------------------------------------
         loss_sum = sft_loss_sum_vocab_parallel if par.loss_parallel else sft_loss_sum
@@ -208,8 +250,16 @@ def recipe_main(cfg: DictConfig) -> dict:
                     local_loss += loss.detach().full_tensor() if hasattr(loss, "full_tensor") else loss.detach()
             step_loss = float(all_reduce_sum(local_loss, loss_mesh))  # global mean per label token
             # loss and (global) grad norm are the same on every rank: the guard's verdict is too
-            grad_norm = optimizer_step(model, optimizer, lr_scheduler, loop.clip_grad_norm, clip_fn=clip_fn,
-                                       guard=guard, loss=step_loss, step=step + 1)
+            grad_norm = optimizer_step(
+                model,
+                optimizer,
+                lr_scheduler,
+                loop.clip_grad_norm,
+                clip_fn=clip_fn,
+                guard=guard,
+                loss=step_loss,
+                step=step + 1,
+            )
             step += 1
             dt = progress.tick()
             window.add(step_loss, int(num_tokens), dt)
@@ -217,12 +267,29 @@ def recipe_main(cfg: DictConfig) -> dict:
             if loop.log_due(step, total_steps):  # means over the steps since the last log
                 log_train_row(loggers, step, window.flush(lr, stream.epoch), device, grad_norm)
             if data.val_ds is not None and val_cfg.due(step, total_steps):
-                val = evaluate_loss_distributed(model, data.val_ds, data.collate, val_batch_size, mesh.dp, device,
-                                                val_loss_sum, val_cfg.max_batches, loss_ctx)
+                val = evaluate_loss_distributed(
+                    model,
+                    data.val_ds,
+                    data.collate,
+                    val_batch_size,
+                    mesh.dp,
+                    device,
+                    val_loss_sum,
+                    val_cfg.max_batches,
+                    loss_ctx,
+                )
                 loggers.log_dict(validation_row(val), step)
             if loop.checkpoint_due(step):
-                save_sharded_state(ckpt, step, model=model, optimizer=optimizer, lr_scheduler=lr_scheduler,
-                                   stream=stream, accum=accum, fingerprint=fingerprint)
+                save_sharded_state(
+                    ckpt,
+                    step,
+                    model=model,
+                    optimizer=optimizer,
+                    lr_scheduler=lr_scheduler,
+                    stream=stream,
+                    accum=accum,
+                    fingerprint=fingerprint,
+                )
             if loop.stops_early(step, total_steps):
                 progress.close()
                 loggers.close()
@@ -232,12 +299,29 @@ def recipe_main(cfg: DictConfig) -> dict:
         progress.close()
 
         # ---- 6. final validation, export (gathered on rank 0), plot --------------------------------
-        summary = {"step": step, "loss": window.last_loss, "output_dir": out_dir,
-                   "world_size": dist_info.world_size, "skipped_steps": guard.skipped, **window.totals(),
-                   "data": data_summary(data.train_ds)}
+        summary = {
+            "step": step,
+            "loss": window.last_loss,
+            "output_dir": out_dir,
+            "world_size": dist_info.world_size,
+            "skipped_steps": guard.skipped,
+            **window.totals(),
+            "data": data_summary(data.train_ds),
+        }
         if data.val_ds is not None:
-            val = validation_row(evaluate_loss_distributed(model, data.val_ds, data.collate, val_batch_size, mesh.dp,
-                                                           device, val_loss_sum, val_cfg.max_batches, loss_ctx))
+            val = validation_row(
+                evaluate_loss_distributed(
+                    model,
+                    data.val_ds,
+                    data.collate,
+                    val_batch_size,
+                    mesh.dp,
+                    device,
+                    val_loss_sum,
+                    val_cfg.max_batches,
+                    loss_ctx,
+                )
+            )
             loggers.log_dict(val, step)
             summary.update(val)
         loggers.close()
@@ -245,16 +329,21 @@ def recipe_main(cfg: DictConfig) -> dict:
             full = gather_full_state_dict(model) if pipe is None else pipe.gather_full_state_dict()  # collective
             if rank0 and s.save_adapter:
                 adapter = {k: v for k, v in full.items() if ".lora_" in k}
-                summary["adapter_dir"] = save_peft_adapter(adapter, info, os.path.join(out_dir, "adapter"), lora,
-                                                           base_model_name_or_path=checkpoint_dir)
+                summary["adapter_dir"] = save_peft_adapter(
+                    adapter, info, os.path.join(out_dir, "adapter"), lora, base_model_name_or_path=checkpoint_dir
+                )
             if rank0 and s.save_merged:  # W + (alpha / rank) B A
-                summary["hf_dir"] = save_hf_checkpoint(full, info, os.path.join(out_dir, "hf_model"),
-                                                       tokenizer_dir=checkpoint_dir, lora_cfg=lora)
+                summary["hf_dir"] = save_hf_checkpoint(
+                    full, info, os.path.join(out_dir, "hf_model"), tokenizer_dir=checkpoint_dir, lora_cfg=lora
+                )
             del full
         if rank0:
             if s.plot_loss:
-                summary["loss_plot"] = plot_loss(os.path.join(out_dir, "metrics.jsonl"),
-                                                 os.path.join(out_dir, "loss.png"), title="lora_finetune_distributed")
+                summary["loss_plot"] = plot_loss(
+                    os.path.join(out_dir, "metrics.jsonl"),
+                    os.path.join(out_dir, "loss.png"),
+                    title="lora_finetune_distributed",
+                )
             write_summary(out_dir, summary, t_start)
         return summary
 

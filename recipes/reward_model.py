@@ -74,8 +74,10 @@ def recipe_main(cfg: DictConfig) -> dict:
         model.requires_grad_(True)
     if loop.activation_checkpointing:
         apply_activation_checkpointing(decoder)
-    print(f"reward_model: {'LoRA' if use_lora else 'full'} decoder from {checkpoint_dir}, score at the last "
-          f"non-pad token (pad id {pad_id})")
+    print(
+        f"reward_model: {'LoRA' if use_lora else 'full'} decoder from {checkpoint_dir}, score at the last "
+        f"non-pad token (pad id {pad_id})"
+    )
 
     # ---- 3. data (pairs; the preference dataset brings its pair collate) -----------------------
     data = train_data(s.data, tokenizer, seed, s.hardware.seed)
@@ -90,11 +92,22 @@ def recipe_main(cfg: DictConfig) -> dict:
     weights_key = "adapter" if use_lora else "model"
 
     def weights():  # LoRA: adapters + head (what trains); full: everything
-        return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad} if use_lora else model.state_dict()
+        return (
+            {n: p.detach() for n, p in model.named_parameters() if p.requires_grad} if use_lora else model.state_dict()
+        )
 
-    step = resume_training_state(ckpt, loop.resume_from_checkpoint, model=model, weights_key=weights_key,
-                                 optimizer=optimizer, lr_scheduler=lr_scheduler, stream=stream, accum=accum,
-                                 fingerprint=fingerprint, total_steps=total_steps)
+    step = resume_training_state(
+        ckpt,
+        loop.resume_from_checkpoint,
+        model=model,
+        weights_key=weights_key,
+        optimizer=optimizer,
+        lr_scheduler=lr_scheduler,
+        stream=stream,
+        accum=accum,
+        fingerprint=fingerprint,
+        total_steps=total_steps,
+    )
 
     # ---- 5. training loop -------------------------------------------------------------------
     loggers = build_metric_loggers(loop.metric_loggers, out_dir)
@@ -107,20 +120,32 @@ def recipe_main(cfg: DictConfig) -> dict:
         micro_batches = [next(stream) for _ in range(accum)]
         lr = current_lr(optimizer)
         metrics = reward_accumulate(model, micro_batches, device)
-        grad_norm = optimizer_step(model, optimizer, lr_scheduler, loop.clip_grad_norm, guard=guard,
-                                   loss=metrics["loss"], step=step + 1)
+        grad_norm = optimizer_step(
+            model, optimizer, lr_scheduler, loop.clip_grad_norm, guard=guard, loss=metrics["loss"], step=step + 1
+        )
         step += 1
         dt = progress.tick()
         progress.update(metrics["loss"], lr, metrics["pairs"] / max(dt, 1e-9))
         if loop.log_due(step, total_steps):
             log_train_row(loggers, step, {**metrics, "lr": lr}, device, grad_norm)
-        if val_loader is not None and val_cfg.every_n_steps and (step % val_cfg.every_n_steps == 0 or step == total_steps):
+        if (
+            val_loader is not None
+            and val_cfg.every_n_steps
+            and (step % val_cfg.every_n_steps == 0 or step == total_steps)
+        ):
             val = reward_eval(model, val_loader, device, val_cfg.max_batches)
             loggers.log_dict({f"val_{k}": v for k, v in val.items() if k != "pairs"}, step)
         if loop.checkpoint_due(step):
-            save_training_state(ckpt, step, {weights_key: weights()},
-                                optimizer=optimizer, lr_scheduler=lr_scheduler, stream=stream, accum=accum,
-                                fingerprint=fingerprint)
+            save_training_state(
+                ckpt,
+                step,
+                {weights_key: weights()},
+                optimizer=optimizer,
+                lr_scheduler=lr_scheduler,
+                stream=stream,
+                accum=accum,
+                fingerprint=fingerprint,
+            )
         if loop.stops_early(step, total_steps):
             progress.close()
             loggers.close()
@@ -130,15 +155,29 @@ def recipe_main(cfg: DictConfig) -> dict:
     loggers.close()
 
     # ---- 6. export (HF sequence classification) and plot --------------------------------------
-    summary = {"step": step, "loss": metrics["loss"], "output_dir": out_dir, "skipped_steps": guard.skipped,
-               "data": data_summary(data.train_ds)}
+    summary = {
+        "step": step,
+        "loss": metrics["loss"],
+        "output_dir": out_dir,
+        "skipped_steps": guard.skipped,
+        "data": data_summary(data.train_ds),
+    }
     if val is not None:
         summary["val_accuracy"] = val["accuracy"]
     sd = get_merged_state_dict(decoder) if use_lora else decoder.state_dict()
-    summary["hf_dir"] = save_reward_checkpoint(sd, model.score.weight, info, os.path.join(out_dir, "hf_model"),
-                                               pad_token_id=pad_id, tokenizer_dir=checkpoint_dir)
-    summary["loss_plot"] = plot_loss(os.path.join(out_dir, "metrics.jsonl"), os.path.join(out_dir, "loss.png"),
-                                     title=f"reward_model: {os.path.basename(out_dir)}")
+    summary["hf_dir"] = save_reward_checkpoint(
+        sd,
+        model.score.weight,
+        info,
+        os.path.join(out_dir, "hf_model"),
+        pad_token_id=pad_id,
+        tokenizer_dir=checkpoint_dir,
+    )
+    summary["loss_plot"] = plot_loss(
+        os.path.join(out_dir, "metrics.jsonl"),
+        os.path.join(out_dir, "loss.png"),
+        title=f"reward_model: {os.path.basename(out_dir)}",
+    )
     return write_summary(out_dir, summary, t_start)
 
 

@@ -24,7 +24,9 @@ def tiny_hf_model(model_type: str = "llama", seed: int = 0, **overrides):
     """A randomly initialised tiny HF causal LM (fp32) of the given family."""
     import transformers
 
-    cfg_cls = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config}[model_type]
+    cfg_cls = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config}[
+        model_type
+    ]
     kwargs = dict(TINY)
     if model_type == "qwen3":
         kwargs["head_dim"] = 16

@@ -40,15 +40,27 @@ def make_tokenizer_files(out_dir: str, vocab_size: int = 320) -> None:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIALS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     corpus = [f"user {q} assistant {a}" for q, a in QA] * 4 + ["system You are a helpful assistant."]
     tok.train_from_iterator(corpus, trainer)
     os.makedirs(out_dir, exist_ok=True)
     tok.save(os.path.join(out_dir, "tokenizer.json"))
     with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
-        json.dump({"bos_token": None, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
-                   "chat_template": CHATML_JINJA, "model_max_length": 512}, f)
+        json.dump(
+            {
+                "bos_token": None,
+                "eos_token": "<|im_end|>",
+                "pad_token": "<|endoftext|>",
+                "chat_template": CHATML_JINJA,
+                "model_max_length": 512,
+            },
+            f,
+        )
 
 
 def make_tiny_checkpoint(out_dir: str, seed: int = 0, vocab_size: int = 320, tied: bool = True) -> str:
@@ -62,16 +74,38 @@ def make_tiny_checkpoint(out_dir: str, seed: int = 0, vocab_size: int = 320, tie
     n_vocab = load_tokenizer(out_dir).vocab_size
     vocab = max(vocab_size, -(-n_vocab // 64) * 64)
     torch.manual_seed(seed)
-    hp = dict(vocab_size=vocab, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, hidden_dim=128,
-              max_seq_len=256, rope_base=10000.0, norm_eps=1e-5, tie_embeddings=tied)
+    hp = dict(
+        vocab_size=vocab,
+        dim=64,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        head_dim=16,
+        hidden_dim=128,
+        max_seq_len=256,
+        rope_base=10000.0,
+        norm_eps=1e-5,
+        tie_embeddings=tied,
+    )
     model = llama_decoder(**hp)
     with torch.no_grad():  # embeddings large enough that (tied) logits can become confident
         for name, p in model.named_parameters():
             if p.dim() == 2:
                 p.normal_(0, 0.2 if "tok_embeddings" in name else 0.05)
-    info = ModelInfo(model_type="llama", vocab_size=vocab, dim=64, num_layers=2, num_heads=4, num_kv_heads=2,
-                     head_dim=16, hidden_dim=128, norm_eps=1e-5, rope_base=10000.0, max_seq_len=256,
-                     tie_word_embeddings=tied)
+    info = ModelInfo(
+        model_type="llama",
+        vocab_size=vocab,
+        dim=64,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=16,
+        hidden_dim=128,
+        norm_eps=1e-5,
+        rope_base=10000.0,
+        max_seq_len=256,
+        tie_word_embeddings=tied,
+    )
     save_hf_checkpoint(model, info, out_dir, tokenizer_dir=out_dir)
     return out_dir
 
@@ -81,8 +115,9 @@ def write_chat_jsonl(path: str, n: int | None = None) -> str:
     rows = QA if n is None else (QA * (1 + n // len(QA)))[:n]
     with open(path, "w") as f:
         for q, a in rows:
-            f.write(json.dumps({"messages": [{"role": "user", "content": q},
-                                             {"role": "assistant", "content": a}]}) + "\n")
+            f.write(
+                json.dumps({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}) + "\n"
+            )
     return path
 
 

@@ -38,8 +38,15 @@ def smollm2_dir(tmp_path_factory) -> str:
 # Modules whose tests run whole recipes, several processes or real 135M-parameter models: the
 # default suite runs them, the fast tier (`make test-fast`, `-m fast`) leaves them out.
 HEAVY_MODULES = {
-    "test_recipes", "test_recipe_parity", "test_distributed_recipes", "test_distributed_primitives",
-    "test_checkpoint_bundled", "test_model_parity", "test_benchmarks", "test_datasets_cli", "test_gguf_import",
+    "test_recipes",
+    "test_recipe_parity",
+    "test_distributed_recipes",
+    "test_distributed_primitives",
+    "test_checkpoint_bundled",
+    "test_model_parity",
+    "test_benchmarks",
+    "test_datasets_cli",
+    "test_gguf_import",
 }
 
 

@@ -16,19 +16,60 @@ IGNORE = -100
 # Answers chosen to collide with prompt text, role names, special-token text and template headers.
 ONE_CHAR = ["d", "e", "m", "s", "t", "a", "i", "4", "2", "|", "<", ">", "_", "n"]
 ROLE_WORDS = ["user", "assistant", "system", "model", "ipython", "tool", "im_end", "eot_id", "start_header_id"]
-COMMON = ["yes", "no", "Tokyo.", "It is 4.", "26 Jul 2024", "December 2023", "2024", "Today Date", "Paris",
-          "The answer is yes.", "42"]
-UNICODE = ["日本の首都は東京です。", "naïve café ☕", "🙂", "Ünïcödé — “quotes”", "Привет, мир", "مرحبا", "a\u0301",
-           "x² + y² = z²", "\u00a0non-breaking\u00a0"]
+COMMON = [
+    "yes",
+    "no",
+    "Tokyo.",
+    "It is 4.",
+    "26 Jul 2024",
+    "December 2023",
+    "2024",
+    "Today Date",
+    "Paris",
+    "The answer is yes.",
+    "42",
+]
+UNICODE = [
+    "日本の首都は東京です。",
+    "naïve café ☕",
+    "🙂",
+    "Ünïcödé — “quotes”",
+    "Привет, мир",
+    "مرحبا",
+    "a\u0301",
+    "x² + y² = z²",
+    "\u00a0non-breaking\u00a0",
+]
 MULTILINE = ["Line one.\nLine two.", "- item 1\n- item 2\n\nDone.", "```python\nprint('hi')\n```", "  indented\n"]
-THINK = ["<think>\nJapan's capital is Tokyo.\n</think>\n\nTokyo.", "<think>\n\n</think>\n\nyes",
-         "<think>\nuser asked; d is a letter\n</think>\n\nd", "<think>Count: 2+2.</think>4"]
+THINK = [
+    "<think>\nJapan's capital is Tokyo.\n</think>\n\nTokyo.",
+    "<think>\n\n</think>\n\nyes",
+    "<think>\nuser asked; d is a letter\n</think>\n\nd",
+    "<think>Count: 2+2.</think>4",
+]
 REASONING = ["Japan's capital is Tokyo.", "Tokyo", "The user says yes; answer yes.", "d", "\nsteps\n"]
-USER_TEMPLATES = ["Answer yes or no: is 7 prime? {a}", "Say '{a}' and nothing else.", "{a}", "What is {a}?",
-                  "Repeat after me: {a} {a}", "Which role are you? (user/assistant/system)", "Hi!",
-                  "Today Date: 26 Jul 2024. What is 2+2? 4", "<think>not mine</think> {a}", "东京 {a} 🙂"]
-SYSTEMS = [None, None, "", "You are a terse assistant.", "Always answer '{a}'.", "system", "  padded system  ",
-           "Cutting Knowledge Date: December 2023\nRemember: {a}"]
+USER_TEMPLATES = [
+    "Answer yes or no: is 7 prime? {a}",
+    "Say '{a}' and nothing else.",
+    "{a}",
+    "What is {a}?",
+    "Repeat after me: {a} {a}",
+    "Which role are you? (user/assistant/system)",
+    "Hi!",
+    "Today Date: 26 Jul 2024. What is 2+2? 4",
+    "<think>not mine</think> {a}",
+    "东京 {a} 🙂",
+]
+SYSTEMS = [
+    None,
+    None,
+    "",
+    "You are a terse assistant.",
+    "Always answer '{a}'.",
+    "system",
+    "  padded system  ",
+    "Cutting Knowledge Date: December 2023\nRemember: {a}",
+]
 
 
 def _answer(rng: random.Random, think: bool) -> str:
@@ -36,8 +77,9 @@ def _answer(rng: random.Random, think: bool) -> str:
     return rng.choice(rng.choice(pools))
 
 
-def conversation(rng: random.Random, *, system: bool | str = True, think: bool = False,
-                 reasoning: bool = False) -> list:
+def conversation(
+    rng: random.Random, *, system: bool | str = True, think: bool = False, reasoning: bool = False
+) -> list:
     """One conversation of 1-6 user/assistant rounds (system prompt: True = sometimes, "always", or
     False; optional Qwen3 reasoning)."""
     turns = rng.randint(1, 6)
@@ -85,7 +127,7 @@ def reference_encoding(hf_tok, source: str, messages: list[dict], end: str, *, p
     for k, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        for kw in (prompt_kws(k) if prompt_kws else [full_kw]):
+        for kw in prompt_kws(k) if prompt_kws else [full_kw]:
             prompt = render(hf_tok, source, messages[:k], add_generation_prompt=True, **{**tools, **kw})
             if text.startswith(prompt):
                 break

@@ -20,8 +20,14 @@ BENCH = os.path.join(ROOT, "benchmarks")
 
 def _run(script: str, *args: str) -> str:
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    proc = subprocess.run([sys.executable, os.path.join(BENCH, script), *args], capture_output=True, text=True,
-                          env=env, timeout=600, check=False)
+    proc = subprocess.run(
+        [sys.executable, os.path.join(BENCH, script), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+        check=False,
+    )
     assert proc.returncode == 0, f"{script} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc.stdout
 
@@ -42,7 +48,7 @@ def test_common_make_batch_labels_and_positions():
             assert sum(lens) == 96
             start = 0
             for n in lens:
-                assert b.input_pos[r, start:start + n].tolist() == list(range(n))
+                assert b.input_pos[r, start : start + n].tolist() == list(range(n))
                 start += n
         lab = b.labels
         m = lab != -100
@@ -147,8 +153,9 @@ def test_step_flops_match_dispatched_gemms(mode, padding_free):
     from tinytune.training.steps import sft_accumulate
 
     shape = dict(vocab_size=256, dim=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16, hidden_dim=160)
-    info = ModelInfo(model_type="llama", norm_eps=1e-5, rope_base=1e5, max_seq_len=512, tie_word_embeddings=False,
-                     **shape)
+    info = ModelInfo(
+        model_type="llama", norm_eps=1e-5, rope_base=1e5, max_seq_len=512, tie_word_embeddings=False, **shape
+    )
     targets = ["q_proj", "v_proj", "down_proj"]
     torch.manual_seed(0)
     if mode == "lora":

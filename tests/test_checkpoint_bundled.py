@@ -24,7 +24,13 @@ def _chatml_prompt(template: str) -> str:
 
 def test_converted_dir_is_complete(smollm2_dir):
     names = set(os.listdir(smollm2_dir))
-    assert {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= names
+    assert {
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    } <= names
     cfg = json.loads(open(os.path.join(smollm2_dir, "config.json")).read())
     assert cfg["model_type"] == "llama" and cfg["tie_word_embeddings"] is True
     assert (cfg["num_hidden_layers"], cfg["hidden_size"], cfg["num_key_value_heads"]) == (30, 576, 3)
@@ -81,7 +87,9 @@ def test_smollm2_matches_hf_transformers(smollm2, smollm2_dir, monkeypatch):
 
     model, tok, ids = smollm2
     hf_tok = transformers.AutoTokenizer.from_pretrained(smollm2_dir)
-    prompt = hf_tok.apply_chat_template([{"role": "user", "content": QUESTION}], add_generation_prompt=True, tokenize=False)
+    prompt = hf_tok.apply_chat_template(
+        [{"role": "user", "content": QUESTION}], add_generation_prompt=True, tokenize=False
+    )
     assert prompt == _chatml_prompt(tok.chat_template)
     assert hf_tok(prompt, add_special_tokens=False)["input_ids"] == ids
     hf = transformers.AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
@@ -117,7 +125,7 @@ def test_smollm2_greedy_tokens_match_hf_generate(smollm2, smollm2_dir):
     hf = transformers.AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
     with torch.no_grad():
         out = generate(model, [ids], max_new_tokens=20, temperature=0.0, stop_tokens=tok.stop_tokens)[0]
-        ref = hf.generate(torch.tensor([ids]), max_new_tokens=len(out), do_sample=False)[0, len(ids):].tolist()
+        ref = hf.generate(torch.tensor([ids]), max_new_tokens=len(out), do_sample=False)[0, len(ids) :].tolist()
     assert ref[: len(out)] == out
 
 
@@ -126,7 +134,10 @@ def test_tune_download_cli(smollm2_dir):
     env = dict(os.environ, TINYTUNE_HOME=home)
     res = subprocess.run(
         [sys.executable, "-m", "tinytune.cli.main", "download", SMOLLM2_NAME],
-        capture_output=True, text=True, env=env, timeout=300,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
     )
     assert res.returncode == 0, res.stderr
     assert smollm2_dir in res.stdout

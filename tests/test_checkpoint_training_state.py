@@ -52,8 +52,16 @@ def test_resume_is_bit_identical(tmp_path):
     model, opt, sched = _make(0)
     first = [_step(model, opt, sched) for _ in range(stop)]
     ckpt = TrainingCheckpointer(str(tmp_path), keep_last=2)
-    ckpt.save(stop, {"model": model.state_dict(), "optimizer": opt.state_dict(),
-                     "lr_scheduler": sched.state_dict(), "epoch": 0, "dataloader": {"batch_in_epoch": stop}})
+    ckpt.save(
+        stop,
+        {
+            "model": model.state_dict(),
+            "optimizer": opt.state_dict(),
+            "lr_scheduler": sched.state_dict(),
+            "epoch": 0,
+            "dataloader": {"batch_in_epoch": stop},
+        },
+    )
     for _ in range(2):  # disturb the RNGs; the resume must restore them
         torch.rand(5), np.random.rand(), random.random()
 

@@ -132,8 +132,9 @@ def test_cp_recipe_and_config_then_run_the_copies(fake_registry, tmp_path, capsy
     assert (work / "dir" / "tiny_adam.yaml").exists()
 
     out = tmp_path / "out"
-    rc = main(["run", str(work / "my_recipe.py"), "--config", str(work / "my.yaml"), f"output_dir={out}",
-               "optimizer.lr=0.25"])
+    rc = main(
+        ["run", str(work / "my_recipe.py"), "--config", str(work / "my.yaml"), f"output_dir={out}", "optimizer.lr=0.25"]
+    )
     assert rc == 0
     report = json.loads((out / "report.json").read_text())
     assert report["lr"] == 0.25 and report["log_dir"] == f"{out}/logs"
@@ -182,9 +183,19 @@ def test_launcher_args():
 
 def test_run_torchrun_two_processes(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "tinytune.cli.main", "run", "--nproc_per_node", "2",
-           str(FIXTURES / "dist_recipe.py"), "--config", str(FIXTURES / "dist.yaml"),
-           f"output_dir={tmp_path}", "tag=hello"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "tinytune.cli.main",
+        "run",
+        "--nproc_per_node",
+        "2",
+        str(FIXTURES / "dist_recipe.py"),
+        "--config",
+        str(FIXTURES / "dist.yaml"),
+        f"output_dir={tmp_path}",
+        "tag=hello",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "rank0.txt").read_text() == "2 3 0 hello"
@@ -217,7 +228,9 @@ def test_validate_reports_problems_with_keys(tmp_path, capsys):
     assert main(["validate", str(bad)]) == 1
     err = capsys.readouterr().err
     assert "log_dir" in err  # interpolation failure is reported first (load stage)
-    bad.write_text("model:\n  _component_: torch.nn.Linear\n  in_featurs: 4\noptimizer:\n  _component_: torch.optim.SGDD\n")
+    bad.write_text(
+        "model:\n  _component_: torch.nn.Linear\n  in_featurs: 4\noptimizer:\n  _component_: torch.optim.SGDD\n"
+    )
     assert main(["validate", str(bad)]) == 1
     err = capsys.readouterr().err
     assert "2 problem(s)" in err

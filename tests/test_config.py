@@ -110,8 +110,19 @@ def test_load_by_registry_name(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize(
     "text, value",
-    [("1e-4", 1e-4), ("3", 3), ("0.5", 0.5), ("true", True), ("null", None), ("[1, 2]", [1, 2]),
-     ("{a: 1}", {"a": 1}), ("hello", "hello"), ("", ""), ("${x}/y", "${x}/y"), ("2024-01-01", "2024-01-01")],
+    [
+        ("1e-4", 1e-4),
+        ("3", 3),
+        ("0.5", 0.5),
+        ("true", True),
+        ("null", None),
+        ("[1, 2]", [1, 2]),
+        ("{a: 1}", {"a": 1}),
+        ("hello", "hello"),
+        ("", ""),
+        ("${x}/y", "${x}/y"),
+        ("2024-01-01", "2024-01-01"),
+    ],
 )
 def test_parse_value(text, value):
     assert parse_value(text) == value
@@ -128,8 +139,9 @@ def test_nested_and_list_overrides(cfg_file):
 
 
 def test_delete_and_add(cfg_file):
-    cfg = load_config(cfg_file, ["~seed", "~dataset.options", "+new.deep.key=[1, 2]", "~layers.0", "++batch_size=4",
-                                 "++fresh=x"])
+    cfg = load_config(
+        cfg_file, ["~seed", "~dataset.options", "+new.deep.key=[1, 2]", "~layers.0", "++batch_size=4", "++fresh=x"]
+    )
     assert "seed" not in cfg and "options" not in cfg.dataset
     assert list(cfg.new.deep.key) == [1, 2]
     assert list(cfg.layers) == [2, 3]
@@ -173,8 +185,14 @@ def test_scalar_over_plain_mapping_is_an_error(cfg_file):
 
 @pytest.mark.parametrize(
     "token, pattern",
-    [("seed", "has no '='"), ("~seed=1", "takes no value"), ("a..b=1", "not a valid key path"),
-     ("layers.9=1", "does not exist"), ("+layers.9=1", "out of range"), ("seed.x=1", "is a value, not a mapping")],
+    [
+        ("seed", "has no '='"),
+        ("~seed=1", "takes no value"),
+        ("a..b=1", "not a valid key path"),
+        ("layers.9=1", "does not exist"),
+        ("+layers.9=1", "out of range"),
+        ("seed.x=1", "is a value, not a mapping"),
+    ],
 )
 def test_malformed_overrides(cfg_file, token, pattern):
     with pytest.raises(ConfigError, match=pattern):
@@ -221,8 +239,9 @@ def test_instantiate_recursive_positional_and_kwargs():
 
 
 def test_kwargs_replace_nested_node_without_building_it():
-    cfg = OmegaConf.create({"_component_": "tests.test_config.Holder", "first": 1,
-                            "inner": {"_component_": "does.not.exist"}})
+    cfg = OmegaConf.create(
+        {"_component_": "tests.test_config.Holder", "first": 1, "inner": {"_component_": "does.not.exist"}}
+    )
     assert instantiate(cfg, inner="given").inner == "given"
 
 

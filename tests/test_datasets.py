@@ -69,7 +69,9 @@ def test_every_format_reads_the_same_rows(tmp_path):
     assert [r for _, _, r in iter_rows(str(tmp_path / "*.jsonl"))] == ROWS
     (tmp_path / "lines.txt").write_text("first line\n\nsecond line\n")
     assert [(n, r) for _, n, r in iter_rows(str(tmp_path / "lines.txt"))] == [
-        (1, {"text": "first line"}), (3, {"text": "second line"})]
+        (1, {"text": "first line"}),
+        (3, {"text": "second line"}),
+    ]
 
 
 def test_same_tokens_from_every_format(tmp_path):
@@ -89,38 +91,70 @@ def test_column_map_and_styles():
 
     row = apply_column_map({"prompt": "Hi?", "answer": "Hello."}, {"instruction": "prompt", "output": "answer"}, "f", 1)
     assert row == {"instruction": "Hi?", "output": "Hello."}
-    sample = row_to_sample({"instruction": "Sum", "input": "1 2", "output": "3", "system": "Be exact.",
-                            "history": [["Hi", "Hello"]]}, "auto", "f", 1)
+    sample = row_to_sample(
+        {"instruction": "Sum", "input": "1 2", "output": "3", "system": "Be exact.", "history": [["Hi", "Hello"]]},
+        "auto",
+        "f",
+        1,
+    )
     assert isinstance(sample, ChatSample)
     assert [m["role"] for m in sample.messages] == ["system", "user", "assistant", "user", "assistant"]
     assert sample.messages[3]["content"] == "Sum\n1 2"
-    sg = row_to_sample({"conversations": [{"from": "system", "value": "S"}, {"from": "human", "value": "q"},
-                                          {"from": "function_call", "value": "{\"name\": \"f\"}"},
-                                          {"from": "observation", "value": "42"}, {"from": "gpt", "value": "a"}]},
-                       "auto", "f", 1)
+    sg = row_to_sample(
+        {
+            "conversations": [
+                {"from": "system", "value": "S"},
+                {"from": "human", "value": "q"},
+                {"from": "function_call", "value": '{"name": "f"}'},
+                {"from": "observation", "value": "42"},
+                {"from": "gpt", "value": "a"},
+            ]
+        },
+        "auto",
+        "f",
+        1,
+    )
     assert [m["role"] for m in sg.messages] == ["system", "user", "assistant", "tool", "assistant"]
-    msg = row_to_sample({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]},
-                        "auto", "f", 1)
+    msg = row_to_sample(
+        {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}, "auto", "f", 1
+    )
     assert msg.messages[-1] == {"role": "assistant", "content": "a"}
     assert isinstance(row_to_sample({"text": "plain"}, "auto", "f", 1), TextSample)
     pref = row_to_sample({"prompt": "q", "chosen": "good", "rejected": "bad"}, "auto", "f", 1)
     assert isinstance(pref, PreferenceSample) and pref.chosen[-1]["content"] == "good"
-    pref2 = row_to_sample({"chosen": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "good"}],
-                           "rejected": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "bad"}]},
-                          "preference", "f", 1)
+    pref2 = row_to_sample(
+        {
+            "chosen": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "good"}],
+            "rejected": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "bad"}],
+        },
+        "preference",
+        "f",
+        1,
+    )
     assert pref2.chosen[:-1] == pref2.rejected[:-1]
 
 
-@pytest.mark.parametrize("row,match", [
-    ({"instruction": "q"}, r"missing column 'output'"),
-    ({"instruction": "q", "output": "  "}, r"empty assistant answer"),
-    ({"messages": [{"role": "assistant", "content": "a"}, {"role": "user", "content": "q"}]}, r"out of order"),
-    ({"messages": [{"role": "user", "content": "q"}, {"role": "user", "content": "q2"},
-                   {"role": "assistant", "content": "a"}]}, r"out of order"),
-    ({"messages": [{"role": "user", "content": "q"}]}, r"does not end with an assistant"),
-    ({"conversations": [{"from": "alien", "value": "q"}]}, r"unknown role tag"),
-    ({"foo": 1}, r"cannot tell the sample style"),
-])
+@pytest.mark.parametrize(
+    "row,match",
+    [
+        ({"instruction": "q"}, r"missing column 'output'"),
+        ({"instruction": "q", "output": "  "}, r"empty assistant answer"),
+        ({"messages": [{"role": "assistant", "content": "a"}, {"role": "user", "content": "q"}]}, r"out of order"),
+        (
+            {
+                "messages": [
+                    {"role": "user", "content": "q"},
+                    {"role": "user", "content": "q2"},
+                    {"role": "assistant", "content": "a"},
+                ]
+            },
+            r"out of order",
+        ),
+        ({"messages": [{"role": "user", "content": "q"}]}, r"does not end with an assistant"),
+        ({"conversations": [{"from": "alien", "value": "q"}]}, r"unknown role tag"),
+        ({"foo": 1}, r"cannot tell the sample style"),
+    ],
+)
 def test_bad_rows_raise_clear_errors(tmp_path, row, match):
     p = tmp_path / "bad.jsonl"
     good = {"instruction": "ok", "output": "fine"}
@@ -142,8 +176,9 @@ def test_malformed_json_line_and_skip_bad_samples(tmp_path, caplog):
         sft_dataset(tok, str(p), template="chatml", cache_dir=str(tmp_path / "c"), num_workers=1)
     assert "skip_bad_samples" in str(e.value)
     with caplog.at_level(logging.WARNING, logger="tinytune.datasets"):
-        ds = sft_dataset(tok, str(p), template="chatml", cache_dir=str(tmp_path / "c"), num_workers=1,
-                         skip_bad_samples=True)
+        ds = sft_dataset(
+            tok, str(p), template="chatml", cache_dir=str(tmp_path / "c"), num_workers=1, skip_bad_samples=True
+        )
     assert len(ds) == 4 and ds.meta["skipped_bad"] == 2
     assert "skipped 2 bad sample(s)" in caplog.text and "row 3" in caplog.text and "row 6" in caplog.text
 
@@ -154,8 +189,14 @@ def _trained(tok, item):
     return tok.decode([t[i + 1] for i in range(len(t) - 1) if lab[i] != IGNORE_INDEX], skip_special_tokens=False)
 
 
-CONV = {"messages": [{"role": "user", "content": "one"}, {"role": "assistant", "content": "uno"},
-                     {"role": "user", "content": "two"}, {"role": "assistant", "content": "dos"}]}
+CONV = {
+    "messages": [
+        {"role": "user", "content": "one"},
+        {"role": "assistant", "content": "uno"},
+        {"role": "user", "content": "two"},
+        {"role": "assistant", "content": "dos"},
+    ]
+}
 
 
 def test_masking_policies_end_to_end(tmp_path):
@@ -250,20 +291,26 @@ def test_worker_processes_give_identical_cache(tmp_path):
 
 def test_preference_dataset_and_collate(tmp_path):
     tok = chatml_test_tokenizer()
-    rows = [{"prompt": "Capital of France?", "chosen": "Paris.", "rejected": "Probably Berlin, I think."},
-            {"chosen": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}],
-             "rejected": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "5"}]}]
+    rows = [
+        {"prompt": "Capital of France?", "chosen": "Paris.", "rejected": "Probably Berlin, I think."},
+        {
+            "chosen": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}],
+            "rejected": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "5"}],
+        },
+    ]
     ds = preference_dataset(tok, rows, template="chatml", cache_dir=str(tmp_path), num_workers=1)
     assert len(ds) == 2
     item = ds[0]
     assert _trained(tok, {"tokens": item["chosen_tokens"], "labels": item["chosen_labels"]}) == "Paris.<|im_end|>"
-    assert _trained(tok, {"tokens": item["rejected_tokens"], "labels": item["rejected_labels"]}) == \
-        "Probably Berlin, I think.<|im_end|>"
+    assert (
+        _trained(tok, {"tokens": item["rejected_tokens"], "labels": item["rejected_labels"]})
+        == "Probably Berlin, I think.<|im_end|>"
+    )
     batch = ds.collate_fn([ds[0], ds[1]])
     assert batch["tokens"].shape[0] == 4 and batch["tokens"].shape[1] % 8 == 0
     assert batch["tokens"][0, : len(item["chosen_tokens"])].tolist() == item["chosen_tokens"]
     assert batch["tokens"][2, : len(item["rejected_tokens"])].tolist() == item["rejected_tokens"]
-    assert (batch["labels"][0, len(item["chosen_tokens"]):] == IGNORE_INDEX).all()
+    assert (batch["labels"][0, len(item["chosen_tokens"]) :] == IGNORE_INDEX).all()
 
 
 def test_real_corpora(tmp_path):
@@ -275,8 +322,15 @@ def test_real_corpora(tmp_path):
     assert len(cb) > 10
     text = tok.decode(cb[0]["tokens"], skip_special_tokens=False)
     assert text.startswith("<|im_start|>user\nHello<|im_end|>\n<|im_start|>assistant\nHi<|im_end|>")
-    cc = chitchat_dataset(tok, max_conversations=20, max_turns=6, template="chatml", max_seq_len=256,
-                          cache_dir=str(tmp_path), num_workers=1)
+    cc = chitchat_dataset(
+        tok,
+        max_conversations=20,
+        max_turns=6,
+        template="chatml",
+        max_seq_len=256,
+        cache_dir=str(tmp_path),
+        num_workers=1,
+    )
     assert len(cc) >= 20 and max(cc.lengths) <= 256
     assert all(any(x != IGNORE_INDEX for x in cc[i]["labels"]) for i in range(len(cc)))
 
@@ -285,17 +339,23 @@ def test_template_options_through_builder(tmp_path):
     from test_datasets_helpers import chatml_test_tokenizer as make
 
     kw = dict(cache_dir=str(tmp_path), num_workers=1)
-    conv = {"conversations": [{"from": "human", "value": "weather?"},
-                              {"from": "function_call", "value": "{\"name\": \"get_weather\"}"},
-                              {"from": "observation", "value": "sunny"}, {"from": "gpt", "value": "It is sunny."}]}
+    conv = {
+        "conversations": [
+            {"from": "human", "value": "weather?"},
+            {"from": "function_call", "value": '{"name": "get_weather"}'},
+            {"from": "observation", "value": "sunny"},
+            {"from": "gpt", "value": "It is sunny."},
+        ]
+    }
     tok = make()
     # ShareGPT function_call / observation turns become OpenAI tool_calls / tool messages, rendered by a
     # template that takes tools (MindSpeed qwen3: Qwen's <tool_call> JSON, observations masked).
     ds = sft_dataset(tok, [conv], prompt_type="qwen3", **kw)
     text = tok.decode(ds[0]["tokens"], skip_special_tokens=False)
     assert "<|im_start|>user\n<tool_response>\nsunny\n</tool_response><|im_end|>" in text
-    assert _trained(tok, ds[0]) == ('<tool_call>\n{"name": "get_weather", "arguments": {}}\n</tool_call><|im_end|>\n'
-                                    "It is sunny.<|im_end|>\n")
+    assert _trained(tok, ds[0]) == (
+        '<tool_call>\n{"name": "get_weather", "arguments": {}}\n</tool_call><|im_end|>\nIt is sunny.<|im_end|>\n'
+    )
     # MindSpeed prompt_type and a system prompt for conversations without one.
     ds = sft_dataset(tok, [CONV], prompt_type="qwen", system_prompt="Be brief.", **kw)
     assert tok.decode(ds[0]["tokens"], skip_special_tokens=False).startswith("<|im_start|>system\nBe brief.<|im_end|>")
@@ -335,8 +395,14 @@ def test_csv_field_count_error_and_txt_pretraining(tmp_path):
     p.write_text('instruction,output\n"Hi",Hello\nBroken,row,extra\n')
     with pytest.raises(DatasetError, match=r"rows.csv: row 2: row has 3 fields but the header has 2"):
         sft_dataset(chatml_test_tokenizer(), str(p), template="chatml", cache_dir=str(tmp_path / "c"), num_workers=1)
-    ds = sft_dataset(chatml_test_tokenizer(), str(p), template="chatml", cache_dir=str(tmp_path / "c"),
-                     num_workers=1, skip_bad_samples=True)
+    ds = sft_dataset(
+        chatml_test_tokenizer(),
+        str(p),
+        template="chatml",
+        cache_dir=str(tmp_path / "c"),
+        num_workers=1,
+        skip_bad_samples=True,
+    )
     assert len(ds) == 1 and ds.meta["skipped_bad"] == 1
     txt = tmp_path / "corpus.txt"
     txt.write_text("The first document.\nThe second one.\n")
@@ -364,4 +430,8 @@ def test_concurrent_builders_share_one_cache_entry(tmp_path):
     assert all(n == 300 for _, n in results)
     entries = [e for e in os.listdir(tmp_path) if not e.startswith(".")]
     assert len(entries) == 1 and set(os.listdir(tmp_path / entries[0])) == {
-        "tokens.bin", "labels.bin", "offsets.bin", "meta.json"}
+        "tokens.bin",
+        "labels.bin",
+        "offsets.bin",
+        "meta.json",
+    }

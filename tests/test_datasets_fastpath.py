@@ -13,11 +13,33 @@ from tinytune.datasets.encoding import IGNORE_INDEX, SampleEncoder, flat_labels,
 from tinytune.datasets.styles import ChatSample
 from tinytune.datasets.templates import get_template
 
-PROMPTS = ["What is 2+2?", "Count: 12", "Say hi", "Write  two  spaces", "héllo 你好, translate",
-           "Line one\nLine two\n", "Tabs\tand\ttabs", "List 3 items:", "x",
-           "Answer:  "]  # trailing spaces: BPE merges them differently once answer digits follow
-ANSWERS = ["4", "42 is the answer.", " 42", "  two leading spaces", "\nnewline first", "\n\nTwo newlines",
-           "345 then words", " leading space", "\tTab first", "Ok.\n", "!!! punct", "é accent", "12345678"]
+PROMPTS = [
+    "What is 2+2?",
+    "Count: 12",
+    "Say hi",
+    "Write  two  spaces",
+    "héllo 你好, translate",
+    "Line one\nLine two\n",
+    "Tabs\tand\ttabs",
+    "List 3 items:",
+    "x",
+    "Answer:  ",
+]  # trailing spaces: BPE merges them differently once answer digits follow
+ANSWERS = [
+    "4",
+    "42 is the answer.",
+    " 42",
+    "  two leading spaces",
+    "\nnewline first",
+    "\n\nTwo newlines",
+    "345 then words",
+    " leading space",
+    "\tTab first",
+    "Ok.\n",
+    "!!! punct",
+    "é accent",
+    "12345678",
+]
 
 
 def _conversations():
@@ -26,10 +48,15 @@ def _conversations():
         p = PROMPTS[i % len(PROMPTS)]
         convs.append([{"role": "user", "content": p}, {"role": "assistant", "content": a}])
         # multi-turn with a system prompt; the earlier answer is trained too (no mask_history)
-        convs.append([{"role": "system", "content": "Be brief."}, {"role": "user", "content": p},
-                      {"role": "assistant", "content": ANSWERS[(i + 3) % len(ANSWERS)]},
-                      {"role": "user", "content": PROMPTS[(i + 1) % len(PROMPTS)]},
-                      {"role": "assistant", "content": a}])
+        convs.append(
+            [
+                {"role": "system", "content": "Be brief."},
+                {"role": "user", "content": p},
+                {"role": "assistant", "content": ANSWERS[(i + 3) % len(ANSWERS)]},
+                {"role": "user", "content": PROMPTS[(i + 1) % len(PROMPTS)]},
+                {"role": "assistant", "content": a},
+            ]
+        )
     return convs
 
 
@@ -61,8 +88,17 @@ def _reference(hf, tok, template, messages):
     return ids, labels
 
 
-@pytest.mark.parametrize("family,template", [("llama3", "llama3"), ("chatml", "chatml"), ("chatml", "qwen2_5"),
-                                             ("sp", "alpaca"), ("gemma", "gemma"), ("sp", "plain")])
+@pytest.mark.parametrize(
+    "family,template",
+    [
+        ("llama3", "llama3"),
+        ("chatml", "chatml"),
+        ("chatml", "qwen2_5"),
+        ("sp", "alpaca"),
+        ("gemma", "gemma"),
+        ("sp", "plain"),
+    ],
+)
 def test_fast_path_equals_whole_string_reference(hf, family, template):
     tok = tinytune_test_tokenizer(family)
     t = get_template(template).bind(tok)
@@ -88,10 +124,22 @@ def test_fast_path_equals_whole_string_reference(hf, family, template):
 
 def test_fast_encode_many_equals_encode():
     tok = tinytune_test_tokenizer("chatml")
-    texts = ["plain text", "<|im_start|>user\nhi<|im_end|>", "a < b", "héllo", "", " ", "\n\n", "x" * 300,
-             "<|eot_id|>", "emoji 😀 ok", "lone \ud800 surrogate"]
+    texts = [
+        "plain text",
+        "<|im_start|>user\nhi<|im_end|>",
+        "a < b",
+        "héllo",
+        "",
+        " ",
+        "\n\n",
+        "x" * 300,
+        "<|eot_id|>",
+        "emoji 😀 ok",
+        "lone \ud800 surrogate",
+    ]
     assert tok.encode_batch(texts, add_bos=False, add_eos=False) == [
-        tok.encode(t, add_bos=False, add_eos=False) for t in texts]
+        tok.encode(t, add_bos=False, add_eos=False) for t in texts
+    ]
     assert tok.encode_batch(texts) == [tok.encode(t) for t in texts]
     llama = tinytune_test_tokenizer("llama3")
     assert llama.encode_batch(texts) == [llama.encode(t) for t in texts]
@@ -117,7 +165,7 @@ def test_border_where_bpe_merges_differently_across_it(hf, family):
     tok = tinytune_test_tokenizer(family)
     t = get_template("plain").bind(tok)
     conv = [{"role": "user", "content": "Answer:  "}, {"role": "assistant", "content": "42"}]
-    (seq,), = SampleEncoder(tok, t).encode_samples([ChatSample([dict(m) for m in conv])])
+    ((seq,),) = SampleEncoder(tok, t).encode_samples([ChatSample([dict(m) for m in conv])])
     ids, labels = _reference(hf, tok, t, conv)
     assert (seq.tokens, seq.labels) == (ids, labels)
     assert [x for x in seq.labels if x != IGNORE_INDEX] == seq.tokens[-2:]  # '42' and the end token only

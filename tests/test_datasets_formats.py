@@ -24,8 +24,13 @@ def _trained(tok, item, prefix=""):
 
 
 def test_pairwise_alpaca_keeps_input():
-    row = {"instruction": "Translate", "input": "bonjour", "chosen": "hello", "rejected": "goodbye",
-           "system": "Be exact."}
+    row = {
+        "instruction": "Translate",
+        "input": "bonjour",
+        "chosen": "hello",
+        "rejected": "goodbye",
+        "system": "Be exact.",
+    }
     s = row_to_sample(row, "auto", "f", 1)
     assert isinstance(s, PreferenceSample) and s.unused == ()
     assert s.chosen == [{"role": "system", "content": "Be exact."}, U("Translate\nbonjour"), A("hello")]
@@ -33,9 +38,15 @@ def test_pairwise_alpaca_keeps_input():
 
 
 def test_sharegpt_pairwise_and_trl_preference():
-    row = {"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"},
-                             {"from": "human", "value": "q2"}],
-           "chosen": {"from": "gpt", "value": "good"}, "rejected": {"from": "gpt", "value": "bad"}}
+    row = {
+        "conversations": [
+            {"from": "human", "value": "q"},
+            {"from": "gpt", "value": "a"},
+            {"from": "human", "value": "q2"},
+        ],
+        "chosen": {"from": "gpt", "value": "good"},
+        "rejected": {"from": "gpt", "value": "bad"},
+    }
     s = row_to_sample(row, "auto", "f", 1)
     assert s.chosen == [U("q"), A("a"), U("q2"), A("good")] and s.rejected[-1] == A("bad")
     trl = row_to_sample({"prompt": [U("q")], "chosen": [A("good")], "rejected": [A("bad")]}, "auto", "f", 1)
@@ -55,24 +66,48 @@ def test_preference_dataset_from_pairwise_alpaca_trains_only_answers(tmp_path, c
 
 
 def test_qwen3_guide_conversations_with_role_content():
-    row = {"conversations": [{"role": "system", "content": "S"}, {"role": "user", "content": "q"},
-                             {"role": "assistant", "content": "a"}]}
+    row = {
+        "conversations": [
+            {"role": "system", "content": "S"},
+            {"role": "user", "content": "q"},
+            {"role": "assistant", "content": "a"},
+        ]
+    }
     s = row_to_sample(row, "auto", "f", 1)
     assert isinstance(s, ChatSample) and s.messages == [{"role": "system", "content": "S"}, U("q"), A("a")]
 
 
 def test_sharegpt_tags_like_mindspeed_map_keys():
-    tags = {"role_tag": "speaker", "content_tag": "text", "user_tag": "USER", "assistant_tag": "BOT",
-            "system_tag": "SYS", "observation_tag": "RESULT", "function_tag": "CALL"}
-    row = {"conversations": [{"speaker": "SYS", "text": "S"}, {"speaker": "USER", "text": "weather?"},
-                             {"speaker": "CALL", "text": json.dumps({"name": "wx", "arguments": {"city": "Oslo"}})},
-                             {"speaker": "RESULT", "text": "rain"}, {"speaker": "BOT", "text": "It rains."}]}
+    tags = {
+        "role_tag": "speaker",
+        "content_tag": "text",
+        "user_tag": "USER",
+        "assistant_tag": "BOT",
+        "system_tag": "SYS",
+        "observation_tag": "RESULT",
+        "function_tag": "CALL",
+    }
+    row = {
+        "conversations": [
+            {"speaker": "SYS", "text": "S"},
+            {"speaker": "USER", "text": "weather?"},
+            {"speaker": "CALL", "text": json.dumps({"name": "wx", "arguments": {"city": "Oslo"}})},
+            {"speaker": "RESULT", "text": "rain"},
+            {"speaker": "BOT", "text": "It rains."},
+        ]
+    }
     s = row_to_sample(row, "sharegpt", "f", 1, tags)
     assert s.messages == [
-        {"role": "system", "content": "S"}, U("weather?"),
-        {"role": "assistant", "content": "",
-         "tool_calls": [{"type": "function", "function": {"name": "wx", "arguments": {"city": "Oslo"}}}]},
-        {"role": "tool", "content": "rain"}, A("It rains.")]
+        {"role": "system", "content": "S"},
+        U("weather?"),
+        {
+            "role": "assistant",
+            "content": "",
+            "tool_calls": [{"type": "function", "function": {"name": "wx", "arguments": {"city": "Oslo"}}}],
+        },
+        {"role": "tool", "content": "rain"},
+        A("It rains."),
+    ]
     with pytest.raises(DatasetError, match="needs `from` and `value`.*set `tags`"):
         row_to_sample(row, "sharegpt", "f", 1)
     with pytest.raises(DatasetError, match="unknown role tag 'SYS'"):
@@ -101,8 +136,9 @@ def test_unused_column_is_one_warning_naming_it(tmp_path, caplog):
 
 def test_undetectable_format_lists_styles_and_a_column_map(tmp_path):
     with pytest.raises(DatasetError) as e:
-        sft_dataset(chatml_test_tokenizer(), [{"question": "q", "answer": "a"}], template="chatml",
-                    cache_dir=str(tmp_path))
+        sft_dataset(
+            chatml_test_tokenizer(), [{"question": "q", "answer": "a"}], template="chatml", cache_dir=str(tmp_path)
+        )
     msg = str(e.value)
     for style in ("messages", "sharegpt", "preference", "prompt_completion", "alpaca", "text"):
         assert style in msg
@@ -116,13 +152,26 @@ def test_null_value_is_not_a_missing_column():
         row_to_sample({"instruction": "q"}, "alpaca", "f", 3)
 
 
-TOOLS = [{"type": "function", "function": {"name": "wx", "description": "Weather",
-                                           "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
-                                                          "required": ["city"]}}}]
-TOOL_CONV = [U("weather in Oslo?"),
-             {"role": "assistant", "content": "",
-              "tool_calls": [{"type": "function", "function": {"name": "wx", "arguments": {"city": "Oslo"}}}]},
-             {"role": "tool", "content": "rain"}, A("It rains.")]
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "wx",
+            "description": "Weather",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+        },
+    }
+]
+TOOL_CONV = [
+    U("weather in Oslo?"),
+    {
+        "role": "assistant",
+        "content": "",
+        "tool_calls": [{"type": "function", "function": {"name": "wx", "arguments": {"city": "Oslo"}}}],
+    },
+    {"role": "tool", "content": "rain"},
+    A("It rains."),
+]
 
 
 class RecordingTemplate:
@@ -149,11 +198,13 @@ def test_tools_column_is_passed_to_render():
         text = tok.decode(seq.tokens, skip_special_tokens=False)
         assert "# Tools" in text and json.dumps(TOOLS[0]) in text
         trained = _trained(tok, {"tokens": seq.tokens, "labels": seq.labels})
-        assert trained == ('<tool_call>\n{"name": "wx", "arguments": {"city": "Oslo"}}\n</tool_call><|im_end|>\n'
-                           "It rains.<|im_end|>\n")  # the call trained, the observation masked
+        assert trained == (
+            '<tool_call>\n{"name": "wx", "arguments": {"city": "Oslo"}}\n</tool_call><|im_end|>\nIt rains.<|im_end|>\n'
+        )  # the call trained, the observation masked
     # A template that cannot take tools is an error, never a silent drop.
-    s = row_to_sample({"messages": TOOL_CONV[:2] + [{"role": "tool", "content": "x"}, A("y")], "tools": TOOLS},
-                      "auto", "f", 1)
+    s = row_to_sample(
+        {"messages": TOOL_CONV[:2] + [{"role": "tool", "content": "x"}, A("y")], "tools": TOOLS}, "auto", "f", 1
+    )
     res = SampleEncoder(tok, get_template("chatml")).encode_samples([s])
     assert isinstance(res[0], str) and "'chatml'" in res[0] and "tool" in res[0]
     with pytest.raises(DatasetError, match="`tools` is not valid JSON"):
@@ -189,10 +240,12 @@ def test_default_truncation_keeps_structure_and_counts(tmp_path, caplog):
     tok = llama3_test_tokenizer()
     long_a = " ".join(["answer"] * 300)
     long_q = " ".join(["question"] * 300)
-    rows = [{"instruction": "Short question?", "output": long_a},  # answer cut, prompt whole
-            {"instruction": long_q, "output": long_a},  # both cut in proportion
-            {"instruction": long_q, "output": "Yes."},  # prompt cut from the left
-            {"instruction": "Hi", "output": "Hello."}]  # untouched
+    rows = [
+        {"instruction": "Short question?", "output": long_a},  # answer cut, prompt whole
+        {"instruction": long_q, "output": long_a},  # both cut in proportion
+        {"instruction": long_q, "output": "Yes."},  # prompt cut from the left
+        {"instruction": "Hi", "output": "Hello."},
+    ]  # untouched
     kw = dict(template="llama3", cache_dir=str(tmp_path), num_workers=1, max_seq_len=64)
     with caplog.at_level(logging.WARNING, logger="tinytune.datasets"):
         ds = sft_dataset(tok, rows, **kw)
@@ -224,14 +277,26 @@ def test_truncation_counts_on_preference_and_no_trained_drop(tmp_path):
     assert ds.meta["truncated"] == {"truncated_prompt": 1}
     assert _trained(tok, ds[0], "chosen_") == "good<|eot_id|>"
     with pytest.raises(DatasetError, match="no_trained_tokens"):
-        sft_dataset(tok, [{"instruction": long_q, "output": "x"}], template="llama3", truncation="right",
-                    max_seq_len=32, cache_dir=str(tmp_path), num_workers=1)
+        sft_dataset(
+            tok,
+            [{"instruction": long_q, "output": "x"}],
+            template="llama3",
+            truncation="right",
+            max_seq_len=32,
+            cache_dir=str(tmp_path),
+            num_workers=1,
+        )
 
 
 def test_prompt_type_and_template_together_is_an_error(tmp_path):
     with pytest.raises(DatasetError, match="both `template`"):
-        sft_dataset(chatml_test_tokenizer(), [{"instruction": "q", "output": "a"}], template="chatml",
-                    prompt_type="qwen", cache_dir=str(tmp_path))
+        sft_dataset(
+            chatml_test_tokenizer(),
+            [{"instruction": "q", "output": "a"}],
+            template="chatml",
+            prompt_type="qwen",
+            cache_dir=str(tmp_path),
+        )
 
 
 def test_missing_tool_support_names_template():
@@ -248,16 +313,25 @@ def test_long_text_chunks_are_counted(tmp_path):
     from tinytune.datasets import text_dataset
 
     tok = llama3_test_tokenizer()
-    ds = text_dataset(tok, [{"text": " ".join(["word"] * 200)}, {"text": "short"}], max_seq_len=64,
-                      cache_dir=str(tmp_path), num_workers=1)
+    ds = text_dataset(
+        tok,
+        [{"text": " ".join(["word"] * 200)}, {"text": "short"}],
+        max_seq_len=64,
+        cache_dir=str(tmp_path),
+        num_workers=1,
+    )
     assert len(ds) == 5 and ds.meta["truncated"] == {"text_chunked": 1}
 
 
 def test_tool_call_turn_with_text_is_an_error_for_mindspeed():
     from tinytune.datasets.templates import get_template
 
-    msgs = [U("q"), {"role": "assistant", "content": "Let me check.", "tool_calls": TOOL_CONV[1]["tool_calls"]},
-            {"role": "tool", "content": "rain"}, A("It rains.")]
+    msgs = [
+        U("q"),
+        {"role": "assistant", "content": "Let me check.", "tool_calls": TOOL_CONV[1]["tool_calls"]},
+        {"role": "tool", "content": "rain"},
+        A("It rains."),
+    ]
     with pytest.raises(TemplateError, match="has text too"):
         get_template("mindspeed:qwen3").render(msgs, tools=TOOLS)
     default = get_template("mindspeed:chatml").render_text(TOOL_CONV, tools=TOOLS, eos_token="<E>")
@@ -267,8 +341,13 @@ def test_tool_call_turn_with_text_is_an_error_for_mindspeed():
 
 def test_parallel_tool_results_are_one_prompt_turn():
     calls = [{"type": "function", "function": {"name": "wx", "arguments": {"city": c}}} for c in ("Oslo", "Rome")]
-    msgs = [U("compare"), {"role": "assistant", "content": "", "tool_calls": calls},
-            {"role": "tool", "content": "rain"}, {"role": "tool", "content": "sun"}, A("Rome is sunnier.")]
+    msgs = [
+        U("compare"),
+        {"role": "assistant", "content": "", "tool_calls": calls},
+        {"role": "tool", "content": "rain"},
+        {"role": "tool", "content": "sun"},
+        A("Rome is sunnier."),
+    ]
     assert row_to_sample({"messages": msgs}, "auto", "f", 1).messages[3] == {"role": "tool", "content": "sun"}
     with pytest.raises(DatasetError, match="out of order"):
         row_to_sample({"messages": [U("a"), {"role": "tool", "content": "x"}, A("b")]}, "auto", "f", 1)

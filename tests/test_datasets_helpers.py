@@ -27,8 +27,9 @@ def llama3_tokenizer_json() -> str:
 class HFTestTokenizer:
     """The tinytune Tokenizer interface over a ``tokenizers.Tokenizer`` (tests only)."""
 
-    def __init__(self, hf_tok, bos: str, eos: str, stop: list[str], pad: str | None = None,
-                 chat_template: str | None = None):
+    def __init__(
+        self, hf_tok, bos: str, eos: str, stop: list[str], pad: str | None = None, chat_template: str | None = None
+    ):
         self.hf = hf_tok
         self.special_tokens = {t.content: i for i, t in hf_tok.get_added_tokens_decoder().items() if t.special}
         self.bos_id = hf_tok.token_to_id(bos) if bos else None
@@ -40,8 +41,7 @@ class HFTestTokenizer:
 
     def encode(self, text: str, add_bos: bool = True, add_eos: bool = True) -> list[int]:
         ids = self.hf.encode(text, add_special_tokens=False).ids
-        return ([self.bos_id] if add_bos and self.bos_id is not None else []) + ids + (
-            [self.eos_id] if add_eos else [])
+        return ([self.bos_id] if add_bos and self.bos_id is not None else []) + ids + ([self.eos_id] if add_eos else [])
 
     def encode_batch(self, texts, add_bos: bool = True, add_eos: bool = True, num_workers: int = 1):
         out = self.hf.encode_batch(list(texts), add_special_tokens=False)
@@ -67,8 +67,9 @@ def _base_hf():
 
 def llama3_test_tokenizer(chat_template: str | None = None) -> HFTestTokenizer:
     """Llama 3 vocabulary with BOS ``<|begin_of_text|>`` and EOS ``<|eot_id|>``."""
-    return HFTestTokenizer(_base_hf(), "<|begin_of_text|>", "<|eot_id|>", ["<|eot_id|>", "<|end_of_text|>"],
-                           chat_template=chat_template)
+    return HFTestTokenizer(
+        _base_hf(), "<|begin_of_text|>", "<|eot_id|>", ["<|eot_id|>", "<|end_of_text|>"], chat_template=chat_template
+    )
 
 
 def chatml_test_tokenizer(chat_template: str | None = None) -> HFTestTokenizer:
@@ -93,7 +94,9 @@ def test_adapter_matches_contract():
     assert ids[-1] == tok.special_tokens["<|eot_id|>"]
     assert tok.decode(ids) == "Hello"
     assert tok.encode_batch(["a b", "c"], add_bos=False, add_eos=False) == [
-        tok.encode("a b", add_bos=False, add_eos=False), tok.encode("c", add_bos=False, add_eos=False)]
+        tok.encode("a b", add_bos=False, add_eos=False),
+        tok.encode("c", add_bos=False, add_eos=False),
+    ]
 
 
 _FAMILY_CONFIG = {
@@ -114,8 +117,17 @@ def _extended_tokenizer_json() -> str:
         data = json.load(f)
     base = max(t["id"] for t in data["added_tokens"]) + 1
     for k, s in enumerate(EXTRA_SPECIALS):
-        data["added_tokens"].append({"id": base + k, "content": s, "single_word": False, "lstrip": False,
-                                     "rstrip": False, "normalized": False, "special": True})
+        data["added_tokens"].append(
+            {
+                "id": base + k,
+                "content": s,
+                "single_word": False,
+                "lstrip": False,
+                "rstrip": False,
+                "normalized": False,
+                "special": True,
+            }
+        )
     d = tempfile.mkdtemp(prefix="tinytune-test-tok-")
     path = os.path.join(d, "tokenizer.json")
     with open(path, "w", encoding="utf-8") as f:

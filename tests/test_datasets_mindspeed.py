@@ -30,6 +30,7 @@ def ref_render(entry: dict, system: str | None, turns: list[tuple[str, str]], th
 
     ``turns``: ``(role, content)`` with roles user / observation / assistant, alternating.
     """
+
     def slots(key, default):
         return (entry.get(key) or {}).get("slots") or default
 
@@ -87,9 +88,26 @@ def ref_render(entry: dict, system: str | None, turns: list[tuple[str, str]], th
     return out
 
 
-POOL = ["Hello", "yes", "d", "4", "The answer is yes.", "assistant", "user", "中文回答：你好", "naïve café ☕",
-        "line one\nline two", "  padded  ", "{{idx}} literal", "Round 0", "Human: hi", "<think>\nstep\n</think>\n\nok",
-        "Assistant:", "### Response:", "x" * 40]
+POOL = [
+    "Hello",
+    "yes",
+    "d",
+    "4",
+    "The answer is yes.",
+    "assistant",
+    "user",
+    "中文回答：你好",
+    "naïve café ☕",
+    "line one\nline two",
+    "  padded  ",
+    "{{idx}} literal",
+    "Round 0",
+    "Human: hi",
+    "<think>\nstep\n</think>\n\nok",
+    "Assistant:",
+    "### Response:",
+    "x" * 40,
+]
 
 
 def conversations(n: int, seed: int, tools: bool):
@@ -118,7 +136,7 @@ def check_text(name: str) -> tuple[int, int, int, list]:
     t = get_template(f"mindspeed:{name}")
     n = text_ok = mask_ok = 0
     bad = []
-    for thinking in ([None, True, False] if entry.get("template_class") == "ReasoningTemplate" else [None]):
+    for thinking in [None, True, False] if entry.get("template_class") == "ReasoningTemplate" else [None]:
         for system, turns in conversations(30, seed=zlib.crc32(name.encode()), tools=True):
             ref = ref_render(entry, system, turns, thinking)
             segs = t.render(as_messages(system, turns), enable_thinking=thinking)
@@ -145,8 +163,9 @@ def test_all_34_names_and_alpaca_has_no_bos():
     from tinytune.datasets.templates.mindspeed import mindspeed_names
 
     assert mindspeed_names() == sorted(TABLE)
-    segs = get_template("mindspeed:alpaca").render([{"role": "user", "content": "q"}, {"role": "assistant",
-                                                                                        "content": "a"}])
+    segs = get_template("mindspeed:alpaca").render(
+        [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+    )
     assert not any(s.special == "bos" for s in segs)
     # Names only MindSpeed has resolve without the prefix; built-in names keep the built-in template.
     assert get_template("baichuan2").name == "baichuan2" and type(get_template("chatml")).__name__ == "ChatTemplate"
@@ -166,8 +185,7 @@ def _tokenizer() -> HFTestTokenizer:
 
 
 def _byte_decoder() -> dict[str, int]:
-    bs = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-          + list(range(ord("®"), ord("ÿ") + 1)))
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
     cs = bs[:]
     n = 0
     for b in range(256):
@@ -234,8 +252,9 @@ def test_prompt_type_table_report(capsys):
 
 def test_missing_special_token_is_named(tmp_path):
     with pytest.raises(TemplateError, match=r"'<\|user\|>'"):
-        sft_dataset(chatml_test_tokenizer(), [{"instruction": "q", "output": "a"}], prompt_type="glm4",
-                    cache_dir=str(tmp_path))
+        sft_dataset(
+            chatml_test_tokenizer(), [{"instruction": "q", "output": "a"}], prompt_type="glm4", cache_dir=str(tmp_path)
+        )
     with pytest.raises(TemplateError, match=r"'\[gMASK\]'"):
         get_template("chatglm2").bind(chatml_test_tokenizer())
     with pytest.raises(TemplateError, match="unknown MindSpeed prompt type 'nope'"):
@@ -247,7 +266,9 @@ def test_prompt_type_through_builder_trains_answers(tmp_path):
     ds = sft_dataset(tok, [{"instruction": "q", "output": "yes"}], prompt_type="qwen", cache_dir=str(tmp_path))
     item = ds[0]
     text = tok.decode(item["tokens"], skip_special_tokens=False)
-    assert text == ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\nq<|im_end|>\n"
-                    "<|im_start|>assistant\nyes<|im_end|>")
+    assert text == (
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\nq<|im_end|>\n"
+        "<|im_start|>assistant\nyes<|im_end|>"
+    )
     trained = [item["tokens"][i + 1] for i, x in enumerate(item["labels"]) if x != IGNORE_INDEX]
     assert tok.decode(trained, skip_special_tokens=False) == "yes<|im_end|>"

@@ -71,14 +71,14 @@ def test_packed_items_and_collate_document_structure():
         assert sum(it["seq_lens"]) == 64
         pos = 0
         for j, n in enumerate(it["seq_lens"]):
-            assert it["input_pos"][pos:pos + n] == list(range(n))  # positions restart per document
+            assert it["input_pos"][pos : pos + n] == list(range(n))  # positions restart per document
             assert it["labels"][pos + n - 1] == IGNORE_INDEX  # no label crosses a border
             if j < len(ds.bins[k]):
                 src = items[ds.bins[k][j]]
-                assert it["tokens"][pos:pos + n] == src["tokens"] and it["labels"][pos:pos + n] == src["labels"]
+                assert it["tokens"][pos : pos + n] == src["tokens"] and it["labels"][pos : pos + n] == src["labels"]
                 seen += 1
             else:  # padding tail
-                assert all(x == IGNORE_INDEX for x in it["labels"][pos:pos + n])
+                assert all(x == IGNORE_INDEX for x in it["labels"][pos : pos + n])
             pos += n
     assert seen == 30
     batch = padded_collate([ds[0], ds[1], ds[len(ds) - 1]])
@@ -105,8 +105,9 @@ def test_packed_loss_equals_per_sample_loss():
     batch = padded_collate([ds[i] for i in range(len(ds))])
     with torch.no_grad():
         logits = model(batch["tokens"], input_pos=batch["input_pos"], seq_lens=batch["seq_lens"])  # [b, s, v]
-        ce = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), batch["labels"].flatten(),
-                                               ignore_index=IGNORE_INDEX, reduction="none").view_as(batch["labels"])
+        ce = torch.nn.functional.cross_entropy(
+            logits.float().flatten(0, 1), batch["labels"].flatten(), ignore_index=IGNORE_INDEX, reduction="none"
+        ).view_as(batch["labels"])
         checked = 0
         for r in range(len(ds)):
             pos = 0
@@ -114,9 +115,10 @@ def test_packed_loss_equals_per_sample_loss():
                 it = items[j]
                 n = len(it["tokens"])
                 alone = model(torch.tensor([it["tokens"]]))  # [1, n, v]
-                ref = torch.nn.functional.cross_entropy(alone[0].float(), torch.tensor(it["labels"]),
-                                                        ignore_index=IGNORE_INDEX, reduction="sum")
-                torch.testing.assert_close(ce[r, pos:pos + n].sum(), ref, rtol=1e-4, atol=1e-4)
+                ref = torch.nn.functional.cross_entropy(
+                    alone[0].float(), torch.tensor(it["labels"]), ignore_index=IGNORE_INDEX, reduction="sum"
+                )
+                torch.testing.assert_close(ce[r, pos : pos + n].sum(), ref, rtol=1e-4, atol=1e-4)
                 pos += n
                 checked += 1
     assert checked == 9
@@ -130,8 +132,12 @@ def test_group_by_length_sampler():
     assert list(GroupByLengthSampler(lengths, batch_size=8, seed=5, mega_batch_mult=10)) == idx  # deterministic
     s.set_epoch(1)
     assert list(s) != idx  # reshuffled per epoch
-    pad = lambda order: sum(max(lengths[order[i:i + 8]]) * 8 - lengths[order[i:i + 8]].sum()  # noqa: E731
-                            for i in range(0, len(order), 8))
+
+    def pad(order):
+        return sum(
+            max(lengths[order[i : i + 8]]) * 8 - lengths[order[i : i + 8]].sum() for i in range(0, len(order), 8)
+        )
+
     rnd = np.random.default_rng(0).permutation(1000)
     assert pad(np.array(idx)) < 0.3 * pad(rnd)  # much less padding than random batches
     # Resume mid-epoch: same remaining indices.

@@ -12,10 +12,18 @@ from test_datasets_helpers import chatml_test_tokenizer, llama3_test_tokenizer, 
 from tinytune.datasets import IGNORE_INDEX, dataset_stats, preference_dataset, sft_dataset, show_dataset
 from tinytune.datasets.show import GREEN, format_sample
 
-ROWS = [{"instruction": "Answer yes or no: is 7 prime?", "output": "yes", "id": 1},
-        {"messages": [{"role": "user", "content": "one"}, {"role": "assistant", "content": "uno"},
-                      {"role": "user", "content": "two"}, {"role": "assistant", "content": "dos"}]},
-        {"instruction": " ".join(["long"] * 100), "output": "short"}]
+ROWS = [
+    {"instruction": "Answer yes or no: is 7 prime?", "output": "yes", "id": 1},
+    {
+        "messages": [
+            {"role": "user", "content": "one"},
+            {"role": "assistant", "content": "uno"},
+            {"role": "user", "content": "two"},
+            {"role": "assistant", "content": "dos"},
+        ]
+    },
+    {"instruction": " ".join(["long"] * 100), "output": "short"},
+]
 
 
 def _trained_runs(tokens, labels):
@@ -38,8 +46,11 @@ def test_show_marks_exactly_the_trained_tokens(tmp_path):
     out = buf.getvalue()
     assert GREEN not in out  # not a terminal: brackets
     shown = re.findall(r"\[\[(.*?)\]\]", out, flags=re.S)
-    want = [tok.decode(r, skip_special_tokens=False)
-            for k in range(3) for r in _trained_runs(ds[k]["tokens"], ds[k]["labels"])]
+    want = [
+        tok.decode(r, skip_special_tokens=False)
+        for k in range(3)
+        for r in _trained_runs(ds[k]["tokens"], ds[k]["labels"])
+    ]
     assert shown == want == ["yes<|im_end|>", "uno<|im_end|>", "dos<|im_end|>", "short<|im_end|>"]
     # everything outside the brackets is the prompt, and the whole text is the decoded sample
     first = out.split("--- dataset sample 0")[1].split("\n", 1)[1].split("\n--- ")[0]
@@ -63,8 +74,13 @@ def test_colour_and_token_boundaries():
 
 def test_preference_pairs_are_shown_both_sides(tmp_path):
     tok = chatml_test_tokenizer()
-    ds = preference_dataset(tok, [{"prompt": "q", "chosen": "good", "rejected": "bad"}], template="chatml",
-                            cache_dir=str(tmp_path), num_workers=1)
+    ds = preference_dataset(
+        tok,
+        [{"prompt": "q", "chosen": "good", "rejected": "bad"}],
+        template="chatml",
+        cache_dir=str(tmp_path),
+        num_workers=1,
+    )
     buf = io.StringIO()
     show_dataset(ds, tok, 1, file=buf)
     out = buf.getvalue()
@@ -82,8 +98,10 @@ def test_prepare_data_show_cli(tmp_path, capsys):
     data = tmp_path / "train.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
     cfg = tmp_path / "cfg.yaml"
-    cfg.write_text(f"tokenizer:\n  path: {tokdir}\ndataset:\n  _component_: tinytune.datasets.sft_dataset\n"
-                   f"  source: {data}\n  template: llama3\n  max_seq_len: 48\n  cache_dir: {tmp_path / 'cache'}\n")
+    cfg.write_text(
+        f"tokenizer:\n  path: {tokdir}\ndataset:\n  _component_: tinytune.datasets.sft_dataset\n"
+        f"  source: {data}\n  template: llama3\n  max_seq_len: 48\n  cache_dir: {tmp_path / 'cache'}\n"
+    )
     assert main(["prepare-data", "--config", str(cfg), "--show", "2", "--num-workers", "1"]) == 0
     out = capsys.readouterr().out
     assert "[[yes<|eot_id|>]]" in out and "[[uno<|eot_id|>]]" in out and "sample 2" not in out
@@ -102,7 +120,12 @@ def test_show_uses_the_split(tmp_path):
     show_dataset(val, tok, 10, file=buf)
     out = buf.getvalue()
     shown = re.findall(r"\[\[(a\d+)<\|im_end\|>\]\]", out)
-    assert shown == [_trained_text for _trained_text in
-                     (tok.decode(r, skip_special_tokens=False).removesuffix("<|im_end|>")
-                      for k in range(len(val)) for r in _trained_runs(val[k]["tokens"], val[k]["labels"]))]
+    assert shown == [
+        _trained_text
+        for _trained_text in (
+            tok.decode(r, skip_special_tokens=False).removesuffix("<|im_end|>")
+            for k in range(len(val))
+            for r in _trained_runs(val[k]["tokens"], val[k]["labels"])
+        )
+    ]
     assert len(shown) == 4 and "this split: 4 of 20 items" in out

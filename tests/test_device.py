@@ -130,8 +130,15 @@ def test_unknown_device_suggests():
 
 @pytest.mark.parametrize(
     "name, dtype",
-    [("bf16", torch.bfloat16), ("bfloat16", torch.bfloat16), ("fp32", torch.float32), ("float32", torch.float32),
-     ("torch.float32", torch.float32), (None, torch.float32), (torch.bfloat16, torch.bfloat16)],
+    [
+        ("bf16", torch.bfloat16),
+        ("bfloat16", torch.bfloat16),
+        ("fp32", torch.float32),
+        ("float32", torch.float32),
+        ("torch.float32", torch.float32),
+        (None, torch.float32),
+        (torch.bfloat16, torch.bfloat16),
+    ],
 )
 def test_dtype_names_on_cpu(name, dtype):
     assert get_dtype(name, "cpu") == dtype

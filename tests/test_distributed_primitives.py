@@ -44,12 +44,12 @@ def test_sampler_matches_global_batches_and_resumes():
     g = torch.Generator().manual_seed(5 + 1)
     order = torch.randperm(n, generator=g).tolist()
     for t in range(len(per_rank[0]) // b):  # step t of all ranks == step t of one process with batch b*ranks
-        union = sorted(sum((p[t * b:(t + 1) * b] for p in per_rank), []))
-        assert union == sorted(order[t * b * ranks:(t + 1) * b * ranks])
+        union = sorted(sum((p[t * b : (t + 1) * b] for p in per_rank), []))
+        assert union == sorted(order[t * b * ranks : (t + 1) * b * ranks])
     state = samplers[1].state_dict(samples_consumed=2 * b)
     fresh = ResumableDistributedSampler(n, ranks, 1, seed=5)
     fresh.load_state_dict(state)
-    assert list(fresh) == per_rank[1][2 * b:] and len(fresh) == len(per_rank[1]) - 2 * b
+    assert list(fresh) == per_rank[1][2 * b :] and len(fresh) == len(per_rank[1]) - 2 * b
     with pytest.raises(ValueError, match="same `seed`"):
         ResumableDistributedSampler(n, ranks, 1, seed=6).load_state_dict(state)
     padded = ResumableDistributedSampler(5, 2, 1, shuffle=False, drop_last=False)

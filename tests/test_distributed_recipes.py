@@ -58,9 +58,21 @@ def _reference(tmp, ckpt, lora):
 def runs(tmp_path_factory):
     tmp = str(tmp_path_factory.mktemp("dist_recipes"))
     ckpt = write_tiny_checkpoint(os.path.join(tmp, "ckpt"), "qwen3", tie=False)
-    torchrun(2, [str(REPO / "tests/dist_workers/recipe_worker.py"), tmp, ckpt,
-                 "fsdp", "fsdp_offload_resume", "tp_sp_lossparallel", "lora_fsdp_ac", "lora_tp",
-                 "fsdp_epochs_resume"], timeout=300)
+    torchrun(
+        2,
+        [
+            str(REPO / "tests/dist_workers/recipe_worker.py"),
+            tmp,
+            ckpt,
+            "fsdp",
+            "fsdp_offload_resume",
+            "tp_sp_lossparallel",
+            "lora_fsdp_ac",
+            "lora_tp",
+            "fsdp_epochs_resume",
+        ],
+        timeout=300,
+    )
     refs = {"full": _reference(tmp, ckpt, lora=False), "lora": _reference(tmp, ckpt, lora=True)}
     from recipes.full_finetune import recipe_main
 
@@ -105,17 +117,21 @@ def test_resume_at_epoch_boundary_matches_two_epoch_run(runs):
     assert list(ref) == list(range(1, 9))  # 16 samples / global batch 4 = 4 steps per epoch, 2 epochs
     got = _losses(os.path.join(tmp, "fsdp_epochs_resume"))  # stopped after step 4, resumed into epoch 1
     assert got == pytest.approx(ref, abs=TOL)
-    assert _losses(os.path.join(tmp, "fsdp_epochs_resume"), "epoch") == {**{i: 0 for i in range(1, 5)},
-                                                                         **{i: 1 for i in range(5, 9)}}
+    assert _losses(os.path.join(tmp, "fsdp_epochs_resume"), "epoch") == {
+        **{i: 0 for i in range(1, 5)},
+        **{i: 1 for i in range(5, 9)},
+    }
 
 
 def test_tensor_parallel_with_sequence_and_loss_parallel_matches(runs):
     tmp, refs = runs
     assert _losses(os.path.join(tmp, "tp_sp_lossparallel")) == pytest.approx(_losses(refs["full"]), abs=TOL)
     assert _losses(os.path.join(tmp, "tp_sp_lossparallel"), "val_loss") == pytest.approx(
-        _losses(refs["full"], "val_loss"), abs=TOL)
-    _assert_same_weights(_weights(os.path.join(tmp, "tp_sp_lossparallel"), "hf_model"),
-                         _weights(refs["full"], "hf_model"), 1e-4)
+        _losses(refs["full"], "val_loss"), abs=TOL
+    )
+    _assert_same_weights(
+        _weights(os.path.join(tmp, "tp_sp_lossparallel"), "hf_model"), _weights(refs["full"], "hf_model"), 1e-4
+    )
 
 
 @pytest.mark.parametrize("scenario", ["lora_fsdp_ac", "lora_tp"])  # _ac: activation checkpointing
@@ -130,8 +146,11 @@ def test_lora_matches_single_device(runs, scenario):
 @pytest.mark.slow
 def test_fsdp_plus_tp_four_ranks(tmp_path):
     ckpt = write_tiny_checkpoint(str(tmp_path / "ckpt"), "qwen2", tie=True)
-    torchrun(4, [str(REPO / "tests/dist_workers/recipe_worker.py"), str(tmp_path), ckpt, "fsdp_tp", "lora_fsdp_tp_sp"],
-             timeout=300)
+    torchrun(
+        4,
+        [str(REPO / "tests/dist_workers/recipe_worker.py"), str(tmp_path), ckpt, "fsdp_tp", "lora_fsdp_tp_sp"],
+        timeout=300,
+    )
     ref, ref_lora = _reference(str(tmp_path), ckpt, lora=False), _reference(str(tmp_path), ckpt, lora=True)
     assert _losses(str(tmp_path / "fsdp_tp")) == pytest.approx(_losses(ref), abs=TOL)
     assert _losses(str(tmp_path / "lora_fsdp_tp_sp")) == pytest.approx(_losses(ref_lora), abs=TOL)
@@ -156,8 +175,9 @@ def test_plain_python_single_process_run(runs, tmp_path):
 @pytest.mark.gpu
 def test_cuda_nccl_bf16_run_tracks_fp32_reference(tmp_path):
     ckpt = write_tiny_checkpoint(str(tmp_path / "ckpt"), "qwen3", tie=False)
-    torchrun(1, [str(REPO / "tests/dist_workers/recipe_worker.py"), str(tmp_path), ckpt, "cuda_fsdp"],
-             timeout=300, cuda=True)
+    torchrun(
+        1, [str(REPO / "tests/dist_workers/recipe_worker.py"), str(tmp_path), ckpt, "cuda_fsdp"], timeout=300, cuda=True
+    )
     ref = _losses(_reference(str(tmp_path), ckpt, lora=False))
     got = _losses(str(tmp_path / "cuda_fsdp"))
     assert got == pytest.approx(ref, abs=0.05)  # bf16 compute vs fp32

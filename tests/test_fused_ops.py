@@ -177,8 +177,11 @@ def test_modules_match_eager_and_use_functions():
     assert type(out.grad_fn).__name__ == "_RMSNormFnBackward"
     torch.testing.assert_close(out, ref_rms_norm(x, norm.weight, 1e-5), atol=0, rtol=0)
 
-    ff = FeedForward(gate_proj=nn.Linear(32, 48, bias=False), up_proj=nn.Linear(32, 48, bias=False),
-                     down_proj=nn.Linear(48, 32, bias=False))
+    ff = FeedForward(
+        gate_proj=nn.Linear(32, 48, bias=False),
+        up_proj=nn.Linear(32, 48, bias=False),
+        down_proj=nn.Linear(48, 32, bias=False),
+    )
     y = ff(x)
     ref = ff.down_proj(ref_swiglu(ff.gate_proj(x), ff.up_proj(x)))
     torch.testing.assert_close(y, ref, atol=0, rtol=0)
@@ -187,8 +190,9 @@ def test_modules_match_eager_and_use_functions():
     nn.init.normal_(lora.lora_b.weight)
     y = lora(x)
     assert type(y.grad_fn).__name__ == "_LoRALinearFnBackward"
-    torch.testing.assert_close(y, ref_lora(x, lora.weight, lora.bias, lora.lora_a.weight, lora.lora_b.weight, 2.0),
-                               atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        y, ref_lora(x, lora.weight, lora.bias, lora.lora_a.weight, lora.lora_b.weight, 2.0), atol=1e-5, rtol=1e-5
+    )
     lora.disabled = True
     torch.testing.assert_close(lora(x), F.linear(x, lora.weight, lora.bias))
 
@@ -262,7 +266,9 @@ def _hidden_alive_after_forward(ff, x, outer_hooks):
 
     seen = []
     handle = ff.down_proj.register_forward_pre_hook(lambda m, args: seen.append(weakref.ref(args[0])))
-    ctx = torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t) if outer_hooks else contextlib.nullcontext()
+    ctx = (
+        torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t) if outer_hooks else contextlib.nullcontext()
+    )
     with ctx:
         y = ff(x)
     handle.remove()
@@ -277,7 +283,9 @@ def test_feed_forward_recomputes_hidden_instead_of_saving_it(lora):
     torch.manual_seed(0)
     fac = lora_linear_factory(["gate_proj", "up_proj", "down_proj"], rank=4, alpha=8.0) if lora else None
     mk = (lambda name, i, o: fac(name, i, o, False)) if lora else (lambda name, i, o: nn.Linear(i, o, bias=False))
-    ff = FeedForward(gate_proj=mk("gate_proj", 32, 80), up_proj=mk("up_proj", 32, 80), down_proj=mk("down_proj", 80, 32))
+    ff = FeedForward(
+        gate_proj=mk("gate_proj", 32, 80), up_proj=mk("up_proj", 32, 80), down_proj=mk("down_proj", 80, 32)
+    )
     for m in ff.modules():
         if hasattr(m, "lora_b"):
             nn.init.normal_(m.lora_b.weight)
@@ -295,8 +303,11 @@ def test_feed_forward_recomputes_hidden_instead_of_saving_it(lora):
 def test_recompute_is_off_under_outer_hooks():
     """With activation checkpointing (or any outer saved-tensor hooks) the hidden product is saved normally."""
     torch.manual_seed(0)
-    ff = FeedForward(gate_proj=nn.Linear(8, 16, bias=False), up_proj=nn.Linear(8, 16, bias=False),
-                     down_proj=nn.Linear(16, 8, bias=False))
+    ff = FeedForward(
+        gate_proj=nn.Linear(8, 16, bias=False),
+        up_proj=nn.Linear(8, 16, bias=False),
+        down_proj=nn.Linear(16, 8, bias=False),
+    )
     x = torch.randn(3, 8, requires_grad=True)
     y, alive = _hidden_alive_after_forward(ff, x, outer_hooks=True)
     assert alive
@@ -321,7 +332,9 @@ def test_norm_output_is_recomputed_by_its_consumers():
     x = torch.randn(2, 8, layer.sa_norm.dim, requires_grad=True)
     pos = torch.arange(8).expand(2, 8)
     outs = []
-    hooks = [n.register_forward_hook(lambda m, a, o: outs.append(weakref.ref(o))) for n in (layer.sa_norm, layer.mlp_norm)]
+    hooks = [
+        n.register_forward_hook(lambda m, a, o: outs.append(weakref.ref(o))) for n in (layer.sa_norm, layer.mlp_norm)
+    ]
     y = layer(x, input_pos=pos)
     for h in hooks:
         h.remove()

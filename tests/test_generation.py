@@ -23,8 +23,9 @@ def _model(builder=llama3.llama3_tiny, seed=0):
     return model
 
 
-@pytest.mark.parametrize("builder", [llama3.llama3_tiny, qwen2.qwen2_tiny, qwen3.qwen3_tiny, smollm2.smollm2_tiny],
-                         ids=lambda b: b.__name__)
+@pytest.mark.parametrize(
+    "builder", [llama3.llama3_tiny, qwen2.qwen2_tiny, qwen3.qwen3_tiny, smollm2.smollm2_tiny], ids=lambda b: b.__name__
+)
 def test_cache_equals_no_cache_and_padding_equals_alone(builder):
     model = _model(builder)
     cached = generate(model, PROMPTS, max_new_tokens=10, pad_id=0)
@@ -51,8 +52,9 @@ def test_greedy_matches_hf_generate():
 
     hf, ours = _pair("llama3")
     prompt = [5, 17, 99, 3, 42, 7]
-    ref = hf.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, min_new_tokens=12,
-                      pad_token_id=0, eos_token_id=None)[0, len(prompt):].tolist()
+    ref = hf.generate(
+        torch.tensor([prompt]), max_new_tokens=12, do_sample=False, min_new_tokens=12, pad_token_id=0, eos_token_id=None
+    )[0, len(prompt) :].tolist()
     assert generate(ours, [prompt], max_new_tokens=12) == [ref]
     del transformers
 

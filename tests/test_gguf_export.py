@@ -58,13 +58,17 @@ def rounded_reference(hf, out_type: str):
 
 def load_gguf_in_transformers(path: str):
     return transformers.AutoModelForCausalLM.from_pretrained(
-        os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32).eval()
+        os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32
+    ).eval()
 
 
 # Each family and each type in the default suite; the rest of the 3 x 3 matrix with `make test-slow`.
 FAST = {("llama", "f16"), ("qwen2", "bf16"), ("qwen3", "q8_0")}
-MATRIX = [pytest.param(m, t, marks=() if (m, t) in FAST else pytest.mark.slow)
-          for m in ("llama", "qwen2", "qwen3") for t in ("f16", "bf16", "q8_0")]
+MATRIX = [
+    pytest.param(m, t, marks=() if (m, t) in FAST else pytest.mark.slow)
+    for m in ("llama", "qwen2", "qwen3")
+    for t in ("f16", "bf16", "q8_0")
+]
 
 
 @pytest.mark.parametrize("model_type,out_type", MATRIX)
@@ -82,8 +86,10 @@ def test_transformers_loads_our_gguf(tmp_path, smollm2_dir, model_type, out_type
     assert rel < {"f16": 2e-3, "bf16": 2e-2, "q8_0": 2e-2}[out_type], rel
 
 
-@pytest.mark.parametrize("model_type", ["llama", pytest.param("qwen2", marks=pytest.mark.slow),
-                                        pytest.param("qwen3", marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "model_type",
+    ["llama", pytest.param("qwen2", marks=pytest.mark.slow), pytest.param("qwen3", marks=pytest.mark.slow)],
+)
 def test_our_import_round_trips_the_export(tmp_path, smollm2_dir, model_type):
     hf, d = tiny_with_tokenizer(tmp_path, smollm2_dir, model_type)
     path = convert_hf_to_gguf(d, str(tmp_path / "m.gguf"), "f32")
@@ -93,8 +99,9 @@ def test_our_import_round_trips_the_export(tmp_path, smollm2_dir, model_type):
     from tinytune.checkpoint import hf_key_map
 
     keymap = hf_key_map(model_type)
-    assert {keymap.to_external(k) for k in g.state_dict} | ({"lm_head.weight"} if g.info.tie_word_embeddings
-                                                           else set()) == set(hf.state_dict())
+    assert {keymap.to_external(k) for k in g.state_dict} | (
+        {"lm_head.weight"} if g.info.tie_word_embeddings else set()
+    ) == set(hf.state_dict())
     sd = hf.state_dict()
     for name, t in g.state_dict.items():  # f32: exact after our permute + the reader's un-permute
         torch.testing.assert_close(t, sd[keymap.to_external(name)], atol=0, rtol=0)
@@ -136,8 +143,9 @@ def test_cli_and_bad_type(tmp_path, smollm2_dir, capsys):
     assert "exists; pass --overwrite" in capsys.readouterr().err
     assert tune_main(["convert", "hf-to-gguf", d, out, "--type", "q4_k", "--overwrite"]) == 1
     err = capsys.readouterr().err
-    assert err == ("tune convert: error: --type: 'q4_k' is not a GGUF type tinytune writes; "
-                   "choose f32, f16, bf16, q8_0\n")
+    assert err == (
+        "tune convert: error: --type: 'q4_k' is not a GGUF type tinytune writes; choose f32, f16, bf16, q8_0\n"
+    )
     with pytest.raises(CheckpointError, match="no byte-level BPE tokenizer.json"):
         os.remove(os.path.join(d, "tokenizer.json"))
         convert_hf_to_gguf(d, str(tmp_path / "x.gguf"))
@@ -159,14 +167,15 @@ def test_sentencepiece_tokenizer_export(tmp_path):
     reader = gguf.GGUFReader(path)
     assert reader.fields["tokenizer.ggml.model"].contents() == "llama"
     toks = reader.fields["tokenizer.ggml.tokens"].contents()
-    assert toks[:sp.get_piece_size()] == [sp.id_to_piece(i) for i in range(sp.get_piece_size())]
+    assert toks[: sp.get_piece_size()] == [sp.id_to_piece(i) for i in range(sp.get_piece_size())]
     assert toks[-1] == f"[PAD{sp.get_piece_size() + 2}]"
     got = transformers.AutoTokenizer.from_pretrained(str(tmp_path), gguf_file="sp.gguf")
     for text in ["Hello world, this is a test.", "Numbers 12345 and  spaces"]:
         assert got(text, add_special_tokens=False)["input_ids"] == sp.encode(text)
     t = tokens(3, vocab=sp.get_piece_size(), s=10)
-    torch.testing.assert_close(hf_logits(load_gguf_in_transformers(path), t),
-                               hf_logits(rounded_reference_sp(hf), t), atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(
+        hf_logits(load_gguf_in_transformers(path), t), hf_logits(rounded_reference_sp(hf), t), atol=2e-5, rtol=1e-4
+    )
 
 
 def rounded_reference_sp(hf):

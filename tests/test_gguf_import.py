@@ -128,7 +128,11 @@ def test_gguf_mixed_quant_round_trip(tmp_path):
         gname = gguf_name(keymap.to_external(name))
         arr, qt = originals[gname]
         # exact: our result is gguf's dequantization, un-permuted
-        deq = arr if qt == Q.F32 else (arr.astype(np.float16).astype(np.float32) if qt == Q.F16 else dequantize(quantize(arr, qt), qt))
+        deq = (
+            arr
+            if qt == Q.F32
+            else (arr.astype(np.float16).astype(np.float32) if qt == Q.F16 else dequantize(quantize(arr, qt), qt))
+        )
         if "attn_q" in gname:
             deq = unpermute_qk(deq, 4)
         elif "attn_k" in gname:
@@ -185,7 +189,10 @@ def test_tune_convert_gguf_cli(tmp_path, capsys):
     path = tmp_path / "m.gguf"
     write_gguf(path, hf, {"ffn_up.weight": Q.Q8_0})
     out = tmp_path / "hf"
-    assert main(["convert", "gguf", str(path), str(out), "--dtype", "fp32", "--no-tokenizer", "--max-shard-size", "30KB"]) == 0
+    assert (
+        main(["convert", "gguf", str(path), str(out), "--dtype", "fp32", "--no-tokenizer", "--max-shard-size", "30KB"])
+        == 0
+    )
     assert str(out) in capsys.readouterr().out
     assert (out / "model.safetensors.index.json").is_file()
     from tinytune.checkpoint import load_hf_model
@@ -206,13 +213,21 @@ def test_rope_freqs_becomes_llama3_rope_scaling(tmp_path):
     scaling = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
     # reference: llama.cpp's converter computes the divisors like this
     head_dim, base = 64, 10000.0  # several frequencies inside the blended band to fit it
-    hf = tiny_hf_model("llama", rope_theta=base, max_position_embeddings=1024, head_dim=head_dim,
-                       rope_scaling={"rope_type": "llama3", **scaling})
+    hf = tiny_hf_model(
+        "llama",
+        rope_theta=base,
+        max_position_embeddings=1024,
+        head_dim=head_dim,
+        rope_scaling={"rope_type": "llama3", **scaling},
+    )
     factors = []
     for i in range(0, head_dim, 2):
         freq = 1.0 / base ** (i / head_dim)
         wavelen = 2 * math.pi / freq
-        lo, hi = scaling["original_max_position_embeddings"] / scaling["low_freq_factor"], scaling["original_max_position_embeddings"] / scaling["high_freq_factor"]
+        lo, hi = (
+            scaling["original_max_position_embeddings"] / scaling["low_freq_factor"],
+            scaling["original_max_position_embeddings"] / scaling["high_freq_factor"],
+        )
         if wavelen < hi:
             factors.append(1.0)
         elif wavelen > lo:

@@ -12,8 +12,14 @@ datasets = pytest.importorskip("datasets")
 from tinytune.datasets import DatasetError, sft_dataset  # noqa: E402
 from tinytune.datasets.hf_source import StreamingSFTDataset, hf_dataset, is_hf_source  # noqa: E402
 
-ROWS = [{"instruction": f"Question {i}: what is {i} plus {i}?", "input": "" if i % 3 else f"context {i}",
-         "output": f"{i} plus {i} is {2 * i}."} for i in range(12)]
+ROWS = [
+    {
+        "instruction": f"Question {i}: what is {i} plus {i}?",
+        "input": "" if i % 3 else f"context {i}",
+        "output": f"{i} plus {i} is {2 * i}.",
+    }
+    for i in range(12)
+]
 
 
 @pytest.fixture(autouse=True)
@@ -71,16 +77,18 @@ def test_second_build_hits_the_token_cache_and_packing_applies(tok, tmp_path):
     again = hf_dataset(tok, str(tmp_path / "disk"), **kw)
     assert not first.cache_hit and again.cache_hit
     packed = hf_dataset(tok, str(tmp_path / "disk"), packed=True, max_seq_len=128, **kw)
-    ref = sft_dataset(tok, ROWS, template="chatml", packed=True, max_seq_len=128, cache_dir=str(tmp_path / "c2"),
-                      num_workers=1)
+    ref = sft_dataset(
+        tok, ROWS, template="chatml", packed=True, max_seq_len=128, cache_dir=str(tmp_path / "c2"), num_workers=1
+    )
     assert items(packed) == items(ref)
 
 
 def test_column_map_and_styles_apply(tok, tmp_path):
     renamed = [{"prompt": r["instruction"], "answer": r["output"]} for r in ROWS]
     kw = dict(template="chatml", cache_dir=str(tmp_path / "cache"), num_workers=1)
-    got = hf_dataset(tok, datasets.Dataset.from_list(renamed), column_map={"instruction": "prompt",
-                                                                             "output": "answer"}, **kw)
+    got = hf_dataset(
+        tok, datasets.Dataset.from_list(renamed), column_map={"instruction": "prompt", "output": "answer"}, **kw
+    )
     ref = reference(tok, [{"instruction": r["instruction"], "output": r["output"]} for r in ROWS], tmp_path)
     assert items(got) == ref
 
@@ -110,12 +118,18 @@ def test_bad_inputs_are_one_line_errors_naming_key_and_value(tok, tmp_path):
     datasets.DatasetDict({"train": datasets.Dataset.from_list(ROWS)}).save_to_disk(str(tmp_path / "dd"))
     with pytest.raises(DatasetError, match=r"split: 'test' is not a split of .*available: \['train'\]"):
         hf_dataset(tok, str(tmp_path / "dd"), split="test", **kw)
-    with pytest.raises(DatasetError, match=r"column_map.output: column 'answer' is not in .*columns: \['input', "
-                                           r"'instruction', 'output'\]"):
+    with pytest.raises(
+        DatasetError,
+        match=r"column_map.output: column 'answer' is not in .*columns: \['input', "
+        r"'instruction', 'output'\]",
+    ):
         hf_dataset(tok, folder, column_map={"output": "answer"}, **kw)
     # a hub id that is not cached, offline (conftest sets HF_HUB_OFFLINE=1)
-    with pytest.raises(DatasetError, match=r"source: dataset 'acme/no-such-dataset' is not in the local datasets "
-                                           r"cache and the hub cannot be reached") as e:
+    with pytest.raises(
+        DatasetError,
+        match=r"source: dataset 'acme/no-such-dataset' is not in the local datasets "
+        r"cache and the hub cannot be reached",
+    ) as e:
         sft_dataset(tok, "acme/no-such-dataset", **kw)
     assert "\n" not in str(e.value)
     with pytest.raises(DatasetError, match=r"max_samples: expected a positive integer, got 0"):

@@ -66,8 +66,9 @@ def test_hf_uri_resolves_through_the_hub_cache_offline(tiny_checkpoint, tmp_path
     torch.testing.assert_close(our_logits(model, t), hf_logits(hf_model, t), atol=1e-4, rtol=1e-4)
     # a revision that is a cached ref
     populate_hub_cache(tmp_path / "hub2", "acme/tiny-qwen2", src, ref="v1")
-    assert resolve_hf_checkpoint("hf://acme/tiny-qwen2@v1", cache_dir=str(tmp_path / "hub2"),
-                                 home=str(tmp_path / "home")).endswith(COMMIT)
+    assert resolve_hf_checkpoint(
+        "hf://acme/tiny-qwen2@v1", cache_dir=str(tmp_path / "hub2"), home=str(tmp_path / "home")
+    ).endswith(COMMIT)
 
 
 def test_checkpoint_dir_hf_uri_in_a_config(tiny_checkpoint, tmp_path, monkeypatch):
@@ -79,8 +80,11 @@ def test_checkpoint_dir_hf_uri_in_a_config(tiny_checkpoint, tmp_path, monkeypatc
     assert resolve_checkpoint_dir(cfg) == snap
     # not cached, offline (conftest sets HF_HUB_OFFLINE=1): one clear error naming the key
     cfg = ModelSourceSettings.from_config(OmegaConf.create({"checkpoint_dir": "hf://acme/not-cached"}))
-    with pytest.raises(ConfigError, match=r"checkpoint_dir: hf://acme/not-cached: .*not in the local hub cache.*"
-                                          r"no network"):
+    with pytest.raises(
+        ConfigError,
+        match=r"checkpoint_dir: hf://acme/not-cached: .*not in the local hub cache.*"
+        r"no network",
+    ):
         resolve_checkpoint_dir(cfg)
 
 
@@ -119,8 +123,9 @@ def test_tune_download_cli_offline(tiny_checkpoint, tmp_path, capsys):
 def _hub_response_error(status: int, code: str, repo_id: str) -> Exception:
     """The exception huggingface_hub raises for a hub response with this status and error code."""
     url = f"https://huggingface.co/api/models/{repo_id}/revision/main"
-    resp = httpx2.Response(status, headers={"X-Error-Code": code, "X-Error-Message": "from the hub"},
-                           request=httpx2.Request("GET", url))
+    resp = httpx2.Response(
+        status, headers={"X-Error-Code": code, "X-Error-Message": "from the hub"}, request=httpx2.Request("GET", url)
+    )
     with pytest.raises(hub.errors.HfHubHTTPError) as info:
         hf_raise_for_status(resp)
     return info.value
@@ -140,18 +145,39 @@ def test_hub_errors_are_explained():
 
 
 # A real repo listing (Qwen/Qwen3-0.6B) and an older one with both weight formats.
-QWEN3_FILES = [".gitattributes", "LICENSE", "README.md", "config.json", "generation_config.json", "merges.txt",
-               "model.safetensors", "tokenizer.json", "tokenizer_config.json", "vocab.json"]
-MIXED_FILES = ["config.json", "pytorch_model-00001-of-00002.bin", "pytorch_model-00002-of-00002.bin",
-               "pytorch_model.bin.index.json", "model-00001-of-00002.safetensors",
-               "model-00002-of-00002.safetensors", "model.safetensors.index.json", "tokenizer.model",
-               "tokenizer_config.json", "special_tokens_map.json", "original/consolidated.00.pth", "README.md"]
+QWEN3_FILES = [
+    ".gitattributes",
+    "LICENSE",
+    "README.md",
+    "config.json",
+    "generation_config.json",
+    "merges.txt",
+    "model.safetensors",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.json",
+]
+MIXED_FILES = [
+    "config.json",
+    "pytorch_model-00001-of-00002.bin",
+    "pytorch_model-00002-of-00002.bin",
+    "pytorch_model.bin.index.json",
+    "model-00001-of-00002.safetensors",
+    "model-00002-of-00002.safetensors",
+    "model.safetensors.index.json",
+    "tokenizer.model",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "original/consolidated.00.pth",
+    "README.md",
+]
 
 
 def test_default_patterns_fetch_only_checkpoint_files():
     pick = lambda files, allow: sorted(filter_repo_objects(files, allow_patterns=list(allow)))  # noqa: E731
-    assert pick(QWEN3_FILES, CHECKPOINT_PATTERNS) == sorted(set(QWEN3_FILES) - {".gitattributes", "LICENSE",
-                                                                                 "README.md"})
+    assert pick(QWEN3_FILES, CHECKPOINT_PATTERNS) == sorted(
+        set(QWEN3_FILES) - {".gitattributes", "LICENSE", "README.md"}
+    )
     got = pick(MIXED_FILES, CHECKPOINT_PATTERNS)
     assert not any(f.endswith((".bin", ".pth")) for f in got)
     assert "model-00002-of-00002.safetensors" in got and "model.safetensors.index.json" in got

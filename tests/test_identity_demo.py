@@ -34,8 +34,12 @@ def test_demo_held_out_questions_are_not_training_questions():
 
 
 def test_held_out_scoring_and_bad_items():
-    qs = parse_held_out([{"prompt": "Who are you?", "expect": "Tilly"},
-                         {"prompt": "Who made you?", "expect": ["Tilly", "Tinytune Labs"]}])
+    qs = parse_held_out(
+        [
+            {"prompt": "Who are you?", "expect": "Tilly"},
+            {"prompt": "Who made you?", "expect": ["Tilly", "Tinytune Labs"]},
+        ]
+    )
     assert qs[1] == HeldOutQuestion("Who made you?", ("Tilly", "Tinytune Labs"))
     assert fraction_correct(qs, ["I'm TILLY.", "Tilly, by Tinytune labs"]) == 1.0
     assert fraction_correct(qs, ["I'm SmolLM.", "Tilly, by Hugging Face"]) == 0.0

@@ -23,7 +23,9 @@ def _sig(x):
 
 def _paper_kto(ratios, desirable, kl, beta, wd, wu):
     """Mean KTO loss (eq. 7): lambda_D (1 - s(beta (r - z0))) or lambda_U (1 - s(beta (z0 - r)))."""
-    vals = [wd * (1 - _sig(beta * (r - kl))) if d else wu * (1 - _sig(beta * (kl - r))) for r, d in zip(ratios, desirable)]
+    vals = [
+        wd * (1 - _sig(beta * (r - kl))) if d else wu * (1 - _sig(beta * (kl - r))) for r, d in zip(ratios, desirable)
+    ]
     return sum(vals) / len(vals)
 
 
@@ -31,12 +33,20 @@ def test_kto_losses_match_formula_and_trl():
     g = torch.Generator().manual_seed(0)
     n, beta, wd, wu = 8, 0.3, 1.0, 1.33
     desirable = torch.tensor([True, False, True, True, False, False, True, False])
-    pol, ref = -torch.rand(n, generator=g, dtype=torch.float64) * 20, -torch.rand(n, generator=g, dtype=torch.float64) * 20
-    kl_pol, kl_ref = -torch.rand(n, generator=g, dtype=torch.float64) * 20, -torch.rand(n, generator=g, dtype=torch.float64) * 20
+    pol, ref = (
+        -torch.rand(n, generator=g, dtype=torch.float64) * 20,
+        -torch.rand(n, generator=g, dtype=torch.float64) * 20,
+    )
+    kl_pol, kl_ref = (
+        -torch.rand(n, generator=g, dtype=torch.float64) * 20,
+        -torch.rand(n, generator=g, dtype=torch.float64) * 20,
+    )
     kl = kto_kl(kl_pol, kl_ref)
     assert float(kl) == pytest.approx(max(0.0, float((kl_pol - kl_ref).mean())))
     ratios = pol - ref
-    losses = kto_losses(ratios[desirable], ratios[~desirable], kl, beta=beta, desirable_weight=wd, undesirable_weight=wu)
+    losses = kto_losses(
+        ratios[desirable], ratios[~desirable], kl, beta=beta, desirable_weight=wd, undesirable_weight=wu
+    )
     want = _paper_kto(ratios.tolist(), desirable.tolist(), float(kl), beta, wd, wu)
     assert float(losses.mean()) == pytest.approx(want, rel=1e-12)
     assert float(kto_kl(kl_ref, kl_ref + 1.0)) == 0.0  # negative estimates clamp to 0
@@ -50,14 +60,31 @@ def test_kto_losses_match_formula_and_trl():
     per_token[:, 0] = pol
     out = SimpleNamespace(log_probs=per_token, entropy=torch.zeros(n, s - 1), mean_logits=torch.zeros(n, s - 1))
     acc = SimpleNamespace(device=torch.device("cpu"), gather_for_metrics=lambda x: x)
-    fake = SimpleNamespace(model=SimpleNamespace(training=True), accelerator=acc, precompute_ref_logps=True,
-                           calculate_KL=True, loss_type="kto", beta=beta, desirable_weight=wd, undesirable_weight=wu,
-                           aux_loss_enabled=False, _metrics={"train": defaultdict(list)}, _total_train_tokens=0,
-                           _tp_size=1, _compute_kl_logps=lambda model, batch: kl_pol)
+    fake = SimpleNamespace(
+        model=SimpleNamespace(training=True),
+        accelerator=acc,
+        precompute_ref_logps=True,
+        calculate_KL=True,
+        loss_type="kto",
+        beta=beta,
+        desirable_weight=wd,
+        undesirable_weight=wu,
+        aux_loss_enabled=False,
+        _metrics={"train": defaultdict(list)},
+        _total_train_tokens=0,
+        _tp_size=1,
+        _compute_kl_logps=lambda model, batch: kl_pol,
+    )
     mask = torch.zeros(n, s, dtype=torch.long)
     mask[:, 2:] = 1
-    inputs = {"label": desirable, "input_ids": torch.zeros(n, s, dtype=torch.long), "attention_mask": torch.ones(n, s),
-              "completion_mask": mask, "ref_logps": ref, "ref_KL_logps": kl_ref}
+    inputs = {
+        "label": desirable,
+        "input_ids": torch.zeros(n, s, dtype=torch.long),
+        "attention_mask": torch.ones(n, s),
+        "completion_mask": mask,
+        "ref_logps": ref,
+        "ref_KL_logps": kl_ref,
+    }
     trl_loss = KTOTrainer._compute_loss(fake, lambda **_: out, inputs, False)
     torch.testing.assert_close(losses.mean(), trl_loss.to(losses.dtype))
     m = {k: v[-1] for k, v in fake._metrics["train"].items()}
@@ -68,9 +95,14 @@ def test_kto_losses_match_formula_and_trl():
 
 def _items(n, seed=0, vocab=256):
     g = torch.Generator().manual_seed(seed)
-    return [{"prompt_ids": torch.randint(0, vocab, (3 + i % 4,), generator=g).tolist(),
-             "completion_ids": torch.randint(0, vocab, (2 + (i * 3) % 5,), generator=g).tolist(),
-             "label": i % 3 != 1} for i in range(n)]
+    return [
+        {
+            "prompt_ids": torch.randint(0, vocab, (3 + i % 4,), generator=g).tolist(),
+            "completion_ids": torch.randint(0, vocab, (2 + (i * 3) % 5,), generator=g).tolist(),
+            "label": i % 3 != 1,
+        }
+        for i in range(n)
+    ]
 
 
 def _policy_and_reference(seed=0):
@@ -95,10 +127,24 @@ def test_kto_accumulate_matches_plain_computation_and_kx1_equals_bs_k():
     items = _items(k)
     policy, ref = _policy_and_reference()
     p2 = copy.deepcopy(policy)
-    full = kto_accumulate(policy, make_reference(policy, ref), [kto_collate(items)], torch.device("cpu"),
-                          beta=beta, desirable_weight=wd, undesirable_weight=wu)
-    acc = kto_accumulate(p2, make_reference(p2, ref), [kto_collate([it]) for it in items], torch.device("cpu"),
-                         beta=beta, desirable_weight=wd, undesirable_weight=wu)
+    full = kto_accumulate(
+        policy,
+        make_reference(policy, ref),
+        [kto_collate(items)],
+        torch.device("cpu"),
+        beta=beta,
+        desirable_weight=wd,
+        undesirable_weight=wu,
+    )
+    acc = kto_accumulate(
+        p2,
+        make_reference(p2, ref),
+        [kto_collate([it]) for it in items],
+        torch.device("cpu"),
+        beta=beta,
+        desirable_weight=wd,
+        undesirable_weight=wu,
+    )
     for key in ("loss", "kl", "rewards/chosen", "rewards/rejected", "rewards/margins"):
         assert acc[key] == pytest.approx(full[key], rel=1e-5, abs=5e-6), key  # fp32 differences of ~-30 log-probs
     for (name, a), (_, b) in zip(policy.named_parameters(), p2.named_parameters()):
@@ -106,21 +152,40 @@ def test_kto_accumulate_matches_plain_computation_and_kx1_equals_bs_k():
     # independent: mismatched pair i = prompt i + completion i-1 (cyclic), full-logit log-probs
     with torch.no_grad():
         policy.eval()
-        kl_terms = [_plain_logp(policy, items[i]["prompt_ids"], items[i - 1]["completion_ids"])
-                    - _plain_logp(ref, items[i]["prompt_ids"], items[i - 1]["completion_ids"]) for i in range(k)]
-        ratios = [_plain_logp(policy, it["prompt_ids"], it["completion_ids"])
-                  - _plain_logp(ref, it["prompt_ids"], it["completion_ids"]) for it in items]
+        kl_terms = [
+            _plain_logp(policy, items[i]["prompt_ids"], items[i - 1]["completion_ids"])
+            - _plain_logp(ref, items[i]["prompt_ids"], items[i - 1]["completion_ids"])
+            for i in range(k)
+        ]
+        ratios = [
+            _plain_logp(policy, it["prompt_ids"], it["completion_ids"])
+            - _plain_logp(ref, it["prompt_ids"], it["completion_ids"])
+            for it in items
+        ]
     kl = max(0.0, sum(kl_terms) / k)
     assert full["kl"] == pytest.approx(kl, rel=1e-4, abs=1e-6)
     assert full["loss"] == pytest.approx(_paper_kto(ratios, [it["label"] for it in items], kl, beta, wd, wu), rel=1e-5)
     d = [beta * r for r, it in zip(ratios, items) if it["label"]]
     assert full["rewards/chosen"] == pytest.approx(sum(d) / len(d), rel=1e-4)
     # validation: the whole set is one window
-    val = kto_eval(policy, make_reference(policy, ref), [kto_collate(items[:2]), kto_collate(items[2:])],
-                   torch.device("cpu"), beta=beta, desirable_weight=wd, undesirable_weight=wu)
+    val = kto_eval(
+        policy,
+        make_reference(policy, ref),
+        [kto_collate(items[:2]), kto_collate(items[2:])],
+        torch.device("cpu"),
+        beta=beta,
+        desirable_weight=wd,
+        undesirable_weight=wu,
+    )
     assert val["loss"] == pytest.approx(full["loss"], rel=1e-5) and val["examples"] == k
-    one = kto_eval(policy, make_reference(policy, ref), [kto_collate(items[:2]), kto_collate(items[2:])],
-                   torch.device("cpu"), beta=beta, max_batches=1)
+    one = kto_eval(
+        policy,
+        make_reference(policy, ref),
+        [kto_collate(items[:2]), kto_collate(items[2:])],
+        torch.device("cpu"),
+        beta=beta,
+        max_batches=1,
+    )
     assert one["examples"] == 2
 
 
@@ -129,7 +194,7 @@ def test_mismatched_batches_rotate_over_the_window():
     kb = mismatched_batches([kto_collate(items[:1]), kto_collate(items[1:])])
     first = kb[0]["tokens"][0].tolist()
     want = items[0]["prompt_ids"] + items[2]["completion_ids"]
-    assert first[:len(want)] == want
+    assert first[: len(want)] == want
     with pytest.raises(ValueError, match="at least 2 examples"):
         mismatched_batches([kto_collate(items[:1])])
 
@@ -137,6 +202,7 @@ def test_mismatched_batches_rotate_over_the_window():
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     from _recipe_fixtures import make_tiny_checkpoint
+
     root = tmp_path_factory.mktemp("kto")
     return root, make_tiny_checkpoint(str(root / "model"))
 
@@ -151,19 +217,24 @@ def _write_rows(path, rows):
 def test_kto_dataset_masks_match_sft_encoding_and_bad_rows(tiny, tmp_path, caplog):
     from tinytune.datasets import chat_dataset
     from tinytune.tokenizers import load_tokenizer
+
     _, ckpt = tiny
     tok = load_tokenizer(ckpt)
     # adversarial: the completion also occurs in the prompt and in the header word "assistant"
-    rows = [{"prompt": "Say: assistant blue", "completion": "assistant blue", "label": True, "extra": 1},
-            {"prompt": [{"role": "user", "content": "What is ice?"}], "completion": "Ice is frozen water.",
-             "label": False}]
+    rows = [
+        {"prompt": "Say: assistant blue", "completion": "assistant blue", "label": True, "extra": 1},
+        {"prompt": [{"role": "user", "content": "What is ice?"}], "completion": "Ice is frozen water.", "label": False},
+    ]
     src = _write_rows(tmp_path / "kto.jsonl", rows)
     ds = kto_dataset(tok, src, template="chatml")
     assert "['extra']" in caplog.text
-    msgs = [[{"role": "user", "content": "Say: assistant blue"}, {"role": "assistant", "content": "assistant blue"}],
-            [{"role": "user", "content": "What is ice?"}, {"role": "assistant", "content": "Ice is frozen water."}]]
-    sft = chat_dataset(tok, [{"messages": m} for m in msgs], template="chatml", num_workers=1,
-                       cache_dir=str(tmp_path / "cache"))
+    msgs = [
+        [{"role": "user", "content": "Say: assistant blue"}, {"role": "assistant", "content": "assistant blue"}],
+        [{"role": "user", "content": "What is ice?"}, {"role": "assistant", "content": "Ice is frozen water."}],
+    ]
+    sft = chat_dataset(
+        tok, [{"messages": m} for m in msgs], template="chatml", num_workers=1, cache_dir=str(tmp_path / "cache")
+    )
     batch = kto_collate([ds[0], ds[1]])
     for i in range(2):
         ref = sft[i]
@@ -171,9 +242,9 @@ def test_kto_dataset_masks_match_sft_encoding_and_bad_rows(tiny, tmp_path, caplo
         assert len(ds[i]["completion_ids"]) == n
         got_t, got_l = batch["tokens"][i].tolist(), batch["labels"][i].tolist()
         last = max(j for j, t in enumerate(ref["labels"]) if t != -100)
-        assert got_t[:last + 1] == ref["tokens"][:last + 1]
-        assert got_l[:last + 1] == ref["labels"][:last + 1]
-        assert all(t == -100 for t in got_l[last + 1:])
+        assert got_t[: last + 1] == ref["tokens"][: last + 1]
+        assert got_l[: last + 1] == ref["labels"][: last + 1]
+        assert all(t == -100 for t in got_l[last + 1 :])
     assert batch["desirable"].tolist() == [True, False]
     bad = _write_rows(tmp_path / "bad.jsonl", rows[:1] + [{"prompt": "x", "completion": "y", "label": "yes"}])
     with pytest.raises(DatasetError, match=r"bad.jsonl: row 2: `label` must be true or false"):
@@ -190,6 +261,7 @@ def test_kto_recipe_first_step_and_validation(tiny, tmp_path, monkeypatch):
 
     from tinytune.cli.main import main as tune_main
     from tinytune.tokenizers import load_tokenizer
+
     root, ckpt = tiny
     monkeypatch.setenv("TINYTUNE_HOME", str(root / "home"))
     rows = []
@@ -197,14 +269,30 @@ def test_kto_recipe_first_step_and_validation(tiny, tmp_path, monkeypatch):
         rows.append({"prompt": q, "completion": a if i % 2 == 0 else QA[(i + 3) % len(QA)][1], "label": i % 2 == 0})
     src = _write_rows(tmp_path / "kto.jsonl", rows)
     node = {"_component_": "tinytune.datasets.kto_dataset", "source": src, "template": "chatml", "max_seq_len": 64}
-    cfg = {"output_dir": str(tmp_path / "out"), "checkpoint_dir": ckpt, "device": "cpu", "dtype": "fp32", "seed": 0,
-           "model": {"lora_attn_modules": ["q_proj", "v_proj"], "apply_lora_to_mlp": False, "lora_rank": 4,
-                     "lora_alpha": 8.0},
-           "dataset": {**node, "split": "train", "val_fraction": 0.25},
-           "validation": {"dataset": {**node, "split": "validation", "val_fraction": 0.25}, "every_n_steps": 2},
-           "beta": 0.2, "desirable_weight": 2.0, "undesirable_weight": 1.0, "batch_size": 3, "shuffle": False,
-           "max_steps": 2, "optimizer": {"name": "adamw", "lr": 1e-2}, "metric_loggers": ["jsonl"],
-           "resume_from_checkpoint": None}
+    cfg = {
+        "output_dir": str(tmp_path / "out"),
+        "checkpoint_dir": ckpt,
+        "device": "cpu",
+        "dtype": "fp32",
+        "seed": 0,
+        "model": {
+            "lora_attn_modules": ["q_proj", "v_proj"],
+            "apply_lora_to_mlp": False,
+            "lora_rank": 4,
+            "lora_alpha": 8.0,
+        },
+        "dataset": {**node, "split": "train", "val_fraction": 0.25},
+        "validation": {"dataset": {**node, "split": "validation", "val_fraction": 0.25}, "every_n_steps": 2},
+        "beta": 0.2,
+        "desirable_weight": 2.0,
+        "undesirable_weight": 1.0,
+        "batch_size": 3,
+        "shuffle": False,
+        "max_steps": 2,
+        "optimizer": {"name": "adamw", "lr": 1e-2},
+        "metric_loggers": ["jsonl"],
+        "resume_from_checkpoint": None,
+    }
     path = tmp_path / "kto.yaml"
     path.write_text("# recipe: kto\n" + yaml.safe_dump(cfg))
     assert tune_main(["run", "kto", "--config", str(path)]) in (0, None)

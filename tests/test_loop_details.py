@@ -16,8 +16,9 @@ from tinytune.training.lr_schedulers import get_lr_scheduler, resolve_warmup_ste
 from tinytune.training.steps import optimizer_step
 
 
-@pytest.mark.parametrize("steps,ratio,want", [(10, 0.05, 1), (100, 0.05, 5), (7, 0.3, 3), (40, 0.0, 0),
-                                              (33, 0.1, 4), (3, 1.0, 3)])
+@pytest.mark.parametrize(
+    "steps,ratio,want", [(10, 0.05, 1), (100, 0.05, 5), (7, 0.3, 3), (40, 0.0, 0), (33, 0.1, 4), (3, 1.0, 3)]
+)
 def test_warmup_ratio_rounds_up_like_hf_trainer(steps, ratio, want):
     assert resolve_warmup_steps(steps, warmup_ratio=ratio) == want == math.ceil(steps * ratio)
     transformers = pytest.importorskip("transformers")
@@ -95,6 +96,7 @@ def test_validation_max_batches_reads_only_the_first_batches():
     assert evaluate_loss(model, batches, torch.device("cpu"))["tokens"] == 4 * 2 * 7
     # the recipes read the key from validation.max_batches
     from omegaconf import OmegaConf
+
     assert ValidationSettings.from_config(OmegaConf.create({"max_batches": 2})).max_batches == 2
     assert ValidationSettings.from_config(OmegaConf.create({})).max_batches is None
 
@@ -108,8 +110,13 @@ def test_generation_stops_at_stop_tokens_per_row():
     stop_a, stop_b = free[0][3], free[2][5]  # tokens the greedy rows emit
     got = generate(model, prompts, max_new_tokens=12, stop_tokens=[stop_a, stop_b])
     seen = []
-    streamed = generate(model, prompts, max_new_tokens=12, stop_tokens=[stop_a, stop_b],
-                        on_token=lambda row, tok: seen.append((row, tok)))
+    streamed = generate(
+        model,
+        prompts,
+        max_new_tokens=12,
+        stop_tokens=[stop_a, stop_b],
+        on_token=lambda row, tok: seen.append((row, tok)),
+    )
     for row, full in enumerate(free):
         cut = next((i for i, t in enumerate(full) if t in (stop_a, stop_b)), len(full))
         assert got[row] == full[:cut]  # stop token excluded, the row ends there, others go on
@@ -125,6 +132,7 @@ def test_no_decay_groups_default_and_configured():
 
     from tinytune.config.recipe_settings import OptimSettings
     from tinytune.training.steps import build_optimizer_and_scheduler
+
     torch.manual_seed(0)
     model = smollm2_tiny()
     cfg = OptimSettings.from_config(OmegaConf.create({"optimizer": {"name": "adamw", "lr": 1e-3, "weight_decay": 0.1}}))
@@ -134,7 +142,9 @@ def test_no_decay_groups_default_and_configured():
         exempt = name.endswith("bias") or "norm" in name or name.startswith("tok_embeddings")
         assert wd[id(p)] == (0.0 if exempt else 0.1), name
     assert any(v == 0.1 for v in wd.values()) and any(v == 0.0 for v in wd.values())
-    cfg = OptimSettings.from_config(OmegaConf.create({"optimizer": {"name": "adamw", "lr": 1e-3, "weight_decay": 0.1, "no_decay": []}}))
+    cfg = OptimSettings.from_config(
+        OmegaConf.create({"optimizer": {"name": "adamw", "lr": 1e-3, "weight_decay": 0.1, "no_decay": []}})
+    )
     opt, _ = build_optimizer_and_scheduler(cfg, model.named_parameters(), 10)
     assert {g["weight_decay"] for g in opt.param_groups} == {0.1}
     # plain parameters (no names): one group, the configured decay everywhere

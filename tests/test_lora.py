@@ -87,15 +87,11 @@ def test_merge_matches_peft():
 def test_factory_adapter_utils_and_merged_state_dict():
     torch.manual_seed(0)
     f = lora_linear_factory(["q", "v_proj", "down"], rank=2, alpha=4.0)
-    model = nn.ModuleDict(
-        {n: f(n, 16, 16, False) for n in ["q_proj", "k_proj", "v_proj", "down_proj"]}
-    )
+    model = nn.ModuleDict({n: f(n, 16, 16, False) for n in ["q_proj", "k_proj", "v_proj", "down_proj"]})
     assert isinstance(model["q_proj"], LoRALinear) and isinstance(model["down_proj"], LoRALinear)
     assert type(model["k_proj"]) is nn.Linear
     params = get_adapter_params(model)
-    assert set(params) == {
-        f"{n}.{ab}.weight" for n in ["q_proj", "v_proj", "down_proj"] for ab in ["lora_a", "lora_b"]
-    }
+    assert set(params) == {f"{n}.{ab}.weight" for n in ["q_proj", "v_proj", "down_proj"] for ab in ["lora_a", "lora_b"]}
     n_train = set_trainable_params(model)
     assert n_train == 3 * (2 * 16 + 16 * 2)
     assert [n for n, p in model.named_parameters() if p.requires_grad] == list(

@@ -73,14 +73,26 @@ def test_lora_matches_peft_on_hf_llama(tmp_path):
     ours = lora_builders.lora_smollm2_tiny(lora_attn_modules=ALL, apply_lora_to_mlp=True, lora_rank=4, lora_alpha=8)
     for p in get_adapter_params(ours).values():
         torch.nn.init.normal_(p, std=0.05)
-    info = ModelInfo(model_type="llama", vocab_size=256, dim=64, num_layers=2, num_heads=4, num_kv_heads=2,
-                     head_dim=16, hidden_dim=160, norm_eps=1e-5, rope_base=100_000.0, max_seq_len=512,
-                     tie_word_embeddings=True)
+    info = ModelInfo(
+        model_type="llama",
+        vocab_size=256,
+        dim=64,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=16,
+        hidden_dim=160,
+        norm_eps=1e-5,
+        rope_base=100_000.0,
+        max_seq_len=512,
+        tie_word_embeddings=True,
+    )
     base_sd = {k: v for k, v in ours.state_dict().items() if "lora_" not in k}
     save_hf_checkpoint(base_sd, info, str(tmp_path / "base"))
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "base"), torch_dtype=torch.float32)
-    cfg = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
-                          target_modules=ALL + ["gate_proj", "up_proj", "down_proj"])
+    cfg = peft.LoraConfig(
+        r=4, lora_alpha=8, lora_dropout=0.0, target_modules=ALL + ["gate_proj", "up_proj", "down_proj"]
+    )
     pm = peft.get_peft_model(hf, cfg)
     named = dict(pm.named_parameters())
     with torch.no_grad():
@@ -88,8 +100,10 @@ def test_lora_matches_peft_on_hf_llama(tmp_path):
             layer, rest = k.split(".", 2)[1], k.split(".", 2)[2]  # layers.{i}.attn.q_proj.lora_a.weight
             block, proj, ab = rest.split(".")[:3]
             hf_block = "self_attn" if block == "attn" else "mlp"
-            key = (f"base_model.model.model.layers.{layer}.{hf_block}.{proj}."
-                   f"{'lora_A' if ab == 'lora_a' else 'lora_B'}.default.weight")
+            key = (
+                f"base_model.model.model.layers.{layer}.{hf_block}.{proj}."
+                f"{'lora_A' if ab == 'lora_a' else 'lora_B'}.default.weight"
+            )
             named[key].copy_(v)
     t = _tokens()
     with torch.no_grad():
@@ -97,8 +111,16 @@ def test_lora_matches_peft_on_hf_llama(tmp_path):
         merged_hf = pm.merge_and_unload()
         merged_ours = get_merged_state_dict(ours)
         for i in range(2):
-            torch.testing.assert_close(merged_ours[f"layers.{i}.attn.q_proj.weight"],
-                                       merged_hf.model.layers[i].self_attn.q_proj.weight, atol=1e-6, rtol=1e-6)
-            torch.testing.assert_close(merged_ours[f"layers.{i}.mlp.down_proj.weight"],
-                                       merged_hf.model.layers[i].mlp.down_proj.weight, atol=1e-6, rtol=1e-6)
+            torch.testing.assert_close(
+                merged_ours[f"layers.{i}.attn.q_proj.weight"],
+                merged_hf.model.layers[i].self_attn.q_proj.weight,
+                atol=1e-6,
+                rtol=1e-6,
+            )
+            torch.testing.assert_close(
+                merged_ours[f"layers.{i}.mlp.down_proj.weight"],
+                merged_hf.model.layers[i].mlp.down_proj.weight,
+                atol=1e-6,
+                rtol=1e-6,
+            )
     assert os.path.isdir(tmp_path / "base")

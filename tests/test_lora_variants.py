@@ -66,8 +66,10 @@ def test_dora_forward_matches_formula_and_merge():
     torch.testing.assert_close(x @ m.merged_weight().T + m.bias, want, atol=1e-6, rtol=1e-5)
     # gradients reach A, B and m; the norm is treated as a constant (detached)
     m(x).sum().backward()
-    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in (m.lora_a.weight, m.lora_b.weight,
-                                                                      m.lora_magnitude.weight))
+    assert all(
+        p.grad is not None and p.grad.abs().sum() > 0
+        for p in (m.lora_a.weight, m.lora_b.weight, m.lora_magnitude.weight)
+    )
 
 
 def test_rslora_scaling_gaussian_and_pissa_init():
@@ -108,8 +110,13 @@ def test_variant_adapter_loads_in_peft_with_equal_logits_and_merges(tmp_path, na
     ours = our_logits(model, toks)
     assert not torch.allclose(ours, base_logits, atol=1e-3)
     out = tmp_path / "adapter"
-    lora = LoRASettings(lora_rank=4, lora_alpha=8.0, use_dora=variant.get("use_dora", False),
-                        use_rslora=variant.get("use_rslora", False), lora_init=variant.get("init", "default"))
+    lora = LoRASettings(
+        lora_rank=4,
+        lora_alpha=8.0,
+        use_dora=variant.get("use_dora", False),
+        use_rslora=variant.get("use_rslora", False),
+        lora_init=variant.get("init", "default"),
+    )
     save_peft_adapter(model, info, str(out), lora)
     cfg = json.loads((out / "adapter_config.json").read_text())
     assert cfg["use_dora"] == variant.get("use_dora", False)
@@ -143,8 +150,10 @@ def test_qlora_with_dora_trains(tmp_path):
     q = model.layers[0].attn.q_proj
     assert type(q.weight.data).__name__ == "NF4Tensor"
     from tinytune.modules.peft.nf4 import dequantize
+
     torch.testing.assert_close(q.lora_magnitude.weight, dequantize(q.weight).float().norm(dim=1))
     from tinytune.modules.peft import set_trainable_params
+
     set_trainable_params(model)
     toks = tokens()
     loss = model(toks).float().logsumexp(-1).mean()
@@ -157,6 +166,7 @@ def test_loraplus_param_groups():
 
     from tinytune.config.recipe_settings import OptimSettings
     from tinytune.training.steps import build_optimizer_and_scheduler
+
     torch.manual_seed(0)
     layer = torch.nn.Sequential(LoRALinear(8, 8, rank=2, alpha=4.0), torch.nn.LayerNorm(8))
     layer[0].weight.requires_grad_(False)

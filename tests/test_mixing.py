@@ -53,7 +53,10 @@ def test_mixed_dataset_items_lengths_and_state():
     assert sorted(got) == sorted([("a", i) for i in range(6)] + [("b", i) for i in range(3)] * 2)
     assert mix.lengths.tolist() == [t[1] + 1 for t in got]
     assert mix.contributed == [6, 6] and mix.served == [6, 6]
-    assert mix.describe() == "dataset mix (seed 0, 12 samples): a: 6 samples (50.0%) of its 6, b: 6 samples (50.0%) of its 3"
+    assert (
+        mix.describe()
+        == "dataset mix (seed 0, 12 samples): a: 6 samples (50.0%) of its 6, b: 6 samples (50.0%) of its 3"
+    )
     fresh = MixedDataset([a, b], ["a", "b"], epochs=[1, 2], seed=0)
     fresh.load_state_dict(mix.state_dict())
     assert fresh.served == [6, 6]
@@ -62,14 +65,17 @@ def test_mixed_dataset_items_lengths_and_state():
         other.load_state_dict(mix.state_dict())
 
 
-@pytest.mark.parametrize("kw,msg", [
-    (dict(weights=[1.0, 0]), r"dataset\[1\].weight: 0 must be > 0"),
-    (dict(weights=[1.0, -2]), r"dataset\[1\].weight: -2 must be > 0"),
-    (dict(weights=[1.0, "x"]), r"dataset\[1\].weight: expected a positive number, got 'x'"),
-    (dict(epochs=[0, 1]), r"dataset\[0\].epochs: 0 must be > 0"),
-    (dict(), "needs `weight` on every source or `epochs` on every source"),
-    (dict(weights=[1, 1], epochs=[1, 1]), "not both"),
-])
+@pytest.mark.parametrize(
+    "kw,msg",
+    [
+        (dict(weights=[1.0, 0]), r"dataset\[1\].weight: 0 must be > 0"),
+        (dict(weights=[1.0, -2]), r"dataset\[1\].weight: -2 must be > 0"),
+        (dict(weights=[1.0, "x"]), r"dataset\[1\].weight: expected a positive number, got 'x'"),
+        (dict(epochs=[0, 1]), r"dataset\[0\].epochs: 0 must be > 0"),
+        (dict(), "needs `weight` on every source or `epochs` on every source"),
+        (dict(weights=[1, 1], epochs=[1, 1]), "not both"),
+    ],
+)
 def test_bad_mix_values(kw, msg):
     with pytest.raises(DatasetError, match=msg):
         mix_order([3, 3], **kw)

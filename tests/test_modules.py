@@ -79,11 +79,22 @@ def test_tiny_forward_shapes_and_initial_loss(builder):
 
 def test_parameter_names_follow_contract():
     sd = qwen3.qwen3_tiny().state_dict()
-    for key in ["tok_embeddings.weight", "layers.0.sa_norm.weight", "layers.0.attn.q_proj.weight",
-                "layers.0.attn.k_proj.weight", "layers.0.attn.v_proj.weight", "layers.0.attn.o_proj.weight",
-                "layers.0.attn.q_norm.weight", "layers.0.attn.k_norm.weight", "layers.0.mlp_norm.weight",
-                "layers.0.mlp.gate_proj.weight", "layers.0.mlp.up_proj.weight", "layers.0.mlp.down_proj.weight",
-                "norm.weight", "output.weight"]:
+    for key in [
+        "tok_embeddings.weight",
+        "layers.0.sa_norm.weight",
+        "layers.0.attn.q_proj.weight",
+        "layers.0.attn.k_proj.weight",
+        "layers.0.attn.v_proj.weight",
+        "layers.0.attn.o_proj.weight",
+        "layers.0.attn.q_norm.weight",
+        "layers.0.attn.k_norm.weight",
+        "layers.0.mlp_norm.weight",
+        "layers.0.mlp.gate_proj.weight",
+        "layers.0.mlp.up_proj.weight",
+        "layers.0.mlp.down_proj.weight",
+        "norm.weight",
+        "output.weight",
+    ]:
         assert key in sd, key
     assert sd["layers.0.attn.q_norm.weight"].shape == (32,)
     q2 = qwen2.qwen2_tiny().state_dict()
@@ -108,11 +119,29 @@ def test_linear_factory_called_with_contract_names():
         calls.append((name, in_dim, out_dim, bias))
         return nn.Linear(in_dim, out_dim, bias=bias)
 
-    transformer_decoder(vocab_size=100, dim=32, n_layers=1, n_heads=4, n_kv_heads=2, head_dim=8, hidden_dim=48,
-                        max_seq_len=64, rope_base=1e4, qkv_bias=True, linear_factory=factory)
-    assert calls == [("q_proj", 32, 32, True), ("k_proj", 32, 16, True), ("v_proj", 32, 16, True),
-                     ("o_proj", 32, 32, False), ("gate_proj", 32, 48, False), ("up_proj", 32, 48, False),
-                     ("down_proj", 48, 32, False), ("output", 32, 100, False)]
+    transformer_decoder(
+        vocab_size=100,
+        dim=32,
+        n_layers=1,
+        n_heads=4,
+        n_kv_heads=2,
+        head_dim=8,
+        hidden_dim=48,
+        max_seq_len=64,
+        rope_base=1e4,
+        qkv_bias=True,
+        linear_factory=factory,
+    )
+    assert calls == [
+        ("q_proj", 32, 32, True),
+        ("k_proj", 32, 16, True),
+        ("v_proj", 32, 16, True),
+        ("o_proj", 32, 32, False),
+        ("gate_proj", 32, 48, False),
+        ("up_proj", 32, 48, False),
+        ("down_proj", 48, 32, False),
+        ("output", 32, 100, False),
+    ]
 
 
 def test_tied_output_shares_embedding():
@@ -124,8 +153,17 @@ def test_tied_output_shares_embedding():
 
 def test_bad_hyperparameters_raise():
     with pytest.raises(ValueError, match="multiple of n_kv_heads"):
-        transformer_decoder(vocab_size=10, dim=12, n_layers=1, n_heads=3, n_kv_heads=2, head_dim=4,
-                            hidden_dim=8, max_seq_len=8, rope_base=1e4)
+        transformer_decoder(
+            vocab_size=10,
+            dim=12,
+            n_layers=1,
+            n_heads=3,
+            n_kv_heads=2,
+            head_dim=4,
+            hidden_dim=8,
+            max_seq_len=8,
+            rope_base=1e4,
+        )
     with pytest.raises(ValueError, match="not supported"):
         check_rope_scaling({"rope_type": "yarn", "factor": 2.0})
     with pytest.raises(ValueError, match="missing keys"):
@@ -157,9 +195,16 @@ def test_rope_is_relative_and_norm_preserving():
 
 def test_rope_llama3_scaling_bands():
     plain = RotaryPositionalEmbeddings(128, base=500_000.0).inv_freq(torch.device("cpu"))
-    scaled = RotaryPositionalEmbeddings(128, base=500_000.0, rope_scaling={
-        "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-        "original_max_position_embeddings": 8192}).inv_freq(torch.device("cpu"))
+    scaled = RotaryPositionalEmbeddings(
+        128,
+        base=500_000.0,
+        rope_scaling={
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
+    ).inv_freq(torch.device("cpu"))
     wavelen = 2 * math.pi / plain
     high = wavelen < 8192 / 4
     low = wavelen > 8192
@@ -229,8 +274,10 @@ def test_kernel_branch_matches_sdpa(monkeypatch, packed):
     tokens = torch.randint(0, 512, (2, 24), device=dev)
     kw = {}
     if packed:
-        kw = dict(input_pos=torch.tensor([list(range(10)) + list(range(14)), list(range(24))], device=dev),
-                  seq_lens=torch.tensor([[10, 14], [24, 0]], device=dev))
+        kw = dict(
+            input_pos=torch.tensor([list(range(10)) + list(range(14)), list(range(24))], device=dev),
+            seq_lens=torch.tensor([[10, 14], [24, 0]], device=dev),
+        )
     with torch.no_grad():
         ref = model(tokens, **kw)
         monkeypatch.setattr(attn_mod, "_use_kernel", lambda q, packed: True)
@@ -238,10 +285,18 @@ def test_kernel_branch_matches_sdpa(monkeypatch, packed):
     torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("mode, packed, expected", [
-    ("", True, True), ("", False, True), ("auto", False, True), ("packed", True, True),
-    ("packed", False, False), ("sdpa", True, False), ("SDPA", False, False),
-])
+@pytest.mark.parametrize(
+    "mode, packed, expected",
+    [
+        ("", True, True),
+        ("", False, True),
+        ("auto", False, True),
+        ("packed", True, True),
+        ("packed", False, False),
+        ("sdpa", True, False),
+        ("SDPA", False, False),
+    ],
+)
 def test_attention_dispatch_on_cuda(monkeypatch, mode, packed, expected):
     """On CUDA the Triton kernel takes training calls; TINYTUNE_ATTENTION=sdpa|packed overrides."""
     from types import SimpleNamespace

@@ -42,8 +42,9 @@ def test_unpacked_rows_become_one_flat_row():
 def test_packed_rows_keep_their_documents_and_cut_the_tail():
     batch = _unpacked([16, 16], 16)
     batch["seq_lens"] = torch.tensor([[5, 6, 5], [10, 6, 0]])
-    batch["input_pos"] = torch.cat([torch.cat([torch.arange(n) for n in (5, 6, 5)])[None],
-                                    torch.cat([torch.arange(n) for n in (10, 6)])[None]])
+    batch["input_pos"] = torch.cat(
+        [torch.cat([torch.arange(n) for n in (5, 6, 5)])[None], torch.cat([torch.arange(n) for n in (10, 6)])[None]]
+    )
     batch["labels"][0, 12:] = IGN  # row 0: last label at 11 -> keep 12 (docs 5, 6, 1)
     batch["labels"][1, 9:] = IGN  # row 1: last label at 8 -> keep 9 (doc 9 of 10; the 6 dropped)
     out = drop_unlabeled_tail(batch, pad_to_multiple_of=1)

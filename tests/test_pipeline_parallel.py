@@ -130,8 +130,9 @@ def test_balanced_split_minimises_the_heaviest_stage():
 
         def worst(cuts):
             b = [0, *cuts, len(weights)]
-            return max(sum(weights[b[k]:b[k + 1]]) + (first if k == 0 else 0) + (last if k == n - 1 else 0)
-                       for k in range(n))
+            return max(
+                sum(weights[b[k] : b[k + 1]]) + (first if k == 0 else 0) + (last if k == n - 1 else 0) for k in range(n)
+            )
 
         best = min(worst(c) for c in itertools.combinations(range(1, len(weights)), n - 1))
         assert worst([r.start for r in got[1:]]) == best
@@ -152,14 +153,17 @@ def test_pack_microbatch_keeps_labelled_positions_and_fixed_shape():
         pack_microbatch({"tokens": tokens, "labels": labels}, 5, packed=True)
 
 
-@pytest.mark.parametrize("kwargs, world, match", [
-    ({"degree": 8}, 8, "has 4 layers"),
-    ({"degree": 2}, 6, "tensor_parallel=3 does not divide"),
-    ({"degree": 2, "schedule": "interleaved_1f1b", "microbatches": 4}, 4, "needs 4 stages"),
-    ({"degree": 3}, 8, "not divisible by parallelism.pipeline_parallel=3"),
-    ({"degree": 2, "microbatches": 1}, 2, "microbatches >= pipeline_parallel"),
-    ({"degree": 2, "layers_per_stage": 3}, 2, "does not divide"),
-])
+@pytest.mark.parametrize(
+    "kwargs, world, match",
+    [
+        ({"degree": 8}, 8, "has 4 layers"),
+        ({"degree": 2}, 6, "tensor_parallel=3 does not divide"),
+        ({"degree": 2, "schedule": "interleaved_1f1b", "microbatches": 4}, 4, "needs 4 stages"),
+        ({"degree": 3}, 8, "not divisible by parallelism.pipeline_parallel=3"),
+        ({"degree": 2, "microbatches": 1}, 2, "microbatches >= pipeline_parallel"),
+        ({"degree": 2, "layers_per_stage": 3}, 2, "does not divide"),
+    ],
+)
 def test_bad_layouts_are_refused_before_any_process_group(ckpt, kwargs, world, match):
     import torch.distributed as dist
 
@@ -196,10 +200,24 @@ def test_layers_per_stage_fixes_the_split():
         from tinytune.checkpoint.loader import build_model
         from tinytune.checkpoint.model_info import model_info_from_hf_config
 
-        model = build_model(model_info_from_hf_config({
-            "model_type": "qwen3", "vocab_size": 320, "hidden_size": 32, "intermediate_size": 48,
-            "num_hidden_layers": 8, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8,
-            "max_position_embeddings": 64, "rms_norm_eps": 1e-5, "rope_theta": 1e4, "tie_word_embeddings": False}))
+        model = build_model(
+            model_info_from_hf_config(
+                {
+                    "model_type": "qwen3",
+                    "vocab_size": 320,
+                    "hidden_size": 32,
+                    "intermediate_size": 48,
+                    "num_hidden_layers": 8,
+                    "num_attention_heads": 4,
+                    "num_key_value_heads": 2,
+                    "head_dim": 8,
+                    "max_position_embeddings": 64,
+                    "rms_norm_eps": 1e-5,
+                    "rope_theta": 1e4,
+                    "tie_word_embeddings": False,
+                }
+            )
+        )
     fixed = stage_layer_ranges(model, PipelineSettings(degree=2, schedule="interleaved_1f1b", layers_per_stage=2))
     assert fixed == [range(0, 2), range(2, 4), range(4, 6), range(6, 8)]
     # balanced: the big embedding (320 x 32) and head weigh on the end stages, so they get fewer layers

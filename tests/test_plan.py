@@ -13,9 +13,20 @@ from tinytune.config.recipe_settings import LoRASettings
 from tinytune.distributed.memory_plan import Layout, Workload, candidate_layouts, parse_bytes, rank_memory
 from tinytune.modules.peft import lora_linear_factory
 
-HF = {"model_type": "qwen3", "vocab_size": 1000, "hidden_size": 64, "intermediate_size": 160, "num_hidden_layers": 6,
-      "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "max_position_embeddings": 256,
-      "rms_norm_eps": 1e-6, "rope_theta": 1e4, "tie_word_embeddings": False}
+HF = {
+    "model_type": "qwen3",
+    "vocab_size": 1000,
+    "hidden_size": 64,
+    "intermediate_size": 160,
+    "num_hidden_layers": 6,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 16,
+    "max_position_embeddings": 256,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 1e4,
+    "tie_word_embeddings": False,
+}
 
 
 def _count(model, lora_only=False):
@@ -91,9 +102,11 @@ def test_tune_plan_reads_a_recipe_config_and_its_overrides(capsys, tmp_path):
     (tmp_path / "ckpt").mkdir()
     (tmp_path / "ckpt" / "config.json").write_text(json.dumps(HF))
     cfg = tmp_path / "run.yaml"
-    cfg.write_text(f"checkpoint_dir: {tmp_path / 'ckpt'}\nbatch_size: 4\ndtype: fp32\n"
-                   "model:\n  lora_rank: 4\n  apply_lora_to_mlp: true\n"
-                   "parallelism:\n  tensor_parallel: 2\n  data_parallel_shard: 2\n")
+    cfg.write_text(
+        f"checkpoint_dir: {tmp_path / 'ckpt'}\nbatch_size: 4\ndtype: fp32\n"
+        "model:\n  lora_rank: 4\n  apply_lora_to_mlp: true\n"
+        "parallelism:\n  tensor_parallel: 2\n  data_parallel_shard: 2\n"
+    )
     assert tune(["plan", str(cfg), "+parallelism.pipeline_parallel=3", "+parallelism.microbatches=2"]) == 0
     out = capsys.readouterr().out
     assert "lora, 2 x 2048 tokens" in out and "pp3 x dp1x2 x tp2" in out
@@ -108,8 +121,13 @@ def test_bench_plan_smoke():
     import sys
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    proc = subprocess.run([sys.executable, os.path.join(root, "benchmarks", "bench_plan.py"), "--smoke"],
-                          capture_output=True, text=True, timeout=600, env=dict(os.environ, PYTHONPATH=root))
+    proc = subprocess.run(
+        [sys.executable, os.path.join(root, "benchmarks", "bench_plan.py"), "--smoke"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=dict(os.environ, PYTHONPATH=root),
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [ln for ln in proc.stdout.splitlines() if ln.startswith("| single")]
     assert len(rows) == 1 and "failed" not in rows[0]

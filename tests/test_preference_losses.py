@@ -56,9 +56,14 @@ def _paper(kind, pc, pr, rc, rr, lc, lr, beta, eps, gamma):
     raise AssertionError(kind)
 
 
-PARAMS = {"sigmoid": dict(beta=0.3, label_smoothing=0.1), "hinge": dict(beta=0.4), "ipo": dict(beta=0.5),
-          "robust": dict(beta=0.2, label_smoothing=0.2), "simpo": dict(beta=2.0, gamma=0.5, label_smoothing=0.05),
-          "orpo": dict(beta=0.25)}
+PARAMS = {
+    "sigmoid": dict(beta=0.3, label_smoothing=0.1),
+    "hinge": dict(beta=0.4),
+    "ipo": dict(beta=0.5),
+    "robust": dict(beta=0.2, label_smoothing=0.2),
+    "simpo": dict(beta=2.0, gamma=0.5, label_smoothing=0.05),
+    "orpo": dict(beta=0.25),
+}
 
 
 @pytest.mark.parametrize("kind", PREFERENCE_LOSSES)
@@ -67,8 +72,21 @@ def test_pair_losses_match_paper_formulas(kind):
     fn = PreferenceLoss(kind, **p)
     pc, pr, rc, rr = _logps()
     losses, crw, rrw = fn.pair_losses(pc, pr, rc, rr, LEN_C, LEN_R)
-    want = [_paper(kind, float(pc[i]), float(pr[i]), float(rc[i]), float(rr[i]), int(LEN_C[i]), int(LEN_R[i]),
-                   p["beta"], p.get("label_smoothing", 0.0), p.get("gamma", 0.0)) for i in range(B)]
+    want = [
+        _paper(
+            kind,
+            float(pc[i]),
+            float(pr[i]),
+            float(rc[i]),
+            float(rr[i]),
+            int(LEN_C[i]),
+            int(LEN_R[i]),
+            p["beta"],
+            p.get("label_smoothing", 0.0),
+            p.get("gamma", 0.0),
+        )
+        for i in range(B)
+    ]
     torch.testing.assert_close(losses, torch.tensor(want, dtype=torch.float64), atol=1e-10, rtol=1e-9)
     if fn.needs_reference:
         torch.testing.assert_close(crw, p["beta"] * (pc - rc))
@@ -105,17 +123,30 @@ def _trl_or_skip():
         from trl.experimental.orpo import ORPOTrainer
         from trl.trainer.dpo_trainer import DPOTrainer
     except Exception as e:  # noqa: BLE001 - any import failure means "no TRL here"
-        pytest.skip(f"trl does not import beside this torch ({type(e).__name__}: {e}); "
-                    "pip install trl --no-deps to run the comparison")
+        pytest.skip(
+            f"trl does not import beside this torch ({type(e).__name__}: {e}); "
+            "pip install trl --no-deps to run the comparison"
+        )
     return DPOTrainer, CPOTrainer, ORPOTrainer
 
 
 def _fake_trainer(**kw):
     acc = SimpleNamespace(device=torch.device("cpu"), gather=lambda x: x, gather_for_metrics=lambda x: x)
-    return SimpleNamespace(model=SimpleNamespace(training=True), accelerator=acc, aux_loss_enabled=False,
-                           ld_alpha=None, precompute_ref_logps=True, f_divergence_type="reverse_kl",
-                           loss_weights=[1.0], use_weighting=False, _metrics={"train": defaultdict(list)},
-                           _total_train_tokens=0, _tp_size=1, alpha=0.0, **kw)
+    return SimpleNamespace(
+        model=SimpleNamespace(training=True),
+        accelerator=acc,
+        aux_loss_enabled=False,
+        ld_alpha=None,
+        precompute_ref_logps=True,
+        f_divergence_type="reverse_kl",
+        loss_weights=[1.0],
+        use_weighting=False,
+        _metrics={"train": defaultdict(list)},
+        _total_train_tokens=0,
+        _tp_size=1,
+        alpha=0.0,
+        **kw,
+    )
 
 
 def _trl_dpo(DPOTrainer, kind, beta, eps, pc, pr, rc, rr):
@@ -124,14 +155,23 @@ def _trl_dpo(DPOTrainer, kind, beta, eps, pc, pr, rc, rr):
     lens = torch.cat([LEN_C, LEN_R])
     mask = torch.zeros(2 * B, s, dtype=torch.long)
     for i, n in enumerate(lens.tolist()):
-        mask[i, 1:1 + n] = 1  # one prompt token, then the completion
+        mask[i, 1 : 1 + n] = 1  # one prompt token, then the completion
     per_token = torch.zeros(2 * B, s - 1, dtype=torch.float64)
     per_token[:, 0] = torch.cat([pc, pr])  # only the row sums matter
-    out = SimpleNamespace(log_probs=per_token, entropy=torch.zeros(2 * B, s - 1), mean_logits=torch.zeros(2 * B, s - 1),
-                          is_top1=torch.zeros(2 * B, s - 1, dtype=torch.bool))
+    out = SimpleNamespace(
+        log_probs=per_token,
+        entropy=torch.zeros(2 * B, s - 1),
+        mean_logits=torch.zeros(2 * B, s - 1),
+        is_top1=torch.zeros(2 * B, s - 1, dtype=torch.bool),
+    )
     fake = _fake_trainer(loss_types=[kind], beta=beta, label_smoothing=eps)
-    inputs = {"input_ids": torch.zeros(2 * B, s, dtype=torch.long), "attention_mask": torch.ones(2 * B, s),
-              "completion_mask": mask, "ref_chosen_logps": rc, "ref_rejected_logps": rr}
+    inputs = {
+        "input_ids": torch.zeros(2 * B, s, dtype=torch.long),
+        "attention_mask": torch.ones(2 * B, s),
+        "completion_mask": mask,
+        "ref_chosen_logps": rc,
+        "ref_rejected_logps": rr,
+    }
     loss = DPOTrainer._compute_loss(fake, lambda **_: out, inputs, False)
     return loss, {k: v[-1] for k, v in fake._metrics["train"].items()}
 
@@ -156,8 +196,9 @@ def test_simpo_matches_trl_cpo_simpo():
     _, CPOTrainer, _ = _trl_or_skip()
     p = PARAMS["simpo"]
     pc, pr, _, _ = _logps(2)
-    fake = _fake_trainer(loss_type="simpo", beta=p["beta"], simpo_gamma=p["gamma"],
-                         label_smoothing=p["label_smoothing"])
+    fake = _fake_trainer(
+        loss_type="simpo", beta=p["beta"], simpo_gamma=p["gamma"], label_smoothing=p["label_smoothing"]
+    )
     # TRL's SimPO runs on average log-probs (CPOTrainer: average_log_prob for simpo)
     want, want_c, want_r = CPOTrainer.cpo_loss(fake, pc / LEN_C, pr / LEN_R)
     losses, crw, rrw = PreferenceLoss("simpo", **p).pair_losses(pc, pr, None, None, LEN_C, LEN_R)
@@ -195,7 +236,7 @@ def _pair_batch(n, seed=0, vocab=256):
     tokens = torch.zeros(2 * n, s, dtype=torch.long)
     labels = torch.full((2 * n, s), -100)
     for i, (t, lab) in enumerate(rows):
-        tokens[i, :t.shape[0]], labels[i, :t.shape[0]] = t, lab
+        tokens[i, : t.shape[0]], labels[i, : t.shape[0]] = t, lab
     return {"tokens": tokens, "labels": labels}
 
 
@@ -264,8 +305,9 @@ def test_dpo_eval_matches_plain_computation_and_max_batches(kind):
                 for i in range(n):
                     pc, pr, rc, rr = float(lp[i]), float(lp[n + i]), float(rp[i]), float(rp[n + i])
                     lc, lr = int(lens[i]), int(lens[n + i])
-                    pair_losses.append(_paper(kind, pc, pr, rc, rr, lc, lr, params["beta"],
-                                              params.get("label_smoothing", 0.0), 0.0))
+                    pair_losses.append(
+                        _paper(kind, pc, pr, rc, rr, lc, lr, params["beta"], params.get("label_smoothing", 0.0), 0.0)
+                    )
                     if kind == "orpo":
                         chosen_r.append(params["beta"] * pc / lc)
                         rejected_r.append(params["beta"] * pr / lr)

@@ -91,8 +91,12 @@ def test_training_state_round_trip_restores_step_weights_and_data(tmp_path):
 
     model, opt, sched, stream = fresh()
     ckpt = open_checkpointer(1, str(tmp_path))
-    assert resume_training_state(ckpt, "auto", model=model, weights_key="model", optimizer=opt,
-                                 lr_scheduler=sched, stream=stream) == 0  # nothing saved yet
+    assert (
+        resume_training_state(
+            ckpt, "auto", model=model, weights_key="model", optimizer=opt, lr_scheduler=sched, stream=stream
+        )
+        == 0
+    )  # nothing saved yet
     for _ in range(3):
         model(next(stream)["x"]).sum().backward()
         opt.step()
@@ -102,13 +106,13 @@ def test_training_state_round_trip_restores_step_weights_and_data(tmp_path):
     expected_next = next(stream)["x"]
 
     model2, opt2, sched2, stream2 = fresh()
-    step = resume_training_state(ckpt, "auto", model=model2, weights_key="model", optimizer=opt2,
-                                 lr_scheduler=sched2, stream=stream2)
+    step = resume_training_state(
+        ckpt, "auto", model=model2, weights_key="model", optimizer=opt2, lr_scheduler=sched2, stream=stream2
+    )
     assert step == 3
     assert torch.equal(model2.weight, model.weight)
     assert torch.equal(next(stream2)["x"], expected_next)
     assert (tmp_path / "checkpoints").is_dir()
-
 
 
 def test_write_summary_turns_nan_into_null(tmp_path):

@@ -15,16 +15,21 @@ from omegaconf import OmegaConf
 
 from tinytune.config import ConfigError
 
-PAIRS = {"full": ("recipes.full_finetune", "recipes.full_finetune_distributed"),
-         "lora": ("recipes.lora_finetune", "recipes.lora_finetune_distributed")}
+PAIRS = {
+    "full": ("recipes.full_finetune", "recipes.full_finetune_distributed"),
+    "lora": ("recipes.lora_finetune", "recipes.lora_finetune_distributed"),
+}
 LORA = {"lora_attn_modules": ["q_proj", "v_proj"], "lora_rank": 4, "lora_alpha": 8.0}
 
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     root = tmp_path_factory.mktemp("parity")
-    return {"root": root, "ckpt": make_tiny_checkpoint(str(root / "tiny_model")),
-            "chat": write_chat_jsonl(str(root / "chat.jsonl"))}
+    return {
+        "root": root,
+        "ckpt": make_tiny_checkpoint(str(root / "tiny_model")),
+        "chat": write_chat_jsonl(str(root / "chat.jsonl")),
+    }
 
 
 @pytest.fixture(autouse=True)
@@ -34,11 +39,24 @@ def _env(assets, monkeypatch):
 
 def _cfg(assets, out, kind, distributed, **over):
     cfg = {
-        "output_dir": str(out), "checkpoint_dir": assets["ckpt"], "device": "cpu", "dtype": "fp32", "seed": 0,
-        "dataset": {"_component_": "tinytune.datasets.chat_dataset", "source": assets["chat"], "template": "chatml",
-                    "max_seq_len": 64, "num_workers": 1},
-        "batch_size": 2, "gradient_accumulation_steps": 1, "shuffle": False, "max_steps": 2,
-        "optimizer": {"name": "adamw", "lr": 1e-3}, "metric_loggers": ["jsonl"],
+        "output_dir": str(out),
+        "checkpoint_dir": assets["ckpt"],
+        "device": "cpu",
+        "dtype": "fp32",
+        "seed": 0,
+        "dataset": {
+            "_component_": "tinytune.datasets.chat_dataset",
+            "source": assets["chat"],
+            "template": "chatml",
+            "max_seq_len": 64,
+            "num_workers": 1,
+        },
+        "batch_size": 2,
+        "gradient_accumulation_steps": 1,
+        "shuffle": False,
+        "max_steps": 2,
+        "optimizer": {"name": "adamw", "lr": 1e-3},
+        "metric_loggers": ["jsonl"],
     }
     if kind == "lora":
         cfg["model"] = dict(LORA)
@@ -85,10 +103,13 @@ def test_save_merged_false_writes_only_the_adapter(assets, tmp_path, distributed
 
 
 @BOTH
-@pytest.mark.parametrize("change, words", [
-    ({"gradient_accumulation_steps": 2}, "gradient_accumulation_steps=1"),
-    ({"batch_size": 1}, "batch_size=2"),
-])
+@pytest.mark.parametrize(
+    "change, words",
+    [
+        ({"gradient_accumulation_steps": 2}, "gradient_accumulation_steps=1"),
+        ({"batch_size": 1}, "batch_size=2"),
+    ],
+)
 def test_resume_refuses_other_batching(assets, tmp_path, distributed, change, words):
     _run(assets, tmp_path, "lora", distributed, stop_after_steps=1, resume_from_checkpoint="auto")
     with pytest.raises(ValueError, match=words):  # ConfigError is a ValueError
@@ -102,4 +123,3 @@ def test_fp16_is_refused_the_same_way(assets, tmp_path, distributed):
     with pytest.raises(ConfigError, match="dtype: fp16 needs loss scaling, which the training recipes do not do"):
         _run(assets, tmp_path, "full", distributed, dtype="fp16")
     assert not os.path.exists(tmp_path / ("dist" if distributed else "single"))
-

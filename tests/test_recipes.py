@@ -44,8 +44,13 @@ def _sft_cfg(assets, out, **over):
         "dtype": "fp32",
         "seed": 0,
         "template": "chatml",
-        "dataset": {"_component_": "tinytune.datasets.chat_dataset", "source": assets["chat"],
-                    "template": "chatml", "max_seq_len": 64, "num_workers": 1},
+        "dataset": {
+            "_component_": "tinytune.datasets.chat_dataset",
+            "source": assets["chat"],
+            "template": "chatml",
+            "max_seq_len": 64,
+            "num_workers": 1,
+        },
         "batch_size": 4,
         "gradient_accumulation_steps": 1,
         "shuffle": False,
@@ -93,8 +98,9 @@ def _ordered_batches(assets, n_batches, batch_size):
     tok = load_tokenizer(assets["ckpt"])
     ds = chat_dataset(tok, assets["chat"], template="chatml", max_seq_len=64, num_workers=1)
     items = [ds[i] for i in range(len(ds))]
-    return [padded_collate(items[i * batch_size:(i + 1) * batch_size], pad_id=tok.pad_id)
-            for i in range(n_batches)], ds
+    return [
+        padded_collate(items[i * batch_size : (i + 1) * batch_size], pad_id=tok.pad_id) for i in range(n_batches)
+    ], ds
 
 
 # ---- full fine-tuning ---------------------------------------------------------------------------
@@ -144,17 +150,27 @@ def test_full_finetune_weight_decay_skips_norms_biases_embeddings(assets, tmp_pa
 def test_torchtune_style_component_optimizer_and_scheduler(assets, tmp_path):
     """`optimizer._component_` / `lr_scheduler._component_` blocks train like `name:` ones."""
     a = _run("full_finetune", _sft_cfg(assets, tmp_path / "named", max_steps=2), tmp_path)
-    b = _run("full_finetune", _sft_cfg(
-        assets, tmp_path / "component", max_steps=2,
-        optimizer={"_component_": "torch.optim.AdamW", "lr": 1e-3, "weight_decay": 0.0},
-        lr_scheduler={"_component_": "torch.optim.lr_scheduler.ConstantLR", "factor": 1.0}), tmp_path)
+    b = _run(
+        "full_finetune",
+        _sft_cfg(
+            assets,
+            tmp_path / "component",
+            max_steps=2,
+            optimizer={"_component_": "torch.optim.AdamW", "lr": 1e-3, "weight_decay": 0.0},
+            lr_scheduler={"_component_": "torch.optim.lr_scheduler.ConstantLR", "factor": 1.0},
+        ),
+        tmp_path,
+    )
     assert _losses(b) == pytest.approx(_losses(a), abs=1e-5)
 
 
 def test_grad_accumulation_4x1_equals_bs4_in_recipe(assets, tmp_path):
     a = _run("full_finetune", _sft_cfg(assets, tmp_path / "bs4", max_steps=2), tmp_path)
-    b = _run("full_finetune", _sft_cfg(assets, tmp_path / "acc4", max_steps=2, batch_size=1,
-                                       gradient_accumulation_steps=4), tmp_path)
+    b = _run(
+        "full_finetune",
+        _sft_cfg(assets, tmp_path / "acc4", max_steps=2, batch_size=1, gradient_accumulation_steps=4),
+        tmp_path,
+    )
     assert _losses(b) == pytest.approx(_losses(a), abs=1e-5)
     ma, mb = _load(os.path.join(a, "hf_model")), _load(os.path.join(b, "hf_model"))
     for (n, p), (_, q) in zip(ma.named_parameters(), mb.named_parameters()):
@@ -163,19 +179,37 @@ def test_grad_accumulation_4x1_equals_bs4_in_recipe(assets, tmp_path):
 
 # ---- LoRA ---------------------------------------------------------------------------------------
 
-LORA = {"lora_attn_modules": ["q_proj", "k_proj", "v_proj", "o_proj"], "apply_lora_to_mlp": True,
-        "lora_rank": 4, "lora_alpha": 8.0, "lora_dropout": 0.0}
+LORA = {
+    "lora_attn_modules": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "apply_lora_to_mlp": True,
+    "lora_rank": 4,
+    "lora_alpha": 8.0,
+    "lora_dropout": 0.0,
+}
 
 
 def test_lora_finetune_outputs_merge_and_first_loss(assets, tmp_path):
-    cfg = _sft_cfg(assets, tmp_path / "lora", model=dict(LORA), max_steps=4,
-                   validation={"split_size": 3, "every_n_steps": 2},
-                   sample_generation={"prompts": ["What is ice?"], "max_new_tokens": 6},
-                   optimizer={"name": "adamw", "lr": 1e-2})
+    cfg = _sft_cfg(
+        assets,
+        tmp_path / "lora",
+        model=dict(LORA),
+        max_steps=4,
+        validation={"split_size": 3, "every_n_steps": 2},
+        sample_generation={"prompts": ["What is ice?"], "max_new_tokens": 6},
+        optimizer={"name": "adamw", "lr": 1e-2},
+    )
     out = _run("lora_finetune", cfg, tmp_path)
-    for name in ["adapter/adapter_model.safetensors", "adapter/adapter_config.json", "hf_model/config.json",
-                 "hf_model/model.safetensors", "loss.png", "metrics.jsonl", "summary.json", "generations.json",
-                 "config.yaml"]:
+    for name in [
+        "adapter/adapter_model.safetensors",
+        "adapter/adapter_config.json",
+        "hf_model/config.json",
+        "hf_model/model.safetensors",
+        "loss.png",
+        "metrics.jsonl",
+        "summary.json",
+        "generations.json",
+        "config.yaml",
+    ]:
         assert os.path.isfile(os.path.join(out, name)), name
     rows = _metrics(out)
     assert any("val_loss" in r for r in rows) and all(r["tokens_per_s"] > 0 for r in rows if "loss" in r)
@@ -184,6 +218,7 @@ def test_lora_finetune_outputs_merge_and_first_loss(assets, tmp_path):
     # first loss (adapters still zero) == base model's loss on the first training batch
     from tinytune.datasets import padded_collate
     from tinytune.training.data import split_dataset
+
     _, ds = _ordered_batches(assets, 1, 4)
     train, _ = split_dataset(ds, val_size=3, seed=0)
     first = padded_collate([train[i] for i in range(4)], pad_id=0)
@@ -196,8 +231,10 @@ def test_lora_finetune_outputs_merge_and_first_loss(assets, tmp_path):
     # merged HF checkpoint == base + trained adapter (loaded from the PEFT adapter dir)
     from tinytune.checkpoint import load_hf_model, load_peft_adapter
     from tinytune.modules.peft import lora_linear_factory
-    factory = lora_linear_factory(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-                                  rank=4, alpha=8.0)
+
+    factory = lora_linear_factory(
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], rank=4, alpha=8.0
+    )
     lora_model, info = load_hf_model(assets["ckpt"], linear_factory=factory)
     load_peft_adapter(os.path.join(out, "adapter"), info, lora_model)
     merged = _load(os.path.join(out, "hf_model"))
@@ -212,8 +249,15 @@ def test_lora_finetune_outputs_merge_and_first_loss(assets, tmp_path):
 
 
 def test_lora_memorization_loss_decreases(assets, tmp_path):
-    cfg = _sft_cfg(assets, tmp_path / "mem", model=dict(LORA, lora_rank=8, lora_alpha=16.0), max_steps=30,
-                   optimizer={"name": "adamw", "lr": 1e-2}, save_merged=False, save_adapter=False)
+    cfg = _sft_cfg(
+        assets,
+        tmp_path / "mem",
+        model=dict(LORA, lora_rank=8, lora_alpha=16.0),
+        max_steps=30,
+        optimizer={"name": "adamw", "lr": 1e-2},
+        save_merged=False,
+        save_adapter=False,
+    )
     cfg["dataset"]["source"] = write_chat_jsonl(str(tmp_path / "four.jsonl"), n=4)
     out = _run("lora_finetune", cfg, tmp_path)
     losses = _losses(out)
@@ -221,9 +265,16 @@ def test_lora_memorization_loss_decreases(assets, tmp_path):
 
 
 def test_lora_resume_equals_uninterrupted(assets, tmp_path):
-    base = dict(model=dict(LORA, lora_dropout=0.1), max_steps=6, shuffle=True, checkpoint_every_n_steps=2,
-                lr_scheduler={"name": "cosine", "warmup_steps": 1}, clip_grad_norm=1.0,
-                optimizer={"name": "adamw", "lr": 5e-3}, save_merged=False)
+    base = dict(
+        model=dict(LORA, lora_dropout=0.1),
+        max_steps=6,
+        shuffle=True,
+        checkpoint_every_n_steps=2,
+        lr_scheduler={"name": "cosine", "warmup_steps": 1},
+        clip_grad_norm=1.0,
+        optimizer={"name": "adamw", "lr": 5e-3},
+        save_merged=False,
+    )
     full = _run("lora_finetune", _sft_cfg(assets, tmp_path / "whole", **base), tmp_path)
     part_cfg = _sft_cfg(assets, tmp_path / "parts", **base)
     _run("lora_finetune", dict(part_cfg, stop_after_steps=3), tmp_path)
@@ -234,18 +285,25 @@ def test_lora_resume_equals_uninterrupted(assets, tmp_path):
     assert sorted(got) == list(range(1, 7))
     assert [got[s] for s in range(1, 7)] == [ref[s] for s in range(1, 7)]  # identical, not just close
     from safetensors.torch import load_file
+
     a = load_file(os.path.join(full, "adapter", "adapter_model.safetensors"))
     b = load_file(os.path.join(part_cfg["output_dir"], "adapter", "adapter_model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_qlora_recipe_runs_and_starts_at_dequantized_base_loss(assets, tmp_path):
-    cfg = _sft_cfg(assets, tmp_path / "qlora", model=dict(LORA, quantize_base=True), max_steps=2,
-                   optimizer={"name": "adamw", "lr": 1e-2})
+    cfg = _sft_cfg(
+        assets,
+        tmp_path / "qlora",
+        model=dict(LORA, quantize_base=True),
+        max_steps=2,
+        optimizer={"name": "adamw", "lr": 1e-2},
+    )
     out = _run("lora_finetune", cfg, tmp_path)
     losses = _losses(out)
     # reference: base weights passed through NF4 and back, as the QLoRA model sees them
     from tinytune.modules.peft.nf4 import dequantize, to_nf4
+
     base = _load(assets["ckpt"])
     with torch.no_grad():
         for name, mod in base.named_modules():
@@ -260,8 +318,7 @@ def test_qlora_recipe_runs_and_starts_at_dequantized_base_loss(assets, tmp_path)
 
 def test_neftune_noise_in_training_only(assets, tmp_path):
     # lr 0: the weights never change, so only NEFTune can move the training loss; validation is clean
-    common = dict(model=dict(LORA), max_steps=1, optimizer={"name": "adamw", "lr": 0.0},
-                  validation={"split_size": 4})
+    common = dict(model=dict(LORA), max_steps=1, optimizer={"name": "adamw", "lr": 0.0}, validation={"split_size": 4})
     plain = _run("lora_finetune", _sft_cfg(assets, tmp_path / "plain", **common), tmp_path)
     noisy = _run("lora_finetune", _sft_cfg(assets, tmp_path / "noisy", neftune_noise_alpha=50.0, **common), tmp_path)
     train = [[r["loss"] for r in _metrics(o) if "loss" in r][0] for o in (plain, noisy)]
@@ -272,16 +329,31 @@ def test_neftune_noise_in_training_only(assets, tmp_path):
 
 def test_lora_early_stopping_and_save_best(assets, tmp_path):
     # min_delta so large that nothing after the first validation improves: patience 2 stops at step 3
-    cfg = _sft_cfg(assets, tmp_path / "es", model=dict(LORA), max_steps=8, batch_size=2,
-                   optimizer={"name": "adamw", "lr": 5e-2}, validation={"split_size": 4, "every_n_steps": 1},
-                   early_stopping={"patience": 2, "min_delta": 1e9}, save_best=True)
+    cfg = _sft_cfg(
+        assets,
+        tmp_path / "es",
+        model=dict(LORA),
+        max_steps=8,
+        batch_size=2,
+        optimizer={"name": "adamw", "lr": 5e-2},
+        validation={"split_size": 4, "every_n_steps": 1},
+        early_stopping={"patience": 2, "min_delta": 1e9},
+        save_best=True,
+    )
     out = _run("lora_finetune", cfg, tmp_path)
     summary = json.load(open(os.path.join(out, "summary.json")))
     assert summary["step"] == 3 and summary["stopped_early"] and summary["best_step"] == 1
     # save_best without stopping: hf_model/ is the step with the lowest logged validation loss
-    cfg = _sft_cfg(assets, tmp_path / "best", model=dict(LORA), max_steps=5, batch_size=2,
-                   optimizer={"name": "adamw", "lr": 2e-1}, validation={"split_size": 4, "every_n_steps": 1},
-                   save_best=True)
+    cfg = _sft_cfg(
+        assets,
+        tmp_path / "best",
+        model=dict(LORA),
+        max_steps=5,
+        batch_size=2,
+        optimizer={"name": "adamw", "lr": 2e-1},
+        validation={"split_size": 4, "every_n_steps": 1},
+        save_best=True,
+    )
     out = _run("lora_finetune", cfg, tmp_path)
     summary = json.load(open(os.path.join(out, "summary.json")))
     vals = {r["step"]: r["val_loss"] for r in _metrics(out) if "val_loss" in r}
@@ -289,6 +361,7 @@ def test_lora_early_stopping_and_save_best(assets, tmp_path):
     assert summary["best_step"] == best and summary["best_val_loss"] == pytest.approx(vals[best])
     from tinytune.datasets import padded_collate
     from tinytune.training.data import split_dataset
+
     _, ds = _ordered_batches(assets, 1, 4)
     _, val = split_dataset(ds, val_size=4, seed=0)
     b = padded_collate([val[i] for i in range(4)], pad_id=0)
@@ -299,8 +372,13 @@ def test_lora_early_stopping_and_save_best(assets, tmp_path):
 
 
 def test_lora_validation_generation_metrics(assets, tmp_path):
-    cfg = _sft_cfg(assets, tmp_path / "vg", model=dict(LORA), max_steps=1,
-                   validation={"split_size": 4, "generation": {"num_samples": 3, "max_new_tokens": 6}})
+    cfg = _sft_cfg(
+        assets,
+        tmp_path / "vg",
+        model=dict(LORA),
+        max_steps=1,
+        validation={"split_size": 4, "generation": {"num_samples": 3, "max_new_tokens": 6}},
+    )
     out = _run("lora_finetune", cfg, tmp_path)
     row = [r for r in _metrics(out) if "val_bleu" in r][-1]
     summary = json.load(open(os.path.join(out, "summary.json")))
@@ -310,12 +388,18 @@ def test_lora_validation_generation_metrics(assets, tmp_path):
     from tinytune.training.data import split_dataset
     from tinytune.training.prompting import generate_replies, get_bound_template
     from tinytune.training.text_metrics import generation_metrics
+
     _, ds = _ordered_batches(assets, 1, 4)
     _, val = split_dataset(ds, val_size=4, seed=0)
     idx = [val.indices[i] for i in range(3)]
     tok = load_tokenizer(assets["ckpt"])
-    preds = generate_replies(_load(os.path.join(out, "hf_model")), tok, get_bound_template("chatml", tok),
-                             [QA[i][0] for i in idx], max_new_tokens=6)
+    preds = generate_replies(
+        _load(os.path.join(out, "hf_model")),
+        tok,
+        get_bound_template("chatml", tok),
+        [QA[i][0] for i in idx],
+        max_new_tokens=6,
+    )
     want = generation_metrics(preds, [QA[i][1] for i in idx])
     assert {k: row["val_" + k] for k in want} == pytest.approx(want)
 
@@ -325,15 +409,27 @@ def test_lora_validation_generation_metrics(assets, tmp_path):
 
 def _dpo_cfg(assets, out, **over):
     cfg = _sft_cfg(assets, out, **over)
-    cfg["dataset"] = {"_component_": "tinytune.datasets.preference_dataset", "source": assets["pairs"],
-                      "template": "chatml", "max_seq_len": 64, "num_workers": 1}
+    cfg["dataset"] = {
+        "_component_": "tinytune.datasets.preference_dataset",
+        "source": assets["pairs"],
+        "template": "chatml",
+        "max_seq_len": 64,
+        "num_workers": 1,
+    }
     cfg.setdefault("beta", 0.1)
     return cfg
 
 
 def test_dpo_lora_recipe_matches_formula(assets, tmp_path):
-    cfg = _dpo_cfg(assets, tmp_path / "dpo", model=dict(LORA), max_steps=12, batch_size=4, beta=0.5,
-                   optimizer={"name": "adamw", "lr": 5e-3})
+    cfg = _dpo_cfg(
+        assets,
+        tmp_path / "dpo",
+        model=dict(LORA),
+        max_steps=12,
+        batch_size=4,
+        beta=0.5,
+        optimizer={"name": "adamw", "lr": 5e-3},
+    )
     out = _run("dpo", cfg, tmp_path)
     rows = [r for r in _metrics(out) if "loss" in r]
     # step 1: adapters are zero, so policy == reference and the loss is exactly log(2)
@@ -345,6 +441,7 @@ def test_dpo_lora_recipe_matches_formula(assets, tmp_path):
     # the direct formula on the trained (merged) policy vs the base as reference, first pair
     from tinytune.datasets import preference_dataset
     from tinytune.tokenizers import load_tokenizer
+
     tok = load_tokenizer(assets["ckpt"])
     ds = preference_dataset(tok, assets["pairs"], template="chatml", max_seq_len=64, num_workers=1)
     batch = ds.collate_fn([ds[0]])
@@ -360,6 +457,7 @@ def test_dpo_lora_recipe_matches_formula(assets, tmp_path):
         rc, rr = logp(ref)
     want = -F.logsigmoid(0.5 * ((pc - pr) - (rc - rr)))
     from tinytune.training.losses import dpo_loss, sequence_logps
+
     with torch.no_grad():
         p = sequence_logps(policy, batch["tokens"], batch["labels"])
         r = sequence_logps(ref, batch["tokens"], batch["labels"])
@@ -368,8 +466,7 @@ def test_dpo_lora_recipe_matches_formula(assets, tmp_path):
 
 
 def test_dpo_full_uses_frozen_copy(assets, tmp_path):
-    cfg = _dpo_cfg(assets, tmp_path / "dpo_full", max_steps=2, batch_size=2,
-                   optimizer={"name": "adamw", "lr": 1e-3})
+    cfg = _dpo_cfg(assets, tmp_path / "dpo_full", max_steps=2, batch_size=2, optimizer={"name": "adamw", "lr": 1e-3})
     out = _run("dpo", cfg, tmp_path)
     rows = [r for r in _metrics(out) if "loss" in r]
     assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
@@ -380,6 +477,7 @@ def _first_pairs_logps(model, assets, n):
     """Summed label log-probs and label counts of the first ``n`` pairs (plain log-softmax)."""
     from tinytune.datasets import preference_dataset
     from tinytune.tokenizers import load_tokenizer
+
     tok = load_tokenizer(assets["ckpt"])
     ds = preference_dataset(tok, assets["pairs"], template="chatml", max_seq_len=64, num_workers=1)
     batch = ds.collate_fn([ds[i] for i in range(n)])
@@ -393,8 +491,16 @@ def _first_pairs_logps(model, assets, n):
 
 def test_dpo_reference_free_losses_first_step_and_no_reference(assets, tmp_path, capsys):
     # simpo, full fine-tuning: no frozen copy is made; the first logged loss is the SimPO formula
-    cfg = _dpo_cfg(assets, tmp_path / "simpo", max_steps=2, batch_size=3, loss="simpo", beta=2.0, gamma=0.5,
-                   optimizer={"name": "adamw", "lr": 1e-3})
+    cfg = _dpo_cfg(
+        assets,
+        tmp_path / "simpo",
+        max_steps=2,
+        batch_size=3,
+        loss="simpo",
+        beta=2.0,
+        gamma=0.5,
+        optimizer={"name": "adamw", "lr": 1e-3},
+    )
     out = _run("dpo", cfg, tmp_path)
     assert "loss=simpo, beta=2.0, reference: none" in capsys.readouterr().out
     pc, pr, lc, lr = _first_pairs_logps(_load(assets["ckpt"]), assets, 3)
@@ -428,8 +534,14 @@ def test_dpo_unknown_loss_is_a_config_error(assets, tmp_path, capsys):
 
 
 def _infer_cfg(assets, **over):
-    cfg = {"checkpoint_dir": assets["ckpt"], "device": "cpu", "dtype": "fp32", "template": "chatml",
-           "max_new_tokens": 8, "seed": 0}
+    cfg = {
+        "checkpoint_dir": assets["ckpt"],
+        "device": "cpu",
+        "dtype": "fp32",
+        "template": "chatml",
+        "max_new_tokens": 8,
+        "seed": 0,
+    }
     cfg.update(over)
     return cfg
 
@@ -437,17 +549,20 @@ def _infer_cfg(assets, **over):
 def _direct_replies(assets, prompts, max_new_tokens=8):
     from tinytune.tokenizers import load_tokenizer
     from tinytune.training.prompting import generate_replies, get_bound_template
+
     tok = load_tokenizer(assets["ckpt"])
-    return generate_replies(_load(assets["ckpt"]), tok, get_bound_template("chatml", tok), prompts,
-                            max_new_tokens=max_new_tokens)
+    return generate_replies(
+        _load(assets["ckpt"]), tok, get_bound_template("chatml", tok), prompts, max_new_tokens=max_new_tokens
+    )
 
 
 def test_generate_recipe_prompt_and_file(assets, tmp_path, capsys):
     pf = tmp_path / "prompts.txt"
     pf.write_text("What is ice?\n\nSay hello.\n")
     out_file = tmp_path / "gen.jsonl"
-    _run("generate", _infer_cfg(assets, prompt="Name a fruit.", prompt_file=str(pf), output_file=str(out_file)),
-         tmp_path)
+    _run(
+        "generate", _infer_cfg(assets, prompt="Name a fruit.", prompt_file=str(pf), output_file=str(out_file)), tmp_path
+    )
     rows = [json.loads(line) for line in out_file.read_text().splitlines()]
     prompts = ["Name a fruit.", "What is ice?", "Say hello."]
     assert [r["prompt"] for r in rows] == prompts
@@ -478,15 +593,25 @@ def test_chat_recipe_piped_stdin(assets, tmp_path, capsys, monkeypatch):
 
 
 def test_eval_recipe_matches_plain_cross_entropy(assets, tmp_path):
-    cfg = _infer_cfg(assets, output_dir=str(tmp_path / "ev"), batch_size=5,
-                     dataset={"_component_": "tinytune.datasets.chat_dataset", "source": assets["chat"],
-                              "template": "chatml", "max_seq_len": 64, "num_workers": 1},
-                     validation={"split_size": 4})
+    cfg = _infer_cfg(
+        assets,
+        output_dir=str(tmp_path / "ev"),
+        batch_size=5,
+        dataset={
+            "_component_": "tinytune.datasets.chat_dataset",
+            "source": assets["chat"],
+            "template": "chatml",
+            "max_seq_len": 64,
+            "num_workers": 1,
+        },
+        validation={"split_size": 4},
+    )
     del cfg["max_new_tokens"]  # eval generates nothing: the key would be refused as unread
     _run("eval", cfg, tmp_path)
     res = json.load(open(tmp_path / "ev" / "eval.json"))
     from tinytune.datasets import padded_collate
     from tinytune.training.data import split_dataset
+
     _, ds = _ordered_batches(assets, 1, 4)
     _, val = split_dataset(ds, val_size=4, seed=0)
     b = padded_collate([val[i] for i in range(4)], pad_id=0)
@@ -498,10 +623,19 @@ def test_eval_recipe_matches_plain_cross_entropy(assets, tmp_path):
 
 
 def test_eval_recipe_generation_metrics(assets, tmp_path):
-    cfg = _infer_cfg(assets, output_dir=str(tmp_path / "evg"), batch_size=4,
-                     dataset={"_component_": "tinytune.datasets.chat_dataset", "source": assets["chat"],
-                              "template": "chatml", "max_seq_len": 64, "num_workers": 1},
-                     generation={"num_samples": 3, "max_new_tokens": 8})
+    cfg = _infer_cfg(
+        assets,
+        output_dir=str(tmp_path / "evg"),
+        batch_size=4,
+        dataset={
+            "_component_": "tinytune.datasets.chat_dataset",
+            "source": assets["chat"],
+            "template": "chatml",
+            "max_seq_len": 64,
+            "num_workers": 1,
+        },
+        generation={"num_samples": 3, "max_new_tokens": 8},
+    )
     del cfg["max_new_tokens"]  # eval reads generation.max_new_tokens, not the top-level key
     _run("eval", cfg, tmp_path)
     gen = json.load(open(tmp_path / "evg" / "eval.json"))["generation"]

@@ -19,9 +19,12 @@ LORA = {"lora_attn_modules": ["q_proj", "v_proj"], "apply_lora_to_mlp": True, "l
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     root = tmp_path_factory.mktemp("recipes_hub")
-    return {"root": root, "ckpt": make_tiny_checkpoint(str(root / "tiny_model")),
-            "chat": write_chat_jsonl(str(root / "chat.jsonl")),
-            "chat2": write_chat_jsonl(str(root / "chat2.jsonl"), n=5)}
+    return {
+        "root": root,
+        "ckpt": make_tiny_checkpoint(str(root / "tiny_model")),
+        "chat": write_chat_jsonl(str(root / "chat.jsonl")),
+        "chat2": write_chat_jsonl(str(root / "chat2.jsonl"), n=5),
+    }
 
 
 @pytest.fixture(autouse=True)
@@ -30,16 +33,35 @@ def _env(assets, monkeypatch):
 
 
 def _node(source):
-    return {"_component_": "tinytune.datasets.chat_dataset", "source": source, "template": "chatml",
-            "max_seq_len": 64, "num_workers": 1}
+    return {
+        "_component_": "tinytune.datasets.chat_dataset",
+        "source": source,
+        "template": "chatml",
+        "max_seq_len": 64,
+        "num_workers": 1,
+    }
 
 
 def _cfg(assets, out, **over):
-    cfg = {"output_dir": str(out), "checkpoint_dir": assets["ckpt"], "device": "cpu", "dtype": "fp32", "seed": 0,
-           "template": "chatml", "dataset": _node(assets["chat"]), "model": dict(LORA), "batch_size": 2,
-           "max_steps": 6, "optimizer": {"name": "adamw", "lr": 1e-2, "weight_decay": 0.0},
-           "lr_scheduler": {"name": "constant"}, "clip_grad_norm": None, "metric_loggers": ["jsonl"],
-           "resume_from_checkpoint": None, "save_adapter": False, "save_merged": False}
+    cfg = {
+        "output_dir": str(out),
+        "checkpoint_dir": assets["ckpt"],
+        "device": "cpu",
+        "dtype": "fp32",
+        "seed": 0,
+        "template": "chatml",
+        "dataset": _node(assets["chat"]),
+        "model": dict(LORA),
+        "batch_size": 2,
+        "max_steps": 6,
+        "optimizer": {"name": "adamw", "lr": 1e-2, "weight_decay": 0.0},
+        "lr_scheduler": {"name": "constant"},
+        "clip_grad_norm": None,
+        "metric_loggers": ["jsonl"],
+        "resume_from_checkpoint": None,
+        "save_adapter": False,
+        "save_merged": False,
+    }
     cfg.update(over)
     return cfg
 
@@ -59,8 +81,9 @@ def _losses(out):
 def _resume_equals_uninterrupted(assets, tmp_path, **over):
     full = _cfg(assets, tmp_path / "full", **over)
     assert _run("lora_finetune", full, tmp_path / "full.yaml") in (0, None)
-    part = _cfg(assets, tmp_path / "part", stop_after_steps=3, checkpoint_every_n_steps=3,
-                resume_from_checkpoint="auto", **over)
+    part = _cfg(
+        assets, tmp_path / "part", stop_after_steps=3, checkpoint_every_n_steps=3, resume_from_checkpoint="auto", **over
+    )
     assert _run("lora_finetune", part, tmp_path / "part.yaml") in (0, None)
     part["stop_after_steps"] = 0
     assert _run("lora_finetune", part, tmp_path / "part.yaml") in (0, None)
@@ -83,8 +106,13 @@ def test_streaming_resume_equals_uninterrupted(assets, tmp_path):
     datasets = pytest.importorskip("datasets")
     rows = [json.loads(line) for line in open(assets["chat"])]
     datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "disk"))
-    node = {"_component_": "tinytune.datasets.hf_source.hf_dataset", "source": str(tmp_path / "disk"),
-            "streaming": True, "template": "chatml", "max_seq_len": 64}
+    node = {
+        "_component_": "tinytune.datasets.hf_source.hf_dataset",
+        "source": str(tmp_path / "disk"),
+        "streaming": True,
+        "template": "chatml",
+        "max_seq_len": 64,
+    }
     _resume_equals_uninterrupted(assets, tmp_path, dataset=node, shuffle=False)
 
 
@@ -104,9 +132,17 @@ def test_bad_mix_and_streaming_settings_are_config_errors(assets, tmp_path, caps
 def test_export_gguf_and_held_out_scores(assets, tmp_path):
     from tinytune.checkpoint import load_hf_model, read_gguf
 
-    cfg = _cfg(assets, tmp_path / "g", max_steps=2, save_merged=True, export_gguf="f32",
-               sample_generation={"max_new_tokens": 8, "held_out": [
-                   {"prompt": "What is ice?", "expect": "ice"}, {"prompt": "Say hello.", "expect": ["zzz"]}]})
+    cfg = _cfg(
+        assets,
+        tmp_path / "g",
+        max_steps=2,
+        save_merged=True,
+        export_gguf="f32",
+        sample_generation={
+            "max_new_tokens": 8,
+            "held_out": [{"prompt": "What is ice?", "expect": "ice"}, {"prompt": "Say hello.", "expect": ["zzz"]}],
+        },
+    )
     assert _run("lora_finetune", cfg, tmp_path / "g.yaml") in (0, None)
     summary = json.load(open(tmp_path / "g" / "summary.json"))
     assert summary["gguf"].endswith("model-f32.gguf") and summary["held_out_correct_after"] in (0.0, 0.5)

@@ -37,9 +37,12 @@ LORA = {"lora_attn_modules": ["q_proj", "v_proj"], "apply_lora_to_mlp": False, "
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     root = tmp_path_factory.mktemp("reliability")
-    return {"root": root, "ckpt": make_tiny_checkpoint(str(root / "tiny_model")),
-            "chat": write_chat_jsonl(str(root / "chat.jsonl")),
-            "chat2": write_chat_jsonl(str(root / "chat2.jsonl"), n=8)}
+    return {
+        "root": root,
+        "ckpt": make_tiny_checkpoint(str(root / "tiny_model")),
+        "chat": write_chat_jsonl(str(root / "chat.jsonl")),
+        "chat2": write_chat_jsonl(str(root / "chat2.jsonl"), n=8),
+    }
 
 
 @pytest.fixture(autouse=True)
@@ -49,13 +52,30 @@ def _env(assets, monkeypatch):
 
 
 def _cfg(assets, out, **over):
-    cfg = {"output_dir": str(out), "checkpoint_dir": assets["ckpt"], "device": "cpu", "dtype": "fp32", "seed": 0,
-           "dataset": {"_component_": "tinytune.datasets.chat_dataset", "source": assets["chat"],
-                       "template": "chatml", "max_seq_len": 64, "num_workers": 1},
-           "model": dict(LORA), "batch_size": 4, "gradient_accumulation_steps": 1, "shuffle": False,
-           "max_steps": 4, "optimizer": {"name": "adamw", "lr": 1e-3, "weight_decay": 0.0},
-           "lr_scheduler": {"name": "constant"}, "metric_loggers": ["jsonl"], "resume_from_checkpoint": None,
-           "save_merged": False}
+    cfg = {
+        "output_dir": str(out),
+        "checkpoint_dir": assets["ckpt"],
+        "device": "cpu",
+        "dtype": "fp32",
+        "seed": 0,
+        "dataset": {
+            "_component_": "tinytune.datasets.chat_dataset",
+            "source": assets["chat"],
+            "template": "chatml",
+            "max_seq_len": 64,
+            "num_workers": 1,
+        },
+        "model": dict(LORA),
+        "batch_size": 4,
+        "gradient_accumulation_steps": 1,
+        "shuffle": False,
+        "max_steps": 4,
+        "optimizer": {"name": "adamw", "lr": 1e-3, "weight_decay": 0.0},
+        "lr_scheduler": {"name": "constant"},
+        "metric_loggers": ["jsonl"],
+        "resume_from_checkpoint": None,
+        "save_merged": False,
+    }
     cfg.update(over)
     return cfg
 
@@ -235,8 +255,14 @@ def test_dcp_checkpoint_records_sha256_and_falls_back(tmp_path, caplog):
 
 def test_mistyped_checkpoint_dir_is_an_error_not_the_bundled_model(assets, tmp_path, capsys):
     typo = str(tmp_path / "out" / "hf_modle")
-    cfg = {"checkpoint_dir": typo, "bundled_model": "smollm2-135m-instruct", "device": "cpu", "prompt": "Hi",
-           "template": "chatml", "max_new_tokens": 2}
+    cfg = {
+        "checkpoint_dir": typo,
+        "bundled_model": "smollm2-135m-instruct",
+        "device": "cpu",
+        "prompt": "Hi",
+        "template": "chatml",
+        "max_new_tokens": 2,
+    }
     rc, out, err = _tune(cfg, tmp_path, capsys, recipe="generate")
     assert rc == 2 and f"checkpoint_dir: {typo} does not exist" in _short(err) and out == ""
 
@@ -275,11 +301,14 @@ def stopped_run(assets, tmp_path, capsys):
     return cfg, out
 
 
-@pytest.mark.parametrize("change, words", [
-    ({"model": dict(LORA, lora_attn_modules=["o_proj", "v_proj"])}, "only in the checkpoint"),  # same shapes
-    ({"model": dict(LORA, lora_rank=8)}, "lora_rank"),
-    ({"seed": 1}, "seed: checkpoint 0, this run 1"),
-])
+@pytest.mark.parametrize(
+    "change, words",
+    [
+        ({"model": dict(LORA, lora_attn_modules=["o_proj", "v_proj"])}, "only in the checkpoint"),  # same shapes
+        ({"model": dict(LORA, lora_rank=8)}, "lora_rank"),
+        ({"seed": 1}, "seed: checkpoint 0, this run 1"),
+    ],
+)
 def test_resume_refuses_a_checkpoint_of_another_run(stopped_run, tmp_path, capsys, change, words):
     cfg, out = stopped_run
     before = sorted(os.listdir(out))
@@ -319,11 +348,20 @@ def test_fingerprint_settings_are_declared_keys_and_nan_policy_is_in_every_train
     assert [k for k in TRAJECTORY_KEYS if k not in declared] == []  # a fingerprint key nothing reads compares nothing
     for cls in training:
         assert "nan_policy" in cls.declared_keys(), cls.NAME
-        assert cls.from_config({"output_dir": "o", "dataset": {"_component_": "tinytune.datasets.chat_dataset"},
-                                "nan_policy": "skip_step"}).loop.nan_policy == "skip_step"
+        assert (
+            cls.from_config(
+                {
+                    "output_dir": "o",
+                    "dataset": {"_component_": "tinytune.datasets.chat_dataset"},
+                    "nan_policy": "skip_step",
+                }
+            ).loop.nan_policy
+            == "skip_step"
+        )
     with pytest.raises(Exception, match="nan_policy"):
-        RECIPE_SETTINGS["lora_finetune"].from_config({"output_dir": "o", "nan_policy": "ignore",
-                                                       "dataset": {"_component_": "tinytune.datasets.chat_dataset"}})
+        RECIPE_SETTINGS["lora_finetune"].from_config(
+            {"output_dir": "o", "nan_policy": "ignore", "dataset": {"_component_": "tinytune.datasets.chat_dataset"}}
+        )
 
 
 def test_lowered_max_steps_below_the_checkpoint_is_refused(stopped_run, tmp_path, capsys):
@@ -340,8 +378,18 @@ def test_adapter_weights_load_strictly_with_a_short_error():
 
     def build(rank):
         factory = lora_linear_factory({"q_proj", "v_proj"}, rank=rank, alpha=8.0)
-        return llama_decoder(vocab_size=32, dim=16, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=8, hidden_dim=32,
-                             max_seq_len=16, rope_base=10000.0, linear_factory=factory)
+        return llama_decoder(
+            vocab_size=32,
+            dim=16,
+            n_layers=1,
+            n_heads=2,
+            n_kv_heads=1,
+            head_dim=8,
+            hidden_dim=32,
+            max_seq_len=16,
+            rope_base=10000.0,
+            linear_factory=factory,
+        )
 
     def build_trainable(rank):
         model = build(rank)
@@ -349,13 +397,16 @@ def test_adapter_weights_load_strictly_with_a_short_error():
         return model
 
     sd = get_adapter_state_dict(build(4))
-    with pytest.raises(ResumeError, match=r"4 with another shape .*lora_a.weight: checkpoint \(4, 16\), model \(8, 16\)"):
+    with pytest.raises(
+        ResumeError, match=r"4 with another shape .*lora_a.weight: checkpoint \(4, 16\), model \(8, 16\)"
+    ):
         load_weights_strict(build_trainable(8), sd, "ckpt/step_2", adapter_only=True)
     with pytest.raises(ResumeError, match="1 missing"):
         load_weights_strict(build_trainable(4), dict(list(sd.items())[1:]), "ckpt/step_2", adapter_only=True)
     with pytest.raises(ResumeError, match="1 unexpected"):
-        load_weights_strict(build_trainable(4), {**sd, "layers.0.attn.k_proj.lora_a.weight": torch.zeros(4, 16)},
-                            "x", adapter_only=True)
+        load_weights_strict(
+            build_trainable(4), {**sd, "layers.0.attn.k_proj.lora_a.weight": torch.zeros(4, 16)}, "x", adapter_only=True
+        )
     model = build_trainable(4)
     load_weights_strict(model, sd, "x", adapter_only=True)  # the matching adapter loads
     assert all(torch.equal(model.state_dict()[k], v) for k, v in sd.items())
@@ -408,16 +459,22 @@ def test_distributed_recipe_guards_non_finite_loss(tmp_path, monkeypatch):
 
     monkeypatch.setattr(rec, "sft_loss_sum", loss_fn)
     ckpt = write_tiny_checkpoint(str(tmp_path / "ckpt"), "qwen3", tie=False)
-    cfg = dict(base_cfg(str(tmp_path / "stop"), ckpt, dp=1, tp=1, lora=True), validation=None,
-               checkpoint_every_n_steps=1, save_merged=False, save_adapter=False)
+    cfg = dict(
+        base_cfg(str(tmp_path / "stop"), ckpt, dp=1, tp=1, lora=True),
+        validation=None,
+        checkpoint_every_n_steps=1,
+        save_merged=False,
+        save_adapter=False,
+    )
     try:
         with pytest.raises(NonFiniteError, match=r"step 2: non-finite loss nan.*last checkpoint: .*step_1"):
             rec.recipe_main(OmegaConf.create(cfg))
         if dist.is_initialized():
             dist.destroy_process_group()
         calls["n"] = 0
-        summary = rec.recipe_main(OmegaConf.create(dict(cfg, output_dir=str(tmp_path / "skip"),
-                                                        nan_policy="skip_step")))
+        summary = rec.recipe_main(
+            OmegaConf.create(dict(cfg, output_dir=str(tmp_path / "skip"), nan_policy="skip_step"))
+        )
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -429,8 +486,19 @@ def test_distributed_recipe_guards_non_finite_loss(tmp_path, monkeypatch):
 
 def test_builder_disagreeing_with_config_json_is_refused(assets, tmp_path, capsys):
     info = read_model_info(assets["ckpt"])
-    hp = dict(vocab_size=info.vocab_size, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, hidden_dim=128,
-              max_seq_len=256, rope_base=10000.0, norm_eps=1e-5, tie_embeddings=True)
+    hp = dict(
+        vocab_size=info.vocab_size,
+        dim=64,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        head_dim=16,
+        hidden_dim=128,
+        max_seq_len=256,
+        rope_base=10000.0,
+        norm_eps=1e-5,
+        tie_embeddings=True,
+    )
     from tinytune.models import llama_decoder
 
     load_hf_model(assets["ckpt"], model_builder=lambda: llama_decoder(**hp))  # the matching builder loads
@@ -510,8 +578,10 @@ def test_every_loader_refuses_pickled_code(assets, tmp_path):
 
 
 def test_source_tree_has_no_code_loading_calls():
-    banned = re.compile(r"weights_only\s*=\s*False|pickle\.loads?\(|yaml\.load\(|yaml\.unsafe_load|(?<![.\w])eval\(|(?<![.\w])exec\("
-                        r"|trust_remote_code\s*=\s*True|shell\s*=\s*True|os\.system\(|os\.popen\(|allow_pickle\s*=\s*True")
+    banned = re.compile(
+        r"weights_only\s*=\s*False|pickle\.loads?\(|yaml\.load\(|yaml\.unsafe_load|(?<![.\w])eval\(|(?<![.\w])exec\("
+        r"|trust_remote_code\s*=\s*True|shell\s*=\s*True|os\.system\(|os\.popen\(|allow_pickle\s*=\s*True"
+    )
     hits = []
     for top in ("tinytune", "recipes"):
         for root, _, files in os.walk(os.path.join(REPO, top)):
@@ -528,8 +598,12 @@ def test_source_tree_has_no_code_loading_calls():
 
 
 def test_dataset_and_tokenizer_errors_are_short(assets, tmp_path, capsys, monkeypatch):
-    data = {"_component_": "tinytune.datasets.chat_dataset", "source": str(tmp_path / "nope.jsonl"),
-            "template": "chatml", "max_seq_len": 64}
+    data = {
+        "_component_": "tinytune.datasets.chat_dataset",
+        "source": str(tmp_path / "nope.jsonl"),
+        "template": "chatml",
+        "max_seq_len": 64,
+    }
     rc, _, err = _tune(_cfg(assets, tmp_path / "a", dataset=data), tmp_path, capsys)
     assert rc == 1 and "nope.jsonl" in _short(err)
     (tmp_path / "empty").mkdir()
@@ -604,11 +678,19 @@ def _kill_run(assets, tmp_path, kills, seed):
     or writes checkpoints, resumes each time, and returns the final adapter's bytes."""
     rng = random.Random(seed)
     out = tmp_path / f"killed_{seed}"
-    cfg = _cfg(assets, out, max_steps=10, checkpoint_every_n_steps=1, keep_last_checkpoints=2,
-               resume_from_checkpoint="auto", lr_scheduler={"name": "cosine", "warmup_steps": 2})
+    cfg = _cfg(
+        assets,
+        out,
+        max_steps=10,
+        checkpoint_every_n_steps=1,
+        keep_last_checkpoints=2,
+        resume_from_checkpoint="auto",
+        lr_scheduler={"name": "cosine", "warmup_steps": 2},
+    )
     path = _write_cfg(cfg, tmp_path / f"killed_{seed}.yaml")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, os.path.join(REPO, "tests"),
-                                                       os.environ.get("PYTHONPATH", "")]))
+    env = dict(
+        os.environ, PYTHONPATH=os.pathsep.join([REPO, os.path.join(REPO, "tests"), os.environ.get("PYTHONPATH", "")])
+    )
     cmd = [sys.executable, "-m", "tinytune.cli.main", "run", "lora_finetune", "--config", path]
     done = 0
     while done < kills:
@@ -629,8 +711,14 @@ def _kill_run(assets, tmp_path, kills, seed):
 
 def _reference(assets, tmp_path, capsys):
     out = tmp_path / "whole"
-    cfg = _cfg(assets, out, max_steps=10, checkpoint_every_n_steps=1, keep_last_checkpoints=2,
-               lr_scheduler={"name": "cosine", "warmup_steps": 2})
+    cfg = _cfg(
+        assets,
+        out,
+        max_steps=10,
+        checkpoint_every_n_steps=1,
+        keep_last_checkpoints=2,
+        lr_scheduler={"name": "cosine", "warmup_steps": 2},
+    )
     assert _tune(cfg, tmp_path, capsys, name="whole")[0] == 0
     return (out / "adapter" / "adapter_model.safetensors").read_bytes()
 

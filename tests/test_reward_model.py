@@ -22,8 +22,11 @@ transformers = pytest.importorskip("transformers")
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("reward")
-    return {"root": root, "ckpt": make_tiny_checkpoint(str(root / "model")),
-            "pairs": write_preference_jsonl(str(root / "pairs.jsonl"))}
+    return {
+        "root": root,
+        "ckpt": make_tiny_checkpoint(str(root / "model")),
+        "pairs": write_preference_jsonl(str(root / "pairs.jsonl")),
+    }
 
 
 def _hf_scores(path, tokens):
@@ -50,15 +53,22 @@ def test_export_loads_in_transformers_with_the_same_scores(tiny, tmp_path):
     tokens[2, 5:] = pad
     with torch.no_grad():
         ours = model(tokens)
-    out = save_reward_checkpoint(decoder.state_dict(), model.score.weight, info, str(tmp_path / "rm"), pad_token_id=pad,
-                                 tokenizer_dir=tiny["ckpt"])
+    out = save_reward_checkpoint(
+        decoder.state_dict(),
+        model.score.weight,
+        info,
+        str(tmp_path / "rm"),
+        pad_token_id=pad,
+        tokenizer_dir=tiny["ckpt"],
+    )
     cfg = json.load(open(os.path.join(out, "config.json")))
     assert cfg["architectures"] == ["LlamaForSequenceClassification"] and cfg["num_labels"] == 1
     assert cfg["pad_token_id"] == pad
     torch.testing.assert_close(_hf_scores(out, tokens), ours, atol=1e-5, rtol=1e-5)
     # sharded export: score.weight lands in the index
-    out2 = save_reward_checkpoint(decoder.state_dict(), model.score.weight, info, str(tmp_path / "rm2"),
-                                  pad_token_id=pad, max_shard_size="200KB")
+    out2 = save_reward_checkpoint(
+        decoder.state_dict(), model.score.weight, info, str(tmp_path / "rm2"), pad_token_id=pad, max_shard_size="200KB"
+    )
     wm = json.load(open(os.path.join(out2, "model.safetensors.index.json")))["weight_map"]
     assert "score.weight" in wm and "lm_head.weight" not in wm
     torch.testing.assert_close(_hf_scores(out2, tokens), ours, atol=1e-5, rtol=1e-5)
@@ -94,25 +104,55 @@ def test_reward_recipe_export_reproduces_validation_metrics(tiny, tmp_path, monk
     from tinytune.cli.main import main as tune_main
     from tinytune.datasets import preference_dataset
     from tinytune.tokenizers import load_tokenizer
+
     monkeypatch.setenv("TINYTUNE_HOME", str(tiny["root"] / "home"))
-    node = {"_component_": "tinytune.datasets.preference_dataset", "source": tiny["pairs"], "template": "chatml",
-            "max_seq_len": 64, "num_workers": 1, "val_fraction": 0.25, "seed": 0}
-    cfg = {"output_dir": str(tmp_path / "out"), "checkpoint_dir": tiny["ckpt"], "device": "cpu", "dtype": "fp32",
-           "seed": 0, "dataset": {**node, "split": "train"},
-           "validation": {"dataset": {**node, "split": "validation"}, "every_n_steps": 3},
-           "batch_size": 3, "shuffle": False, "max_steps": 3, "optimizer": {"name": "adamw", "lr": 1e-3},
-           "metric_loggers": ["jsonl"], "resume_from_checkpoint": None}
+    node = {
+        "_component_": "tinytune.datasets.preference_dataset",
+        "source": tiny["pairs"],
+        "template": "chatml",
+        "max_seq_len": 64,
+        "num_workers": 1,
+        "val_fraction": 0.25,
+        "seed": 0,
+    }
+    cfg = {
+        "output_dir": str(tmp_path / "out"),
+        "checkpoint_dir": tiny["ckpt"],
+        "device": "cpu",
+        "dtype": "fp32",
+        "seed": 0,
+        "dataset": {**node, "split": "train"},
+        "validation": {"dataset": {**node, "split": "validation"}, "every_n_steps": 3},
+        "batch_size": 3,
+        "shuffle": False,
+        "max_steps": 3,
+        "optimizer": {"name": "adamw", "lr": 1e-3},
+        "metric_loggers": ["jsonl"],
+        "resume_from_checkpoint": None,
+    }
     if lora:
-        cfg["model"] = {"lora_attn_modules": ["q_proj", "v_proj"], "apply_lora_to_mlp": True, "lora_rank": 4,
-                        "lora_alpha": 8.0}
+        cfg["model"] = {
+            "lora_attn_modules": ["q_proj", "v_proj"],
+            "apply_lora_to_mlp": True,
+            "lora_rank": 4,
+            "lora_alpha": 8.0,
+        }
     path = tmp_path / "rm.yaml"
     path.write_text("# recipe: reward_model\n" + yaml.safe_dump(cfg))
     assert tune_main(["run", "reward_model", "--config", str(path)]) in (0, None)
     rows = [json.loads(x) for x in open(tmp_path / "out" / "metrics.jsonl")]
     val = [r for r in rows if "val_loss" in r][-1]
     tok = load_tokenizer(tiny["ckpt"])
-    ds = preference_dataset(tok, tiny["pairs"], template="chatml", max_seq_len=64, num_workers=1,
-                            split="validation", val_fraction=0.25, seed=0)
+    ds = preference_dataset(
+        tok,
+        tiny["pairs"],
+        template="chatml",
+        max_seq_len=64,
+        num_workers=1,
+        split="validation",
+        val_fraction=0.25,
+        seed=0,
+    )
     batch = ds.collate_fn([ds[i] for i in range(len(ds))])
     s = _hf_scores(str(tmp_path / "out" / "hf_model"), batch["tokens"])
     n = len(ds)

@@ -95,17 +95,20 @@ def test_unknown_nested_key_is_an_error(tmp_path, capsys):
     assert "model.lora_rnak: unknown key" in err and "'lora_rank'" in err
 
 
-@pytest.mark.parametrize("override, words", [
-    ("max_steps=-3", "max_steps: -3 is out of range: must be >= 0"),
-    ("batch_size=0", "batch_size: 0 is out of range: must be >= 1"),
-    ("gradient_accumulation_steps=0", "gradient_accumulation_steps: 0 is out of range: must be >= 1"),
-    ("optimizer.lr=abc", "optimizer.lr: expected number, got 'abc'"),
-    ("batch_size=2.5", "batch_size: expected int, got 2.5"),
-    ("shuffle=yes please", "shuffle: expected bool"),
-    ("log_every_n_steps=0", "log_every_n_steps: 0 is out of range"),
-    ("model.lora_rank=0", "model.lora_rank: 0 is out of range"),
-    ("dtype=fp17", "dtype: 'fp17' is not one of"),
-])
+@pytest.mark.parametrize(
+    "override, words",
+    [
+        ("max_steps=-3", "max_steps: -3 is out of range: must be >= 0"),
+        ("batch_size=0", "batch_size: 0 is out of range: must be >= 1"),
+        ("gradient_accumulation_steps=0", "gradient_accumulation_steps: 0 is out of range: must be >= 1"),
+        ("optimizer.lr=abc", "optimizer.lr: expected number, got 'abc'"),
+        ("batch_size=2.5", "batch_size: expected int, got 2.5"),
+        ("shuffle=yes please", "shuffle: expected bool"),
+        ("log_every_n_steps=0", "log_every_n_steps: 0 is out of range"),
+        ("model.lora_rank=0", "model.lora_rank: 0 is out of range"),
+        ("dtype=fp17", "dtype: 'fp17' is not one of"),
+    ],
+)
 @pytest.mark.parametrize("recipe", ["lora_finetune", "lora_finetune_distributed"])
 def test_wrong_types_and_ranges_are_refused_before_the_model_loads(recipe, override, words, tmp_path, capsys):
     path = _write(tmp_path, recipe, _shipped(recipe, tmp_path))
@@ -114,14 +117,23 @@ def test_wrong_types_and_ranges_are_refused_before_the_model_loads(recipe, overr
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("overrides, words", [
-    (["+parallelism.pipeline_schedule=zigzag"], "parallelism.pipeline_schedule: 'zigzag' is not one of"),
-    (["+parallelism.pipeline_parallel=0"], "parallelism.pipeline_parallel: 0 is out of range: must be >= 1"),
-    (["+parallelism.pipeline_parallel=2", "+parallelism.microbatches=0"], "parallelism.microbatches: 0 is out of range"),
-    (["+parallelism.pipeline_parallel=2", "+parallelism.layers_per_stage=two"], "parallelism.layers_per_stage: expected"),
-    (["+parallelism.microbatches=4"], "only apply with parallelism.pipeline_parallel > 1"),
-    (["+parallelism.pipeline_schedule=gpipe"], "only apply with parallelism.pipeline_parallel > 1"),
-])
+@pytest.mark.parametrize(
+    "overrides, words",
+    [
+        (["+parallelism.pipeline_schedule=zigzag"], "parallelism.pipeline_schedule: 'zigzag' is not one of"),
+        (["+parallelism.pipeline_parallel=0"], "parallelism.pipeline_parallel: 0 is out of range: must be >= 1"),
+        (
+            ["+parallelism.pipeline_parallel=2", "+parallelism.microbatches=0"],
+            "parallelism.microbatches: 0 is out of range",
+        ),
+        (
+            ["+parallelism.pipeline_parallel=2", "+parallelism.layers_per_stage=two"],
+            "parallelism.layers_per_stage: expected",
+        ),
+        (["+parallelism.microbatches=4"], "only apply with parallelism.pipeline_parallel > 1"),
+        (["+parallelism.pipeline_schedule=gpipe"], "only apply with parallelism.pipeline_parallel > 1"),
+    ],
+)
 @pytest.mark.parametrize("recipe", ["full_finetune_distributed", "lora_finetune_distributed"])
 def test_pipeline_keys_are_checked_by_the_settings_layer(recipe, overrides, words, tmp_path, capsys):
     path = _write(tmp_path, recipe, _shipped(recipe, tmp_path))
@@ -133,8 +145,17 @@ def test_pipeline_keys_are_checked_by_the_settings_layer(recipe, overrides, word
 def test_tune_validate_runs_the_same_check(tmp_path, capsys):
     path = _write(tmp_path, "lora_finetune", _shipped("lora_finetune", tmp_path))
     assert tune_main(["validate", path]) == 0
-    rc = tune_main(["validate", path, "max_steps=-3", "batch_size=0", "gradient_accumulation_steps=0",
-                    "optimizer.lr=abc", "+group_by_length=true"])
+    rc = tune_main(
+        [
+            "validate",
+            path,
+            "max_steps=-3",
+            "batch_size=0",
+            "gradient_accumulation_steps=0",
+            "optimizer.lr=abc",
+            "+group_by_length=true",
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 1
     for key in ("max_steps", "batch_size", "gradient_accumulation_steps", "optimizer.lr", "group_by_length"):
@@ -151,42 +172,62 @@ def test_sample_generation_prompts_as_a_string_is_refused(tmp_path, capsys):
 
 
 def test_null_means_default_and_values_are_typed():
-    s = LoRAFinetuneSettings.from_config({"output_dir": "x", "dataset": {"_component_": "tinytune.datasets.chat_dataset"},
-                                          "batch_size": None, "clip_grad_norm": 1})
+    s = LoRAFinetuneSettings.from_config(
+        {
+            "output_dir": "x",
+            "dataset": {"_component_": "tinytune.datasets.chat_dataset"},
+            "batch_size": None,
+            "clip_grad_norm": 1,
+        }
+    )
     assert s.data.batch_size == 4 and s.loop.clip_grad_norm == 1.0 and isinstance(s.loop.clip_grad_norm, float)
     with pytest.raises(ConfigError, match="output_dir: required"):
         LoRAFinetuneSettings.from_config({"dataset": {"_component_": "tinytune.datasets.chat_dataset"}})
 
 
 def test_component_fields_are_checked_against_the_signature():
-    _, problems = LoRAFinetuneSettings.read({
-        "output_dir": "x",
-        "dataset": {"_component_": "tinytune.datasets.chat_dataset", "max_seq_lenn": 3},
-        "model": {"_component_": "tinytune.models.lora_builders.lora_llama3_tiny", "lora_rank": "big"},
-    })
+    _, problems = LoRAFinetuneSettings.read(
+        {
+            "output_dir": "x",
+            "dataset": {"_component_": "tinytune.datasets.chat_dataset", "max_seq_lenn": 3},
+            "model": {"_component_": "tinytune.models.lora_builders.lora_llama3_tiny", "lora_rank": "big"},
+        }
+    )
     text = "\n".join(str(p) for p in problems)
     assert "max_seq_lenn" in text and "max_seq_len" in text
     assert "model.lora_rank: expected int" in text
 
 
-@pytest.mark.parametrize("keys, message", [
-    ({"loss": "ipo", "label_smoothing": 0.1}, "label_smoothing: not used by loss=ipo"),
-    ({"loss": "hinge", "label_smoothing": 0.1}, "label_smoothing: not used by loss=hinge"),
-    ({"loss": "robust", "label_smoothing": 0.5}, "label_smoothing: must be < 0.5 for loss=robust"),
-    ({"loss": "sigmoid", "gamma": 0.5}, "gamma: only loss=simpo uses it"),
-    ({"loss": "orpo", "gamma": 0.5}, "gamma: only loss=simpo uses it"),
-])
+@pytest.mark.parametrize(
+    "keys, message",
+    [
+        ({"loss": "ipo", "label_smoothing": 0.1}, "label_smoothing: not used by loss=ipo"),
+        ({"loss": "hinge", "label_smoothing": 0.1}, "label_smoothing: not used by loss=hinge"),
+        ({"loss": "robust", "label_smoothing": 0.5}, "label_smoothing: must be < 0.5 for loss=robust"),
+        ({"loss": "sigmoid", "gamma": 0.5}, "gamma: only loss=simpo uses it"),
+        ({"loss": "orpo", "gamma": 0.5}, "gamma: only loss=simpo uses it"),
+    ],
+)
 def test_dpo_keys_the_chosen_loss_does_not_read_are_refused(keys, message):
-    _, problems = DPOSettings.read({"output_dir": "x", "dataset": {"_component_": "tinytune.datasets.chat_dataset"},
-                                    **keys})
+    _, problems = DPOSettings.read(
+        {"output_dir": "x", "dataset": {"_component_": "tinytune.datasets.chat_dataset"}, **keys}
+    )
     assert message in "\n".join(str(p) for p in problems)
 
 
-@pytest.mark.parametrize("keys", [{"loss": "sigmoid", "label_smoothing": 0.2}, {"loss": "robust", "label_smoothing": 0.4},
-                                  {"loss": "simpo", "gamma": 0.5, "label_smoothing": 0.1}, {"loss": "ipo"}])
+@pytest.mark.parametrize(
+    "keys",
+    [
+        {"loss": "sigmoid", "label_smoothing": 0.2},
+        {"loss": "robust", "label_smoothing": 0.4},
+        {"loss": "simpo", "gamma": 0.5, "label_smoothing": 0.1},
+        {"loss": "ipo"},
+    ],
+)
 def test_dpo_keys_the_chosen_loss_reads_are_accepted(keys):
-    _, problems = DPOSettings.read({"output_dir": "x", "dataset": {"_component_": "tinytune.datasets.chat_dataset"},
-                                    **keys})
+    _, problems = DPOSettings.read(
+        {"output_dir": "x", "dataset": {"_component_": "tinytune.datasets.chat_dataset"}, **keys}
+    )
     assert not problems, problems
 
 
@@ -203,11 +244,14 @@ def _tiny_with(factory):
     return llama3_tiny(linear_factory=factory)
 
 
-@pytest.mark.parametrize("block", [
-    {"lora_rank": 16},  # the defaults decide: they used to differ between the recipes
-    {"lora_attn_modules": ["q_proj", "k_proj"], "apply_lora_to_mlp": False, "lora_rank": 4},
-    {"lora_attn_modules": ["v"], "apply_lora_to_mlp": True, "apply_lora_to_output": True, "lora_alpha": 8},
-])
+@pytest.mark.parametrize(
+    "block",
+    [
+        {"lora_rank": 16},  # the defaults decide: they used to differ between the recipes
+        {"lora_attn_modules": ["q_proj", "k_proj"], "apply_lora_to_mlp": False, "lora_rank": 4},
+        {"lora_attn_modules": ["v"], "apply_lora_to_mlp": True, "apply_lora_to_output": True, "lora_alpha": 8},
+    ],
+)
 def test_both_lora_recipes_and_both_model_forms_adapt_the_same_modules(block):
     from tinytune.config import instantiate
     from tinytune.models.lora_builders import lora_factory
@@ -217,10 +261,15 @@ def test_both_lora_recipes_and_both_model_forms_adapt_the_same_modules(block):
     single = LoRAFinetuneSettings.from_config({**base, "model": dict(block)})
     multi = LoRAFinetuneDistributedSettings.from_config({**base, "model": dict(block)})
     comp = LoRAFinetuneSettings.from_config(
-        {**base, "model": {"_component_": "tinytune.models.lora_builders.lora_llama3_tiny", **block}})
+        {**base, "model": {"_component_": "tinytune.models.lora_builders.lora_llama3_tiny", **block}}
+    )
     lora_single, lora_multi, lora_comp = model_lora(single.model), model_lora(multi.model), model_lora(comp.model)
-    assert lora_single == lora_multi == lora_comp == LoRASettings(**{
-        k: (list(v) if isinstance(v, list) else v) for k, v in block.items()})
+    assert (
+        lora_single
+        == lora_multi
+        == lora_comp
+        == LoRASettings(**{k: (list(v) if isinstance(v, list) else v) for k, v in block.items()})
+    )
     torch.manual_seed(0)
     names_single = _adapted(_tiny_with(lora_factory(lora_single)))
     names_multi = _adapted(_tiny_with(lora_factory(lora_multi)))
@@ -230,9 +279,14 @@ def test_both_lora_recipes_and_both_model_forms_adapt_the_same_modules(block):
     mlp = any(n.endswith("mlp.gate_proj") for n in names_single)
     assert mlp == block.get("apply_lora_to_mlp", True)
     # the PEFT export reads the same object
-    assert lora_single.peft_config() == {"lora_rank": lora_single.lora_rank, "lora_alpha": lora_single.lora_alpha,
-                                         "lora_dropout": lora_single.lora_dropout, "use_rslora": lora_single.use_rslora,
-                                         "use_dora": lora_single.use_dora, "init": lora_single.lora_init}
+    assert lora_single.peft_config() == {
+        "lora_rank": lora_single.lora_rank,
+        "lora_alpha": lora_single.lora_alpha,
+        "lora_dropout": lora_single.lora_dropout,
+        "use_rslora": lora_single.use_rslora,
+        "use_dora": lora_single.use_dora,
+        "init": lora_single.lora_init,
+    }
 
 
 def test_lora_builder_signature_is_the_settings_declaration():
@@ -257,14 +311,17 @@ def _sft_node(tmp_path, **options):
     return {"_component_": "tinytune.datasets.sft_dataset", "source": str(data), **options}
 
 
-@pytest.mark.parametrize("options, words", [
-    ({"truncation": "middle"}, "dataset.truncation: 'middle' is not one of ['balanced', 'prompt_first'"),
-    ({"truncation": 3}, "dataset.truncation: expected str | null, got 3"),
-    ({"enable_thinking": "false"}, "dataset.enable_thinking: expected bool | null, got 'false'"),
-    ({"packing_strategy": "best"}, "dataset.packing_strategy: 'best' is not one of ['ffd', 'greedy']"),
-    ({"tags": {"role_tag": "role", "speaker_tag": "x"}}, "dataset.tags: unknown tag name(s) ['speaker_tag']"),
-    ({"max_seq_len": 0}, "dataset.max_seq_len: 0 is out of range: must be >= 1"),
-])
+@pytest.mark.parametrize(
+    "options, words",
+    [
+        ({"truncation": "middle"}, "dataset.truncation: 'middle' is not one of ['balanced', 'prompt_first'"),
+        ({"truncation": 3}, "dataset.truncation: expected str | null, got 3"),
+        ({"enable_thinking": "false"}, "dataset.enable_thinking: expected bool | null, got 'false'"),
+        ({"packing_strategy": "best"}, "dataset.packing_strategy: 'best' is not one of ['ffd', 'greedy']"),
+        ({"tags": {"role_tag": "role", "speaker_tag": "x"}}, "dataset.tags: unknown tag name(s) ['speaker_tag']"),
+        ({"max_seq_len": 0}, "dataset.max_seq_len: 0 is out of range: must be >= 1"),
+    ],
+)
 def test_dataset_option_values_are_refused_before_the_model_loads(options, words, tmp_path, capsys):
     cfg = _shipped("lora_finetune", tmp_path, dataset=_sft_node(tmp_path, **options))
     path = _write(tmp_path, "lora_finetune", cfg)
@@ -275,12 +332,21 @@ def test_dataset_option_values_are_refused_before_the_model_loads(options, words
 
 def test_dataset_option_values_checked_in_every_node_of_a_mix_and_the_validation_node(tmp_path):
     good, bad = _sft_node(tmp_path, truncation="balanced"), _sft_node(tmp_path, truncation="left")
-    cfg = _shipped("lora_finetune", tmp_path, dataset=[{**good, "weight": 1}, {**bad, "weight": 1}],
-                   validation={"dataset": _sft_node(tmp_path, packed="yes")})
+    cfg = _shipped(
+        "lora_finetune",
+        tmp_path,
+        dataset=[{**good, "weight": 1}, {**bad, "weight": 1}],
+        validation={"dataset": _sft_node(tmp_path, packed="yes")},
+    )
     _, problems = LoRAFinetuneSettings.read(cfg)
     assert sorted(p.key for p in problems) == ["dataset[1].truncation", "validation.dataset.packed"]
-    cfg = _shipped("lora_finetune", tmp_path, dataset=_sft_node(
-        tmp_path, truncation="drop", enable_thinking=None, tags={"role_tag": "role", "content_tag": "text"}))
+    cfg = _shipped(
+        "lora_finetune",
+        tmp_path,
+        dataset=_sft_node(
+            tmp_path, truncation="drop", enable_thinking=None, tags={"role_tag": "role", "content_tag": "text"}
+        ),
+    )
     assert LoRAFinetuneSettings.read(cfg)[1] == []
 
 

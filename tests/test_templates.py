@@ -72,8 +72,12 @@ def hf_render(hf, messages, **kw):
 
 def ours(tok, template, messages, enable_thinking=None, **kw):
     t = get_template(template).bind(tok)
-    text = t.render_text(messages, bos_token=tok.hf.id_to_token(tok.bos_id) if tok.bos_id is not None else "",
-                         eos_token=tok.hf.id_to_token(tok.eos_id), enable_thinking=enable_thinking)
+    text = t.render_text(
+        messages,
+        bos_token=tok.hf.id_to_token(tok.bos_id) if tok.bos_id is not None else "",
+        eos_token=tok.hf.id_to_token(tok.eos_id),
+        enable_thinking=enable_thinking,
+    )
     enc = SampleEncoder(tok, t, enable_thinking=enable_thinking, **kw)
     (seq,) = enc.encode_samples([ChatSample(messages)])[0]
     return text, seq.tokens, seq.labels
@@ -104,10 +108,19 @@ def test_text_and_ids_match_official_template(template, reference, make_tok, con
 
 QWEN3_CONVS = {
     "plain": [U1, A1, U2, A2],
-    "reasoning_field": [SYS, U1, {**A1, "reasoning_content": "Add two and two."}, U2,
-                        {**A2, "reasoning_content": "Three threes.\nSum them."}],
-    "inline_think": [U1, {"role": "assistant", "content": "<think>\nCount.\n</think>\n\nIt is 4."}, U2,
-                     {"role": "assistant", "content": "<think>\nMultiply.\n</think>\n\n9."}],
+    "reasoning_field": [
+        SYS,
+        U1,
+        {**A1, "reasoning_content": "Add two and two."},
+        U2,
+        {**A2, "reasoning_content": "Three threes.\nSum them."},
+    ],
+    "inline_think": [
+        U1,
+        {"role": "assistant", "content": "<think>\nCount.\n</think>\n\nIt is 4."},
+        U2,
+        {"role": "assistant", "content": "<think>\nMultiply.\n</think>\n\n9."},
+    ],
     "single_inline": [SYS, U1, {"role": "assistant", "content": "<think>\nEasy.\n</think>\n\nIt is 4."}],
 }
 
@@ -150,11 +163,24 @@ def trained_text(tok, tokens, labels) -> str:
     return tok.decode(targets, skip_special_tokens=False)
 
 
-END = {"llama3": "<|eot_id|>", "chatml": "<|im_end|>", "qwen2_5": "<|im_end|>", "gemma": "<end_of_turn>",
-       "llama2": "</s>", "mistral": "</s>", "alpaca": "<|eot_id|>"}
-TOKS = {"llama3": llama3_test_tokenizer, "chatml": chatml_test_tokenizer, "qwen2_5": chatml_test_tokenizer,
-        "gemma": gemma_test_tokenizer, "llama2": sp_style_test_tokenizer, "mistral": sp_style_test_tokenizer,
-        "alpaca": llama3_test_tokenizer}
+END = {
+    "llama3": "<|eot_id|>",
+    "chatml": "<|im_end|>",
+    "qwen2_5": "<|im_end|>",
+    "gemma": "<end_of_turn>",
+    "llama2": "</s>",
+    "mistral": "</s>",
+    "alpaca": "<|eot_id|>",
+}
+TOKS = {
+    "llama3": llama3_test_tokenizer,
+    "chatml": chatml_test_tokenizer,
+    "qwen2_5": chatml_test_tokenizer,
+    "gemma": gemma_test_tokenizer,
+    "llama2": sp_style_test_tokenizer,
+    "mistral": sp_style_test_tokenizer,
+    "alpaca": llama3_test_tokenizer,
+}
 ANSWER = {"llama2": lambda a: f" {a} "}
 
 
@@ -185,8 +211,9 @@ def test_qwen3_masks_by_thinking_mode():
     assert trained_text(tok, t, lab) == "It is 4.<|im_end|>9, since 3+3+3 = 9.<|im_end|>"
     for mode in (None, True):  # reasoning kept and trained
         _, t, lab = ours(tok, "qwen3", msgs, enable_thinking=mode)
-        assert trained_text(tok, t, lab) == ("It is 4.<|im_end|><think>\nThree threes.\nSum them.\n</think>\n\n"
-                                             "9, since 3+3+3 = 9.<|im_end|>")
+        assert trained_text(tok, t, lab) == (
+            "It is 4.<|im_end|><think>\nThree threes.\nSum them.\n</think>\n\n9, since 3+3+3 = 9.<|im_end|>"
+        )
 
 
 def _mindspeed(name):
@@ -228,10 +255,17 @@ def test_mindspeed_prompt_types_render_like_mindspeed(prompt_type, conv):
     assert prompt_type in mindspeed_prompt_types()
 
 
-HF_CASES = [("llama3", llama3_test_tokenizer), ("qwen2_5", chatml_test_tokenizer),
-            ("qwen3", chatml_test_tokenizer), ("gemma3", gemma_test_tokenizer), ("smollm2", chatml_test_tokenizer),
-            ("llama3_1", llama3_test_tokenizer), ("llama2", sp_style_test_tokenizer),
-            ("mistral", sp_style_test_tokenizer), ("gemma", gemma_test_tokenizer)]
+HF_CASES = [
+    ("llama3", llama3_test_tokenizer),
+    ("qwen2_5", chatml_test_tokenizer),
+    ("qwen3", chatml_test_tokenizer),
+    ("gemma3", gemma_test_tokenizer),
+    ("smollm2", chatml_test_tokenizer),
+    ("llama3_1", llama3_test_tokenizer),
+    ("llama2", sp_style_test_tokenizer),
+    ("mistral", sp_style_test_tokenizer),
+    ("gemma", gemma_test_tokenizer),
+]
 
 
 @pytest.mark.parametrize("reference,make_tok", HF_CASES)
@@ -258,15 +292,19 @@ def test_hf_template_renders_and_masks_model_template(reference, make_tok):
 
 
 def test_hf_template_with_generation_tags_and_errors():
-    src = ("{% for m in messages %}{% if m.role == 'assistant' %}{% generation %}A: {{ m.content }}{{ eos_token }}"
-           "{% endgeneration %}\n{% else %}{% if m.role == 'system' %}{{ raise_exception('no system') }}{% endif %}"
-           "Q: {{ m.content }}\n{% endif %}{% endfor %}")
+    src = (
+        "{% for m in messages %}{% if m.role == 'assistant' %}{% generation %}A: {{ m.content }}{{ eos_token }}"
+        "{% endgeneration %}\n{% else %}{% if m.role == 'system' %}{{ raise_exception('no system') }}{% endif %}"
+        "Q: {{ m.content }}\n{% endif %}{% endfor %}"
+    )
     tok = chatml_test_tokenizer(chat_template=src)
     t = get_template("hf").bind(tok)
     msgs = CONVS["multi"]
     # trim_blocks drops the newline after a block tag, as in transformers
-    assert t.render_text(msgs) == "Q: What is 2+2?\nA: It is 4.<|im_end|>Q: And 3 times 3?\nExplain briefly.\n" \
-                                  "A: 9, since 3+3+3 = 9.<|im_end|>"
+    assert (
+        t.render_text(msgs) == "Q: What is 2+2?\nA: It is 4.<|im_end|>Q: And 3 times 3?\nExplain briefly.\n"
+        "A: 9, since 3+3+3 = 9.<|im_end|>"
+    )
     (seq,) = SampleEncoder(tok, t).encode_samples([ChatSample(msgs)])[0]
     # no generation prompt: everything after the previous turn up to the end-of-turn token is the answer
     assert trained_text(tok, seq.tokens, seq.labels) == "A: It is 4.<|im_end|>A: 9, since 3+3+3 = 9.<|im_end|>"
@@ -281,8 +319,15 @@ def test_registry_names_and_errors():
     assert get_template("qwen").default_system == "You are a helpful assistant."
     with pytest.raises(TemplateError, match="unknown template"):
         get_template("nope")
-    custom = get_template({"name": "mine", "user": "Q: {content}\n", "assistant_prefix": "A: ",
-                           "assistant_end": "{eos}", "assistant_suffix": "\n"})
+    custom = get_template(
+        {
+            "name": "mine",
+            "user": "Q: {content}\n",
+            "assistant_prefix": "A: ",
+            "assistant_end": "{eos}",
+            "assistant_suffix": "\n",
+        }
+    )
     assert custom.render_text(CONVS["single"], eos_token="</s>") == "Q: What is 2+2?\nA: It is 4.</s>\n"
     with pytest.raises(TemplateError, match="chat template"):
         get_template("hf").bind(chatml_test_tokenizer())
@@ -299,11 +344,16 @@ def _transformers_from_file(bos: str | None, eos: str):
 
 
 TINYTUNE_CASES = [
-    ("llama3", "llama3", "llama3", "multi_sys", None), ("qwen2_5", "qwen2_5", "chatml", "multi_sys", None),
-    ("qwen2_5", "qwen2_5", "chatml", "single", None), ("smollm2", "smollm2", "chatml", "multi", None),
-    ("qwen3", "qwen3", "chatml", "multi_sys", None), ("qwen3", "qwen3", "chatml", "multi", False),
-    ("gemma", "gemma3", "gemma", "multi_sys", None), ("llama2", "llama2", "sp", "multi_sys", None),
-    ("mistral", "mistral", "sp", "multi", None), ("hf", "llama3_1", "llama3", "multi_sys", None),
+    ("llama3", "llama3", "llama3", "multi_sys", None),
+    ("qwen2_5", "qwen2_5", "chatml", "multi_sys", None),
+    ("qwen2_5", "qwen2_5", "chatml", "single", None),
+    ("smollm2", "smollm2", "chatml", "multi", None),
+    ("qwen3", "qwen3", "chatml", "multi_sys", None),
+    ("qwen3", "qwen3", "chatml", "multi", False),
+    ("gemma", "gemma3", "gemma", "multi_sys", None),
+    ("llama2", "llama2", "sp", "multi_sys", None),
+    ("mistral", "mistral", "sp", "multi", None),
+    ("hf", "llama3_1", "llama3", "multi_sys", None),
 ]
 
 
@@ -322,18 +372,26 @@ def test_token_ids_with_tinytune_tokenizer(template, reference, family, conv, th
     t = get_template(template, chat_template=jinja(reference) if template == "hf" else None).bind(tok)
     (seq,) = SampleEncoder(tok, t, enable_thinking=thinking).encode_samples([ChatSample(msgs)])[0]
     assert seq.tokens == ref
-    trained = tok.decode([seq.tokens[i + 1] for i in range(len(seq.tokens) - 1) if seq.labels[i] != IGNORE_INDEX],
-                         skip_special_tokens=False)
+    trained = tok.decode(
+        [seq.tokens[i + 1] for i in range(len(seq.tokens) - 1) if seq.labels[i] != IGNORE_INDEX],
+        skip_special_tokens=False,
+    )
     assert msgs[-1]["content"] in trained and msgs[-2]["content"] not in trained and "user" not in trained
 
 
-@pytest.mark.parametrize("template,make_tok", [("qwen2_5", chatml_test_tokenizer), ("chatml", chatml_test_tokenizer),
-                                               ("mistral", sp_style_test_tokenizer)])
+@pytest.mark.parametrize(
+    "template,make_tok",
+    [("qwen2_5", chatml_test_tokenizer), ("chatml", chatml_test_tokenizer), ("mistral", sp_style_test_tokenizer)],
+)
 def test_ids_equal_whole_string_tokenization_at_awkward_borders(template, make_tok):
     """Answers starting with newlines/spaces still give the ids of the whole rendered string."""
     tok = make_tok()
-    msgs = [{"role": "user", "content": "Format this:  "}, {"role": "assistant", "content": "\n\n  Indented answer"},
-            {"role": "user", "content": "\nagain"}, {"role": "assistant", "content": " spaced\n"}]
+    msgs = [
+        {"role": "user", "content": "Format this:  "},
+        {"role": "assistant", "content": "\n\n  Indented answer"},
+        {"role": "user", "content": "\nagain"},
+        {"role": "assistant", "content": " spaced\n"},
+    ]
     t = get_template(template).bind(tok)
     text = t.render_text(msgs, bos_token="<s>", eos_token=tok.hf.id_to_token(tok.eos_id))
     ref = tok.encode(text, add_bos=False, add_eos=False)

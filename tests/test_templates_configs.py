@@ -45,11 +45,17 @@ def test_hf_configs_equal_builtin_on_bundled_data(smollm2_dir, tmp_path, dataset
     for path in hf_configs():
         cfg = OmegaConf.load(path)
         node = cfg.get("dataset")
-        if node is None or "chat" not in str(node.get("_component_", "")) and "chatterbot" not in str(
-                node.get("_component_", "")):
+        if (
+            node is None
+            or "chat" not in str(node.get("_component_", ""))
+            and "chatterbot" not in str(node.get("_component_", ""))
+        ):
             continue  # preference data (DPO) needs a user file; its rows are covered by the chat check
-        kw = {k: v for k, v in OmegaConf.to_container(node, resolve=False).items()
-              if k in ("max_seq_len", "train_on_input", "mask_history", "truncation", "packed")}
+        kw = {
+            k: v
+            for k, v in OmegaConf.to_container(node, resolve=False).items()
+            if k in ("max_seq_len", "train_on_input", "mask_history", "truncation", "packed")
+        }
         key = tuple(sorted(kw.items()))
         if key in seen:
             continue

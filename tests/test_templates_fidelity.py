@@ -92,8 +92,7 @@ def test_every_official_template_is_token_and_mask_exact(capsys):
         tok = tinytune_test_tokenizer(family)
         hf_tok = reference_tokenizer(family)
         source = jinja(ref_name)
-        convs = corpus(N, seed=len(rows), system=has_system,
-                       think=True, reasoning=ref_name == "qwen3")
+        convs = corpus(N, seed=len(rows), system=has_system, think=True, reasoning=ref_name == "qwen3")
         # Qwen3's enable_thinking=True is the official template's own default for the trained span
         kw = {"enable_thinking": True} if ref_name == "qwen3" else {}
         candidates = [("hf", get_template("hf", chat_template=source, end_of_turn=[end]).bind(tok))]
@@ -143,6 +142,7 @@ def test_qwen3_enable_thinking_modes_against_reference(mode):
             if mode is True or (mode is None and has_think(msgs[k])):
                 return [{"enable_thinking": True}]
             return [{"enable_thinking": False}, {"enable_thinking": True}]
+
         return kws
 
     hf_t = get_template("hf", chat_template=source, end_of_turn=["<|im_end|>"]).bind(tok)
@@ -161,13 +161,19 @@ def test_qwen3_enable_thinking_modes_against_reference(mode):
 
 def test_hf_template_errors_name_the_turn_when_not_prefix_consistent():
     """A template that rewrites earlier turns once a later one exists cannot be located by structure."""
-    src = ("{% for m in messages %}{% if m.role == 'assistant' and not loop.last %}[old]{% endif %}"
-           "<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
-           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    src = (
+        "{% for m in messages %}{% if m.role == 'assistant' and not loop.last %}[old]{% endif %}"
+        "<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
     tok = tinytune_test_tokenizer("chatml")
     t = get_template("hf", chat_template=src, end_of_turn=["<|im_end|>"]).bind(tok)
-    msgs = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
-            {"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}]
+    msgs = [
+        {"role": "user", "content": "a"},
+        {"role": "assistant", "content": "b"},
+        {"role": "user", "content": "c"},
+        {"role": "assistant", "content": "d"},
+    ]
     with pytest.raises(TemplateError, match=r"message 1 \(assistant\).*not a prefix"):
         t.render(msgs)
 
@@ -176,16 +182,37 @@ def test_hf_answer_is_located_by_structure_not_by_content():
     """The issue's repros: the answer also occurs earlier (user text, special-token text, date header,
     think block); only the real answer and its end-of-turn token are trained."""
     cases = [
-        ("smollm2", "chatml", "<|im_end|>", [{"role": "user", "content": "Answer yes or no: is 7 prime?"},
-                                             {"role": "assistant", "content": "yes"}], "yes<|im_end|>"),
-        ("smollm2", "chatml", "<|im_end|>", [{"role": "user", "content": "Say d"},
-                                             {"role": "assistant", "content": "d"}], "d<|im_end|>"),
-        ("llama3_1", "llama3", "<|eot_id|>", [{"role": "user", "content": "2+2?"},
-                                              {"role": "assistant", "content": "4"}], "4<|eot_id|>"),
-        ("qwen3", "chatml", "<|im_end|>", [{"role": "user", "content": "Capital of Japan?"},
-                                           {"role": "assistant",
-                                            "content": "<think>Japan's capital is Tokyo.</think>Tokyo."}],
-         "<think>\nJapan's capital is Tokyo.\n</think>\n\nTokyo.<|im_end|>"),
+        (
+            "smollm2",
+            "chatml",
+            "<|im_end|>",
+            [{"role": "user", "content": "Answer yes or no: is 7 prime?"}, {"role": "assistant", "content": "yes"}],
+            "yes<|im_end|>",
+        ),
+        (
+            "smollm2",
+            "chatml",
+            "<|im_end|>",
+            [{"role": "user", "content": "Say d"}, {"role": "assistant", "content": "d"}],
+            "d<|im_end|>",
+        ),
+        (
+            "llama3_1",
+            "llama3",
+            "<|eot_id|>",
+            [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}],
+            "4<|eot_id|>",
+        ),
+        (
+            "qwen3",
+            "chatml",
+            "<|im_end|>",
+            [
+                {"role": "user", "content": "Capital of Japan?"},
+                {"role": "assistant", "content": "<think>Japan's capital is Tokyo.</think>Tokyo."},
+            ],
+            "<think>\nJapan's capital is Tokyo.\n</think>\n\nTokyo.<|im_end|>",
+        ),
     ]
     for ref_name, family, end, msgs, want in cases:
         tok = tinytune_test_tokenizer(family)
@@ -201,23 +228,29 @@ def test_qwen3_multi_step_reasoning_located_where_the_template_drops_it():
     prefix with the earlier reasoning removed, as the full render shows it, and equals qwen3."""
     tok = tinytune_test_tokenizer("chatml")
     call = {"type": "function", "function": {"name": "f", "arguments": {"x": 1}}}
-    msgs = [{"role": "user", "content": "q"},
-            {"role": "assistant", "content": "", "reasoning_content": "think first", "tool_calls": [call]},
-            {"role": "tool", "content": "r"}, {"role": "assistant", "content": "a1"},
-            {"role": "user", "content": "q2"}, {"role": "assistant", "content": "a2"}]
+    msgs = [
+        {"role": "user", "content": "q"},
+        {"role": "assistant", "content": "", "reasoning_content": "think first", "tool_calls": [call]},
+        {"role": "tool", "content": "r"},
+        {"role": "assistant", "content": "a1"},
+        {"role": "user", "content": "q2"},
+        {"role": "assistant", "content": "a2"},
+    ]
     from template_corpus import render
 
     hf_tok = reference_tokenizer("chatml")
     assert not render(hf_tok, jinja("qwen3"), msgs).startswith(
-        render(hf_tok, jinja("qwen3"), msgs[:3], add_generation_prompt=True))  # not prefix-consistent
+        render(hf_tok, jinja("qwen3"), msgs[:3], add_generation_prompt=True)
+    )  # not prefix-consistent
     hf_t = get_template("hf", chat_template=jinja("qwen3"), end_of_turn=["<|im_end|>"]).bind(tok)
     q3 = get_template("qwen3").bind(tok)
     assert q3.render_text(msgs) == render(hf_tok, jinja("qwen3"), msgs)
     for mode in (None, True, False):
         tokens, labels = encode(tok, hf_t, msgs, enable_thinking=mode)
         assert (tokens, labels) == encode(tok, q3, msgs, enable_thinking=mode)
-        trained = tok.decode([tokens[i + 1] for i in range(len(tokens) - 1) if labels[i] != -100],
-                             skip_special_tokens=False)
+        trained = tok.decode(
+            [tokens[i + 1] for i in range(len(tokens) - 1) if labels[i] != -100], skip_special_tokens=False
+        )
         call_text = '<tool_call>\n{"name": "f", "arguments": {"x": 1}}\n</tool_call><|im_end|>'
         think = "<think>\n\n</think>\n\n" if mode is True else ""
         assert trained == call_text + "a1<|im_end|>" + think + "a2<|im_end|>"

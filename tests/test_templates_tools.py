@@ -18,20 +18,39 @@ from tinytune.datasets import sft_dataset
 from tinytune.datasets.styles import ChatSample
 from tinytune.datasets.templates import TemplateError, get_template
 
-WEATHER = {"type": "function", "function": {
-    "name": "get_weather", "description": "Current weather in a city (°C).",
-    "parameters": {"type": "object", "properties": {"city": {"type": "string", "description": "城市 / city"},
-                                                    "unit": {"type": "string", "enum": ["c", "f"]}},
-                   "required": ["city"]}}}
-SEARCH = {"type": "function", "function": {
-    "name": "search", "description": "Web search.",
-    "parameters": {"type": "object", "properties": {"q": {"type": "string"}}, "required": ["q"]}}}
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Current weather in a city (°C).",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "city": {"type": "string", "description": "城市 / city"},
+                "unit": {"type": "string", "enum": ["c", "f"]},
+            },
+            "required": ["city"],
+        },
+    },
+}
+SEARCH = {
+    "type": "function",
+    "function": {
+        "name": "search",
+        "description": "Web search.",
+        "parameters": {"type": "object", "properties": {"q": {"type": "string"}}, "required": ["q"]},
+    },
+}
 CITIES = ["Paris", "東京", "São Paulo", "d", "user", "im_end | city"]
 
 
 def call(rng, as_string: bool):
-    name, args = rng.choice([("get_weather", {"city": rng.choice(CITIES), "unit": "c"}),
-                             ("search", {"q": rng.choice(["2+2", "tool_call", "ipython", "yes"])})])
+    name, args = rng.choice(
+        [
+            ("get_weather", {"city": rng.choice(CITIES), "unit": "c"}),
+            ("search", {"q": rng.choice(["2+2", "tool_call", "ipython", "yes"])}),
+        ]
+    )
     return {"type": "function", "function": {"name": name, "arguments": json.dumps(args) if as_string else args}}
 
 
@@ -44,8 +63,13 @@ def tool_conversation(rng: random.Random, *, multi_calls: bool, content_with_cal
         for _ in range(rng.randint(0, 2)):  # tool rounds
             n = rng.randint(1, 2) if multi_calls else 1
             content = rng.choice(["", "Let me check."]) if content_with_calls else ""
-            msgs.append({"role": "assistant", "content": content,
-                         "tool_calls": [call(rng, string_args and rng.random() < 0.5) for _ in range(n)]})
+            msgs.append(
+                {
+                    "role": "assistant",
+                    "content": content,
+                    "tool_calls": [call(rng, string_args and rng.random() < 0.5) for _ in range(n)],
+                }
+            )
             for _ in range(n):
                 msgs.append({"role": "tool", "content": rng.choice(['{"temp": 21}', "sunny, 21 °C", "4", "yes"])})
         msgs.append({"role": "assistant", "content": rng.choice(["It is sunny.", "4", "d", "get_weather"])})
@@ -57,10 +81,21 @@ def parsed_args(msgs):
     out = []
     for m in msgs:
         if m.get("tool_calls"):
-            m = dict(m, tool_calls=[{"type": "function", "function": {
-                "name": c["function"]["name"],
-                "arguments": json.loads(c["function"]["arguments"]) if isinstance(c["function"]["arguments"], str)
-                else c["function"]["arguments"]}} for c in m["tool_calls"]])
+            m = dict(
+                m,
+                tool_calls=[
+                    {
+                        "type": "function",
+                        "function": {
+                            "name": c["function"]["name"],
+                            "arguments": json.loads(c["function"]["arguments"])
+                            if isinstance(c["function"]["arguments"], str)
+                            else c["function"]["arguments"],
+                        },
+                    }
+                    for c in m["tool_calls"]
+                ],
+            )
         out.append(m)
     return out
 
@@ -82,8 +117,7 @@ def test_tool_calling_matches_official_template(ref_name):
     source = jinja(ref_name)
     rng = random.Random(3)
     kw = {"enable_thinking": True} if ref_name == "qwen3" else {}
-    templates = [get_template(builtin).bind(tok),
-                 get_template("hf", chat_template=source, end_of_turn=[end]).bind(tok)]
+    templates = [get_template(builtin).bind(tok), get_template("hf", chat_template=source, end_of_turn=[end]).bind(tok)]
     checked = 0
     for i in range(60):
         msgs = tool_conversation(rng, string_args=True, **opts)
@@ -104,22 +138,30 @@ def trained(tok, tokens, labels) -> str:
 
 def test_calls_trained_observations_masked():
     tok = tinytune_test_tokenizer("chatml")
-    msgs = [{"role": "user", "content": "Weather in Paris?"},
-            {"role": "assistant", "content": "", "tool_calls": [
-                {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
-            {"role": "tool", "content": "sunny"},
-            {"role": "assistant", "content": "Sunny."}]
+    msgs = [
+        {"role": "user", "content": "Weather in Paris?"},
+        {
+            "role": "assistant",
+            "content": "",
+            "tool_calls": [{"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}],
+        },
+        {"role": "tool", "content": "sunny"},
+        {"role": "assistant", "content": "Sunny."},
+    ]
     for name in ("qwen2_5", "qwen3"):
         tokens, labels = encode(tok, get_template(name).bind(tok), msgs, tools=[WEATHER])
         got = trained(tok, tokens, labels)
-        assert got == ('<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call><|im_end|>'
-                       "Sunny.<|im_end|>"), name
+        assert got == (
+            '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call><|im_end|>'
+            "Sunny.<|im_end|>"
+        ), name
         assert "sunny" not in got and "# Tools" not in got
     tok = tinytune_test_tokenizer("llama3")
     msgs[2] = {"role": "ipython", "content": {"sky": "sunny"}}
     tokens, labels = encode(tok, get_template("llama3_1").bind(tok), msgs, tools=[WEATHER])
-    assert trained(tok, tokens, labels) == ('{"name": "get_weather", "parameters": {"city": "Paris"}}<|eot_id|>'
-                                            "Sunny.<|eot_id|>")
+    assert trained(tok, tokens, labels) == (
+        '{"name": "get_weather", "parameters": {"city": "Paris"}}<|eot_id|>Sunny.<|eot_id|>'
+    )
     text = tok.decode(tokens, skip_special_tokens=False)
     assert '<|start_header_id|>ipython<|end_header_id|>\n\n{"sky": "sunny"}<|eot_id|>' in text
     assert "Environment: ipython\n" in text
@@ -127,13 +169,18 @@ def test_calls_trained_observations_masked():
 
 def test_tool_errors_are_clear():
     tok = tinytune_test_tokenizer("llama3")
-    call_msg = {"role": "assistant", "content": "", "tool_calls": [
-        {"type": "function", "function": {"name": "search", "arguments": {"q": "x"}}}] * 2}
+    call_msg = {
+        "role": "assistant",
+        "content": "",
+        "tool_calls": [{"type": "function", "function": {"name": "search", "arguments": {"q": "x"}}}] * 2,
+    }
     msgs = [{"role": "user", "content": "q"}, call_msg]
     with pytest.raises(TemplateError, match="exactly one tool call"):
         get_template("llama3_1").render(msgs)
     with pytest.raises(TemplateError, match="drops the content"):
-        get_template("llama3_1").render([msgs[0], dict(call_msg, content="Sure.", tool_calls=call_msg["tool_calls"][:1])])
+        get_template("llama3_1").render(
+            [msgs[0], dict(call_msg, content="Sure.", tool_calls=call_msg["tool_calls"][:1])]
+        )
     with pytest.raises(TemplateError, match="cannot render tool calls"):
         get_template("llama3").render(msgs)
     with pytest.raises(TemplateError, match="cannot render a `tools` column"):
@@ -149,20 +196,24 @@ def test_tool_errors_are_clear():
 def test_llama3_1_date_string_and_tool_turn_of_llama3():
     t = get_template("llama3_1", date_string="01 Jan 2025")
     text = t.render_text([{"role": "user", "content": "hi"}], bos_token="<|begin_of_text|>")
-    assert text == ("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nCutting Knowledge Date: "
-                    "December 2023\nToday Date: 01 Jan 2025\n\n<|eot_id|><|start_header_id|>user<|end_header_id|>"
-                    "\n\nhi<|eot_id|>")
+    assert text == (
+        "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nCutting Knowledge Date: "
+        "December 2023\nToday Date: 01 Jan 2025\n\n<|eot_id|><|start_header_id|>user<|end_header_id|>"
+        "\n\nhi<|eot_id|>"
+    )
     from template_corpus import render
 
     hf_tok = reference_tokenizer("llama3")
     assert text == render(hf_tok, jinja("llama3_1"), [{"role": "user", "content": "hi"}], date_string="01 Jan 2025")
     msgs = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}, {"role": "tool", "content": " r "}]
     assert get_template("llama3").render_text(msgs, bos_token="<|begin_of_text|>") == render(
-        hf_tok, jinja("llama3"), msgs)
+        hf_tok, jinja("llama3"), msgs
+    )
 
 
-EXAMPLE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "examples",
-                       "tool_calls.jsonl")
+EXAMPLE = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "examples", "tool_calls.jsonl"
+)
 
 
 def test_example_tool_dataset_renders_like_official_qwen2_5(tmp_path):

@@ -63,7 +63,12 @@ def test_pickle_roundtrip_all_backends(tmp_path):
         clone = pickle.loads(pickle.dumps(tok))
         for text in R.corpus()[:60]:
             assert clone.encode(text) == tok.encode(text)
-        assert (clone.bos_id, clone.eos_id, clone.pad_id, clone.stop_tokens) == (tok.bos_id, tok.eos_id, tok.pad_id, tok.stop_tokens)
+        assert (clone.bos_id, clone.eos_id, clone.pad_id, clone.stop_tokens) == (
+            tok.bos_id,
+            tok.eos_id,
+            tok.pad_id,
+            tok.stop_tokens,
+        )
 
 
 def test_load_tokenizer_detection(tmp_path):
@@ -91,7 +96,8 @@ def test_tokenizer_config_overrides_and_chat_template(tmp_path):
         "bos_token": None,
         "chat_template": "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}",
         "added_tokens_decoder": {
-            str(151643 + i): {"content": s, "special": True} for i, s in enumerate(["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
+            str(151643 + i): {"content": s, "special": True}
+            for i, s in enumerate(["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
         },
     }
     (d / "tokenizer_config.json").write_text(json.dumps(cfg))
@@ -120,8 +126,19 @@ def test_vocab_json_merges_txt_dir_matches_tokenizer_json(tmp_path):
     slow = T.load_tokenizer(d)
     from tokenizers import Tokenizer
 
-    hf = Tokenizer.from_str(json.dumps({**data, "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False,
-                                                                   "trim_offsets": True, "use_regex": True}}))
+    hf = Tokenizer.from_str(
+        json.dumps(
+            {
+                **data,
+                "pre_tokenizer": {
+                    "type": "ByteLevel",
+                    "add_prefix_space": False,
+                    "trim_offsets": True,
+                    "use_regex": True,
+                },
+            }
+        )
+    )
     # vocab.json+merges.txt carry no pre-tokenizer: GPT2Tokenizer means the GPT-2 regex.
     for text in R.corpus()[:120]:
         assert slow.encode(text, add_bos=False, add_eos=False) == hf.encode(text, add_special_tokens=False).ids
@@ -138,12 +155,24 @@ def test_ids_not_following_merge_order_are_remapped():
     merges = [("a", "b"), ("b", "c"), ("ab", "c"), ("Ġ", "a")]
     vocab.update({"ab": 5, "bc": 3, "abc": 0, "Ġa": 7})
     data = {
-        "version": "1.0", "added_tokens": [], "normalizer": None,
+        "version": "1.0",
+        "added_tokens": [],
+        "normalizer": None,
         "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True},
-        "post_processor": None, "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
-        "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
-                  "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
-                  "vocab": vocab, "merges": [list(m) for m in merges]},
+        "post_processor": None,
+        "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
+        "model": {
+            "type": "BPE",
+            "dropout": None,
+            "unk_token": None,
+            "continuing_subword_prefix": None,
+            "end_of_word_suffix": None,
+            "fuse_unk": False,
+            "byte_fallback": False,
+            "ignore_merges": False,
+            "vocab": vocab,
+            "merges": [list(m) for m in merges],
+        },
     }
     hf = Tokenizer.from_str(json.dumps(data))
     tok = T.hf_json_tokenizer("toy/tokenizer.json", config={}, tokenizer_json=data)

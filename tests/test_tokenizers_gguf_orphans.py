@@ -31,9 +31,25 @@ def byte_level_alphabet() -> dict[int, str]:
 
 def write_gguf(path: str) -> list[str]:
     bl = byte_level_alphabet()
-    tokens = (["<|endoftext|>"] + [bl[b] for b in range(256)]
-              + ["Ġt", "he", "Ġthe", "Ġhe", "ll", "Ġhe" + "ll", "<|im_start|>", "<|im_end|>",
-                 "Ġhello", "Ġunreachable", "<tool_call>", "âĢ", "ðŁĻĤ"])
+    tokens = (
+        ["<|endoftext|>"]
+        + [bl[b] for b in range(256)]
+        + [
+            "Ġt",
+            "he",
+            "Ġthe",
+            "Ġhe",
+            "ll",
+            "Ġhe" + "ll",
+            "<|im_start|>",
+            "<|im_end|>",
+            "Ġhello",
+            "Ġunreachable",
+            "<tool_call>",
+            "âĢ",
+            "ðŁĻĤ",
+        ]
+    )
     types = [1] * len(tokens)  # NORMAL, including <|endoftext|>
     for control in ("<|im_start|>", "<|im_end|>"):
         types[tokens.index(control)] = 3
@@ -78,9 +94,14 @@ def test_orphan_tokens_load_and_decode_like_hf(files):
         ids = [rng.randrange(len(tokens)) for _ in range(rng.randint(1, 12))]
         for skip in (False, True):
             assert tok.decode(ids, skip_special_tokens=skip) == hf.decode(ids, skip_special_tokens=skip), ids
-    for text in ["the hello hell<|endoftext|> the", "<|im_start|>user\nhello<|im_end|>", " unreachable 🙂",
-                 "<tool_call>he"]:
+    for text in [
+        "the hello hell<|endoftext|> the",
+        "<|im_start|>user\nhello<|im_end|>",
+        " unreachable 🙂",
+        "<tool_call>he",
+    ]:
         assert tok.encode(text, add_bos=False, add_eos=False) == hf.encode(text, add_special_tokens=False).ids, text
     again = pickle.loads(pickle.dumps(tok))
     assert again.decode([0, 5, tokens.index("Ġunreachable")], skip_special_tokens=False) == tok.decode(
-        [0, 5, tokens.index("Ġunreachable")], skip_special_tokens=False)
+        [0, 5, tokens.index("Ġunreachable")], skip_special_tokens=False
+    )

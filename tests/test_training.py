@@ -102,7 +102,7 @@ def test_grad_accumulation_4x1_equals_bs4():
     batch["labels"][1, 3:8] = -100  # unequal label counts per row
     m1, m2 = _model(), _model()
     loss_full, n_full = sft_accumulate(m1, [batch], torch.device("cpu"))
-    micro = [{k: v[i:i + 1] for k, v in batch.items()} for i in range(4)]
+    micro = [{k: v[i : i + 1] for k, v in batch.items()} for i in range(4)]
     loss_acc, n_acc = sft_accumulate(m2, micro, torch.device("cpu"))
     assert n_full == n_acc
     torch.testing.assert_close(loss_acc, loss_full, atol=1e-5, rtol=1e-5)
@@ -115,8 +115,9 @@ def test_dpo_loss_matches_formula():
     pc, pr, rc, rr = (torch.randn(5, generator=g) * 3 for _ in range(4))
     beta = 0.2
     loss, cr, rj = dpo_loss(pc, pr, rc, rr, beta=beta)
-    want = torch.stack([-torch.log(1 / (1 + torch.exp(-beta * ((pc[i] - pr[i]) - (rc[i] - rr[i])))))
-                        for i in range(5)]).mean()
+    want = torch.stack(
+        [-torch.log(1 / (1 + torch.exp(-beta * ((pc[i] - pr[i]) - (rc[i] - rr[i]))))) for i in range(5)]
+    ).mean()
     torch.testing.assert_close(loss, want)
     torch.testing.assert_close(cr, beta * (pc - rc))
     torch.testing.assert_close(rj, beta * (pr - rr))
@@ -185,8 +186,9 @@ def test_optimizer_and_scheduler_by_component():
     with pytest.raises(ValueError, match="either name"):
         build_optimizer(model.parameters(), name="adamw", _component_="torch.optim.SGD")
     # num_training_steps is passed when the factory takes it (same signature as torchtune's schedules)
-    sched = build_lr_scheduler(opt, 10, {"_component_": "transformers.get_linear_schedule_with_warmup",
-                                         "num_warmup_steps": 0})
+    sched = build_lr_scheduler(
+        opt, 10, {"_component_": "transformers.get_linear_schedule_with_warmup", "num_warmup_steps": 0}
+    )
     for _ in range(5):
         opt.step()
         sched.step()

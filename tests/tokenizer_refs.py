@@ -50,7 +50,9 @@ def hf_qwen_reference(specials: list[str]):
 
     from tinytune.tokenizers.patterns import QWEN2_PATTERN
 
-    tok = TikTokenConverter(vocab_file=str(qwen_tiktoken()), pattern=QWEN2_PATTERN, extra_special_tokens=specials).converted()
+    tok = TikTokenConverter(
+        vocab_file=str(qwen_tiktoken()), pattern=QWEN2_PATTERN, extra_special_tokens=specials
+    ).converted()
     tok.normalizer = normalizers.NFC()
     return tok
 

@@ -149,7 +149,9 @@ def get_device(name: str | torch.device = "auto") -> torch.device:
     _import_torch_npu()
     npu = getattr(torch, "npu", None)
     if npu is None or not npu.is_available():
-        raise DeviceError("device 'npu' requested: torch_npu is installed but reports no NPU (check CANN and the driver).")
+        raise DeviceError(
+            "device 'npu' requested: torch_npu is installed but reports no NPU (check CANN and the driver)."
+        )
     index = _pick_index(index, npu.device_count(), text)
     npu.set_device(index)
     return torch.device("npu", index)
@@ -205,9 +207,7 @@ def get_dtype(name: str | torch.dtype | None = "fp32", device: torch.device | st
     else:
         key = str(name).strip().lower().removeprefix("torch.")
         if key not in _DTYPES:
-            raise DeviceError(
-                f"unknown dtype {str(name)!r}: use bf16, fp32 or fp16." + did_you_mean(key, _DTYPES)
-            )
+            raise DeviceError(f"unknown dtype {str(name)!r}: use bf16, fp32 or fp16." + did_you_mean(key, _DTYPES))
         dtype = _DTYPES[key]
     if dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise DeviceError(f"dtype {dtype} is not a training dtype: use bf16, fp32 or fp16.")
@@ -218,7 +218,9 @@ def get_dtype(name: str | torch.dtype | None = "fp32", device: torch.device | st
             "use dtype=fp32 (or fp16 on GPU)."
         )
     if dtype == torch.float16 and dev.type == "cpu":
-        raise DeviceError("fp16 training on CPU is not supported (slow, incomplete kernels, no loss scaling): use dtype=bf16 or fp32.")
+        raise DeviceError(
+            "fp16 training on CPU is not supported (slow, incomplete kernels, no loss scaling): use dtype=bf16 or fp32."
+        )
     return dtype
 
 
@@ -317,8 +319,11 @@ def set_rng_state(state: dict[str, Any]) -> None:
         if torch.cuda.is_available():
             saved = list(state["cuda"])
             if len(saved) != torch.cuda.device_count():
-                log.warning("RNG state has %d CUDA generators, this machine %d; restoring the common ones",
-                            len(saved), torch.cuda.device_count())
+                log.warning(
+                    "RNG state has %d CUDA generators, this machine %d; restoring the common ones",
+                    len(saved),
+                    torch.cuda.device_count(),
+                )
             for i, s in enumerate(saved[: torch.cuda.device_count()]):
                 torch.cuda.set_rng_state(s.cpu(), i)
         else:

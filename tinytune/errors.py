@@ -95,8 +95,10 @@ def _checkpoint_sentence() -> str:
 def interrupt_message() -> str:
     """One line for Ctrl-C: the step reached and how to resume."""
     where = f"after step {run_context.step}" if run_context.step is not None else "before the first training step"
-    return (f"interrupted {where}; nothing is saved on interrupt (steps after the last checkpoint are redone); "
-            + _checkpoint_sentence())
+    return (
+        f"interrupted {where}; nothing is saved on interrupt (steps after the last checkpoint are redone); "
+        + _checkpoint_sentence()
+    )
 
 
 def is_disk_full(e: BaseException) -> bool:
@@ -105,7 +107,7 @@ def is_disk_full(e: BaseException) -> bool:
 
 
 def disk_full_message(e: OSError) -> str:
-    """"No space left on device" with the file and the checkpoint that is still good."""
+    """ "No space left on device" with the file and the checkpoint that is still good."""
     file = f" writing {e.filename}" if e.filename else ""
     return f"No space left on device{file}; {_checkpoint_sentence()} after freeing space"
 

@@ -70,7 +70,7 @@ def parse_hf_uri(uri: str) -> tuple[str, str | None]:
     """
     if not uri.startswith(HF_PREFIX):
         raise HubError(f"{uri!r} is not an hf:// address (hf://ORG/NAME or hf://ORG/NAME@REVISION)")
-    rest = uri[len(HF_PREFIX):]
+    rest = uri[len(HF_PREFIX) :]
     repo_id, _, revision = rest.partition("@")
     parts = repo_id.split("/")
     if len(parts) != 2 or not all(parts):
@@ -90,19 +90,25 @@ def explain_hub_error(exc: BaseException, repo_id: str, revision: str | None = N
     errors = _hub().errors
     url = f"https://huggingface.co/{'datasets/' if kind == 'dataset' else ''}{repo_id}"
     if isinstance(exc, errors.GatedRepoError):  # a subclass of RepositoryNotFoundError: check first
-        return (f"{kind} {repo_id!r} is gated: accept its terms at {url} while logged in, then pass "
-                "--hf-token TOKEN or set HF_TOKEN (a read token from https://huggingface.co/settings/tokens)")
+        return (
+            f"{kind} {repo_id!r} is gated: accept its terms at {url} while logged in, then pass "
+            "--hf-token TOKEN or set HF_TOKEN (a read token from https://huggingface.co/settings/tokens)"
+        )
     if isinstance(exc, errors.RevisionNotFoundError):
         return f"{kind} {repo_id!r} has no revision {revision!r}; check the branch, tag or commit at {url}"
     if isinstance(exc, errors.RepositoryNotFoundError):
-        return (f"{kind} {repo_id!r} does not exist on the Hugging Face Hub (or is private: pass --hf-token / "
-                f"set HF_TOKEN); check the spelling at {url}")
+        return (
+            f"{kind} {repo_id!r} does not exist on the Hugging Face Hub (or is private: pass --hf-token / "
+            f"set HF_TOKEN); check the spelling at {url}"
+        )
     if isinstance(exc, errors.HFValidationError):
         return f"{repo_id!r} is not a valid Hugging Face repo id (ORG/NAME): {exc}"
     if isinstance(exc, (errors.LocalEntryNotFoundError, errors.OfflineModeIsEnabled)):
-        return (f"{kind} {repo_id!r}{f' @ {revision}' if revision else ''} is not in the local hub cache and the hub "
-                "cannot be reached (no network, or HF_HUB_OFFLINE=1): connect and rerun, or download it on a machine "
-                "with network (`tune download REPO_ID --output-dir DIR`) and point the config at DIR")
+        return (
+            f"{kind} {repo_id!r}{f' @ {revision}' if revision else ''} is not in the local hub cache and the hub "
+            "cannot be reached (no network, or HF_HUB_OFFLINE=1): connect and rerun, or download it on a machine "
+            "with network (`tune download REPO_ID --output-dir DIR`) and point the config at DIR"
+        )
     return None
 
 
@@ -121,10 +127,18 @@ def _has_safetensors(path: str) -> bool:
     return bool(glob.glob(os.path.join(path, "*.safetensors")))
 
 
-def download_model(repo_id: str, output_dir: str | None = None, *, revision: str | None = None,
-                   token: str | None = None, include: Sequence[str] | None = None,
-                   exclude: Sequence[str] | None = None, cache_dir: str | None = None,
-                   local_files_only: bool = False, endpoint: str | None = None) -> str:
+def download_model(
+    repo_id: str,
+    output_dir: str | None = None,
+    *,
+    revision: str | None = None,
+    token: str | None = None,
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] | None = None,
+    cache_dir: str | None = None,
+    local_files_only: bool = False,
+    endpoint: str | None = None,
+) -> str:
     """Downloads the checkpoint files of a hub model repo.
 
     Args:
@@ -145,17 +159,24 @@ def download_model(repo_id: str, output_dir: str | None = None, *, revision: str
     Raises:
         HubError: gated repo without a token, missing repo or revision, no network, bad id.
     """
-    kwargs = dict(revision=revision, token=token, cache_dir=cache_dir, local_dir=output_dir,
-                  local_files_only=local_files_only, ignore_patterns=list(exclude) if exclude else None,
-                  endpoint=endpoint)
+    kwargs = dict(
+        revision=revision,
+        token=token,
+        cache_dir=cache_dir,
+        local_dir=output_dir,
+        local_files_only=local_files_only,
+        ignore_patterns=list(exclude) if exclude else None,
+        endpoint=endpoint,
+    )
     path = _snapshot(repo_id, allow_patterns=list(include or CHECKPOINT_PATTERNS), **kwargs)
     if include is None and not _has_safetensors(path):  # an older repo: PyTorch .bin weights only
         path = _snapshot(repo_id, allow_patterns=list(CHECKPOINT_PATTERNS + BIN_PATTERNS), **kwargs)
     return path
 
 
-def resolve_hf_checkpoint(uri: str, *, cache_dir: str | None = None, token: str | None = None,
-                          home: str | None = None) -> str:
+def resolve_hf_checkpoint(
+    uri: str, *, cache_dir: str | None = None, token: str | None = None, home: str | None = None
+) -> str:
     """The local checkpoint directory for ``hf://ORG/NAME[@REVISION]``.
 
     Order: a ``tune download`` directory (``$TINYTUNE_HOME/models/ORG/NAME``, no revision given),
@@ -171,8 +192,14 @@ def resolve_hf_checkpoint(uri: str, *, cache_dir: str | None = None, token: str 
         return local
     errors = _hub().errors
     try:
-        return _hub().snapshot_download(repo_id, revision=revision, cache_dir=cache_dir, token=token,
-                                        local_files_only=True, allow_patterns=list(CHECKPOINT_PATTERNS))
+        return _hub().snapshot_download(
+            repo_id,
+            revision=revision,
+            cache_dir=cache_dir,
+            token=token,
+            local_files_only=True,
+            allow_patterns=list(CHECKPOINT_PATTERNS),
+        )
     except (errors.LocalEntryNotFoundError, errors.IncompleteSnapshotError):
         pass  # not cached (completely): download it
     return download_model(repo_id, revision=revision, token=token, cache_dir=cache_dir)

@@ -3,8 +3,9 @@
 import torch
 
 
-def random_sft(n: int = 48, vocab: int = 96, min_len: int = 6, max_len: int = 15, seed: int = 0,
-               tokenizer=None) -> list[dict]:
+def random_sft(
+    n: int = 48, vocab: int = 96, min_len: int = 6, max_len: int = 15, seed: int = 0, tokenizer=None
+) -> list[dict]:
     """``n`` items ``{"tokens", "labels"}`` of varying length; the first 1-3 targets are masked (-100).
 
     ``tokenizer`` is accepted (recipes pass one) and unused: token ids are drawn from ``[1, vocab)``.

@@ -38,10 +38,13 @@ from tinytune.distributed.mesh import (  # noqa: E402
 from tinytune.distributed.parallel_plans import apply_tp  # noqa: E402
 
 STEPS, ACCUM, B, S, V = 3, 2, 4, 8, 64
-LAYOUTS = {"fsdp": dict(data_parallel_shard=-1), "tp": dict(data_parallel_shard=1, tensor_parallel=-1),
-           "tp_lossparallel": dict(data_parallel_shard=1, tensor_parallel=-1),
-           "hsdp": dict(data_parallel_replicate=2, data_parallel_shard=-1),
-           "fsdp_tp": dict(data_parallel_shard=-1, tensor_parallel=2)}
+LAYOUTS = {
+    "fsdp": dict(data_parallel_shard=-1),
+    "tp": dict(data_parallel_shard=1, tensor_parallel=-1),
+    "tp_lossparallel": dict(data_parallel_shard=1, tensor_parallel=-1),
+    "hsdp": dict(data_parallel_replicate=2, data_parallel_shard=-1),
+    "fsdp_tp": dict(data_parallel_shard=-1, tensor_parallel=2),
+}
 
 
 def batches():
@@ -66,7 +69,7 @@ def reference(init_sd, data, tied):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     losses = []
     for step in range(STEPS):
-        window = data[step * ACCUM:(step + 1) * ACCUM]
+        window = data[step * ACCUM : (step + 1) * ACCUM]
         n = sum(int((lab != -100).sum()) for _, lab in window)
         total = 0.0
         for tokens, labels in window:
@@ -83,7 +86,7 @@ def train_sharded(model, opt, mesh, data, steps, lp=False):
     dp_rank, dp_size = get_dp_info(mesh)
     losses = []
     for step in steps:
-        window = data[step * ACCUM:(step + 1) * ACCUM]
+        window = data[step * ACCUM : (step + 1) * ACCUM]
         local = [(t[dp_rank::dp_size], l[dp_rank::dp_size]) for t, l in window]
         n = all_reduce_sum(torch.tensor(sum(int((l != -100).sum()) for _, l in local)), mesh.dp)
         total = torch.zeros(())
@@ -139,9 +142,17 @@ def main():
         full2 = gather_full_state_dict(model2)
         if info.rank == 0:
             with open(os.path.join(out_dir, f"{layout}.json"), "w") as f:
-                json.dump({"ref": ref_losses, "dist": losses, "resumed": resumed,
-                           "param_diff": max_diff(full, ref_sd), "resumed_param_diff": max_diff(full2, ref_sd),
-                           "keys_equal": sorted(full) == sorted(ref_sd)}, f)
+                json.dump(
+                    {
+                        "ref": ref_losses,
+                        "dist": losses,
+                        "resumed": resumed,
+                        "param_diff": max_diff(full, ref_sd),
+                        "resumed_param_diff": max_diff(full2, ref_sd),
+                        "keys_equal": sorted(full) == sorted(ref_sd),
+                    },
+                    f,
+                )
         dist.barrier()
     shutdown_distributed()
 

@@ -19,20 +19,34 @@ from recipes.full_finetune_distributed import recipe_main as full_main  # noqa: 
 from recipes.lora_finetune_distributed import recipe_main as lora_main  # noqa: E402
 from tinytune.distributed.mesh import init_distributed, shutdown_distributed  # noqa: E402
 
-LORA = {"lora_attn_modules": ["q_proj", "v_proj", "o_proj"], "apply_lora_to_mlp": True, "lora_rank": 4,
-        "lora_alpha": 8.0, "lora_dropout": 0.0}
+LORA = {
+    "lora_attn_modules": ["q_proj", "v_proj", "o_proj"],
+    "apply_lora_to_mlp": True,
+    "lora_rank": 4,
+    "lora_alpha": 8.0,
+    "lora_dropout": 0.0,
+}
 
 
 def base_cfg(out: str, ckpt: str, dp: int, tp: int, lora: bool) -> dict:
     global_batch = 4
     cfg = {
-        "output_dir": out, "seed": 7, "device": "cpu", "dtype": "fp32",
-        "checkpoint_dir": ckpt, "plot_loss": False,
+        "output_dir": out,
+        "seed": 7,
+        "device": "cpu",
+        "dtype": "fp32",
+        "checkpoint_dir": ckpt,
+        "plot_loss": False,
         "dataset": {"_component_": "tests.dist_workers.data.random_sft", "n": 48},
-        "batch_size": global_batch // dp // 2, "gradient_accumulation_steps": 2, "epochs": 1, "max_steps": 4,
+        "batch_size": global_batch // dp // 2,
+        "gradient_accumulation_steps": 2,
+        "epochs": 1,
+        "max_steps": 4,
         "optimizer": {"name": "adamw", "lr": 3e-3, "weight_decay": 0.01},
         "lr_scheduler": {"name": "cosine", "warmup_steps": 1},
-        "clip_grad_norm": 1.0, "checkpoint_every_n_steps": 2, "keep_last_checkpoints": 1,
+        "clip_grad_norm": 1.0,
+        "checkpoint_every_n_steps": 2,
+        "keep_last_checkpoints": 1,
         "resume_from_checkpoint": "auto",
         "metric_loggers": ["jsonl"],
         # 7 held-out samples in batches of 3: one rank runs a masked filler batch in the last round

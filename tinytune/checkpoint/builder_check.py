@@ -56,12 +56,21 @@ def model_hparams(model: nn.Module) -> dict[str, Any]:
 
 def info_hparams(info: ModelInfo) -> dict[str, Any]:
     """The same fields as :func:`model_hparams`, from a checkpoint's :class:`ModelInfo`."""
-    return {"vocab_size": info.vocab_size, "hidden_size": info.dim, "num_hidden_layers": info.num_layers,
-            "num_attention_heads": info.num_heads, "num_key_value_heads": info.num_kv_heads,
-            "head_dim": info.head_dim, "qk_norm": bool(info.qk_norm), "rope_theta": float(info.rope_base),
-            "rope_scaling": check_rope_scaling(info.rope_scaling), "intermediate_size": info.hidden_dim,
-            "attention_bias": bool(info.qkv_bias), "rms_norm_eps": float(info.norm_eps),
-            "tie_word_embeddings": bool(info.tie_word_embeddings)}
+    return {
+        "vocab_size": info.vocab_size,
+        "hidden_size": info.dim,
+        "num_hidden_layers": info.num_layers,
+        "num_attention_heads": info.num_heads,
+        "num_key_value_heads": info.num_kv_heads,
+        "head_dim": info.head_dim,
+        "qk_norm": bool(info.qk_norm),
+        "rope_theta": float(info.rope_base),
+        "rope_scaling": check_rope_scaling(info.rope_scaling),
+        "intermediate_size": info.hidden_dim,
+        "attention_bias": bool(info.qkv_bias),
+        "rms_norm_eps": float(info.norm_eps),
+        "tie_word_embeddings": bool(info.tie_word_embeddings),
+    }
 
 
 def check_builder_matches(model: nn.Module, info: ModelInfo, where: str) -> None:
@@ -71,11 +80,11 @@ def check_builder_matches(model: nn.Module, info: ModelInfo, where: str) -> None
         CheckpointError: naming every differing field with both values.
     """
     built, want = model_hparams(model), info_hparams(info)
-    diffs = [f"{k}: builder {built[k]!r}, config.json {want[k]!r}" for k in want
-             if k in built and built[k] != want[k]]
+    diffs = [f"{k}: builder {built[k]!r}, config.json {want[k]!r}" for k in want if k in built and built[k] != want[k]]
     if diffs:
         raise CheckpointError(
             f"{where}/config.json: the model builder disagrees with the checkpoint in {len(diffs)} field(s): "
-            + "; ".join(diffs) + ". Use the builder for this checkpoint, or drop model._component_ and keep only "
+            + "; ".join(diffs)
+            + ". Use the builder for this checkpoint, or drop model._component_ and keep only "
             "the LoRA keys (model.lora_attn_modules, lora_rank, ...) to build from config.json"
         )

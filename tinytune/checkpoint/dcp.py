@@ -161,12 +161,20 @@ class DistributedCheckpointer:
             )
         why = self.verify(path)
         if why is not None:
-            raise ResumeError(f"resume_from_checkpoint={path}: corrupt: {why}; resume from an earlier step_N or use "
-                              "resume_from_checkpoint=auto (falls back to the newest sound one)")
+            raise ResumeError(
+                f"resume_from_checkpoint={path}: corrupt: {why}; resume from an earlier step_N or use "
+                "resume_from_checkpoint=auto (falls back to the newest sound one)"
+            )
         return path
 
-    def save(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer | None, trainer_state: dict[str, Any],
-             fingerprint: dict[str, Any] | None = None) -> Path:
+    def save(
+        self,
+        step: int,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer | None,
+        trainer_state: dict[str, Any],
+        fingerprint: dict[str, Any] | None = None,
+    ) -> Path:
         """Write checkpoint ``step_<step>`` collectively (every rank must call this).
 
         Args:
@@ -210,7 +218,9 @@ class DistributedCheckpointer:
         _barrier()
         return final
 
-    def load(self, path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
+    def load(
+        self, path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer | None
+    ) -> dict[str, Any]:
         """Restore model, optimizer and this rank's RNG from ``path`` in place; return the trainer state.
 
         Works across different numbers of ranks for model and optimizer (DCP reshards);
@@ -220,8 +230,9 @@ class DistributedCheckpointer:
         state = self._state_dicts(model, optimizer)
         safe_dcp_load(state, path)  # no unpickling of code (dcp.load would unpickle .metadata as is)
         if optimizer is not None:
-            set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
-                           options=_OPTIONS)
+            set_state_dict(
+                model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"], options=_OPTIONS
+            )
         else:
             set_state_dict(model, [], model_state_dict=state["model"], optim_state_dict={})
         rng_file = path / f"rng_rank{_rank()}.pt"
@@ -233,8 +244,10 @@ class DistributedCheckpointer:
             with open(path / TRAINER_STATE, encoding="utf-8") as f:
                 return json.load(f)
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise CheckpointError(f"{path / TRAINER_STATE}: unreadable trainer state ({e}); resume from another "
-                                  "checkpoint or start fresh with resume_from_checkpoint=null") from None
+            raise CheckpointError(
+                f"{path / TRAINER_STATE}: unreadable trainer state ({e}); resume from another "
+                "checkpoint or start fresh with resume_from_checkpoint=null"
+            ) from None
 
     @staticmethod
     def _state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
@@ -256,5 +269,7 @@ def _load_tensors(file: Path) -> Any:
     try:
         return torch.load(file, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        raise CheckpointError(f"{file}: refused: holds objects torch.load(weights_only=True) does not load "
-                              f"(pickled code or classes; {str(e).splitlines()[0]})") from None
+        raise CheckpointError(
+            f"{file}: refused: holds objects torch.load(weights_only=True) does not load "
+            f"(pickled code or classes; {str(e).splitlines()[0]})"
+        ) from None

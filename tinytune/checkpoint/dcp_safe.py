@@ -30,8 +30,14 @@ from tinytune.errors import ResumeError
 # dtypes, the layout helper and paths. Anything else is refused.
 _METADATA_CLASSES = {
     "torch.distributed.checkpoint.metadata": {
-        "Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "TensorStorageMetadata",
-        "BytesStorageMetadata", "ChunkStorageMetadata", "_MEM_FORMAT_ENCODING",
+        "Metadata",
+        "MetadataIndex",
+        "StorageMeta",
+        "TensorProperties",
+        "TensorStorageMetadata",
+        "BytesStorageMetadata",
+        "ChunkStorageMetadata",
+        "_MEM_FORMAT_ENCODING",
     },
     "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
     "torch.serialization": {"_get_layout"},
@@ -51,7 +57,9 @@ class _MetadataUnpickler(pickle.Unpickler):
         self.path = path
 
     def find_class(self, module: str, name: str) -> Any:
-        if module == "torch" and (name == "Size" or isinstance(getattr(torch, name, None), (torch.dtype, torch.layout))):
+        if module == "torch" and (
+            name == "Size" or isinstance(getattr(torch, name, None), (torch.dtype, torch.layout))
+        ):
             return getattr(torch, name)
         if name in _METADATA_CLASSES.get(module, ()):
             if module in _MODULES:
@@ -60,7 +68,8 @@ class _MetadataUnpickler(pickle.Unpickler):
         raise UnsafeCheckpointError(
             f"{self.path}: refers to {module}.{name}, which a DCP checkpoint's metadata never holds; the file "
             "was not written by torch.distributed.checkpoint (or was tampered with). Not loaded: start fresh "
-            "with resume_from_checkpoint: null, or restore the checkpoint from a trusted copy")
+            "with resume_from_checkpoint: null, or restore the checkpoint from a trusted copy"
+        )
 
 
 class SafeFileSystemReader(FileSystemReader):
@@ -88,7 +97,8 @@ class SafeLoadPlanner(DefaultLoadPlanner):
             raise UnsafeCheckpointError(
                 f"checkpoint entry {read_item.dest_index.fqn!r} holds pickled code or classes "
                 f"({str(e).splitlines()[0]}); not loaded: start fresh with resume_from_checkpoint: null, or "
-                "restore the checkpoint from a trusted copy") from None
+                "restore the checkpoint from a trusted copy"
+            ) from None
         # as DefaultLoadPlanner.load_bytes, with the safe load above
         if self.flatten_state_dict:
             set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)

@@ -24,8 +24,10 @@ from torch import nn
 
 from tinytune.errors import ResumeError
 
-FRESH_START_HINT = ("To start fresh instead, set resume_from_checkpoint=null (the checkpoints in this output_dir "
-                    "are then overwritten as the new run reaches their steps) or use a new output_dir.")
+FRESH_START_HINT = (
+    "To start fresh instead, set resume_from_checkpoint=null (the checkpoints in this output_dir "
+    "are then overwritten as the new run reaches their steps) or use a new output_dir."
+)
 
 
 def _plain(obj: Any) -> Any:
@@ -75,8 +77,9 @@ def dataset_identity(dataset: Any) -> dict[str, Any]:
     return out
 
 
-def run_fingerprint(*, model: nn.Module, base_model_config: dict[str, Any] | None, dataset: Any,
-                    settings: dict[str, Any]) -> dict[str, Any]:
+def run_fingerprint(
+    *, model: nn.Module, base_model_config: dict[str, Any] | None, dataset: Any, settings: dict[str, Any]
+) -> dict[str, Any]:
     """The fingerprint of a training run (see the module docstring).
 
     Args:
@@ -85,10 +88,12 @@ def run_fingerprint(*, model: nn.Module, base_model_config: dict[str, Any] | Non
         dataset: the training dataset.
         settings: trajectory-changing config values, ``{key: plain value}``.
     """
-    return {"trainable": trainable_layout(model),
-            "base_model": _digest(base_model_config) if base_model_config is not None else None,
-            "dataset": dataset_identity(dataset),
-            "settings": json.loads(json.dumps(settings, sort_keys=True, default=str))}
+    return {
+        "trainable": trainable_layout(model),
+        "base_model": _digest(base_model_config) if base_model_config is not None else None,
+        "dataset": dataset_identity(dataset),
+        "settings": json.loads(json.dumps(settings, sort_keys=True, default=str)),
+    }
 
 
 def _short(value: Any, limit: int = 80) -> str:
@@ -102,13 +107,17 @@ def fingerprint_differences(saved: dict[str, Any], current: dict[str, Any]) -> l
     a, b = saved.get("trainable", {}), current.get("trainable", {})
     only_ckpt, only_run = sorted(set(a) - set(b)), sorted(set(b) - set(a))
     if only_ckpt or only_run:
-        lines.append(f"trained parameters (model/LoRA layout): {len(only_ckpt)} only in the checkpoint "
-                     f"{only_ckpt[:3]}, {len(only_run)} only in this run {only_run[:3]}")
+        lines.append(
+            f"trained parameters (model/LoRA layout): {len(only_ckpt)} only in the checkpoint "
+            f"{only_ckpt[:3]}, {len(only_run)} only in this run {only_run[:3]}"
+        )
     reshaped = sorted(k for k in set(a) & set(b) if a[k] != b[k])
     if reshaped:
         k = reshaped[0]
-        lines.append(f"trained parameter shapes (e.g. lora_rank): {len(reshaped)} differ, e.g. {k}: "
-                     f"checkpoint {a[k]}, this run {b[k]}")
+        lines.append(
+            f"trained parameter shapes (e.g. lora_rank): {len(reshaped)} differ, e.g. {k}: "
+            f"checkpoint {a[k]}, this run {b[k]}"
+        )
     if saved.get("base_model") != current.get("base_model"):
         lines.append("base model: its config.json differs (another model or architecture)")
     da, db = saved.get("dataset", {}), current.get("dataset", {})
@@ -144,5 +153,7 @@ def check_fingerprint(saved: dict[str, Any] | None, current: dict[str, Any], che
     lines = fingerprint_differences(saved, current)
     if lines:
         listing = "\n  - ".join(lines)
-        raise ResumeError(f"resume_from_checkpoint: {checkpoint} was written by a different run; it differs in:\n"
-                          f"  - {listing}\nRestore those settings to continue it. {FRESH_START_HINT}")
+        raise ResumeError(
+            f"resume_from_checkpoint: {checkpoint} was written by a different run; it differs in:\n"
+            f"  - {listing}\nRestore those settings to continue it. {FRESH_START_HINT}"
+        )

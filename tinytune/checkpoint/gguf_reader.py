@@ -24,9 +24,7 @@ def _gguf():
     try:
         import gguf  # noqa: PLC0415
     except ImportError:
-        raise ImportError(
-            "Reading GGUF files needs the `gguf` package: pip install 'gguf>=0.10'"
-        ) from None
+        raise ImportError("Reading GGUF files needs the `gguf` package: pip install 'gguf>=0.10'") from None
     return gguf
 
 
@@ -199,8 +197,12 @@ def fit_llama3_rope_scaling(rope_freqs: np.ndarray, info: ModelInfo, path: str =
                 fitted.append((low, round(low + span, 4), int(round(float(slope) * span))))
             candidates = fitted + candidates
     for low, high, orig in candidates:
-        cand = {"factor": factor, "low_freq_factor": low, "high_freq_factor": high,
-                "original_max_position_embeddings": orig}
+        cand = {
+            "factor": factor,
+            "low_freq_factor": low,
+            "high_freq_factor": high,
+            "original_max_position_embeddings": orig,
+        }
         rope = RotaryPositionalEmbeddings(info.head_dim, base=info.rope_base, rope_scaling=cand)
         divisors = plain / rope.inv_freq(torch.device("cpu"))  # [head_dim/2]
         if torch.allclose(divisors, freqs, rtol=1e-4, atol=1e-5):
@@ -288,9 +290,9 @@ def _check_shapes(sd: dict[str, torch.Tensor], info: ModelInfo, path: str) -> No
         raise CheckpointError(f"{path}: GGUF is missing tensors {missing[:5]}{' ...' if len(missing) > 5 else ''}")
     for k, shape in expect.items():
         if tuple(sd[k].shape) != shape:
-            raise CheckpointError(
-                f"{path}: tensor {k!r} has shape {tuple(sd[k].shape)}, metadata implies {shape}"
-            )
+            raise CheckpointError(f"{path}: tensor {k!r} has shape {tuple(sd[k].shape)}, metadata implies {shape}")
     if any(k.endswith(".bias") for k in sd) != info.qkv_bias:
-        raise CheckpointError(f"{path}: q/k/v biases are {'missing' if info.qkv_bias else 'not supported'} for "
-                              f"GGUF {info.model_type} import")
+        raise CheckpointError(
+            f"{path}: q/k/v biases are {'missing' if info.qkv_bias else 'not supported'} for "
+            f"GGUF {info.model_type} import"
+        )

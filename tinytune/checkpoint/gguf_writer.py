@@ -58,8 +58,9 @@ def _add_tensor(writer, name: str, arr: np.ndarray, qtype) -> None:
     elif qtype == q.F16:
         writer.add_tensor(name, np.ascontiguousarray(arr, dtype=np.float16))
     else:  # BF16 and Q8_0 are packed by gguf's quantizer
-        writer.add_tensor(name, gguf.quants.quantize(np.ascontiguousarray(arr, dtype=np.float32), qtype),
-                          raw_dtype=qtype)
+        writer.add_tensor(
+            name, gguf.quants.quantize(np.ascontiguousarray(arr, dtype=np.float32), qtype), raw_dtype=qtype
+        )
 
 
 def _file_type(out_type: str) -> int:
@@ -144,12 +145,22 @@ def _rope_freqs(info: ModelInfo) -> np.ndarray:
 
     cpu = torch.device("cpu")
     plain = RotaryPositionalEmbeddings(info.head_dim, base=info.rope_base).inv_freq(cpu)
-    scaled = RotaryPositionalEmbeddings(info.head_dim, base=info.rope_base, rope_scaling=info.rope_scaling).inv_freq(cpu)
+    scaled = RotaryPositionalEmbeddings(info.head_dim, base=info.rope_base, rope_scaling=info.rope_scaling).inv_freq(
+        cpu
+    )
     return (plain / scaled).float().numpy()
 
 
-def write_gguf(state_dict: Mapping[str, torch.Tensor], info: ModelInfo, out_path: str, out_type: str = "f16", *,
-               tokenizer_dir: str | None = None, chat_template: str | None = None, name: str | None = None) -> str:
+def write_gguf(
+    state_dict: Mapping[str, torch.Tensor],
+    info: ModelInfo,
+    out_path: str,
+    out_type: str = "f16",
+    *,
+    tokenizer_dir: str | None = None,
+    chat_template: str | None = None,
+    name: str | None = None,
+) -> str:
     """Writes a tinytune-named state dict (merged LoRA) as a GGUF file, atomically.
 
     Args:

@@ -51,7 +51,6 @@ def find_weight_files(path: str) -> list[str]:
 def list_keys(file: str) -> list[str]:
     """Tensor names stored in one weight file (reads only the header for safetensors)."""
     if file.endswith(".safetensors"):
-
         with safe_open(file, framework="pt") as f:
             return list(f.keys())
     return list(_load_bin(file).keys())
@@ -68,7 +67,6 @@ def _load_bin(file: str) -> dict[str, torch.Tensor]:
 
 def _iter_file(file: str) -> Iterator[tuple[str, torch.Tensor]]:
     if file.endswith(".safetensors"):
-
         with safe_open(file, framework="pt") as f:
             for key in f.keys():
                 yield key, f.get_tensor(key)

@@ -100,7 +100,11 @@ def generation_config_for(info: ModelInfo, src_dir: str | None) -> dict:
         if os.path.isfile(p):
             with open(p, encoding="utf-8") as f:
                 return json.load(f)
-    cfg = {k: info.hf_config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if info.hf_config.get(k) is not None}
+    cfg = {
+        k: info.hf_config[k]
+        for k in ("bos_token_id", "eos_token_id", "pad_token_id")
+        if info.hf_config.get(k) is not None
+    }
     return {"_from_model_config": True, **cfg}
 
 

@@ -37,8 +37,10 @@ def directory_manifest(path: str) -> dict[str, Any]:
     The marker itself is left out.
     """
     names = sorted(n for n in os.listdir(path) if n != COMPLETE_FILE and os.path.isfile(os.path.join(path, n)))
-    return {"files": {n: os.path.getsize(os.path.join(path, n)) for n in names},
-            "sha256": {n: sha256_file(os.path.join(path, n)) for n in names}}
+    return {
+        "files": {n: os.path.getsize(os.path.join(path, n)) for n in names},
+        "sha256": {n: sha256_file(os.path.join(path, n)) for n in names},
+    }
 
 
 def read_marker(path: str) -> dict[str, Any] | None:
@@ -73,6 +75,7 @@ def check_digests(path: str, marker: dict[str, Any]) -> str | None:
     for name, digest in (marker.get("sha256") or {}).items():
         got = sha256_file(os.path.join(path, name))
         if got != digest:
-            return (f"file {os.path.join(path, name)} fails its sha256 check (corrupt: {got[:12]}... != "
-                    f"{digest[:12]}...)")
+            return (
+                f"file {os.path.join(path, name)} fails its sha256 check (corrupt: {got[:12]}... != {digest[:12]}...)"
+            )
     return None

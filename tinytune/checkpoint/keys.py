@@ -135,16 +135,12 @@ class KeyMap:
 def hf_key_map(model_type: str) -> KeyMap:
     """The HF <-> tinytune key map for an HF ``model_type`` (``llama``, ``qwen2``, ``qwen3``)."""
     if model_type not in HF_KEY_TABLES:
-        raise ValueError(
-            f"No key table for model_type {model_type!r}; supported: {sorted(HF_KEY_TABLES)}"
-        )
+        raise ValueError(f"No key table for model_type {model_type!r}; supported: {sorted(HF_KEY_TABLES)}")
     return KeyMap(HF_KEY_TABLES[model_type], HF_IGNORED_KEYS)
 
 
 def gguf_key_map(arch: str) -> KeyMap:
     """The GGUF <-> tinytune key map for a GGUF ``general.architecture``."""
     if arch not in GGUF_KEY_TABLES:
-        raise ValueError(
-            f"GGUF architecture {arch!r} is not supported; supported: {sorted(GGUF_KEY_TABLES)}"
-        )
+        raise ValueError(f"GGUF architecture {arch!r} is not supported; supported: {sorted(GGUF_KEY_TABLES)}")
     return KeyMap(GGUF_KEY_TABLES[arch], GGUF_IGNORED_KEYS)

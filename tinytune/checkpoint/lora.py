@@ -125,8 +125,11 @@ def _peft_key(name: str, info: ModelInfo) -> str:
 def _tinytune_key(peft_key: str, info: ModelInfo, file: str) -> str:
     keymap = hf_key_map(info.model_type)
     core = peft_key[len(PEFT_PREFIX) :] if peft_key.startswith(PEFT_PREFIX) else peft_key
-    for ab, ours in ((".lora_A.weight", ".lora_a.weight"), (".lora_B.weight", ".lora_b.weight"),
-                     (".lora_magnitude_vector", ".lora_magnitude.weight")):
+    for ab, ours in (
+        (".lora_A.weight", ".lora_a.weight"),
+        (".lora_B.weight", ".lora_b.weight"),
+        (".lora_magnitude_vector", ".lora_magnitude.weight"),
+    ):
         if core.endswith(ab):
             base = keymap.to_tinytune(core[: -len(ab)] + ".weight")
             if base is not None:
@@ -165,7 +168,6 @@ def save_peft_adapter(
         ``out_dir``.
     """
 
-
     sd = adapter_state_dict(model)
     if not sd:
         raise CheckpointError("save_peft_adapter: the model has no LoRA weights (lora_a/lora_b)")
@@ -174,8 +176,9 @@ def save_peft_adapter(
     init = str(_cfg_get(lora_cfg, "init", "lora_init", default="default"))
     if init == "pissa":
         if not isinstance(model, nn.Module):
-            raise CheckpointError("save_peft_adapter: a PiSSA adapter needs the model (its initial factors), "
-                                  "not a state dict")
+            raise CheckpointError(
+                "save_peft_adapter: a PiSSA adapter needs the model (its initial factors), not a state dict"
+            )
         # peft's PiSSA -> LoRA conversion: the delta s (B A - B0 A0) as rank 2r on the original base
         for name, m in model.named_modules():
             if hasattr(m, "peft_lora_delta"):
@@ -183,8 +186,9 @@ def save_peft_adapter(
                 sd[prefix + "lora_a.weight"], sd[prefix + "lora_b.weight"], _ = m.peft_lora_delta()
         rank, alpha = 2 * rank, alpha * (2**0.5 if use_rslora else 2.0)
     tensors = {_peft_key(k, info): to_plain_tensor(v, None) for k, v in sd.items()}
-    targets = sorted({k.split(".")[-3] if not k.endswith("lora_magnitude_vector") else k.split(".")[-2]
-                      for k in tensors})
+    targets = sorted(
+        {k.split(".")[-3] if not k.endswith("lora_magnitude_vector") else k.split(".")[-2] for k in tensors}
+    )
     os.makedirs(out_dir, exist_ok=True)
     write_file_atomic(
         os.path.join(out_dir, "adapter_model.safetensors"),
@@ -223,7 +227,9 @@ def load_peft_adapter(adapter_dir: str, info: ModelInfo, model: nn.Module | None
     cfg_file = os.path.join(adapter_dir, "adapter_config.json")
     for p in (file, cfg_file):
         if not os.path.isfile(p):
-            raise CheckpointError(f"{p}: not found; a PEFT adapter dir has adapter_model.safetensors and adapter_config.json")
+            raise CheckpointError(
+                f"{p}: not found; a PEFT adapter dir has adapter_model.safetensors and adapter_config.json"
+            )
     with open(cfg_file, encoding="utf-8") as f:
         cfg = json.load(f)
     if cfg.get("peft_type") != "LORA":

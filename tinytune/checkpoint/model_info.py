@@ -79,9 +79,7 @@ def _rope(cfg: dict) -> tuple[float, dict | None]:
         if missing:
             raise CheckpointError(f"config.json: llama3 rope scaling lacks {missing}")
         return float(theta), {k: src[k] for k in keys}
-    raise CheckpointError(
-        f"config.json: rope scaling type {rope_type!r} is not supported (supported: default, llama3)"
-    )
+    raise CheckpointError(f"config.json: rope scaling type {rope_type!r} is not supported (supported: default, llama3)")
 
 
 def model_info_from_hf_config(cfg: dict, source: str = "config.json") -> ModelInfo:
@@ -97,8 +95,7 @@ def model_info_from_hf_config(cfg: dict, source: str = "config.json") -> ModelIn
     model_type = cfg.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise CheckpointError(
-            f"{source}: model_type {model_type!r} is not supported; "
-            f"tinytune loads {', '.join(SUPPORTED_MODEL_TYPES)}"
+            f"{source}: model_type {model_type!r} is not supported; tinytune loads {', '.join(SUPPORTED_MODEL_TYPES)}"
         )
     dim = int(_require(cfg, "hidden_size", source))
     heads = int(_require(cfg, "num_attention_heads", source))

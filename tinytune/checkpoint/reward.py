@@ -13,13 +13,22 @@ from tinytune.checkpoint.atomic import write_file_atomic, write_json_atomic
 from tinytune.checkpoint.hf_writer import save_hf_checkpoint
 from tinytune.checkpoint.model_info import ModelInfo
 
-SEQ_CLS_ARCHITECTURES = {"llama": "LlamaForSequenceClassification", "qwen2": "Qwen2ForSequenceClassification",
-                         "qwen3": "Qwen3ForSequenceClassification"}
+SEQ_CLS_ARCHITECTURES = {
+    "llama": "LlamaForSequenceClassification",
+    "qwen2": "Qwen2ForSequenceClassification",
+    "qwen3": "Qwen3ForSequenceClassification",
+}
 
 
-def save_reward_checkpoint(decoder_state_dict: Mapping[str, torch.Tensor], score_weight: torch.Tensor,
-                           info: ModelInfo, out_dir: str, pad_token_id: int, tokenizer_dir: str | None = None,
-                           **kwargs) -> str:
+def save_reward_checkpoint(
+    decoder_state_dict: Mapping[str, torch.Tensor],
+    score_weight: torch.Tensor,
+    info: ModelInfo,
+    out_dir: str,
+    pad_token_id: int,
+    tokenizer_dir: str | None = None,
+    **kwargs,
+) -> str:
     """Writes a reward model that ``transformers.AutoModelForSequenceClassification`` loads.
 
     The decoder goes out as for a causal LM (:func:`save_hf_checkpoint`, LoRA merged), then the
@@ -59,8 +68,15 @@ def save_reward_checkpoint(decoder_state_dict: Mapping[str, torch.Tensor], score
         write_json_atomic(index_path, index)
     with open(os.path.join(out_dir, "config.json"), encoding="utf-8") as f:
         cfg = json.load(f)
-    cfg.update({"architectures": [SEQ_CLS_ARCHITECTURES[info.model_type]], "num_labels": 1,
-                "id2label": {"0": "LABEL_0"}, "label2id": {"LABEL_0": 0}, "pad_token_id": int(pad_token_id)})
+    cfg.update(
+        {
+            "architectures": [SEQ_CLS_ARCHITECTURES[info.model_type]],
+            "num_labels": 1,
+            "id2label": {"0": "LABEL_0"},
+            "label2id": {"LABEL_0": 0},
+            "pad_token_id": int(pad_token_id),
+        }
+    )
     write_json_atomic(os.path.join(out_dir, "config.json"), cfg)
     gen = os.path.join(out_dir, "generation_config.json")
     if os.path.isfile(gen):  # a scoring model generates nothing

@@ -61,8 +61,9 @@ class TrainingCheckpointer:
         """The directory of the checkpoint for ``step``."""
         return os.path.join(self.output_dir, f"step_{step}")
 
-    def save(self, step: int, state: dict[str, Any], include_rng: bool = True,
-             fingerprint: dict[str, Any] | None = None) -> str:
+    def save(
+        self, step: int, state: dict[str, Any], include_rng: bool = True, fingerprint: dict[str, Any] | None = None
+    ) -> str:
         """Writes ``state`` atomically to ``step_{step}`` and prunes old checkpoints.
 
         Args:
@@ -118,8 +119,12 @@ class TrainingCheckpointer:
                 shutil.rmtree(os.path.join(self.output_dir, name), ignore_errors=True)
                 gone.append(name)
         if gone:
-            logger.warning("Removed %d unfinished checkpoint write(s) left by an earlier crash in %s: %s",
-                           len(gone), self.output_dir, ", ".join(gone))
+            logger.warning(
+                "Removed %d unfinished checkpoint write(s) left by an earlier crash in %s: %s",
+                len(gone),
+                self.output_dir,
+                ", ".join(gone),
+            )
         return gone
 
     def _step_dirs(self) -> list[tuple[int, str]]:
@@ -183,8 +188,7 @@ class TrainingCheckpointer:
             why = self.verify(path)
             if why is None:
                 return path
-            logger.warning("Skipping corrupt checkpoint %s: %s; falling back to the previous complete one",
-                           path, why)
+            logger.warning("Skipping corrupt checkpoint %s: %s; falling back to the previous complete one", path, why)
         return None
 
     def load(self, path: str) -> dict[str, Any]:
@@ -195,16 +199,21 @@ class TrainingCheckpointer:
                 (the message names the file), or holds objects ``weights_only`` refuses (code).
         """
         if not os.path.isdir(path):
-            raise CheckpointError(f"resume_from_checkpoint: {path} does not exist; use resume_from_checkpoint=auto "
-                                  "or the path of a step_N directory")
+            raise CheckpointError(
+                f"resume_from_checkpoint: {path} does not exist; use resume_from_checkpoint=auto "
+                "or the path of a step_N directory"
+            )
         ok, why = self.is_complete(path)
         if not ok:
-            raise CheckpointError(f"checkpoint {path} is incomplete: {why}; pick another or use "
-                                  "resume_from_checkpoint=auto")
+            raise CheckpointError(
+                f"checkpoint {path} is incomplete: {why}; pick another or use resume_from_checkpoint=auto"
+            )
         why = self.verify(path)
         if why is not None:
-            raise ResumeError(f"checkpoint {path} is corrupt: {why}; resume from an earlier step_N directory or "
-                              "use resume_from_checkpoint=auto (falls back to the newest sound one)")
+            raise ResumeError(
+                f"checkpoint {path} is corrupt: {why}; resume from an earlier step_N directory or "
+                "use resume_from_checkpoint=auto (falls back to the newest sound one)"
+            )
         file = os.path.join(path, STATE_FILE)
         try:
             return torch.load(file, map_location="cpu", weights_only=True)
@@ -272,8 +281,9 @@ def apply_training_state(
         set_rng_state(state["rng"])
 
 
-def load_weights_strict(model: nn.Module, weights: dict[str, torch.Tensor], where: str,
-                        adapter_only: bool = False) -> None:
+def load_weights_strict(
+    model: nn.Module, weights: dict[str, torch.Tensor], where: str, adapter_only: bool = False
+) -> None:
     """Loads ``weights`` into ``model`` after checking keys and shapes; a short error otherwise.
 
     Args:
@@ -300,11 +310,15 @@ def load_weights_strict(model: nn.Module, weights: dict[str, torch.Tensor], wher
         problems.append(f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})")
     if reshaped:
         k = reshaped[0]
-        problems.append(f"{len(reshaped)} with another shape (e.g. {k}: checkpoint {tuple(weights[k].shape)}, "
-                        f"model {tuple(own[k].shape)})")
+        problems.append(
+            f"{len(reshaped)} with another shape (e.g. {k}: checkpoint {tuple(weights[k].shape)}, "
+            f"model {tuple(own[k].shape)})"
+        )
     if problems:
         kind = "adapter" if adapter_only else "model"
-        raise ResumeError(f"{where}: its {kind} weights do not fit this model: {'; '.join(problems)}. It was "
-                          "written for another model or LoRA layout (targets, rank); resume_from_checkpoint=null "
-                          "or a new output_dir starts fresh")
+        raise ResumeError(
+            f"{where}: its {kind} weights do not fit this model: {'; '.join(problems)}. It was "
+            "written for another model or LoRA layout (targets, rank); resume_from_checkpoint=null "
+            "or a new output_dir starts fresh"
+        )
     model.load_state_dict(weights, strict=not adapter_only)

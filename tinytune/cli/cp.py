@@ -41,7 +41,8 @@ def copy(name: str, dest: str | Path, force: bool = False) -> Path:
         src, suffix = configs[key].path, ".yaml"
     else:
         raise ConfigError(
-            f"'{name}' is neither a recipe nor a config." + did_you_mean(key, [*recipes, *configs])
+            f"'{name}' is neither a recipe nor a config."
+            + did_you_mean(key, [*recipes, *configs])
             + " Run `tune ls` for the names."
         )
     out = Path(dest).expanduser()

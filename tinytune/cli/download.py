@@ -28,8 +28,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--output-dir", default=None, help="hub models: where to put the files")
     p.add_argument("--revision", default=None, help="hub models: branch, tag or commit (default main)")
     p.add_argument("--hf-token", default=None, help="hub models: access token (default $HF_TOKEN / saved login)")
-    p.add_argument("--include", nargs="+", default=None, metavar="PATTERN",
-                   help="hub models: glob patterns to fetch instead of the checkpoint files (e.g. '*.gguf')")
+    p.add_argument(
+        "--include",
+        nargs="+",
+        default=None,
+        metavar="PATTERN",
+        help="hub models: glob patterns to fetch instead of the checkpoint files (e.g. '*.gguf')",
+    )
     p.add_argument("--exclude", nargs="+", default=None, metavar="PATTERN", help="hub models: glob patterns to skip")
     p.set_defaults(func=run)
 
@@ -45,8 +50,13 @@ def run(args: argparse.Namespace) -> int:
     from tinytune.checkpoint.model_info import CheckpointError  # noqa: PLC0415
     from tinytune.hub import HubError, default_output_dir, download_model  # noqa: PLC0415
 
-    hub_only = {"--output-dir": args.output_dir, "--revision": args.revision, "--hf-token": args.hf_token,
-                "--include": args.include, "--exclude": args.exclude}
+    hub_only = {
+        "--output-dir": args.output_dir,
+        "--revision": args.revision,
+        "--hf-token": args.hf_token,
+        "--include": args.include,
+        "--exclude": args.exclude,
+    }
     try:
         if args.model in BUNDLED:
             used = [k for k, v in hub_only.items() if v]
@@ -55,12 +65,19 @@ def run(args: argparse.Namespace) -> int:
             path = ensure_bundled(args.model, home=args.home)
         elif _is_repo_id(args.model):
             out = args.output_dir or default_output_dir(args.model, args.home)
-            path = download_model(args.model, out, revision=args.revision,
-                                  token=args.hf_token or os.environ.get("HF_TOKEN"),
-                                  include=args.include, exclude=args.exclude)
+            path = download_model(
+                args.model,
+                out,
+                revision=args.revision,
+                token=args.hf_token or os.environ.get("HF_TOKEN"),
+                include=args.include,
+                exclude=args.exclude,
+            )
         else:
-            raise HubError(f"model {args.model!r}: not a bundled model ({', '.join(BUNDLED)}) and not a hub repo id "
-                           "ORG/NAME (e.g. Qwen/Qwen3-0.6B)")
+            raise HubError(
+                f"model {args.model!r}: not a bundled model ({', '.join(BUNDLED)}) and not a hub repo id "
+                "ORG/NAME (e.g. Qwen/Qwen3-0.6B)"
+            )
     except (RuntimeError, CheckpointError, OSError, HubError) as e:
         print(f"tune download: error: {e}", file=sys.stderr)
         return 1

@@ -38,8 +38,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--device-memory", help="memory per device, e.g. 80GiB or 64GB: adds a `fits` column")
     p.add_argument("--mode", choices=("full", "lora", "qlora"), help="default: from the config (full)")
     p.add_argument("--seq-len", type=int, help="tokens per row (default: dataset.max_seq_len, else 2048)")
-    p.add_argument("--batch-size", type=int, help="rows per micro-batch (default: the config's batch_size / "
-                   "parallelism.microbatches, else 1)")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        help="rows per micro-batch (default: the config's batch_size / parallelism.microbatches, else 1)",
+    )
     p.add_argument("--dtype", choices=("bf16", "fp32"), help="compute dtype (default: the config's, else bf16)")
     p.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction, default=None)
     p.set_defaults(func=run)
@@ -52,8 +55,10 @@ def _spec_names() -> list[str]:
 def _hf_config(path: str) -> dict:
     file = os.path.join(path, "config.json") if os.path.isdir(path) else path
     if not os.path.isfile(file):
-        raise ConfigError(f"{file}: no HF config.json here; download the model or pass a config.json / model spec "
-                          f"({', '.join(_spec_names())}).")
+        raise ConfigError(
+            f"{file}: no HF config.json here; download the model or pass a config.json / model spec "
+            f"({', '.join(_spec_names())})."
+        )
     with open(file) as f:
         return json.load(f)
 
@@ -97,13 +102,26 @@ def run(args: argparse.Namespace) -> int:
     seq = args.seq_len or int(par.get("pipeline_seq_len") or (cfg.get("dataset") or {}).get("max_seq_len") or 2048)
     # a recipe config without dtype runs the recipes' default (fp32); a model spec alone assumes bf16
     dtype = args.dtype or {"bf16": "bf16", "bfloat16": "bf16", "fp32": "fp32", "float32": "fp32", "float": "fp32"}.get(
-        str(cfg.get("dtype", DeviceSettings().dtype if cfg else "bf16")), "bf16")
-    ac = args.activation_checkpointing if args.activation_checkpointing is not None else bool(
-        cfg.get("activation_checkpointing", False))
-    work = Workload(rows=rows, seq_len=seq, microbatches=micro, mode=mode, lora_rank=lora.lora_rank,
-                    lora_targets=tuple(targets), optimizer=str((cfg.get("optimizer") or {}).get("name", "adamw")),
-                    compute_dtype=dtype, activation_checkpointing=ac,
-                    schedule=str(par.get("pipeline_schedule", "1f1b")), fsdp=mode != "qlora")
+        str(cfg.get("dtype", DeviceSettings().dtype if cfg else "bf16")), "bf16"
+    )
+    ac = (
+        args.activation_checkpointing
+        if args.activation_checkpointing is not None
+        else bool(cfg.get("activation_checkpointing", False))
+    )
+    work = Workload(
+        rows=rows,
+        seq_len=seq,
+        microbatches=micro,
+        mode=mode,
+        lora_rank=lora.lora_rank,
+        lora_targets=tuple(targets),
+        optimizer=str((cfg.get("optimizer") or {}).get("name", "adamw")),
+        compute_dtype=dtype,
+        activation_checkpointing=ac,
+        schedule=str(par.get("pipeline_schedule", "1f1b")),
+        fsdp=mode != "qlora",
+    )
     memory = parse_bytes(args.device_memory) if args.device_memory else None
     if args.devices:
         layouts = candidate_layouts(info, args.devices)
@@ -113,9 +131,11 @@ def run(args: argparse.Namespace) -> int:
         if shard == -1:
             shard = 1
         layouts = [Layout(pp=pp, dp_replicate=rep, dp_shard=shard, tp=tp)]
-    print(f"model: {info.model_type}, {info.num_layers} layers, dim {info.dim}, vocab {info.vocab_size}; {mode}, "
-          f"{work.rows} x {work.seq_len} tokens per micro-batch, {work.microbatches} pipeline micro-batches (at least pp), "
-          f"{dtype} compute / fp32 master weights, optimizer {work.optimizer}, activation checkpointing "
-          f"{'on' if ac else 'off'} (the act column)")
+    print(
+        f"model: {info.model_type}, {info.num_layers} layers, dim {info.dim}, vocab {info.vocab_size}; {mode}, "
+        f"{work.rows} x {work.seq_len} tokens per micro-batch, {work.microbatches} pipeline micro-batches (at least pp), "
+        f"{dtype} compute / fp32 master weights, optimizer {work.optimizer}, activation checkpointing "
+        f"{'on' if ac else 'off'} (the act column)"
+    )
     print(plan_table(info, work, layouts, memory))
     return 0

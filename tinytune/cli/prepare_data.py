@@ -21,15 +21,28 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--config", required=True, help="config name (e.g. smollm2/135M_lora) or YAML path")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
-    p.add_argument("--num-workers", type=int, default=None, help="tokenizer processes (default: the config's "
-                                                                 "num_workers, else min(4, CPUs))")
-    p.add_argument("--show", type=int, default=None, metavar="N",
-                   help="print N rendered samples with the trained tokens marked, then the dataset statistics "
-                        "(rows, dropped/truncated by reason, tokens, trained fraction, length histogram, unused "
-                        "columns)")
+    p.add_argument(
+        "--num-workers",
+        type=int,
+        default=None,
+        help="tokenizer processes (default: the config's num_workers, else min(4, CPUs))",
+    )
+    p.add_argument(
+        "--show",
+        type=int,
+        default=None,
+        metavar="N",
+        help="print N rendered samples with the trained tokens marked, then the dataset statistics "
+        "(rows, dropped/truncated by reason, tokens, trained fraction, length histogram, unused "
+        "columns)",
+    )
     p.add_argument("--tokens", action="store_true", help="with --show: put | between tokens")
-    p.add_argument("--color", choices=("auto", "always", "never"), default="auto",
-                   help="with --show: mark trained tokens in colour (auto: on a terminal) or with [[...]]")
+    p.add_argument(
+        "--color",
+        choices=("auto", "always", "never"),
+        default="auto",
+        help="with --show: mark trained tokens in colour (auto: on a terminal) or with [[...]]",
+    )
     p.set_defaults(func=run)
 
 
@@ -71,8 +84,10 @@ def run(args: argparse.Namespace) -> int:
     tokenizer = _tokenizer(cfg)
     for where, node in nodes:
         if "_component_" not in node:
-            print(f"tune prepare-data: error: {where} needs a _component_ (e.g. tinytune.datasets.sft_dataset)",
-                  file=sys.stderr)
+            print(
+                f"tune prepare-data: error: {where} needs a _component_ (e.g. tinytune.datasets.sft_dataset)",
+                file=sys.stderr,
+            )
             return 2
         if args.num_workers is not None:
             with open_dict(node):
@@ -87,8 +102,10 @@ def run(args: argparse.Namespace) -> int:
         hit = getattr(ds, "cache_hit", False)
         print(f"{where}: {len(ds)} items ({'cache hit' if hit else 'tokenized'} in {time.time() - t0:.1f}s)")
         if m:
-            print(f"  rows {m.get('rows')}, sequences {m.get('sequences')}, tokens {m.get('tokens')}, "
-                  f"trained tokens {m.get('trained_tokens')}")
+            print(
+                f"  rows {m.get('rows')}, sequences {m.get('sequences')}, tokens {m.get('tokens')}, "
+                f"trained tokens {m.get('trained_tokens')}"
+            )
             dropped = ", ".join(f"{k} {v}" for k, v in sorted((m.get("dropped") or {}).items())) or "none"
             truncated = ", ".join(f"{k} {v}" for k, v in sorted((m.get("truncated") or {}).items())) or "none"
             print(f"  skipped bad rows {m.get('skipped_bad', 0)}, dropped {dropped}, truncated {truncated}")
@@ -96,8 +113,9 @@ def run(args: argparse.Namespace) -> int:
                 print(f"  columns not used by the style: {', '.join(sorted(m['unused_columns']))}")
             if not hit:
                 print(f"  built in {m.get('build_seconds')}s with {m.get('num_workers')} worker(s)")
-        cache = getattr(getattr(ds, "cache", None) or getattr(getattr(ds, "dataset", None), "cache", None),
-                        "path", None)
+        cache = getattr(
+            getattr(ds, "cache", None) or getattr(getattr(ds, "dataset", None), "cache", None), "path", None
+        )
         if cache:
             print(f"  cache: {cache}")
         if args.show is not None:

@@ -55,8 +55,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             launcher.add_argument(*names, dest=dest, action="store_true")
     p.add_argument("--config", dest="early_config", help=argparse.SUPPRESS)  # tolerated before RECIPE too
     p.add_argument("recipe", help="recipe name (e.g. lora_finetune) or path to a recipe script")
-    p.add_argument("recipe_args", nargs=argparse.REMAINDER, metavar="--config CFG [key=value ...]",
-                   help="arguments for the recipe: its config and overrides")
+    p.add_argument(
+        "recipe_args",
+        nargs=argparse.REMAINDER,
+        metavar="--config CFG [key=value ...]",
+        help="arguments for the recipe: its config and overrides",
+    )
     p.set_defaults(func=run)
 
 
@@ -134,8 +138,11 @@ def run_distributed(launcher: list[str], recipe: Path, recipe_args: list[str]) -
             print(f"tune run: a worker failed:\n{e}", file=sys.stderr)
         else:  # each worker printed its own short message above
             codes = sorted({f.exitcode for f in e.failures.values()})
-            print(f"tune run: {len(e.failures)} worker process(es) failed (exit code {', '.join(map(str, codes))}); "
-                  "their messages are above (TINYTUNE_TRACEBACK=1 for details)", file=sys.stderr)
+            print(
+                f"tune run: {len(e.failures)} worker process(es) failed (exit code {', '.join(map(str, codes))}); "
+                "their messages are above (TINYTUNE_TRACEBACK=1 for details)",
+                file=sys.stderr,
+            )
         return 1
     return 0
 

@@ -45,8 +45,9 @@ def check(config: str, overrides: list[str] | tuple[str, ...] = ()) -> tuple[lis
         if recipe is None:
             problems.append("<header>: line 1 must declare the recipe, e.g. '# recipe: lora_finetune'.")
         elif recipe not in recipes:
-            problems.append(f"<header>: '# recipe: {recipe}' names a recipe that does not exist."
-                            + did_you_mean(recipe, recipes))
+            problems.append(
+                f"<header>: '# recipe: {recipe}' names a recipe that does not exist." + did_you_mean(recipe, recipes)
+            )
     try:
         cfg = load_config(path, overrides)
     except ConfigError as e:

@@ -68,13 +68,13 @@ def locate(dotted: str, path: str = "", source: str | None = None) -> Any:
             ) from e
         except Exception as e:  # noqa: BLE001 - report any import-time failure with its key
             raise ConfigError(
-                f"{_describe(key, source)}: importing module '{modname}' for '{dotted}' failed: "
-                f"{type(e).__name__}: {e}"
+                f"{_describe(key, source)}: importing module '{modname}' for '{dotted}' failed: {type(e).__name__}: {e}"
             ) from e
     if module is None:
         top = sorted({m.name for m in pkgutil.iter_modules()})
         raise ConfigError(
-            f"{_describe(key, source)}: cannot import '{dotted}': no module named '{parts[0]}'." + did_you_mean(parts[0], top)
+            f"{_describe(key, source)}: cannot import '{dotted}': no module named '{parts[0]}'."
+            + did_you_mean(parts[0], top)
         )
     obj: Any = module
     for i in range(n, len(parts)):
@@ -88,7 +88,9 @@ def locate(dotted: str, path: str = "", source: str | None = None) -> Any:
             candidates += [m.name for m in pkgutil.iter_modules(obj.__path__)]
         matches = close_matches(attr, candidates)
         hint = (" Did you mean " + " or ".join(f"'{owner}.{c}'" for c in matches) + "?") if matches else ""
-        raise ConfigError(f"{_describe(key, source)}: cannot import '{dotted}': '{owner}' has no attribute '{attr}'.{hint}")
+        raise ConfigError(
+            f"{_describe(key, source)}: cannot import '{dotted}': '{owner}' has no attribute '{attr}'.{hint}"
+        )
     return obj
 
 
@@ -122,7 +124,8 @@ def check_arguments(
                 hint = f" (did you mean {' or '.join(repr(m) for m in matches)}?)" if matches else ""
                 msgs.append(f"'{format_path([path, k]) if path else k}'{hint}")
             raise ConfigError(
-                f"{_describe(path, source)}: {dotted} has no parameter for key " + ", ".join(msgs)
+                f"{_describe(path, source)}: {dotted} has no parameter for key "
+                + ", ".join(msgs)
                 + f". Its parameters are: {', '.join(named) or '(none)'}."
             )
     try:

@@ -57,8 +57,9 @@ def validate_config(cfg: DictConfig) -> tuple[list[Problem], int]:
                     mix_item = len(path) == 2 and path[0] == "dataset" and isinstance(path[1], int)
                     skip = SPECIAL_KEYS + (("weight", "epochs") if mix_item else ())
                     kwargs = {str(k): v for k, v in obj.items() if k not in skip}
-                    check_arguments(fn, (), kwargs, partial=True, path=format_path(path), source=None,
-                                    dotted=obj["_component_"])
+                    check_arguments(
+                        fn, (), kwargs, partial=True, path=format_path(path), source=None, dotted=obj["_component_"]
+                    )
                 except ConfigError as e:
                     problems.append(Problem(key, _strip_key(str(e))))
             for k, v in obj.items():

@@ -28,23 +28,42 @@ PREFERENCE_LOSSES = ("sigmoid", "ipo", "hinge", "robust", "simpo", "orpo")  # as
 TRUNCATION_POLICIES = ("balanced", "prompt_first", "right", "drop")  # as datasets.encoding (tested equal)
 PACKING_STRATEGIES = ("ffd", "greedy")  # as datasets.packing.pack_bins (tested)
 #: ShareGPT tag names a dataset's ``tags:`` may set (as ``tinytune.datasets.styles.DEFAULT_TAGS``, tested equal).
-SHAREGPT_TAGS = ("role_tag", "content_tag", "user_tag", "assistant_tag", "system_tag", "observation_tag",
-                 "function_tag")
+SHAREGPT_TAGS = (
+    "role_tag",
+    "content_tag",
+    "user_tag",
+    "assistant_tag",
+    "system_tag",
+    "observation_tag",
+    "function_tag",
+)
 NAN_POLICIES = ("stop", "skip_step")  # tinytune.training.steps.NonFiniteGuard
 #: Keys of one source in a dataset mix (``dataset: [{_component_: ..., weight: 0.7}, ...]``), beside its node.
 MIX_KEYS = ("weight", "epochs")
 #: as tinytune.training.optim.OPTIMIZERS + PAGED_ALIASES (tested equal)
-OPTIMIZER_NAMES = ("adamw", "adamw8bit", "adamw4bit", "adamw_offload", "adamw8bit_offload", "sgd", "paged_adamw",
-                   "paged_adamw_32bit", "paged_adamw_8bit")
+OPTIMIZER_NAMES = (
+    "adamw",
+    "adamw8bit",
+    "adamw4bit",
+    "adamw_offload",
+    "adamw8bit_offload",
+    "sgd",
+    "paged_adamw",
+    "paged_adamw_32bit",
+    "paged_adamw_8bit",
+)
 PIPELINE_SCHEDULES = ("1f1b", "gpipe", "interleaved_1f1b", "looped_bfs")  # torch.distributed.pipelining schedules
 
 
-def pipeline_keys_problem(degree: int, schedule: str, microbatches: int | None, layers_per_stage: int | None,
-                          seq_len: int | None) -> str | None:
+def pipeline_keys_problem(
+    degree: int, schedule: str, microbatches: int | None, layers_per_stage: int | None, seq_len: int | None
+) -> str | None:
     """The cross-key rule of the pipeline keys: they only apply with ``pipeline_parallel > 1``."""
     if degree == 1 and (microbatches or layers_per_stage or seq_len or schedule != "1f1b"):
-        return ("parallelism.microbatches / layers_per_stage / pipeline_seq_len / pipeline_schedule only apply with "
-                "parallelism.pipeline_parallel > 1; remove them or set pipeline_parallel.")
+        return (
+            "parallelism.microbatches / layers_per_stage / pipeline_seq_len / pipeline_schedule only apply with "
+            "parallelism.pipeline_parallel > 1; remove them or set pipeline_parallel."
+        )
     return None
 
 
@@ -100,8 +119,7 @@ class LoRASettings(Settings):
     """
 
     NAME = "LoRA"
-    lora_attn_modules: list[str] = setting(["q_proj", "v_proj"], "attention projections to adapt",
-                                           check=_attn_modules)
+    lora_attn_modules: list[str] = setting(["q_proj", "v_proj"], "attention projections to adapt", check=_attn_modules)
     apply_lora_to_mlp: bool = setting(True, "also adapt gate_proj, up_proj, down_proj")
     apply_lora_to_output: bool = setting(False, "also adapt the output projection (untied models)")
     lora_rank: int = setting(8, "adapter rank r", ge=1)
@@ -110,13 +128,16 @@ class LoRASettings(Settings):
     quantize_base: bool = setting(False, "QLoRA: frozen base weights of adapted layers in NF4")
     use_dora: bool = setting(False, "DoRA: a trainable per-row magnitude on every adapted layer")
     use_rslora: bool = setting(False, "rsLoRA: scaling alpha / sqrt(rank) instead of alpha / rank")
-    lora_init: str = setting("default", "adapter init (pissa: principal singular vectors; not with quantize_base)",
-                             choices=LORA_INITS)
+    lora_init: str = setting(
+        "default", "adapter init (pissa: principal singular vectors; not with quantize_base)", choices=LORA_INITS
+    )
 
     def __post_init__(self) -> None:
         if self.lora_init == "pissa" and self.quantize_base:
-            raise ValueError("lora_init: pissa with quantize_base (QLoRA) is not supported (NF4 would re-quantize "
-                             "the residual base weight); use lora_init default or gaussian")
+            raise ValueError(
+                "lora_init: pissa with quantize_base (QLoRA) is not supported (NF4 would re-quantize "
+                "the residual base weight); use lora_init default or gaussian"
+            )
 
     def target_modules(self) -> list[str]:
         """Projection names to adapt: the attention list, the MLP projections, ``output``."""
@@ -131,8 +152,14 @@ class LoRASettings(Settings):
     def peft_config(self) -> dict[str, Any]:
         """``{"lora_rank", "lora_alpha", "lora_dropout", "use_rslora", "use_dora", "init"}`` for the PEFT
         adapter export."""
-        return {"lora_rank": self.lora_rank, "lora_alpha": self.lora_alpha, "lora_dropout": self.lora_dropout,
-                "use_rslora": self.use_rslora, "use_dora": self.use_dora, "init": self.lora_init}
+        return {
+            "lora_rank": self.lora_rank,
+            "lora_alpha": self.lora_alpha,
+            "lora_dropout": self.lora_dropout,
+            "use_rslora": self.use_rslora,
+            "use_dora": self.use_dora,
+            "init": self.lora_init,
+        }
 
     @classmethod
     def from_node(cls, node: Any) -> "LoRASettings":
@@ -174,10 +201,13 @@ class DatasetOptionSettings(Settings):
     """
 
     max_seq_len: int | None = setting(None, "cut or drop samples longer than this (null: no limit)", ge=1)
-    truncation: str | None = setting(None, "a sample longer than max_seq_len: balanced (cut prompt and answer "
-                                     "in proportion), prompt_first, right, drop; counted by reason in the "
-                                     "summary (null: the builder's, balanced for sft_dataset)",
-                                     choices=TRUNCATION_POLICIES)
+    truncation: str | None = setting(
+        None,
+        "a sample longer than max_seq_len: balanced (cut prompt and answer "
+        "in proportion), prompt_first, right, drop; counted by reason in the "
+        "summary (null: the builder's, balanced for sft_dataset)",
+        choices=TRUNCATION_POLICIES,
+    )
     train_on_input: bool | None = setting(None, "also train the prompt tokens")
     mask_history: bool | None = setting(None, "train only the last assistant turn")
     enable_thinking: bool | None = setting(None, "Qwen3 think blocks: true, false or null (mixed data)")
@@ -185,15 +215,20 @@ class DatasetOptionSettings(Settings):
     packing_strategy: str | None = setting(None, "bin filling when packed (null: ffd)", choices=PACKING_STRATEGIES)
     val_fraction: float | None = setting(None, "split: validation takes this fraction of the rows", ge=0, le=0.99)
     skip_bad_samples: bool | None = setting(None, "skip (and count) malformed rows instead of stopping")
-    tags: dict[str, Any] | None = setting(None, "ShareGPT tag names (MindSpeed map-keys tags): role_tag, "
-                                          "content_tag, user_tag, assistant_tag, system_tag, observation_tag, "
-                                          "function_tag", check=_tags)
+    tags: dict[str, Any] | None = setting(
+        None,
+        "ShareGPT tag names (MindSpeed map-keys tags): role_tag, "
+        "content_tag, user_tag, assistant_tag, system_tag, observation_tag, "
+        "function_tag",
+        check=_tags,
+    )
 
 
 @dataclass(frozen=True)
 class ValidationSettings(Settings):
-    dataset: Any = component("validation dataset node (else a split of dataset)", runtime_args=("tokenizer",),
-                             typed=DatasetOptionSettings)
+    dataset: Any = component(
+        "validation dataset node (else a split of dataset)", runtime_args=("tokenizer",), typed=DatasetOptionSettings
+    )
     split_ratio: float | None = setting(None, "hold out this fraction of dataset", gt=0, le=0.99)
     split_size: int | None = setting(None, "hold out this many samples of dataset", ge=1)
     every_n_steps: int = setting(0, "validate every N steps (0: only at the end)", ge=0)
@@ -226,15 +261,21 @@ class EarlyStoppingSettings(Settings):
 
 @dataclass(frozen=True)
 class DataSettings(Settings):
-    dataset: Any = component("training dataset node, or a mix: a list of nodes each with weight: (sampling "
-                             "weight) or epochs: (passes over that source)", required=True,
-                             runtime_args=("tokenizer",), mix_keys=MIX_KEYS, typed=DatasetOptionSettings)
+    dataset: Any = component(
+        "training dataset node, or a mix: a list of nodes each with weight: (sampling "
+        "weight) or epochs: (passes over that source)",
+        required=True,
+        runtime_args=("tokenizer",),
+        mix_keys=MIX_KEYS,
+        typed=DatasetOptionSettings,
+    )
     validation: ValidationSettings = section(ValidationSettings)
     shuffle: bool = setting(True, "shuffle the training samples every epoch")
     batch_size: int = setting(4, "micro-batch size", ge=1)
     gradient_accumulation_steps: int = setting(1, "micro-batches per optimizer step", ge=1)
-    epochs: int | None = setting(None, "passes over the data when max_steps is 0 (null: 1; refused with a "
-                                 "streaming dataset)", ge=1)
+    epochs: int | None = setting(
+        None, "passes over the data when max_steps is 0 (null: 1; refused with a streaming dataset)", ge=1
+    )
     max_steps: int = setting(0, "optimizer steps (0: epochs x steps per epoch)", ge=0)
     pad_to_multiple_of: int = setting(8, "pad batch length to a multiple of this", ge=1)
 
@@ -253,8 +294,9 @@ class PreferenceDataSettings(DataSettings):
 class OptimizerSettings(Settings):
     """``optimizer:`` without ``_component_`` (keys of ``tinytune.training.optim.build_optimizer``)."""
 
-    name: str = setting("adamw", "optimizer (paged_*: bitsandbytes names, run as the torchao offload variants)",
-                        choices=OPTIMIZER_NAMES)
+    name: str = setting(
+        "adamw", "optimizer (paged_*: bitsandbytes names, run as the torchao offload variants)", choices=OPTIMIZER_NAMES
+    )
     lr: float = setting(2e-5, "learning rate (0: the weights stay put, e.g. to measure noise)", ge=0)
     weight_decay: float = setting(0.0, "decoupled weight decay", ge=0)
     betas: list[float] | None = setting(None, "Adam betas (default [0.9, 0.999])")
@@ -265,8 +307,9 @@ class OptimizerSettings(Settings):
     amsgrad: bool | None = setting(None, "AdamW AMSGrad")
     fused: bool | None = setting(None, "fused AdamW kernel (default: on where it applies)")
     foreach: bool | None = setting(None, "multi-tensor optimizer step")
-    no_decay: list[str] = setting(["bias", "norm", "tok_embeddings"], "parameter-name substrings trained without "
-                                  "weight decay")
+    no_decay: list[str] = setting(
+        ["bias", "norm", "tok_embeddings"], "parameter-name substrings trained without weight decay"
+    )
 
 
 @dataclass(frozen=True)
@@ -281,10 +324,16 @@ class LRSchedulerSettings(Settings):
 
 @dataclass(frozen=True)
 class OptimSettings(Settings):
-    optimizer: Any = component("optimizer: name + keys, or a _component_ (gets the parameters)",
-                               plain=OptimizerSettings, runtime_args=("params",))
-    lr_scheduler: Any = component("LR schedule: name + keys, or a _component_ (gets the optimizer); "
-                                  "default constant", plain=LRSchedulerSettings, runtime_args=("optimizer",))
+    optimizer: Any = component(
+        "optimizer: name + keys, or a _component_ (gets the parameters)",
+        plain=OptimizerSettings,
+        runtime_args=("params",),
+    )
+    lr_scheduler: Any = component(
+        "LR schedule: name + keys, or a _component_ (gets the optimizer); default constant",
+        plain=LRSchedulerSettings,
+        runtime_args=("optimizer",),
+    )
 
 
 @dataclass(frozen=True)
@@ -293,17 +342,21 @@ class LoopSettings(Settings):
 
     log_every_n_steps: int = setting(1, "log a train row every N steps", ge=1)
     checkpoint_every_n_steps: int = setting(0, "training-state checkpoint every N steps (0: never)", ge=0)
-    stop_after_steps: int = setting(0, "end early after this step, with a checkpoint, to resume later (0: off)",
-                                    ge=0)
+    stop_after_steps: int = setting(0, "end early after this step, with a checkpoint, to resume later (0: off)", ge=0)
     clip_grad_norm: float | None = setting(None, "clip the total gradient norm (null: no clipping)", gt=0)
     padding_free: bool = setting(True, "drop positions no label depends on from every micro-batch")
     activation_checkpointing: bool = setting(False, "recompute layer activations in backward")
-    metric_loggers: list[str] | str | None = setting(None, "stdout, jsonl, tensorboard, wandb (null: stdout+jsonl)",
-                                                     check=_loggers)
+    metric_loggers: list[str] | str | None = setting(
+        None, "stdout, jsonl, tensorboard, wandb (null: stdout+jsonl)", check=_loggers
+    )
     keep_last_checkpoints: int = setting(2, "complete checkpoints to keep", ge=1)
     resume_from_checkpoint: str | None = setting(None, "auto (newest in output_dir) | a step dir | null")
-    nan_policy: str = setting("stop", "a NaN/Inf loss or gradient norm: stop the run before the optimizer step, "
-                              "or skip_step (drop the step, count it)", choices=NAN_POLICIES)
+    nan_policy: str = setting(
+        "stop",
+        "a NaN/Inf loss or gradient norm: stop the run before the optimizer step, "
+        "or skip_step (drop the step, count it)",
+        choices=NAN_POLICIES,
+    )
 
     def log_due(self, step: int, total_steps: int) -> bool:
         """A train row is logged at this step (every ``log_every_n_steps`` and the last step)."""
@@ -324,10 +377,12 @@ class SampleGenerationSettings(Settings):
     prompts: list[Any] = setting([], "prompts answered before and after training (a list; a string is refused)")
     max_new_tokens: int = setting(48, "tokens per answer", ge=1)
     system: str | None = setting(None, "system message for the prompts")
-    held_out: list[Any] = setting([], "questions [{prompt, expect}] answered before and after training; the "
-                                  "fraction correct goes into the summary", check=_held_out)
-    enable_thinking: bool | None = setting(None, "Qwen3 thinking switch for the prompts (null: the template's "
-                                           "default)")
+    held_out: list[Any] = setting(
+        [],
+        "questions [{prompt, expect}] answered before and after training; the fraction correct goes into the summary",
+        check=_held_out,
+    )
+    enable_thinking: bool | None = setting(None, "Qwen3 thinking switch for the prompts (null: the template's default)")
 
 
 @dataclass(frozen=True)
@@ -350,18 +405,30 @@ class ParallelismSettings(Settings):
     loss_parallel: bool = setting(False, "keep logits vocab-sharded across TP ranks in the loss")
     sequence_parallel: bool = setting(False, "shard norms/activations along the sequence in TP regions")
     pipeline_parallel: int = setting(1, "pipeline-parallel degree: stages of layers over ranks (1: off)", ge=1)
-    pipeline_schedule: str = setting("1f1b", "pipeline schedule (interleaved_1f1b / looped_bfs: 2 stages per rank)",
-                                     choices=PIPELINE_SCHEDULES)
-    microbatches: int | None = setting(None, "pipeline micro-batches per loader batch; must divide batch_size "
-                                       "(null: pipeline_parallel)", ge=1)
-    layers_per_stage: int | None = setting(None, "layers per pipeline stage (null: balance parameters, embedding "
-                                           "and head counted)", ge=1)
-    pipeline_seq_len: int | None = setting(None, "tokens every pipeline micro-batch is padded/packed to (null: "
-                                           "longest training sample x rows per micro-batch, rounded up to 8)", ge=1)
+    pipeline_schedule: str = setting(
+        "1f1b", "pipeline schedule (interleaved_1f1b / looped_bfs: 2 stages per rank)", choices=PIPELINE_SCHEDULES
+    )
+    microbatches: int | None = setting(
+        None, "pipeline micro-batches per loader batch; must divide batch_size (null: pipeline_parallel)", ge=1
+    )
+    layers_per_stage: int | None = setting(
+        None, "layers per pipeline stage (null: balance parameters, embedding and head counted)", ge=1
+    )
+    pipeline_seq_len: int | None = setting(
+        None,
+        "tokens every pipeline micro-batch is padded/packed to (null: "
+        "longest training sample x rows per micro-batch, rounded up to 8)",
+        ge=1,
+    )
 
     def __post_init__(self) -> None:
-        problem = pipeline_keys_problem(self.pipeline_parallel, self.pipeline_schedule, self.microbatches,
-                                        self.layers_per_stage, self.pipeline_seq_len)
+        problem = pipeline_keys_problem(
+            self.pipeline_parallel,
+            self.pipeline_schedule,
+            self.microbatches,
+            self.layers_per_stage,
+            self.pipeline_seq_len,
+        )
         if problem:
             raise ValueError(problem)
 
@@ -378,8 +445,9 @@ class SFTSettings(TrainSettings):
 
     data: SFTDataSettings = group(SFTDataSettings)
     sample_generation: SampleGenerationSettings = section(SampleGenerationSettings)
-    neftune_noise_alpha: float | None = setting(None, "NEFTune noise on the input embeddings, training only "
-                                                "(null: off)", gt=0)
+    neftune_noise_alpha: float | None = setting(
+        None, "NEFTune noise on the input embeddings, training only (null: off)", gt=0
+    )
     early_stopping: EarlyStoppingSettings = section(EarlyStoppingSettings)
     save_best: bool = setting(False, "export the weights of the best validation step (needs validation data)")
 
@@ -390,33 +458,37 @@ class FullFinetuneSettings(SFTSettings):
     NAME = "full_finetune"
     model: Any = component("model builder node (null: the architecture config.json names)")
     save_hf: bool = setting(True, "write hf_model/ at the end")
-    export_gguf: str | None = setting(None, "also write output_dir/model-TYPE.gguf (null: no GGUF)",
-                                      check=_gguf_type)
+    export_gguf: str | None = setting(None, "also write output_dir/model-TYPE.gguf (null: no GGUF)", check=_gguf_type)
 
 
 @dataclass(frozen=True)
 class LoRAFinetuneSettings(SFTSettings):
     NAME = "lora_finetune"
-    model: Any = component("a lora_*/qlora_* builder node, or LoRA keys only (applied to config.json's "
-                           "architecture)", plain=LoRASettings)
+    model: Any = component(
+        "a lora_*/qlora_* builder node, or LoRA keys only (applied to config.json's architecture)", plain=LoRASettings
+    )
     save_adapter: bool = setting(True, "write adapter/ (PEFT) at the end")
     save_merged: bool = setting(True, "write hf_model/ (adapters merged) at the end")
-    export_gguf: str | None = setting(None, "also write output_dir/model-TYPE.gguf, adapters merged (null: no "
-                                      "GGUF)", check=_gguf_type)
-    loraplus_lr_ratio: float | None = setting(None, "LoRA+: the B matrices train at optimizer.lr x this "
-                                              "(null: off)", gt=0)
+    export_gguf: str | None = setting(
+        None, "also write output_dir/model-TYPE.gguf, adapters merged (null: no GGUF)", check=_gguf_type
+    )
+    loraplus_lr_ratio: float | None = setting(
+        None, "LoRA+: the B matrices train at optimizer.lr x this (null: off)", gt=0
+    )
 
 
 @dataclass(frozen=True)
 class DPOSettings(TrainSettings):
     NAME = "dpo"
     data: PreferenceDataSettings = group(PreferenceDataSettings)
-    model: Any = component("policy: a builder node, or LoRA keys (LoRA policy, reference = adapters off)",
-                           plain=LoRASettings)
+    model: Any = component(
+        "policy: a builder node, or LoRA keys (LoRA policy, reference = adapters off)", plain=LoRASettings
+    )
     loss: str = setting("sigmoid", "preference loss (simpo, orpo: no reference model)", choices=PREFERENCE_LOSSES)
     beta: float = setting(0.1, "inverse temperature (ipo: tau; orpo: weight of the odds-ratio term)", gt=0)
-    label_smoothing: float = setting(0.0, "cDPO flip probability (sigmoid, simpo; robust: noise rate < 0.5)",
-                                     ge=0, le=0.99)
+    label_smoothing: float = setting(
+        0.0, "cDPO flip probability (sigmoid, simpo; robust: noise rate < 0.5)", ge=0, le=0.99
+    )
     gamma: float = setting(0.0, "SimPO target reward margin (simpo only)", ge=0)
 
     def __post_init__(self) -> None:
@@ -433,8 +505,9 @@ class DPOSettings(TrainSettings):
 @dataclass(frozen=True)
 class KTOSettings(TrainSettings):
     NAME = "kto"
-    model: Any = component("policy: a builder node, or LoRA keys (LoRA policy, reference = adapters off)",
-                           plain=LoRASettings)
+    model: Any = component(
+        "policy: a builder node, or LoRA keys (LoRA policy, reference = adapters off)", plain=LoRASettings
+    )
     beta: float = setting(0.1, "KTO temperature", gt=0)
     desirable_weight: float = setting(1.0, "weight of desirable (label true) examples", ge=0)
     undesirable_weight: float = setting(1.0, "weight of undesirable (label false) examples", ge=0)
@@ -443,8 +516,9 @@ class KTOSettings(TrainSettings):
 @dataclass(frozen=True)
 class RewardModelSettings(TrainSettings):
     NAME = "reward_model"
-    model: Any = component("decoder: a builder node, or LoRA keys (the score head always trains in full)",
-                           plain=LoRASettings)
+    model: Any = component(
+        "decoder: a builder node, or LoRA keys (the score head always trains in full)", plain=LoRASettings
+    )
 
 
 @dataclass(frozen=True)
@@ -473,8 +547,7 @@ class LoRAFinetuneDistributedSettings(TrainSettings):
 class InferenceSettings(Settings):
     hardware: DeviceSettings = group(DeviceSettings)
     source: ModelSourceSettings = group(ModelSourceSettings)
-    model: Any = component("model builder node, or LoRA keys (null: config.json's architecture)",
-                           plain=LoRASettings)
+    model: Any = component("model builder node, or LoRA keys (null: config.json's architecture)", plain=LoRASettings)
     max_new_tokens: int = setting(128, "tokens per answer", ge=1)
     temperature: float = setting(0.0, "sampling temperature (0: greedy)", ge=0)
     top_k: int | None = setting(None, "sample from the k most likely tokens", ge=1)
@@ -504,10 +577,10 @@ class EvalSettings(Settings):
     NAME = "eval"
     hardware: DeviceSettings = group(DeviceSettings)
     source: ModelSourceSettings = group(ModelSourceSettings)
-    model: Any = component("model builder node, or LoRA keys (null: config.json's architecture)",
-                           plain=LoRASettings)
-    dataset: Any = component("dataset node to evaluate", required=True, runtime_args=("tokenizer",),
-                             typed=DatasetOptionSettings)
+    model: Any = component("model builder node, or LoRA keys (null: config.json's architecture)", plain=LoRASettings)
+    dataset: Any = component(
+        "dataset node to evaluate", required=True, runtime_args=("tokenizer",), typed=DatasetOptionSettings
+    )
     validation: ValidationSettings = section(ValidationSettings)
     batch_size: int = setting(8, "batch size", ge=1)
     max_batches: int | None = setting(None, "cap on batches (null: all)", ge=1)
@@ -520,17 +593,35 @@ class EvalSettings(Settings):
 #: Recipe name -> its settings class (``tune validate`` and ``tune run`` look configs up here).
 RECIPE_SETTINGS: dict[str, type[Settings]] = {
     cls.NAME: cls
-    for cls in (FullFinetuneSettings, LoRAFinetuneSettings, DPOSettings, KTOSettings, RewardModelSettings,
-                FullFinetuneDistributedSettings, LoRAFinetuneDistributedSettings, GenerateSettings, ChatSettings,
-                EvalSettings)
+    for cls in (
+        FullFinetuneSettings,
+        LoRAFinetuneSettings,
+        DPOSettings,
+        KTOSettings,
+        RewardModelSettings,
+        FullFinetuneDistributedSettings,
+        LoRAFinetuneDistributedSettings,
+        GenerateSettings,
+        ChatSettings,
+        EvalSettings,
+    )
 }
 
 
 def settings_table() -> str:
     """The README's table of keys: one row per key and default, with the recipes that read it."""
-    short = {"full_finetune": "full", "lora_finetune": "lora", "dpo": "dpo", "kto": "kto", "reward_model": "reward",
-             "full_finetune_distributed": "full-dist",
-             "lora_finetune_distributed": "lora-dist", "generate": "generate", "chat": "chat", "eval": "eval"}
+    short = {
+        "full_finetune": "full",
+        "lora_finetune": "lora",
+        "dpo": "dpo",
+        "kto": "kto",
+        "reward_model": "reward",
+        "full_finetune_distributed": "full-dist",
+        "lora_finetune_distributed": "lora-dist",
+        "generate": "generate",
+        "chat": "chat",
+        "eval": "eval",
+    }
     rows: dict[tuple[str, str, str, str], list[str]] = {}
     for name, cls in RECIPE_SETTINGS.items():
         for row in cls.describe():
@@ -538,8 +629,9 @@ def settings_table() -> str:
     lines = ["| key | type | default | recipes | meaning |", "| --- | --- | --- | --- | --- |"]
     for (key, tp, default, help_), recipes in sorted(rows.items()):
         used = "all" if len(recipes) == len(RECIPE_SETTINGS) else ", ".join(recipes)
-        lines.append(f"| `{key}` | {tp.replace('|', '&#124;')} | `{default}` | {used} | "
-                     f"{help_.replace('|', '&#124;')} |")
+        lines.append(
+            f"| `{key}` | {tp.replace('|', '&#124;')} | `{default}` | {used} | {help_.replace('|', '&#124;')} |"
+        )
     return "\n".join(lines)
 
 

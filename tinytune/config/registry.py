@@ -136,7 +136,9 @@ def resolve_config(name_or_path: str | os.PathLike) -> Path:
         if os.path.isdir(expanded):
             raise ConfigError(f"config '{arg}' is a directory; pass a YAML file or a registry name.")
         raise ConfigError(
-            f"config file '{arg}' does not exist." + did_you_mean(key, configs) + " Run `tune ls` for the shipped configs."
+            f"config file '{arg}' does not exist."
+            + did_you_mean(key, configs)
+            + " Run `tune ls` for the shipped configs."
         )
     raise ConfigError(
         f"unknown config '{arg}': not a file and not a registered config name."

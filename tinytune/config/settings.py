@@ -45,10 +45,18 @@ __all__ = [
 _KIND = "tinytune_kind"
 
 
-def setting(default: Any = None, help: str = "", *, ge: float | None = None, gt: float | None = None,
-            le: float | None = None, choices: Sequence[Any] | None = None,
-            check: Callable[[Any], str | None] | None = None, required: bool = False,
-            key: str | None = None) -> Any:
+def setting(
+    default: Any = None,
+    help: str = "",
+    *,
+    ge: float | None = None,
+    gt: float | None = None,
+    le: float | None = None,
+    choices: Sequence[Any] | None = None,
+    check: Callable[[Any], str | None] | None = None,
+    required: bool = False,
+    key: str | None = None,
+) -> Any:
     """Declare one value key.
 
     Args:
@@ -60,8 +68,17 @@ def setting(default: Any = None, help: str = "", *, ge: float | None = None, gt:
         required: missing or null is an error.
         key: the config key when it differs from the field name.
     """
-    meta = {_KIND: "value", "help": help, "ge": ge, "gt": gt, "le": le, "choices": tuple(choices) if choices else None,
-            "check": check, "required": required, "key": key}
+    meta = {
+        _KIND: "value",
+        "help": help,
+        "ge": ge,
+        "gt": gt,
+        "le": le,
+        "choices": tuple(choices) if choices else None,
+        "check": check,
+        "required": required,
+        "key": key,
+    }
     if isinstance(default, (list, dict)):
         return dataclasses.field(default_factory=lambda: type(default)(default), metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -77,9 +94,17 @@ def group(cls: type, help: str = "") -> Any:
     return dataclasses.field(default_factory=cls, metadata={_KIND: "group", "help": help})
 
 
-def component(help: str = "", *, required: bool = False, runtime_args: Sequence[str] = (),
-              plain: type | None = None, plain_target: str | None = None, key: str | None = None,
-              mix_keys: Sequence[str] = (), typed: type | None = None) -> Any:
+def component(
+    help: str = "",
+    *,
+    required: bool = False,
+    runtime_args: Sequence[str] = (),
+    plain: type | None = None,
+    plain_target: str | None = None,
+    key: str | None = None,
+    mix_keys: Sequence[str] = (),
+    typed: type | None = None,
+) -> Any:
     """Declare a node that is built from a ``_component_`` (model, dataset, optimizer, ...).
 
     The node stays a config node (``instantiate`` builds it later); its ``_component_`` must import
@@ -99,10 +124,20 @@ def component(help: str = "", *, required: bool = False, runtime_args: Sequence[
             present beside the ``_component_`` are typed and range-checked here too (every node of a mix);
             the target's signature still decides which keys exist.
     """
-    return dataclasses.field(default=None, metadata={
-        _KIND: "component", "help": help, "required": required, "runtime_args": tuple(runtime_args),
-        "plain": plain, "plain_target": plain_target, "key": key, "mix_keys": tuple(mix_keys),
-        "typed": typed})
+    return dataclasses.field(
+        default=None,
+        metadata={
+            _KIND: "component",
+            "help": help,
+            "required": required,
+            "runtime_args": tuple(runtime_args),
+            "plain": plain,
+            "plain_target": plain_target,
+            "key": key,
+            "mix_keys": tuple(mix_keys),
+            "typed": typed,
+        },
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -184,7 +219,12 @@ class Settings:
             elif kind == "section":
                 yield from hints[f.name].describe(key)
             elif kind == "component":
-                yield key, "component", "-" if not f.metadata.get("required") else "required", f.metadata.get("help", "")
+                yield (
+                    key,
+                    "component",
+                    "-" if not f.metadata.get("required") else "required",
+                    f.metadata.get("help", ""),
+                )
                 for extra in (f.metadata.get("plain"), f.metadata.get("typed")):
                     if extra is not None:
                         yield from extra.describe(key)
@@ -227,15 +267,17 @@ def _get(node: Any, key: str) -> Any:
 def _read_mapping(cls: type, node: Any, path: str, reader: _Reader, claim_all: bool) -> Any:
     known = _keys_at_level(cls)
     if claim_all:
-        for k in (node.keys() if node is not None else ()):
+        for k in node.keys() if node is not None else ():
             k = str(k)
             if k not in known:
                 where = f" (in {reader.source})" if reader.source else ""
                 hint = close_matches(k, known)
                 tip = f" Did you mean {' or '.join(repr(m) for m in hint)}?" if hint else ""
                 keys = "" if hint else f" Keys here: {', '.join(sorted(known))}."
-                reader.add(format_path([path, k]) if path else k,
-                           f"unknown key{where}: nothing in {cls.NAME or 'this section'} reads it.{tip}{keys}")
+                reader.add(
+                    format_path([path, k]) if path else k,
+                    f"unknown key{where}: nothing in {cls.NAME or 'this section'} reads it.{tip}{keys}",
+                )
     return _build(cls, node, path, reader)
 
 
@@ -322,7 +364,7 @@ def _coerce(tp: Any, raw: Any) -> tuple[bool, Any, str]:
         return isinstance(raw, str), raw, ""
     if origin in (list, tuple, Sequence) or tp in (list, tuple):
         if not isinstance(raw, (list, tuple)):
-            hint = "; write a list, e.g. [\"...\"]" if isinstance(raw, str) else ""
+            hint = '; write a list, e.g. ["..."]' if isinstance(raw, str) else ""
             return False, raw, hint
         item = args[0] if args else Any
         out = []
@@ -420,14 +462,22 @@ def _read_typed(meta: Any, data: dict, path: str, reader: _Reader) -> None:
 def _check_kwargs(target: str, kwargs: dict, path: str, reader: _Reader) -> None:
     try:
         fn = locate(target, path, reader.source)
-        check_arguments(fn, (), {k: v for k, v in kwargs.items() if k not in SPECIAL_KEYS}, partial=True,
-                        path=path, source=None, dotted=path)
+        check_arguments(
+            fn,
+            (),
+            {k: v for k, v in kwargs.items() if k not in SPECIAL_KEYS},
+            partial=True,
+            path=path,
+            source=None,
+            dotted=path,
+        )
     except ConfigError as e:
         reader.add(path, _strip_key(str(e)))
 
 
-def _check_component_tree(obj: Any, path: str, reader: _Reader, top_runtime: Sequence[str] = (),
-                          skip_top: bool = False) -> None:
+def _check_component_tree(
+    obj: Any, path: str, reader: _Reader, top_runtime: Sequence[str] = (), skip_top: bool = False
+) -> None:
     """Every ``_component_`` in ``obj`` imports and its fields bind to the target's signature."""
     if isinstance(obj, dict):
         if "_component_" in obj and not skip_top:

@@ -102,13 +102,15 @@ def fingerprint_template(template) -> Any:
         return None
     if dataclasses.is_dataclass(template):
         return dataclasses.asdict(template)
-    return {"class": type(template).__qualname__,
-            "source": hashlib.blake2b((getattr(template, "chat_template", "") or "").encode(),
-                                      digest_size=16).hexdigest(),
-            "end_of_turn": list(getattr(template, "end_of_turn", []) or []),
-            "bos": getattr(template, "bos_token", ""), "eos": getattr(template, "eos_token", ""),
-            "template_kwargs": getattr(template, "template_kwargs", None),
-            "masking": getattr(template, "MASKING", None)}
+    return {
+        "class": type(template).__qualname__,
+        "source": hashlib.blake2b((getattr(template, "chat_template", "") or "").encode(), digest_size=16).hexdigest(),
+        "end_of_turn": list(getattr(template, "end_of_turn", []) or []),
+        "bos": getattr(template, "bos_token", ""),
+        "eos": getattr(template, "eos_token", ""),
+        "template_kwargs": getattr(template, "template_kwargs", None),
+        "masking": getattr(template, "MASKING", None),
+    }
 
 
 def cache_key(parts: dict) -> str:
@@ -181,9 +183,11 @@ def _work(chunk: list[tuple[str, int, Any]]):
     for j, (k, res) in enumerate(zip(keep, results)):
         file, row_no, _ = chunk[k]
         if isinstance(res, str):
-            outcomes[k] = ("dropped", res) if res in DROP_REASONS else ("error", res, file, row_no,
-                                                                         "Fix the row, pick another template, "
-                                                                         "or set skip_bad_samples: true")
+            outcomes[k] = (
+                ("dropped", res)
+                if res in DROP_REASONS
+                else ("error", res, file, row_no, "Fix the row, pick another template, or set skip_bad_samples: true")
+            )
             continue
         outcomes[k] = ("ok", res, reasons[j], getattr(samples[j], "unused", ()))
     return tokens, labels, lengths, (outcomes, columns)
@@ -206,9 +210,19 @@ def _fsync_close(f) -> None:
     f.close()
 
 
-def build_cache(path: str, rows: Iterable, encoder, to_sample: Callable, *, num_workers: int = 1,
-                skip_bad_samples: bool = False, bad: BadSampleLog | None = None, chunk_size: int = 256,
-                group: int = 1, extra_meta: dict | None = None) -> TokenCache:
+def build_cache(
+    path: str,
+    rows: Iterable,
+    encoder,
+    to_sample: Callable,
+    *,
+    num_workers: int = 1,
+    skip_bad_samples: bool = False,
+    bad: BadSampleLog | None = None,
+    chunk_size: int = 256,
+    group: int = 1,
+    extra_meta: dict | None = None,
+) -> TokenCache:
     """Tokenizes ``rows`` into a new cache entry at ``path`` (atomically).
 
     Args:
@@ -283,9 +297,11 @@ def build_cache(path: str, rows: Iterable, encoder, to_sample: Callable, *, num_
         _fsync_close(flab)
         lengths = np.concatenate(lengths_all) if lengths_all else np.zeros(0, dtype=np.int64)
         if len(lengths) == 0:
-            raise DatasetError(f"no usable samples in {n_rows} row(s) (skipped {bad.count} bad, dropped "
-                               f"{sum(bad.dropped.values())}: {bad.dropped or 'none'})",
-                               hint="Check the data source, `style`/`column_map`, and `max_seq_len`")
+            raise DatasetError(
+                f"no usable samples in {n_rows} row(s) (skipped {bad.count} bad, dropped "
+                f"{sum(bad.dropped.values())}: {bad.dropped or 'none'})",
+                hint="Check the data source, `style`/`column_map`, and `max_seq_len`",
+            )
         offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
         np.cumsum(lengths, out=offsets[1:])
         with open(os.path.join(tmp, "offsets.bin"), "wb") as f:

@@ -23,8 +23,13 @@ def _pad_rows(rows: Sequence[Sequence[int]], length: int, value: int) -> torch.T
     return out
 
 
-def padded_collate(batch: Sequence[dict], pad_id: int = 0, ignore_index: int = IGNORE_INDEX,
-                   pad_to_multiple_of: int | None = 8, max_seq_len: int | None = None) -> dict[str, torch.Tensor]:
+def padded_collate(
+    batch: Sequence[dict],
+    pad_id: int = 0,
+    ignore_index: int = IGNORE_INDEX,
+    pad_to_multiple_of: int | None = 8,
+    max_seq_len: int | None = None,
+) -> dict[str, torch.Tensor]:
     """Pads a list of dataset items into tensors.
 
     Unpacked items (``tokens``, ``labels``) are padded to the longest item rounded up to
@@ -42,16 +47,18 @@ def padded_collate(batch: Sequence[dict], pad_id: int = 0, ignore_index: int = I
     longest = max(len(item["tokens"]) for item in batch)
     if max_seq_len is not None:
         if longest > max_seq_len:
-            raise ValueError(f"an item has {longest} tokens, more than max_seq_len={max_seq_len}; set the "
-                             "dataset's max_seq_len so samples are truncated when they are tokenized")
+            raise ValueError(
+                f"an item has {longest} tokens, more than max_seq_len={max_seq_len}; set the "
+                "dataset's max_seq_len so samples are truncated when they are tokenized"
+            )
         s = max_seq_len
     else:
         s = _round_up(longest, pad_to_multiple_of)
-    tokens = _pad_rows([it["tokens"] for it in batch], s, pad_id)   # [b, s]
+    tokens = _pad_rows([it["tokens"] for it in batch], s, pad_id)  # [b, s]
     labels = _pad_rows([it["labels"] for it in batch], s, ignore_index)  # [b, s]
     out = {"tokens": tokens, "labels": labels}
     if "input_pos" in batch[0]:
-        input_pos = torch.zeros(len(batch), s, dtype=torch.long)   # [b, s]
+        input_pos = torch.zeros(len(batch), s, dtype=torch.long)  # [b, s]
         doc_lens = []
         for i, it in enumerate(batch):
             n = len(it["tokens"])
@@ -74,8 +81,9 @@ def padded_collate(batch: Sequence[dict], pad_id: int = 0, ignore_index: int = I
 packed_collate = padded_collate
 
 
-def preference_collate(batch: Sequence[dict], pad_id: int = 0, ignore_index: int = IGNORE_INDEX,
-                       pad_to_multiple_of: int | None = 8) -> dict[str, torch.Tensor]:
+def preference_collate(
+    batch: Sequence[dict], pad_id: int = 0, ignore_index: int = IGNORE_INDEX, pad_to_multiple_of: int | None = 8
+) -> dict[str, torch.Tensor]:
     """Pads DPO pairs into one batch: rows ``[0, b)`` are chosen, rows ``[b, 2b)`` rejected.
 
     Returns:

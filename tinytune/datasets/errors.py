@@ -64,9 +64,13 @@ class BadSampleLog:
         if self.count:
             log.warning(
                 "%s: skipped %d bad sample(s) (skip_bad_samples=true); first: %s",
-                name, self.count, " | ".join(self.examples),
+                name,
+                self.count,
+                " | ".join(self.examples),
             )
         for reason, n in sorted(self.dropped.items()):
-            what = {"too_long": "longer than max_seq_len (truncation=drop)",
-                    "no_trained_tokens": "with no trained token left after truncation"}.get(reason, reason)
+            what = {
+                "too_long": "longer than max_seq_len (truncation=drop)",
+                "no_trained_tokens": "with no trained token left after truncation",
+            }.get(reason, reason)
             log.warning("%s: dropped %d sample(s) %s", name, n, what)

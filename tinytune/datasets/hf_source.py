@@ -35,8 +35,9 @@ def _datasets():
     try:
         import datasets  # noqa: PLC0415  (optional dependency)
     except ImportError:
-        raise DatasetError("this source needs the `datasets` library",
-                           hint="pip install 'tinytune[hf]' (or pip install datasets)") from None
+        raise DatasetError(
+            "this source needs the `datasets` library", hint="pip install 'tinytune[hf]' (or pip install datasets)"
+        ) from None
     return datasets
 
 
@@ -78,14 +79,23 @@ def _pick_split(obj: Any, split: str, label: str) -> Any:
     """``obj[split]`` for a DatasetDict; the object itself otherwise."""
     if isinstance(obj, Mapping):  # DatasetDict / IterableDatasetDict
         if split not in obj:
-            raise DatasetError(f"split: {split!r} is not a split of {label}; available: {sorted(obj)}",
-                               hint="Fix `split` in the dataset config")
+            raise DatasetError(
+                f"split: {split!r} is not a split of {label}; available: {sorted(obj)}",
+                hint="Fix `split` in the dataset config",
+            )
         return obj[split]
     return obj
 
 
-def load_hf_source(source: Any, *, name: str | None = None, split: str = "train", data_files: Any = None,
-                   revision: str | None = None, streaming: bool = False) -> tuple[Any, str]:
+def load_hf_source(
+    source: Any,
+    *,
+    name: str | None = None,
+    split: str = "train",
+    data_files: Any = None,
+    revision: str | None = None,
+    streaming: bool = False,
+) -> tuple[Any, str]:
     """Opens a ``datasets`` source.
 
     Args:
@@ -112,33 +122,44 @@ def load_hf_source(source: Any, *, name: str | None = None, split: str = "train"
         if streaming and isinstance(ds, datasets.Dataset):
             ds = ds.to_iterable_dataset()
         return ds, label
-    path = os.path.expanduser(source[len("hf://"):] if source.startswith("hf://") else source)
+    path = os.path.expanduser(source[len("hf://") :] if source.startswith("hf://") else source)
     if os.path.isdir(path) and is_save_to_disk_dir(path):
         if name or data_files or revision:
-            raise DatasetError("name / data_files / revision do not apply to a save_to_disk folder", file=path,
-                               hint="Remove them from the dataset config")
+            raise DatasetError(
+                "name / data_files / revision do not apply to a save_to_disk folder",
+                file=path,
+                hint="Remove them from the dataset config",
+            )
         ds = _pick_split(datasets.load_from_disk(path), split, path)
         return (ds.to_iterable_dataset() if streaming else ds), path
     try:
-        ds = datasets.load_dataset(path, name, split=split, data_files=_plain(data_files), revision=revision,
-                                   streaming=streaming)
+        ds = datasets.load_dataset(
+            path, name, split=split, data_files=_plain(data_files), revision=revision, streaming=streaming
+        )
     except datasets.exceptions.DatasetNotFoundError:
-        raise DatasetError(f"source: dataset {source!r} does not exist on the Hugging Face Hub (or is gated/private: "
-                           "log in with `hf auth login` or set HF_TOKEN)",
-                           hint="Check the id at https://huggingface.co/datasets") from None
+        raise DatasetError(
+            f"source: dataset {source!r} does not exist on the Hugging Face Hub (or is gated/private: "
+            "log in with `hf auth login` or set HF_TOKEN)",
+            hint="Check the id at https://huggingface.co/datasets",
+        ) from None
     except ConnectionError as e:
-        raise DatasetError(f"source: dataset {source!r} is not in the local datasets cache and the hub cannot be "
-                           f"reached ({e}); no local file or folder of that name exists either",
-                           hint="Connect and rerun, or save it with save_to_disk on a machine with network and "
-                                "point `source` at that folder") from None
+        raise DatasetError(
+            f"source: dataset {source!r} is not in the local datasets cache and the hub cannot be "
+            f"reached ({e}); no local file or folder of that name exists either",
+            hint="Connect and rerun, or save it with save_to_disk on a machine with network and "
+            "point `source` at that folder",
+        ) from None
     except ValueError as e:
         m = re.search(r"Unknown split \"(.*?)\"\. Should be one of (\[.*?\])", str(e))
         if m:
-            raise DatasetError(f"split: {m.group(1)!r} is not a split of {source}; available: {m.group(2)}",
-                               hint="Fix `split` in the dataset config") from None
+            raise DatasetError(
+                f"split: {m.group(1)!r} is not a split of {source}; available: {m.group(2)}",
+                hint="Fix `split` in the dataset config",
+            ) from None
         if "BuilderConfig" in str(e) or "Config name is missing" in str(e):
-            raise DatasetError(f"name: subset {name!r} of {source}: {e}",
-                               hint="Fix `name` (the subset) in the dataset config") from None
+            raise DatasetError(
+                f"name: subset {name!r} of {source}: {e}", hint="Fix `name` (the subset) in the dataset config"
+            ) from None
         raise DatasetError(f"source: {source!r}: {e}", hint="Check the dataset options") from None
     except FileNotFoundError as e:
         raise DatasetError(f"source: {source!r}: {e}", hint="Check `source` and `data_files`") from None
@@ -155,8 +176,10 @@ def check_columns(columns: list[str] | None, column_map: Mapping[str, str] | Non
         return
     for field, column in _plain(column_map).items():
         if column not in columns:
-            raise DatasetError(f"column_map.{field}: column {column!r} is not in {label}; columns: {sorted(columns)}",
-                               hint="Fix `column_map` in the dataset config")
+            raise DatasetError(
+                f"column_map.{field}: column {column!r} is not in {label}; columns: {sorted(columns)}",
+                hint="Fix `column_map` in the dataset config",
+            )
 
 
 def _rows(ds: Any, label: str, max_samples: int | None) -> Iterator[tuple[str, int, dict]]:
@@ -182,8 +205,15 @@ class StreamingSFTDataset(IterableDataset):
     :meth:`load_state_dict` skips that many. Iterating again starts a new pass (``epoch`` + 1).
     """
 
-    def __init__(self, ds: Any, encoder: SampleEncoder, to_sample: Any, label: str,
-                 max_samples: int | None = None, skip_bad_samples: bool = False) -> None:
+    def __init__(
+        self,
+        ds: Any,
+        encoder: SampleEncoder,
+        to_sample: Any,
+        label: str,
+        max_samples: int | None = None,
+        skip_bad_samples: bool = False,
+    ) -> None:
         self.ds = ds
         self.encoder = encoder
         self.to_sample = to_sample
@@ -235,15 +265,34 @@ class StreamingSFTDataset(IterableDataset):
         self.epoch = int(state["epoch"])
 
 
-def hf_dataset(tokenizer, source: Any, *, name: str | None = None, split: str = "train", data_files: Any = None,
-               revision: str | None = None, streaming: bool = False, max_samples: int | None = None,
-               style: str = "auto", template: Any = None, prompt_type: str | None = None,
-               chat_template: str | None = None, system_prompt: str | None = None,
-               column_map: Mapping[str, str] | None = None, max_seq_len: int | None = None,
-               train_on_input: bool = False, mask_history: bool = False, truncation: str = DEFAULT_TRUNCATION,
-               enable_thinking: bool | None = None, packed: bool = False, packing_strategy: str = "ffd",
-               skip_bad_samples: bool = False, cache_dir: str | None = None, num_workers: int | None = None,
-               tags: Mapping[str, str] | None = None):
+def hf_dataset(
+    tokenizer,
+    source: Any,
+    *,
+    name: str | None = None,
+    split: str = "train",
+    data_files: Any = None,
+    revision: str | None = None,
+    streaming: bool = False,
+    max_samples: int | None = None,
+    style: str = "auto",
+    template: Any = None,
+    prompt_type: str | None = None,
+    chat_template: str | None = None,
+    system_prompt: str | None = None,
+    column_map: Mapping[str, str] | None = None,
+    max_seq_len: int | None = None,
+    train_on_input: bool = False,
+    mask_history: bool = False,
+    truncation: str = DEFAULT_TRUNCATION,
+    enable_thinking: bool | None = None,
+    packed: bool = False,
+    packing_strategy: str = "ffd",
+    skip_bad_samples: bool = False,
+    cache_dir: str | None = None,
+    num_workers: int | None = None,
+    tags: Mapping[str, str] | None = None,
+):
     """SFT dataset from the ``datasets`` library.
 
     Args:
@@ -260,34 +309,76 @@ def hf_dataset(tokenizer, source: Any, *, name: str | None = None, split: str = 
     Returns:
         A map-style dataset like :func:`sft_dataset`'s, or a :class:`StreamingSFTDataset`.
     """
-    if max_samples is not None and (isinstance(max_samples, bool) or not isinstance(max_samples, int)
-                                    or max_samples < 1):
-        raise DatasetError(f"max_samples: expected a positive integer, got {max_samples!r}",
-                           hint="Fix `max_samples` in the dataset config")
-    ds, label = load_hf_source(source, name=name, split=split, data_files=data_files, revision=revision,
-                               streaming=streaming)
+    if max_samples is not None and (
+        isinstance(max_samples, bool) or not isinstance(max_samples, int) or max_samples < 1
+    ):
+        raise DatasetError(
+            f"max_samples: expected a positive integer, got {max_samples!r}",
+            hint="Fix `max_samples` in the dataset config",
+        )
+    ds, label = load_hf_source(
+        source, name=name, split=split, data_files=data_files, revision=revision, streaming=streaming
+    )
     check_columns(getattr(ds, "column_names", None), column_map, label)
     tmpl = _resolve_template(tokenizer, template, prompt_type, chat_template, style)
     if streaming:
         if packed:
-            raise DatasetError("packed: true does not apply to streaming: true (packing needs all lengths up front)",
-                               hint="Set packed: false, or streaming: false")
-        encoder = SampleEncoder(tokenizer, tmpl, max_seq_len=max_seq_len, train_on_input=train_on_input,
-                                mask_history=mask_history, truncation=truncation, enable_thinking=enable_thinking)
-        to_sample = partial(convert_row, style=style, column_map=_plain(column_map), system_prompt=system_prompt,
-                            want="sft", tags=check_tags(_plain(tags)))
+            raise DatasetError(
+                "packed: true does not apply to streaming: true (packing needs all lengths up front)",
+                hint="Set packed: false, or streaming: false",
+            )
+        encoder = SampleEncoder(
+            tokenizer,
+            tmpl,
+            max_seq_len=max_seq_len,
+            train_on_input=train_on_input,
+            mask_history=mask_history,
+            truncation=truncation,
+            enable_thinking=enable_thinking,
+        )
+        to_sample = partial(
+            convert_row,
+            style=style,
+            column_map=_plain(column_map),
+            system_prompt=system_prompt,
+            want="sft",
+            tags=check_tags(_plain(tags)),
+        )
         return StreamingSFTDataset(ds, encoder, to_sample, label, max_samples, skip_bad_samples)
     if max_samples is not None:
         ds = ds.select(range(min(int(max_samples), len(ds))))
     fp = {**_fingerprint(ds, label), "split": split, "name": name, "max_samples": max_samples}
     cache, hit = build_token_cache(
-        tokenizer, lambda bad: _rows(ds, label, None), fp, kind="sft", style=style, template=tmpl,
-        column_map=column_map, system_prompt=system_prompt, max_seq_len=max_seq_len, train_on_input=train_on_input,
-        mask_history=mask_history, truncation=truncation, enable_thinking=enable_thinking,
-        skip_bad_samples=skip_bad_samples, cache_dir=cache_dir, num_workers=num_workers, tags=tags,
-        name=f"hf_dataset({label})")
-    return _finish_sft(tokenizer, cache, hit, split="all", val_fraction=0.0, seed=0, packed=packed,
-                       max_seq_len=max_seq_len, packing_strategy=packing_strategy)
+        tokenizer,
+        lambda bad: _rows(ds, label, None),
+        fp,
+        kind="sft",
+        style=style,
+        template=tmpl,
+        column_map=column_map,
+        system_prompt=system_prompt,
+        max_seq_len=max_seq_len,
+        train_on_input=train_on_input,
+        mask_history=mask_history,
+        truncation=truncation,
+        enable_thinking=enable_thinking,
+        skip_bad_samples=skip_bad_samples,
+        cache_dir=cache_dir,
+        num_workers=num_workers,
+        tags=tags,
+        name=f"hf_dataset({label})",
+    )
+    return _finish_sft(
+        tokenizer,
+        cache,
+        hit,
+        split="all",
+        val_fraction=0.0,
+        seed=0,
+        packed=packed,
+        max_seq_len=max_seq_len,
+        packing_strategy=packing_strategy,
+    )
 
 
 def sft_to_hf_dataset(tokenizer, source: Any, *, split: str, val_fraction: float, **kwargs):
@@ -298,8 +389,10 @@ def sft_to_hf_dataset(tokenizer, source: Any, *, split: str, val_fraction: float
             as split expressions in :func:`hf_dataset` instead.
     """
     if split != "train" or val_fraction:
-        raise DatasetError(f"split={split!r} / val_fraction={val_fraction} hold-outs do not apply to a `datasets` "
-                           f"source ({source if isinstance(source, str) else type(source).__name__})",
-                           hint="Use _component_: tinytune.datasets.hf_source.hf_dataset with split: 'train[:95%]' "
-                                "for training and split: 'train[95%:]' for validation")
+        raise DatasetError(
+            f"split={split!r} / val_fraction={val_fraction} hold-outs do not apply to a `datasets` "
+            f"source ({source if isinstance(source, str) else type(source).__name__})",
+            hint="Use _component_: tinytune.datasets.hf_source.hf_dataset with split: 'train[:95%]' "
+            "for training and split: 'train[95%:]' for validation",
+        )
     return hf_dataset(tokenizer, source, split="train", **kwargs)

@@ -30,8 +30,10 @@ def identity_rows(name: str, maker: str, general: bool = True, path: str = IDENT
     """
     for key, value in (("name", name), ("maker", maker)):
         if not isinstance(value, str) or not value.strip():
-            raise DatasetError(f"identity_dataset: {key} must be a non-empty string, got {value!r}",
-                               hint=f"Set dataset.{key} in the config")
+            raise DatasetError(
+                f"identity_dataset: {key} must be a non-empty string, got {value!r}",
+                hint=f"Set dataset.{key} in the config",
+            )
     with open(path, encoding="utf-8") as f:
         data = json.load(f)
     pairs = [(q, a.replace("{name}", name).replace("{maker}", maker)) for q, a in data["identity"]]
@@ -40,12 +42,28 @@ def identity_rows(name: str, maker: str, general: bool = True, path: str = IDENT
     return [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]} for q, a in pairs]
 
 
-def identity_dataset(tokenizer, *, name: str = "Tilly", maker: str = "Tinytune Labs", general: bool = True,
-                     template: Any = None, prompt_type: str | None = None, system_prompt: str | None = None,
-                     max_seq_len: int | None = None, train_on_input: bool = False, mask_history: bool = False,
-                     truncation: str = "prompt_first", packed: bool = False, packing_strategy: str = "ffd",
-                     split: str = "train", val_fraction: float = 0.0, seed: int = 0, skip_bad_samples: bool = False,
-                     cache_dir: str | None = None, num_workers: int | None = None):
+def identity_dataset(
+    tokenizer,
+    *,
+    name: str = "Tilly",
+    maker: str = "Tinytune Labs",
+    general: bool = True,
+    template: Any = None,
+    prompt_type: str | None = None,
+    system_prompt: str | None = None,
+    max_seq_len: int | None = None,
+    train_on_input: bool = False,
+    mask_history: bool = False,
+    truncation: str = "prompt_first",
+    packed: bool = False,
+    packing_strategy: str = "ffd",
+    split: str = "train",
+    val_fraction: float = 0.0,
+    seed: int = 0,
+    skip_bad_samples: bool = False,
+    cache_dir: str | None = None,
+    num_workers: int | None = None,
+):
     """Identity fine-tune data (the ``make demo`` dataset) as chat samples.
 
     Args:
@@ -61,8 +79,24 @@ def identity_dataset(tokenizer, *, name: str = "Tilly", maker: str = "Tinytune L
         for i, row in enumerate(conversations, 1):
             yield IDENTITY_FILE, i, row
 
-    return _build(tokenizer, rows, fp, name="identity_dataset", template=template, prompt_type=prompt_type,
-                  system_prompt=system_prompt, max_seq_len=max_seq_len, train_on_input=train_on_input,
-                  mask_history=mask_history, truncation=truncation, packed=packed, packing_strategy=packing_strategy,
-                  split=split, val_fraction=val_fraction, seed=seed, cache_dir=cache_dir, num_workers=num_workers,
-                  skip_bad_samples=skip_bad_samples)
+    return _build(
+        tokenizer,
+        rows,
+        fp,
+        name="identity_dataset",
+        template=template,
+        prompt_type=prompt_type,
+        system_prompt=system_prompt,
+        max_seq_len=max_seq_len,
+        train_on_input=train_on_input,
+        mask_history=mask_history,
+        truncation=truncation,
+        packed=packed,
+        packing_strategy=packing_strategy,
+        split=split,
+        val_fraction=val_fraction,
+        seed=seed,
+        cache_dir=cache_dir,
+        num_workers=num_workers,
+        skip_bad_samples=skip_bad_samples,
+    )

@@ -39,8 +39,11 @@ def join_prompt_completion(prompt_ids: Sequence[int], completion_ids: Sequence[i
 def kto_collate(batch: Sequence[dict], pad_id: int = 0, pad_to_multiple_of: int | None = 8) -> dict[str, Any]:
     """Pads KTO items: ``tokens``/``labels [b, s]``, ``desirable`` bool ``[b]``, and the id lists
     ``prompt_ids`` / ``completion_ids`` (for the mismatched KL pairs)."""
-    out = padded_collate([join_prompt_completion(it["prompt_ids"], it["completion_ids"]) for it in batch],
-                         pad_id=pad_id, pad_to_multiple_of=pad_to_multiple_of)
+    out = padded_collate(
+        [join_prompt_completion(it["prompt_ids"], it["completion_ids"]) for it in batch],
+        pad_id=pad_id,
+        pad_to_multiple_of=pad_to_multiple_of,
+    )
     out["desirable"] = torch.tensor([bool(it["label"]) for it in batch])
     out["prompt_ids"] = [list(it["prompt_ids"]) for it in batch]
     out["completion_ids"] = [list(it["completion_ids"]) for it in batch]
@@ -61,8 +64,10 @@ class KTODataset(Dataset):
     @property
     def lengths(self) -> np.ndarray:
         """Token count of every item, int64 [n]."""
-        return np.array([len(self.items[i]["prompt_ids"]) + len(self.items[i]["completion_ids"])
-                         for i in self.indices], dtype=np.int64)
+        return np.array(
+            [len(self.items[i]["prompt_ids"]) + len(self.items[i]["completion_ids"]) for i in self.indices],
+            dtype=np.int64,
+        )
 
     def __getitem__(self, i: int) -> dict:
         return self.items[int(self.indices[i])]
@@ -71,13 +76,20 @@ class KTODataset(Dataset):
 def _row_messages(row: Mapping, file: str, row_no: int, system_prompt: str | None) -> tuple[list[dict], bool]:
     for key in ("prompt", "completion", "label"):
         if key not in row or row[key] is None:
-            raise DatasetError(f"missing column `{key}` (KTO rows need prompt, completion, label)", file=file,
-                               row=row_no, hint="Fix the row, map the column with column_map, or set "
-                                                "skip_bad_samples: true")
+            raise DatasetError(
+                f"missing column `{key}` (KTO rows need prompt, completion, label)",
+                file=file,
+                row=row_no,
+                hint="Fix the row, map the column with column_map, or set skip_bad_samples: true",
+            )
     label = row["label"]
     if not isinstance(label, bool):
-        raise DatasetError(f"`label` must be true or false (got {label!r})", file=file, row=row_no,
-                           hint="Write JSON booleans: true = desirable completion, false = undesirable")
+        raise DatasetError(
+            f"`label` must be true or false (got {label!r})",
+            file=file,
+            row=row_no,
+            hint="Write JSON booleans: true = desirable completion, false = undesirable",
+        )
     messages: list[dict] = []
     system = row.get("system") or system_prompt
     if system:
@@ -98,20 +110,40 @@ def _row_messages(row: Mapping, file: str, row_no: int, system_prompt: str | Non
 def _split_prompt_completion(tokens: list[int], labels: list[int], file: str, row_no: int):
     trained = [i for i, t in enumerate(labels) if t != IGNORE_INDEX]
     if not trained:
-        raise DatasetError("the completion has no trained tokens after truncation", file=file, row=row_no,
-                           hint="Raise max_seq_len or shorten the row")
+        raise DatasetError(
+            "the completion has no trained tokens after truncation",
+            file=file,
+            row=row_no,
+            hint="Raise max_seq_len or shorten the row",
+        )
     first, last = trained[0], trained[-1]
     if len(trained) != last - first + 1:
-        raise DatasetError("the completion's trained tokens are not contiguous (several answer turns?)", file=file,
-                           row=row_no, hint="KTO rows hold one answer: put earlier turns in `prompt`")
-    return tokens[:first + 1], labels[first:last + 1]
+        raise DatasetError(
+            "the completion's trained tokens are not contiguous (several answer turns?)",
+            file=file,
+            row=row_no,
+            hint="KTO rows hold one answer: put earlier turns in `prompt`",
+        )
+    return tokens[: first + 1], labels[first : last + 1]
 
 
-def kto_dataset(tokenizer, source: Any, *, template: Any = None, prompt_type: str | None = None,
-                chat_template: str | None = None, system_prompt: str | None = None,
-                column_map: Mapping[str, str] | None = None, max_seq_len: int | None = None,
-                truncation: str = "prompt_first", enable_thinking: bool | None = None, split: str = "train",
-                val_fraction: float = 0.0, seed: int = 0, skip_bad_samples: bool = False) -> KTODataset:
+def kto_dataset(
+    tokenizer,
+    source: Any,
+    *,
+    template: Any = None,
+    prompt_type: str | None = None,
+    chat_template: str | None = None,
+    system_prompt: str | None = None,
+    column_map: Mapping[str, str] | None = None,
+    max_seq_len: int | None = None,
+    truncation: str = "prompt_first",
+    enable_thinking: bool | None = None,
+    split: str = "train",
+    val_fraction: float = 0.0,
+    seed: int = 0,
+    skip_bad_samples: bool = False,
+) -> KTODataset:
     """KTO data: rows ``{"prompt", "completion", "label"}`` (optional ``system``).
 
     ``prompt`` is a string (one user turn) or a message list; ``completion`` a string or a list of
@@ -129,8 +161,14 @@ def kto_dataset(tokenizer, source: Any, *, template: Any = None, prompt_type: st
         DatasetError: a bad row (missing column, non-boolean label), naming the file and row.
     """
     tmpl = _resolve_template(tokenizer, template, prompt_type, chat_template, "messages")
-    encoder = SampleEncoder(tokenizer, tmpl, max_seq_len=max_seq_len, mask_history=True, truncation=truncation,
-                            enable_thinking=enable_thinking)
+    encoder = SampleEncoder(
+        tokenizer,
+        tmpl,
+        max_seq_len=max_seq_len,
+        mask_history=True,
+        truncation=truncation,
+        enable_thinking=enable_thinking,
+    )
     column_map = _plain(column_map)
     items: list[dict] = []
     unused: set[str] = set()

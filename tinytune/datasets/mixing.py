@@ -30,13 +30,21 @@ def _check_number(value, key: str, allow_zero: bool = False) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise DatasetError(f"{key}: expected a positive number, got {value!r}", hint=f"Fix `{key}` in the config")
     if value < 0 or (value == 0 and not allow_zero):
-        raise DatasetError(f"{key}: {value!r} must be > 0 (drop the source instead of giving it {value!r})",
-                           hint=f"Fix `{key}` in the config")
+        raise DatasetError(
+            f"{key}: {value!r} must be > 0 (drop the source instead of giving it {value!r})",
+            hint=f"Fix `{key}` in the config",
+        )
     return float(value)
 
 
-def mix_order(sizes: Sequence[int], *, weights: Sequence[float] | None = None, epochs: Sequence[float] | None = None,
-              seed: int = 0, names: Sequence[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
+def mix_order(
+    sizes: Sequence[int],
+    *,
+    weights: Sequence[float] | None = None,
+    epochs: Sequence[float] | None = None,
+    seed: int = 0,
+    names: Sequence[str] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
     """The mixed order as ``(source_ids int64 [n], item_ids int64 [n])``.
 
     Args:
@@ -53,8 +61,10 @@ def mix_order(sizes: Sequence[int], *, weights: Sequence[float] | None = None, e
     k = len(sizes)
     names = list(names or [f"dataset[{i}]" for i in range(k)])
     if (weights is None) == (epochs is None):
-        raise DatasetError("a dataset mix needs `weight` on every source or `epochs` on every source, not both/neither",
-                           hint="Give each list item of `dataset` a weight: (sampling probability) or epochs:")
+        raise DatasetError(
+            "a dataset mix needs `weight` on every source or `epochs` on every source, not both/neither",
+            hint="Give each list item of `dataset` a weight: (sampling probability) or epochs:",
+        )
     per = weights if weights is not None else epochs
     key = "weight" if weights is not None else "epochs"
     vals = [_check_number(v, f"{names[i]}.{key}") for i, v in enumerate(per)]
@@ -105,18 +115,28 @@ class MixedDataset(Dataset):
         served: items per source handed out so far (part of :meth:`state_dict`).
     """
 
-    def __init__(self, datasets: Sequence[Dataset], names: Sequence[str] | None = None, *,
-                 weights: Sequence[float] | None = None, epochs: Sequence[float] | None = None, seed: int = 0):
+    def __init__(
+        self,
+        datasets: Sequence[Dataset],
+        names: Sequence[str] | None = None,
+        *,
+        weights: Sequence[float] | None = None,
+        epochs: Sequence[float] | None = None,
+        seed: int = 0,
+    ):
         names = list(names or [f"dataset[{i}]" for i in range(len(datasets))])
         for name, ds in zip(names, datasets):
             if isinstance(ds, IterableDataset):
-                raise DatasetError(f"{name}: a streaming dataset cannot be mixed (mixing needs the dataset size)",
-                                   hint="Use streaming: false for datasets in a mix")
+                raise DatasetError(
+                    f"{name}: a streaming dataset cannot be mixed (mixing needs the dataset size)",
+                    hint="Use streaming: false for datasets in a mix",
+                )
         self.datasets = list(datasets)
         self.names = names
         self.seed = int(seed)
-        self.source, self.index = mix_order([len(d) for d in datasets], weights=weights, epochs=epochs, seed=seed,
-                                            names=names)
+        self.source, self.index = mix_order(
+            [len(d) for d in datasets], weights=weights, epochs=epochs, seed=seed, names=names
+        )
         self.contributed = np.bincount(self.source, minlength=len(datasets)).tolist()
         self.served = [0] * len(datasets)
         self.cache_hit = all(getattr(d, "cache_hit", False) for d in datasets)
@@ -143,8 +163,10 @@ class MixedDataset(Dataset):
     def describe(self) -> str:
         """One line: how many samples each source contributes to one pass of the mix."""
         total = max(1, len(self.source))
-        parts = [f"{n}: {c} samples ({100 * c / total:.1f}%) of its {len(d)}"
-                 for n, c, d in zip(self.names, self.contributed, self.datasets)]
+        parts = [
+            f"{n}: {c} samples ({100 * c / total:.1f}%) of its {len(d)}"
+            for n, c, d in zip(self.names, self.contributed, self.datasets)
+        ]
         return f"dataset mix (seed {self.seed}, {len(self.source)} samples): " + ", ".join(parts)
 
     def state_dict(self) -> dict:
@@ -158,7 +180,9 @@ class MixedDataset(Dataset):
             ValueError: the checkpoint was written for a different mix (seed or sources changed).
         """
         if int(state["seed"]) != self.seed or list(state["contributed"]) != self.contributed:
-            raise ValueError(f"resume: the checkpoint's dataset mix (seed {state['seed']}, samples per source "
-                             f"{state['contributed']}) differs from this run's (seed {self.seed}, "
-                             f"{self.contributed}); resume with the same datasets, weights/epochs and seed")
+            raise ValueError(
+                f"resume: the checkpoint's dataset mix (seed {state['seed']}, samples per source "
+                f"{state['contributed']}) differs from this run's (seed {self.seed}, "
+                f"{self.contributed}); resume with the same datasets, weights/epochs and seed"
+            )
         self.served = [int(x) for x in state["served"]]

@@ -31,8 +31,10 @@ def pack_bins(lengths, max_seq_len: int, strategy: str = "ffd") -> list[list[int
     """
     lengths = np.asarray(lengths, dtype=np.int64)
     if len(lengths) and int(lengths.max()) > max_seq_len:
-        raise ValueError(f"a sample has {int(lengths.max())} tokens, more than max_seq_len={max_seq_len}; "
-                         "tokenize with the same max_seq_len")
+        raise ValueError(
+            f"a sample has {int(lengths.max())} tokens, more than max_seq_len={max_seq_len}; "
+            "tokenize with the same max_seq_len"
+        )
     bins: list[list[int]] = []
     if strategy == "greedy":
         used = max_seq_len + 1

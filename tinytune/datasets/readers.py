@@ -60,8 +60,11 @@ def resolve_files(source: str | os.PathLike | Sequence[str]) -> list[str]:
             if f.lower().endswith(SUPPORTED_EXTENSIONS)
         )
         if not files:
-            raise DatasetError(f"directory has no data files ({', '.join(SUPPORTED_EXTENSIONS)})", file=path,
-                               hint="Point `source` at a file, a directory with data files, or a glob")
+            raise DatasetError(
+                f"directory has no data files ({', '.join(SUPPORTED_EXTENSIONS)})",
+                file=path,
+                hint="Point `source` at a file, a directory with data files, or a glob",
+            )
         return files
     if any(c in path for c in "*?["):
         files = sorted(f for f in glob.glob(path, recursive=True) if os.path.isfile(f))
@@ -71,8 +74,11 @@ def resolve_files(source: str | os.PathLike | Sequence[str]) -> list[str]:
     if not os.path.exists(path):
         raise DatasetError("file not found", file=path, hint="Check `source` in the dataset config")
     if not path.lower().endswith(SUPPORTED_EXTENSIONS):
-        raise DatasetError(f"unsupported file type (supported: {', '.join(SUPPORTED_EXTENSIONS)})", file=path,
-                           hint="Convert the file to JSONL or Parquet")
+        raise DatasetError(
+            f"unsupported file type (supported: {', '.join(SUPPORTED_EXTENSIONS)})",
+            file=path,
+            hint="Convert the file to JSONL or Parquet",
+        )
     return [path]
 
 
@@ -81,14 +87,18 @@ def _read_json(path: str, bad: BadSampleLog | None) -> Iterator[Row]:
         with open(path, encoding="utf-8-sig") as f:
             data = json.load(f)
     except json.JSONDecodeError as e:
-        raise DatasetError(f"invalid JSON at line {e.lineno} column {e.colno}: {e.msg}", file=path,
-                           hint="Fix the file; a .json file must hold a list of objects or {\"data\": [...]} "
-                                "(use .jsonl for one object per line)") from None
+        raise DatasetError(
+            f"invalid JSON at line {e.lineno} column {e.colno}: {e.msg}",
+            file=path,
+            hint='Fix the file; a .json file must hold a list of objects or {"data": [...]} '
+            "(use .jsonl for one object per line)",
+        ) from None
     if isinstance(data, dict) and isinstance(data.get("data"), list):
         data = data["data"]
     if not isinstance(data, list):
-        raise DatasetError("expected a list of objects or {\"data\": [...]}", file=path,
-                           hint="Wrap the rows in a JSON list")
+        raise DatasetError(
+            'expected a list of objects or {"data": [...]}', file=path, hint="Wrap the rows in a JSON list"
+        )
     for i, row in enumerate(data, 1):
         yield path, i, row
 
@@ -101,8 +111,12 @@ def _read_jsonl(path: str, bad: BadSampleLog | None) -> Iterator[Row]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                err = DatasetError(f"malformed JSON line ({e.msg} at column {e.colno})", file=path, row=i,
-                                   hint="Fix or remove that line, or set skip_bad_samples: true")
+                err = DatasetError(
+                    f"malformed JSON line ({e.msg} at column {e.colno})",
+                    file=path,
+                    row=i,
+                    hint="Fix or remove that line, or set skip_bad_samples: true",
+                )
                 if bad is None:
                     raise err from None
                 bad.add(err)
@@ -115,9 +129,12 @@ def _read_csv(path: str, bad: BadSampleLog | None) -> Iterator[Row]:
         reader = csv.DictReader(f)
         for i, row in enumerate(reader, 1):
             if None in row:  # more fields than header columns
-                err = DatasetError(f"row has {len(row) - 1 + len(row[None])} fields but the header has "
-                                   f"{len(reader.fieldnames or [])}", file=path, row=i,
-                                   hint="Quote fields that contain commas, or set skip_bad_samples: true")
+                err = DatasetError(
+                    f"row has {len(row) - 1 + len(row[None])} fields but the header has {len(reader.fieldnames or [])}",
+                    file=path,
+                    row=i,
+                    hint="Quote fields that contain commas, or set skip_bad_samples: true",
+                )
                 if bad is None:
                     raise err
                 bad.add(err)
@@ -162,8 +179,11 @@ def _read_arrow(path: str, bad: BadSampleLog | None) -> Iterator[Row]:
         try:
             reader = pa.ipc.open_stream(source)
         except pa.ArrowInvalid as e:
-            raise DatasetError(f"not an Arrow IPC file or stream ({e})", file=path,
-                               hint="Write it with pyarrow.ipc.new_file/new_stream or datasets.save_to_disk") from None
+            raise DatasetError(
+                f"not an Arrow IPC file or stream ({e})",
+                file=path,
+                hint="Write it with pyarrow.ipc.new_file/new_stream or datasets.save_to_disk",
+            ) from None
         yield from _iter_batches_as_rows(path, reader)
 
 
@@ -181,8 +201,12 @@ _READERS = {
 
 def guess_encoding(data: bytes) -> str:
     """A best guess at the encoding of bytes that are not UTF-8 (for the error message)."""
-    boms = [(b"\xff\xfe\x00\x00", "UTF-32LE"), (b"\x00\x00\xfe\xff", "UTF-32BE"), (b"\xff\xfe", "UTF-16LE"),
-            (b"\xfe\xff", "UTF-16BE")]
+    boms = [
+        (b"\xff\xfe\x00\x00", "UTF-32LE"),
+        (b"\x00\x00\xfe\xff", "UTF-32BE"),
+        (b"\xff\xfe", "UTF-16LE"),
+        (b"\xfe\xff", "UTF-16BE"),
+    ]
     for bom, name in boms:
         if data.startswith(bom):
             return name
@@ -206,10 +230,12 @@ def _not_utf8(path: str, err: UnicodeDecodeError) -> DatasetError:
     with open(path, "rb") as f:
         head = f.read(1 << 16)
     enc = guess_encoding(head)
-    return DatasetError(f"the file is not UTF-8 (byte 0x{err.object[err.start]:02x} cannot be decoded); it looks "
-                        f"like {enc}", file=path,
-                        hint=f"Convert it to UTF-8, e.g. `iconv -f {enc} -t UTF-8 {os.path.basename(path)} > "
-                             f"utf8_{os.path.basename(path)}`")
+    return DatasetError(
+        f"the file is not UTF-8 (byte 0x{err.object[err.start]:02x} cannot be decoded); it looks like {enc}",
+        file=path,
+        hint=f"Convert it to UTF-8, e.g. `iconv -f {enc} -t UTF-8 {os.path.basename(path)} > "
+        f"utf8_{os.path.basename(path)}`",
+    )
 
 
 def read_file(path: str, bad: BadSampleLog | None = None) -> Iterator[Row]:
@@ -255,16 +281,23 @@ def apply_column_map(row: Any, column_map: Mapping[str, str] | None, file: str, 
         DatasetError: when the row is not an object or a mapped column is missing.
     """
     if not isinstance(row, Mapping):
-        raise DatasetError(f"expected an object with named columns, got {type(row).__name__}", file=file,
-                           row=row_no, hint="Each row must be a JSON object / table row")
+        raise DatasetError(
+            f"expected an object with named columns, got {type(row).__name__}",
+            file=file,
+            row=row_no,
+            hint="Each row must be a JSON object / table row",
+        )
     if not column_map:
         return dict(row)
     out = dict(row)
     for field, column in column_map.items():
         if column not in row:
-            raise DatasetError(f"missing column {column!r} (mapped to {field!r}); row has {sorted(row)}",
-                               file=file, row=row_no,
-                               hint="Fix `column_map` in the dataset config or the data file")
+            raise DatasetError(
+                f"missing column {column!r} (mapped to {field!r}); row has {sorted(row)}",
+                file=file,
+                row=row_no,
+                hint="Fix `column_map` in the dataset config or the data file",
+            )
         out[field] = row[column]
         if column != field and column in out and column not in column_map:
             del out[column]

@@ -32,8 +32,18 @@ class GroupByLengthSampler(Sampler[int]):
         rank: data-parallel rank.
     """
 
-    def __init__(self, lengths, batch_size: int, *, shuffle: bool = True, seed: int = 0, mega_batch_mult: int = 50,
-                 drop_last: bool = True, num_replicas: int = 1, rank: int = 0):
+    def __init__(
+        self,
+        lengths,
+        batch_size: int,
+        *,
+        shuffle: bool = True,
+        seed: int = 0,
+        mega_batch_mult: int = 50,
+        drop_last: bool = True,
+        num_replicas: int = 1,
+        rank: int = 0,
+    ):
         if not 0 <= rank < num_replicas:
             raise ValueError(f"rank {rank} is outside [0, {num_replicas})")
         self.lengths = np.asarray(lengths, dtype=np.int64)
@@ -52,16 +62,16 @@ class GroupByLengthSampler(Sampler[int]):
         gb = self.batch_size * self.num_replicas
         if not self.shuffle:
             order = np.arange(n)
-            batches = [order[i:i + gb] for i in range(0, n, gb)]
+            batches = [order[i : i + gb] for i in range(0, n, gb)]
         else:
             rng = np.random.default_rng(self.seed + self.epoch)
             order = rng.permutation(n)
             mega = gb * self.mega_batch_mult
             batches = []
             for i in range(0, n, mega):
-                chunk = order[i:i + mega]
+                chunk = order[i : i + mega]
                 chunk = chunk[np.argsort(-self.lengths[chunk], kind="stable")]
-                batches.extend(chunk[j:j + gb] for j in range(0, len(chunk), gb))
+                batches.extend(chunk[j : j + gb] for j in range(0, len(chunk), gb))
             # Keep a short last batch last so drop_last can remove it.
             full = [b for b in batches if len(b) == gb]
             short = [b for b in batches if len(b) < gb]
@@ -75,11 +85,11 @@ class GroupByLengthSampler(Sampler[int]):
         out: list[int] = []
         b = self.batch_size
         for g in self._global_batches():
-            out.extend(g[self.rank * b:(self.rank + 1) * b].tolist())
+            out.extend(g[self.rank * b : (self.rank + 1) * b].tolist())
         return out
 
     def __iter__(self) -> Iterator[int]:
-        return iter(self._indices()[self.start_index:])
+        return iter(self._indices()[self.start_index :])
 
     def __len__(self) -> int:
         return len(self._indices()) - self.start_index
@@ -91,8 +101,12 @@ class GroupByLengthSampler(Sampler[int]):
 
     def state_dict(self, samples_consumed: int) -> dict[str, int]:
         """The position to resume from."""
-        return {"epoch": self.epoch, "samples_consumed": int(samples_consumed), "seed": self.seed,
-                "num_replicas": self.num_replicas}
+        return {
+            "epoch": self.epoch,
+            "samples_consumed": int(samples_consumed),
+            "seed": self.seed,
+            "num_replicas": self.num_replicas,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         """Restores :meth:`state_dict` output.
@@ -101,7 +115,9 @@ class GroupByLengthSampler(Sampler[int]):
             ValueError: when the seed or data-parallel size differ.
         """
         if int(state["seed"]) != self.seed or int(state["num_replicas"]) != self.num_replicas:
-            raise ValueError(f"sampler state was saved with seed={state['seed']}, num_replicas="
-                             f"{state['num_replicas']}; this run has seed={self.seed}, num_replicas="
-                             f"{self.num_replicas}. Resume with the same values.")
+            raise ValueError(
+                f"sampler state was saved with seed={state['seed']}, num_replicas="
+                f"{state['num_replicas']}; this run has seed={self.seed}, num_replicas="
+                f"{self.num_replicas}. Resume with the same values."
+            )
         self.set_epoch(int(state["epoch"]), int(state["samples_consumed"]))

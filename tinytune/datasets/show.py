@@ -32,8 +32,9 @@ def trained_flags(tokens: Sequence[int], labels: Sequence[int]) -> list[bool]:
     return [False] + [labels[i - 1] != IGNORE_INDEX for i in range(1, len(tokens))]
 
 
-def format_sample(tokenizer, tokens: Sequence[int], labels: Sequence[int], *, color: bool = False,
-                  show_tokens: bool = False) -> str:
+def format_sample(
+    tokenizer, tokens: Sequence[int], labels: Sequence[int], *, color: bool = False, show_tokens: bool = False
+) -> str:
     """Decodes a sequence with the trained stretches marked.
 
     Args:
@@ -110,14 +111,16 @@ def data_summary(ds: Any) -> dict:
 
 def format_stats(stats: dict, name: str = "dataset") -> str:
     """The statistics as readable lines."""
-    lines = [f"{name}: {stats['rows']} rows read -> {stats['sequences']} sequences, {stats['tokens']} tokens, "
-             f"{stats['trained_tokens']} trained ({100 * stats['trained_fraction']:.1f}%)",
-             f"  skipped bad rows: {stats['skipped_bad']}",
-             f"  dropped: {_by_reason(stats['dropped'])}",
-             f"  truncated: {_by_reason(stats['truncated'])}",
-             f"  columns seen: {_by_reason(stats['columns'])}",
-             f"  columns not used: {', '.join(sorted(stats['unused_columns'])) or 'none'}",
-             "  length histogram (tokens per sequence):"]
+    lines = [
+        f"{name}: {stats['rows']} rows read -> {stats['sequences']} sequences, {stats['tokens']} tokens, "
+        f"{stats['trained_tokens']} trained ({100 * stats['trained_fraction']:.1f}%)",
+        f"  skipped bad rows: {stats['skipped_bad']}",
+        f"  dropped: {_by_reason(stats['dropped'])}",
+        f"  truncated: {_by_reason(stats['truncated'])}",
+        f"  columns seen: {_by_reason(stats['columns'])}",
+        f"  columns not used: {', '.join(sorted(stats['unused_columns'])) or 'none'}",
+        "  length histogram (tokens per sequence):",
+    ]
     hist = stats["length_histogram"]
     peak = max((c for _, _, c in hist), default=1)
     for lo, hi, c in hist:
@@ -129,8 +132,16 @@ def _by_reason(d: dict) -> str:
     return ", ".join(f"{k} {v}" for k, v in sorted(d.items())) or "none"
 
 
-def show_dataset(ds: Any, tokenizer, n: int = 3, *, color: bool | None = None, show_tokens: bool = False,
-                 name: str = "dataset", file: IO[str] | None = None) -> dict:
+def show_dataset(
+    ds: Any,
+    tokenizer,
+    n: int = 3,
+    *,
+    color: bool | None = None,
+    show_tokens: bool = False,
+    name: str = "dataset",
+    file: IO[str] | None = None,
+) -> dict:
     """Prints ``n`` rendered samples with the trained tokens marked, then :func:`dataset_stats`.
 
     Args:
@@ -159,12 +170,15 @@ def show_dataset(ds: Any, tokenizer, n: int = 3, *, color: bool | None = None, s
                 tokens, labels = cache.get(k * group + j)
                 tag = ("", " chosen", " rejected")[j + 1 if group == 2 else 0]
                 print(f"--- {name} sample {k}{tag} ({len(tokens)} tokens) ---", file=file)
-                print(format_sample(tokenizer, tokens.tolist(), labels.tolist(), color=color,
-                                    show_tokens=show_tokens), file=file)
+                print(
+                    format_sample(tokenizer, tokens.tolist(), labels.tolist(), color=color, show_tokens=show_tokens),
+                    file=file,
+                )
     stats = dataset_stats(ds)
     print(format_stats(stats, name), file=file)
     items = getattr(base, "indices", None)
     if cache is not None and items is not None and len(items) != len(cache) // group:
-        print(f"  this split: {len(items)} of {len(cache) // group} items (the counts above are for all rows)",
-              file=file)
+        print(
+            f"  this split: {len(items)} of {len(cache) // group} items (the counts above are for all rows)", file=file
+        )
     return stats

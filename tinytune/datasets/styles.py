@@ -46,8 +46,13 @@ DEFAULT_TAGS = {
     "observation_tag": "observation",
     "function_tag": "function_call",
 }
-_TAG_ROLES = {"user_tag": "user", "assistant_tag": "assistant", "system_tag": "system", "observation_tag": "tool",
-              "function_tag": "function_call"}
+_TAG_ROLES = {
+    "user_tag": "user",
+    "assistant_tag": "assistant",
+    "system_tag": "system",
+    "observation_tag": "tool",
+    "function_tag": "function_call",
+}
 
 PROMPT_ROLES = ("user", "tool")
 
@@ -113,8 +118,10 @@ def detect_style(row: Mapping) -> str:
     return "unknown"
 
 
-_NEEDS = ("messages: `messages`; sharegpt: `conversations`; preference: `chosen` + `rejected`; "
-          "prompt_completion: `prompt` + `completion`; alpaca: `instruction` + `output`; text: `text`")
+_NEEDS = (
+    "messages: `messages`; sharegpt: `conversations`; preference: `chosen` + `rejected`; "
+    "prompt_completion: `prompt` + `completion`; alpaca: `instruction` + `output`; text: `text`"
+)
 _GUESS = {
     "instruction": ("question", "query", "prompt", "input_text", "problem", "instruction_text", "source"),
     "output": ("answer", "response", "output_text", "target", "solution", "reply", "label"),
@@ -146,19 +153,30 @@ def undetectable(row: Mapping, file: str, row_no: int) -> DatasetError:
         guess = {"instruction": cols[0], "output": cols[1]}
     pairs = ", ".join(f"{k}: {v}" for k, v in guess.items()) if guess else "instruction: ..., output: ..."
     example = "{" + pairs + "}"
-    return DatasetError(f"cannot tell the sample style from the columns {cols}; styles tried ({_NEEDS})",
-                        file=file, row=row_no,
-                        hint=f"Map your columns, e.g. `column_map: {example}`, or set `style`")
+    return DatasetError(
+        f"cannot tell the sample style from the columns {cols}; styles tried ({_NEEDS})",
+        file=file,
+        row=row_no,
+        hint=f"Map your columns, e.g. `column_map: {example}`, or set `style`",
+    )
 
 
 def _need(row: Mapping, key: str, file: str, row_no: int, style: str) -> Any:
     if key not in row:
-        raise DatasetError(f"missing column {key!r} for style {style!r}; row has {sorted(row)}", file=file,
-                           row=row_no, hint="Map your column names with `column_map` (e.g. "
-                                            f"column_map: {{{key}: your_column}}) or pick another `style`")
+        raise DatasetError(
+            f"missing column {key!r} for style {style!r}; row has {sorted(row)}",
+            file=file,
+            row=row_no,
+            hint="Map your column names with `column_map` (e.g. "
+            f"column_map: {{{key}: your_column}}) or pick another `style`",
+        )
     if row[key] is None:
-        raise DatasetError(f"column {key!r} is null (style {style!r} needs a value)", file=file, row=row_no,
-                           hint="Fill in the value, drop the row, or set skip_bad_samples: true")
+        raise DatasetError(
+            f"column {key!r} is null (style {style!r} needs a value)",
+            file=file,
+            row=row_no,
+            hint="Fill in the value, drop the row, or set skip_bad_samples: true",
+        )
     return row[key]
 
 
@@ -168,8 +186,12 @@ def _text(value: Any, what: str, file: str, row_no: int) -> str:
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)
     if not isinstance(value, str):
-        raise DatasetError(f"{what} must be a string, got {type(value).__name__}", file=file, row=row_no,
-                           hint="Fix the row or set skip_bad_samples: true")
+        raise DatasetError(
+            f"{what} must be a string, got {type(value).__name__}",
+            file=file,
+            row=row_no,
+            hint="Fix the row or set skip_bad_samples: true",
+        )
     return value
 
 
@@ -182,11 +204,19 @@ def _tools(row: Mapping, file: str, row_no: int) -> list | None:
         try:
             tools = json.loads(tools)
         except json.JSONDecodeError as e:
-            raise DatasetError(f"`tools` is not valid JSON ({e.msg} at column {e.colno})", file=file, row=row_no,
-                               hint="Write tools as a JSON list of function schemas") from None
+            raise DatasetError(
+                f"`tools` is not valid JSON ({e.msg} at column {e.colno})",
+                file=file,
+                row=row_no,
+                hint="Write tools as a JSON list of function schemas",
+            ) from None
     if not isinstance(tools, list) or not all(isinstance(t, Mapping) for t in tools):
-        raise DatasetError("`tools` must be a list of function schemas ({name, description, parameters})",
-                           file=file, row=row_no, hint="Fix the row or set skip_bad_samples: true")
+        raise DatasetError(
+            "`tools` must be a list of function schemas ({name, description, parameters})",
+            file=file,
+            row=row_no,
+            hint="Fix the row or set skip_bad_samples: true",
+        )
     return [dict(t) for t in tools] or None
 
 
@@ -196,21 +226,33 @@ def _tool_calls(value: Any, file: str, row_no: int) -> list[dict]:
         try:
             value = json.loads(value)
         except json.JSONDecodeError as e:
-            raise DatasetError(f"function-call turn is not valid JSON ({e.msg})", file=file, row=row_no,
-                               hint='Write it as {"name": ..., "arguments": {...}}') from None
+            raise DatasetError(
+                f"function-call turn is not valid JSON ({e.msg})",
+                file=file,
+                row=row_no,
+                hint='Write it as {"name": ..., "arguments": {...}}',
+            ) from None
     calls = value if isinstance(value, list) else [value]
     out = []
     for c in calls:
         if not isinstance(c, Mapping) or "name" not in c:
-            raise DatasetError(f"function call {c!r:.80} needs a `name`", file=file, row=row_no,
-                               hint='Write it as {"name": ..., "arguments": {...}}')
+            raise DatasetError(
+                f"function call {c!r:.80} needs a `name`",
+                file=file,
+                row=row_no,
+                hint='Write it as {"name": ..., "arguments": {...}}',
+            )
         args = c.get("arguments", {})
         if isinstance(args, str):
             try:
                 args = json.loads(args)
             except json.JSONDecodeError:
-                raise DatasetError(f"function call {c['name']!r}: arguments are not valid JSON", file=file,
-                                   row=row_no, hint="Fix the row or set skip_bad_samples: true") from None
+                raise DatasetError(
+                    f"function call {c['name']!r}: arguments are not valid JSON",
+                    file=file,
+                    row=row_no,
+                    hint="Fix the row or set skip_bad_samples: true",
+                ) from None
         out.append({"type": "function", "function": {"name": str(c["name"]), "arguments": args}})
     return out
 
@@ -234,25 +276,35 @@ def validate_conversation(messages: list[dict], file: str, row_no: int, *, need_
     for k, m in enumerate(messages[start:], start):
         role = m["role"]
         if role == "system":
-            raise DatasetError(f"message {k}: a system message is only allowed first", file=file, row=row_no,
-                               hint=hint)
+            raise DatasetError(f"message {k}: a system message is only allowed first", file=file, row=row_no, hint=hint)
         if role not in ("user", "assistant", "tool"):
-            raise DatasetError(f"message {k}: unknown role {role!r} (use system/user/assistant/tool)", file=file,
-                               row=row_no, hint=hint)
+            raise DatasetError(
+                f"message {k}: unknown role {role!r} (use system/user/assistant/tool)", file=file, row=row_no, hint=hint
+            )
         is_prompt = role in PROMPT_ROLES
         if role == "tool" and k > start and messages[k - 1]["role"] == "tool":
             continue  # results of parallel tool calls, one message each
         if is_prompt != expect_prompt:
             want = "user" if expect_prompt else "assistant"
-            raise DatasetError(f"message {k}: role {role!r} out of order (expected {want}; roles must alternate "
-                               f"user/assistant after an optional system message)", file=file, row=row_no, hint=hint)
-        if role == "assistant" and not (m["content"].strip() or (m.get("reasoning_content") or "").strip()
-                                        or m.get("tool_calls")):
+            raise DatasetError(
+                f"message {k}: role {role!r} out of order (expected {want}; roles must alternate "
+                f"user/assistant after an optional system message)",
+                file=file,
+                row=row_no,
+                hint=hint,
+            )
+        if role == "assistant" and not (
+            m["content"].strip() or (m.get("reasoning_content") or "").strip() or m.get("tool_calls")
+        ):
             raise DatasetError(f"message {k}: empty assistant answer", file=file, row=row_no, hint=hint)
         expect_prompt = not expect_prompt
     if need_answer and (len(messages) == start or messages[-1]["role"] != "assistant"):
-        raise DatasetError("conversation does not end with an assistant answer", file=file, row=row_no,
-                           hint="Drop the trailing prompt turn, or set skip_bad_samples: true")
+        raise DatasetError(
+            "conversation does not end with an assistant answer",
+            file=file,
+            row=row_no,
+            hint="Drop the trailing prompt turn, or set skip_bad_samples: true",
+        )
     return messages
 
 
@@ -268,12 +320,20 @@ def _alpaca_prompt(row: Mapping, file: str, row_no: int, style: str) -> list[dic
     messages = _system(row, file, row_no)
     history = row.get("history") or []
     if not isinstance(history, list):
-        raise DatasetError("history must be a list of [question, answer] pairs", file=file, row=row_no,
-                           hint="Fix the row or set skip_bad_samples: true")
+        raise DatasetError(
+            "history must be a list of [question, answer] pairs",
+            file=file,
+            row=row_no,
+            hint="Fix the row or set skip_bad_samples: true",
+        )
     for pair in history:
         if not isinstance(pair, (list, tuple)) or len(pair) != 2:
-            raise DatasetError(f"history entry {pair!r} is not a [question, answer] pair", file=file, row=row_no,
-                               hint="Fix the row or set skip_bad_samples: true")
+            raise DatasetError(
+                f"history entry {pair!r} is not a [question, answer] pair",
+                file=file,
+                row=row_no,
+                hint="Fix the row or set skip_bad_samples: true",
+            )
         messages.append({"role": "user", "content": _text(pair[0], "history question", file, row_no)})
         messages.append({"role": "assistant", "content": _text(pair[1], "history answer", file, row_no)})
     prompt = f"{instruction}\n{inp}" if inp else instruction
@@ -296,18 +356,24 @@ def _openai_message(m: Mapping, k: int, file: str, row_no: int) -> dict:
     if m.get("tool_calls"):
         calls = m["tool_calls"]
         if not isinstance(calls, list):
-            raise DatasetError(f"message {k}: tool_calls must be a list", file=file, row=row_no,
-                               hint="Fix the row or set skip_bad_samples: true")
-        msg["tool_calls"] = _tool_calls([c.get("function", c) if isinstance(c, Mapping) else c for c in calls],
-                                        file, row_no)
+            raise DatasetError(
+                f"message {k}: tool_calls must be a list",
+                file=file,
+                row=row_no,
+                hint="Fix the row or set skip_bad_samples: true",
+            )
+        msg["tool_calls"] = _tool_calls(
+            [c.get("function", c) if isinstance(c, Mapping) else c for c in calls], file, row_no
+        )
     return msg
 
 
 def _turns(conv: Any, tags: Mapping | None, file: str, row_no: int, what: str) -> list[dict]:
     """ShareGPT turns (``tags``: role/content keys and role names) or OpenAI messages -> messages."""
     if not isinstance(conv, list):
-        raise DatasetError(f"`{what}` must be a list of turns", file=file, row=row_no,
-                           hint="Fix the row or set skip_bad_samples: true")
+        raise DatasetError(
+            f"`{what}` must be a list of turns", file=file, row=row_no, hint="Fix the row or set skip_bad_samples: true"
+        )
     t = {**DEFAULT_TAGS, **(tags or {})}
     roles = dict(SHAREGPT_ROLES)
     roles.update({str(t[k]).lower(): r for k, r in _TAG_ROLES.items()})
@@ -316,9 +382,12 @@ def _turns(conv: Any, tags: Mapping | None, file: str, row_no: int, what: str) -
         if isinstance(turn, Mapping) and t["role_tag"] in turn and t["content_tag"] in turn:
             tag = str(turn[t["role_tag"]]).lower()
             if tag not in roles:
-                raise DatasetError(f"{what} turn {k}: unknown role tag {turn[t['role_tag']]!r} "
-                                   f"(known: {', '.join(sorted(roles))})", file=file, row=row_no,
-                                   hint="Map your role names with `tags` (user_tag, assistant_tag, ...)")
+                raise DatasetError(
+                    f"{what} turn {k}: unknown role tag {turn[t['role_tag']]!r} (known: {', '.join(sorted(roles))})",
+                    file=file,
+                    row=row_no,
+                    hint="Map your role names with `tags` (user_tag, assistant_tag, ...)",
+                )
             value = turn[t["content_tag"]]
             if roles[tag] == "function_call":
                 out.append({"role": "assistant", "content": "", "tool_calls": _tool_calls(value, file, row_no)})
@@ -327,9 +396,13 @@ def _turns(conv: Any, tags: Mapping | None, file: str, row_no: int, what: str) -
         elif isinstance(turn, Mapping) and "role" in turn and "content" in turn:
             out.append(_openai_message(turn, k, file, row_no))
         else:
-            raise DatasetError(f"{what} turn {k} needs `{t['role_tag']}` and `{t['content_tag']}` (or `role` and "
-                               f"`content`) keys, got {turn!r:.80}", file=file, row=row_no,
-                               hint='Use turns like {"from": "human", "value": "..."} or set `tags`')
+            raise DatasetError(
+                f"{what} turn {k} needs `{t['role_tag']}` and `{t['content_tag']}` (or `role` and "
+                f"`content`) keys, got {turn!r:.80}",
+                file=file,
+                row=row_no,
+                hint='Use turns like {"from": "human", "value": "..."} or set `tags`',
+            )
     return out
 
 
@@ -344,15 +417,20 @@ def _answer(value: Any, prompt: list[dict], tags: Mapping | None, file: str, row
         if msgs and msgs[0]["role"] != "assistant":
             return msgs  # a full conversation
         return prompt + msgs
-    raise DatasetError(f"`{what}` must be a string, a turn, or a list of turns", file=file, row=row_no,
-                       hint="Fix the row or set skip_bad_samples: true")
+    raise DatasetError(
+        f"`{what}` must be a string, a turn, or a list of turns",
+        file=file,
+        row=row_no,
+        hint="Fix the row or set skip_bad_samples: true",
+    )
 
 
 def _prompt_messages(row: Mapping, tags: Mapping | None, file: str, row_no: int) -> tuple[list[dict], str | None]:
     """The shared prompt of a preference row and the column it came from."""
     if "conversations" in row:
-        return _system(row, file, row_no) + _turns(row["conversations"], tags, file, row_no, "conversations"), \
-            "conversations"
+        return _system(row, file, row_no) + _turns(
+            row["conversations"], tags, file, row_no, "conversations"
+        ), "conversations"
     if "messages" in row:
         return _system(row, file, row_no) + _turns(row["messages"], tags, file, row_no, "messages"), "messages"
     if "instruction" in row:
@@ -370,15 +448,22 @@ def _preference(row: Mapping, tags: Mapping | None, file: str, row_no: int) -> t
     rejected = _need(row, "rejected", file, row_no, "preference")
     prompt, source = _prompt_messages(row, tags, file, row_no)
     if source is None and (isinstance(chosen, (str, Mapping))):
-        raise DatasetError("a chosen/rejected answer needs a prompt: a `prompt`, `instruction` or `conversations` "
-                           f"column; row has {sorted(row)}", file=file, row=row_no,
-                           hint="Map your prompt column with `column_map`, or give chosen/rejected as full "
-                                "conversations")
+        raise DatasetError(
+            "a chosen/rejected answer needs a prompt: a `prompt`, `instruction` or `conversations` "
+            f"column; row has {sorted(row)}",
+            file=file,
+            row=row_no,
+            hint="Map your prompt column with `column_map`, or give chosen/rejected as full conversations",
+        )
     c = validate_conversation(_answer(chosen, prompt, tags, file, row_no, "chosen"), file, row_no)
     r = validate_conversation(_answer(rejected, prompt, tags, file, row_no, "rejected"), file, row_no)
     if c[:-1] != r[:-1]:
-        raise DatasetError("chosen and rejected conversations must share everything but the last answer",
-                           file=file, row=row_no, hint="Fix the row or set skip_bad_samples: true")
+        raise DatasetError(
+            "chosen and rejected conversations must share everything but the last answer",
+            file=file,
+            row=row_no,
+            hint="Fix the row or set skip_bad_samples: true",
+        )
     used = {"chosen", "rejected", "system", "tools"}
     used |= {"instruction", "input", "history"} if source == "instruction" else ({source} if source else set())
     return PreferenceSample(c, r, _tools(row, file, row_no)), used
@@ -389,8 +474,10 @@ def check_tags(tags: Any) -> dict | None:
     if not tags:
         return None
     if not isinstance(tags, Mapping):
-        raise DatasetError(f"`tags` must be a mapping, got {type(tags).__name__}", hint="Fix `tags` in the dataset "
-                           f"config; keys: {', '.join(DEFAULT_TAGS)}")
+        raise DatasetError(
+            f"`tags` must be a mapping, got {type(tags).__name__}",
+            hint=f"Fix `tags` in the dataset config; keys: {', '.join(DEFAULT_TAGS)}",
+        )
     unknown = sorted(set(tags) - set(DEFAULT_TAGS))
     if unknown:
         raise DatasetError(f"unknown `tags` key(s) {unknown}", hint=f"Use {', '.join(DEFAULT_TAGS)}")
@@ -400,8 +487,9 @@ def check_tags(tags: Any) -> dict | None:
     return dict(tags)
 
 
-def row_to_sample(row: Mapping, style: str, file: str, row_no: int,
-                  tags: Mapping | None = None) -> ChatSample | TextSample | PreferenceSample:
+def row_to_sample(
+    row: Mapping, style: str, file: str, row_no: int, tags: Mapping | None = None
+) -> ChatSample | TextSample | PreferenceSample:
     """Converts one (column-mapped) row into a sample of the given style.
 
     Args:
@@ -429,8 +517,11 @@ def row_to_sample(row: Mapping, style: str, file: str, row_no: int,
         sample = ChatSample(validate_conversation(msgs, file, row_no), _tools(row, file, row_no))
     elif style == "prompt_completion":
         p = _need(row, "prompt", file, row_no, style)
-        prompt = _system(row, file, row_no) + (_turns(p, tags, file, row_no, "prompt") if isinstance(p, list) else
-                                               [{"role": "user", "content": _text(p, "prompt", file, row_no)}])
+        prompt = _system(row, file, row_no) + (
+            _turns(p, tags, file, row_no, "prompt")
+            if isinstance(p, list)
+            else [{"role": "user", "content": _text(p, "prompt", file, row_no)}]
+        )
         msgs = _answer(_need(row, "completion", file, row_no, style), prompt, tags, file, row_no, "completion")
         sample = ChatSample(validate_conversation(msgs, file, row_no), _tools(row, file, row_no))
     elif style == "text":
@@ -441,7 +532,8 @@ def row_to_sample(row: Mapping, style: str, file: str, row_no: int,
     elif style == "preference":
         sample, used = _preference(row, tags, file, row_no)
     else:
-        raise DatasetError(f"unknown style {style!r} (choose from {', '.join(STYLES)})",
-                           hint="Fix `style` in the dataset config")
+        raise DatasetError(
+            f"unknown style {style!r} (choose from {', '.join(STYLES)})", hint="Fix `style` in the dataset config"
+        )
     sample.unused = tuple(sorted(str(c) for c in row if c not in used))
     return sample

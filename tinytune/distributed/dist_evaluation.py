@@ -61,7 +61,7 @@ def evaluate_loss_distributed(
     tokens = torch.zeros((), dtype=torch.int64, device=device)
     try:
         for i in range(n_batches):
-            chunk = mine[i * batch_size:(i + 1) * batch_size]
+            chunk = mine[i * batch_size : (i + 1) * batch_size]
             batch = collate_fn([dataset[j] for j in (chunk or [0])])
             batch = {k: v.to(device) for k, v in batch.items()}
             if not chunk:  # nothing left here: take part in the collectives, count nothing

@@ -92,8 +92,12 @@ class ResumableDistributedSampler(Sampler[int]):
 
     def state_dict(self, samples_consumed: int) -> dict[str, int]:
         """Position to resume from: the current epoch and how many of this rank's samples were used."""
-        return {"epoch": self.epoch, "samples_consumed": int(samples_consumed), "seed": self.seed,
-                "num_replicas": self.num_replicas}
+        return {
+            "epoch": self.epoch,
+            "samples_consumed": int(samples_consumed),
+            "seed": self.seed,
+            "num_replicas": self.num_replicas,
+        }
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         """Restore a position saved by :meth:`state_dict`.

@@ -31,8 +31,14 @@ __all__ = [
     "set_gradient_sync",
 ]
 
-_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-           "fp16": torch.float16, "float16": torch.float16}
+_DTYPES = {
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+}
 
 
 def _dtype(value: str | torch.dtype | None) -> torch.dtype | None:
@@ -89,7 +95,9 @@ def set_gradient_sync(model: nn.Module, enabled: bool) -> None:
         model.set_requires_gradient_sync(enabled, recurse=True)
 
 
-def materialize_meta_model(model: nn.Module, device: torch.device, buffer_init: Callable[[nn.Module], None] | None = None) -> None:
+def materialize_meta_model(
+    model: nn.Module, device: torch.device, buffer_init: Callable[[nn.Module], None] | None = None
+) -> None:
     """Allocate storage for a meta-device model and re-create its non-persistent buffers.
 
     ``to_empty`` leaves every buffer uninitialised; buffers that are not in the state dict

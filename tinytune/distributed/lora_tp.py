@@ -39,8 +39,18 @@ class LoRAParallel(ParallelStyle):
 
     def _placements(self) -> dict[str, list]:
         if self.colwise:
-            return {"weight": [Shard(0)], "bias": [Shard(0)], "lora_a.weight": [Replicate()], "lora_b.weight": [Shard(0)]}
-        return {"weight": [Shard(1)], "bias": [Replicate()], "lora_a.weight": [Shard(1)], "lora_b.weight": [Replicate()]}
+            return {
+                "weight": [Shard(0)],
+                "bias": [Shard(0)],
+                "lora_a.weight": [Replicate()],
+                "lora_b.weight": [Shard(0)],
+            }
+        return {
+            "weight": [Shard(1)],
+            "bias": [Replicate()],
+            "lora_a.weight": [Shard(1)],
+            "lora_b.weight": [Replicate()],
+        }
 
     def _partition(self, name: str, module: nn.Module, mesh: DeviceMesh) -> None:
         if name != "":
@@ -51,8 +61,9 @@ class LoRAParallel(ParallelStyle):
             param = getattr(owner, leaf, None)
             if param is None:
                 continue
-            dparam = nn.Parameter(distribute_tensor(param, mesh, placements, src_data_rank=None),
-                                  requires_grad=param.requires_grad)
+            dparam = nn.Parameter(
+                distribute_tensor(param, mesh, placements, src_data_rank=None), requires_grad=param.requires_grad
+            )
             owner.register_parameter(leaf, dparam)
 
     def _input(self, mod, inputs, mesh):

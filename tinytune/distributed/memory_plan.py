@@ -32,8 +32,17 @@ from tinytune.distributed.pipeline_stages import balanced_split
 
 __all__ = ["Layout", "Workload", "candidate_layouts", "format_bytes", "parse_bytes", "plan_table", "rank_memory"]
 
-_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30,
-          "tib": 2**40}
+_UNITS = {
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
 _DTYPE_BYTES = {"fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2}
 _NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)  # 4-bit values, an int8 scale per 64 values, an fp32 scale per 256 scales
 _MLP = ("gate_proj", "up_proj", "down_proj")
@@ -128,9 +137,15 @@ class Workload:
 def _linears(info: ModelInfo) -> dict[str, tuple[int, int]]:
     """(in, out) features of each projection of one layer."""
     q, kv = info.num_heads * info.head_dim, info.num_kv_heads * info.head_dim
-    return {"q_proj": (info.dim, q), "k_proj": (info.dim, kv), "v_proj": (info.dim, kv), "o_proj": (q, info.dim),
-            "gate_proj": (info.dim, info.hidden_dim), "up_proj": (info.dim, info.hidden_dim),
-            "down_proj": (info.hidden_dim, info.dim)}
+    return {
+        "q_proj": (info.dim, q),
+        "k_proj": (info.dim, kv),
+        "v_proj": (info.dim, kv),
+        "o_proj": (q, info.dim),
+        "gate_proj": (info.dim, info.hidden_dim),
+        "up_proj": (info.dim, info.hidden_dim),
+        "down_proj": (info.hidden_dim, info.dim),
+    }
 
 
 def _layer_params(info: ModelInfo, work: Workload) -> tuple[float, float, float]:
@@ -146,7 +161,12 @@ def _layer_params(info: ModelInfo, work: Workload) -> tuple[float, float, float]
 
 def _activation_elems_per_token(info: ModelInfo, tp: int) -> float:
     """Elements one layer saves for backward per token (no checkpointing)."""
-    q, kv, h, d = info.num_heads * info.head_dim / tp, info.num_kv_heads * info.head_dim / tp, info.hidden_dim / tp, info.dim
+    q, kv, h, d = (
+        info.num_heads * info.head_dim / tp,
+        info.num_kv_heads * info.head_dim / tp,
+        info.hidden_dim / tp,
+        info.dim,
+    )
     # two RMSNorms: input, normalised input, output (3d each); q/k/v projections' outputs, the same after
     # RoPE (and Qwen3's q/k norms), attention output and the o_proj input copy (4q + 3kv);
     # MLP: gate, up, silu(gate), their product (4h)
@@ -184,7 +204,9 @@ def rank_memory(info: ModelInfo, layout: Layout, work: Workload, pp_rank: int | 
     split, repl, adapters = _layer_params(info, work)
     embed = info.vocab_size * info.dim
     head = 0 if info.tie_word_embeddings else info.vocab_size * info.dim
-    head_adapters = work.lora_rank * (info.dim + info.vocab_size) if work.mode != "full" and "output" in work.lora_targets else 0
+    head_adapters = (
+        work.lora_rank * (info.dim + info.vocab_size) if work.mode != "full" and "output" in work.lora_targets else 0
+    )
     ranges = balanced_split([int(split + repl)] * info.num_layers, n_stages, embed, head + info.dim)
     tokens = work.rows * work.seq_len  # per micro-batch
     m = max(work.microbatches, pp) if pp > 1 else 1  # 1F1B needs at least pp micro-batches
@@ -235,9 +257,20 @@ def rank_memory(info: ModelInfo, layout: Layout, work: Workload, pp_rank: int | 
         at_bwd = params + optim + grads + gathered_root + gathered_layers + reduce_buf + pp_buf + per_layer
         at_load = params + base * 4 if work.load_on_device else 0.0
         total, phase = max((at_fwd, "forward"), (at_bwd, "backward"), (at_load, "load"))
-        row = {"params": params, "grads": grads, "optimizer": optim, "activations": acts,
-               "activations_no_ac": no_ac, "activations_ac": ac, "ce_chunk": ce, "comm": comm, "total": total,
-               "phase": phase, "stage_layers": n_layers, "pp_rank": rank}
+        row = {
+            "params": params,
+            "grads": grads,
+            "optimizer": optim,
+            "activations": acts,
+            "activations_no_ac": no_ac,
+            "activations_ac": ac,
+            "ce_chunk": ce,
+            "comm": comm,
+            "total": total,
+            "phase": phase,
+            "stage_layers": n_layers,
+            "pp_rank": rank,
+        }
         if best is None or total > best["total"]:
             best = row
     return best
@@ -257,8 +290,9 @@ def candidate_layouts(info: ModelInfo, devices: int, max_tp: int = 8) -> list[La
     return out
 
 
-def plan_table(info: ModelInfo, work: Workload, layouts: list[Layout], device_memory: int | None = None,
-               headroom: float = 0.9) -> str:
+def plan_table(
+    info: ModelInfo, work: Workload, layouts: list[Layout], device_memory: int | None = None, headroom: float = 0.9
+) -> str:
     """A text table of per-rank memory for ``layouts``; with ``device_memory``, a ``fits`` column.
 
     A layout fits when its estimated total is at most ``headroom`` (90%) of the device memory: the
@@ -275,8 +309,18 @@ def plan_table(info: ModelInfo, work: Workload, layouts: list[Layout], device_me
             rows.append([str(layout), f"refused: {e}"])
             continue
         g = lambda v: f"{v / 2**30:.2f}"  # noqa: E731 - GiB column
-        row = [str(layout), g(r["params"]), g(r["grads"]), g(r["optimizer"]), g(r["activations"]),
-               g(r["activations_ac"]), g(r["activations_no_ac"]), g(r["ce_chunk"]), g(r["comm"]), g(r["total"])]
+        row = [
+            str(layout),
+            g(r["params"]),
+            g(r["grads"]),
+            g(r["optimizer"]),
+            g(r["activations"]),
+            g(r["activations_ac"]),
+            g(r["activations_no_ac"]),
+            g(r["ce_chunk"]),
+            g(r["comm"]),
+            g(r["total"]),
+        ]
         if device_memory:
             row.append("yes" if r["total"] <= headroom * device_memory else "no")
         rows.append(row)
@@ -288,4 +332,3 @@ def plan_table(info: ModelInfo, work: Workload, layouts: list[Layout], device_me
         else:
             lines.append("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))))
     return "\n".join(lines) + "\n(GiB per rank, busiest rank)"
-

@@ -65,8 +65,9 @@ class HeadShardedNorm(ParallelStyle):
                 x = DTensor.from_local(x, mesh, [Shard(2)], run_check=False)
             return (x, *inputs[1:])
 
-        return distribute_module(module, device_mesh, None, input_fn=to_dtensor,
-                                 output_fn=lambda mod, out, mesh: out.to_local())
+        return distribute_module(
+            module, device_mesh, None, input_fn=to_dtensor, output_fn=lambda mod, out, mesh: out.to_local()
+        )
 
 
 def decoder_layer_plan(layer: nn.Module, sequence_parallel: bool = False) -> dict[str, ParallelStyle]:
@@ -84,7 +85,9 @@ def decoder_layer_plan(layer: nn.Module, sequence_parallel: bool = False) -> dic
         if getattr(layer.attn, path.split(".")[1], None) is not None:
             plan[path] = HeadShardedNorm()
     if sequence_parallel:
-        gather = PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),), use_local_output=True)
+        gather = PrepareModuleInput(
+            input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),), use_local_output=True
+        )
         plan.update({"sa_norm": SequenceParallel(), "mlp_norm": SequenceParallel(), "attn": gather, "mlp": gather})
     return plan
 
@@ -145,23 +148,35 @@ def apply_tp(
     if loss_parallel and tied:
         # Rows split by vocab: the lookup yields partial sums, all-reduced (or reduce-scattered with SP).
         emb_out = Shard(1) if sequence_parallel else Replicate()
-        parallelize_module(model.tok_embeddings, tp_mesh,
-                           RowwiseParallel(input_layouts=Replicate(), output_layouts=emb_out,
-                                           use_local_output=not sequence_parallel))
+        parallelize_module(
+            model.tok_embeddings,
+            tp_mesh,
+            RowwiseParallel(input_layouts=Replicate(), output_layouts=emb_out, use_local_output=not sequence_parallel),
+        )
     elif sequence_parallel:  # replicated table; keep this rank's sequence shard
-        parallelize_module(model.tok_embeddings, tp_mesh,
-                           PrepareModuleOutput(output_layouts=Replicate(), desired_output_layouts=Shard(1),
-                                               use_local_output=False))
+        parallelize_module(
+            model.tok_embeddings,
+            tp_mesh,
+            PrepareModuleOutput(output_layouts=Replicate(), desired_output_layouts=Shard(1), use_local_output=False),
+        )
     if sequence_parallel:
         parallelize_module(model.norm, tp_mesh, SequenceParallel())
     hidden_layout = Shard(1) if sequence_parallel else Replicate()
     if loss_parallel:  # head split by vocab: logits [b, s, V/tp] as a DTensor
         if tied:
-            parallelize_module(model.output, tp_mesh, PrepareModuleInput(
-                input_layouts=(hidden_layout,), desired_input_layouts=(Replicate(),), use_local_output=False))
+            parallelize_module(
+                model.output,
+                tp_mesh,
+                PrepareModuleInput(
+                    input_layouts=(hidden_layout,), desired_input_layouts=(Replicate(),), use_local_output=False
+                ),
+            )
         else:
-            parallelize_module(model.output, tp_mesh, ColwiseParallel(
-                input_layouts=hidden_layout, output_layouts=Shard(-1), use_local_output=False))
+            parallelize_module(
+                model.output,
+                tp_mesh,
+                ColwiseParallel(input_layouts=hidden_layout, output_layouts=Shard(-1), use_local_output=False),
+            )
     elif sequence_parallel:
         # The final norm's output is gathered back to full sequences for the (replicated) head / fused loss.
         model.norm.register_forward_hook(lambda mod, inputs, out: out.redistribute(placements=[Replicate()]).to_local())

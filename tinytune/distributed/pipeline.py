@@ -60,15 +60,22 @@ __all__ = [
     "world_size_from_env",
 ]
 
-SCHEDULES = {"1f1b": Schedule1F1B, "gpipe": ScheduleGPipe, "interleaved_1f1b": ScheduleInterleaved1F1B,
-             "looped_bfs": ScheduleLoopedBFS}
+SCHEDULES = {
+    "1f1b": Schedule1F1B,
+    "gpipe": ScheduleGPipe,
+    "interleaved_1f1b": ScheduleInterleaved1F1B,
+    "looped_bfs": ScheduleLoopedBFS,
+}
 
 
 # ---- mesh -------------------------------------------------------------------------------------
 def build_pipeline_mesh(pp: int, dims: ParallelDims, device_type: str) -> tuple[ParallelMesh, DeviceMesh]:
     """The 4-D mesh ``[pp, dp_replicate, dp_shard, tp]``; returns the non-pp meshes and the pp mesh."""
-    world = init_device_mesh(device_type, (pp, dims.dp_replicate, dims.dp_shard, dims.tp),
-                             mesh_dim_names=("pp", "dp_replicate", "dp_shard", "tp"))
+    world = init_device_mesh(
+        device_type,
+        (pp, dims.dp_replicate, dims.dp_shard, dims.tp),
+        mesh_dim_names=("pp", "dp_replicate", "dp_shard", "tp"),
+    )
     dp = world["dp_replicate", "dp_shard"]._flatten("dp")
     fsdp = world["dp_replicate", "dp_shard"] if dims.dp_replicate > 1 else world["dp_shard"]
     return ParallelMesh(world=world, dp=dp, tp=world["tp"], fsdp=fsdp, dims=dims), world["pp"]
@@ -144,7 +151,9 @@ class Pipeline:
             return loss
         return loss / self._num_tokens * self.mesh.dp.size()
 
-    def train_step(self, micro: list[dict], num_tokens: torch.Tensor, device: torch.device, dataset=None) -> torch.Tensor:
+    def train_step(
+        self, micro: list[dict], num_tokens: torch.Tensor, device: torch.device, dataset=None
+    ) -> torch.Tensor:
         """Forward + backward of one optimizer step's loader batches through the pipeline.
 
         Args:
@@ -171,8 +180,10 @@ class Pipeline:
             if rows % m:
                 raise ConfigError(f"batch_size={rows} is not divisible by parallelism.microbatches={m}.")
             per = rows // m
-            parts = [pack_microbatch({k: v[i * per:(i + 1) * per] for k, v in batch.items()}, self.seq_len, self.packed)
-                     for i in range(m)]
+            parts = [
+                pack_microbatch({k: v[i * per : (i + 1) * per] for k, v in batch.items()}, self.seq_len, self.packed)
+                for i in range(m)
+            ]
             full = {k: torch.cat([p[k] for p in parts]).to(device) for k in parts[0]}  # [m * rows_per_mb, seq_len]
             kwargs = {k: full[k] for k in ("input_pos", "seq_lens") if k in full}
             args = (full["tokens"],) if self.has_first else ()
@@ -206,7 +217,7 @@ class Pipeline:
         total = torch.zeros((), dtype=torch.float64, device=device)
         for start in range(0, len(groups), m):
             parts = []
-            for rows in groups[start:start + m]:
+            for rows in groups[start : start + m]:
                 idx = list(rows) + [0] * (per - len(rows)) if not self.packed else list(rows) or [0]
                 sub = {k: v[idx] for k, v in cpu.items()}
                 masked = [j >= len(rows) for j in range(len(idx))]  # filler rows: no labels
@@ -323,8 +334,10 @@ def build_pipeline(
     with torch.device("meta"):
         model = build_model(info, linear_factory)
     if model.is_tied:
-        raise ConfigError("The checkpoint ties its output head to the embeddings; pipeline parallelism cannot split "
-                          "it. Use parallelism.pipeline_parallel: 1.")
+        raise ConfigError(
+            "The checkpoint ties its output head to the embeddings; pipeline parallelism cannot split "
+            "it. Use parallelism.pipeline_parallel: 1."
+        )
     if activation_checkpointing is not None:
         activation_checkpointing(model)
     lora_values = _lora_init_values(model)
@@ -355,12 +368,23 @@ def build_pipeline(
     if missing:
         raise CheckpointError(f"{path}: checkpoint lacks parameters {missing[:6]}{' ...' if len(missing) > 6 else ''}")
     if lora_values:
-        load_full_state_dict(rank_model, {k: v for k, v in lora_values.items() if k in wanted}, strict=False,
-                             where="LoRA init")
+        load_full_state_dict(
+            rank_model, {k: v for k, v in lora_values.items() if k in wanted}, strict=False, where="LoRA init"
+        )
 
-    pipe = Pipeline(model=rank_model, stages=stages, schedule=None, mesh=mesh, pp_mesh=pp_mesh, info=info,
-                    settings=settings, layer_ranges=ranges, seq_len=settings.seq_len, packed=packed,
-                    rows_per_microbatch=batch_size // m)
+    pipe = Pipeline(
+        model=rank_model,
+        stages=stages,
+        schedule=None,
+        mesh=mesh,
+        pp_mesh=pp_mesh,
+        info=info,
+        settings=settings,
+        layer_ranges=ranges,
+        seq_len=settings.seq_len,
+        packed=packed,
+        rows_per_microbatch=batch_size // m,
+    )
     pp_group = pp_mesh.get_group()
     pstages = [PipelineStage(stages[s], s, n_stages, device, group=pp_group) for s in sorted(stages)]
     cls = SCHEDULES[settings.schedule]

@@ -67,22 +67,32 @@ class PipelineSettings:
     seq_len: int | None = None
 
     def __post_init__(self) -> None:
-        for key, value in (("pipeline_parallel", self.degree), ("microbatches", self.microbatches),
-                           ("layers_per_stage", self.layers_per_stage), ("pipeline_seq_len", self.seq_len)):
+        for key, value in (
+            ("pipeline_parallel", self.degree),
+            ("microbatches", self.microbatches),
+            ("layers_per_stage", self.layers_per_stage),
+            ("pipeline_seq_len", self.seq_len),
+        ):
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise ConfigError(f"parallelism.{key}={value!r}: must be a positive integer.")
         if self.schedule not in SCHEDULE_NAMES:
             raise ConfigError(f"parallelism.pipeline_schedule={self.schedule!r}: use one of {list(SCHEDULE_NAMES)}.")
-        problem = pipeline_keys_problem(self.degree, self.schedule, self.microbatches, self.layers_per_stage,
-                                        self.seq_len)
+        problem = pipeline_keys_problem(
+            self.degree, self.schedule, self.microbatches, self.layers_per_stage, self.seq_len
+        )
         if problem:
             raise ConfigError(problem)
 
     @classmethod
     def from_parallelism(cls, par: ParallelismSettings) -> PipelineSettings:
         """The pipeline keys of a recipe's declared ``parallelism`` section (already type- and range-checked)."""
-        return cls(degree=par.pipeline_parallel, schedule=par.pipeline_schedule, microbatches=par.microbatches,
-                   layers_per_stage=par.layers_per_stage, seq_len=par.pipeline_seq_len)
+        return cls(
+            degree=par.pipeline_parallel,
+            schedule=par.pipeline_schedule,
+            microbatches=par.microbatches,
+            layers_per_stage=par.layers_per_stage,
+            seq_len=par.pipeline_seq_len,
+        )
 
     @property
     def n_microbatches(self) -> int:
@@ -92,24 +102,37 @@ class PipelineSettings:
         """Total stages: ``degree`` (single-stage schedules) or ``degree x stages_per_rank``."""
         if self.layers_per_stage is not None:
             if num_layers % self.layers_per_stage:
-                raise ConfigError(f"parallelism.layers_per_stage={self.layers_per_stage} does not divide the model's "
-                                  f"{num_layers} layers.")
+                raise ConfigError(
+                    f"parallelism.layers_per_stage={self.layers_per_stage} does not divide the model's "
+                    f"{num_layers} layers."
+                )
             n = num_layers // self.layers_per_stage
             if self.schedule not in MULTI_STAGE_SCHEDULES and n != self.degree:
                 raise ConfigError(
                     f"parallelism.layers_per_stage={self.layers_per_stage} makes {n} stages, but "
                     f"pipeline_schedule={self.schedule} runs one stage per rank ({self.degree}); use "
-                    f"layers_per_stage={num_layers // self.degree} or interleaved_1f1b / looped_bfs.")
+                    f"layers_per_stage={num_layers // self.degree} or interleaved_1f1b / looped_bfs."
+                )
             if n % self.degree:
-                raise ConfigError(f"parallelism.layers_per_stage={self.layers_per_stage} makes {n} stages, not a "
-                                  f"multiple of pipeline_parallel={self.degree}.")
+                raise ConfigError(
+                    f"parallelism.layers_per_stage={self.layers_per_stage} makes {n} stages, not a "
+                    f"multiple of pipeline_parallel={self.degree}."
+                )
             return n
         return self.degree * (2 if self.schedule in MULTI_STAGE_SCHEDULES else 1)
 
 
-def check_pipeline_layout(settings: PipelineSettings, world_size: int, checkpoint_dir: str, *,
-                          data_parallel_shard: int = -1, data_parallel_replicate: int = 1, tensor_parallel: int = 1,
-                          loss_parallel: bool = False, sequence_parallel: bool = False) -> ParallelDims:
+def check_pipeline_layout(
+    settings: PipelineSettings,
+    world_size: int,
+    checkpoint_dir: str,
+    *,
+    data_parallel_shard: int = -1,
+    data_parallel_replicate: int = 1,
+    tensor_parallel: int = 1,
+    loss_parallel: bool = False,
+    sequence_parallel: bool = False,
+) -> ParallelDims:
     """Check a PP layout against the world size and the model before any process-group work.
 
     Args:
@@ -129,33 +152,47 @@ def check_pipeline_layout(settings: PipelineSettings, world_size: int, checkpoin
     info = read_model_info(checkpoint_dir)
     tied = info.tie_word_embeddings or not _has_lm_head(checkpoint_dir)
     if world_size % pp:
-        raise ConfigError(f"{world_size} processes are not divisible by parallelism.pipeline_parallel={pp}; start a "
-                          "multiple of it (world = pp x dp_replicate x dp_shard x tp).")
-    dims = ParallelDims.from_config(world_size // pp, data_parallel_shard=data_parallel_shard,
-                                    data_parallel_replicate=data_parallel_replicate, tensor_parallel=tensor_parallel)
+        raise ConfigError(
+            f"{world_size} processes are not divisible by parallelism.pipeline_parallel={pp}; start a "
+            "multiple of it (world = pp x dp_replicate x dp_shard x tp)."
+        )
+    dims = ParallelDims.from_config(
+        world_size // pp,
+        data_parallel_shard=data_parallel_shard,
+        data_parallel_replicate=data_parallel_replicate,
+        tensor_parallel=tensor_parallel,
+    )
     for name, heads in (("num_heads", info.num_heads), ("num_kv_heads", info.num_kv_heads)):
         if heads % dims.tp:
-            raise ConfigError(f"parallelism.tensor_parallel={dims.tp} does not divide the model's {name}={heads}; "
-                              "choose a tensor_parallel size that divides both head counts.")
+            raise ConfigError(
+                f"parallelism.tensor_parallel={dims.tp} does not divide the model's {name}={heads}; "
+                "choose a tensor_parallel size that divides both head counts."
+            )
     n_stages = settings.num_stages(info.num_layers)
     if n_stages > info.num_layers:
         raise ConfigError(
             f"parallelism.pipeline_parallel={pp} with pipeline_schedule={settings.schedule} needs {n_stages} stages "
-            f"of at least one layer, but the model has {info.num_layers} layers; lower pipeline_parallel or use 1f1b.")
+            f"of at least one layer, but the model has {info.num_layers} layers; lower pipeline_parallel or use 1f1b."
+        )
     if tied:
         raise ConfigError(
             "This model ties its output head to the token embeddings (tie_word_embeddings, e.g. SmolLM2), which "
             "would live on the first and the last pipeline stage; pipeline parallelism does not keep two copies in "
-            "sync. Train it with parallelism.pipeline_parallel: 1 (FSDP / tensor_parallel scale it fine: it is small).")
+            "sync. Train it with parallelism.pipeline_parallel: 1 (FSDP / tensor_parallel scale it fine: it is small)."
+        )
     if loss_parallel or sequence_parallel:
-        raise ConfigError("parallelism.loss_parallel / sequence_parallel are not supported with pipeline_parallel > 1; "
-                          "set them to false.")
+        raise ConfigError(
+            "parallelism.loss_parallel / sequence_parallel are not supported with pipeline_parallel > 1; "
+            "set them to false."
+        )
     m = settings.n_microbatches
     if settings.schedule == "1f1b" and m < pp:
         raise ConfigError(f"pipeline_schedule=1f1b needs parallelism.microbatches >= pipeline_parallel={pp}; got {m}.")
     if settings.schedule in MULTI_STAGE_SCHEDULES and m % pp:
-        raise ConfigError(f"pipeline_schedule={settings.schedule} needs parallelism.microbatches to be a multiple of "
-                          f"pipeline_parallel={pp}; got {m}.")
+        raise ConfigError(
+            f"pipeline_schedule={settings.schedule} needs parallelism.microbatches to be a multiple of "
+            f"pipeline_parallel={pp}; got {m}."
+        )
     return dims
 
 
@@ -249,8 +286,9 @@ class DecoderStage(nn.Module):
         """``[vocab, dim]`` weight of the output head (last stage only)."""
         return self.output.weight
 
-    def forward(self, x: torch.Tensor, input_pos: torch.Tensor | None = None,
-                seq_lens: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, input_pos: torch.Tensor | None = None, seq_lens: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Run the stage.
 
         Args:
@@ -313,12 +351,15 @@ def pack_microbatch(batch: dict, seq_len: int, packed: bool, ignore_index: int =
         seq_lens = torch.full((b, 1), s, dtype=torch.long)
     if not packed:
         if s > seq_len:
-            raise ValueError(f"a micro-batch has rows of {s} tokens, more than parallelism.pipeline_seq_len={seq_len}; "
-                             "raise it.")
+            raise ValueError(
+                f"a micro-batch has rows of {s} tokens, more than parallelism.pipeline_seq_len={seq_len}; raise it."
+            )
         pad = seq_len - s
-        out = {"tokens": torch.nn.functional.pad(tokens, (0, pad)),
-               "labels": torch.nn.functional.pad(labels, (0, pad), value=ignore_index),
-               "input_pos": torch.cat([input_pos, torch.arange(s, seq_len).expand(b, pad)], dim=1)}
+        out = {
+            "tokens": torch.nn.functional.pad(tokens, (0, pad)),
+            "labels": torch.nn.functional.pad(labels, (0, pad), value=ignore_index),
+            "input_pos": torch.cat([input_pos, torch.arange(s, seq_len).expand(b, pad)], dim=1),
+        }
         if "seq_lens" in batch:  # the padding becomes one more document per row
             lens = torch.cat([seq_lens, torch.full((b, 1), pad, dtype=seq_lens.dtype)], dim=1)
             out["seq_lens"] = torch.nn.functional.pad(lens, (0, seq_len - lens.shape[1]))
@@ -340,14 +381,18 @@ def pack_microbatch(batch: dict, seq_len: int, packed: bool, ignore_index: int =
             start += docs[-1]
     kept = sum(keep)
     if kept > seq_len:
-        raise ValueError(f"a micro-batch packs into {kept} tokens, more than parallelism.pipeline_seq_len={seq_len}; "
-                         "raise it or lower batch_size / raise parallelism.microbatches.")
+        raise ValueError(
+            f"a micro-batch packs into {kept} tokens, more than parallelism.pipeline_seq_len={seq_len}; "
+            "raise it or lower batch_size / raise parallelism.microbatches."
+        )
     if kept < seq_len:  # tail document: never labelled, attends only to itself
         toks.append(torch.zeros(seq_len - kept, dtype=tokens.dtype))
         labs.append(torch.full((seq_len - kept,), ignore_index, dtype=labels.dtype))
         pos.append(torch.arange(seq_len - kept))
         docs.append(seq_len - kept)
-    return {"tokens": torch.cat(toks)[None],  # [1, seq_len]
-            "labels": torch.cat(labs)[None],  # [1, seq_len]
-            "input_pos": torch.cat(pos)[None].to(torch.long),  # [1, seq_len]
-            "seq_lens": torch.tensor([docs + [0] * (seq_len - len(docs))], dtype=torch.long)}  # [1, seq_len]
+    return {
+        "tokens": torch.cat(toks)[None],  # [1, seq_len]
+        "labels": torch.cat(labs)[None],  # [1, seq_len]
+        "input_pos": torch.cat(pos)[None].to(torch.long),  # [1, seq_len]
+        "seq_lens": torch.tensor([docs + [0] * (seq_len - len(docs))], dtype=torch.long),
+    }  # [1, seq_len]

@@ -42,8 +42,10 @@ def _init_lora_adapters(model: nn.Module) -> None:
         init = getattr(module, "init", "default")
         if init == "pissa" or getattr(module, "lora_magnitude", None) is not None:
             # both need the full base weight of the layer, which sharded loading never holds
-            raise ValueError(f"{name}: lora_init=pissa and use_dora are not supported with sharded loading "
-                             "(the distributed recipes); use the single-device lora_finetune recipe")
+            raise ValueError(
+                f"{name}: lora_init=pissa and use_dora are not supported with sharded loading "
+                "(the distributed recipes); use the single-device lora_finetune recipe"
+            )
         stub = nn.Module()
         stub.init, stub.rank, stub.lora_magnitude = init, module.rank, None
         stub.weight = nn.Parameter(torch.empty(0), requires_grad=False)  # not meta: the init runs
@@ -99,8 +101,9 @@ def load_hf_model_sharded(
     if activation_checkpointing is not None:
         activation_checkpointing(model)
     if mesh.tp.size() > 1:
-        apply_tp(model, mesh.tp, family=info.model_type, loss_parallel=loss_parallel,
-                 sequence_parallel=sequence_parallel)
+        apply_tp(
+            model, mesh.tp, family=info.model_type, loss_parallel=loss_parallel, sequence_parallel=sequence_parallel
+        )
     elif loss_parallel or sequence_parallel:
         raise ValueError("parallelism.loss_parallel / sequence_parallel need tensor_parallel > 1.")
     if trainable is not None:  # after TP: its styles re-create parameters (requires_grad resets to True)

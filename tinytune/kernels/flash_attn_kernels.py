@@ -45,7 +45,9 @@ def _configs(names, candidates):
 # Autotuning is keyed on the power-of-two bucket of the sequence length (S_BUCKET), not on S itself:
 # with variable lengths padded to a multiple of 8, keying on S would re-benchmark every new length.
 _KEY = ["S_BUCKET", "BLOCK_D", "CAUSAL", "HAS_DOCS", "GROUP", "F32"]
-_FWD_CONFIGS = _configs(("BLOCK_M", "BLOCK_N"), [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2)])
+_FWD_CONFIGS = _configs(
+    ("BLOCK_M", "BLOCK_N"), [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2)]
+)
 _DKDV_CONFIGS = _configs(("BLOCK_M", "BLOCK_N"), [(64, 128, 8, 2), (32, 128, 4, 3), (64, 64, 4, 3), (32, 64, 4, 2)])
 _DQ_CONFIGS = _configs(("BLOCK_M", "BLOCK_N"), [(128, 64, 8, 2), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 2)])
 
@@ -56,8 +58,16 @@ def s_bucket(s: int) -> int:
 
 
 @triton.jit
-def _kv_range(doc_start_ptr, doc_end_ptr, m0, S, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-              CAUSAL: tl.constexpr, HAS_DOCS: tl.constexpr):
+def _kv_range(
+    doc_start_ptr,
+    doc_end_ptr,
+    m0,
+    S,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    HAS_DOCS: tl.constexpr,
+):
     """Key range [lo, hi) visited by the query block starting at m0 (lo aligned to BLOCK_N)."""
     m_last = tl.minimum(m0 + BLOCK_M, S) - 1
     lo = 0
@@ -72,8 +82,16 @@ def _kv_range(doc_start_ptr, doc_end_ptr, m0, S, BLOCK_M: tl.constexpr, BLOCK_N:
 
 
 @triton.jit
-def _q_range(doc_start_ptr, doc_end_ptr, n0, S, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-             CAUSAL: tl.constexpr, HAS_DOCS: tl.constexpr):
+def _q_range(
+    doc_start_ptr,
+    doc_end_ptr,
+    n0,
+    S,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    HAS_DOCS: tl.constexpr,
+):
     """Query range [lo, hi) that can attend to the key block starting at n0 (lo aligned to BLOCK_M)."""
     n_last = tl.minimum(n0 + BLOCK_N, S) - 1
     lo = 0
@@ -88,8 +106,9 @@ def _q_range(doc_start_ptr, doc_end_ptr, n0, S, BLOCK_M: tl.constexpr, BLOCK_N: 
 
 
 @triton.jit
-def _kv_free_range(doc_start_ptr, doc_end_ptr, m0, S, BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr,
-                   HAS_DOCS: tl.constexpr):
+def _kv_free_range(
+    doc_start_ptr, doc_end_ptr, m0, S, BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr, HAS_DOCS: tl.constexpr
+):
     """Keys [lo, hi) visible to *every* query of the block at m0: key blocks inside need no mask."""
     m_last = tl.minimum(m0 + BLOCK_M, S) - 1
     lo = 0
@@ -105,8 +124,9 @@ def _kv_free_range(doc_start_ptr, doc_end_ptr, m0, S, BLOCK_M: tl.constexpr, CAU
 
 
 @triton.jit
-def _q_free_range(doc_start_ptr, doc_end_ptr, n0, S, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
-                  HAS_DOCS: tl.constexpr):
+def _q_free_range(
+    doc_start_ptr, doc_end_ptr, n0, S, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_DOCS: tl.constexpr
+):
     """Queries [lo, hi) that see *every* key of the block at n0: query blocks inside need no mask."""
     n_last = tl.minimum(n0 + BLOCK_N, S) - 1
     lo = 0
@@ -124,12 +144,45 @@ def _q_free_range(doc_start_ptr, doc_end_ptr, n0, S, BLOCK_N: tl.constexpr, CAUS
 @triton.autotune(configs=_FWD_CONFIGS, key=_KEY)
 @triton.jit
 def _fwd_kernel(
-    Q, K, V, O, LSE, DOC_ID, DOC_START, DOC_END, VISITS,
-    sqb, sqh, sqs, sqd, skb, skh, sks, skd, svb, svh, svs, svd, sob, soh, sos, sod,
-    H, S, D, qk_scale, S_BUCKET,
-    GROUP: tl.constexpr, CAUSAL: tl.constexpr, HAS_DOCS: tl.constexpr, COUNT_VISITS: tl.constexpr,
-    F32: tl.constexpr, DOT_PREC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    Q,
+    K,
+    V,
+    O,
+    LSE,
+    DOC_ID,
+    DOC_START,
+    DOC_END,
+    VISITS,
+    sqb,
+    sqh,
+    sqs,
+    sqd,
+    skb,
+    skh,
+    sks,
+    skd,
+    svb,
+    svh,
+    svs,
+    svd,
+    sob,
+    soh,
+    sos,
+    sod,
+    H,
+    S,
+    D,
+    qk_scale,
+    S_BUCKET,
+    GROUP: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    HAS_DOCS: tl.constexpr,
+    COUNT_VISITS: tl.constexpr,
+    F32: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -195,8 +248,9 @@ def _fwd_kernel(
 
 
 @triton.jit
-def _bwd_preprocess_kernel(O, DO, DELTA, sob, soh, sos, sod, sdb, sdh, sds, sdd, H, S, D,
-                           BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+def _bwd_preprocess_kernel(
+    O, DO, DELTA, sob, soh, sos, sod, sdb, sdh, sds, sdd, H, S, D, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr
+):
     """delta[b, h, m] = sum_d o * do (fp32)."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -205,22 +259,66 @@ def _bwd_preprocess_kernel(O, DO, DELTA, sob, soh, sos, sod, sdb, sdh, sds, sdd,
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     mask = (offs_m < S)[:, None] & (offs_d < D)[None, :]
-    o = tl.load(O + b.to(tl.int64) * sob + h.to(tl.int64) * soh + offs_m[:, None] * sos + offs_d[None, :] * sod,
-                mask=mask, other=0.0).to(tl.float32)
-    do = tl.load(DO + b.to(tl.int64) * sdb + h.to(tl.int64) * sdh + offs_m[:, None] * sds + offs_d[None, :] * sdd,
-                 mask=mask, other=0.0).to(tl.float32)
+    o = tl.load(
+        O + b.to(tl.int64) * sob + h.to(tl.int64) * soh + offs_m[:, None] * sos + offs_d[None, :] * sod,
+        mask=mask,
+        other=0.0,
+    ).to(tl.float32)
+    do = tl.load(
+        DO + b.to(tl.int64) * sdb + h.to(tl.int64) * sdh + offs_m[:, None] * sds + offs_d[None, :] * sdd,
+        mask=mask,
+        other=0.0,
+    ).to(tl.float32)
     tl.store(DELTA + pid_bh.to(tl.int64) * S + offs_m, tl.sum(o * do, axis=1), mask=offs_m < S)
 
 
 @triton.autotune(configs=_DKDV_CONFIGS, key=_KEY)
 @triton.jit
 def _bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, DOC_ID, DOC_START, DOC_END, VISITS,
-    sqb, sqh, sqs, sqd, skb, skh, sks, skd, svb, svh, svs, svd, sdb, sdh, sds, sdd,
-    H, HKV, S, D, qk_scale, sm_scale, S_BUCKET,
-    GROUP: tl.constexpr, CAUSAL: tl.constexpr, HAS_DOCS: tl.constexpr, COUNT_VISITS: tl.constexpr,
-    F32: tl.constexpr, DOT_PREC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    Q,
+    K,
+    V,
+    DO,
+    LSE,
+    DELTA,
+    DK,
+    DV,
+    DOC_ID,
+    DOC_START,
+    DOC_END,
+    VISITS,
+    sqb,
+    sqh,
+    sqs,
+    sqd,
+    skb,
+    skh,
+    sks,
+    skd,
+    svb,
+    svh,
+    svs,
+    svd,
+    sdb,
+    sdh,
+    sds,
+    sdd,
+    H,
+    HKV,
+    S,
+    D,
+    qk_scale,
+    sm_scale,
+    S_BUCKET,
+    GROUP: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    HAS_DOCS: tl.constexpr,
+    COUNT_VISITS: tl.constexpr,
+    F32: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     """One program per (batch, kv head, key block); loops over the GROUP query heads sharing it.
 
@@ -237,10 +335,16 @@ def _bwd_dkdv_kernel(
     n_ok = offs_n < S
     d_ok = offs_d < D
     kv_mask = n_ok[:, None] & d_ok[None, :]
-    k = tl.load(K + b.to(tl.int64) * skb + hk.to(tl.int64) * skh + offs_n[:, None] * sks + offs_d[None, :] * skd,
-                mask=kv_mask, other=0.0)
-    v = tl.load(V + b.to(tl.int64) * svb + hk.to(tl.int64) * svh + offs_n[:, None] * svs + offs_d[None, :] * svd,
-                mask=kv_mask, other=0.0)
+    k = tl.load(
+        K + b.to(tl.int64) * skb + hk.to(tl.int64) * skh + offs_n[:, None] * sks + offs_d[None, :] * skd,
+        mask=kv_mask,
+        other=0.0,
+    )
+    v = tl.load(
+        V + b.to(tl.int64) * svb + hk.to(tl.int64) * svh + offs_n[:, None] * svs + offs_d[None, :] * svd,
+        mask=kv_mask,
+        other=0.0,
+    )
     if F32:
         k = k.to(tl.float32)
         v = v.to(tl.float32)
@@ -295,12 +399,46 @@ def _bwd_dkdv_kernel(
 @triton.autotune(configs=_DQ_CONFIGS, key=_KEY)
 @triton.jit
 def _bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ, DOC_ID, DOC_START, DOC_END,
-    sqb, sqh, sqs, sqd, skb, skh, sks, skd, svb, svh, svs, svd, sdb, sdh, sds, sdd,
-    H, S, D, qk_scale, sm_scale, S_BUCKET,
-    GROUP: tl.constexpr, CAUSAL: tl.constexpr, HAS_DOCS: tl.constexpr,
-    F32: tl.constexpr, DOT_PREC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    Q,
+    K,
+    V,
+    DO,
+    LSE,
+    DELTA,
+    DQ,
+    DOC_ID,
+    DOC_START,
+    DOC_END,
+    sqb,
+    sqh,
+    sqs,
+    sqd,
+    skb,
+    skh,
+    sks,
+    skd,
+    svb,
+    svh,
+    svs,
+    svd,
+    sdb,
+    sdh,
+    sds,
+    sdd,
+    H,
+    S,
+    D,
+    qk_scale,
+    sm_scale,
+    S_BUCKET,
+    GROUP: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    HAS_DOCS: tl.constexpr,
+    F32: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     """One program per (batch, head, query block); dq written to a contiguous [b, h, s, d] buffer."""
     pid_m = tl.program_id(0)
@@ -315,10 +453,16 @@ def _bwd_dq_kernel(
     m_ok = offs_m < S
     d_ok = offs_d < D
     q_mask = m_ok[:, None] & d_ok[None, :]
-    q = tl.load(Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh + offs_m[:, None] * sqs + offs_d[None, :] * sqd,
-                mask=q_mask, other=0.0)
-    do = tl.load(DO + b.to(tl.int64) * sdb + h.to(tl.int64) * sdh + offs_m[:, None] * sds + offs_d[None, :] * sdd,
-                 mask=q_mask, other=0.0)
+    q = tl.load(
+        Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh + offs_m[:, None] * sqs + offs_d[None, :] * sqd,
+        mask=q_mask,
+        other=0.0,
+    )
+    do = tl.load(
+        DO + b.to(tl.int64) * sdb + h.to(tl.int64) * sdh + offs_m[:, None] * sds + offs_d[None, :] * sdd,
+        mask=q_mask,
+        other=0.0,
+    )
     if F32:
         q = q.to(tl.float32)
         do = do.to(tl.float32)
@@ -356,5 +500,8 @@ def _bwd_dq_kernel(
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
     dq = dq * sm_scale
-    tl.store(DQ + pid_bh.to(tl.int64) * S * D + offs_m[:, None] * D + offs_d[None, :],
-             dq.to(DQ.dtype.element_ty), mask=q_mask)
+    tl.store(
+        DQ + pid_bh.to(tl.int64) * S * D + offs_m[:, None] * D + offs_d[None, :],
+        dq.to(DQ.dtype.element_ty),
+        mask=q_mask,
+    )

@@ -70,8 +70,9 @@ def _fp32_gemm_ok(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> 
 RowStep = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
 
 
-def default_chunk_size(num_tokens: int, vocab: int, dtype: torch.dtype, budget_bytes: int | None = None,
-                       cuda: bool = False) -> int:
+def default_chunk_size(
+    num_tokens: int, vocab: int, dtype: torch.dtype, budget_bytes: int | None = None, cuda: bool = False
+) -> int:
     """Chunk size (tokens per chunk) that keeps the per-chunk logits/gradient buffers within a budget.
 
     Args:

@@ -77,8 +77,15 @@ def transformer_decoder(
         A randomly initialised :class:`TransformerDecoder` (std 0.02 matrices, zero biases,
         unit norms); on the meta device construction is cheap and init is skipped.
     """
-    for key, val in {"vocab_size": vocab_size, "dim": dim, "n_layers": n_layers, "n_heads": n_heads,
-                     "n_kv_heads": n_kv_heads, "hidden_dim": hidden_dim, "max_seq_len": max_seq_len}.items():
+    for key, val in {
+        "vocab_size": vocab_size,
+        "dim": dim,
+        "n_layers": n_layers,
+        "n_heads": n_heads,
+        "n_kv_heads": n_kv_heads,
+        "hidden_dim": hidden_dim,
+        "max_seq_len": max_seq_len,
+    }.items():
         if int(val) <= 0:
             raise ValueError(f"{key} must be a positive integer, got {val}")
     if n_heads % n_kv_heads:
@@ -144,10 +151,21 @@ def llama_decoder(
     See :func:`transformer_decoder` for the arguments.
     """
     return transformer_decoder(
-        vocab_size=vocab_size, dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads,
-        head_dim=head_dim, hidden_dim=hidden_dim, max_seq_len=max_seq_len, rope_base=rope_base,
-        rope_scaling=rope_scaling, norm_eps=norm_eps, qkv_bias=False, qk_norm=False,
-        tie_embeddings=tie_embeddings, linear_factory=linear_factory,
+        vocab_size=vocab_size,
+        dim=dim,
+        n_layers=n_layers,
+        n_heads=n_heads,
+        n_kv_heads=n_kv_heads,
+        head_dim=head_dim,
+        hidden_dim=hidden_dim,
+        max_seq_len=max_seq_len,
+        rope_base=rope_base,
+        rope_scaling=rope_scaling,
+        norm_eps=norm_eps,
+        qkv_bias=False,
+        qk_norm=False,
+        tie_embeddings=tie_embeddings,
+        linear_factory=linear_factory,
     )
 
 
@@ -171,10 +189,21 @@ def qwen2_decoder(
     See :func:`transformer_decoder` for the arguments.
     """
     return transformer_decoder(
-        vocab_size=vocab_size, dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads,
-        head_dim=head_dim, hidden_dim=hidden_dim, max_seq_len=max_seq_len, rope_base=rope_base,
-        rope_scaling=None, norm_eps=norm_eps, qkv_bias=True, qk_norm=False,
-        tie_embeddings=tie_embeddings, linear_factory=linear_factory,
+        vocab_size=vocab_size,
+        dim=dim,
+        n_layers=n_layers,
+        n_heads=n_heads,
+        n_kv_heads=n_kv_heads,
+        head_dim=head_dim,
+        hidden_dim=hidden_dim,
+        max_seq_len=max_seq_len,
+        rope_base=rope_base,
+        rope_scaling=None,
+        norm_eps=norm_eps,
+        qkv_bias=True,
+        qk_norm=False,
+        tie_embeddings=tie_embeddings,
+        linear_factory=linear_factory,
     )
 
 
@@ -198,8 +227,19 @@ def qwen3_decoder(
     See :func:`transformer_decoder` for the arguments.
     """
     return transformer_decoder(
-        vocab_size=vocab_size, dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads,
-        head_dim=head_dim, hidden_dim=hidden_dim, max_seq_len=max_seq_len, rope_base=rope_base,
-        rope_scaling=None, norm_eps=norm_eps, qkv_bias=False, qk_norm=True,
-        tie_embeddings=tie_embeddings, linear_factory=linear_factory,
+        vocab_size=vocab_size,
+        dim=dim,
+        n_layers=n_layers,
+        n_heads=n_heads,
+        n_kv_heads=n_kv_heads,
+        head_dim=head_dim,
+        hidden_dim=hidden_dim,
+        max_seq_len=max_seq_len,
+        rope_base=rope_base,
+        rope_scaling=None,
+        norm_eps=norm_eps,
+        qkv_bias=False,
+        qk_norm=True,
+        tie_embeddings=tie_embeddings,
+        linear_factory=linear_factory,
     )

@@ -30,9 +30,16 @@ def lora_factory(lora: LoRASettings) -> Callable[[str, int, int, bool], nn.Modul
     targets = lora.target_modules()
     if not targets:
         raise ValueError("LoRA: no modules to adapt (empty lora_attn_modules and apply_lora_to_mlp=False)")
-    return lora_linear_factory(targets, rank=lora.lora_rank, alpha=lora.lora_alpha, dropout=lora.lora_dropout,
-                               quantize_base=lora.quantize_base, use_dora=lora.use_dora, use_rslora=lora.use_rslora,
-                               init=lora.lora_init)
+    return lora_linear_factory(
+        targets,
+        rank=lora.lora_rank,
+        alpha=lora.lora_alpha,
+        dropout=lora.lora_dropout,
+        quantize_base=lora.quantize_base,
+        use_dora=lora.use_dora,
+        use_rslora=lora.use_rslora,
+        init=lora.lora_init,
+    )
 
 
 def lora_model(base_builder: Callable[..., nn.Module], **lora_keys: Any) -> nn.Module:
@@ -80,8 +87,12 @@ def _variant(target: str, quantize_base: bool) -> Callable[..., nn.Module]:
 def is_lora_builder(dotted: str) -> bool:
     """Whether a ``_component_`` path names one of the ``lora_*`` / ``qlora_*`` builders here."""
     module, _, name = dotted.rpartition(".")
-    return (module == __name__ and name.startswith(("lora_", "qlora_")) and name not in ("lora_model", "lora_factory")
-            and name in globals())
+    return (
+        module == __name__
+        and name.startswith(("lora_", "qlora_"))
+        and name not in ("lora_model", "lora_factory")
+        and name in globals()
+    )
 
 
 # SmolLM2

@@ -110,7 +110,11 @@ def attention(
     if kv_cache_mask is None and s_q != s_kv:
         raise ValueError(f"causal attention needs s_q == s_kv (got {s_q} and {s_kv}); pass kv_cache_mask")
 
-    if kv_cache_mask is None and (document_ids is None or seq_lens is not None) and _use_kernel(q, seq_lens is not None):
+    if (
+        kv_cache_mask is None
+        and (document_ids is None or seq_lens is not None)
+        and _use_kernel(q, seq_lens is not None)
+    ):
         kernel = _flash_kernel()
         return kernel(q, k, v, causal=True, seq_lens=seq_lens, softmax_scale=softmax_scale)  # [b, h, s, d]
 

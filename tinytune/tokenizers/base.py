@@ -111,9 +111,7 @@ class Tokenizer(ABC):
         ids = [int(i) for i in ids]
         bad = [i for i in ids if i < 0 or i >= self.vocab_size]
         if bad:
-            raise ValueError(
-                f"{self.name}: cannot decode ids {bad[:5]} (valid ids are 0..{self.vocab_size - 1})"
-            )
+            raise ValueError(f"{self.name}: cannot decode ids {bad[:5]} (valid ids are 0..{self.vocab_size - 1})")
         if skip_special_tokens:
             ids = [i for i in ids if i not in self._special_ids]
         return self._decode_ids(ids)

@@ -102,14 +102,14 @@ class BPETokenizer(Tokenizer):
                 table.append(t.id)
             self._rank_to_id = table
             self._id_to_rank = {i: r for r, i in enumerate(table) if i >= 0}
-        self._enc = tiktoken.Encoding(
-            self.name, pat_str=pat_str, mergeable_ranks=ranks, special_tokens=special_ranks
-        )
+        self._enc = tiktoken.Encoding(self.name, pat_str=pat_str, mergeable_ranks=ranks, special_tokens=special_ranks)
         self._added_set = frozenset(special_ranks)
         self._missing_re = _missing_byte_regex(self._missing_bytes)
         self._slow_regex = None
         contents = [t.content for t in self.added_tokens]
-        prefix_clash = any(a != b and b.startswith(a) for a in contents for b in contents) if len(contents) < 2000 else True
+        prefix_clash = (
+            any(a != b and b.startswith(a) for a in contents for b in contents) if len(contents) < 2000 else True
+        )
         needs_strip = any(t.lstrip or t.rstrip for t in self.added_tokens)
         # tiktoken matches specials leftmost-first in arbitrary order; HF matches leftmost-longest.
         self._native_specials = not (prefix_clash or needs_strip)
@@ -152,8 +152,11 @@ class BPETokenizer(Tokenizer):
         table = self._rank_to_id
         out: list[list[int]] = []
         for t in texts:
-            if (self._nfc and not t.isascii()) or (missing is not None and missing.search(t)) or (
-                    firsts and any(c in t for c in firsts)):
+            if (
+                (self._nfc and not t.isascii())
+                or (missing is not None and missing.search(t))
+                or (firsts and any(c in t for c in firsts))
+            ):
                 out.append(self._encode_text(t))
                 continue
             try:
@@ -181,11 +184,7 @@ class BPETokenizer(Tokenizer):
             self._slow_regex = regex.compile(self._pat_str)
         drop = bytes(self._missing_bytes)
         out: list[int] = []
-        chunks = (
-            self._split(text)
-            if not self._native_specials
-            else self._split_native(text)
-        )
+        chunks = self._split(text) if not self._native_specials else self._split_native(text)
         for chunk, is_added in chunks:
             if is_added:
                 out.append(self._enc._special_tokens[chunk])

@@ -12,9 +12,7 @@ from functools import lru_cache
 def byte_to_unicode() -> dict[int, str]:
     """Returns the byte -> printable character table used by GPT-2 style byte-level BPE."""
     printable = (
-        list(range(ord("!"), ord("~") + 1))
-        + list(range(ord("¡"), ord("¬") + 1))
-        + list(range(ord("®"), ord("ÿ") + 1))
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
     )
     table = {b: chr(b) for b in printable}
     shift = 0

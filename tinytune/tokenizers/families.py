@@ -69,11 +69,17 @@ def llama3_tokenizer(path: str | Path, version: str = "3.1", chat_template: str 
     """
     specials = llama3_special_tokens(version)
     return _tiktoken_tokenizer(
-        path, LLAMA3_PATTERN, specials,
-        bos="<|begin_of_text|>", eos="<|end_of_text|>",
+        path,
+        LLAMA3_PATTERN,
+        specials,
+        bos="<|begin_of_text|>",
+        eos="<|end_of_text|>",
         pad="<|finetune_right_pad_id|>" if version == "3.1" else None,
         stops=["<|end_of_text|>", "<|eom_id|>", "<|eot_id|>"],
-        add_bos_token=True, nfc=False, chat_template=chat_template, name=f"llama{version}",
+        add_bos_token=True,
+        nfc=False,
+        chat_template=chat_template,
+        name=f"llama{version}",
     )
 
 
@@ -81,9 +87,17 @@ def llama3_tokenizer(path: str | Path, version: str = "3.1", chat_template: str 
 def _qwen(path: str | Path, version: str, chat_template: str | None) -> Tokenizer:
     specials = qwen_special_tokens(version)
     return _tiktoken_tokenizer(
-        path, QWEN2_PATTERN, specials,
-        bos=None, eos="<|endoftext|>", pad="<|endoftext|>", stops=["<|endoftext|>", "<|im_end|>"],
-        add_bos_token=False, nfc=True, chat_template=chat_template, name=f"qwen{version}",
+        path,
+        QWEN2_PATTERN,
+        specials,
+        bos=None,
+        eos="<|endoftext|>",
+        pad="<|endoftext|>",
+        stops=["<|endoftext|>", "<|im_end|>"],
+        add_bos_token=False,
+        nfc=True,
+        chat_template=chat_template,
+        name=f"qwen{version}",
         non_special=frozenset(QWEN_NON_SPECIAL),
     )
 

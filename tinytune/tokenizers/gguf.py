@@ -93,9 +93,7 @@ def hf_tokenizer_files_from_meta(meta: dict[str, Any], source: str = "GGUF") -> 
         )
     pre = meta.get("tokenizer.ggml.pre", "default")
     if pre not in _PRE_TOKENIZERS:
-        raise ValueError(
-            f"{source}: tokenizer.ggml.pre={pre!r} is not supported; known: {sorted(_PRE_TOKENIZERS)}"
-        )
+        raise ValueError(f"{source}: tokenizer.ggml.pre={pre!r} is not supported; known: {sorted(_PRE_TOKENIZERS)}")
     normalizer, pre_tokenizer, ignore_merges = _PRE_TOKENIZERS[pre]
     tokens: list[str] = list(meta["tokenizer.ggml.tokens"])
     types: list[int] = list(meta.get("tokenizer.ggml.token_type") or [_NORMAL] * len(tokens))
@@ -199,7 +197,9 @@ def hf_tokenizer_files_from_meta(meta: dict[str, Any], source: str = "GGUF") -> 
     template = meta.get("tokenizer.chat_template")
     if template:
         config["chat_template"] = template
-    special_map = {k: v for k, v in (("bos_token", bos), ("eos_token", eos), ("pad_token", pad), ("unk_token", unk)) if v}
+    special_map = {
+        k: v for k, v in (("bos_token", bos), ("eos_token", eos), ("pad_token", pad), ("unk_token", unk)) if v
+    }
     if extra:
         special_map["additional_special_tokens"] = extra
     return {

@@ -156,7 +156,9 @@ def bpe_kwargs_from_tokenizer_json(data: dict[str, Any], source: str = "tokenize
     if model.get("type") != "BPE":
         raise ValueError(f"{source}: model.type is {model.get('type')!r}; only byte-level 'BPE' is supported here")
     if model.get("byte_fallback"):
-        raise ValueError(f"{source}: BPE with byte_fallback (SentencePiece-style) is not byte-level; use tokenizer.model")
+        raise ValueError(
+            f"{source}: BPE with byte_fallback (SentencePiece-style) is not byte-level; use tokenizer.model"
+        )
     if model.get("continuing_subword_prefix") or model.get("end_of_word_suffix"):
         raise ValueError(f"{source}: continuing_subword_prefix/end_of_word_suffix are not supported")
     if model.get("dropout"):

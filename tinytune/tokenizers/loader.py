@@ -126,8 +126,15 @@ def _resolve_ids(
     )
 
 
-def _finish_bpe(kwargs: dict[str, Any], config: dict[str, Any], directory: Path | None, *, default_bos=None,
-                default_add_bos=False, name: str) -> BPETokenizer:
+def _finish_bpe(
+    kwargs: dict[str, Any],
+    config: dict[str, Any],
+    directory: Path | None,
+    *,
+    default_bos=None,
+    default_add_bos=False,
+    name: str,
+) -> BPETokenizer:
     added = kwargs["added_tokens"]
     by_content = {t.content: t.id for t in added}
     ranks = kwargs["mergeable_ranks"]
@@ -172,7 +179,12 @@ def hf_json_tokenizer(
         kwargs["vocab_size"] = max(kwargs["vocab_size"], max(t.id for t in extra) + 1)
     post_bos = _template_bos(data.get("post_processor"))
     return _finish_bpe(
-        kwargs, cfg, directory, default_bos=post_bos, default_add_bos=post_bos is not None, name=f"hf-bpe:{file.parent.name}"
+        kwargs,
+        cfg,
+        directory,
+        default_bos=post_bos,
+        default_add_bos=post_bos is not None,
+        name=f"hf-bpe:{file.parent.name}",
     )
 
 
@@ -281,7 +293,10 @@ def sentencepiece_tokenizer(path: str | Path) -> Tokenizer:
     by_content = {t.content: t.id for t in added}
     ids = _resolve_ids(
         lambda s: by_content[s] if s in by_content else tok.token_to_id(s),
-        cfg, added, default_bos=None, default_add_bos=True,
+        cfg,
+        added,
+        default_bos=None,
+        default_add_bos=True,
     )
     ids["stop_tokens"] += _generation_eos(file.parent)
     return SentencePieceTokenizer(

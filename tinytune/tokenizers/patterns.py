@@ -30,10 +30,7 @@ def gpt2_pattern_after_digits(individual_digits: bool) -> str:
     ends the segment.
     """
     digits = r"\p{N}" if individual_digits else r"\p{N}+"
-    return (
-        digits
-        + r"""|'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?[^\s\p{L}\p{N}]+|\s+(?![^\s\p{N}])|\s+"""
-    )
+    return digits + r"""|'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?[^\s\p{L}\p{N}]+|\s+(?![^\s\p{N}])|\s+"""
 
 
 def _steps(pre_tokenizer: dict[str, Any] | None) -> list[dict[str, Any]]:

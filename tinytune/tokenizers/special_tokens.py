@@ -18,11 +18,32 @@ def llama3_special_tokens(version: str = "3.1") -> dict[str, int]:
             ``<|python_tag|>`` and ``<|finetune_right_pad_id|>``).
     """
     if version == "3.0":
-        named = ["<|begin_of_text|>", "<|end_of_text|>", "R", "R", "R", "R",
-                 "<|start_header_id|>", "<|end_header_id|>", "R", "<|eot_id|>"]
+        named = [
+            "<|begin_of_text|>",
+            "<|end_of_text|>",
+            "R",
+            "R",
+            "R",
+            "R",
+            "<|start_header_id|>",
+            "<|end_header_id|>",
+            "R",
+            "<|eot_id|>",
+        ]
     elif version == "3.1":
-        named = ["<|begin_of_text|>", "<|end_of_text|>", "R", "R", "<|finetune_right_pad_id|>", "R",
-                 "<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>", "<|python_tag|>"]
+        named = [
+            "<|begin_of_text|>",
+            "<|end_of_text|>",
+            "R",
+            "R",
+            "<|finetune_right_pad_id|>",
+            "R",
+            "<|start_header_id|>",
+            "<|end_header_id|>",
+            "<|eom_id|>",
+            "<|eot_id|>",
+            "<|python_tag|>",
+        ]
     else:
         raise ValueError(f"unknown Llama 3 tokenizer version {version!r}; use '3.0' or '3.1'")
     out: dict[str, int] = {}
@@ -36,20 +57,47 @@ def llama3_special_tokens(version: str = "3.1") -> dict[str, int]:
     return out
 
 
-
 # ---- Qwen ----------------------------------------------------------------------------------------
 QWEN_SPECIAL_START = 151643
 QWEN2_5_SPECIALS = [
-    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
-    "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
-    "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>", "<tool_call>", "</tool_call>",
-    "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>",
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|object_ref_start|>",
+    "<|object_ref_end|>",
+    "<|box_start|>",
+    "<|box_end|>",
+    "<|quad_start|>",
+    "<|quad_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+    "<tool_call>",
+    "</tool_call>",
+    "<|fim_prefix|>",
+    "<|fim_middle|>",
+    "<|fim_suffix|>",
+    "<|fim_pad|>",
+    "<|repo_name|>",
+    "<|file_sep|>",
 ]
 QWEN3_EXTRA = ["<tool_response>", "</tool_response>", "<think>", "</think>"]
 #: Tokens HF marks ``special: false`` (they stay in decoded text with skip_special_tokens=True).
 QWEN_NON_SPECIAL = {
-    "<tool_call>", "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>",
-    "<|repo_name|>", "<|file_sep|>", "<tool_response>", "</tool_response>", "<think>", "</think>",
+    "<tool_call>",
+    "</tool_call>",
+    "<|fim_prefix|>",
+    "<|fim_middle|>",
+    "<|fim_suffix|>",
+    "<|fim_pad|>",
+    "<|repo_name|>",
+    "<|file_sep|>",
+    "<tool_response>",
+    "</tool_response>",
+    "<think>",
+    "</think>",
 }
 
 

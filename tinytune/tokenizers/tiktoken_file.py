@@ -48,8 +48,7 @@ def load_tiktoken_ranks(path: str | Path) -> dict[bytes, int]:
             ranks[base64.b64decode(tok, validate=True)] = int(rank)
         except (ValueError, binascii.Error):
             raise ValueError(
-                f"{path}:{n}: expected '<base64 token> <rank>', got {line[:60]!r}; "
-                "is this really a tiktoken file?"
+                f"{path}:{n}: expected '<base64 token> <rank>', got {line[:60]!r}; is this really a tiktoken file?"
             ) from None
     if not ranks:
         raise ValueError(f"{path}: empty tiktoken file")

@@ -62,9 +62,19 @@ def check_same_accumulation(state: dict, path: str, accum: int) -> None:
         )
 
 
-def resume_training_state(ckpt, resume_from: Any, *, model: nn.Module, weights_key: str, optimizer, lr_scheduler,
-                          stream, accum: int = 1, fingerprint: dict[str, Any] | None = None,
-                          total_steps: int | None = None) -> int:
+def resume_training_state(
+    ckpt,
+    resume_from: Any,
+    *,
+    model: nn.Module,
+    weights_key: str,
+    optimizer,
+    lr_scheduler,
+    stream,
+    accum: int = 1,
+    fingerprint: dict[str, Any] | None = None,
+    total_steps: int | None = None,
+) -> int:
     """Restores a saved training state when ``resume_from`` (``auto``, a path or None) names one.
 
     Args:
@@ -105,8 +115,17 @@ def resume_training_state(ckpt, resume_from: Any, *, model: nn.Module, weights_k
     return step
 
 
-def save_training_state(ckpt, step: int, weights: dict[str, Any], *, optimizer, lr_scheduler, stream,
-                        accum: int = 1, fingerprint: dict[str, Any] | None = None) -> None:
+def save_training_state(
+    ckpt,
+    step: int,
+    weights: dict[str, Any],
+    *,
+    optimizer,
+    lr_scheduler,
+    stream,
+    accum: int = 1,
+    fingerprint: dict[str, Any] | None = None,
+) -> None:
     """Saves ``{**weights, "optimizer", "lr_scheduler", "data", "step", "accum"}`` as the checkpoint of ``step``.
 
     Args:
@@ -114,8 +133,18 @@ def save_training_state(ckpt, step: int, weights: dict[str, Any], *, optimizer, 
         accum: the run's ``gradient_accumulation_steps`` (checked on resume).
         fingerprint: this run's fingerprint, stored with the checkpoint.
     """
-    ckpt.save(step, {**weights, "optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(),
-                     "data": stream.state_dict(), "step": step, "accum": accum}, fingerprint=fingerprint)
+    ckpt.save(
+        step,
+        {
+            **weights,
+            "optimizer": optimizer.state_dict(),
+            "lr_scheduler": lr_scheduler.state_dict(),
+            "data": stream.state_dict(),
+            "step": step,
+            "accum": accum,
+        },
+        fingerprint=fingerprint,
+    )
 
 
 def check_not_past_end(step: int, total_steps: int | None, path: Any) -> None:
@@ -125,14 +154,25 @@ def check_not_past_end(step: int, total_steps: int | None, path: Any) -> None:
         ResumeError: naming both numbers and what to do.
     """
     if total_steps is not None and step > total_steps:
-        raise ResumeError(f"resume_from_checkpoint: {path} is at step {step}, past this run's last step {total_steps} "
-                          f"(max_steps / epochs lowered?). Set max_steps >= {step}, or start fresh with "
-                          "resume_from_checkpoint=null or a new output_dir")
+        raise ResumeError(
+            f"resume_from_checkpoint: {path} is at step {step}, past this run's last step {total_steps} "
+            f"(max_steps / epochs lowered?). Set max_steps >= {step}, or start fresh with "
+            "resume_from_checkpoint=null or a new output_dir"
+        )
 
 
-def resume_sharded_state(ckpt, resume_from: Any, *, model: nn.Module, optimizer, lr_scheduler, stream,
-                         accum: int, fingerprint: dict[str, Any] | None = None,
-                         total_steps: int | None = None) -> int:
+def resume_sharded_state(
+    ckpt,
+    resume_from: Any,
+    *,
+    model: nn.Module,
+    optimizer,
+    lr_scheduler,
+    stream,
+    accum: int,
+    fingerprint: dict[str, Any] | None = None,
+    total_steps: int | None = None,
+) -> int:
     """:func:`resume_training_state` for the distributed recipes' DCP checkpoints (collective).
 
     Args:
@@ -169,10 +209,24 @@ def resume_sharded_state(ckpt, resume_from: Any, *, model: nn.Module, optimizer,
     return step
 
 
-def save_sharded_state(ckpt, step: int, *, model: nn.Module, optimizer, lr_scheduler, stream, accum: int,
-                       fingerprint: dict[str, Any] | None = None) -> None:
+def save_sharded_state(
+    ckpt,
+    step: int,
+    *,
+    model: nn.Module,
+    optimizer,
+    lr_scheduler,
+    stream,
+    accum: int,
+    fingerprint: dict[str, Any] | None = None,
+) -> None:
     """Saves a DCP checkpoint of ``step`` (collective): sharded weights and optimizer, and
     ``{"step", "accum", "lr_scheduler", "data"}`` (the same trainer state as the single-device one,
     as JSON) with the run fingerprint."""
-    ckpt.save(step, model, optimizer, {"step": step, "accum": accum, "lr_scheduler": lr_scheduler.state_dict(),
-                                       "data": stream.state_dict()}, fingerprint=fingerprint)
+    ckpt.save(
+        step,
+        model,
+        optimizer,
+        {"step": step, "accum": accum, "lr_scheduler": lr_scheduler.state_dict(), "data": stream.state_dict()},
+        fingerprint=fingerprint,
+    )

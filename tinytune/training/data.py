@@ -10,8 +10,9 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tinytune.distributed.dist_sampler import ResumableDistributedSampler
 
 
-def split_dataset(dataset: Dataset, val_ratio: float | None = None, val_size: int | None = None,
-                  seed: int = 0) -> tuple[Dataset, Dataset | None]:
+def split_dataset(
+    dataset: Dataset, val_ratio: float | None = None, val_size: int | None = None, seed: int = 0
+) -> tuple[Dataset, Dataset | None]:
     """Deterministically holds out a validation subset.
 
     Args:
@@ -64,9 +65,19 @@ class BatchStream:
         ValueError: when a rank's share of the dataset is smaller than one batch (with ``drop_last``).
     """
 
-    def __init__(self, dataset: Dataset, batch_size: int, collate_fn: Callable[[list], dict], *,
-                 shuffle: bool = True, seed: int = 0, drop_last: bool = True, num_workers: int = 0,
-                 dp_rank: int = 0, dp_size: int = 1) -> None:
+    def __init__(
+        self,
+        dataset: Dataset,
+        batch_size: int,
+        collate_fn: Callable[[list], dict],
+        *,
+        shuffle: bool = True,
+        seed: int = 0,
+        drop_last: bool = True,
+        num_workers: int = 0,
+        dp_rank: int = 0,
+        dp_size: int = 1,
+    ) -> None:
         n = len(dataset)
         if n == 0 or (drop_last and n // dp_size < batch_size):
             ranks = f" x {dp_size} data-parallel ranks" if dp_size > 1 else ""
@@ -95,8 +106,15 @@ class BatchStream:
         # resumed run's dropout masks match the uninterrupted run's.
         g = torch.Generator()
         g.manual_seed(self.sampler.seed + self.epoch)
-        loader = DataLoader(self.dataset, batch_size=self.batch_size, sampler=self.sampler, generator=g,
-                            collate_fn=self.collate_fn, drop_last=self.drop_last, num_workers=self.num_workers)
+        loader = DataLoader(
+            self.dataset,
+            batch_size=self.batch_size,
+            sampler=self.sampler,
+            generator=g,
+            collate_fn=self.collate_fn,
+            drop_last=self.drop_last,
+            num_workers=self.num_workers,
+        )
         self._it = iter(loader)
 
     def __iter__(self) -> "BatchStream":
@@ -115,8 +133,13 @@ class BatchStream:
 
     def state_dict(self) -> dict[str, int]:
         """Position to resume from."""
-        state = {"epoch": self.epoch, "batches_done": self.batches_done, "seed": self.sampler.seed,
-                 "batch_size": self.batch_size, "dp_size": self.sampler.num_replicas}
+        state = {
+            "epoch": self.epoch,
+            "batches_done": self.batches_done,
+            "seed": self.sampler.seed,
+            "batch_size": self.batch_size,
+            "dp_size": self.sampler.num_replicas,
+        }
         if hasattr(self.dataset, "state_dict"):  # a dataset mix: items served per source
             state["dataset"] = self.dataset.state_dict()
         return state

@@ -77,17 +77,21 @@ class _Totals:
 
     def mean(self, n_pairs: int, sft_weight: float) -> dict[str, float]:
         n = max(n_pairs, 1)
-        out = {"loss": self.loss / n + self.nll,
-               "rewards/chosen": self.chosen / n, "rewards/rejected": self.rejected / n,
-               "rewards/accuracies": self.correct / n}
+        out = {
+            "loss": self.loss / n + self.nll,
+            "rewards/chosen": self.chosen / n,
+            "rewards/rejected": self.rejected / n,
+            "rewards/accuracies": self.correct / n,
+        }
         out["rewards/margins"] = out["rewards/chosen"] - out["rewards/rejected"]
         if sft_weight:
             out["nll_loss"] = self.nll / sft_weight
         return out
 
 
-def dpo_accumulate(model: nn.Module, reference, micro_batches: Sequence[dict], device: torch.device,
-                   loss_fn: PreferenceLoss) -> dict[str, float]:
+def dpo_accumulate(
+    model: nn.Module, reference, micro_batches: Sequence[dict], device: torch.device, loss_fn: PreferenceLoss
+) -> dict[str, float]:
     """Forward + backward of a preference loss over an accumulation window.
 
     The pair losses are averaged over every pair of the window; ORPO's NLL term is the token mean
@@ -124,8 +128,9 @@ def dpo_accumulate(model: nn.Module, reference, micro_batches: Sequence[dict], d
 
 
 @torch.no_grad()
-def dpo_eval(model: nn.Module, reference, batches, device: torch.device, loss_fn: PreferenceLoss,
-             max_batches: int | None = None) -> dict[str, float]:
+def dpo_eval(
+    model: nn.Module, reference, batches, device: torch.device, loss_fn: PreferenceLoss, max_batches: int | None = None
+) -> dict[str, float]:
     """The preference loss and reward metrics over validation pairs (model in eval mode).
 
     Same reductions as :func:`dpo_accumulate` with the validation set as one window.

@@ -14,8 +14,13 @@ from tinytune.training.padding_free import drop_unlabeled_tail
 
 
 @torch.no_grad()
-def evaluate_loss(model: nn.Module, batches: Iterable[dict], device: torch.device,
-                  max_batches: int | None = None, padding_free: bool = True) -> dict[str, float]:
+def evaluate_loss(
+    model: nn.Module,
+    batches: Iterable[dict],
+    device: torch.device,
+    max_batches: int | None = None,
+    padding_free: bool = True,
+) -> dict[str, float]:
     """Token-averaged cross-entropy over ``batches`` and its perplexity.
 
     The model is put in eval mode for the pass and returned to its previous mode afterwards.

@@ -11,8 +11,14 @@ from tinytune.checkpoint.gguf_writer import check_gguf_type, write_gguf
 from tinytune.checkpoint.model_info import ModelInfo
 
 
-def export_gguf(gguf_type: str | None, state_dict: Mapping[str, torch.Tensor], info: ModelInfo, tokenizer_dir: str,
-                out_dir: str, chat_template: str | None = None) -> dict[str, str]:
+def export_gguf(
+    gguf_type: str | None,
+    state_dict: Mapping[str, torch.Tensor],
+    info: ModelInfo,
+    tokenizer_dir: str,
+    out_dir: str,
+    chat_template: str | None = None,
+) -> dict[str, str]:
     """Writes ``out_dir/model-TYPE.gguf`` when ``gguf_type`` (the ``export_gguf`` setting, checked by
     the settings layer) is set.
 

@@ -26,21 +26,24 @@ def mismatched_batches(micro_batches: Sequence[dict], pad_id: int = 0) -> list[d
     prompts = [p for mb in micro_batches for p in mb["prompt_ids"]]
     completions = [c for mb in micro_batches for c in mb["completion_ids"]]
     if len(prompts) < 2:
-        raise ValueError("kto: the KL estimate needs at least 2 examples per optimizer step "
-                         "(batch_size x gradient_accumulation_steps >= 2)")
+        raise ValueError(
+            "kto: the KL estimate needs at least 2 examples per optimizer step "
+            "(batch_size x gradient_accumulation_steps >= 2)"
+        )
     shifted = completions[-1:] + completions[:-1]
     out, start = [], 0
     for mb in micro_batches:
         n = len(mb["prompt_ids"])
-        rows = [join_prompt_completion(p, c) for p, c in zip(prompts[start:start + n], shifted[start:start + n])]
+        rows = [join_prompt_completion(p, c) for p, c in zip(prompts[start : start + n], shifted[start : start + n])]
         out.append(padded_collate(rows, pad_id=pad_id))
         start += n
     return out
 
 
 @torch.no_grad()
-def window_kl(model: nn.Module, reference, micro_batches: Sequence[dict], device: torch.device,
-              pad_id: int = 0) -> torch.Tensor:
+def window_kl(
+    model: nn.Module, reference, micro_batches: Sequence[dict], device: torch.device, pad_id: int = 0
+) -> torch.Tensor:
     """KTO's reference point ``z0``: mean policy-minus-reference log-ratio of the window's mismatched
     pairs, clamped at 0 and detached (no gradient flows through it)."""
     pol, ref_lp = [], []
@@ -58,8 +61,9 @@ def _example_terms(model, reference, mb, kl, beta, desirable_weight, undesirable
         ref_lp = sequence_logps(ref, mb["tokens"], mb["labels"])  # [b]
     ratios = sequence_logps(model, mb["tokens"], mb["labels"]) - ref_lp  # [b]
     d = mb["desirable"]
-    losses = kto_losses(ratios[d], ratios[~d], kl, beta=beta, desirable_weight=desirable_weight,
-                        undesirable_weight=undesirable_weight)
+    losses = kto_losses(
+        ratios[d], ratios[~d], kl, beta=beta, desirable_weight=desirable_weight, undesirable_weight=undesirable_weight
+    )
     return losses, beta * ratios[d].detach(), beta * ratios[~d].detach()
 
 
@@ -86,9 +90,17 @@ class _Totals:
         return out
 
 
-def kto_accumulate(model: nn.Module, reference, micro_batches: Sequence[dict], device: torch.device, *,
-                   beta: float, desirable_weight: float = 1.0, undesirable_weight: float = 1.0,
-                   pad_id: int = 0) -> dict[str, float]:
+def kto_accumulate(
+    model: nn.Module,
+    reference,
+    micro_batches: Sequence[dict],
+    device: torch.device,
+    *,
+    beta: float,
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
+    pad_id: int = 0,
+) -> dict[str, float]:
     """Forward + backward of the KTO loss over an accumulation window.
 
     The KL reference point comes from the whole window's mismatched pairs (one no-grad pass), and the
@@ -121,9 +133,18 @@ def kto_accumulate(model: nn.Module, reference, micro_batches: Sequence[dict], d
 
 
 @torch.no_grad()
-def kto_eval(model: nn.Module, reference, batches, device: torch.device, *, beta: float,
-             desirable_weight: float = 1.0, undesirable_weight: float = 1.0, pad_id: int = 0,
-             max_batches: int | None = None) -> dict[str, float]:
+def kto_eval(
+    model: nn.Module,
+    reference,
+    batches,
+    device: torch.device,
+    *,
+    beta: float,
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
+    pad_id: int = 0,
+    max_batches: int | None = None,
+) -> dict[str, float]:
     """KTO loss and rewards over validation batches (eval mode), the set used as one window:
     one KL reference point from all its mismatched pairs, losses averaged over all its examples.
 
@@ -137,8 +158,9 @@ def kto_eval(model: nn.Module, reference, batches, device: torch.device, *, beta
     try:
         kl = window_kl(model, reference, used, device, pad_id)
         for mb in used:
-            losses, rc, rr = _example_terms(model, reference, to_device(mb, device), kl, beta, desirable_weight,
-                                            undesirable_weight)
+            losses, rc, rr = _example_terms(
+                model, reference, to_device(mb, device), kl, beta, desirable_weight, undesirable_weight
+            )
             totals.add(float(losses.sum()), rc, rr)
     finally:
         model.train(was)

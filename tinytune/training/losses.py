@@ -18,9 +18,7 @@ def count_label_tokens(batches, ignore_index: int = IGNORE_INDEX) -> torch.Tenso
 
 def model_hidden(model: nn.Module, batch: dict) -> torch.Tensor:
     """Final hidden states ``[b, s, d]`` for a (possibly packed) batch."""
-    return model(
-        batch["tokens"], input_pos=batch.get("input_pos"), seq_lens=batch.get("seq_lens"), return_hidden=True
-    )
+    return model(batch["tokens"], input_pos=batch.get("input_pos"), seq_lens=batch.get("seq_lens"), return_hidden=True)
 
 
 def sft_loss_sum(model: nn.Module, batch: dict, chunk_size: int | None = None) -> torch.Tensor:

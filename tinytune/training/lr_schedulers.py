@@ -14,7 +14,9 @@ from tinytune.config import instantiate, locate
 SCHEDULERS = ("constant", "cosine", "linear")
 
 
-def resolve_warmup_steps(num_training_steps: int, warmup_steps: int | None = None, warmup_ratio: float | None = None) -> int:
+def resolve_warmup_steps(
+    num_training_steps: int, warmup_steps: int | None = None, warmup_ratio: float | None = None
+) -> int:
     """Number of warmup steps from ``warmup_steps`` or ``warmup_ratio`` (not both).
 
     Raises:

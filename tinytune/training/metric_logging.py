@@ -66,8 +66,9 @@ def drop_torn_last_line(path: str) -> None:
         content = f.read()
         keep = content.rfind(b"\n") + 1  # 0 when the file is one torn line
         f.truncate(keep)
-    log.warning("%s: dropped a torn last line (%d bytes, the run was interrupted while writing it)",
-                path, len(content) - keep)
+    log.warning(
+        "%s: dropped a torn last line (%d bytes, the run was interrupted while writing it)", path, len(content) - keep
+    )
 
 
 class JSONLLogger:
@@ -118,7 +119,9 @@ class TensorBoardLogger:
 class WandBLogger:
     """Logs to Weights & Biases (needs the ``wandb`` package and a login or ``WANDB_MODE=offline``)."""
 
-    def __init__(self, project: str = "tinytune", log_dir: str | None = None, config: dict | None = None, **kwargs) -> None:
+    def __init__(
+        self, project: str = "tinytune", log_dir: str | None = None, config: dict | None = None, **kwargs
+    ) -> None:
         try:
             import wandb  # noqa: PLC0415 (optional: wandb)
         except ImportError as e:
@@ -157,8 +160,11 @@ LOGGERS = ("stdout", "jsonl", "tensorboard", "wandb")
 
 
 def build_metric_loggers(
-    names: Iterable[str] | str | None, output_dir: str, metrics_file: str = "metrics.jsonl",
-    wandb_project: str = "tinytune", config: dict | None = None,
+    names: Iterable[str] | str | None,
+    output_dir: str,
+    metrics_file: str = "metrics.jsonl",
+    wandb_project: str = "tinytune",
+    config: dict | None = None,
 ) -> MetricLoggerGroup:
     """Builds the loggers named in ``names`` (``stdout``, ``jsonl``, ``tensorboard``, ``wandb``).
 
@@ -205,8 +211,13 @@ def train_row(loss: float, lr: float, label_tokens: int, seconds: float, epoch: 
         seconds: wall-clock seconds the numbers cover (``tokens_per_s = label_tokens / seconds``).
         epoch: current data epoch.
     """
-    return {"loss": loss, "lr": lr, "tokens_per_s": label_tokens / max(seconds, 1e-9),
-            "label_tokens": label_tokens, "epoch": epoch}
+    return {
+        "loss": loss,
+        "lr": lr,
+        "tokens_per_s": label_tokens / max(seconds, 1e-9),
+        "label_tokens": label_tokens,
+        "epoch": epoch,
+    }
 
 
 class LogWindow:
@@ -247,8 +258,7 @@ class LogWindow:
         return {"train_seconds": round(self.total_seconds, 2), "train_label_tokens": self.total_tokens}
 
 
-def log_train_row(loggers: Any, step: int, row: Mapping[str, Any], device: Any,
-                  grad_norm: float | None = None) -> None:
+def log_train_row(loggers: Any, step: int, row: Mapping[str, Any], device: Any, grad_norm: float | None = None) -> None:
     """Logs a training row followed by memory stats and ``grad_norm`` (when clipping); resets the peak.
 
     Args:

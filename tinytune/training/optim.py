@@ -12,8 +12,11 @@ from tinytune.config import instantiate
 
 OPTIMIZERS = ("adamw", "adamw8bit", "adamw4bit", "adamw_offload", "adamw8bit_offload", "sgd")
 # bitsandbytes' paged optimizers (Llama-2 QLoRA recipes) -> the closest torchao optimizer
-PAGED_ALIASES = {"paged_adamw": "adamw_offload", "paged_adamw_32bit": "adamw_offload",
-                 "paged_adamw_8bit": "adamw8bit_offload"}
+PAGED_ALIASES = {
+    "paged_adamw": "adamw_offload",
+    "paged_adamw_32bit": "adamw_offload",
+    "paged_adamw_8bit": "adamw8bit_offload",
+}
 log = logging.getLogger(__name__)
 
 
@@ -28,7 +31,9 @@ def _fused_adamw_ok(params: list[torch.nn.Parameter]) -> bool:
     return (
         len(devices) == 1
         and devices <= {"cpu", "cuda"}
-        and all(type(p.data) is torch.Tensor and p.dtype in (torch.float32, torch.bfloat16, torch.float16) for p in params)
+        and all(
+            type(p.data) is torch.Tensor and p.dtype in (torch.float32, torch.bfloat16, torch.float16) for p in params
+        )
     )
 
 
@@ -37,8 +42,14 @@ DEFAULT_LR = 2e-5
 DEFAULT_NO_DECAY = ("bias", "norm", "tok_embeddings")
 
 
-def param_groups(named_params, *, weight_decay: float | None = None, no_decay=DEFAULT_NO_DECAY,
-                 lr: float = DEFAULT_LR, loraplus_lr_ratio: float | None = None) -> list[dict]:
+def param_groups(
+    named_params,
+    *,
+    weight_decay: float | None = None,
+    no_decay=DEFAULT_NO_DECAY,
+    lr: float = DEFAULT_LR,
+    loraplus_lr_ratio: float | None = None,
+) -> list[dict]:
     """Optimizer parameter groups from ``(name, parameter)`` pairs (trainable ones only).
 
     Args:
@@ -132,8 +143,9 @@ def build_optimizer(
             kwargs["fused"] = True
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=tuple(betas), eps=eps, **kwargs)
     if name in PAGED_ALIASES:
-        log.warning("optimizer: %s is bitsandbytes' paged optimizer; running %s (torchao) instead", name,
-                    PAGED_ALIASES[name])
+        log.warning(
+            "optimizer: %s is bitsandbytes' paged optimizer; running %s (torchao) instead", name, PAGED_ALIASES[name]
+        )
         name = PAGED_ALIASES[name]
     if name in ("adamw8bit", "adamw4bit", "adamw_offload", "adamw8bit_offload"):
         logging.getLogger("torchao").setLevel(logging.ERROR)
@@ -148,13 +160,17 @@ def build_optimizer(
             return tao.AdamW4bit(params, **args)
         inner = torch.optim.AdamW if name == "adamw_offload" else tao.AdamW8bit
         if not any(p.device.type in ("cuda", "xpu") for p in _flat(params)):
-            log.warning("optimizer: %s: the parameters are on the CPU, so the optimizer state already is; "
-                        "running %s", name, inner.__name__)
+            log.warning(
+                "optimizer: %s: the parameters are on the CPU, so the optimizer state already is; running %s",
+                name,
+                inner.__name__,
+            )
             return inner(params, **args)
         log.info("optimizer: %s: torchao CPUOffloadOptimizer(%s), state and step on the CPU", name, inner.__name__)
         return tao.CPUOffloadOptimizer(params, inner, **args)
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr, weight_decay=weight_decay, **kwargs)
-    raise ValueError(f"optimizer.name: unknown optimizer {name!r}; choose from {list(OPTIMIZERS)} "
-                     f"(or the aliases {sorted(PAGED_ALIASES)})")
-
+    raise ValueError(
+        f"optimizer.name: unknown optimizer {name!r}; choose from {list(OPTIMIZERS)} "
+        f"(or the aliases {sorted(PAGED_ALIASES)})"
+    )

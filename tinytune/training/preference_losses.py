@@ -33,9 +33,16 @@ def log1mexp(x: torch.Tensor) -> torch.Tensor:
     return torch.where(x > -0.6931471805599453, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
 
 
-def dpo_family_losses(kind: str, chosen_logratios: torch.Tensor, rejected_logratios: torch.Tensor, *,
-                      beta: float, label_smoothing: float = 0.0, chosen_lengths: torch.Tensor | None = None,
-                      rejected_lengths: torch.Tensor | None = None) -> torch.Tensor:
+def dpo_family_losses(
+    kind: str,
+    chosen_logratios: torch.Tensor,
+    rejected_logratios: torch.Tensor,
+    *,
+    beta: float,
+    label_smoothing: float = 0.0,
+    chosen_lengths: torch.Tensor | None = None,
+    rejected_lengths: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Per-pair losses of the reference-based losses.
 
     Args:
@@ -64,8 +71,14 @@ def dpo_family_losses(kind: str, chosen_logratios: torch.Tensor, rejected_lograt
     raise ValueError(f"unknown reference-based loss {kind!r}")
 
 
-def simpo_losses(chosen_avg_logps: torch.Tensor, rejected_avg_logps: torch.Tensor, *, beta: float, gamma: float,
-                 label_smoothing: float = 0.0) -> torch.Tensor:
+def simpo_losses(
+    chosen_avg_logps: torch.Tensor,
+    rejected_avg_logps: torch.Tensor,
+    *,
+    beta: float,
+    gamma: float,
+    label_smoothing: float = 0.0,
+) -> torch.Tensor:
     """SimPO: ``-log sigmoid(beta * (avg_c - avg_r) - gamma)`` (label smoothing as in cDPO); ``[b]``."""
     z = beta * (chosen_avg_logps - rejected_avg_logps) - gamma
     return -F.logsigmoid(z) * (1.0 - label_smoothing) - F.logsigmoid(-z) * label_smoothing
@@ -78,8 +91,15 @@ def orpo_log_odds(chosen_avg_logps: torch.Tensor, rejected_avg_logps: torch.Tens
     return (c - r) - (log1mexp(c) - log1mexp(r))
 
 
-def kto_losses(chosen_logratios: torch.Tensor, rejected_logratios: torch.Tensor, kl: torch.Tensor, *,
-               beta: float, desirable_weight: float = 1.0, undesirable_weight: float = 1.0) -> torch.Tensor:
+def kto_losses(
+    chosen_logratios: torch.Tensor,
+    rejected_logratios: torch.Tensor,
+    kl: torch.Tensor,
+    *,
+    beta: float,
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
+) -> torch.Tensor:
     """KTO (eq. 7 of the paper): weighted per-example losses, desirable examples first.
 
     Args:
@@ -131,8 +151,10 @@ class PreferenceLoss:
         if self.label_smoothing and self.kind not in ("sigmoid", "robust", "simpo"):
             raise ConfigError(f"label_smoothing: not used by loss={self.kind}; remove it or set it to 0")
         if not 0.0 <= self.label_smoothing < (0.5 if self.kind == "robust" else 1.0):
-            raise ConfigError(f"label_smoothing: must be in [0, {0.5 if self.kind == 'robust' else 1}) "
-                             f"for loss={self.kind} (got {self.label_smoothing})")
+            raise ConfigError(
+                f"label_smoothing: must be in [0, {0.5 if self.kind == 'robust' else 1}) "
+                f"for loss={self.kind} (got {self.label_smoothing})"
+            )
         if self.gamma and self.kind != "simpo":
             raise ConfigError(f"gamma: only loss=simpo uses it (loss={self.kind}); remove it")
 
@@ -146,9 +168,15 @@ class PreferenceLoss:
         """Weight of the token-mean NLL of the chosen answers added to the loss (1 for orpo, else 0)."""
         return 1.0 if self.kind == "orpo" else 0.0
 
-    def pair_losses(self, policy_chosen: torch.Tensor, policy_rejected: torch.Tensor,
-                    reference_chosen: torch.Tensor | None, reference_rejected: torch.Tensor | None,
-                    chosen_lengths: torch.Tensor, rejected_lengths: torch.Tensor):
+    def pair_losses(
+        self,
+        policy_chosen: torch.Tensor,
+        policy_rejected: torch.Tensor,
+        reference_chosen: torch.Tensor | None,
+        reference_rejected: torch.Tensor | None,
+        chosen_lengths: torch.Tensor,
+        rejected_lengths: torch.Tensor,
+    ):
         """Per-pair losses and implicit rewards (the NLL term of ORPO is the caller's: :attr:`sft_weight`).
 
         Args:
@@ -164,8 +192,15 @@ class PreferenceLoss:
             if reference_chosen is None or reference_rejected is None:
                 raise ValueError(f"loss={self.kind} needs reference log-probs")
             c, r = policy_chosen - reference_chosen, policy_rejected - reference_rejected
-            losses = dpo_family_losses(self.kind, c, r, beta=self.beta, label_smoothing=self.label_smoothing,
-                                       chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths)
+            losses = dpo_family_losses(
+                self.kind,
+                c,
+                r,
+                beta=self.beta,
+                label_smoothing=self.label_smoothing,
+                chosen_lengths=chosen_lengths,
+                rejected_lengths=rejected_lengths,
+            )
             return losses, self.beta * c.detach(), self.beta * r.detach()
         c = policy_chosen / chosen_lengths.clamp(min=1)  # average log-prob per label token
         r = policy_rejected / rejected_lengths.clamp(min=1)

@@ -21,8 +21,15 @@ class TrainProgress:
     """
 
     def __init__(self, total_steps: int, initial_step: int = 0, desc: str = "train", disable: bool = False) -> None:
-        self.bar = tqdm(total=total_steps, initial=initial_step, desc=desc, dynamic_ncols=True,
-                        disable=disable, file=sys.stderr, mininterval=0.5)
+        self.bar = tqdm(
+            total=total_steps,
+            initial=initial_step,
+            desc=desc,
+            dynamic_ncols=True,
+            disable=disable,
+            file=sys.stderr,
+            mininterval=0.5,
+        )
         self._t = time.perf_counter()
         run_context.step = initial_step
         run_context.on_exit.append(self.close)  # an error message then starts on its own line

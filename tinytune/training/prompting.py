@@ -75,11 +75,21 @@ def prompt_messages(prompt: str | dict | Sequence[dict], system: str | None = No
 
 
 @torch.no_grad()
-def generate_replies(model: nn.Module, tokenizer, template, prompts: Sequence[str | Sequence[dict]], *,
-                     max_new_tokens: int = 64, temperature: float = 0.0, top_k: int | None = None,
-                     top_p: float | None = None, system: str | None = None, seed: int | None = None,
-                     on_token: Callable[[int, int], None] | None = None,
-                     enable_thinking: bool | None = None) -> list[str]:
+def generate_replies(
+    model: nn.Module,
+    tokenizer,
+    template,
+    prompts: Sequence[str | Sequence[dict]],
+    *,
+    max_new_tokens: int = 64,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    system: str | None = None,
+    seed: int | None = None,
+    on_token: Callable[[int, int], None] | None = None,
+    enable_thinking: bool | None = None,
+) -> list[str]:
     """Answers each prompt through the chat template (batched, left-padded, KV cache).
 
     ``enable_thinking`` goes to the template's generation prompt (Qwen3: False = non-thinking mode).
@@ -87,8 +97,7 @@ def generate_replies(model: nn.Module, tokenizer, template, prompts: Sequence[st
     Returns:
         The decoded replies (special tokens skipped, surrounding whitespace stripped).
     """
-    encoded = [encode_chat_prompt(tokenizer, template, prompt_messages(p, system), enable_thinking)
-               for p in prompts]
+    encoded = [encode_chat_prompt(tokenizer, template, prompt_messages(p, system), enable_thinking) for p in prompts]
     gen = None
     if seed is not None and temperature > 0:
         gen = torch.Generator(device=next(model.parameters()).device)
@@ -96,9 +105,18 @@ def generate_replies(model: nn.Module, tokenizer, template, prompts: Sequence[st
     was_training = model.training
     model.eval()
     try:
-        out = generate(model, encoded, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                       top_p=top_p, stop_tokens=stop_token_ids(tokenizer, template),
-                       pad_id=int(getattr(tokenizer, "pad_id", None) or 0), generator=gen, on_token=on_token)
+        out = generate(
+            model,
+            encoded,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            stop_tokens=stop_token_ids(tokenizer, template),
+            pad_id=int(getattr(tokenizer, "pad_id", None) or 0),
+            generator=gen,
+            on_token=on_token,
+        )
     finally:
         model.train(was_training)
     return [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in out]
@@ -136,8 +154,9 @@ class SampleGenerations:
         self.prompts = list(sample.prompts) + [q.prompt for q in self.held_out]
         self.template = get_bound_template(template, tokenizer) if self.prompts else None
         # enable_thinking (Qwen3): true / false / null, as for the dataset
-        self.gen_kw = dict(max_new_tokens=sample.max_new_tokens, system=sample.system,
-                           enable_thinking=sample.enable_thinking)
+        self.gen_kw = dict(
+            max_new_tokens=sample.max_new_tokens, system=sample.system, enable_thinking=sample.enable_thinking
+        )
         self.before: list[str] = []
 
     def _answer(self, model: nn.Module) -> list[str]:
@@ -165,12 +184,19 @@ class SampleGenerations:
         if self.held_out:
             k = len(self.held_out)
             for q, row in zip(self.held_out, rows[-k:]):
-                row.update(expect=list(q.expect), correct_before=q.is_correct(row["before"]),
-                           correct_after=q.is_correct(row["after"]))
-            scores = {"held_out_correct_before": fraction_correct(self.held_out, self.before[-k:]),
-                      "held_out_correct_after": fraction_correct(self.held_out, after[-k:])}
-            print(f"held-out questions answered correctly: before {scores['held_out_correct_before']:.0%}, "
-                  f"after {scores['held_out_correct_after']:.0%} (of {k})")
+                row.update(
+                    expect=list(q.expect),
+                    correct_before=q.is_correct(row["before"]),
+                    correct_after=q.is_correct(row["after"]),
+                )
+            scores = {
+                "held_out_correct_before": fraction_correct(self.held_out, self.before[-k:]),
+                "held_out_correct_after": fraction_correct(self.held_out, after[-k:]),
+            }
+            print(
+                f"held-out questions answered correctly: before {scores['held_out_correct_before']:.0%}, "
+                f"after {scores['held_out_correct_after']:.0%} (of {k})"
+            )
         with open(os.path.join(out_dir, "generations.json"), "w", encoding="utf-8") as f:
             json.dump(rows, f, indent=2)
         return scores

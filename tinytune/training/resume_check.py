@@ -21,11 +21,25 @@ from tinytune.checkpoint.fingerprint import run_fingerprint
 # batch_size and gradient_accumulation_steps are not here: the batch stream and
 # tinytune.training.checkpointing.check_same_accumulation refuse those with their own messages.
 TRAJECTORY_KEYS = (
-    "seed", "dtype", "shuffle", "padding_free", "clip_grad_norm",
-    "optimizer", "lr_scheduler", "model", "validation.split_ratio", "validation.split_size", "pad_to_multiple_of",
-    "loraplus_lr_ratio", "neftune_noise_alpha",
-    "beta", "label_smoothing", "loss", "gamma",  # dpo
-    "desirable_weight", "undesirable_weight",  # kto
+    "seed",
+    "dtype",
+    "shuffle",
+    "padding_free",
+    "clip_grad_norm",
+    "optimizer",
+    "lr_scheduler",
+    "model",
+    "validation.split_ratio",
+    "validation.split_size",
+    "pad_to_multiple_of",
+    "loraplus_lr_ratio",
+    "neftune_noise_alpha",
+    "beta",
+    "label_smoothing",
+    "loss",
+    "gamma",  # dpo
+    "desirable_weight",
+    "undesirable_weight",  # kto
 )
 # The data is compared by content instead of by its config node (tinytune.checkpoint.fingerprint.dataset_identity:
 # token-cache key = file digests + tokenizer + template + max_seq_len ..., sample count and order), so a moved
@@ -52,8 +66,12 @@ def config_fingerprint(cfg: DictConfig, model: nn.Module, dataset: Any, info: An
 
     Under ``torch.distributed`` this is a collective (every rank calls it).
     """
-    fp = run_fingerprint(model=model, base_model_config=getattr(info, "hf_config", None), dataset=dataset,
-                         settings=trajectory_settings(cfg))
+    fp = run_fingerprint(
+        model=model,
+        base_model_config=getattr(info, "hf_config", None),
+        dataset=dataset,
+        settings=trajectory_settings(cfg),
+    )
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         # collective: pipeline stages hold different layers, so the run's trained parameters are the
         # union over the ranks (FSDP / TP ranks name the same parameters with their global shapes)

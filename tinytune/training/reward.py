@@ -21,8 +21,13 @@ def chosen_rejected_scores(model: nn.Module, batch: dict) -> tuple[torch.Tensor,
 
 def _metrics(loss_sum: float, correct: float, chosen: float, rejected: float, n: int) -> dict[str, float]:
     n = max(n, 1)
-    return {"loss": loss_sum / n, "accuracy": correct / n, "rewards/chosen": chosen / n,
-            "rewards/rejected": rejected / n, "rewards/margins": (chosen - rejected) / n}
+    return {
+        "loss": loss_sum / n,
+        "accuracy": correct / n,
+        "rewards/chosen": chosen / n,
+        "rewards/rejected": rejected / n,
+        "rewards/margins": (chosen - rejected) / n,
+    }
 
 
 def reward_accumulate(model: nn.Module, micro_batches: Sequence[dict], device: torch.device) -> dict[str, float]:

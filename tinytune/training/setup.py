@@ -51,8 +51,7 @@ def check_training_dtype(name: str) -> None:
         ConfigError: for fp16, which needs loss scaling that no training recipe does.
     """
     if name in FP16_NAMES:
-        raise ConfigError(f"dtype: {name} needs loss scaling, which the training recipes do not do; "
-                          "use bf16 or fp32.")
+        raise ConfigError(f"dtype: {name} needs loss scaling, which the training recipes do not do; use bf16 or fp32.")
 
 
 def setup_device(hw: DeviceSettings, training: bool = True) -> tuple[torch.device, torch.dtype, int]:
@@ -104,8 +103,10 @@ def resolve_checkpoint_dir(src: ModelSourceSettings) -> str:
         path = os.path.abspath(os.path.expanduser(str(path)))
         if os.path.isfile(os.path.join(path, "config.json")):
             return path
-        bundled_homes = {os.path.join(home, "models", str(bundled)) for home in
-                         (tinytune_home(), os.path.abspath(os.path.expanduser("~/.cache/tinytune")))}
+        bundled_homes = {
+            os.path.join(home, "models", str(bundled))
+            for home in (tinytune_home(), os.path.abspath(os.path.expanduser("~/.cache/tinytune")))
+        }
         if not bundled or path not in bundled_homes:
             what = "does not exist" if not os.path.exists(path) else "has no config.json (not an HF checkpoint)"
             raise ConfigError(
@@ -123,8 +124,9 @@ def resolve_checkpoint_dir(src: ModelSourceSettings) -> str:
     )
 
 
-def load_model(model_node: Any, lora: LoRASettings | None, checkpoint_dir: str, device: torch.device,
-               dtype: torch.dtype) -> tuple[nn.Module, Any]:
+def load_model(
+    model_node: Any, lora: LoRASettings | None, checkpoint_dir: str, device: torch.device, dtype: torch.dtype
+) -> tuple[nn.Module, Any]:
     """Builds the model the ``model`` setting describes and loads ``checkpoint_dir`` into it.
 
     ``model`` is either a builder node (``_component_: tinytune.models.lora_builders.lora_smollm2_135m``
@@ -146,8 +148,9 @@ def load_model(model_node: Any, lora: LoRASettings | None, checkpoint_dir: str, 
         builder = functools.partial(tt_config.instantiate, model_node)
     elif lora is not None:
         factory = lora_factory(lora)
-    model, info = load_hf_model(checkpoint_dir, dtype=dtype, device=device, model_builder=builder,
-                                linear_factory=factory)
+    model, info = load_hf_model(
+        checkpoint_dir, dtype=dtype, device=device, model_builder=builder, linear_factory=factory
+    )
     return model, info
 
 
@@ -212,20 +215,29 @@ def _build_mix(nodes: ListConfig, tokenizer, where: str, seed: int):
         weight, n_epochs = item.get("weight"), item.get("epochs")
         inner = OmegaConf.create({k: v for k, v in item.items() if k not in MIX_KEYS})
         if n_epochs is not None and item.get("streaming"):
-            raise ConfigError(f"{key}.epochs: {n_epochs!r} is meaningless for a streaming dataset (no length); "
-                              "use weight:, or streaming: false")
+            raise ConfigError(
+                f"{key}.epochs: {n_epochs!r} is meaningless for a streaming dataset (no length); "
+                "use weight:, or streaming: false"
+            )
         ds = build_dataset(inner, tokenizer, key)
         if isinstance(ds, IterableDataset) and n_epochs is not None:
-            raise ConfigError(f"{key}.epochs: {n_epochs!r} is meaningless for a streaming dataset (no length); "
-                              "use weight:, or streaming: false")
+            raise ConfigError(
+                f"{key}.epochs: {n_epochs!r} is meaningless for a streaming dataset (no length); "
+                "use weight:, or streaming: false"
+            )
         parts.append(ds)
         names.append(key)
         weights.append(weight)
         epochs.append(n_epochs)
     use_w = any(w is not None for w in weights)
     try:
-        mix = MixedDataset(parts, names, weights=weights if use_w else None,
-                           epochs=epochs if any(e is not None for e in epochs) else None, seed=seed)
+        mix = MixedDataset(
+            parts,
+            names,
+            weights=weights if use_w else None,
+            epochs=epochs if any(e is not None for e in epochs) else None,
+            seed=seed,
+        )
     except DatasetError as e:
         raise ConfigError(str(e)) from None
     print(mix.describe())
@@ -242,8 +254,7 @@ def build_collate(pad_to_multiple_of: int, tokenizer, dataset=None):
     pad_id = getattr(tokenizer, "pad_id", None)
     if pad_id is None:
         pad_id = getattr(tokenizer, "eos_id", None) or 0
-    return functools.partial(padded_collate, pad_id=pad_id,
-                             pad_to_multiple_of=pad_to_multiple_of)
+    return functools.partial(padded_collate, pad_id=pad_id, pad_to_multiple_of=pad_to_multiple_of)
 
 
 def train_val_datasets(data: Any, tokenizer, seed: int | None):
@@ -263,8 +274,10 @@ def train_val_datasets(data: Any, tokenizer, seed: int | None):
         return train, build_dataset(val.dataset, tokenizer, "validation.dataset")
     if isinstance(train, IterableDataset):  # streaming: no length to split
         if val.split_ratio or val.split_size:
-            raise ConfigError("validation.split_ratio / split_size: a streaming dataset cannot be split; use "
-                              "validation.dataset (e.g. the same source with split: 'validation')")
+            raise ConfigError(
+                "validation.split_ratio / split_size: a streaming dataset cannot be split; use "
+                "validation.dataset (e.g. the same source with split: 'validation')"
+            )
         return train, None
     return split_dataset(train, val_ratio=val.split_ratio, val_size=val.split_size, seed=int(seed or 0))
 
@@ -290,8 +303,16 @@ class TrainData:
     total_steps: int
 
 
-def train_data(data: DataSettings, tokenizer, seed: int, split_seed: int | None, *, dp_rank: int = 0,
-               dp_size: int = 1, num_workers: int = 0) -> TrainData:
+def train_data(
+    data: DataSettings,
+    tokenizer,
+    seed: int,
+    split_seed: int | None,
+    *,
+    dp_rank: int = 0,
+    dp_size: int = 1,
+    num_workers: int = 0,
+) -> TrainData:
     """Datasets, collate and batch stream from the data settings (``dataset``, ``validation.*``,
     ``batch_size``, ``gradient_accumulation_steps``, ``shuffle``, ``max_steps``, ``epochs``).
 
@@ -309,17 +330,28 @@ def train_data(data: DataSettings, tokenizer, seed: int, split_seed: int | None,
     batch_size, accum = data.batch_size, data.gradient_accumulation_steps
     if isinstance(train_ds, IterableDataset):  # streaming: no length, so max_steps, no epochs
         if data.epochs is not None:
-            raise ConfigError(f"epochs: {data.epochs!r} is meaningless with a streaming dataset "
-                              "(no length); set max_steps instead")
+            raise ConfigError(
+                f"epochs: {data.epochs!r} is meaningless with a streaming dataset (no length); set max_steps instead"
+            )
         if not data.max_steps:
             raise ConfigError("max_steps: required with a streaming dataset (it has no length to count epochs)")
         if dp_size > 1:
-            raise ConfigError("dataset: a streaming dataset is read by the single-device recipes only; "
-                              "use streaming: false with the distributed recipes")
+            raise ConfigError(
+                "dataset: a streaming dataset is read by the single-device recipes only; "
+                "use streaming: false with the distributed recipes"
+            )
         stream = IterableBatchStream(train_ds, batch_size, collate)
         return TrainData(train_ds, val_ds, collate, stream, batch_size, accum, data.max_steps)
-    stream = BatchStream(train_ds, batch_size, collate, shuffle=data.shuffle, seed=seed, num_workers=num_workers,
-                         dp_rank=dp_rank, dp_size=dp_size)
+    stream = BatchStream(
+        train_ds,
+        batch_size,
+        collate,
+        shuffle=data.shuffle,
+        seed=seed,
+        num_workers=num_workers,
+        dp_rank=dp_rank,
+        dp_size=dp_size,
+    )
     steps_per_epoch = max(1, stream.batches_per_epoch // accum)
     total_steps = data.max_steps or (data.epochs or 1) * steps_per_epoch
     return TrainData(train_ds, val_ds, collate, stream, batch_size, accum, total_steps)
@@ -328,5 +360,9 @@ def train_data(data: DataSettings, tokenizer, seed: int, split_seed: int | None,
 def fsdp_policy(fsdp: FSDPSettings, dtype: torch.dtype) -> dict[str, Any]:
     """Keyword arguments of :func:`tinytune.distributed.fsdp.apply_fsdp` from the ``fsdp`` settings:
     compute in ``dtype`` (parameters gathered in it unless fp32), reduce gradients in fp32."""
-    return {"param_dtype": None if dtype == torch.float32 else dtype, "reduce_dtype": torch.float32,
-            "cpu_offload": fsdp.cpu_offload, "reshard_after_forward": fsdp.reshard_after_forward}
+    return {
+        "param_dtype": None if dtype == torch.float32 else dtype,
+        "reduce_dtype": torch.float32,
+        "cpu_offload": fsdp.cpu_offload,
+        "reshard_after_forward": fsdp.reshard_after_forward,
+    }

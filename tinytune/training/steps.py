@@ -23,8 +23,9 @@ from tinytune.training.padding_free import drop_unlabeled_tail
 log = logging.getLogger(__name__)
 
 
-def sft_accumulate(model: nn.Module, micro_batches: Sequence[dict], device: torch.device,
-                   padding_free: bool = True) -> tuple[torch.Tensor, int]:
+def sft_accumulate(
+    model: nn.Module, micro_batches: Sequence[dict], device: torch.device, padding_free: bool = True
+) -> tuple[torch.Tensor, int]:
     """Forward + backward over an accumulation window, normalised by its label-token count.
 
     Every micro-batch's summed loss is divided by the number of label tokens in the **whole
@@ -96,15 +97,23 @@ class NonFiniteGuard:
                 "in the base weights or inputs, a too high lr, fp16 overflow. nan_policy=skip_step skips such steps"
             )
         self.skipped += 1
-        log.warning("step %d: non-finite %s; step skipped (nan_policy: skip_step), %d skipped so far",
-                    step, what, self.skipped)
+        log.warning(
+            "step %d: non-finite %s; step skipped (nan_policy: skip_step), %d skipped so far", step, what, self.skipped
+        )
         return False
 
 
-def optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, lr_scheduler=None,
-                   clip_grad_norm: float | None = None, clip_fn=torch.nn.utils.clip_grad_norm_, *,
-                   guard: NonFiniteGuard | None = None, loss: torch.Tensor | float | None = None,
-                   step: int | None = None) -> float | None:
+def optimizer_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    lr_scheduler=None,
+    clip_grad_norm: float | None = None,
+    clip_fn=torch.nn.utils.clip_grad_norm_,
+    *,
+    guard: NonFiniteGuard | None = None,
+    loss: torch.Tensor | float | None = None,
+    step: int | None = None,
+) -> float | None:
     """Clips gradients (if asked), steps the optimizer and scheduler, zeroes gradients.
 
     With a ``guard`` the loss and the gradient norm are checked first: a non-finite one stops the
@@ -142,8 +151,9 @@ def current_lr(optimizer: torch.optim.Optimizer) -> float:
     return float(optimizer.param_groups[0]["lr"])
 
 
-def build_optimizer_and_scheduler(optim: OptimSettings, params, total_steps: int,
-                                  loraplus_lr_ratio: float | None = None):
+def build_optimizer_and_scheduler(
+    optim: OptimSettings, params, total_steps: int, loraplus_lr_ratio: float | None = None
+):
     """``(optimizer, lr_scheduler)`` from the ``optimizer`` and ``lr_scheduler`` settings (default: constant).
 
     Args:
@@ -157,8 +167,13 @@ def build_optimizer_and_scheduler(optim: OptimSettings, params, total_steps: int
     no_decay = [str(x) for x in opt_cfg.pop("no_decay", DEFAULT_NO_DECAY)]
     params = list(params)
     if params and isinstance(params[0], tuple):  # (name, parameter) pairs
-        params = param_groups(params, weight_decay=opt_cfg.get("weight_decay"), no_decay=no_decay,
-                              lr=float(opt_cfg.get("lr", DEFAULT_LR)), loraplus_lr_ratio=loraplus_lr_ratio)
+        params = param_groups(
+            params,
+            weight_decay=opt_cfg.get("weight_decay"),
+            no_decay=no_decay,
+            lr=float(opt_cfg.get("lr", DEFAULT_LR)),
+            loraplus_lr_ratio=loraplus_lr_ratio,
+        )
     elif loraplus_lr_ratio is not None:
         raise ValueError("loraplus_lr_ratio needs named parameters (model.named_parameters())")
     optimizer = build_optimizer(params, **opt_cfg)

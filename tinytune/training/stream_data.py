@@ -56,7 +56,9 @@ class IterableBatchStream:
             ValueError: another batch size.
         """
         if int(state["batch_size"]) != self.batch_size:
-            raise ValueError(f"resume: the checkpoint used batch_size={state['batch_size']}, this run "
-                             f"{self.batch_size}; resume with the same value")
+            raise ValueError(
+                f"resume: the checkpoint used batch_size={state['batch_size']}, this run "
+                f"{self.batch_size}; resume with the same value"
+            )
         self.dataset.load_state_dict(state["stream"])
         self._it = None

@@ -69,7 +69,7 @@ def _bleu_tokens(text: str) -> list[str]:
 
 
 def _ngrams(tokens: list[str], n: int) -> Counter:
-    return Counter(tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1))
+    return Counter(tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1))
 
 
 def corpus_bleu(predictions: Sequence[str], references: Sequence[str], max_order: int = 4) -> float:
@@ -109,8 +109,11 @@ def generation_metrics(predictions: Sequence[str], references: Sequence[str]) ->
     """``{"exact_match", "rouge_l", "bleu"}`` of predictions against references (ROUGE-L averaged)."""
     _check(predictions, references)
     rouge = sum(rouge_l(p, r) for p, r in zip(predictions, references)) / max(len(references), 1)
-    return {"exact_match": exact_match(predictions, references), "rouge_l": rouge,
-            "bleu": corpus_bleu(predictions, references)}
+    return {
+        "exact_match": exact_match(predictions, references),
+        "rouge_l": rouge,
+        "bleu": corpus_bleu(predictions, references),
+    }
 
 
 def prompt_and_reference(tokens: Sequence[int], labels: Sequence[int], ignore_index: int = -100):
@@ -126,11 +129,12 @@ def prompt_and_reference(tokens: Sequence[int], labels: Sequence[int], ignore_in
     start = end
     while start - 1 >= 0 and labels[start - 1] != ignore_index:
         start -= 1
-    return list(tokens[:start + 1]), [int(t) for t in labels[start:end + 1]]
+    return list(tokens[: start + 1]), [int(t) for t in labels[start : end + 1]]
 
 
-def evaluate_generations(model: nn.Module, tokenizer, items: Sequence[dict], max_new_tokens: int,
-                         batch_size: int = 8) -> dict:
+def evaluate_generations(
+    model: nn.Module, tokenizer, items: Sequence[dict], max_new_tokens: int, batch_size: int = 8
+) -> dict:
     """Greedy answers to the prompts of dataset ``items`` scored against their reference answers
     (both decoded without special tokens, surrounding whitespace stripped).
 
@@ -148,7 +152,7 @@ def evaluate_generations(model: nn.Module, tokenizer, items: Sequence[dict], max
     preds: list[str] = []
     try:
         for i in range(0, len(pairs), batch_size):
-            prompts = [p for p, _ in pairs[i:i + batch_size]]
+            prompts = [p for p, _ in pairs[i : i + batch_size]]
             for out in generate(model, prompts, max_new_tokens, stop_tokens=stop, pad_id=pad):
                 preds.append(tokenizer.decode(out, skip_special_tokens=True).strip())
     finally:
@@ -165,7 +169,9 @@ def validation_generation_row(model: nn.Module, tokenizer, dataset, num_samples:
     prompts of a validation dataset (:func:`evaluate_generations`)."""
     items = [dataset[i] for i in range(min(int(num_samples), len(dataset)))]
     if any("seq_lens" in it or "input_pos" in it for it in items):
-        raise ValueError("validation.generation: the validation data is packed; generation needs one "
-                         "conversation per item (set packed: false on the validation dataset)")
+        raise ValueError(
+            "validation.generation: the validation data is packed; generation needs one "
+            "conversation per item (set packed: false on the validation dataset)"
+        )
     gen = evaluate_generations(model, tokenizer, items, max_new_tokens)
     return {f"val_{k}": gen[k] for k in ("exact_match", "rouge_l", "bleu")}

@@ -62,8 +62,10 @@ def get_template(name: str | Mapping | ChatTemplate | HFChatTemplate, **kwargs):
     if name in _REGISTRY:
         t = _REGISTRY[name]
     else:
-        raise TemplateError(f"unknown template {name!r}; choose from {', '.join(template_names())}, or "
-                            "use 'hf' to render the model's own chat template")
+        raise TemplateError(
+            f"unknown template {name!r}; choose from {', '.join(template_names())}, or "
+            "use 'hf' to render the model's own chat template"
+        )
     return dataclasses.replace(t, **kwargs) if kwargs else t
 
 

@@ -41,7 +41,7 @@ def emit(out: list[Segment], fmt: str, content: str = "", *, train: bool = False
     pos = 0
     for m in _PLACEHOLDER.finditer(fmt):
         if m.start() > pos:
-            out.append(Segment(text=fmt[pos:m.start()], train=train, message=message))
+            out.append(Segment(text=fmt[pos : m.start()], train=train, message=message))
         name = m.group(1)
         if name == "content":
             if content:
@@ -71,8 +71,10 @@ def qwen3_last_query_index(messages: list[dict]) -> int:
     for i in range(len(messages) - 1, -1, -1):
         m = messages[i]
         c = m.get("content")
-        if m["role"] == "user" and isinstance(c, str) and not (
-            c.startswith("<tool_response>") and c.endswith("</tool_response>")
+        if (
+            m["role"] == "user"
+            and isinstance(c, str)
+            and not (c.startswith("<tool_response>") and c.endswith("</tool_response>"))
         ):
             return i
     return len(messages) - 1
@@ -102,8 +104,10 @@ def check_enable_thinking(value, key: str = "enable_thinking") -> bool | None:
     """
     if value is None or isinstance(value, bool):
         return value
-    raise TemplateError(f"{key} must be true, false or null (got {value!r} of type {type(value).__name__}); "
-                        f"write {key}: true / false / null without quotes")
+    raise TemplateError(
+        f"{key} must be true, false or null (got {value!r} of type {type(value).__name__}); "
+        f"write {key}: true / false / null without quotes"
+    )
 
 
 def has_reasoning(message: dict) -> bool:
@@ -112,7 +116,8 @@ def has_reasoning(message: dict) -> bool:
     reasoning = message.get("reasoning_content")
     content = message.get("content")
     return (isinstance(reasoning, str) and bool(reasoning.strip())) or (
-        isinstance(content, str) and "</think>" in content)
+        isinstance(content, str) and "</think>" in content
+    )
 
 
 def without_reasoning(message: dict) -> dict:
@@ -198,12 +203,19 @@ class ChatTemplate:
     def _content(self, m: dict) -> str:
         c = m.get("content") or ""
         if not isinstance(c, str):
-            raise TemplateError(f"template {self.name!r}: {m.get('role')} content must be a string, "
-                                f"got {type(c).__name__}")
+            raise TemplateError(
+                f"template {self.name!r}: {m.get('role')} content must be a string, got {type(c).__name__}"
+            )
         return c.strip() if self.strip_content else c
 
-    def render(self, messages: list[dict], *, tools: list[dict] | None = None, add_generation_prompt: bool = False,
-               enable_thinking: bool | None = None) -> list[Segment]:
+    def render(
+        self,
+        messages: list[dict],
+        *,
+        tools: list[dict] | None = None,
+        add_generation_prompt: bool = False,
+        enable_thinking: bool | None = None,
+    ) -> list[Segment]:
         """Renders a conversation to segments.
 
         Args:
@@ -223,8 +235,10 @@ class ChatTemplate:
         if self.reasoning == "qwen3" and enable_thinking is False:
             messages = [without_reasoning(m) for m in messages]
         if tools and self.tool_format is None:
-            raise TemplateError(f"template {self.name!r} cannot render a `tools` column (it has no tool-calling "
-                                "format); use qwen2_5, qwen3, llama3_1 or hf (the model's own chat template)")
+            raise TemplateError(
+                f"template {self.name!r} cannot render a `tools` column (it has no tool-calling "
+                "format); use qwen2_5, qwen3, llama3_1 or hf (the model's own chat template)"
+            )
         out: list[Segment] = []
         emit(out, self.prefix)
         system = None
@@ -243,12 +257,15 @@ class ChatTemplate:
             if self.system_placement == "block":
                 emit(out, self.system, system, message=0 if start else -1)
             elif self.system_placement == "none":
-                raise TemplateError(f"template {self.name!r} has no system role; drop the system message "
-                                    "or pick another template")
+                raise TemplateError(
+                    f"template {self.name!r} has no system role; drop the system message or pick another template"
+                )
         if tools_text is not None and self.tool_format == "llama3_1":
             if start >= len(messages) or messages[start]["role"] != "user":
-                raise TemplateError(f"template {self.name!r}: with tools the first message after the system "
-                                    "prompt must be a user message (the tool list opens it)")
+                raise TemplateError(
+                    f"template {self.name!r}: with tools the first message after the system "
+                    "prompt must be a user message (the tool list opens it)"
+                )
         lqi = qwen3_last_query_index(messages) if self.reasoning == "qwen3" else -1
         first_prompt = True
         for i in range(start, len(messages)):
@@ -312,25 +329,32 @@ class ChatTemplate:
         if not next_tool:
             emit(out, self.tool_close, message=i)
 
-    def _assistant_body(self, out: list[Segment], messages: list[dict], i: int, lqi: int,
-                        enable_thinking: bool | None) -> None:
+    def _assistant_body(
+        self, out: list[Segment], messages: list[dict], i: int, lqi: int, enable_thinking: bool | None
+    ) -> None:
         """The trained part of an assistant turn: (reasoning,) content and tool calls."""
         m = messages[i]
         calls = m.get("tool_calls")
         if calls is not None and not isinstance(calls, (list, tuple)):
             raise TemplateError(f"message {i}: tool_calls must be a list, got {type(calls).__name__}")
         if calls and not self.tool_format:
-            raise TemplateError(f"template {self.name!r} cannot render tool calls (message {i} has tool_calls); "
-                                "use qwen2_5, qwen3, llama3_1 or hf")
+            raise TemplateError(
+                f"template {self.name!r} cannot render tool calls (message {i} has tool_calls); "
+                "use qwen2_5, qwen3, llama3_1 or hf"
+            )
         if self.reasoning == "qwen3":
             content = self._qwen3_assistant(out, messages, i, lqi, enable_thinking)
         elif calls and self.tool_format == "llama3_1":
             if len(calls) != 1:
-                raise TemplateError(f"message {i}: Llama 3.1 takes exactly one tool call per assistant message "
-                                    f"(got {len(calls)}); split them into separate turns")
+                raise TemplateError(
+                    f"message {i}: Llama 3.1 takes exactly one tool call per assistant message "
+                    f"(got {len(calls)}); split them into separate turns"
+                )
             if self._content(m):
-                raise TemplateError(f"message {i}: Llama 3.1's template drops the content of an assistant "
-                                    "message with a tool call; move the text into its own assistant turn")
+                raise TemplateError(
+                    f"message {i}: Llama 3.1's template drops the content of an assistant "
+                    "message with a tool call; move the text into its own assistant turn"
+                )
             content = ""
         else:
             content = self._content(m)
@@ -343,8 +367,9 @@ class ChatTemplate:
                 text = self.tool_call_separator + text
             emit(out, "{content}", text, train=True, message=i)
 
-    def _qwen3_assistant(self, out: list[Segment], messages: list[dict], i: int, lqi: int,
-                         enable_thinking: bool | None) -> str:
+    def _qwen3_assistant(
+        self, out: list[Segment], messages: list[dict], i: int, lqi: int, enable_thinking: bool | None
+    ) -> str:
         """Qwen3's think block and content; returns the content as the template tests it for tool calls."""
         reasoning, content = qwen3_split_reasoning(messages[i])
         is_last = i == len(messages) - 1
@@ -359,10 +384,18 @@ class ChatTemplate:
             emit(out, "{content}", content, train=True, message=i)
         return content
 
-    def render_text(self, messages: list[dict], *, tools: list[dict] | None = None, bos_token: str = "",
-                    eos_token: str = "", add_generation_prompt: bool = False,
-                    enable_thinking: bool | None = None) -> str:
+    def render_text(
+        self,
+        messages: list[dict],
+        *,
+        tools: list[dict] | None = None,
+        bos_token: str = "",
+        eos_token: str = "",
+        add_generation_prompt: bool = False,
+        enable_thinking: bool | None = None,
+    ) -> str:
         """Renders a conversation to one string (for inspection and parity tests)."""
-        segs = self.render(messages, tools=tools, add_generation_prompt=add_generation_prompt,
-                           enable_thinking=enable_thinking)
+        segs = self.render(
+            messages, tools=tools, add_generation_prompt=add_generation_prompt, enable_thinking=enable_thinking
+        )
         return segments_to_text(segs, bos_token, eos_token)

@@ -44,7 +44,7 @@ BUILTIN_TEMPLATES: dict[str, ChatTemplate] = {
             prefix="{bos}",
             system="{content}\n\n",
             default_system="Below is an instruction that describes a task. "
-                           "Write a response that appropriately completes the request.",
+            "Write a response that appropriately completes the request.",
             user="### Instruction:\n{content}\n\n### Response:\n",
             assistant_end="{eos}",
             separator="\n\n",
@@ -61,8 +61,9 @@ BUILTIN_TEMPLATES: dict[str, ChatTemplate] = {
         ),
         # Llama 3.0: every message is "<header>role</header>\n\n" + content | trim; tool results
         # keep their role name, and there is no tool-call syntax.
-        ChatTemplate(name="llama3", tool="<|start_header_id|>tool<|end_header_id|>\n\n{content}<|eot_id|>",
-                     **_LLAMA3_HEADERS),
+        ChatTemplate(
+            name="llama3", tool="<|start_header_id|>tool<|end_header_id|>\n\n{content}<|eot_id|>", **_LLAMA3_HEADERS
+        ),
         # Llama 3.1 / 3.2: the system block always opens with the knowledge cutoff and the date;
         # tool results are the "ipython" role, JSON-encoded; one JSON call per assistant message.
         ChatTemplate(
@@ -77,10 +78,19 @@ BUILTIN_TEMPLATES: dict[str, ChatTemplate] = {
             **_LLAMA3_HEADERS,
         ),
         ChatTemplate(name="chatml", **_CHATML),
-        ChatTemplate(name="smollm2", **{**_CHATML, "default_system":
-                                        "You are a helpful AI assistant named SmolLM, trained by Hugging Face"}),
-        ChatTemplate(name="qwen2_5", tool_format="qwen2_5", **{**_CHATML, **_QWEN_TOOLS, "default_system":
-                                        "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."}),
+        ChatTemplate(
+            name="smollm2",
+            **{**_CHATML, "default_system": "You are a helpful AI assistant named SmolLM, trained by Hugging Face"},
+        ),
+        ChatTemplate(
+            name="qwen2_5",
+            tool_format="qwen2_5",
+            **{
+                **_CHATML,
+                **_QWEN_TOOLS,
+                "default_system": "You are Qwen, created by Alibaba Cloud. You are a helpful assistant.",
+            },
+        ),
         ChatTemplate(name="qwen3", tool_format="qwen3", reasoning="qwen3", **{**_CHATML, **_QWEN_TOOLS}),
         # Mistral Instruct v0.1/v0.2 have no system role; a system prompt is joined to the first user turn.
         ChatTemplate(

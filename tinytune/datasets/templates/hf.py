@@ -60,19 +60,32 @@ def compile_chat_template(source: str):
     from jinja2.ext import loopcontrols  # noqa: PLC0415 (jinja2 only for hf templates (import cost))
     from jinja2.sandbox import ImmutableSandboxedEnvironment  # noqa: PLC0415 (jinja2 only for hf templates (import cost))
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=[loopcontrols, _generation_extension()])
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols, _generation_extension()]
+    )
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now
     return env.from_string(source)
 
 
-def render_jinja(source: str, messages: list[dict], *, bos_token: str = "", eos_token: str = "",
-                 add_generation_prompt: bool = False, **kwargs) -> str:
+def render_jinja(
+    source: str,
+    messages: list[dict],
+    *,
+    bos_token: str = "",
+    eos_token: str = "",
+    add_generation_prompt: bool = False,
+    **kwargs,
+) -> str:
     """Renders ``messages`` with a Jinja chat template (extra ``kwargs`` become template variables)."""
-    return compile_chat_template(source).render(messages=messages, bos_token=bos_token, eos_token=eos_token,
-                                                add_generation_prompt=add_generation_prompt, **kwargs)
+    return compile_chat_template(source).render(
+        messages=messages,
+        bos_token=bos_token,
+        eos_token=eos_token,
+        add_generation_prompt=add_generation_prompt,
+        **kwargs,
+    )
 
 
 def _token_string(tokenizer, token_id) -> str | None:
@@ -98,8 +111,14 @@ class HFChatTemplate:
     name = "hf"
     MASKING = "prefix-render"  # part of the token-cache key: caches built with other rules are not reused
 
-    def __init__(self, chat_template: str | None = None, end_of_turn: list[str] | None = None,
-                 bos_token: str = "", eos_token: str = "", template_kwargs: dict | None = None):
+    def __init__(
+        self,
+        chat_template: str | None = None,
+        end_of_turn: list[str] | None = None,
+        bos_token: str = "",
+        eos_token: str = "",
+        template_kwargs: dict | None = None,
+    ):
         if chat_template and "{" not in chat_template and chat_template.endswith((".jinja", ".j2", ".txt")):
             with open(chat_template, encoding="utf-8") as f:
                 chat_template = f.read()
@@ -110,22 +129,27 @@ class HFChatTemplate:
         self.template_kwargs = dict(template_kwargs or {})
         reserved = {"messages", "tools", "add_generation_prompt", "enable_thinking", "bos_token", "eos_token"}
         if reserved & set(self.template_kwargs):
-            raise TemplateError(f"template_kwargs may not set {sorted(reserved & set(self.template_kwargs))}; "
-                                "they are render arguments")
+            raise TemplateError(
+                f"template_kwargs may not set {sorted(reserved & set(self.template_kwargs))}; they are render arguments"
+            )
 
     def bind(self, tokenizer) -> "HFChatTemplate":
         """Returns a copy that uses ``tokenizer``'s chat template and special-token strings."""
         source = self.chat_template or getattr(tokenizer, "chat_template", None)
         if not source:
-            raise TemplateError("template 'hf' needs a chat template: the tokenizer has none; set "
-                                "`chat_template` (Jinja text or a .jinja file) or pick a named template")
+            raise TemplateError(
+                "template 'hf' needs a chat template: the tokenizer has none; set "
+                "`chat_template` (Jinja text or a .jinja file) or pick a named template"
+            )
         ends = list(self.end_of_turn)
         if not ends:
             ids = [getattr(tokenizer, "eos_id", None)] + list(getattr(tokenizer, "stop_tokens", None) or [])
             ends = [s for s in (_token_string(tokenizer, i) for i in ids) if s]
         if not ends:
-            raise TemplateError("template 'hf': the tokenizer names no EOS or stop token, so the end of an "
-                                "assistant turn is unknown; set `end_of_turn` (e.g. ['<|im_end|>'])")
+            raise TemplateError(
+                "template 'hf': the tokenizer names no EOS or stop token, so the end of an "
+                "assistant turn is unknown; set `end_of_turn` (e.g. ['<|im_end|>'])"
+            )
         bos = self.bos_token or _token_string(tokenizer, getattr(tokenizer, "bos_id", None)) or ""
         eos = self.eos_token or _token_string(tokenizer, getattr(tokenizer, "eos_id", None)) or ""
         return HFChatTemplate(source, sorted(set(ends), key=len, reverse=True), bos, eos, self.template_kwargs)
@@ -147,18 +171,33 @@ class HFChatTemplate:
         if tools is not None:
             kw["tools"] = tools
         try:
-            return render_jinja(self.chat_template, messages, bos_token=self.bos_token, eos_token=self.eos_token,
-                                add_generation_prompt=add_generation_prompt, **kw)
+            return render_jinja(
+                self.chat_template,
+                messages,
+                bos_token=self.bos_token,
+                eos_token=self.eos_token,
+                add_generation_prompt=add_generation_prompt,
+                **kw,
+            )
         except TemplateError:
             raise
         except Exception as e:  # jinja2 errors, or a template indexing a message that is not there
-            raise TemplateError(f"template 'hf': the chat template failed on {len(messages)} message(s)"
-                                f"{' + generation prompt' if add_generation_prompt else ''}: "
-                                f"{type(e).__name__}: {e}") from None
+            raise TemplateError(
+                f"template 'hf': the chat template failed on {len(messages)} message(s)"
+                f"{' + generation prompt' if add_generation_prompt else ''}: "
+                f"{type(e).__name__}: {e}"
+            ) from None
 
-    def render_text(self, messages: list[dict], *, tools: list[dict] | None = None, bos_token: str | None = None,
-                    eos_token: str | None = None, add_generation_prompt: bool = False,
-                    enable_thinking: bool | None = None) -> str:
+    def render_text(
+        self,
+        messages: list[dict],
+        *,
+        tools: list[dict] | None = None,
+        bos_token: str | None = None,
+        eos_token: str | None = None,
+        add_generation_prompt: bool = False,
+        enable_thinking: bool | None = None,
+    ) -> str:
         """Renders a conversation to one string (``enable_thinking`` is passed on when not None;
         with False, reasoning is first removed from the messages as in :meth:`render`)."""
         enable_thinking = self._thinking(enable_thinking)
@@ -166,9 +205,13 @@ class HFChatTemplate:
             messages = [without_reasoning(m) for m in messages]
         kw = {} if enable_thinking is None else {"enable_thinking": enable_thinking}
         if bos_token is not None or eos_token is not None:
-            t = HFChatTemplate(self.chat_template, self.end_of_turn,
-                               self.bos_token if bos_token is None else bos_token,
-                               self.eos_token if eos_token is None else eos_token, self.template_kwargs)
+            t = HFChatTemplate(
+                self.chat_template,
+                self.end_of_turn,
+                self.bos_token if bos_token is None else bos_token,
+                self.eos_token if eos_token is None else eos_token,
+                self.template_kwargs,
+            )
             return t._render(messages, tools, add_generation_prompt, kw)
         return self._render(messages, tools, add_generation_prompt, kw)
 
@@ -207,13 +250,20 @@ class HFChatTemplate:
         raise TemplateError(
             f"template 'hf': message {k} (assistant): the chat template's render of the first {k} message(s) "
             f"with add_generation_prompt=True is not a prefix of the whole conversation's render (they differ "
-            f"at character {common}: {seen[-1][common:common + 40]!r} vs {text[common:common + 40]!r}), so the "
+            f"at character {common}: {seen[-1][common : common + 40]!r} vs {text[common : common + 40]!r}), so the "
             "answer cannot be located; the template rewrites earlier turns depending on later ones. Use the "
             "family's named template (e.g. qwen3), or split the conversation into samples that end before "
-            "the rewritten turn")
+            "the rewritten turn"
+        )
 
-    def render(self, messages: list[dict], *, tools: list[dict] | None = None, add_generation_prompt: bool = False,
-               enable_thinking: bool | None = None) -> list[Segment]:
+    def render(
+        self,
+        messages: list[dict],
+        *,
+        tools: list[dict] | None = None,
+        add_generation_prompt: bool = False,
+        enable_thinking: bool | None = None,
+    ) -> list[Segment]:
         """Renders, then marks each assistant turn (located by structure) as trained.
 
         Args:
@@ -241,13 +291,17 @@ class HFChatTemplate:
                 continue
             start = self._answer_start(messages, k, text, tools, enable_thinking)
             if start < cursor:
-                raise TemplateError(f"template 'hf': message {k} (assistant) starts inside the previous answer; "
-                                    "the template does not render turns in order")
+                raise TemplateError(
+                    f"template 'hf': message {k} (assistant) starts inside the previous answer; "
+                    "the template does not render turns in order"
+                )
             hits = [(text.find(s, start), s) for s in self.end_of_turn]
             hits = [(i, s) for i, s in hits if i >= 0]
             if not hits:
-                raise TemplateError(f"template 'hf': message {k} (assistant): no end-of-turn token "
-                                    f"({', '.join(self.end_of_turn)}) follows the answer; set `end_of_turn`")
+                raise TemplateError(
+                    f"template 'hf': message {k} (assistant): no end-of-turn token "
+                    f"({', '.join(self.end_of_turn)}) follows the answer; set `end_of_turn`"
+                )
             at, s = min(hits, key=lambda h: (h[0], -len(h[1])))
             end = at + len(s)
             if start > cursor:

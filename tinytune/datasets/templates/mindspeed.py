@@ -55,8 +55,8 @@ QWEN_TOOL_PROMPT = (
     "\n\n# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
     "You are provided with function signatures within <tools></tools> XML tags:\n<tools>{tool_text}"
     "\n</tools>\n\nFor each function call, return a json object with function name and arguments within "
-    "<tool_call></tool_call> XML tags:\n<tool_call>\n{{\"name\": <function-name>, "
-    "\"arguments\": <args-json-object>}}\n</tool_call>"
+    '<tool_call></tool_call> XML tags:\n<tool_call>\n{{"name": <function-name>, '
+    '"arguments": <args-json-object>}}\n</tool_call>'
 )
 DEFAULT_FUNCTION_SLOTS = ["Action: {{name}}\nAction Input: {{arguments}}"]
 # Strings in slots that only make sense as one special token of the model's vocabulary.
@@ -109,8 +109,10 @@ def _default_tool_text(tools: list[dict]) -> str:
 
 
 def _qwen_tool_text(tools: list[dict]) -> str:
-    text = "".join("\n" + json.dumps(t if t.get("type") == "function" else {"type": "function", "function": t},
-                                     ensure_ascii=False) for t in tools)
+    text = "".join(
+        "\n" + json.dumps(t if t.get("type") == "function" else {"type": "function", "function": t}, ensure_ascii=False)
+        for t in tools
+    )
     return QWEN_TOOL_PROMPT.format(tool_text=text)
 
 
@@ -206,8 +208,10 @@ class MindSpeedTemplate:
         specials = getattr(tokenizer, "special_tokens", None) or {}
         for tok in self.required_tokens():
             if tok not in specials:
-                raise TemplateError(f"prompt type {self.name!r} needs the special token {tok!r}, which the "
-                                    "tokenizer does not have; pick the prompt type of this model's family")
+                raise TemplateError(
+                    f"prompt type {self.name!r} needs the special token {tok!r}, which the "
+                    "tokenizer does not have; pick the prompt type of this model's family"
+                )
         uses_eos = self.efficient_eos or any(["eos_token"] in self._fmt(r) for r in ("assistant", "function"))
         if uses_eos and self._eos_text() is None and getattr(tokenizer, "eos_id", None) is None:
             raise TemplateError(f"prompt type {self.name!r} ends answers with EOS, but the tokenizer has none")
@@ -223,8 +227,11 @@ class MindSpeedTemplate:
                 if "bos_token" in slot:
                     out.append(Segment(special="bos", train=train, message=message))
                 elif "eos_token" in slot:
-                    out.append(Segment(text=eos_text, train=train, message=message) if eos_text
-                               else Segment(special="eos", train=train, message=message))
+                    out.append(
+                        Segment(text=eos_text, train=train, message=message)
+                        if eos_text
+                        else Segment(special="eos", train=train, message=message)
+                    )
             else:
                 # Substitute placeholders left to right so inserted values are never re-scanned.
                 pieces = re.split(r"(\{\{(?:content|idx|name|arguments)\}\})", slot)
@@ -248,21 +255,25 @@ class MindSpeedTemplate:
         calls = _calls(m)
         fmt = (self.entry.get("format_function") or {}).get("tool_format")
         slots = self._fmt("function")
-        thought = re.search(f"{re.escape(self.thought_words[0])}(.*){re.escape(self.thought_words[1])}",
-                            content, re.DOTALL)
+        thought = re.search(
+            f"{re.escape(self.thought_words[0])}(.*){re.escape(self.thought_words[1])}", content, re.DOTALL
+        )
         rest = content.replace(thought.group(0), "") if thought else content
         if rest.strip() or (thought and fmt != "qwen"):
-            raise TemplateError(f"prompt type {self.name!r}: an assistant turn with tool calls has text too; "
-                                "MindSpeed renders a function-call turn as the calls alone")
+            raise TemplateError(
+                f"prompt type {self.name!r}: an assistant turn with tool calls has text too; "
+                "MindSpeed renders a function-call turn as the calls alone"
+            )
         if fmt == "qwen":
-            text = "\n".join("<tool_call>\n" + json.dumps({"name": n, "arguments": a}, ensure_ascii=False)
-                             + "\n</tool_call>" for n, a in calls)
+            text = "\n".join(
+                "<tool_call>\n" + json.dumps({"name": n, "arguments": a}, ensure_ascii=False) + "\n</tool_call>"
+                for n, a in calls
+            )
             return slots, {"content": (thought.group(0) if thought else "") + text}
         if not any("{{name}}" in s for s in slots if isinstance(s, str)):
             raise TemplateError(f"prompt type {self.name!r} has no function-call format tinytune can render")
         if len(calls) != 1:
-            raise TemplateError(f"prompt type {self.name!r} renders one tool call per assistant turn, got "
-                                f"{len(calls)}")
+            raise TemplateError(f"prompt type {self.name!r} renders one tool call per assistant turn, got {len(calls)}")
         return slots, {"name": calls[0][0], "arguments": json.dumps(calls[0][1], ensure_ascii=False)}
 
     def _tool_text(self, tools: Any) -> str:
@@ -274,11 +285,19 @@ class MindSpeedTemplate:
             return _default_tool_text(tools)
         if fmt == "qwen":
             return _qwen_tool_text(tools)
-        raise TemplateError(f"prompt type {self.name!r}: tool format {fmt!r} has no renderer (MindSpeed drops "
-                            "the tools silently); use a template with tool support or drop the `tools` column")
+        raise TemplateError(
+            f"prompt type {self.name!r}: tool format {fmt!r} has no renderer (MindSpeed drops "
+            "the tools silently); use a template with tool support or drop the `tools` column"
+        )
 
-    def render(self, messages: list[dict], *, tools: Any = None, add_generation_prompt: bool = False,
-               enable_thinking: bool | None = None) -> list[Segment]:
+    def render(
+        self,
+        messages: list[dict],
+        *,
+        tools: Any = None,
+        add_generation_prompt: bool = False,
+        enable_thinking: bool | None = None,
+    ) -> list[Segment]:
         """Renders a conversation to segments (answers and their end-of-turn trained).
 
         Args:
@@ -308,8 +327,10 @@ class MindSpeedTemplate:
             role = m["role"]
             want_prompt = i % 2 == 0
             if (role in ("user", "tool")) != want_prompt or role not in ("user", "tool", "assistant"):
-                raise TemplateError(f"prompt type {self.name!r}: message {k} has role {role!r}; MindSpeed "
-                                    "templates need user/tool and assistant turns alternating")
+                raise TemplateError(
+                    f"prompt type {self.name!r}: message {k} has role {role!r}; MindSpeed "
+                    "templates need user/tool and assistant turns alternating"
+                )
             system_text = ""
             if i == 0:
                 self._emit(out, self._fmt("format_prefix"), message=-1)
@@ -322,8 +343,13 @@ class MindSpeedTemplate:
             elif want_prompt:
                 self._emit(out, self._fmt("format_separator"), message=k)
             if role == "user":
-                self._emit(out, self._fmt("format_user"), message=k, content=system_text + (m.get("content") or ""),
-                           idx=str(i // 2))
+                self._emit(
+                    out,
+                    self._fmt("format_user"),
+                    message=k,
+                    content=system_text + (m.get("content") or ""),
+                    idx=str(i // 2),
+                )
             elif role == "tool":
                 self._emit(out, self._fmt("observation"), message=k, content=m.get("content") or "")
             else:
@@ -350,11 +376,20 @@ class MindSpeedTemplate:
             self._emit(out, [["eos_token"]], train=True, message=start + len(turns) - 1)
         return out
 
-    def render_text(self, messages: list[dict], *, bos_token: str = "", eos_token: str = "", tools: Any = None,
-                    add_generation_prompt: bool = False, enable_thinking: bool | None = None) -> str:
+    def render_text(
+        self,
+        messages: list[dict],
+        *,
+        bos_token: str = "",
+        eos_token: str = "",
+        tools: Any = None,
+        add_generation_prompt: bool = False,
+        enable_thinking: bool | None = None,
+    ) -> str:
         """Renders a conversation to one string (BOS/EOS written as the given token strings)."""
-        segs = self.render(messages, tools=tools, add_generation_prompt=add_generation_prompt,
-                           enable_thinking=enable_thinking)
+        segs = self.render(
+            messages, tools=tools, add_generation_prompt=add_generation_prompt, enable_thinking=enable_thinking
+        )
         return segments_to_text(segs, bos_token, eos_token)
 
 

@@ -24,15 +24,21 @@ from tinytune.datasets.templates.errors import TemplateError
 
 TOOL_FORMATS = ("qwen2_5", "qwen3", "llama3_1")
 
-_QWEN_TOOLS_HEAD = ("# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
-                    "You are provided with function signatures within <tools></tools> XML tags:\n<tools>")
-_QWEN_TOOLS_TAIL = ("\n</tools>\n\nFor each function call, return a json object with function name and arguments "
-                    "within <tool_call></tool_call> XML tags:\n<tool_call>\n"
-                    "{\"name\": <function-name>, \"arguments\": <args-json-object>}\n</tool_call>")
-_LLAMA31_TOOLS_HEAD = ("Given the following functions, please respond with a JSON for a function call with its "
-                       "proper arguments that best answers the given prompt.\n\n"
-                       "Respond in the format {\"name\": function name, \"parameters\": dictionary of argument name "
-                       "and its value}.Do not use variables.\n\n")
+_QWEN_TOOLS_HEAD = (
+    "# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+    "You are provided with function signatures within <tools></tools> XML tags:\n<tools>"
+)
+_QWEN_TOOLS_TAIL = (
+    "\n</tools>\n\nFor each function call, return a json object with function name and arguments "
+    "within <tool_call></tool_call> XML tags:\n<tool_call>\n"
+    '{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call>'
+)
+_LLAMA31_TOOLS_HEAD = (
+    "Given the following functions, please respond with a JSON for a function call with its "
+    "proper arguments that best answers the given prompt.\n\n"
+    'Respond in the format {"name": function name, "parameters": dictionary of argument name '
+    "and its value}.Do not use variables.\n\n"
+)
 _FIELD = re.compile(r"\{(name|arguments)\}")
 
 
@@ -56,8 +62,10 @@ def function_of(call, message: int) -> tuple[str, object]:
     """``(name, arguments)`` of one OpenAI tool call (``{"function": {...}}`` or a bare function dict)."""
     fn = call.get("function", call) if isinstance(call, dict) else None
     if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
-        raise TemplateError(f"message {message}: a tool call needs {{'type': 'function', 'function': "
-                            f"{{'name': str, 'arguments': dict or JSON string}}}}, got {call!r}")
+        raise TemplateError(
+            f"message {message}: a tool call needs {{'type': 'function', 'function': "
+            f"{{'name': str, 'arguments': dict or JSON string}}}}, got {call!r}"
+        )
     return fn["name"], fn.get("arguments", {})
 
 
@@ -76,8 +84,9 @@ def arguments_text(arguments, *, verbatim_strings: bool, message: int) -> str:
         try:
             arguments = json.loads(arguments)
         except json.JSONDecodeError as e:
-            raise TemplateError(f"message {message}: tool-call arguments are a string but not JSON ({e}): "
-                                f"{arguments[:80]!r}") from None
+            raise TemplateError(
+                f"message {message}: tool-call arguments are a string but not JSON ({e}): {arguments[:80]!r}"
+            ) from None
     return tojson(arguments)
 
 
@@ -91,6 +100,8 @@ def tool_content(content, *, as_json: bool, message: int) -> str:
     if as_json:
         return tojson(content)
     if not isinstance(content, str):
-        raise TemplateError(f"message {message}: tool content must be a string for this template, "
-                            f"got {type(content).__name__}; serialise it with json.dumps first")
+        raise TemplateError(
+            f"message {message}: tool content must be a string for this template, "
+            f"got {type(content).__name__}; serialise it with json.dumps first"
+        )
     return content

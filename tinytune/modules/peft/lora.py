@@ -87,8 +87,10 @@ class LoRALinear(nn.Module):
         if init not in LORA_INITS:
             raise ValueError(f"LoRA init {init!r}: choose from {list(LORA_INITS)}")
         if init == "pissa" and quantize_base:
-            raise ValueError("LoRA init 'pissa' with quantize_base (QLoRA) is not supported: PiSSA rewrites the base "
-                             "weight to its residual, which NF4 would re-quantize; use init 'default' or 'gaussian'")
+            raise ValueError(
+                "LoRA init 'pissa' with quantize_base (QLoRA) is not supported: PiSSA rewrites the base "
+                "weight to its residual, which NF4 would re-quantize; use init 'default' or 'gaussian'"
+            )
         self.in_dim = in_dim
         self.out_dim = out_dim
         self.rank = rank
@@ -312,8 +314,16 @@ def lora_linear_factory(
     def factory(name: str, in_dim: int, out_dim: int, bias: bool) -> nn.Module:
         if name in targets:
             return LoRALinear(
-                in_dim, out_dim, rank=rank, alpha=alpha, dropout=dropout, use_bias=bias,
-                quantize_base=quantize_base, use_dora=use_dora, use_rslora=use_rslora, init=init,
+                in_dim,
+                out_dim,
+                rank=rank,
+                alpha=alpha,
+                dropout=dropout,
+                use_bias=bias,
+                quantize_base=quantize_base,
+                use_dora=use_dora,
+                use_rslora=use_rslora,
+                init=init,
             )
         return nn.Linear(in_dim, out_dim, bias=bias)
 

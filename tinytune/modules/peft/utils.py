@@ -95,7 +95,11 @@ def get_merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         prefix = f"{name}." if name else ""
         sd[prefix + "weight"] = m.merged_weight()
         for k in list(sd):
-            if k.startswith(prefix + "lora_a.") or k.startswith(prefix + "lora_b.") or k.startswith(prefix + "lora_magnitude."):
+            if (
+                k.startswith(prefix + "lora_a.")
+                or k.startswith(prefix + "lora_b.")
+                or k.startswith(prefix + "lora_magnitude.")
+            ):
                 del sd[k]
     return sd
 
