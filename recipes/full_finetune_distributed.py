@@ -32,11 +32,18 @@ from torch.distributed.tensor.parallel import loss_parallel
 
 import tinytune.config
 from tinytune.checkpoint import save_hf_checkpoint
+from tinytune.config import ConfigError
 from tinytune.config.recipe_settings import FullFinetuneDistributedSettings
 from tinytune.datasets import data_summary
 from tinytune.device import get_dtype, set_seed
 from tinytune.distributed.dist_evaluation import evaluate_loss_distributed
-from tinytune.distributed.fsdp import clip_grad_norm_, gather_full_state_dict, set_gradient_sync
+from tinytune.distributed.fsdp import (
+    clip_grad_norm_,
+    gather_full_state_dict,
+    load_local_shards,
+    local_shards,
+    set_gradient_sync,
+)
 from tinytune.distributed.mesh import (
     ParallelDims,
     all_reduce_sum,
@@ -51,13 +58,16 @@ from tinytune.distributed.pipeline import (
     build_pipeline,
     build_pipeline_mesh,
     check_pipeline_layout,
+    check_pipeline_methods,
     world_size_from_env,
 )
 from tinytune.distributed.sharded_model import load_hf_model_sharded
 from tinytune.training import (
+    EarlyStopping,
     LogWindow,
     NonFiniteGuard,
     TrainProgress,
+    activate_neftune,
     apply_activation_checkpointing,
     build_metric_loggers,
     build_optimizer_and_scheduler,
@@ -95,6 +105,7 @@ def recipe_main(cfg: DictConfig) -> dict:
     loop, par, val_cfg = s.loop, s.parallelism, s.data.validation
     check_training_dtype(s.hardware.dtype)
     pipe_settings, pipe = PipelineSettings.from_parallelism(par), None
+    check_pipeline_methods(pipe_settings, s)  # NEFTune, early stopping: not with PP
     if pipe_settings.degree > 1:  # pipeline parallelism: world size, layers, heads checked before any process group
         pipe_dims = check_pipeline_layout(
             pipe_settings,
@@ -153,6 +164,8 @@ def recipe_main(cfg: DictConfig) -> dict:
                 activation_checkpointing=ac,
                 fsdp=fsdp_policy(s.fsdp, dtype),
             )
+        if s.neftune_noise_alpha is not None:  # NEFTune noise on the input embeddings, training only
+            activate_neftune(model, s.neftune_noise_alpha)
         params = [p for p in model.parameters() if p.requires_grad]
         if rank0:
             print(
@@ -200,6 +213,11 @@ def recipe_main(cfg: DictConfig) -> dict:
         loss_mesh = mesh.dp if pipe is None else None  # PP: only last stages hold losses, so sum over the world
         loggers = build_metric_loggers(loop.metric_loggers if rank0 else [], out_dir)  # rank 0 logs
         guard = NonFiniteGuard(loop.nan_policy)  # a NaN/Inf loss or grad norm stops the run (or skips the step)
+        # the validation loss is the same on every rank, so every rank stops at the same step; save_best
+        # keeps each rank's own parameter shards on the CPU (no communication)
+        stopper = EarlyStopping(s.early_stopping.patience, s.early_stopping.min_delta, s.save_best)
+        if stopper.active and data.val_ds is None:
+            raise ConfigError("early_stopping / save_best: need validation data (validation.dataset or split_ratio)")
         model.train()
         progress = TrainProgress(total_steps, initial_step=step, desc="full_finetune_distributed", disable=not rank0)
         window = LogWindow()  # means since the last log line, and run totals
@@ -251,6 +269,12 @@ def recipe_main(cfg: DictConfig) -> dict:
                     loss_ctx,
                 )
                 loggers.log_dict(validation_row(val), step)
+                if stopper.update(val["loss"], step, lambda: local_shards(model)):
+                    if rank0:
+                        print(
+                            f"early stopping at step {step}: no validation improvement in {stopper.patience} evaluations"
+                        )
+                    break
             if loop.checkpoint_due(step):
                 save_sharded_state(
                     ckpt,
@@ -296,6 +320,11 @@ def recipe_main(cfg: DictConfig) -> dict:
             )
             loggers.log_dict(val, step)
             summary.update(val)
+            if stopper.active and step != stopper.best_step:
+                stopper.update(val["val_loss"], step, lambda: local_shards(model))
+        if stopper.active:
+            summary.update(stopper.summary(), stopped_early=step < total_steps)
+            stopper.restore_best(model, load_local_shards)  # save_best: hf_model/ holds the best step's weights
         loggers.close()
         if s.save_hf:
             full = gather_full_state_dict(model) if pipe is None else pipe.gather_full_state_dict()  # collective

@@ -440,16 +440,27 @@ class FSDPSettings(Settings):
 
 
 @dataclass(frozen=True)
-class SFTSettings(TrainSettings):
-    """Keys of the single-device SFT recipes (full_finetune, lora_finetune)."""
+class SFTMethodSettings(TrainSettings):
+    """Training-method keys of every SFT recipe, single-device and distributed."""
 
-    data: SFTDataSettings = group(SFTDataSettings)
-    sample_generation: SampleGenerationSettings = section(SampleGenerationSettings)
     neftune_noise_alpha: float | None = setting(
         None, "NEFTune noise on the input embeddings, training only (null: off)", gt=0
     )
     early_stopping: EarlyStoppingSettings = section(EarlyStoppingSettings)
     save_best: bool = setting(False, "export the weights of the best validation step (needs validation data)")
+
+
+@dataclass(frozen=True)
+class SFTSettings(SFTMethodSettings):
+    """Keys of the single-device SFT recipes (full_finetune, lora_finetune)."""
+
+    data: SFTDataSettings = group(SFTDataSettings)
+    sample_generation: SampleGenerationSettings = section(SampleGenerationSettings)
+
+
+def _loraplus_setting() -> Any:
+    """``loraplus_lr_ratio`` (one definition, read by both LoRA SFT recipes)."""
+    return setting(None, "LoRA+: the B matrices train at optimizer.lr x this (null: off)", gt=0)
 
 
 # ---- one class per recipe -----------------------------------------------------------------------------
@@ -472,9 +483,7 @@ class LoRAFinetuneSettings(SFTSettings):
     export_gguf: str | None = setting(
         None, "also write output_dir/model-TYPE.gguf, adapters merged (null: no GGUF)", check=_gguf_type
     )
-    loraplus_lr_ratio: float | None = setting(
-        None, "LoRA+: the B matrices train at optimizer.lr x this (null: off)", gt=0
-    )
+    loraplus_lr_ratio: float | None = _loraplus_setting()
 
 
 @dataclass(frozen=True)
@@ -522,7 +531,7 @@ class RewardModelSettings(TrainSettings):
 
 
 @dataclass(frozen=True)
-class FullFinetuneDistributedSettings(TrainSettings):
+class FullFinetuneDistributedSettings(SFTMethodSettings):
     NAME = "full_finetune_distributed"
     parallelism: ParallelismSettings = section(ParallelismSettings)
     fsdp: FSDPSettings = section(FSDPSettings)
@@ -532,7 +541,7 @@ class FullFinetuneDistributedSettings(TrainSettings):
 
 
 @dataclass(frozen=True)
-class LoRAFinetuneDistributedSettings(TrainSettings):
+class LoRAFinetuneDistributedSettings(SFTMethodSettings):
     NAME = "lora_finetune_distributed"
     model: Any = component("LoRA keys only (applied to config.json's architecture)", plain=LoRASettings)
     parallelism: ParallelismSettings = section(ParallelismSettings)
@@ -541,6 +550,7 @@ class LoRAFinetuneDistributedSettings(TrainSettings):
     save_adapter: bool = setting(True, "write adapter/ (PEFT) at the end")
     save_merged: bool = setting(True, "write hf_model/ (adapters merged) at the end")
     plot_loss: bool = setting(True, "write loss.png at the end")
+    loraplus_lr_ratio: float | None = _loraplus_setting()
 
 
 @dataclass(frozen=True)

@@ -54,10 +54,21 @@ class EarlyStopping:
         self.bad += 1
         return self.patience is not None and self.bad >= self.patience
 
-    def restore_best(self, model: nn.Module) -> None:
-        """Loads the kept best weights into ``model`` (no-op without ``save_best`` or a validation)."""
-        if self.best_state is not None:
+    def restore_best(self, model: nn.Module, load: Callable[[nn.Module, dict], object] | None = None) -> None:
+        """Loads the kept best weights into ``model`` (no-op without ``save_best`` or a validation).
+
+        Args:
+            model: the model to restore.
+            load: ``load(model, best_state)`` (default: ``model.load_state_dict(best_state, strict=False)``;
+                the distributed recipes keep each rank's shards and pass
+                :func:`tinytune.distributed.fsdp.load_local_shards`).
+        """
+        if self.best_state is None:
+            return
+        if load is None:
             model.load_state_dict(self.best_state, strict=False)
+        else:
+            load(model, self.best_state)
 
     def summary(self) -> dict:
         """``best_step`` / ``best_val_loss`` for the run summary."""
