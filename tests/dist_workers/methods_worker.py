@@ -45,16 +45,15 @@ SCENARIOS = {
             "save_best": True,
         },
     ),
-    # a high LR: the validation loss rises again, so the best step is not the last
+    # save_best alone (no stopping); at this LR the validation loss rises after step 1, so the best step is not the last
     "lora_save_best": (
         True,
         1,
         {
             "max_steps": 5,
-            "optimizer": {"name": "adamw", "lr": 2e-1},
+            "optimizer": {"name": "adamw", "lr": 2e-2},
             "validation": {"split_size": 7, "every_n_steps": 1, "batch_size": 3},
             "save_best": True,
-            "early_stopping": {"patience": 3},
         },
     ),
 }
