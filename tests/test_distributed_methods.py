@@ -28,7 +28,7 @@ DEFAULT = [
     "lora_neftune_lr0",
     "full_early_stop",
 ]
-SLOW = ["lora_save_best", "lora_pissa_tp", "lora_neftune_tp", "full_neftune_lr0"]
+SLOW = ["lora_save_best", "lora_dora_offload", "lora_pissa_tp", "lora_neftune_tp", "full_neftune_lr0"]
 
 
 def _rows(run_dir, key):
@@ -190,8 +190,10 @@ def test_save_best_lora_exports_best_step(slow_runs):
 
 @pytest.mark.slow
 def test_more_parallel_layouts(slow_runs):
-    """PiSSA with tensor parallelism, NEFTune on a tensor-parallel LoRA run, and full fine-tuning at lr 0."""
+    """DoRA with FSDP CPU offload; PiSSA and NEFTune with tensor parallelism (both with save_best);
+    full fine-tuning with NEFTune at lr 0 on 2 data-parallel ranks."""
     tmp, ckpt = slow_runs
+    _assert_matches_single_device(tmp, ckpt, "lora_dora_offload", ("adapter", "hf_model"))
     _assert_matches_single_device(tmp, ckpt, "lora_pissa_tp", ("adapter", "hf_model"))
     _assert_matches_single_device(tmp, ckpt, "lora_neftune_tp", ("adapter", "hf_model"))
     clean = _single_device(tmp, ckpt, "full_neftune_lr0", neftune_noise_alpha=None)

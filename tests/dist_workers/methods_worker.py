@@ -22,7 +22,9 @@ SCENARIOS = {
     "lora_loraplus": (True, 1, {"loraplus_lr_ratio": 8.0}),
     "lora_dora": (True, 1, {"model": {"use_dora": True}}),
     "lora_pissa": (True, 1, {"model": {"lora_init": "pissa", "use_rslora": True}}),
-    "lora_pissa_tp": (True, 2, {"model": {"lora_init": "pissa"}}),
+    "lora_dora_offload": (True, 1, {"model": {"use_dora": True}, "fsdp": {"cpu_offload": True}}),
+    # + save_best: the kept best weights are this rank's tensor-parallel shards
+    "lora_pissa_tp": (True, 2, {"model": {"lora_init": "pissa"}, "save_best": True}),
     # tensor + sequence parallel: the embedding output is a DTensor sharded on the sequence
     # (padding_free off: tensor parallelism keeps the collated [b, s], and the noise scale depends on s)
     "full_neftune_tp_sp": (
@@ -30,7 +32,7 @@ SCENARIOS = {
         2,
         {"neftune_noise_alpha": 5.0, "padding_free": False, "parallelism": {"sequence_parallel": True}},
     ),
-    "lora_neftune_tp": (True, 2, {"neftune_noise_alpha": 5.0, "padding_free": False}),
+    "lora_neftune_tp": (True, 2, {"neftune_noise_alpha": 5.0, "padding_free": False, "save_best": True}),
     # lr 0: only the noise moves the training loss; validation must see clean embeddings
     "lora_neftune_lr0": (True, 1, {"neftune_noise_alpha": 50.0, "optimizer": {"name": "adamw", "lr": 0.0}}),
     "full_neftune_lr0": (False, 1, {"neftune_noise_alpha": 50.0, "optimizer": {"name": "adamw", "lr": 0.0}}),
