@@ -58,7 +58,6 @@ from tinytune.distributed.pipeline import (
     build_pipeline,
     build_pipeline_mesh,
     check_pipeline_layout,
-    check_pipeline_methods,
     world_size_from_env,
 )
 from tinytune.distributed.sharded_model import load_hf_model_sharded
@@ -105,7 +104,6 @@ def recipe_main(cfg: DictConfig) -> dict:
     loop, par, val_cfg = s.loop, s.parallelism, s.data.validation
     check_training_dtype(s.hardware.dtype)
     pipe_settings, pipe = PipelineSettings.from_parallelism(par), None
-    check_pipeline_methods(pipe_settings, s)  # NEFTune, early stopping: not with PP
     if pipe_settings.degree > 1:  # pipeline parallelism: world size, layers, heads checked before any process group
         pipe_dims = check_pipeline_layout(
             pipe_settings,

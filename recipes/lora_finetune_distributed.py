@@ -56,7 +56,6 @@ from tinytune.distributed.pipeline import (
     build_pipeline,
     build_pipeline_mesh,
     check_pipeline_layout,
-    check_pipeline_methods,
     world_size_from_env,
 )
 from tinytune.distributed.sharded_model import load_hf_model_sharded, pissa_initial_factors
@@ -115,13 +114,10 @@ def recipe_main(cfg: DictConfig) -> dict:
             "model.quantize_base: QLoRA (NF4 base) is not supported by the distributed recipe; "
             "use lora_finetune for QLoRA, or LoRA with quantize_base: false here."
         )
-    if lora.use_dora and par.tensor_parallel > 1:  # DoRA's row norms would span tensor-parallel shards
-        raise ConfigError("model.use_dora: not supported with parallelism.tensor_parallel > 1; use FSDP only.")
     if par.loss_parallel and lora.apply_lora_to_output:
         raise ConfigError("parallelism.loss_parallel cannot be combined with model.apply_lora_to_output.")
     check_training_dtype(s.hardware.dtype)
     pipe_settings, pipe = PipelineSettings.from_parallelism(par), None
-    check_pipeline_methods(pipe_settings, s, lora)  # NEFTune, early stopping, DoRA, PiSSA: not with PP
     if pipe_settings.degree > 1:  # pipeline parallelism: world size, layers, heads checked before any process group
         pipe_dims = check_pipeline_layout(
             pipe_settings,

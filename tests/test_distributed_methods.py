@@ -203,15 +203,25 @@ def test_more_parallel_layouts(slow_runs):
 
 
 def test_refused_combinations():
-    """Pipeline parallelism with the new keys, DoRA with tensor parallelism: clear errors before any process group."""
-    from recipes.lora_finetune_distributed import recipe_main
+    """DoRA with tensor parallelism, the new keys with pipeline parallelism: settings errors (also in
+    ``tune validate``), before any process group or model load."""
+    from recipes.full_finetune_distributed import recipe_main as full_main
+    from recipes.lora_finetune_distributed import recipe_main as lora_main
     from tinytune.config import ConfigError
+    from tinytune.config.recipe_settings import LoRAFinetuneDistributedSettings
 
     cfg = scenario_cfg("lora_dora", "/nonexistent/out", "/nonexistent/ckpt", dp=1)
     cfg["parallelism"]["tensor_parallel"] = 2
     with pytest.raises(ConfigError, match="use_dora.*tensor_parallel"):
-        recipe_main(OmegaConf.create(cfg))
-    cfg = scenario_cfg("lora_neftune_lr0", "/nonexistent/out", "/nonexistent/ckpt", dp=1)
+        LoRAFinetuneDistributedSettings.from_config(OmegaConf.create(cfg))
+    with pytest.raises(ConfigError, match="use_dora.*tensor_parallel"):
+        lora_main(OmegaConf.create(cfg))
+    cfg = scenario_cfg("lora_pissa", "/nonexistent/out", "/nonexistent/ckpt", dp=1)
     cfg["parallelism"]["pipeline_parallel"] = 2
-    with pytest.raises(ConfigError, match="neftune_noise_alpha.*pipeline_parallel"):
-        recipe_main(OmegaConf.create(cfg))
+    with pytest.raises(ConfigError, match="pissa: not supported with parallelism.pipeline_parallel"):
+        lora_main(OmegaConf.create(cfg))
+    cfg = scenario_cfg("full_early_stop", "/nonexistent/out", "/nonexistent/ckpt", dp=1)
+    cfg.update(neftune_noise_alpha=5.0)
+    cfg["parallelism"]["pipeline_parallel"] = 2
+    with pytest.raises(ConfigError, match="neftune_noise_alpha, early_stopping.patience, save_best: not supported"):
+        full_main(OmegaConf.create(cfg))

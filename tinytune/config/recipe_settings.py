@@ -530,6 +530,42 @@ class RewardModelSettings(TrainSettings):
     )
 
 
+def distributed_methods_problem(
+    s: SFTMethodSettings, par: ParallelismSettings, lora: LoRASettings | None = None
+) -> str | None:
+    """The training methods a distributed layout does not run, as an error message (None: all fine).
+
+    DoRA's row norms would span tensor-parallel shards. With pipeline parallelism the stages are built
+    and initialised apart (no whole base weight for DoRA / PiSSA), micro-batches have a fixed padded
+    length (it would change NEFTune's noise scale), and the best-step copy of early stopping is not
+    wired to the stages.
+    """
+    if lora is not None and lora.use_dora and par.tensor_parallel > 1:
+        return (
+            "model.use_dora: not supported with parallelism.tensor_parallel > 1 (DoRA's row norms would span "
+            "tensor-parallel shards); use data parallelism (FSDP) only"
+        )
+    if par.pipeline_parallel == 1:
+        return None
+    used = [
+        key
+        for key, on in (
+            ("neftune_noise_alpha", s.neftune_noise_alpha is not None),
+            ("early_stopping.patience", s.early_stopping.patience is not None),
+            ("save_best", s.save_best),
+            ("model.use_dora", lora is not None and lora.use_dora),
+            ("model.lora_init=pissa", lora is not None and lora.lora_init == "pissa"),
+        )
+        if on
+    ]
+    if used:
+        return (
+            f"{', '.join(used)}: not supported with parallelism.pipeline_parallel > 1; remove them or use "
+            "pipeline_parallel: 1 (FSDP / tensor parallelism)"
+        )
+    return None
+
+
 @dataclass(frozen=True)
 class FullFinetuneDistributedSettings(SFTMethodSettings):
     NAME = "full_finetune_distributed"
@@ -538,6 +574,11 @@ class FullFinetuneDistributedSettings(SFTMethodSettings):
     num_workers: int = setting(0, "DataLoader worker processes per rank", ge=0)
     save_hf: bool = setting(True, "write hf_model/ at the end (gathered on rank 0)")
     plot_loss: bool = setting(True, "write loss.png at the end")
+
+    def __post_init__(self) -> None:
+        problem = distributed_methods_problem(self, self.parallelism)
+        if problem:
+            raise ValueError(problem)
 
 
 @dataclass(frozen=True)
@@ -551,6 +592,11 @@ class LoRAFinetuneDistributedSettings(SFTMethodSettings):
     save_merged: bool = setting(True, "write hf_model/ (adapters merged) at the end")
     plot_loss: bool = setting(True, "write loss.png at the end")
     loraplus_lr_ratio: float | None = _loraplus_setting()
+
+    def __post_init__(self) -> None:
+        problem = distributed_methods_problem(self, self.parallelism, LoRASettings.from_node(self.model))
+        if problem:
+            raise ValueError(problem)
 
 
 @dataclass(frozen=True)

@@ -44,7 +44,6 @@ from tinytune.distributed.pipeline_stages import (
     PipelineSettings,
     RankModel,
     check_pipeline_layout,
-    check_pipeline_methods,
     pack_microbatch,
     stage_layer_ranges,
 )
@@ -58,7 +57,6 @@ __all__ = [
     "build_pipeline",
     "build_pipeline_mesh",
     "check_pipeline_layout",
-    "check_pipeline_methods",
     "world_size_from_env",
 ]
 

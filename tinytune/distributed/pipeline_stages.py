@@ -23,13 +23,7 @@ from torch import nn
 
 from tinytune.checkpoint.model_info import read_model_info
 from tinytune.config._errors import ConfigError
-from tinytune.config.recipe_settings import (
-    PIPELINE_SCHEDULES,
-    LoRASettings,
-    ParallelismSettings,
-    SFTMethodSettings,
-    pipeline_keys_problem,
-)
+from tinytune.config.recipe_settings import PIPELINE_SCHEDULES, ParallelismSettings, pipeline_keys_problem
 from tinytune.datasets.encoding import IGNORE_INDEX
 from tinytune.distributed.mesh import ParallelDims
 from tinytune.distributed.sharded_model import _has_lm_head
@@ -43,7 +37,6 @@ __all__ = [
     "RankModel",
     "balanced_split",
     "check_pipeline_layout",
-    "check_pipeline_methods",
     "pack_microbatch",
     "stage_layer_ranges",
 ]
@@ -127,36 +120,6 @@ class PipelineSettings:
                 )
             return n
         return self.degree * (2 if self.schedule in MULTI_STAGE_SCHEDULES else 1)
-
-
-def check_pipeline_methods(settings: PipelineSettings, s: SFTMethodSettings, lora: LoRASettings | None = None) -> None:
-    """Refuses the training methods the pipeline-parallel path does not run (before any process group).
-
-    NEFTune, early stopping / ``save_best`` and the LoRA variants that initialise from the full base
-    weight (DoRA, PiSSA) run with FSDP and tensor parallelism; the pipeline stages are built and
-    initialised separately, which has not been done for them.
-
-    Raises:
-        ConfigError: naming the keys to remove or ``parallelism.pipeline_parallel: 1``.
-    """
-    if settings.degree == 1:
-        return
-    used = [
-        key
-        for key, on in (
-            ("neftune_noise_alpha", s.neftune_noise_alpha is not None),
-            ("early_stopping.patience", s.early_stopping.patience is not None),
-            ("save_best", s.save_best),
-            ("model.use_dora", lora is not None and lora.use_dora),
-            ("model.lora_init=pissa", lora is not None and lora.lora_init == "pissa"),
-        )
-        if on
-    ]
-    if used:
-        raise ConfigError(
-            f"{', '.join(used)}: not supported with parallelism.pipeline_parallel > 1; remove them or use "
-            "pipeline_parallel: 1 (FSDP / tensor parallelism)."
-        )
 
 
 def check_pipeline_layout(
