@@ -214,6 +214,7 @@ def recipe_main(cfg: DictConfig) -> dict:
         # the validation loss is the same on every rank, so every rank stops at the same step; save_best
         # keeps each rank's own parameter shards on the CPU (no communication)
         stopper = EarlyStopping(s.early_stopping.patience, s.early_stopping.min_delta, s.save_best)
+        kept = model if pipe is None else torch.nn.ModuleList(pipe.stages.values())  # PP: this rank's stages
         if stopper.active and data.val_ds is None:
             raise ConfigError("early_stopping / save_best: need validation data (validation.dataset or split_ratio)")
         model.train()
@@ -267,7 +268,7 @@ def recipe_main(cfg: DictConfig) -> dict:
                     loss_ctx,
                 )
                 loggers.log_dict(validation_row(val), step)
-                if stopper.update(val["loss"], step, lambda: local_shards(model)):
+                if stopper.update(val["loss"], step, lambda: local_shards(kept)):
                     if rank0:
                         print(
                             f"early stopping at step {step}: no validation improvement in {stopper.patience} evaluations"
@@ -319,10 +320,10 @@ def recipe_main(cfg: DictConfig) -> dict:
             loggers.log_dict(val, step)
             summary.update(val)
             if stopper.active and step != stopper.best_step:
-                stopper.update(val["val_loss"], step, lambda: local_shards(model))
+                stopper.update(val["val_loss"], step, lambda: local_shards(kept))
         if stopper.active:
             summary.update(stopper.summary(), stopped_early=step < total_steps)
-            stopper.restore_best(model, load_local_shards)  # save_best: hf_model/ holds the best step's weights
+            stopper.restore_best(kept, load_local_shards)  # save_best: hf_model/ holds the best step's weights
         loggers.close()
         if s.save_hf:
             full = gather_full_state_dict(model) if pipe is None else pipe.gather_full_state_dict()  # collective

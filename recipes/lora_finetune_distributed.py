@@ -238,6 +238,7 @@ def recipe_main(cfg: DictConfig) -> dict:
         # the validation loss is the same on every rank, so every rank stops at the same step; save_best
         # keeps each rank's own adapter shards (no communication)
         stopper = EarlyStopping(s.early_stopping.patience, s.early_stopping.min_delta, s.save_best)
+        kept = model if pipe is None else torch.nn.ModuleList(pipe.stages.values())  # PP: this rank's stages
         if stopper.active and data.val_ds is None:
             raise ConfigError("early_stopping / save_best: need validation data (validation.dataset or split_ratio)")
         model.train()
@@ -291,7 +292,7 @@ def recipe_main(cfg: DictConfig) -> dict:
                     loss_ctx,
                 )
                 loggers.log_dict(validation_row(val), step)
-                if stopper.update(val["loss"], step, lambda: local_shards(model, trainable_only=True)):
+                if stopper.update(val["loss"], step, lambda: local_shards(kept, trainable_only=True)):
                     if rank0:
                         print(
                             f"early stopping at step {step}: no validation improvement in {stopper.patience} evaluations"
@@ -343,10 +344,10 @@ def recipe_main(cfg: DictConfig) -> dict:
             loggers.log_dict(val, step)
             summary.update(val)
             if stopper.active and step != stopper.best_step:
-                stopper.update(val["val_loss"], step, lambda: local_shards(model, trainable_only=True))
+                stopper.update(val["val_loss"], step, lambda: local_shards(kept, trainable_only=True))
         if stopper.active:
             summary.update(stopper.summary(), stopped_early=step < total_steps)
-            stopper.restore_best(model, load_local_shards)  # save_best: the exports hold the best step's adapters
+            stopper.restore_best(kept, load_local_shards)  # save_best: the exports hold the best step's adapters
         loggers.close()
         if s.save_adapter or s.save_merged:
             full = gather_full_state_dict(model) if pipe is None else pipe.gather_full_state_dict()  # collective

@@ -27,6 +27,7 @@ DEFAULT = [
     "full_neftune_tp_sp",
     "lora_neftune_lr0",
     "full_early_stop",
+    "full_early_stop_pp",
 ]
 SLOW = ["lora_save_best", "lora_dora_offload", "lora_pissa_tp", "lora_neftune_tp", "full_neftune_lr0"]
 
@@ -158,13 +159,14 @@ def test_neftune_noise_in_training_only(runs):
     assert _rows(got, "val_loss") == pytest.approx(_rows(clean, "val_loss"), abs=TOL)
 
 
-def test_early_stopping_and_save_best(runs):
+@pytest.mark.parametrize("name", ["full_early_stop", "full_early_stop_pp"])  # FSDP on 2 ranks; 2 pipeline stages
+def test_early_stopping_and_save_best(runs, name):
     tmp, ckpt = runs
-    got, ref = _assert_matches_single_device(tmp, ckpt, "full_early_stop")
+    got, ref = _assert_matches_single_device(tmp, ckpt, name)
     summary = json.load(open(os.path.join(got, "summary.json")))
     assert summary["step"] == 3 and summary["stopped_early"] and summary["best_step"] == 1
     # hf_model/ is step 1: a 1-step run exports the same weights
-    one = _single_device(tmp, ckpt, "full_early_stop", max_steps=1, early_stopping=None, save_best=False)
+    one = _single_device(tmp, ckpt, name, max_steps=1, early_stopping=None, save_best=False)
     _assert_same_weights(_weights(got, "hf_model"), _weights(one, "hf_model"))
 
 
@@ -223,5 +225,5 @@ def test_refused_combinations():
     cfg = scenario_cfg("full_early_stop", "/nonexistent/out", "/nonexistent/ckpt", dp=1)
     cfg.update(neftune_noise_alpha=5.0)
     cfg["parallelism"]["pipeline_parallel"] = 2
-    with pytest.raises(ConfigError, match="neftune_noise_alpha, early_stopping.patience, save_best: not supported"):
+    with pytest.raises(ConfigError, match="neftune_noise_alpha: not supported with parallelism.pipeline_parallel"):
         full_main(OmegaConf.create(cfg))

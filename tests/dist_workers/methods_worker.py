@@ -47,6 +47,20 @@ SCENARIOS = {
             "save_best": True,
         },
     ),
+    # the same with pipeline parallelism (2 stages; loader batches of 2 rows in 2 pipeline micro-batches)
+    "full_early_stop_pp": (
+        False,
+        1,
+        {
+            "max_steps": 8,
+            "batch_size": 2,
+            "gradient_accumulation_steps": 2,
+            "parallelism": {"pipeline_parallel": 2, "microbatches": 2},
+            "validation": {"split_size": 7, "every_n_steps": 1, "batch_size": 3},
+            "early_stopping": {"patience": 2, "min_delta": 1e9},
+            "save_best": True,
+        },
+    ),
     # save_best alone (no stopping); at this LR the validation loss rises after step 1, so the best step is not the last
     "lora_save_best": (
         True,

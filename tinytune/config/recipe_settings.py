@@ -536,9 +536,8 @@ def distributed_methods_problem(
     """The training methods a distributed layout does not run, as an error message (None: all fine).
 
     DoRA's row norms would span tensor-parallel shards. With pipeline parallelism the stages are built
-    and initialised apart (no whole base weight for DoRA / PiSSA), micro-batches have a fixed padded
-    length (it would change NEFTune's noise scale), and the best-step copy of early stopping is not
-    wired to the stages.
+    and initialised apart (no whole base weight for DoRA / PiSSA), and micro-batches have a fixed
+    padded length (it would change NEFTune's noise scale from the single-device run's).
     """
     if lora is not None and lora.use_dora and par.tensor_parallel > 1:
         return (
@@ -551,8 +550,6 @@ def distributed_methods_problem(
         key
         for key, on in (
             ("neftune_noise_alpha", s.neftune_noise_alpha is not None),
-            ("early_stopping.patience", s.early_stopping.patience is not None),
-            ("save_best", s.save_best),
             ("model.use_dora", lora is not None and lora.use_dora),
             ("model.lora_init=pissa", lora is not None and lora.lora_init == "pissa"),
         )
