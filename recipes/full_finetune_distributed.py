@@ -12,7 +12,8 @@ meta device, tensor-parallelised (``tensor_parallel > 1``), sharded with ``fully
 every global batch, so the run takes the same samples in the same order as ``full_finetune`` with
 the global batch. Losses are divided by the label-token count of the whole global step, so the
 update equals one process running the global batch. Checkpoints are sharded (DCP); at the end the
-full model is gathered on rank 0 and written as HF safetensors (``hf_model/``).
+full model is gathered on rank 0 and written as HF safetensors (``hf_model/``). NEFTune and early
+stopping (``save_best``: each rank keeps its own parameter shards) behave as in ``full_finetune``.
 
 Pipeline parallelism (``parallelism.pipeline_parallel > 1``, :mod:`tinytune.distributed.pipeline`):
 the mesh is ``[pp, dp_replicate, dp_shard, tp]``, each rank builds only its stages of the model, and a

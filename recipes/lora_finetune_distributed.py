@@ -10,7 +10,9 @@ and ``plot_loss``; ``batch_size`` is per data-parallel rank. Adapters go on the 
 LoRA settings name; only they train, the frozen base is sharded by FSDP too. Data order, loss
 normalisation and checkpoints are as in ``full_finetune_distributed``. At the end rank 0 writes
 the PEFT adapter (``adapter/``) and the merged model as HF safetensors (``hf_model/``).
-QLoRA (``model.quantize_base``) is single-device only.
+QLoRA (``model.quantize_base``) is single-device only. LoRA+, DoRA, PiSSA (initialised on each
+layer's gathered base weight), NEFTune and early stopping (``save_best``: each rank keeps its own
+adapter shards) behave as in ``lora_finetune``.
 
 Pipeline parallelism (``parallelism.pipeline_parallel > 1``, :mod:`tinytune.distributed.pipeline`):
 the mesh is ``[pp, dp_replicate, dp_shard, tp]``, each rank builds only its stages of the model, and a
