@@ -17,6 +17,9 @@ from typing import Any
 
 import torch
 
+from tinytune.config import ConfigError
+from tinytune.training.optim import is_offloaded
+
 log = logging.getLogger(__name__)
 
 FP16_NAMES = ("fp16", "float16", "half")
@@ -58,7 +61,18 @@ class LossScaler:
         return torch.autocast(self.device_type, dtype=self.autocast_dtype)
 
     def unscale_(self, optimizer: torch.optim.Optimizer) -> None:
-        """Divides the gradients by the scale (once per optimizer step, before clipping)."""
+        """Divides the gradients by the scale (once per optimizer step, before clipping).
+
+        Raises:
+            ConfigError: ``optimizer`` is torchao's CPU-offload optimizer, whose host copies of the
+                gradients the scaler cannot see consistently.
+        """
+        if is_offloaded(optimizer):
+            raise ConfigError(
+                "optimizer.name: adamw_offload / adamw8bit_offload (torchao CPUOffloadOptimizer) cannot run with "
+                "dtype: fp16 (the loss scaler would unscale and check gradients it copies to the CPU asynchronously); "
+                "use dtype: bf16, or another optimizer"
+            )
         self.scaler.unscale_(optimizer)
 
     def step(self, optimizer: torch.optim.Optimizer, step: int) -> bool:

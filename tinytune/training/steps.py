@@ -18,7 +18,13 @@ from tinytune.training.data import to_device
 from tinytune.training.loss_scaling import LossScaler, autocast_fp16, scaled
 from tinytune.training.losses import count_label_tokens, sft_loss
 from tinytune.training.lr_schedulers import build_lr_scheduler
-from tinytune.training.optim import DEFAULT_LR, DEFAULT_NO_DECAY, build_optimizer, param_groups
+from tinytune.training.optim import (
+    DEFAULT_LR,
+    DEFAULT_NO_DECAY,
+    build_optimizer,
+    param_groups,
+    resync_offloaded_grads,
+)
 from tinytune.training.padding_free import drop_unlabeled_tail
 
 log = logging.getLogger(__name__)
@@ -154,6 +160,7 @@ def optimizer_step(
         scaler.unscale_(optimizer)  # clipping and the norm see the true gradients
     if clip_grad_norm:
         norm = float(clip_fn(params, float(clip_grad_norm)))
+        resync_offloaded_grads(optimizer)  # adamw_offload: its host copies of the gradients get clipped too
     elif guard is not None:
         # an infinite threshold measures the (DTensor-aware) total norm and scales nothing
         norm = float(clip_fn(params, float("inf"))) if params else 0.0
