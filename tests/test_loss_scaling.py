@@ -8,6 +8,7 @@ import logging
 
 import pytest
 import torch
+import torch.nn.functional as F
 from _recipe_fixtures import make_tiny_checkpoint, write_chat_jsonl
 from omegaconf import OmegaConf
 
@@ -305,27 +306,77 @@ def test_fp16_in_a_recipe_without_loss_scaling_is_refused(assets, tmp_path):
         recipe_main(cfg)
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("recipe", ["lora_finetune", "full_finetune"])
-def test_fp16_recipe_on_cuda_trains_and_checkpoints_the_scale(assets, tmp_path, recipe):
-    """dtype: fp16 on CUDA: fp32 weights, finite and falling loss, the scale in the checkpoint, and a
-    resumed run restores it (same final loss as the uninterrupted run)."""
+def _fp16_recipe_runs(assets, tmp_path, recipe, device):
+    """An fp16 run of 6 steps (accumulation 2, clipping), and the same run stopped after 3 and
+    resumed; returns both summaries and the first run's logged losses."""
     import importlib
     import json
 
     main = importlib.import_module(f"recipes.{recipe}").recipe_main
-    over = {"device": "cuda", "checkpoint_every_n_steps": 3}
+    over = {"device": device, "checkpoint_every_n_steps": 3}
     if recipe == "full_finetune":
         over.update(model=None, optimizer={"name": "adamw", "lr": 3e-4})
     summary = main(_cfg(assets, tmp_path / "a", **over))
     rows = [json.loads(line) for line in open(tmp_path / "a" / "metrics.jsonl")]
     losses = [r["loss"] for r in rows if "loss" in r]
-    assert len(losses) == 6 and all(torch.isfinite(torch.tensor(losses)))
-    assert sum(losses[-2:]) < sum(losses[:2])
-    assert summary["fp16_overflow_skipped_steps"] >= 0
-    state = torch.load(tmp_path / "a" / "checkpoints" / "step_6" / "state.pt", weights_only=True)
-    assert state["loss_scaler"]["scaler"]["scale"] > 0
+    state = TrainingCheckpointer(str(tmp_path / "a" / "checkpoints")).load_latest()
+    assert state["step"] == 6 and state["loss_scaler"]["skipped"] == summary["fp16_overflow_skipped_steps"]
     main(_cfg(assets, tmp_path / "b", stop_after_steps=3, **over))
     resumed = main(_cfg(assets, tmp_path / "b", resume_from_checkpoint="auto", **over))
     assert resumed["fp16_overflow_skipped_steps"] == summary["fp16_overflow_skipped_steps"]
+    return summary, resumed, losses, state
+
+
+@pytest.mark.parametrize("recipe", ["lora_finetune", "full_finetune"])
+def test_fp16_recipe_wiring_on_cpu(assets, tmp_path, monkeypatch, recipe):
+    """The recipes' fp16 path on CPU with the CUDA-only policy lifted: fp32 weights, fp16 autocast,
+    a CPU GradScaler whose first scale (2**24) overflows, so the run skips steps (counted, in the
+    checkpoint), recovers and trains; a resumed run ends exactly like the uninterrupted one."""
+    import importlib
+
+    from tinytune.device import set_seed
+
+    mod = importlib.import_module(f"recipes.{recipe}")
+    monkeypatch.setattr(mod, "setup_device", lambda hw, **kw: (CPU, torch.float32, set_seed(hw.seed)))
+    monkeypatch.setattr(
+        mod, "fp16_loss_scaler", lambda name, device: LossScaler(torch.amp.GradScaler("cpu", init_scale=2.0**24), "cpu")
+    )
+    summary, resumed, losses, state = _fp16_recipe_runs(assets, tmp_path, recipe, "cpu")
+    assert summary["fp16_overflow_skipped_steps"] >= 1
+    assert state["loss_scaler"]["scaler"]["scale"] == 2.0 ** (24 - summary["fp16_overflow_skipped_steps"])
+    assert len(losses) == 6 and all(torch.isfinite(torch.tensor(losses)))
+    assert resumed["loss"] == summary["loss"]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("recipe", ["lora_finetune", "full_finetune"])
+def test_fp16_recipe_on_cuda_trains_and_checkpoints_the_scale(assets, tmp_path, recipe):
+    """dtype: fp16 on CUDA: fp32 weights, finite and falling loss, the scale in the checkpoint, and a
+    resumed run restores it (same final loss as the uninterrupted run)."""
+    summary, resumed, losses, state = _fp16_recipe_runs(assets, tmp_path, recipe, "cuda")
+    assert len(losses) == 6 and all(torch.isfinite(torch.tensor(losses)))
+    assert sum(losses[-2:]) < sum(losses[:2])
+    assert state["loss_scaler"]["scaler"]["scale"] > 0
     assert resumed["loss"] == pytest.approx(summary["loss"], rel=1e-3)
+
+
+def test_fused_lora_linear_under_fp16_autocast():
+    """The fused LoRA Function under autocast computes in fp16 like F.linear would, and its gradients
+    reach the fp32 adapter weights (fp32 dtype, close to the fp32 eager reference)."""
+    from tinytune.kernels.fused_ops import lora_linear
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 5, 32, generator=g)
+    w, a, b = (torch.randn(*shape, generator=g) * 0.2 for shape in ((48, 32), (8, 32), (48, 8)))
+    a.requires_grad_(True)
+    b.requires_grad_(True)
+    ref = F.linear(x, w) + 2.0 * F.linear(F.linear(x, a), b)
+    ref_ga, ref_gb = torch.autograd.grad(ref.square().sum(), (a, b))
+    with torch.autocast("cpu", dtype=torch.float16):
+        out = lora_linear(x, w, None, a, b, 2.0)
+    assert out.dtype == torch.float16
+    ga, gb = torch.autograd.grad(out.float().square().sum(), (a, b))
+    assert ga.dtype == gb.dtype == torch.float32
+    torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(ga, ref_ga, atol=0.5, rtol=2e-2)
+    torch.testing.assert_close(gb, ref_gb, atol=0.5, rtol=2e-2)
