@@ -190,6 +190,14 @@ def recipe_main(cfg: DictConfig) -> dict:
         # ---- 4. optimizer, LR schedule, DCP checkpointer (resume) --------------------------------
         # named: optimizer.no_decay groups (biases, norms, embeddings), as in the single-device recipes
         optimizer, lr_scheduler = build_optimizer_and_scheduler(s.optim, model.named_parameters(), total_steps)
+        # early stopping: the validation loss is the same on every rank, so every rank stops at the same
+        # step; save_best keeps each rank's own shards (no communication). Checkpoints hold the tracking
+        # (best loss and step, patience count) but not the kept shards.
+        stopper = EarlyStopping(s.early_stopping.patience, s.early_stopping.min_delta, s.save_best)
+        kept = model if pipe is None else torch.nn.ModuleList(pipe.stages.values())  # PP: this rank's stages
+        if stopper.active and data.val_ds is None:
+            raise ConfigError("early_stopping / save_best: need validation data (validation.dataset or split_ratio)")
+        states = {"early_stopping": stopper.tracking_only()}
         ckpt = open_sharded_checkpointer(loop.keep_last_checkpoints, out_dir)  # (clears crashed writes)
         fingerprint = config_fingerprint(cfg, model, data.train_ds, info)  # checked on resume
         step = resume_sharded_state(
@@ -202,7 +210,9 @@ def recipe_main(cfg: DictConfig) -> dict:
             accum=accum,
             fingerprint=fingerprint,
             total_steps=total_steps,
+            stateful=states,
         )
+        stopper.restore_kept_weights(step, lambda: local_shards(kept))  # save_best: best step = resumed one
 
         # ---- 5. training loop ----------------------------------------------------------------------
         loss_sum = sft_loss_sum_vocab_parallel if par.loss_parallel else sft_loss_sum
@@ -212,12 +222,6 @@ def recipe_main(cfg: DictConfig) -> dict:
         loss_mesh = mesh.dp if pipe is None else None  # PP: only last stages hold losses, so sum over the world
         loggers = build_metric_loggers(loop.metric_loggers if rank0 else [], out_dir)  # rank 0 logs
         guard = NonFiniteGuard(loop.nan_policy)  # a NaN/Inf loss or grad norm stops the run (or skips the step)
-        # the validation loss is the same on every rank, so every rank stops at the same step; save_best
-        # keeps each rank's own parameter shards on the CPU (no communication)
-        stopper = EarlyStopping(s.early_stopping.patience, s.early_stopping.min_delta, s.save_best)
-        kept = model if pipe is None else torch.nn.ModuleList(pipe.stages.values())  # PP: this rank's stages
-        if stopper.active and data.val_ds is None:
-            raise ConfigError("early_stopping / save_best: need validation data (validation.dataset or split_ratio)")
         model.train()
         progress = TrainProgress(total_steps, initial_step=step, desc="full_finetune_distributed", disable=not rank0)
         window = LogWindow()  # means since the last log line, and run totals
@@ -285,6 +289,7 @@ def recipe_main(cfg: DictConfig) -> dict:
                     stream=stream,
                     accum=accum,
                     fingerprint=fingerprint,
+                    stateful=states,
                 )
             if loop.stops_early(step, total_steps):
                 progress.close()

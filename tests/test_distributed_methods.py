@@ -28,6 +28,7 @@ DEFAULT = [
     "lora_neftune_lr0",
     "full_early_stop",
     "full_early_stop_pp",
+    "full_early_stop_resume",
 ]
 SLOW = ["lora_save_best", "lora_dora_offload", "lora_pissa_tp", "lora_neftune_tp", "full_neftune_lr0"]
 
@@ -168,6 +169,31 @@ def test_early_stopping_and_save_best(runs, name):
     # hf_model/ is step 1: a 1-step run exports the same weights
     one = _single_device(tmp, ckpt, name, max_steps=1, early_stopping=None, save_best=False)
     _assert_same_weights(_weights(got, "hf_model"), _weights(one, "hf_model"))
+
+
+def test_early_stopping_state_survives_a_dcp_resume(runs):
+    """Stopped after step 1 (the best step) and resumed: same stop, best step and export as one process uninterrupted."""
+    tmp, ckpt = runs
+    got, _ = _assert_matches_single_device(tmp, ckpt, "full_early_stop_resume")
+    rows = [json.loads(line) for line in open(os.path.join(got, "metrics.jsonl"))]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4]  # steps 2-4 from the resumed run
+    summary = json.load(open(os.path.join(got, "summary.json")))
+    assert summary["step"] == 4 and summary["stopped_early"] and summary["best_step"] == 1
+
+
+def test_save_best_resume_past_the_best_step_is_refused(tmp_path):
+    """The kept shards are not in DCP checkpoints: resuming after the best step with save_best is an error
+    (plain python: a one-process group)."""
+    from recipes.full_finetune_distributed import recipe_main
+    from tinytune.errors import ResumeError
+
+    ckpt = write_tiny_checkpoint(str(tmp_path / "ckpt"), "qwen3", tie=False)
+    cfg = scenario_cfg("full_early_stop_resume", str(tmp_path / "run"), ckpt, dp=1)
+    recipe_main(OmegaConf.create(dict(cfg, stop_after_steps=2, checkpoint_every_n_steps=0)))
+    with pytest.raises(
+        ResumeError, match=r"save_best: the best validation step \(1\) lies before the resumed step \(2\)"
+    ):
+        recipe_main(OmegaConf.create(cfg))
 
 
 @pytest.fixture(scope="module")

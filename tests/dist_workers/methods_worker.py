@@ -47,6 +47,19 @@ SCENARIOS = {
             "save_best": True,
         },
     ),
+    # stopped after step 1 (a DCP checkpoint, the best step), resumed: stops at step 4 (patience 3) and exports
+    # step 1 as an uninterrupted run does (the tracking comes from the checkpoint, the kept shards from the weights)
+    "full_early_stop_resume": (
+        False,
+        1,
+        {
+            "_stop_first": 1,
+            "max_steps": 8,
+            "validation": {"split_size": 7, "every_n_steps": 1, "batch_size": 3},
+            "early_stopping": {"patience": 3, "min_delta": 1e9},
+            "save_best": True,
+        },
+    ),
     # the same with pipeline parallelism (2 stages; loader batches of 2 rows in 2 pipeline micro-batches)
     "full_early_stop_pp": (
         False,
@@ -81,6 +94,8 @@ def scenario_cfg(name: str, out: str, ckpt: str, dp: int) -> dict:
     lora, tp, extra = SCENARIOS[name]
     cfg = base_cfg(out, ckpt, dp, tp, lora)
     for key, value in extra.items():
+        if key.startswith("_"):  # worker instructions, not config keys
+            continue
         if isinstance(value, dict) and isinstance(cfg.get(key), dict):
             cfg[key] = {**cfg[key], **value}
         else:
@@ -98,7 +113,11 @@ def main() -> None:
     for name in sys.argv[3:]:
         lora, tp, _ = SCENARIOS[name]
         cfg = scenario_cfg(name, os.path.join(out_root, name), ckpt, world // tp)
-        (lora_main if lora else full_main)(OmegaConf.create(cfg))
+        run = lora_main if lora else full_main
+        stop = SCENARIOS[name][2].get("_stop_first")
+        if stop:  # a first run ends after `stop` steps with a DCP checkpoint; the second resumes from it
+            run(OmegaConf.create(dict(cfg, stop_after_steps=stop, checkpoint_every_n_steps=0)))
+        run(OmegaConf.create(cfg))
         dist.barrier()
     shutdown_distributed()
 

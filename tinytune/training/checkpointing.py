@@ -111,6 +111,17 @@ def resume_training_state(
     lr_scheduler.load_state_dict(state["lr_scheduler"])
     refresh_lr(lr_scheduler)
     stream.load_state_dict(state["data"])
+    _restore_stateful(state, stateful, path)
+    set_rng_state(state["rng"])
+    step = int(state["step"])
+    check_not_past_end(step, total_steps, path)
+    run_context.step = step
+    print(f"resumed from {path} at step {step}")
+    return step
+
+
+def _restore_stateful(state: dict[str, Any], stateful: dict[str, Any] | None, path: Any) -> None:
+    """Loads each of ``stateful``'s objects from ``state[key]`` (see :func:`resume_training_state`)."""
     for key, obj in (stateful or {}).items():
         if key not in state and not getattr(obj, "active", True):  # nothing tracked then, nothing now
             continue
@@ -120,12 +131,6 @@ def resume_training_state(
                 "tinytune); resume with the settings it was written with, or start a new output_dir"
             )
         obj.load_state_dict(state[key])
-    set_rng_state(state["rng"])
-    step = int(state["step"])
-    check_not_past_end(step, total_steps, path)
-    run_context.step = step
-    print(f"resumed from {path} at step {step}")
-    return step
 
 
 def save_training_state(
@@ -189,6 +194,7 @@ def resume_sharded_state(
     accum: int,
     fingerprint: dict[str, Any] | None = None,
     total_steps: int | None = None,
+    stateful: dict[str, Any] | None = None,
 ) -> int:
     """:func:`resume_training_state` for the distributed recipes' DCP checkpoints (collective).
 
@@ -201,6 +207,8 @@ def resume_sharded_state(
         accum: this run's ``gradient_accumulation_steps`` (must equal the checkpoint's).
         fingerprint: this run's fingerprint; a checkpoint written by a different run is refused.
         total_steps: this run's step count; a checkpoint past it is refused.
+        stateful: as in :func:`resume_training_state` (JSON-able states, e.g.
+            ``EarlyStopping.tracking_only()``).
 
     Returns:
         The step to continue from (0 when nothing is resumed).
@@ -218,6 +226,7 @@ def resume_sharded_state(
     lr_scheduler.load_state_dict(state["lr_scheduler"])
     refresh_lr(lr_scheduler)
     stream.load_state_dict(state["data"])
+    _restore_stateful(state, stateful, path)
     step = int(state["step"])
     check_not_past_end(step, total_steps, path)
     run_context.step = step
@@ -236,14 +245,21 @@ def save_sharded_state(
     stream,
     accum: int,
     fingerprint: dict[str, Any] | None = None,
+    stateful: dict[str, Any] | None = None,
 ) -> None:
     """Saves a DCP checkpoint of ``step`` (collective): sharded weights and optimizer, and
     ``{"step", "accum", "lr_scheduler", "data"}`` (the same trainer state as the single-device one,
-    as JSON) with the run fingerprint."""
+    as JSON) with the run fingerprint; ``stateful`` objects' (JSON-able) ``state_dict()`` under their keys."""
     ckpt.save(
         step,
         model,
         optimizer,
-        {"step": step, "accum": accum, "lr_scheduler": lr_scheduler.state_dict(), "data": stream.state_dict()},
+        {
+            "step": step,
+            "accum": accum,
+            "lr_scheduler": lr_scheduler.state_dict(),
+            "data": stream.state_dict(),
+            **{key: obj.state_dict() for key, obj in (stateful or {}).items()},
+        },
         fingerprint=fingerprint,
     )

@@ -82,15 +82,41 @@ class EarlyStopping:
         """The settings the tracked state depends on (``patience``, ``min_delta``, ``save_best``)."""
         return {"patience": self.patience, "min_delta": self.min_delta, "save_best": self.save_best}
 
-    def state_dict(self) -> dict:
-        """Settings, best loss and step, validations without improvement, kept weights (training checkpoints)."""
-        return {
-            "settings": self.settings(),
-            "best": self.best,
-            "best_step": self.best_step,
-            "bad": self.bad,
-            "best_state": self.best_state,
-        }
+    def state_dict(self, weights: bool = True) -> dict:
+        """Settings, best loss and step, validations without improvement, kept weights (training checkpoints).
+
+        Args:
+            weights: include the kept weights (``best_state``); without them the dict is JSON-able.
+        """
+        state = {"settings": self.settings(), "best": self.best, "best_step": self.best_step, "bad": self.bad}
+        return {**state, "best_state": self.best_state} if weights else state
+
+    def tracking_only(self) -> "TrackingOnly":
+        """This tracker's checkpoint view without the kept weights (the distributed recipes' JSON trainer state;
+        see :meth:`restore_kept_weights`)."""
+        return TrackingOnly(self)
+
+    def restore_kept_weights(self, step: int, weights: Callable[[], dict[str, torch.Tensor]]) -> None:
+        """After resuming from a checkpoint without the kept weights (:meth:`tracking_only`): keeps the
+        resumed weights when the best step is the resumed one; otherwise the best step's weights are lost.
+
+        Args:
+            step: the step resumed from.
+            weights: returns the current weights (e.g. this rank's shards).
+
+        Raises:
+            ResumeError: ``save_best`` and the best step lies before the resumed one.
+        """
+        if not self.save_best or self.best_step is None or self.best_state is not None:
+            return
+        if self.best_step == step:
+            self.best_state = {k: v.detach().to("cpu", copy=True) for k, v in weights().items()}
+            return
+        raise ResumeError(
+            f"resume_from_checkpoint: save_best: the best validation step ({self.best_step}) lies before the "
+            f"resumed step ({step}) and the distributed recipes' checkpoints do not hold its weights; resume "
+            f"from the checkpoint of step {self.best_step} if it exists, or start a new output_dir"
+        )
 
     def load_state_dict(self, state: dict) -> None:
         """Restores :meth:`state_dict`.
@@ -108,4 +134,21 @@ class EarlyStopping:
                 "or start a new output_dir"
             )
         self.best, self.best_step, self.bad = float(state["best"]), state["best_step"], int(state["bad"])
-        self.best_state = state["best_state"]
+        self.best_state = state.get("best_state")  # absent: written by tracking_only()
+
+
+class TrackingOnly:
+    """An :class:`EarlyStopping`'s state without its kept weights (``state_dict`` is JSON-able)."""
+
+    def __init__(self, stopper: EarlyStopping) -> None:
+        self.stopper = stopper
+
+    @property
+    def active(self) -> bool:
+        return self.stopper.active
+
+    def state_dict(self) -> dict:
+        return self.stopper.state_dict(weights=False)
+
+    def load_state_dict(self, state: dict) -> None:
+        self.stopper.load_state_dict(state)
