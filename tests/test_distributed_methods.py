@@ -218,7 +218,7 @@ def test_save_best_lora_exports_best_step(slow_runs):
 
 @pytest.mark.slow
 def test_more_parallel_layouts(slow_runs):
-    """DoRA with FSDP CPU offload; PiSSA and NEFTune with tensor parallelism (both with save_best);
+    """DoRA with FSDP CPU offload and activation checkpointing; PiSSA and NEFTune with tensor parallelism (both with save_best);
     full fine-tuning with NEFTune at lr 0 on 2 data-parallel ranks."""
     tmp, ckpt = slow_runs
     _assert_matches_single_device(tmp, ckpt, "lora_dora_offload", ("adapter", "hf_model"))

@@ -22,7 +22,11 @@ SCENARIOS = {
     "lora_loraplus": (True, 1, {"loraplus_lr_ratio": 8.0}),
     "lora_dora": (True, 1, {"model": {"use_dora": True}}),
     "lora_pissa": (True, 1, {"model": {"lora_init": "pissa", "use_rslora": True}}),
-    "lora_dora_offload": (True, 1, {"model": {"use_dora": True}, "fsdp": {"cpu_offload": True}}),
+    "lora_dora_offload": (
+        True,
+        1,
+        {"model": {"use_dora": True}, "fsdp": {"cpu_offload": True}, "activation_checkpointing": True},
+    ),
     # + save_best: the kept best weights are this rank's tensor-parallel shards
     "lora_pissa_tp": (True, 2, {"model": {"lora_init": "pissa"}, "save_best": True}),
     # tensor + sequence parallel: the embedding output is a DTensor sharded on the sequence
