@@ -3,9 +3,10 @@
 Both sides load the same HF directory (the bundled SmolLM2-135M-Instruct conversion, or a random
 init of that shape), decode the same left-padded prompts greedily with a KV cache for exactly
 ``--new-tokens`` tokens (no early stop), in the same process, rounds interleaved (ours, HF, ours,
-HF, ...). Reported per batch size: new tokens/s (median round), the ratio ours/HF, and the share of
-generated tokens on which both sides agree (a cross-check that they decode the same thing; fp32
-greedy can part ways only where two logits tie to rounding).
+HF, ...). Reported per batch size: new tokens/s (median round), the ratio ours/HF by wall time
+and by CPU time (user+sys of the process: the steadier one on a machine shared with other jobs),
+and the share of generated tokens on which both sides agree (a cross-check that they decode the
+same thing; fp32 greedy can part ways only where two logits tie to rounding).
 
     python benchmarks/bench_generate.py                       # batch 1 and 8, 64 new tokens
     python benchmarks/bench_generate.py --batch-sizes 1,8 --new-tokens 128 --rounds 5
@@ -94,26 +95,32 @@ def main(argv: list[str] | None = None) -> int:
             _ours(ours, prompts, 2)  # warm-up both sides (allocator, kernels)
             _hf(hf, prompts, 2, args.hf_cache)
             times = {"tinytune": [], "hf": []}
+            cpu = {"tinytune": [], "hf": []}
             outs = {}
             for _ in range(args.rounds):
                 for name in ("tinytune", "hf"):
-                    t0 = time.perf_counter()
+                    t0, c0 = time.perf_counter(), time.process_time()
                     outs[name] = (
                         _ours(ours, prompts, args.new_tokens)
                         if name == "tinytune"
                         else _hf(hf, prompts, args.new_tokens, args.hf_cache)
                     )
                     times[name].append(time.perf_counter() - t0)
+                    cpu[name].append(time.process_time() - c0)
         agree = sum(a == b for ra, rb in zip(outs["tinytune"], outs["hf"]) for a, b in zip(ra, rb))
         total = bs * args.new_tokens
         assert all(len(r) == args.new_tokens for r in outs["tinytune"] + outs["hf"]), "a side stopped early"
         tps = {k: total / median(v) for k, v in times.items()}
+        cpu_ms = {k: 1000 * median(v) / args.new_tokens for k, v in cpu.items()}  # CPU ms per decode step
         rows.append(
             [
                 str(bs),
                 fmt(tps["tinytune"]),
                 fmt(tps["hf"]),
                 fmt(tps["tinytune"] / tps["hf"], ".2f") + "x",
+                fmt(cpu_ms["tinytune"]),
+                fmt(cpu_ms["hf"]),
+                fmt(cpu_ms["hf"] / cpu_ms["tinytune"], ".2f") + "x",
                 f"{agree}/{total}",
             ]
         )
@@ -123,7 +130,8 @@ def main(argv: list[str] | None = None) -> int:
         f"weights: {what}; fp32; greedy, {args.new_tokens} new tokens, prompts {lo}-{hi} tokens (left-padded); "
         f"HF cache: {args.hf_cache}; {args.rounds} rounds, median; torch threads {torch.get_num_threads()}"
     )
-    print_table(["batch", "tinytune tok/s", "HF tok/s", "speed vs HF", "same tokens"], rows)
+    headers = ["batch", "tinytune tok/s", "HF tok/s", "speed vs HF", "tinytune CPU ms/step", "HF CPU ms/step"]
+    print_table(headers + ["CPU-s HF/ours", "same tokens"], rows)
     return 0
 
 
