@@ -512,7 +512,9 @@ def main(argv: list[str] | None = None) -> int:
                     res = run_worker(pythons[fw], script, spec, timeout=3600)
                     results.setdefault((mode, packed, fw), []).append(res)
                     status = res.get("error") or f"median {median(res['times']):.3f}s/step"
-                    print(f"  round {rnd + 1}: {fw:9s} {_row_label(mode, packed, bool(qlora)):14s} {status}", flush=True)
+                    print(
+                        f"  round {rnd + 1}: {fw:9s} {_row_label(mode, packed, bool(qlora)):14s} {status}", flush=True
+                    )
 
     gpu = args.device.startswith("cuda")
     headers = [
