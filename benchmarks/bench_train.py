@@ -19,8 +19,9 @@ timed step's loss (a cross-check that all sides compute the same thing), peak RS
     python benchmarks/bench_train.py --mode lora --qlora   # QLoRA: NF4 base (torchao) vs torchtune's QLoRA
 
 ``--qlora`` keeps the frozen base weights of the adapted projections in torchao NF4 on both
-tinytune and torchtune (HF+PEFT is left out: its QLoRA goes through bitsandbytes ``Linear4bit``,
-whose NF4 kernels this benchmark does not run on CPU).
+tinytune and torchtune. HF+PEFT is left out: its QLoRA goes through bitsandbytes ``Linear4bit``, a
+dependency this benchmark does not install (newer bitsandbytes releases have a CPU backend; not
+compared here).
 
 torchtune runs with ``--torchtune-python`` (default ``/work/bench-venv/bin/python`` when it
 exists): a separate virtual environment, so peers never become tinytune dependencies.
@@ -378,14 +379,14 @@ def _row_label(mode: str, packed: bool, qlora: bool = False) -> str:
 
 
 def _qlora_setup(args, frameworks: list[str], notes: list[str]) -> dict:
-    """``--qlora``: LoRA configs with NF4 bases; HF+PEFT dropped (bitsandbytes NF4 is not run on CPU here)."""
+    """``--qlora``: LoRA configs with NF4 bases; HF+PEFT dropped (its QLoRA needs bitsandbytes, not used here)."""
     if not args.qlora:
         return {}
     if args.mode != "lora":
         raise SystemExit("--qlora needs --mode lora (QLoRA quantizes the frozen base of LoRA runs)")
     if "hf" in frameworks:
         frameworks.remove("hf")
-        notes.append("hf skipped with --qlora: HF+PEFT QLoRA needs bitsandbytes 4-bit layers (not run on CPU here)")
+        notes.append("hf skipped with --qlora: HF+PEFT QLoRA needs bitsandbytes 4-bit layers (not installed here)")
     return {"quantize_base": True}
 
 
