@@ -11,6 +11,11 @@ same thing; fp32 greedy can part ways only where two logits tie to rounding).
     python benchmarks/bench_generate.py                       # batch 1 and 8, 64 new tokens
     python benchmarks/bench_generate.py --batch-sizes 1,8 --new-tokens 128 --rounds 5
     python benchmarks/bench_generate.py --smoke               # tiny model, seconds (used by the tests)
+    python benchmarks/bench_generate.py --decode-layout       # also tinytune inside decode_layout()
+
+``--decode-layout`` adds a third side in the same rounds: a second copy of the tinytune model held
+in ``tinytune.generation.decode_layout`` (weights stored column-major) for the whole run; the
+one-off cost of entering it is printed separately.
 """
 
 from __future__ import annotations
@@ -69,6 +74,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     p.add_argument("--hf-cache", default="dynamic", help="HF cache_implementation: dynamic | static")
     p.add_argument("--smoke", action="store_true", help="tiny random model, few tokens")
+    p.add_argument(
+        "--decode-layout", action="store_true", help="also time tinytune inside decode_layout() (same rounds)"
+    )
     args = p.parse_args(argv)
     if args.smoke:
         args.weights, args.new_tokens, args.rounds, args.prompt_len = "random", 8, 1, "4,9"
@@ -77,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import AutoModelForCausalLM
 
     from tinytune.checkpoint import load_hf_model
+    from tinytune.generation import decode_layout
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -85,6 +94,19 @@ def main(argv: list[str] | None = None) -> int:
     ours, _ = load_hf_model(weights, dtype=torch.float32, device="cpu")
     ours.eval()
     hf = AutoModelForCausalLM.from_pretrained(weights, dtype=torch.float32).eval()
+    sides = {"tinytune": ours}
+    layout_note = ""
+    if args.decode_layout:
+        laid_out, _ = load_hf_model(weights, dtype=torch.float32, device="cpu")
+        laid_out.eval()
+        layout_ctx = decode_layout(laid_out)
+        c0, t0 = time.process_time(), time.perf_counter()
+        layout_ctx.__enter__()  # held for the whole run, closed at exit
+        layout_note = (
+            f"; decode_layout: entered once in {time.perf_counter() - t0:.2f} s "
+            f"({time.process_time() - c0:.2f} CPU-s), not in the per-call times"
+        )
+        sides["tinytune+layout"] = laid_out
     vocab = ours.tok_embeddings.num_embeddings
     lo, hi = (int(x) for x in args.prompt_len.split(","))
 
@@ -92,45 +114,50 @@ def main(argv: list[str] | None = None) -> int:
     for bs in (int(x) for x in args.batch_sizes.split(",")):
         prompts = _prompts(bs, vocab, lo, hi, seed=bs)
         with torch.inference_mode():
-            _ours(ours, prompts, 2)  # warm-up both sides (allocator, kernels)
+            for model in sides.values():  # warm-up every side (allocator, kernels)
+                _ours(model, prompts, 2)
             _hf(hf, prompts, 2, args.hf_cache)
-            times = {"tinytune": [], "hf": []}
-            cpu = {"tinytune": [], "hf": []}
+            names = [*sides, "hf"]
+            times = {name: [] for name in names}
+            cpu = {name: [] for name in names}
             outs = {}
             for _ in range(args.rounds):
-                for name in ("tinytune", "hf"):
+                for name in names:
                     t0, c0 = time.perf_counter(), time.process_time()
                     outs[name] = (
-                        _ours(ours, prompts, args.new_tokens)
-                        if name == "tinytune"
-                        else _hf(hf, prompts, args.new_tokens, args.hf_cache)
+                        _hf(hf, prompts, args.new_tokens, args.hf_cache)
+                        if name == "hf"
+                        else _ours(sides[name], prompts, args.new_tokens)
                     )
                     times[name].append(time.perf_counter() - t0)
                     cpu[name].append(time.process_time() - c0)
-        agree = sum(a == b for ra, rb in zip(outs["tinytune"], outs["hf"]) for a, b in zip(ra, rb))
         total = bs * args.new_tokens
-        assert all(len(r) == args.new_tokens for r in outs["tinytune"] + outs["hf"]), "a side stopped early"
+        assert all(len(r) == args.new_tokens for o in outs.values() for r in o), "a side stopped early"
         tps = {k: total / median(v) for k, v in times.items()}
         cpu_ms = {k: 1000 * median(v) / args.new_tokens for k, v in cpu.items()}  # CPU ms per decode step
-        rows.append(
-            [
-                str(bs),
-                fmt(tps["tinytune"]),
-                fmt(tps["hf"]),
-                fmt(tps["tinytune"] / tps["hf"], ".2f") + "x",
-                fmt(cpu_ms["tinytune"]),
-                fmt(cpu_ms["hf"]),
-                fmt(cpu_ms["hf"] / cpu_ms["tinytune"], ".2f") + "x",
-                f"{agree}/{total}",
-            ]
-        )
+        for name in sides:
+            agree = sum(a == b for ra, rb in zip(outs[name], outs["hf"]) for a, b in zip(ra, rb))
+            rows.append(
+                [
+                    str(bs),
+                    name,
+                    fmt(tps[name]),
+                    fmt(tps["hf"]),
+                    fmt(tps[name] / tps["hf"], ".2f") + "x",
+                    fmt(cpu_ms[name]),
+                    fmt(cpu_ms["hf"]),
+                    fmt(cpu_ms["hf"] / cpu_ms[name], ".2f") + "x",
+                    f"{agree}/{total}",
+                ]
+            )
 
     print(machine_line())
     print(
         f"weights: {what}; fp32; greedy, {args.new_tokens} new tokens, prompts {lo}-{hi} tokens (left-padded); "
         f"HF cache: {args.hf_cache}; {args.rounds} rounds, median; torch threads {torch.get_num_threads()}"
+        f"{layout_note}"
     )
-    headers = ["batch", "tinytune tok/s", "HF tok/s", "speed vs HF", "tinytune CPU ms/step", "HF CPU ms/step"]
+    headers = ["batch", "side", "ours tok/s", "HF tok/s", "speed vs HF", "ours CPU ms/step", "HF CPU ms/step"]
     print_table(headers + ["CPU-s HF/ours", "same tokens"], rows)
     return 0
 

@@ -109,8 +109,8 @@ def test_bench_train_qlora_smoke():
 
 
 def test_bench_generate_smoke():
-    rows = _table(_run("bench_generate.py", "--smoke", "--batch-sizes", "1,3"))
-    assert [r[0] for r in rows] == ["1", "3"]
+    rows = _table(_run("bench_generate.py", "--smoke", "--batch-sizes", "1,3", "--decode-layout"))
+    assert [(r[0], r[1]) for r in rows] == [(b, s) for b in ("1", "3") for s in ("tinytune", "tinytune+layout")]
     for r in rows:
         agree, total = (int(x) for x in r[-1].split("/"))
         assert total == int(r[0]) * 8 and agree == total  # fp32 greedy: both sides decode the same tokens

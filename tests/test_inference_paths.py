@@ -72,3 +72,24 @@ def test_model_forward_no_grad_equals_grad():
     with torch.inference_mode():
         got = model(tokens)
     torch.testing.assert_close(got, ref.detach(), rtol=0, atol=0)
+
+
+def test_decode_layout_same_tokens_and_restores_weights():
+    from tinytune.generation import decode_layout, generate
+
+    torch.manual_seed(0)
+    model = llama3_tiny().eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    prompts = [[5, 6, 7, 8], [9, 10]]
+    ref = generate(model, prompts, max_new_tokens=6)
+    tokens = torch.tensor([[5, 6, 7, 8]])
+    ref_logits = model(tokens).detach()
+    with decode_layout(model):
+        w = model.layers[0].attn.q_proj.weight
+        assert not w.is_contiguous() and w.t().is_contiguous()
+        assert generate(model, prompts, max_new_tokens=6) == ref
+        with torch.no_grad():
+            torch.testing.assert_close(model(tokens), ref_logits, rtol=1e-5, atol=1e-5)
+    after = model.state_dict()
+    for k, v in before.items():
+        assert after[k].is_contiguous() and torch.equal(after[k], v), k

@@ -5,7 +5,8 @@ positions ``0, 1, ...`` (pad positions are never attended to), so a left-padded 
 same tokens as the prompt run alone.
 """
 
-from collections.abc import Callable, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -58,6 +59,38 @@ def _validate_prompts(prompt_tokens: Sequence[Sequence[int]], vocab_size: int) -
         bad = [t for t in prompt if not 0 <= int(t) < vocab_size]
         if bad:
             raise ValueError(f"generate: prompt {i} has token ids {bad[:5]} outside the vocabulary [0, {vocab_size})")
+
+
+@contextlib.contextmanager
+def decode_layout(model: nn.Module) -> Iterator[nn.Module]:
+    """Stores the model's 2-D CPU weights column-major while the block runs, then restores them.
+
+    Decoding multiplies a few rows by every weight matrix (``x [b, in] @ W.T``). On CPU, MKL runs
+    that product faster when ``W.T`` is contiguous, i.e. when ``W [out, in]`` is stored
+    column-major; the values, shapes and parameter objects stay the same (only ``.data``'s strides
+    change), so outputs agree with the row-major model to rounding. Re-laying the weights out
+    costs one copy of each (and back on exit), so wrap a whole series of :func:`generate` calls
+    (a prompt file, an evaluation, a chat session), not a single short one. Only plain floating
+    CPU tensors are touched (NF4, DTensor and GPU weights are left as they are); do not train
+    inside the block.
+
+    Args:
+        model: any module; every 2-D floating parameter it holds is re-laid out.
+
+    Yields:
+        ``model``.
+    """
+    moved: list[nn.Parameter] = []
+    try:
+        for p in model.parameters():
+            if type(p) is nn.Parameter and p.dim() == 2 and p.is_floating_point() and p.device.type == "cpu":
+                if p.is_contiguous() and min(p.shape) > 1:
+                    p.data = p.data.t().contiguous().t()  # same [out, in] values, column-major storage
+                    moved.append(p)
+        yield model
+    finally:
+        for p in moved:
+            p.data = p.data.contiguous()
 
 
 def _prefix_mask(valid: torch.Tensor, length: int) -> torch.Tensor:
