@@ -108,6 +108,14 @@ def test_bench_train_qlora_smoke():
     assert float(rows[0][5]) > 0  # loss@1
 
 
+def test_bench_qlora_linear_smoke():
+    out = _run("bench_qlora_linear.py", "--smoke")
+    rows = _table(out)
+    assert [r[0] for r in rows] == ["64 -> 128", "128 -> 64"]
+    assert all(float(r[1]) > 0 and float(r[2]) > 0 for r in rows)
+    assert "dequantize_nf4" in out
+
+
 def test_bench_generate_smoke():
     rows = _table(_run("bench_generate.py", "--smoke", "--batch-sizes", "1,3", "--decode-layout"))
     assert [(r[0], r[1]) for r in rows] == [(b, s) for b in ("1", "3") for s in ("tinytune", "tinytune+layout")]
