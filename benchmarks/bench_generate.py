@@ -12,6 +12,7 @@ same thing; fp32 greedy can part ways only where two logits tie to rounding).
     python benchmarks/bench_generate.py --batch-sizes 1,8 --new-tokens 128 --rounds 5
     python benchmarks/bench_generate.py --smoke               # tiny model, seconds (used by the tests)
     python benchmarks/bench_generate.py --decode-layout       # also tinytune inside decode_layout()
+    python benchmarks/bench_generate.py --profile 32          # + torch.profiler table of a 32-token call
 
 ``--decode-layout`` adds a third side in the same rounds: a second copy of the tinytune model held
 in ``tinytune.generation.decode_layout`` (weights stored column-major) for the whole run; the
@@ -77,6 +78,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--decode-layout", action="store_true", help="also time tinytune inside decode_layout() (same rounds)"
     )
+    p.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="N",
+        help="after the rounds, print torch.profiler's per-op table of one tinytune generate call of N new "
+        "tokens per batch size (prefill + N - 1 decode steps)",
+    )
     args = p.parse_args(argv)
     if args.smoke:
         args.weights, args.new_tokens, args.rounds, args.prompt_len = "random", 8, 1, "4,9"
@@ -110,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     vocab = ours.tok_embeddings.num_embeddings
     lo, hi = (int(x) for x in args.prompt_len.split(","))
 
-    rows = []
+    rows, profiles = [], []
     for bs in (int(x) for x in args.batch_sizes.split(",")):
         prompts = _prompts(bs, vocab, lo, hi, seed=bs)
         with torch.inference_mode():
@@ -131,6 +140,13 @@ def main(argv: list[str] | None = None) -> int:
                     )
                     times[name].append(time.perf_counter() - t0)
                     cpu[name].append(time.process_time() - c0)
+        if args.profile:
+            with (
+                torch.inference_mode(),
+                torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof,
+            ):
+                _ours(ours, prompts, args.profile)
+            profiles.append((bs, prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15)))
         total = bs * args.new_tokens
         assert all(len(r) == args.new_tokens for o in outs.values() for r in o), "a side stopped early"
         tps = {k: total / median(v) for k, v in times.items()}
@@ -151,6 +167,9 @@ def main(argv: list[str] | None = None) -> int:
                 ]
             )
 
+    for bs, table in profiles:
+        print(f"torch.profiler, tinytune generate, batch {bs}, {args.profile} new tokens (self CPU time):")
+        print(table)
     print(machine_line())
     print(
         f"weights: {what}; fp32; greedy, {args.new_tokens} new tokens, prompts {lo}-{hi} tokens (left-padded); "
