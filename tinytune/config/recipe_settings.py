@@ -175,7 +175,12 @@ class LoRASettings(Settings):
 @dataclass(frozen=True)
 class DeviceSettings(Settings):
     device: str = setting("auto", "auto | cpu | cuda[:N] | npu[:N] | mps")
-    dtype: str = setting("fp32", "parameter / compute dtype", choices=DTYPE_NAMES)
+    dtype: str = setting(
+        "fp32",
+        "parameter / compute dtype; fp16 in training: fp32 weights, fp16 autocast, dynamic loss scaling "
+        "(CUDA; full_finetune, lora_finetune)",
+        choices=DTYPE_NAMES,
+    )
     seed: int | None = setting(0, "seed of every RNG (null: a random seed, printed)")
 
 

@@ -8,6 +8,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from tinytune.errors import ResumeError
+
 
 class EarlyStopping:
     """Tracks validation losses; says when to stop and keeps the best step's weights.
@@ -15,8 +17,10 @@ class EarlyStopping:
     A validation loss improves when it is below ``best - min_delta``. After ``patience``
     validations in a row without improvement, :meth:`update` returns True. With ``save_best`` the
     weights of the best validation are copied (to the CPU) so the run can export them
-    (:meth:`restore_best`). The state is not part of training checkpoints: a resumed run starts
-    tracking afresh.
+    (:meth:`restore_best`). The state (best loss and step, the count of validations without
+    improvement, the kept weights) goes into training checkpoints (:meth:`state_dict`), so a resumed
+    run stops at the step and exports the best step an uninterrupted one would; resuming with other
+    early-stopping settings is refused.
 
     Args:
         patience: validations without improvement before stopping (None: never stop early).
@@ -62,3 +66,35 @@ class EarlyStopping:
     def summary(self) -> dict:
         """``best_step`` / ``best_val_loss`` for the run summary."""
         return {"best_step": self.best_step, "best_val_loss": self.best}
+
+    def settings(self) -> dict:
+        """The settings the tracked state depends on (``patience``, ``min_delta``, ``save_best``)."""
+        return {"patience": self.patience, "min_delta": self.min_delta, "save_best": self.save_best}
+
+    def state_dict(self) -> dict:
+        """Settings, best loss and step, validations without improvement, kept weights (training checkpoints)."""
+        return {
+            "settings": self.settings(),
+            "best": self.best,
+            "best_step": self.best_step,
+            "bad": self.bad,
+            "best_state": self.best_state,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restores :meth:`state_dict`.
+
+        Raises:
+            ResumeError: the state was tracked with other ``early_stopping`` / ``save_best`` settings
+                (its best step and patience count would not be this run's).
+        """
+        saved, now = state["settings"], self.settings()
+        if saved != now:
+            diff = ", ".join(f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in now if saved.get(k) != now[k])
+            raise ResumeError(
+                f"resume_from_checkpoint: the checkpoint was written with other early stopping settings ({diff}; "
+                "early_stopping.patience / early_stopping.min_delta / save_best). Resume with the same values, "
+                "or start a new output_dir"
+            )
+        self.best, self.best_step, self.bad = float(state["best"]), state["best_step"], int(state["bad"])
+        self.best_state = state["best_state"]
