@@ -3,13 +3,20 @@
 Both sides load the same HF directory (the bundled SmolLM2-135M-Instruct conversion, or a random
 init of that shape), decode the same left-padded prompts greedily with a KV cache for exactly
 ``--new-tokens`` tokens (no early stop), in the same process, rounds interleaved (ours, HF, ours,
-HF, ...). Reported per batch size: new tokens/s (median round), the ratio ours/HF, and the share of
-generated tokens on which both sides agree (a cross-check that they decode the same thing; fp32
-greedy can part ways only where two logits tie to rounding).
+HF, ...). Reported per batch size: new tokens/s (median round), the ratio ours/HF by wall time
+and by CPU time (user+sys of the process: the steadier one on a machine shared with other jobs),
+and the share of generated tokens on which both sides agree (a cross-check that they decode the
+same thing; fp32 greedy can part ways only where two logits tie to rounding).
 
     python benchmarks/bench_generate.py                       # batch 1 and 8, 64 new tokens
     python benchmarks/bench_generate.py --batch-sizes 1,8 --new-tokens 128 --rounds 5
     python benchmarks/bench_generate.py --smoke               # tiny model, seconds (used by the tests)
+    python benchmarks/bench_generate.py --decode-layout       # also tinytune inside decode_layout()
+    python benchmarks/bench_generate.py --profile 32          # + torch.profiler table of a 32-token call
+
+``--decode-layout`` adds a third side in the same rounds: a second copy of the tinytune model held
+in ``tinytune.generation.decode_layout`` (weights stored column-major) for the whole run; the
+one-off cost of entering it is printed separately.
 """
 
 from __future__ import annotations
@@ -68,6 +75,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     p.add_argument("--hf-cache", default="dynamic", help="HF cache_implementation: dynamic | static")
     p.add_argument("--smoke", action="store_true", help="tiny random model, few tokens")
+    p.add_argument(
+        "--decode-layout", action="store_true", help="also time tinytune inside decode_layout() (same rounds)"
+    )
+    p.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="N",
+        help="after the rounds, print torch.profiler's per-op table of one tinytune generate call of N new "
+        "tokens per batch size (prefill + N - 1 decode steps)",
+    )
     args = p.parse_args(argv)
     if args.smoke:
         args.weights, args.new_tokens, args.rounds, args.prompt_len = "random", 8, 1, "4,9"
@@ -76,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import AutoModelForCausalLM
 
     from tinytune.checkpoint import load_hf_model
+    from tinytune.generation import decode_layout
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -84,46 +103,81 @@ def main(argv: list[str] | None = None) -> int:
     ours, _ = load_hf_model(weights, dtype=torch.float32, device="cpu")
     ours.eval()
     hf = AutoModelForCausalLM.from_pretrained(weights, dtype=torch.float32).eval()
+    sides = {"tinytune": ours}
+    layout_note = ""
+    if args.decode_layout:
+        laid_out, _ = load_hf_model(weights, dtype=torch.float32, device="cpu")
+        laid_out.eval()
+        layout_ctx = decode_layout(laid_out)
+        c0, t0 = time.process_time(), time.perf_counter()
+        layout_ctx.__enter__()  # held for the whole run, closed at exit
+        layout_note = (
+            f"; decode_layout: entered once in {time.perf_counter() - t0:.2f} s "
+            f"({time.process_time() - c0:.2f} CPU-s), not in the per-call times"
+        )
+        sides["tinytune+layout"] = laid_out
     vocab = ours.tok_embeddings.num_embeddings
     lo, hi = (int(x) for x in args.prompt_len.split(","))
 
-    rows = []
+    rows, profiles = [], []
     for bs in (int(x) for x in args.batch_sizes.split(",")):
         prompts = _prompts(bs, vocab, lo, hi, seed=bs)
         with torch.inference_mode():
-            _ours(ours, prompts, 2)  # warm-up both sides (allocator, kernels)
+            for model in sides.values():  # warm-up every side (allocator, kernels)
+                _ours(model, prompts, 2)
             _hf(hf, prompts, 2, args.hf_cache)
-            times = {"tinytune": [], "hf": []}
+            names = [*sides, "hf"]
+            times = {name: [] for name in names}
+            cpu = {name: [] for name in names}
             outs = {}
             for _ in range(args.rounds):
-                for name in ("tinytune", "hf"):
-                    t0 = time.perf_counter()
+                for name in names:
+                    t0, c0 = time.perf_counter(), time.process_time()
                     outs[name] = (
-                        _ours(ours, prompts, args.new_tokens)
-                        if name == "tinytune"
-                        else _hf(hf, prompts, args.new_tokens, args.hf_cache)
+                        _hf(hf, prompts, args.new_tokens, args.hf_cache)
+                        if name == "hf"
+                        else _ours(sides[name], prompts, args.new_tokens)
                     )
                     times[name].append(time.perf_counter() - t0)
-        agree = sum(a == b for ra, rb in zip(outs["tinytune"], outs["hf"]) for a, b in zip(ra, rb))
+                    cpu[name].append(time.process_time() - c0)
+        if args.profile:
+            with (
+                torch.inference_mode(),
+                torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof,
+            ):
+                _ours(ours, prompts, args.profile)
+            profiles.append((bs, prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15)))
         total = bs * args.new_tokens
-        assert all(len(r) == args.new_tokens for r in outs["tinytune"] + outs["hf"]), "a side stopped early"
+        assert all(len(r) == args.new_tokens for o in outs.values() for r in o), "a side stopped early"
         tps = {k: total / median(v) for k, v in times.items()}
-        rows.append(
-            [
-                str(bs),
-                fmt(tps["tinytune"]),
-                fmt(tps["hf"]),
-                fmt(tps["tinytune"] / tps["hf"], ".2f") + "x",
-                f"{agree}/{total}",
-            ]
-        )
+        cpu_ms = {k: 1000 * median(v) / args.new_tokens for k, v in cpu.items()}  # CPU ms per decode step
+        for name in sides:
+            agree = sum(a == b for ra, rb in zip(outs[name], outs["hf"]) for a, b in zip(ra, rb))
+            rows.append(
+                [
+                    str(bs),
+                    name,
+                    fmt(tps[name]),
+                    fmt(tps["hf"]),
+                    fmt(tps[name] / tps["hf"], ".2f") + "x",
+                    fmt(cpu_ms[name]),
+                    fmt(cpu_ms["hf"]),
+                    fmt(cpu_ms["hf"] / cpu_ms[name], ".2f") + "x",
+                    f"{agree}/{total}",
+                ]
+            )
 
+    for bs, table in profiles:
+        print(f"torch.profiler, tinytune generate, batch {bs}, {args.profile} new tokens (self CPU time):")
+        print(table)
     print(machine_line())
     print(
         f"weights: {what}; fp32; greedy, {args.new_tokens} new tokens, prompts {lo}-{hi} tokens (left-padded); "
         f"HF cache: {args.hf_cache}; {args.rounds} rounds, median; torch threads {torch.get_num_threads()}"
+        f"{layout_note}"
     )
-    print_table(["batch", "tinytune tok/s", "HF tok/s", "speed vs HF", "same tokens"], rows)
+    headers = ["batch", "side", "ours tok/s", "HF tok/s", "speed vs HF", "ours CPU ms/step", "HF CPU ms/step"]
+    print_table(headers + ["CPU-s HF/ours", "same tokens"], rows)
     return 0
 
 

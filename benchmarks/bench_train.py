@@ -16,6 +16,12 @@ timed step's loss (a cross-check that all sides compute the same thing), peak RS
     python benchmarks/bench_train.py --mode lora --packed  # LoRA on packed rows only
     python benchmarks/bench_train.py --dtype bf16 --steps 5 --rounds 3
     python benchmarks/bench_train.py --smoke               # tiny model, seconds (used by the tests)
+    python benchmarks/bench_train.py --mode lora --qlora   # QLoRA: NF4 base (torchao) vs torchtune's QLoRA
+
+``--qlora`` keeps the frozen base weights of the adapted projections in torchao NF4 on both
+tinytune and torchtune. HF+PEFT is left out: its QLoRA goes through bitsandbytes ``Linear4bit``, a
+dependency this benchmark does not install (newer bitsandbytes releases have a CPU backend; not
+compared here).
 
 torchtune runs with ``--torchtune-python`` (default ``/work/bench-venv/bin/python`` when it
 exists): a separate virtual environment, so peers never become tinytune dependencies.
@@ -84,7 +90,9 @@ def _build_tinytune(spec, torch, dtype, device):
 
     factory = None
     if spec["mode"] == "lora":
-        factory = lora_linear_factory(LORA_TARGETS, rank=spec["rank"], alpha=spec["alpha"], dropout=0.0)
+        factory = lora_linear_factory(
+            LORA_TARGETS, rank=spec["rank"], alpha=spec["alpha"], dropout=0.0, **_qlora_kwargs(spec)
+        )
     model, _ = load_hf_model(spec["weights"], dtype=dtype, device=device, linear_factory=factory)
     if spec["mode"] == "lora":
         set_trainable_params(model)
@@ -163,6 +171,8 @@ def _build_torchtune(spec, torch, dtype, device):
     from torchtune.modules.loss import CEWithChunkedOutputLoss
     from torchtune.modules.peft import get_adapter_params, set_trainable_params
 
+    if spec.get("quantize_base"):
+        _torchtune_nf4_block_sizes()
     with open(os.path.join(spec["weights"], "config.json")) as f:
         cfg = json.load(f)
     shape = dict(
@@ -185,6 +195,7 @@ def _build_torchtune(spec, torch, dtype, device):
                 lora_rank=spec["rank"],
                 lora_alpha=spec["alpha"],
                 lora_dropout=0.0,
+                **_qlora_kwargs(spec),
                 **shape,
             )
         else:
@@ -231,6 +242,32 @@ def _build_torchtune(spec, torch, dtype, device):
         return step
 
     return model, make_step
+
+
+def _torchtune_nf4_block_sizes() -> None:
+    """Lets torchtune's ``LoRALinear`` quantize every SmolLM2 projection to NF4.
+
+    torchtune calls torchao's ``to_nf4`` with its defaults (blocks of 64, scaler blocks of 256),
+    which needs ``numel / 64`` divisible by 256; SmolLM2's 576 x 576 and 192 x 576 projections are
+    not (5,184 and 1,728 blocks). Both sides then use the same rule tinytune uses: blocks of 64 and
+    the largest scaler block (256, 128, 64, ...) that divides the block count. Nothing else changes.
+    """
+    import torchtune.modules.peft.lora as tt_lora
+
+    original = tt_lora.to_nf4
+
+    def to_nf4(tensor, block_size: int = 64, scaler_block_size: int = 256):
+        n_blocks = tensor.numel() // block_size
+        while scaler_block_size > 1 and n_blocks % scaler_block_size:
+            scaler_block_size //= 2
+        return original(tensor, block_size=block_size, scaler_block_size=scaler_block_size)
+
+    tt_lora.to_nf4 = to_nf4
+
+
+def _qlora_kwargs(spec: dict) -> dict:
+    """``{"quantize_base": True}`` for a QLoRA run (``--qlora``), else nothing (both libraries' keyword)."""
+    return {"quantize_base": True} if spec.get("quantize_base") else {}
 
 
 def worker_main(spec: dict) -> None:
@@ -337,8 +374,20 @@ def prepare_weights(args) -> tuple[str, str]:
     return out, what
 
 
-def _row_label(mode: str, packed: bool) -> str:
-    return f"{mode} {'packed' if packed else 'unpacked'}"
+def _row_label(mode: str, packed: bool, qlora: bool = False) -> str:
+    return f"{'qlora' if qlora and mode == 'lora' else mode} {'packed' if packed else 'unpacked'}"
+
+
+def _qlora_setup(args, frameworks: list[str], notes: list[str]) -> dict:
+    """``--qlora``: LoRA configs with NF4 bases; HF+PEFT dropped (its QLoRA needs bitsandbytes, not used here)."""
+    if not args.qlora:
+        return {}
+    if args.mode != "lora":
+        raise SystemExit("--qlora needs --mode lora (QLoRA quantizes the frozen base of LoRA runs)")
+    if "hf" in frameworks:
+        frameworks.remove("hf")
+        notes.append("hf skipped with --qlora: HF+PEFT QLoRA needs bitsandbytes 4-bit layers (not installed here)")
+    return {"quantize_base": True}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -380,6 +429,11 @@ def main(argv: list[str] | None = None) -> int:
         help="torch.set_num_threads in workers (0: PyTorch default). Use 1 on a machine shared with\n"
         "other jobs: multi-threaded GEMMs then wait for descheduled OpenMP threads",
     )
+    p.add_argument(
+        "--qlora",
+        action="store_true",
+        help="LoRA with the frozen base in NF4 (torchao) on tinytune and torchtune (needs --mode lora)",
+    )
     p.add_argument("--json", help="also write all raw results to this file")
     p.add_argument("--smoke", action="store_true", help="tiny model, bs 2, seq 64, 1 step, 1 round")
     args = p.parse_args(argv)
@@ -404,6 +458,7 @@ def main(argv: list[str] | None = None) -> int:
             frameworks.remove("torchtune")
             notes.append(f"torchtune skipped: {args.torchtune_python} not found (see benchmarks/RESULTS.md)")
 
+    qlora = _qlora_setup(args, frameworks, notes)
     weights, weights_desc = prepare_weights(args)
     with open(os.path.join(weights, "config.json")) as f:
         hf_config = json.load(f)
@@ -436,13 +491,15 @@ def main(argv: list[str] | None = None) -> int:
         threads=args.threads,
         padding_free=args.padding_free == "on",
         optim={"lr": args.lr, "weight_decay": 0.01, "fused": fused},
+        **qlora,
     )
 
     print(f"# bench_train: {machine_line()}")
     print(
         f"# weights: {weights_desc}; bs {args.bs} x seq {args.seq}, {args.dtype} on {args.device}, "
         f"threads {args.threads or 'default'}; tinytune padding-free {args.padding_free}; "
-        f"AdamW lr {args.lr} wd 0.01; LoRA r={args.rank} alpha={args.alpha} on {','.join(LORA_TARGETS)}; "
+        f"AdamW lr {args.lr} wd 0.01; {'QLoRA (NF4 base)' if qlora else 'LoRA'} r={args.rank} alpha={args.alpha} "
+        f"on {','.join(LORA_TARGETS)}; "
         f"{args.warmup} warm-up + {args.steps} timed steps x {args.rounds} rounds per config",
         flush=True,
     )
@@ -456,7 +513,9 @@ def main(argv: list[str] | None = None) -> int:
                     res = run_worker(pythons[fw], script, spec, timeout=3600)
                     results.setdefault((mode, packed, fw), []).append(res)
                     status = res.get("error") or f"median {median(res['times']):.3f}s/step"
-                    print(f"  round {rnd + 1}: {fw:9s} {_row_label(mode, packed):14s} {status}", flush=True)
+                    print(
+                        f"  round {rnd + 1}: {fw:9s} {_row_label(mode, packed, bool(qlora)):14s} {status}", flush=True
+                    )
 
     gpu = args.device.startswith("cuda")
     headers = [
@@ -502,7 +561,7 @@ def main(argv: list[str] | None = None) -> int:
                     flops = runs[0]["flops"]
                     agg[fw].update(gflop=flops["total"] / 1e9, mfu=flops["total"] / t / gemm_peak)
                     mfu_notes.append(
-                        f"{_row_label(mode, packed)}: {flops['total'] / 1e9:.1f} GFLOP/step (linear "
+                        f"{_row_label(mode, packed, bool(qlora))}: {flops['total'] / 1e9:.1f} GFLOP/step (linear "
                         f"{flops['linear'] / 1e9:.1f}, attention {flops['attention'] / 1e9:.1f}, CE "
                         f"{flops['ce'] / 1e9:.1f}); GEMM peak {gemm_peak / 1e9:.1f} GFLOP/s; "
                         f"{flops['total'] / t / 1e9:.1f} GFLOP/s achieved = {100 * flops['total'] / t / gemm_peak:.1f}% "
@@ -512,8 +571,8 @@ def main(argv: list[str] | None = None) -> int:
             for fw in frameworks:
                 a = agg[fw]
                 if "error" in a:
-                    rows.append([_row_label(mode, packed), fw, "error"] + ["-"] * 10)
-                    notes.append(f"{fw} {_row_label(mode, packed)}: {a['error']}")
+                    rows.append([_row_label(mode, packed, bool(qlora)), fw, "error"] + ["-"] * 10)
+                    notes.append(f"{fw} {_row_label(mode, packed, bool(qlora))}: {a['error']}")
                     continue
                 ratio_t = ratio_c = ratio_m = "-"
                 if fw != "tinytune" and "tps" in ours:
@@ -523,7 +582,7 @@ def main(argv: list[str] | None = None) -> int:
                     summary[(mode, packed, fw)] = (ours["tps"] / a["tps"], ours["peak"] / a["peak"])
                 rows.append(
                     [
-                        _row_label(mode, packed),
+                        _row_label(mode, packed, bool(qlora)),
                         fw,
                         fmt(a["tps"], ".0f"),
                         fmt(a["t"], ".3f"),

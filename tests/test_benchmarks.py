@@ -100,11 +100,27 @@ def test_profile_train_smoke():
     assert "aten::mm" in out and "Self CPU" in out
 
 
+def test_bench_train_qlora_smoke():
+    out = _run("bench_train.py", "--smoke", "--mode", "lora", "--qlora", "--unpacked", "--frameworks", "tinytune,hf")
+    rows = _table(out)
+    assert [(r[0], r[1]) for r in rows] == [("qlora unpacked", "tinytune")]  # hf+PEFT is left out, with a note
+    assert "hf skipped with --qlora" in out
+    assert float(rows[0][5]) > 0  # loss@1
+
+
+def test_bench_qlora_linear_smoke():
+    out = _run("bench_qlora_linear.py", "--smoke")
+    rows = _table(out)
+    assert [r[0] for r in rows] == ["64 -> 128", "128 -> 64"]
+    assert all(float(r[1]) > 0 and float(r[2]) > 0 for r in rows)
+    assert "dequantize_nf4" in out
+
+
 def test_bench_generate_smoke():
-    rows = _table(_run("bench_generate.py", "--smoke", "--batch-sizes", "1,3"))
-    assert [r[0] for r in rows] == ["1", "3"]
+    rows = _table(_run("bench_generate.py", "--smoke", "--batch-sizes", "1,3", "--decode-layout"))
+    assert [(r[0], r[1]) for r in rows] == [(b, s) for b in ("1", "3") for s in ("tinytune", "tinytune+layout")]
     for r in rows:
-        agree, total = (int(x) for x in r[4].split("/"))
+        agree, total = (int(x) for x in r[-1].split("/"))
         assert total == int(r[0]) * 8 and agree == total  # fp32 greedy: both sides decode the same tokens
 
 

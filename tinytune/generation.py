@@ -5,7 +5,8 @@ positions ``0, 1, ...`` (pad positions are never attended to), so a left-padded 
 same tokens as the prompt run alone.
 """
 
-from collections.abc import Callable, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -60,7 +61,52 @@ def _validate_prompts(prompt_tokens: Sequence[Sequence[int]], vocab_size: int) -
             raise ValueError(f"generate: prompt {i} has token ids {bad[:5]} outside the vocabulary [0, {vocab_size})")
 
 
-@torch.no_grad()
+@contextlib.contextmanager
+def decode_layout(model: nn.Module) -> Iterator[nn.Module]:
+    """Stores the model's 2-D CPU weights column-major while the block runs, then restores them.
+
+    Decoding multiplies a few rows by every weight matrix (``x [b, in] @ W.T``). On CPU, MKL runs
+    that product faster when ``W.T`` is contiguous, i.e. when ``W [out, in]`` is stored
+    column-major; the values, shapes and parameter objects stay the same (only ``.data``'s strides
+    change), so outputs agree with the row-major model to rounding. Re-laying the weights out
+    costs one copy of each (and back on exit), so wrap a whole series of :func:`generate` calls
+    (a prompt file, an evaluation, a chat session), not a single short one. Only plain floating
+    CPU tensors are touched (NF4, DTensor and GPU weights are left as they are); do not train
+    inside the block.
+
+    Args:
+        model: any module; every 2-D floating parameter it holds is re-laid out.
+
+    Yields:
+        ``model``.
+    """
+    moved: list[nn.Parameter] = []
+    try:
+        for p in model.parameters():
+            if type(p) is nn.Parameter and p.dim() == 2 and p.is_floating_point() and p.device.type == "cpu":
+                if p.is_contiguous() and min(p.shape) > 1:
+                    p.data = p.data.t().contiguous().t()  # same [out, in] values, column-major storage
+                    moved.append(p)
+        yield model
+    finally:
+        for p in moved:
+            p.data = p.data.contiguous()
+
+
+def _prefix_mask(valid: torch.Tensor, length: int) -> torch.Tensor:
+    """``[b, length, length]`` boolean mask: causal over real tokens; a pad position sees only itself.
+
+    Args:
+        valid: ``[b, T]`` True at real (non-pad) positions, ``T >= length``.
+        length: how many leading positions the mask covers.
+    """
+    valid = valid[:, :length]  # [b, L]
+    causal = torch.ones(length, length, dtype=torch.bool, device=valid.device).tril_()  # [L, L]
+    eye = torch.eye(length, dtype=torch.bool, device=valid.device)  # [L, L] pads attend to themselves
+    return (causal[None] & valid[:, None, :]) | eye[None]  # [b, L, L]
+
+
+@torch.inference_mode()
 def generate(
     model: nn.Module,
     prompt_tokens: Sequence[Sequence[int]],
@@ -111,9 +157,6 @@ def generate(
         tokens[i, pad:prompt_len] = torch.tensor([int(t) for t in prompt], dtype=torch.long)
         valid[i, :pad] = False
     input_pos = (valid.long().cumsum(-1) - 1).clamp_(min=0)  # [b, T] real tokens start at 0
-    causal = torch.ones(total, total, dtype=torch.bool, device=device).tril_()  # [T, T]
-    eye = torch.eye(total, dtype=torch.bool, device=device)  # [T, T] pads attend to themselves
-    mask = (causal[None] & valid[:, None, :]) | eye[None]  # [b, T, T]
 
     outputs: list[list[int]] = [[] for _ in range(b)]
     if max_new_tokens == 0:
@@ -139,16 +182,20 @@ def generate(
     try:
         cur = prompt_len
         if use_cache:  # prefill: the vocabulary projection only for the last position
-            hidden = model(tokens[:, :cur], input_pos[:, :cur], mask=mask[:, :cur, :cur], return_hidden=True)
-            logits = model.output(hidden[:, -1:])  # [b, 1, V]
+            hidden = model(tokens[:, :cur], input_pos[:, :cur], mask=_prefix_mask(valid, cur), return_hidden=True)
+            logits = model.output(hidden[:, -1])  # [b, V]
+            # one decode step's mask is a row of this, a view: new token -> every real token so far
+            # (all earlier slots: causal by construction); 0 = attend, -inf = left padding
+            key_bias = torch.zeros(b, 1, total, dtype=hidden.dtype, device=device)  # [b, 1, T]
+            key_bias.masked_fill_(~valid[:, None], float("-inf"))
+        else:
+            full_mask = _prefix_mask(valid, total)  # [b, T, T]
         for step in range(max_new_tokens):
             if not use_cache:
-                logits = model(tokens[:, :cur], input_pos[:, :cur], mask=mask[:, :cur, :cur])  # [b, cur, V]
-            nxt = sample_next_token(
-                logits[:, -1], temperature=temperature, top_k=top_k, top_p=top_p, generator=generator
-            )  # [b]
-            nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
-            is_stop = torch.isin(nxt, stop) & ~done  # [b]
+                logits = model(tokens[:, :cur], input_pos[:, :cur], mask=full_mask[:, :cur, :cur])[:, -1]  # [b, V]
+            nxt = sample_next_token(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+            nxt.masked_fill_(done, pad_id)  # [b]
+            is_stop = torch.isin(nxt, stop) & ~done if len(stop) else torch.zeros_like(done)  # [b]
             for i, (tok, skip) in enumerate(zip(nxt.tolist(), (done | is_stop).tolist())):
                 if skip:
                     continue
@@ -158,10 +205,10 @@ def generate(
             done |= is_stop
             tokens[:, cur] = nxt
             cur += 1
-            if bool(done.all()) or step == max_new_tokens - 1:
+            if step == max_new_tokens - 1 or bool(done.all()):
                 break
-            if use_cache:
-                logits = model(tokens[:, cur - 1 : cur], input_pos[:, cur - 1 : cur], mask=mask[:, cur - 1 : cur, :cur])
+            if use_cache:  # one position in, its logits out; the KV caches grow in place
+                logits = model(tokens[:, cur - 1 : cur], input_pos[:, cur - 1 : cur], mask=key_bias[:, :, :cur])[:, -1]
     finally:
         if owns_cache:
             model.clear_caches()

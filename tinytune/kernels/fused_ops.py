@@ -12,15 +12,21 @@ analytically:
   inverse rotation (same kernel with ``-sin``).
 * :func:`lora_linear` computes ``x W^T + b + scale * (x_d A^T) B^T`` with the scale and the add
   folded into one ``addmm_``; it saves ``x`` (shared with the caller), ``x_d`` when dropout made a
-  copy, and the ``[N, rank]`` product ``x_d A^T``.
+  copy, and the ``[N, rank]`` product ``x_d A^T``. A frozen base held compressed (QLoRA's NF4) is
+  given as ``weight_fn``: called once in forward and once in backward, its result is used at once
+  and never saved.
+* :func:`frozen_linear` is ``x W^T`` for such a ``weight_fn`` alone (adapters off, DoRA's base).
 
 Tensor subclasses (DTensor, NF4Tensor, ...) are not handled here; :func:`plain_tensors` lets the
-modules fall back to their eager code for them.
+modules fall back to their eager code for them. With grad disabled (``no_grad`` /
+``inference_mode``: generation, evaluation) each wrapper runs its forward directly, without an
+autograd node or a recompute recipe: same operations, less Python per call.
 """
 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -45,17 +51,23 @@ def _upcast(x: torch.Tensor) -> torch.Tensor:
 # ============================================================================ RMSNorm
 
 
+def _rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(weight * normalised x, rstd [..., 1])``: the forward shared by the Function and the no-grad path."""
+    xf = _upcast(x)  # [..., d] fp32 (no copy when x is fp32; fp64 stays fp64)
+    rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)  # [..., 1]
+    y = (xf * rstd).to(x.dtype)  # [..., d]
+    if y.dtype == torch.promote_types(weight.dtype, x.dtype):
+        return y.mul_(weight), rstd  # [..., d]; y is a fresh tensor, scale it in place
+    return weight * y, rstd  # [..., d]
+
+
 class _RMSNormFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        xf = _upcast(x)  # [..., d] fp32 (no copy when x is fp32; fp64 stays fp64)
-        rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)  # [..., 1]
-        y = (xf * rstd).to(x.dtype)  # [..., d]
+        out, rstd = _rms_norm_forward(x, weight, eps)  # [..., d], [..., 1]
         ctx.save_for_backward(x, weight, rstd)
         ctx.in_dtype = x.dtype
-        if y.dtype == torch.promote_types(weight.dtype, x.dtype):
-            return y.mul_(weight)  # [..., d]; y is a fresh tensor, scale it in place
-        return weight * y  # [..., d]
+        return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -85,17 +97,23 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     Returns:
         ``[..., d]`` in ``promote_types(weight.dtype, x.dtype)``.
     """
+    if not torch.is_grad_enabled():
+        return _rms_norm_forward(x, weight, eps)[0]
     return _RMSNormFn.apply(x, weight, eps)
 
 
 # ============================================================================ SwiGLU
 
 
+def _swiglu_forward(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return F.silu(gate).mul_(up) if gate.dtype == torch.promote_types(gate.dtype, up.dtype) else F.silu(gate) * up
+
+
 class _SwiGLUFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(gate, up)
-        return F.silu(gate).mul_(up) if gate.dtype == torch.promote_types(gate.dtype, up.dtype) else F.silu(gate) * up
+        return _swiglu_forward(gate, up)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -118,6 +136,8 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     Returns:
         ``[..., hidden]``.
     """
+    if not torch.is_grad_enabled():
+        return _swiglu_forward(gate, up)
     return _SwiGLUFn.apply(gate, up)
 
 
@@ -164,37 +184,48 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     Returns:
         ``[b, h, s, d]`` in the dtype of ``x``. Gradients flow to ``x`` only.
     """
+    if not torch.is_grad_enabled():
+        return _rotate(x, cos, sin, 1.0).to(x.dtype)
     return _RoPEFn.apply(x, cos.detach(), sin.detach())
 
 
 # ============================================================================ LoRA
 
 
+def _lora_forward(x, x_d, weight, bias, lora_a, lora_b, scale):
+    """``(out [..., out], ax [N, r])``: the forward shared by the Function and the no-grad path."""
+    x2 = x.reshape(-1, x.shape[-1])  # [N, in]
+    xd2 = x2 if x_d is None else x_d.reshape(-1, x_d.shape[-1])  # [N, in]
+    out = F.linear(x2, weight, bias)  # [N, out]
+    ax = xd2.mm(lora_a.t())  # [N, r]
+    out.addmm_(ax, lora_b.t(), alpha=scale)  # out += scale * ax @ B^T
+    return out.view(*x.shape[:-1], out.shape[-1]), ax  # [..., out], [N, r]
+
+
 class _LoRALinearFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, x_d, weight, bias, lora_a, lora_b, scale):
-        x2 = x.reshape(-1, x.shape[-1])  # [N, in]
-        xd2 = x2 if x_d is None else x_d.reshape(-1, x_d.shape[-1])  # [N, in]
-        out = F.linear(x2, weight, bias)  # [N, out]
-        ax = xd2.mm(lora_a.t())  # [N, r]
-        out.addmm_(ax, lora_b.t(), alpha=scale)  # out += scale * ax @ B^T
-        ctx.save_for_backward(x, x_d, weight, lora_a, lora_b, ax)
+    def forward(ctx, x, x_d, weight, bias, lora_a, lora_b, scale, weight_fn):
+        w = weight if weight_fn is None else weight_fn().to(x.dtype)  # [out, in], used at once
+        out, ax = _lora_forward(x, x_d, w, bias, lora_a, lora_b, scale)
+        ctx.save_for_backward(x, x_d, weight, lora_a, lora_b, ax)  # weight is None with weight_fn
         ctx.scale = scale
         ctx.has_bias = bias is not None
-        return out.view(*x.shape[:-1], out.shape[-1])  # [..., out]
+        ctx.weight_fn = weight_fn
+        return out
 
     @staticmethod
     def backward(ctx, grad):
         x, x_d, weight, lora_a, lora_b, ax = ctx.saved_tensors
         scale = ctx.scale
-        need_x, need_xd, need_w, need_b, need_a, need_bb, _ = ctx.needs_input_grad
+        need_x, need_xd, need_w, need_b, need_a, need_bb, _, _ = ctx.needs_input_grad
         g = grad.reshape(-1, grad.shape[-1])  # [N, out]
         x2 = x.reshape(-1, x.shape[-1])  # [N, in]
         xd2 = x2 if x_d is None else x_d.reshape(-1, x_d.shape[-1])
         gb = g.mm(lora_b).mul_(scale)  # [N, r] = scale * g B
         grad_x = grad_xd = grad_w = grad_b = grad_a = grad_bb = None
         if need_x:
-            grad_x = g.mm(weight)  # [N, in]
+            w = weight if ctx.weight_fn is None else ctx.weight_fn().to(g.dtype)  # recomputed, not saved
+            grad_x = g.mm(w)  # [N, in]
             if x_d is None:
                 grad_x.addmm_(gb, lora_a)
             grad_x = grad_x.view(x.shape)
@@ -208,28 +239,32 @@ class _LoRALinearFn(torch.autograd.Function):
             grad_a = gb.t().mm(xd2)  # [r, in]
         if need_bb:
             grad_bb = torch.addmm(lora_b, g.t(), ax, beta=0, alpha=scale)  # [out, r]
-        return grad_x, grad_xd, grad_w, grad_b, grad_a, grad_bb, None
+        return grad_x, grad_xd, grad_w, grad_b, grad_a, grad_bb, None, None
 
 
 def lora_linear(
     x: torch.Tensor,
-    weight: torch.Tensor,
+    weight: torch.Tensor | None,
     bias: torch.Tensor | None,
     lora_a: torch.Tensor,
     lora_b: torch.Tensor,
     scale: float,
     x_dropped: torch.Tensor | None = None,
+    weight_fn: Callable[[], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """``F.linear(x, weight, bias) + scale * F.linear(F.linear(x_d, lora_a), lora_b)`` in one Function.
 
     Args:
         x: ``[..., in]`` input of the base projection.
-        weight: ``[out, in]`` base weight (frozen or trainable).
+        weight: ``[out, in]`` base weight (frozen or trainable), or ``None`` with ``weight_fn``.
         bias: ``[out]`` or ``None``.
         lora_a: ``[rank, in]``.
         lora_b: ``[out, rank]``.
         scale: ``alpha / rank``.
         x_dropped: adapter input after dropout (``None``: the adapter reads ``x``).
+        weight_fn: instead of ``weight``, a zero-argument callable returning the frozen ``[out, in]``
+            base weight (e.g. dequantizing NF4 into a scratch buffer). Called in forward and again
+            in backward for ``grad_x``; the result is used at once and never saved or kept.
 
     Returns:
         ``[..., out]``. Saves ``x``, ``x_dropped`` and the ``[N, rank]`` product for backward.
@@ -237,15 +272,48 @@ def lora_linear(
         ``F.linear`` would be, and the Function runs with autocast off (its in-place GEMMs are not
         autocast ops and would meet mixed dtypes); gradients reach fp32 parameters through the casts.
     """
+    if (weight is None) == (weight_fn is None):
+        raise ValueError("lora_linear: pass exactly one of weight and weight_fn")
     device_type = x.device.type
     if torch.is_autocast_enabled(device_type):
         dt = torch.get_autocast_dtype(device_type)
         x, x_dropped, weight, bias, lora_a, lora_b = (
             None if t is None else t.to(dt) for t in (x, x_dropped, weight, bias, lora_a, lora_b)
         )
-        with torch.autocast(device_type, enabled=False):
-            return _LoRALinearFn.apply(x, x_dropped, weight, bias, lora_a, lora_b, float(scale))
-    return _LoRALinearFn.apply(x, x_dropped, weight, bias, lora_a, lora_b, float(scale))
+        with torch.autocast(device_type, enabled=False):  # the call below takes the plain path
+            return lora_linear(x, weight, bias, lora_a, lora_b, scale, x_dropped, weight_fn)
+    if not torch.is_grad_enabled():
+        w = weight if weight_fn is None else weight_fn().to(x.dtype)
+        x_d = x_dropped
+        return _lora_forward(x, x_d, w, bias, lora_a, lora_b, float(scale))[0]
+    return _LoRALinearFn.apply(x, x_dropped, weight, bias, lora_a, lora_b, float(scale), weight_fn)
+
+
+class _FrozenLinearFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight_fn):
+        ctx.weight_fn = weight_fn
+        return F.linear(x, weight_fn().to(x.dtype))  # [..., out]
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.matmul(ctx.weight_fn().to(grad.dtype)), None  # [..., in]
+
+
+def frozen_linear(x: torch.Tensor, weight_fn: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """``x @ W^T`` for a frozen weight produced by ``weight_fn`` (see :func:`lora_linear`): nothing
+    but the callable is kept for backward, which calls it again for ``grad_x``.
+
+    Args:
+        x: ``[..., in]``.
+        weight_fn: zero-argument callable returning ``[out, in]``.
+
+    Returns:
+        ``[..., out]``.
+    """
+    if not torch.is_grad_enabled():
+        return F.linear(x, weight_fn().to(x.dtype))
+    return _FrozenLinearFn.apply(x, weight_fn)
 
 
 # ============================================================================ recompute-on-unpack
@@ -341,8 +409,11 @@ _RECIPE_ATTR = "_tinytune_recompute"
 
 
 def attach_recompute(out: torch.Tensor, recompute) -> torch.Tensor:
-    """Tags ``out`` with a zero-argument callable that recomputes it (see :func:`saved_as_recompute`)."""
-    setattr(out, _RECIPE_ATTR, recompute)
+    """Tags ``out`` with a zero-argument callable that recomputes it (see :func:`saved_as_recompute`).
+
+    Without grad nothing is saved for backward, so nothing is tagged."""
+    if torch.is_grad_enabled():
+        setattr(out, _RECIPE_ATTR, recompute)
     return out
 
 

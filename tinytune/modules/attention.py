@@ -2,8 +2,9 @@
 
 Masking modes (exactly one applies):
 
-* ``kv_cache_mask`` given: a complete boolean mask ``[b, s_q, s_kv]`` (True = may attend), used
-  for KV-cache decoding and left-padded batches. Nothing else is added to it.
+* ``kv_cache_mask`` given: a complete mask ``[b, s_q, s_kv]``, boolean (True = may attend) or
+  additive float (0 = attend, -inf = not), used for KV-cache decoding and left-padded batches.
+  Nothing else is added to it.
 * ``seq_lens`` or ``document_ids`` given: packed documents; causal attention inside each document.
 * neither: plain causal attention (requires ``s_q == s_kv``).
 
@@ -96,8 +97,9 @@ def attention(
         v: values ``[b, h_kv, s_kv, d]``.
         seq_lens: packed document lengths ``[b, max_docs]`` (zero-padded, rows sum to ``s``).
         document_ids: ``[b, s]`` document id per position (alternative to ``seq_lens``).
-        kv_cache_mask: complete boolean mask ``[b, s_q, s_kv]`` (True = attend). Every query
-            row needs at least one True entry.
+        kv_cache_mask: complete mask ``[b, s_q, s_kv]``: boolean (True = attend) or additive in
+            the dtype of ``q`` (0 = attend, -inf = not). Every query row needs at least one
+            attended entry.
         softmax_scale: defaults to ``1 / sqrt(d)``.
 
     Returns:

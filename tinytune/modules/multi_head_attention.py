@@ -80,9 +80,9 @@ class MultiHeadAttention(nn.Module):
             input_pos: ``[b, s]`` positions used by RoPE.
             seq_lens: ``[b, max_docs]`` packed document lengths (no cache).
             document_ids: ``[b, s]`` document ids matching ``seq_lens``.
-            mask: ``[b, s, s_kv]`` boolean mask (True = attend); with a cache ``s_kv`` counts
-                every cached position including the new ones. ``None`` with a cache means
-                causal over cache slots.
+            mask: ``[b, s, s_kv]`` boolean mask (True = attend) or additive float mask (0 / -inf);
+                with a cache ``s_kv`` counts every cached position including the new ones.
+                ``None`` with a cache means causal over cache slots.
 
         Returns:
             ``[b, s, dim]``.

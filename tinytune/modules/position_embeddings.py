@@ -86,6 +86,9 @@ class RotaryPositionalEmbeddings(nn.Module):
         self.base = float(base)
         self.rope_scaling = check_rope_scaling(rope_scaling)
         self._inv_freq_cache: dict[torch.device, torch.Tensor] = {}
+        # the last (copy of input_pos, inference mode, cos, sin): the module is shared by every layer,
+        # so one forward computes the tables once instead of once per layer
+        self._last: tuple[torch.Tensor, bool, torch.Tensor, torch.Tensor] | None = None
 
     def inv_freq(self, device: torch.device) -> torch.Tensor:
         """Inverse frequencies ``[head_dim / 2]`` in fp32 on ``device`` (cached per device)."""
@@ -107,12 +110,24 @@ class RotaryPositionalEmbeddings(nn.Module):
             input_pos: ``[b, s]`` integer positions.
 
         Returns:
-            ``(cos, sin)``, each ``[b, 1, s, head_dim]`` in fp32.
+            ``(cos, sin)``, each ``[b, 1, s, head_dim]`` in fp32. Consecutive calls with equal
+            positions return the same tables (computed once per forward, not once per layer).
         """
+        last, inference = self._last, torch.is_inference_mode_enabled()
+        if (
+            last is not None
+            and last[1] == inference
+            and last[0].device == input_pos.device
+            and torch.equal(last[0], input_pos)
+        ):
+            return last[2], last[3]
         inv = self.inv_freq(input_pos.device)  # [d/2]
         freqs = input_pos.float()[..., None] * inv  # [b, s, d/2]
         emb = torch.cat((freqs, freqs), dim=-1)  # [b, s, d]
-        return emb.cos()[:, None], emb.sin()[:, None]  # [b, 1, s, d] each
+        cos, sin = emb.cos()[:, None], emb.sin()[:, None]  # [b, 1, s, d] each
+        if not torch.compiler.is_compiling() and type(input_pos) is torch.Tensor and not input_pos.is_meta:
+            self._last = (input_pos.clone(), inference, cos, sin)
+        return cos, sin
 
     @staticmethod
     def rotate_half(x: torch.Tensor) -> torch.Tensor:

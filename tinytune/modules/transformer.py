@@ -161,8 +161,9 @@ class TransformerDecoder(nn.Module):
             input_pos: ``[b, s]`` positions; ``None`` means ``arange(s)`` (continuing after the
                 cached positions when KV caches are attached). Packed rows restart at 0 per document.
             seq_lens: ``[b, max_docs]`` packed document lengths (zero-padded, rows sum to ``s``).
-            mask: ``[b, s, s_kv]`` explicit boolean attention mask (True = attend) for left-padded
-                batches and KV-cache decoding; replaces the causal/packed mask.
+            mask: ``[b, s, s_kv]`` explicit attention mask, boolean (True = attend) or additive
+                float (0 = attend, -inf = not), for left-padded batches and KV-cache decoding;
+                replaces the causal/packed mask.
             return_hidden: return the final-normed hidden states instead of logits.
 
         Returns:

@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tinytune.kernels.fused_ops import lora_linear, plain_tensors
-from tinytune.modules.peft.nf4 import dequantize, is_nf4, linear_nf4, to_nf4
+from tinytune.kernels.fused_ops import frozen_linear, lora_linear, plain_tensors
+from tinytune.modules.peft.nf4 import dequantize, dequantize_nf4, is_nf4, to_nf4
 
 # Short names accepted in configs, mapped to the projection names of docs/ARCHITECTURE.md.
 LORA_MODULE_ALIASES = {
@@ -46,7 +46,9 @@ class LoRALinear(nn.Module):
     ``lora_b.weight [out_dim, rank]`` (zeros, so a fresh adapter leaves the output unchanged).
 
     With ``quantize_base=True`` the frozen base weight is stored as a torchao ``NF4Tensor``
-    (QLoRA); the forward dequantizes it block by block inside ``linear_nf4``. ``state_dict()``
+    (QLoRA). The forward dequantizes it into a reusable scratch buffer for one GEMM, and backward
+    dequantizes it again for ``grad_x`` (the full-precision weight is never saved for backward);
+    the base GEMM and the adapter are one autograd Function as in plain LoRA. ``state_dict()``
     returns the base weight dequantized and loading a plain weight re-quantizes it, so
     checkpoints stay in the ordinary format.
 
@@ -168,10 +170,14 @@ class LoRALinear(nn.Module):
         delta = self.lora_b.weight.float() @ self.lora_a.weight.float()  # [out, in]
         return dequantize(self.weight).float() + self.scaling * delta
 
+    def _dequantized_base(self) -> torch.Tensor:
+        """The NF4 base as a plain ``[out, in]`` tensor in a scratch buffer: use it at once."""
+        return dequantize_nf4(self.weight, reuse=True)
+
     def base_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The frozen projection alone: ``x @ W.T + b``."""
         if is_nf4(self.weight):
-            out = linear_nf4(x, self.weight)
+            out = frozen_linear(x, self._dequantized_base)
             if self.bias is not None:
                 out = out + self.bias
             return out
@@ -180,10 +186,14 @@ class LoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [..., in_dim]
         if self.lora_magnitude is not None and not self.disabled:
             return self._dora_forward(x)
-        if not self.disabled and plain_tensors(x, self.weight, self.bias, self.lora_a.weight, self.lora_b.weight):
+        if not self.disabled and plain_tensors(x, self.bias, self.lora_a.weight, self.lora_b.weight):
             # one Function: base GEMM, then scale * B(A(x)) added by addmm_ (no extra [N, out] passes)
             x_d = None if isinstance(self.dropout, nn.Identity) else self.dropout(x)
-            return lora_linear(x, self.weight, self.bias, self.lora_a.weight, self.lora_b.weight, self.scaling, x_d)
+            a, b = self.lora_a.weight, self.lora_b.weight
+            if is_nf4(self.weight):  # QLoRA: dequantized in forward and again in backward, never saved
+                return lora_linear(x, None, self.bias, a, b, self.scaling, x_d, weight_fn=self._dequantized_base)
+            if plain_tensors(self.weight):
+                return lora_linear(x, self.weight, self.bias, a, b, self.scaling, x_d)
         out = self.base_forward(x)  # [..., out_dim]
         if self.disabled:
             if self.pissa_a0 is not None:  # PiSSA: the base holds the residual; add back W's principal part
