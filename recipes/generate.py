@@ -18,6 +18,7 @@ from omegaconf import DictConfig
 import tinytune.config
 from tinytune.config import ConfigError
 from tinytune.config.recipe_settings import GenerateSettings
+from tinytune.generation import decode_layout
 from tinytune.training import load_model_and_tokenizer, setup_device
 from tinytune.training.prompting import generate_replies, get_bound_template
 
@@ -69,19 +70,20 @@ def recipe_main(cfg: DictConfig) -> list[str]:
     template = get_bound_template(s.source.template, tokenizer)
     prompts = read_prompts(s)
     t0 = time.perf_counter()
-    replies = generate_replies(
-        model,
-        tokenizer,
-        template,
-        prompts,
-        max_new_tokens=s.max_new_tokens,
-        temperature=s.temperature,
-        top_k=s.top_k,
-        top_p=s.top_p,
-        system=s.system,
-        seed=seed,
-        enable_thinking=s.enable_thinking,
-    )
+    with decode_layout(model):  # weights column-major while decoding (faster CPU GEMMs); restored after
+        replies = generate_replies(
+            model,
+            tokenizer,
+            template,
+            prompts,
+            max_new_tokens=s.max_new_tokens,
+            temperature=s.temperature,
+            top_k=s.top_k,
+            top_p=s.top_p,
+            system=s.system,
+            seed=seed,
+            enable_thinking=s.enable_thinking,
+        )
     dt = time.perf_counter() - t0
     for p, r in zip(prompts, replies):
         shown = p if isinstance(p, str) else p[-1]["content"]
