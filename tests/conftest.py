@@ -66,6 +66,7 @@ HEAVY_TESTS = {
     "test_preference_losses::test_grad_accumulation_kx1_equals_bs_k",
     "test_preference_losses::test_dpo_eval_matches_plain_computation_and_max_batches",
     "test_kernels_attention::test_packed_documents_equal_each_document_alone",
+    "test_document_attention::test_gradcheck_fp64",
     "test_tokenizers_api::test_vocab_json_merges_txt_dir_matches_tokenizer_json",
     "test_tokenizers_parity::test_load_tokenizer_from_gguf_equals_converted_dir",
     "test_tokenizers_parity::test_smollm2_gguf_matches_hf_on_converted_json",
