@@ -37,13 +37,12 @@ demo-chatterbot: install
 test: install-dev
 	$(BIN)/python -m pytest -q tests
 
-# The fast tier (< 3 min on 2 cores): unit tests, no end-to-end recipe or multi-process runs.
+# The fast tier (< 3 min on 2 cores): unit tests, no end-to-end recipe or multi-process runs
+# (tests/conftest.py: HEAVY_MODULES, HEAVY_TESTS).
 test-fast: install-dev
 	$(BIN)/python -m pytest -q -m fast tests
 
-# Lint (ruff check) and formatting (ruff format --check). Formatting is pending: the code base is
-# formatted once with `ruff format` after the open branches are merged; until then the format
-# check reports the files it would change.
+# Lint (ruff check) and formatting (ruff format --check).
 lint: install-dev
 	$(BIN)/ruff check tinytune recipes tests benchmarks
 	$(BIN)/ruff format --check tinytune recipes tests benchmarks

@@ -48,16 +48,45 @@ HEAVY_MODULES = {
     "test_benchmarks",
     "test_datasets_cli",
     "test_gguf_import",
+    "test_gguf_export",
+}
+
+# Single tests (all their parametrisations) that are too slow for the fast tier (>= ~7 s each on 2
+# busy cores: whole recipes, subprocesses, real 135M models, every official template, interpreted
+# Triton kernels). `make test-fast` stays under 3 minutes; the default suite still runs them.
+HEAVY_TESTS = {
+    "test_pipeline_parallel::test_pp2_full_matches_single_device",
+    "test_pipeline_parallel::test_pp2_lora_gpipe_resume_matches_single_device",
+    "test_reliability::test_sigkill_at_random_points_then_resume_is_byte_identical",
+    "test_reliability::test_raised_max_steps_extends_the_lr_schedule",
+    "test_generation::test_cache_equals_no_cache_and_padding_equals_alone",
+    "test_templates_fidelity::test_every_official_template_is_token_and_mask_exact",
+    "test_templates_fidelity::test_qwen3_enable_thinking_modes_against_reference",
+    "test_templates_configs::test_hf_configs_equal_builtin_on_bundled_data",
+    "test_padding_free::test_loss_and_gradients_equal_the_padded_batch",
+    "test_preference_losses::test_grad_accumulation_kx1_equals_bs_k",
+    "test_preference_losses::test_dpo_eval_matches_plain_computation_and_max_batches",
+    "test_kernels_attention::test_packed_documents_equal_each_document_alone",
+    "test_document_attention::test_gradcheck_fp64",
+    "test_tokenizers_api::test_vocab_json_merges_txt_dir_matches_tokenizer_json",
+    "test_tokenizers_parity::test_load_tokenizer_from_gguf_equals_converted_dir",
+    "test_tokenizers_parity::test_smollm2_gguf_matches_hf_on_converted_json",
+    "test_recipes_hub::test_streaming_resume_equals_uninterrupted",
+    "test_recipes_hub::test_mix_resume_equals_uninterrupted_and_records_served_counts",
+    "test_datasets_fastpath::test_fast_path_equals_whole_string_reference",
+    "test_cli::test_run_torchrun_two_processes",
+    "test_kto::test_kto_recipe_first_step_and_validation",
 }
 
 
 def pytest_collection_modifyitems(config, items):
     """The one place markers are applied: ``gpu`` tests skip themselves without CUDA, and every
-    test that is not slow, not gpu and not in a heavy module gets ``fast``."""
+    test that is not slow, not gpu, not in a heavy module and not a heavy test gets ``fast``."""
     no_cuda = pytest.mark.skip(reason="needs a CUDA device")
     for item in items:
         if "gpu" in item.keywords and not torch.cuda.is_available():
             item.add_marker(no_cuda)
         module = item.module.__name__.rsplit(".", 1)[-1] if item.module is not None else ""
-        if "slow" not in item.keywords and "gpu" not in item.keywords and module not in HEAVY_MODULES:
+        heavy = module in HEAVY_MODULES or f"{module}::{getattr(item, 'originalname', item.name)}" in HEAVY_TESTS
+        if "slow" not in item.keywords and "gpu" not in item.keywords and not heavy:
             item.add_marker(pytest.mark.fast)

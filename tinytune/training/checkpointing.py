@@ -38,7 +38,7 @@ def open_checkpointer(keep_last: int, out_dir: str):
 def open_sharded_checkpointer(keep_last: int, out_dir: str):
     """A :class:`DistributedCheckpointer` over ``out_dir/dcp`` keeping the newest ``keep_last``.
 
-    Unfinished writes left by a crash (``.step_*.tmp``) are removed (rank 0).
+    Unfinished writes left by a crash (``.tmp-step_*``) are removed (rank 0).
     """
     ckpt = DistributedCheckpointer(out_dir, keep_last=keep_last)
     ckpt.clean_leftovers()
