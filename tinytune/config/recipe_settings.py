@@ -179,6 +179,25 @@ class DeviceSettings(Settings):
     seed: int | None = setting(0, "seed of every RNG (null: a random seed, printed)")
 
 
+BF16_NAMES = ("bf16", "bfloat16")
+
+
+@dataclass(frozen=True)
+class SFTDeviceSettings(DeviceSettings):
+    """The device keys of the single-device SFT recipes: also ``mixed_precision``."""
+
+    mixed_precision: bool = setting(
+        False, "with dtype bf16: bf16 compute (autocast), fp32 trainable weights and optimizer state"
+    )
+
+    def __post_init__(self) -> None:
+        if self.mixed_precision is True and self.dtype not in BF16_NAMES:
+            raise ValueError(
+                f"mixed_precision: true needs dtype: bf16 (got dtype: {self.dtype}); fp32 is already full "
+                "precision, fp16 is not supported by mixed_precision"
+            )
+
+
 @dataclass(frozen=True)
 class TokenizerSettings(Settings):
     path: str | None = setting(None, "tokenizer file or directory (default: checkpoint_dir)")
@@ -443,6 +462,7 @@ class FSDPSettings(Settings):
 class SFTSettings(TrainSettings):
     """Keys of the single-device SFT recipes (full_finetune, lora_finetune)."""
 
+    hardware: SFTDeviceSettings = group(SFTDeviceSettings)
     data: SFTDataSettings = group(SFTDataSettings)
     sample_generation: SampleGenerationSettings = section(SampleGenerationSettings)
     neftune_noise_alpha: float | None = setting(

@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tinytune.kernels._runtime import autocast_dtype
+
 _PLAIN_TYPES = (torch.Tensor, nn.Parameter)
 
 
@@ -233,8 +235,18 @@ def lora_linear(
 
     Returns:
         ``[..., out]``. Saves ``x``, ``x_dropped`` and the ``[N, rank]`` product for backward.
+        Under ``torch.autocast`` every input is cast to the autocast dtype first (all GEMMs in it).
     """
-    return _LoRALinearFn.apply(x, x_dropped, weight, bias, lora_a, lora_b, float(scale))
+    amp = autocast_dtype(x.device.type)
+    if amp is None:
+        return _LoRALinearFn.apply(x, x_dropped, weight, bias, lora_a, lora_b, float(scale))
+    # Under autocast (mixed precision): every GEMM in the autocast dtype, as F.linear would do. The
+    # casts are autograd ops, so fp32 adapters (and fp32 base weights) get fp32 gradients.
+    x, x_dropped, weight, bias, lora_a, lora_b = (
+        None if t is None else t.to(amp) for t in (x, x_dropped, weight, bias, lora_a, lora_b)
+    )
+    with torch.autocast(x.device.type, enabled=False):
+        return _LoRALinearFn.apply(x, x_dropped, weight, bias, lora_a, lora_b, float(scale))
 
 
 # ============================================================================ recompute-on-unpack
