@@ -20,7 +20,13 @@ import tinytune.modules.peft.lora as lora_mod
 from tinytune.checkpoint import load_hf_model
 from tinytune.cli.main import main as tune_main
 from tinytune.config import ConfigError
-from tinytune.config.recipe_settings import DPOSettings, FullFinetuneSettings, LoRAFinetuneSettings
+from tinytune.config.recipe_settings import (
+    DPOSettings,
+    FullFinetuneDistributedSettings,
+    FullFinetuneSettings,
+    LoRAFinetuneDistributedSettings,
+    LoRAFinetuneSettings,
+)
 from tinytune.kernels import linear_cross_entropy
 from tinytune.kernels.fused_ops import lora_linear
 from tinytune.modules.peft import lora_linear_factory, set_trainable_params
@@ -64,6 +70,22 @@ def test_mixed_precision_setting_needs_bf16_and_a_bool():
         _settings(DPOSettings, dtype="bf16", mixed_precision=True)
     with pytest.raises(ConfigError, match="needs dtype: bf16"):
         Precision.from_settings(True, torch.float32, CPU)
+
+
+def test_distributed_recipes_state_that_bf16_is_mixed_there():
+    """FSDP2 keeps fp32 shards and computes in bf16 (MixedPrecisionPolicy): the key may say so, not deny it."""
+    for cls in (FullFinetuneDistributedSettings, LoRAFinetuneDistributedSettings):
+        assert _settings(cls, dtype="bf16", mixed_precision=True).hardware.mixed_precision is True
+        assert _settings(cls, dtype="bf16").hardware.mixed_precision is None
+        with pytest.raises(ConfigError, match="no pure-bf16 mode"):
+            _settings(cls, dtype="bf16", mixed_precision=False)
+        with pytest.raises(ConfigError, match="needs dtype: bf16"):
+            _settings(cls, dtype="fp32", mixed_precision=True)
+    from tinytune.config.recipe_settings import FSDPSettings
+    from tinytune.training import fsdp_policy
+
+    policy = fsdp_policy(FSDPSettings(), torch.bfloat16)
+    assert policy["param_dtype"] == torch.bfloat16 and policy["reduce_dtype"] == torch.float32
 
 
 # ---- the fused kernels under autocast equal eager autocast ops ---------------------------------------

@@ -199,6 +199,26 @@ class SFTDeviceSettings(DeviceSettings):
 
 
 @dataclass(frozen=True)
+class DistDeviceSettings(DeviceSettings):
+    """The device keys of the FSDP2 recipes: ``mixed_precision`` only states what ``dtype: bf16`` does there."""
+
+    mixed_precision: bool | None = setting(
+        None,
+        "FSDP2 keeps fp32 sharded weights and optimizer state; dtype bf16 computes in bf16 (MixedPrecisionPolicy), "
+        "so true = bf16 and false with bf16 is refused (null: follow dtype)",
+    )
+
+    def __post_init__(self) -> None:
+        if self.mixed_precision is True and self.dtype not in BF16_NAMES:
+            raise ValueError(f"mixed_precision: true needs dtype: bf16 (got dtype: {self.dtype})")
+        if self.mixed_precision is False and self.dtype in BF16_NAMES:
+            raise ValueError(
+                "mixed_precision: false with dtype: bf16: the distributed recipes have no pure-bf16 mode (FSDP2 "
+                "keeps fp32 shards and computes in bf16, which is mixed precision); drop mixed_precision or use fp32"
+            )
+
+
+@dataclass(frozen=True)
 class TokenizerSettings(Settings):
     path: str | None = setting(None, "tokenizer file or directory (default: checkpoint_dir)")
 
@@ -544,6 +564,7 @@ class RewardModelSettings(TrainSettings):
 @dataclass(frozen=True)
 class FullFinetuneDistributedSettings(TrainSettings):
     NAME = "full_finetune_distributed"
+    hardware: DistDeviceSettings = group(DistDeviceSettings)
     parallelism: ParallelismSettings = section(ParallelismSettings)
     fsdp: FSDPSettings = section(FSDPSettings)
     num_workers: int = setting(0, "DataLoader worker processes per rank", ge=0)
@@ -555,6 +576,7 @@ class FullFinetuneDistributedSettings(TrainSettings):
 class LoRAFinetuneDistributedSettings(TrainSettings):
     NAME = "lora_finetune_distributed"
     model: Any = component("LoRA keys only (applied to config.json's architecture)", plain=LoRASettings)
+    hardware: DistDeviceSettings = group(DistDeviceSettings)
     parallelism: ParallelismSettings = section(ParallelismSettings)
     fsdp: FSDPSettings = section(FSDPSettings)
     num_workers: int = setting(0, "DataLoader worker processes per rank", ge=0)
