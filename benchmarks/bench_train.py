@@ -18,6 +18,12 @@ timed step's loss (a cross-check that all sides compute the same thing), peak RS
     python benchmarks/bench_train.py --dtype bf16_mixed  # tinytune mixed precision vs the peers' bf16
     python benchmarks/bench_train.py --smoke               # tiny model, seconds (used by the tests)
 
+``--dtype bf16`` runs every side in bf16 as that library does it: tinytune and torchtune cast the
+whole model (pure bf16), HF loads it in bf16 and PEFT keeps LoRA adapters in fp32 (its default
+``autocast_adapter_dtype=True``). ``--dtype bf16_mixed`` changes only tinytune, to its
+``mixed_precision: true`` mode (fp32 trainable weights and AdamW state, bf16 autocast); the table's
+last line prints each side's trainable-weight dtype.
+
 torchtune runs with ``--torchtune-python`` (default ``/work/bench-venv/bin/python`` when it
 exists): a separate virtual environment, so peers never become tinytune dependencies.
 """
