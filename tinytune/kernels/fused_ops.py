@@ -26,8 +26,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tinytune.kernels._runtime import autocast_dtype
-
 _PLAIN_TYPES = (torch.Tensor, nn.Parameter)
 
 
@@ -235,18 +233,19 @@ def lora_linear(
 
     Returns:
         ``[..., out]``. Saves ``x``, ``x_dropped`` and the ``[N, rank]`` product for backward.
-        Under ``torch.autocast`` every input is cast to the autocast dtype first (all GEMMs in it).
+        Under autocast (fp16 training, bf16 mixed precision) every input is cast to the autocast dtype first, as
+        ``F.linear`` would be, and the Function runs with autocast off (its in-place GEMMs are not
+        autocast ops and would meet mixed dtypes); gradients reach fp32 parameters through the casts.
     """
-    amp = autocast_dtype(x.device.type)
-    if amp is None:
-        return _LoRALinearFn.apply(x, x_dropped, weight, bias, lora_a, lora_b, float(scale))
-    # Under autocast (mixed precision): every GEMM in the autocast dtype, as F.linear would do. The
-    # casts are autograd ops, so fp32 adapters (and fp32 base weights) get fp32 gradients.
-    x, x_dropped, weight, bias, lora_a, lora_b = (
-        None if t is None else t.to(amp) for t in (x, x_dropped, weight, bias, lora_a, lora_b)
-    )
-    with torch.autocast(x.device.type, enabled=False):
-        return _LoRALinearFn.apply(x, x_dropped, weight, bias, lora_a, lora_b, float(scale))
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        dt = torch.get_autocast_dtype(device_type)
+        x, x_dropped, weight, bias, lora_a, lora_b = (
+            None if t is None else t.to(dt) for t in (x, x_dropped, weight, bias, lora_a, lora_b)
+        )
+        with torch.autocast(device_type, enabled=False):
+            return _LoRALinearFn.apply(x, x_dropped, weight, bias, lora_a, lora_b, float(scale))
+    return _LoRALinearFn.apply(x, x_dropped, weight, bias, lora_a, lora_b, float(scale))
 
 
 # ============================================================================ recompute-on-unpack
