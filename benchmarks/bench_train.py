@@ -15,6 +15,7 @@ timed step's loss (a cross-check that all sides compute the same thing), peak RS
     python benchmarks/bench_train.py                       # full + LoRA, unpacked + packed, fp32
     python benchmarks/bench_train.py --mode lora --packed  # LoRA on packed rows only
     python benchmarks/bench_train.py --dtype bf16 --steps 5 --rounds 3
+    python benchmarks/bench_train.py --dtype bf16_mixed  # tinytune mixed precision vs the peers' bf16
     python benchmarks/bench_train.py --smoke               # tiny model, seconds (used by the tests)
     python benchmarks/bench_train.py --mode lora --qlora   # QLoRA: NF4 base (torchao) vs torchtune's QLoRA
 
@@ -22,6 +23,12 @@ timed step's loss (a cross-check that all sides compute the same thing), peak RS
 tinytune and torchtune. HF+PEFT is left out: its QLoRA goes through bitsandbytes ``Linear4bit``, a
 dependency this benchmark does not install (newer bitsandbytes releases have a CPU backend; not
 compared here).
+
+``--dtype bf16`` runs every side in bf16 as that library does it: tinytune and torchtune cast the
+whole model (pure bf16), HF loads it in bf16 and PEFT keeps LoRA adapters in fp32 (its default
+``autocast_adapter_dtype=True``). ``--dtype bf16_mixed`` changes only tinytune, to its
+``mixed_precision: true`` mode (fp32 trainable weights and AdamW state, bf16 autocast); the table's
+last line prints each side's trainable-weight dtype.
 
 torchtune runs with ``--torchtune-python`` (default ``/work/bench-venv/bin/python`` when it
 exists): a separate virtual environment, so peers never become tinytune dependencies.
@@ -71,7 +78,9 @@ def _torch_setup(spec: dict):
     torch.manual_seed(0)
     if spec.get("threads"):
         torch.set_num_threads(int(spec["threads"]))
-    return torch, {"fp32": torch.float32, "bf16": torch.bfloat16}[spec["dtype"]], torch.device(spec["device"])
+    # bf16_mixed: tinytune's mixed precision; the peers run their own bf16 mode (see _build_hf/_build_torchtune)
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "bf16_mixed": torch.bfloat16}
+    return torch, dtypes[spec["dtype"]], torch.device(spec["device"])
 
 
 def _adamw(torch, params, spec):
@@ -83,19 +92,27 @@ def _adamw(torch, params, spec):
 
 
 def _build_tinytune(spec, torch, dtype, device):
-    """tinytune: checkpoint loader + LoRA factory, the recipe's loss/step functions."""
+    """tinytune: checkpoint loader + LoRA factory, the recipe's loss/step functions.
+
+    ``bf16_mixed``: the recipes' ``mixed_precision: true`` (fp32 trainable weights and AdamW state,
+    frozen weights in bf16, forward under bf16 autocast).
+    """
     from tinytune.checkpoint import load_hf_model
     from tinytune.modules.peft import lora_linear_factory, set_trainable_params
+    from tinytune.training import Precision, sft_loss, to_device
+    from tinytune.training.padding_free import drop_unlabeled_tail
     from tinytune.training.steps import optimizer_step, sft_accumulate
 
+    precision = Precision.from_settings(spec["dtype"] == "bf16_mixed", dtype, device)
     factory = None
     if spec["mode"] == "lora":
         factory = lora_linear_factory(
             LORA_TARGETS, rank=spec["rank"], alpha=spec["alpha"], dropout=0.0, **_qlora_kwargs(spec)
         )
-    model, _ = load_hf_model(spec["weights"], dtype=dtype, device=device, linear_factory=factory)
+    model, _ = load_hf_model(spec["weights"], dtype=precision.load_dtype, device=device, linear_factory=factory)
     if spec["mode"] == "lora":
         set_trainable_params(model)
+    precision.cast_frozen(model)
     model.train()
     optimizer = _adamw(torch, [p for p in model.parameters() if p.requires_grad], spec)
 
@@ -105,7 +122,14 @@ def _build_tinytune(spec, torch, dtype, device):
             mb.update(input_pos=batch.input_pos, seq_lens=seq_lens_tensor(batch))
 
         def step():
-            loss, _ = sft_accumulate(model, [mb], device, padding_free=spec.get("padding_free", True))
+            if not precision.mixed:
+                loss, _ = sft_accumulate(model, [mb], device, padding_free=spec.get("padding_free", True))
+            else:  # the recipes' micro-step: forward under autocast, backward outside it
+                m = drop_unlabeled_tail(mb) if spec.get("padding_free", True) else mb
+                with precision.autocast():
+                    loss = sft_loss(model, to_device(m, device))
+                loss.backward()
+                loss = loss.detach()
             optimizer_step(model, optimizer)
             return loss
 
@@ -314,6 +338,7 @@ def worker_main(spec: dict) -> None:
         "first_loss": losses[0],
         "label_tokens": batch.label_tokens,
         "trainable": trainable,
+        "trainable_dtypes": sorted({str(p.dtype).replace("torch.", "") for p in model.parameters() if p.requires_grad}),
         "peak_rss_mib": peak_rss_mib(),
         "rss_before_mib": rss_before,
     }
@@ -401,7 +426,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=3, help="timed steps per process (after --warmup)")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps on a 1 x 128 batch first")
     p.add_argument("--rounds", type=int, default=2, help="interleaved fresh-process rounds per configuration")
-    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument(
+        "--dtype",
+        choices=["fp32", "bf16", "bf16_mixed"],
+        default="fp32",
+        help="bf16_mixed: tinytune with mixed_precision (fp32 trainable weights + AdamW state, bf16\n"
+        "autocast); HF+PEFT and torchtune run their own bf16 mode, as with bf16",
+    )
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--frameworks", default="tinytune,hf,torchtune")
     p.add_argument("--torchtune-python", default=DEFAULT_TORCHTUNE_PYTHON)
@@ -601,6 +632,15 @@ def main(argv: list[str] | None = None) -> int:
     print_table(headers, rows)
     for n in mfu_notes:
         print(f"MFU (tinytune, model FLOPs as computed / measured {args.dtype} GEMM peak): {n}")
+    dtypes = {}
+    for (mode, _, fw), runs in results.items():
+        for r in runs:
+            if "trainable_dtypes" in r:
+                dtypes[(fw, mode)] = "/".join(r["trainable_dtypes"])
+    print(
+        "trainable weights (and AdamW state) dtype: "
+        + "; ".join(f"{fw} {mode} {d}" for (fw, mode), d in dtypes.items())
+    )
     for n in notes:
         print(f"note: {n}")
     if args.json:

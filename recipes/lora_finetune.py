@@ -28,6 +28,7 @@ from tinytune.training import (
     EarlyStopping,
     LogWindow,
     NonFiniteGuard,
+    Precision,
     SampleGenerations,
     TrainProgress,
     activate_neftune,
@@ -76,13 +77,16 @@ def recipe_main(cfg: DictConfig) -> dict:
     loop = s.loop  # log / checkpoint cadence, stop_after, clip, padding-free
     device, dtype, seed = setup_device(s.hardware, loss_scaling=True)
     scaler = fp16_loss_scaler(s.hardware.dtype, device)  # dtype: fp16 (CUDA): fp32 weights, fp16 autocast, GradScaler
+    precision = Precision.from_settings(s.hardware.mixed_precision, dtype, device)  # bf16 mixed: fp32 trainables
     out_dir = prepare_output_dir(s.output_dir, cfg)
 
     # ---- 2. model (frozen base + adapters) and tokenizer ----------------------------------
-    checkpoint_dir, tokenizer, model, info = load_model_and_tokenizer(s, device, dtype)
+    checkpoint_dir, tokenizer, model, info = load_model_and_tokenizer(s, device, precision.load_dtype)
     n_trainable = set_trainable_params(model)
+    precision.cast_frozen(model)  # mixed precision: frozen weights in bf16, trainable ones stay fp32
     n_total = sum(p.numel() for p in model.parameters())
     print(f"model: {info.model_type} from {checkpoint_dir}; trainable {n_trainable:,} of {n_total:,} parameters")
+    print(precision.describe(model))
     if loop.activation_checkpointing:
         apply_activation_checkpointing(model)
     if s.neftune_noise_alpha is not None:  # NEFTune noise on the input embeddings, training only
@@ -128,7 +132,7 @@ def recipe_main(cfg: DictConfig) -> dict:
     # ---- 5. generation before training (optional) ------------------------------------------
     samples = SampleGenerations(s.sample_generation, s.source.template, tokenizer)
     if samples.prompts:
-        with disable_adapters(model):  # the base model, also when resuming
+        with disable_adapters(model), precision.autocast():  # the base model, also when resuming
             samples.generate_before(model)
 
     # ---- 6. training loop -------------------------------------------------------------------
@@ -150,7 +154,8 @@ def recipe_main(cfg: DictConfig) -> dict:
         for mb in micro_batches:
             if loop.padding_free:  # drop positions no label depends on; rows laid end to end: [1, n]
                 mb = drop_unlabeled_tail(mb)
-            with autocast_fp16(scaler):  # fp16 compute under dtype: fp16, else a no-op
+            # fp16 compute under dtype: fp16, bf16 under mixed_precision, else a no-op; backward outside it
+            with autocast_fp16(scaler), precision.autocast():
                 mb_loss = sft_loss(model, to_device(mb, device), window_tokens)
             scaled(mb_loss, scaler).backward()  # fp16: times the loss scale (unscaled once per step)
             loss += mb_loss.detach()
@@ -165,10 +170,13 @@ def recipe_main(cfg: DictConfig) -> dict:
         if loop.log_due(step, total_steps):  # means over the steps since the last log
             log_train_row(loggers, step, window.flush(lr, stream.epoch), device, grad_norm)
         if val_loader is not None and val_cfg.due(step, total_steps):
-            val = evaluate_loss(model, val_loader, device, val_cfg.max_batches, loop.padding_free)
+            with precision.autocast():
+                val = evaluate_loss(model, val_loader, device, val_cfg.max_batches, loop.padding_free)
             loggers.log_dict(validation_row(val), step)
             if gen_n:  # exact match / ROUGE-L / BLEU of greedy answers to validation prompts
-                loggers.log_dict(validation_generation_row(model, tokenizer, data.val_ds, gen_n, gen_tokens), step)
+                with precision.autocast():
+                    gen = validation_generation_row(model, tokenizer, data.val_ds, gen_n, gen_tokens)
+                loggers.log_dict(gen, step)
             if stopper.update(val["loss"], step, lambda: get_adapter_state_dict(model)):
                 print(f"early stopping at step {step}: no validation improvement in {stopper.patience} evaluations")
                 break
@@ -202,11 +210,13 @@ def recipe_main(cfg: DictConfig) -> dict:
         "data": data_summary(data.train_ds),
     }
     if val_loader is not None:
-        val = validation_row(evaluate_loss(model, val_loader, device, val_cfg.max_batches, loop.padding_free))
+        with precision.autocast():
+            val = validation_row(evaluate_loss(model, val_loader, device, val_cfg.max_batches, loop.padding_free))
         loggers.log_dict(val, step)
         summary.update(val)
         if gen_n:
-            gen = validation_generation_row(model, tokenizer, data.val_ds, gen_n, gen_tokens)
+            with precision.autocast():
+                gen = validation_generation_row(model, tokenizer, data.val_ds, gen_n, gen_tokens)
             loggers.log_dict(gen, step)
             summary.update(gen)
         if stopper.active and step != stopper.best_step:
@@ -231,7 +241,9 @@ def recipe_main(cfg: DictConfig) -> dict:
         os.path.join(out_dir, "loss.png"),
         title=f"lora_finetune: {os.path.basename(out_dir)}",
     )
-    summary.update(samples.generate_after(model, out_dir))  # held-out fractions, if any
+    with precision.autocast():
+        after = samples.generate_after(model, out_dir)
+    summary.update(after)  # held-out fractions, if any
     return write_summary(out_dir, summary, t_start)
 
 

@@ -40,6 +40,7 @@ def smollm2_dir(tmp_path_factory) -> str:
 HEAVY_MODULES = {
     "test_recipes",
     "test_recipe_parity",
+    "test_recipes_precision",
     "test_distributed_recipes",
     "test_distributed_methods",
     "test_distributed_primitives",

@@ -203,3 +203,57 @@ def test_bench_train_reports_mfu():
     row = _table(out)[0]
     assert row[-1].endswith("%") and 0 < float(row[-1][:-1]) <= 100
     assert "GEMM peak" in out and "GFLOP/step" in out
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_bench_train_smoke_mixed_precision():
+    pytest.importorskip("transformers")
+    pytest.importorskip("peft")
+    out = _run(
+        "bench_train.py",
+        "--smoke",
+        "--frameworks",
+        "tinytune,hf",
+        "--mode",
+        "both",
+        "--unpacked",
+        "--dtype",
+        "bf16_mixed",
+    )
+    rows = {(r[0], r[1]): r for r in _table(out)}
+    assert set(rows) == {(m, fw) for m in ("full unpacked", "lora unpacked") for fw in ("tinytune", "hf")}, rows
+    for mode in ("full unpacked", "lora unpacked"):
+        assert abs(float(rows[(mode, "tinytune")][5]) - float(rows[(mode, "hf")][5])) < 0.05  # bf16 compute
+    # tinytune's mixed precision keeps fp32 trainable weights; HF full fine-tuning in bf16 is pure bf16
+    line = next(ln for ln in out.splitlines() if ln.startswith("trainable weights"))
+    assert "tinytune full float32" in line and "tinytune lora float32" in line and "hf full bfloat16" in line
+
+
+def test_bench_precision_smoke(tmp_path):
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    from _recipe_fixtures import make_tiny_checkpoint
+
+    ckpt = make_tiny_checkpoint(str(tmp_path / "tiny"))
+    over = ["~model._component_", f"checkpoint_dir={ckpt}", "bundled_model=null", "sample_generation.prompts=[]"]
+    out = _run(
+        "bench_precision.py",
+        "--smoke",
+        "--steps",
+        "12",
+        "--batch-size",
+        "2",
+        "--smooth",
+        "4",
+        "--out-dir",
+        str(tmp_path / "out"),
+        *[a for o in over for a in ("--override", o)],
+    )
+    rows = {r[0]: r for r in _table(out)}
+    assert set(rows) == {"fp32", "bf16", "mixed"}, out
+    assert all(r[1] == "12" for r in rows.values())
+    assert rows["fp32"][4] == "-" and rows["mixed"][4].endswith("%")
+    import json
+
+    data = json.load(open(tmp_path / "out" / "precision_curves.json"))
+    assert len(data["runs"]["mixed"]["loss"]) == 12 and len(data["runs"]["mixed"]["cpu_steps"]) == 12
+    assert os.path.isfile(tmp_path / "out" / "precision_curves.png") or "plot skipped" in out

@@ -184,6 +184,45 @@ class DeviceSettings(Settings):
     seed: int | None = setting(0, "seed of every RNG (null: a random seed, printed)")
 
 
+BF16_NAMES = ("bf16", "bfloat16")
+
+
+@dataclass(frozen=True)
+class SFTDeviceSettings(DeviceSettings):
+    """The device keys of the single-device SFT recipes: also ``mixed_precision``."""
+
+    mixed_precision: bool = setting(
+        False, "with dtype bf16: bf16 compute (autocast), fp32 trainable weights and optimizer state"
+    )
+
+    def __post_init__(self) -> None:
+        if self.mixed_precision is True and self.dtype not in BF16_NAMES:
+            raise ValueError(
+                f"mixed_precision: true needs dtype: bf16 (got dtype: {self.dtype}); fp32 is already full "
+                "precision, and fp16 training is always mixed (fp32 weights, fp16 autocast, loss scaling)"
+            )
+
+
+@dataclass(frozen=True)
+class DistDeviceSettings(DeviceSettings):
+    """The device keys of the FSDP2 recipes: ``mixed_precision`` only states what ``dtype: bf16`` does there."""
+
+    mixed_precision: bool | None = setting(
+        None,
+        "FSDP2 keeps fp32 sharded weights and optimizer state; dtype bf16 computes in bf16 (MixedPrecisionPolicy), "
+        "so true = bf16 and false with bf16 is refused (null: follow dtype)",
+    )
+
+    def __post_init__(self) -> None:
+        if self.mixed_precision is True and self.dtype not in BF16_NAMES:
+            raise ValueError(f"mixed_precision: true needs dtype: bf16 (got dtype: {self.dtype})")
+        if self.mixed_precision is False and self.dtype in BF16_NAMES:
+            raise ValueError(
+                "mixed_precision: false with dtype: bf16: the distributed recipes have no pure-bf16 mode (FSDP2 "
+                "keeps fp32 shards and computes in bf16, which is mixed precision); drop mixed_precision or use fp32"
+            )
+
+
 @dataclass(frozen=True)
 class TokenizerSettings(Settings):
     path: str | None = setting(None, "tokenizer file or directory (default: checkpoint_dir)")
@@ -459,6 +498,7 @@ class SFTMethodSettings(TrainSettings):
 class SFTSettings(SFTMethodSettings):
     """Keys of the single-device SFT recipes (full_finetune, lora_finetune)."""
 
+    hardware: SFTDeviceSettings = group(SFTDeviceSettings)
     data: SFTDataSettings = group(SFTDataSettings)
     sample_generation: SampleGenerationSettings = section(SampleGenerationSettings)
 
@@ -571,6 +611,7 @@ def distributed_methods_problem(
 @dataclass(frozen=True)
 class FullFinetuneDistributedSettings(SFTMethodSettings):
     NAME = "full_finetune_distributed"
+    hardware: DistDeviceSettings = group(DistDeviceSettings)
     parallelism: ParallelismSettings = section(ParallelismSettings)
     fsdp: FSDPSettings = section(FSDPSettings)
     num_workers: int = setting(0, "DataLoader worker processes per rank", ge=0)
@@ -587,6 +628,7 @@ class FullFinetuneDistributedSettings(SFTMethodSettings):
 class LoRAFinetuneDistributedSettings(SFTMethodSettings):
     NAME = "lora_finetune_distributed"
     model: Any = component("LoRA keys only (applied to config.json's architecture)", plain=LoRASettings)
+    hardware: DistDeviceSettings = group(DistDeviceSettings)
     parallelism: ParallelismSettings = section(ParallelismSettings)
     fsdp: FSDPSettings = section(FSDPSettings)
     num_workers: int = setting(0, "DataLoader worker processes per rank", ge=0)

@@ -30,3 +30,14 @@ def triton_usable(*tensors: torch.Tensor) -> bool:
     if all(t.is_cuda for t in tensors):
         return True
     return interpreting() and all(t.device.type == "cpu" for t in tensors)
+
+
+def autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype ``torch.autocast`` computes matmuls in on ``device_type`` right now (None: autocast off).
+
+    The fused autograd Functions cast their floating inputs to it and run with autocast off, so a
+    Function sees one dtype (autocast would cast some of its matmuls and not its in-place ones).
+    """
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None

@@ -268,7 +268,7 @@ def lora_linear(
 
     Returns:
         ``[..., out]``. Saves ``x``, ``x_dropped`` and the ``[N, rank]`` product for backward.
-        Under autocast (fp16 training) every input is cast to the autocast dtype first, as
+        Under autocast (fp16 training, bf16 mixed precision) every input is cast to the autocast dtype first, as
         ``F.linear`` would be, and the Function runs with autocast off (its in-place GEMMs are not
         autocast ops and would meet mixed dtypes); gradients reach fp32 parameters through the casts.
     """

@@ -36,7 +36,7 @@ from typing import Callable
 
 import torch
 
-from tinytune.kernels._runtime import triton_usable
+from tinytune.kernels._runtime import autocast_dtype, triton_usable
 
 _DEFAULT_CHUNK_BYTES = 256 * 1024 * 1024
 _CUDA_CHUNK_BYTES = 1024 * 1024 * 1024
@@ -245,12 +245,28 @@ def linear_cross_entropy(
         chunk_size: tokens per chunk; default from a memory budget (:func:`default_chunk_size`).
 
     Returns:
-        fp32 scalar loss.
+        fp32 scalar loss. Under ``torch.autocast`` ``hidden`` and ``weight`` are cast to the
+        autocast dtype first (the matmuls in it, the softmax and loss in fp32).
 
     Example:
         >>> hidden = model(tokens, return_hidden=True)            # [b, s, d]
         >>> loss = linear_cross_entropy(hidden, model.output_weight, labels, reduction="mean")
     """
+    amp = autocast_dtype(hidden.device.type)
+    if amp is not None:
+        # Mixed precision: the GEMMs in the autocast dtype (as autocast does for a matmul), the
+        # softmax/CE and the weight-gradient accumulation in fp32 as for bf16 inputs; the casts are
+        # autograd ops, so an fp32 weight gets an fp32 gradient.
+        with torch.autocast(hidden.device.type, enabled=False):
+            return linear_cross_entropy(
+                hidden.to(amp),
+                weight.to(amp),
+                labels,
+                ignore_index=ignore_index,
+                reduction=reduction,
+                num_tokens=num_tokens,
+                chunk_size=chunk_size,
+            )
     if hidden.dim() == 3:
         if labels.dim() != 2 or labels.shape != hidden.shape[:2]:
             raise ValueError(

@@ -45,6 +45,7 @@ from tinytune.training.neftune import activate_neftune
 from tinytune.training.optim import build_optimizer, param_groups
 from tinytune.training.padding_free import drop_unlabeled_tail
 from tinytune.training.plotting import plot_loss
+from tinytune.training.precision import Precision
 from tinytune.training.preference_losses import PreferenceLoss
 from tinytune.training.progress import TrainProgress
 from tinytune.training.prompting import SampleGenerations
@@ -79,6 +80,7 @@ __all__ = [
     "BatchStream",
     "EarlyStopping",
     "LogWindow",
+    "Precision",
     "NonFiniteGuard",
     "PreferenceLoss",
     "SampleGenerations",
