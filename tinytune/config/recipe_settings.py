@@ -450,6 +450,12 @@ class SFTSettings(TrainSettings):
     )
     early_stopping: EarlyStoppingSettings = section(EarlyStoppingSettings)
     save_best: bool = setting(False, "export the weights of the best validation step (needs validation data)")
+    activation_offloading: bool | str = setting(
+        False,
+        "move tensors saved for backward out of compute memory: true (CUDA: pinned host memory, side stream), "
+        "disk (unlinked temporary files in output_dir; CPU), false",
+        choices=(False, True, "disk"),
+    )
 
 
 # ---- one class per recipe -----------------------------------------------------------------------------
