@@ -44,6 +44,8 @@ be the exact tool but needs a writable cgroup hierarchy, and it also charges pag
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
+import gc
 import json
 import math
 import os
@@ -159,6 +161,19 @@ def _proc_status_kib(pid: int | str, key: str) -> int | None:
     return None
 
 
+def _torchtune_training_module(name: str):
+    """``torchtune/training/<name>.py`` imported on its own (without ``torchtune.training``'s ``__init__``)."""
+    import importlib.util
+
+    import torchtune  # the peer's environment only
+
+    path = os.path.join(os.path.dirname(torchtune.__file__), "training", f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"_torchtune_training_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def maxseq_worker(spec: dict) -> None:
     """One training step at ``spec["seq"]`` tokens with the side's memory settings; reports VmHWM."""
     import torch  # the worker's library process only (the parent stays light)
@@ -182,13 +197,15 @@ def maxseq_worker(spec: dict) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     else:
         from torchtune.modules import TransformerSelfAttentionLayer
-        from torchtune.training import set_activation_checkpointing
 
-        set_activation_checkpointing(model, auto_wrap_policy={TransformerSelfAttentionLayer})
+        # torchtune.training's __init__ does not import against this torchao (quantization.py needs
+        # names torchao removed); its memory and offloading modules do: load those two files alone.
+        memory = _torchtune_training_module("memory")
+        memory.set_activation_checkpointing(model, auto_wrap_policy={TransformerSelfAttentionLayer})
         try:
-            from torchtune.training import get_act_offloading_ctx_manager
-
-            offload_ctx = get_act_offloading_ctx_manager(model, True)
+            offload_ctx = _torchtune_training_module("_activation_offloading").get_act_offloading_ctx_manager(
+                model, True
+            )
         except Exception as e:  # noqa: BLE001 - report why the peer's offloading does not run here
             offload_ctx = None
             notes.append(f"torchtune activation offloading unavailable: {type(e).__name__}: {e}".splitlines()[0])
@@ -207,7 +224,14 @@ def maxseq_worker(spec: dict) -> None:
     labels[:, -1] = IGNORE_INDEX
     batch = Batch(tokens=tokens, labels=labels, input_pos=None, seq_lens=[[seq]], packed=False)
     step = make_step(batch)
+    gc.collect()
+    load_hwm = _proc_status_kib("self", "VmHWM") / 1024  # the peak of imports + model loading
     rss_before = _proc_status_kib("self", "VmRSS") / 1024
+    try:  # restart the high-water mark from the current RSS, so VmHWM below is the step's own peak
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass  # then VmHWM also covers loading (the cap applies to both either way)
     t0 = time.perf_counter()
     loss = float(step())
     emit_result(
@@ -215,14 +239,24 @@ def maxseq_worker(spec: dict) -> None:
             "seq": seq,
             "loss": loss,
             "time_s": time.perf_counter() - t0,
+            "load_hwm_mib": load_hwm,
             "rss_before_mib": rss_before,
-            "hwm_mib": _proc_status_kib("self", "VmHWM") / 1024,
+            "hwm_mib": max(load_hwm, _proc_status_kib("self", "VmHWM") / 1024),
+            "step_hwm_mib": _proc_status_kib("self", "VmHWM") / 1024,
             "notes": notes,
         }
     )
 
 
-def run_capped(python: str, script: str, spec: dict, cap_mib: float, timeout: float, poll_s: float = 0.05) -> dict:
+def run_capped(
+    python: str,
+    script: str,
+    spec: dict,
+    cap_mib: float,
+    timeout: float,
+    poll_s: float = 0.05,
+    extra_env: dict | None = None,
+) -> dict:
     """Runs a ``--worker`` in a fresh process, killed when its RSS high-water mark passes ``cap_mib``.
 
     Returns:
@@ -230,11 +264,12 @@ def run_capped(python: str, script: str, spec: dict, cap_mib: float, timeout: fl
         "error", "hwm_mib": ..., "error": ...}``.
     """
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_NO_ADVISORY_WARNINGS="1", TOKENIZERS_PARALLELISM="false")
+    env.update(extra_env or {})
     with tempfile.TemporaryFile(mode="w+") as out, tempfile.TemporaryFile(mode="w+") as err:
         proc = subprocess.Popen([python, script, "--worker", json.dumps(spec)], stdout=out, stderr=err, env=env)
         t0, hwm, status = time.monotonic(), 0.0, None
         while proc.poll() is None:
-            kib = _proc_status_kib(proc.pid, "VmHWM")
+            kib = _proc_status_kib(proc.pid, "VmHWM")  # the worker may restart it once (never upward)
             hwm = max(hwm, (kib or 0) / 1024)
             if hwm > cap_mib:
                 status = "over_cap"
@@ -298,6 +333,15 @@ def search_max_seq(trial, start: int, step: int, limit: int, log=print) -> tuple
     return lo, trials
 
 
+def _per_side(value: str, sides: list[str]) -> dict[str, int]:
+    """``"4096"`` (every side) or ``"tinytune=8192,hf=2048"`` (others: the first value given)."""
+    if "=" not in value:
+        return dict.fromkeys(sides, int(value))
+    given = {k.strip(): int(v) for k, v in (item.split("=") for item in value.split(","))}
+    default = next(iter(given.values()))
+    return {side: given.get(side, default) for side in sides}
+
+
 def max_seq_main(args, notes: list[str]) -> int:
     """``--max-seq``: binary search per side, then the table."""
     weights, weights_desc = bt.prepare_weights(argparse.Namespace(weights=args.weights, smoke=args.smoke))
@@ -334,37 +378,51 @@ def max_seq_main(args, notes: list[str]) -> int:
     if args.smoke:
         base["min_bytes"] = 1024
     cap = args.cap_mib
+    env = {}
+    if args.malloc_mmap_threshold:  # every side alike: glibc returns blocks above this to the OS on free
+        env["MALLOC_MMAP_THRESHOLD_"] = str(args.malloc_mmap_threshold)
+    if args.ce_chunk_mib:  # tinytune's fused CE chunk budget (the other sides do not read it)
+        env["TINYTUNE_CE_CHUNK_BYTES"] = str(int(args.ce_chunk_mib * 2**20))
     print(f"# bench_memory --max-seq: {machine_line()}")
     print(f"# weights: {weights_desc}; LoRA r=16 on all projections, bs 1, fp32 on cpu; one step per trial")
     print(
         f"# cap {cap:.0f} MiB of RSS (VmHWM watchdog), grid {args.step} tokens, limit {args.limit}, "
-        f"{args.trial_timeout:.0f} s per trial",
+        f"{args.trial_timeout:.0f} s per trial, {args.jobs} side(s) at once, env {env or 'default'}",
         flush=True,
     )
-    rows, best = [], {}
-    for side in sides:
-        print(f"{side}:", flush=True)
+    starts = _per_side(args.start, sides)
+
+    def search(side: str) -> tuple[int, dict]:
         spec = dict(base, side=side, framework=side)
 
-        def trial(seq, spec=spec, side=side):
-            return run_capped(pythons[side], script, dict(spec, seq=seq), cap, args.trial_timeout)
+        def trial(seq: int) -> dict:
+            return run_capped(pythons[side], script, dict(spec, seq=seq), cap, args.trial_timeout, extra_env=env)
 
-        n, trials = search_max_seq(trial, args.start, args.step, args.limit)
+        return search_max_seq(
+            trial, starts[side], args.step, args.limit, log=lambda msg: print(f"{side}: {msg.strip()}", flush=True)
+        )
+
+    with concurrent.futures.ThreadPoolExecutor(max(1, args.jobs)) as pool:  # each trial is its own process
+        found = dict(zip(sides, pool.map(search, sides)))
+    rows, best = [], {}
+    for side, (n, trials) in found.items():
         best[side] = n
         passed = [r for r in trials.values() if r["status"] == "ok"]
-        for r in trials.values():
+        for seq, r in sorted(trials.items()):
             for note in r.get("notes", []):
                 if note not in notes:
                     notes.append(note)
-            if r["status"] == "error" and r["error"] not in notes:
-                notes.append(f"{side} seq {r.get('seq', '?')}: {r['error']}")
+            if r["status"] in ("error", "timeout"):
+                notes.append(f"{side} seq {seq}: {r['status']} {r.get('error', '')}".strip())
         top = max(passed, key=lambda r: r["seq"]) if passed else {}
+        at_limit = n > 0 and n + args.step > args.limit  # passed at the longest length tried
         rows.append(
             [
                 side,
-                str(n),
+                f">= {n} (limit)" if at_limit else str(n),
                 fmt(top.get("loss"), ".4f"),
-                fmt(top.get("hwm_mib"), ".0f"),
+                fmt(top.get("step_hwm_mib"), ".0f"),
+                fmt(top.get("load_hwm_mib"), ".0f"),
                 fmt(top.get("rss_before_mib"), ".0f"),
                 fmt(top.get("time_s"), ".0f"),
                 str(len(trials)),
@@ -374,9 +432,21 @@ def max_seq_main(args, notes: list[str]) -> int:
     ratio = "-"
     if "tinytune" in best and peers and max(peers) > 0:
         ratio = f"{best['tinytune'] / max(peers):.2f}x"
+        if best["tinytune"] + args.step > args.limit:
+            ratio = f">= {ratio} (tinytune reached --limit)"
     print()
     print_table(
-        ["library", "max seq", "loss at max", "VmHWM at max MiB", "RSS before step MiB", "step s", "trials"], rows
+        [
+            "library",
+            "max seq",
+            "loss",
+            "step peak RSS MiB",
+            "load peak RSS MiB",
+            "RSS before step MiB",
+            "step s",
+            "trials",
+        ],
+        rows,
     )
     print(f"\ncap {cap:.0f} MiB; tinytune / best peer: {ratio}")
     for n in notes:
@@ -399,10 +469,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-seq", action="store_true", help="longest trainable sequence under --cap-mib (see above)")
     p.add_argument("--cap-mib", type=float, default=3072, help="--max-seq: RSS cap in MiB")
     p.add_argument("--step", type=int, default=1024, help="--max-seq: search grid in tokens")
-    p.add_argument("--start", type=int, default=4096, help="--max-seq: first length tried")
+    p.add_argument("--start", default="4096", help="--max-seq: first length tried: N, or SIDE=N,... per side")
+    p.add_argument("--jobs", type=int, default=1, help="--max-seq: sides searched at once (memory is per process)")
     p.add_argument("--limit", type=int, default=131072, help="--max-seq: longest length tried")
     p.add_argument("--trial-timeout", type=float, default=900, help="--max-seq: seconds per trial (then: failed)")
     p.add_argument("--threads", type=int, default=0, help="--max-seq: torch threads per trial (0: default)")
+    p.add_argument(
+        "--malloc-mmap-threshold",
+        type=int,
+        default=0,
+        help="--max-seq: MALLOC_MMAP_THRESHOLD_ for every side's worker (0: glibc's dynamic default)",
+    )
+    p.add_argument(
+        "--ce-chunk-mib", type=float, default=0, help="--max-seq: TINYTUNE_CE_CHUNK_BYTES in MiB (0: the default)"
+    )
     p.add_argument("--weights", default="bundled", help="--max-seq: bundled | random | PATH to an HF checkpoint dir")
     args = p.parse_args(argv)
     if args.worker:

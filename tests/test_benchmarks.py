@@ -239,6 +239,20 @@ def test_run_capped_kills_a_child_over_the_cap(tmp_path):
 
 
 def test_bench_memory_max_seq_smoke():
+    """One trial (tiny model, tinytune only): the worker, the watchdog and the table end to end."""
+    out = _run(
+        "bench_memory.py",
+        *("--max-seq", "--smoke", "--methods", "tinytune", "--cap-mib", "8192"),
+        *("--start", "128", "--step", "128", "--limit", "128"),
+    )
+    rows = {r[0]: r for r in _table(out)}
+    assert set(rows) == {"tinytune"} and rows["tinytune"][1] == ">= 128 (limit)", out
+    assert 0 < float(rows["tinytune"][3]) <= 8192, out  # VmHWM under the cap
+    assert "tinytune / best peer: -" in out
+
+
+@pytest.mark.slow
+def test_bench_memory_max_seq_smoke_vs_hf():
     pytest.importorskip("transformers")
     pytest.importorskip("peft")
     out = _run(
@@ -248,6 +262,6 @@ def test_bench_memory_max_seq_smoke():
     )
     rows = {r[0]: r for r in _table(out)}
     assert set(rows) == {"tinytune", "hf"}, out
-    assert rows["tinytune"][1] == rows["hf"][1] == "256", out  # both reach the limit under a generous cap
+    assert rows["tinytune"][1] == rows["hf"][1] == ">= 256 (limit)", out  # both reach the limit under a generous cap
     assert abs(float(rows["tinytune"][2]) - float(rows["hf"][2])) < 1e-3, out  # same loss at that length
-    assert "tinytune / best peer: 1.00x" in out
+    assert "tinytune / best peer: >= 1.00x" in out
