@@ -235,3 +235,77 @@ def test_pinned_offloading_cuda_streams(ac):
         torch.testing.assert_close(got[n], want[n], atol=1e-5, rtol=1e-4, msg=n)
     assert stats.total > 0 and stats.live == 0 and stats.restored >= stats.total
     assert held < stats.total  # the graph kept less on the GPU than was moved off it
+
+
+# ---- the recipes ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def recipe_assets(tmp_path_factory):
+    from _recipe_fixtures import make_tiny_checkpoint, write_chat_jsonl
+
+    root = tmp_path_factory.mktemp("offload_recipes")
+    return {"ckpt": make_tiny_checkpoint(str(root / "tiny_model")), "chat": write_chat_jsonl(str(root / "chat.jsonl"))}
+
+
+def _recipe(recipe_assets, tmp_path, recipe, name, rc=(0, None), **over):
+    import json
+
+    import yaml
+
+    from tinytune.cli.main import main as tune_main
+
+    out = tmp_path / name
+    cfg = {
+        "output_dir": str(out),
+        "checkpoint_dir": recipe_assets["ckpt"],
+        "device": "cpu",
+        "dtype": "fp32",
+        "seed": 0,
+        "template": "chatml",
+        "dataset": {
+            "_component_": "tinytune.datasets.chat_dataset",
+            "source": recipe_assets["chat"],
+            "template": "chatml",
+            "max_seq_len": 64,
+        },
+        "batch_size": 4,
+        "shuffle": False,
+        "max_steps": 2,
+        "optimizer": {"name": "adamw", "lr": 1e-3},
+        "lr_scheduler": {"name": "constant"},
+        "metric_loggers": ["jsonl"],
+        "activation_checkpointing": True,
+        **over,
+    }
+    if recipe == "lora_finetune":
+        cfg["model"] = {"lora_attn_modules": ["q_proj", "v_proj"], "lora_rank": 4, "lora_alpha": 8.0}
+        cfg["save_merged"] = False
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(f"# recipe: {recipe}\n" + yaml.safe_dump(cfg))
+    assert tune_main(["run", recipe, "--config", str(path)]) in rc
+    if rc == (2,):
+        return None
+    with open(out / "metrics.jsonl") as f:
+        return [json.loads(line)["loss"] for line in f if '"loss"' in line]
+
+
+@pytest.mark.parametrize("recipe", ["lora_finetune", "full_finetune"])
+def test_recipes_offload_to_disk_same_losses(recipe_assets, tmp_path, monkeypatch, recipe):
+    from tinytune.training import activation_offloading as ao
+
+    stored = []
+    original = ao.ActivationOffloader._store
+    monkeypatch.setattr(ao, "DEFAULT_MIN_BYTES", 0)  # the tiny model's tensors are all below 1 MiB
+    monkeypatch.setattr(ao.ActivationOffloader, "_store", lambda self, flat: stored.append(1) or original(self, flat))
+    want = _recipe(recipe_assets, tmp_path, recipe, "plain")
+    assert not stored
+    got = _recipe(recipe_assets, tmp_path, recipe, "disk", activation_offloading="disk")
+    assert stored  # the recipe's forward offloaded the checkpoint inputs
+    assert got == want and len(want) == 2
+
+
+def test_recipe_refuses_pinned_offloading_on_cpu(recipe_assets, tmp_path, capsys):
+    _recipe(recipe_assets, tmp_path, "lora_finetune", "pinned", rc=(2,), activation_offloading=True)
+    err = capsys.readouterr().err
+    assert "config error: activation_offloading: true" in err and "use activation_offloading: disk" in err

@@ -452,8 +452,8 @@ class SFTSettings(TrainSettings):
     save_best: bool = setting(False, "export the weights of the best validation step (needs validation data)")
     activation_offloading: bool | str = setting(
         False,
-        "move tensors saved for backward out of compute memory: true (CUDA: pinned host memory, side stream), "
-        "disk (unlinked temporary files in output_dir; CPU), false",
+        "move tensors saved for backward out of compute memory: true = pinned host memory via a CUDA side "
+        "stream; disk = unlinked temporary files in output_dir (CPU)",
         choices=(False, True, "disk"),
     )
 

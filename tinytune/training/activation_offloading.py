@@ -339,7 +339,7 @@ def apply_activation_offloading(
     setting: bool | str,
     device: torch.device,
     offload_dir: str | None = None,
-    min_bytes: int = DEFAULT_MIN_BYTES,
+    min_bytes: int | None = None,
 ) -> str | None:
     """Offloads the tensors ``model``'s forward saves for backward (training forwards with grad only).
 
@@ -354,7 +354,7 @@ def apply_activation_offloading(
             CUDA only) or ``"disk"``.
         device: the training device.
         offload_dir: directory for ``disk`` (created if missing; default: the system temp dir).
-        min_bytes: tensors smaller than this stay in place.
+        min_bytes: tensors smaller than this stay in place (default: ``DEFAULT_MIN_BYTES``, 1 MiB).
 
     Returns:
         The mode in use (``"pinned"``, ``"disk"``) or None.
@@ -371,5 +371,5 @@ def apply_activation_offloading(
         # The instance's current forward (a checkpointing wrapper, or the class's) runs inside.
         model._tinytune_offload_inner = model.forward
         model.forward = types.MethodType(_offloaded_forward, model)
-    model._tinytune_offload = (mode, offload_dir, int(min_bytes))
+    model._tinytune_offload = (mode, offload_dir, DEFAULT_MIN_BYTES if min_bytes is None else int(min_bytes))
     return mode
