@@ -33,9 +33,12 @@ then bisects on a grid of ``--step`` tokens. Sides, each with its best memory se
   offloading (``OffloadActivations``) is tried and reported when it cannot run (it needs CUDA).
 
 Why an RSS watchdog and not ``RLIMIT_AS`` or a cgroup: ``RLIMIT_AS`` caps virtual memory, which
-counts mmap'd weight files, thread stacks and allocator reservations that are never resident
-(``--probe-vm`` prints VmSize next to VmRSS after imports to show the gap); a memory cgroup would
-be the exact tool but needs a writable cgroup hierarchy, and it also charges page cache.
+counts mmap'd files, thread stacks and glibc's per-thread arena reservations that are never
+resident (the tinytune worker: VmSize 1515 MiB vs VmRSS 919 MiB after loading the model), and the
+gap differs between libraries; a memory cgroup would be the exact tool but needs a writable cgroup
+hierarchy (read-only here), and it also charges page cache. The worker restarts ``VmHWM`` after
+loading (``/proc/self/clear_refs``) so the step's own peak is reported next to the loading peak;
+the cap applies to both.
 
     python benchmarks/bench_memory.py --max-seq --cap-mib 3072 --step 1024
     python benchmarks/bench_memory.py --max-seq --smoke   # tiny model, tiny cap (used by the tests)
