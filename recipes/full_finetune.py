@@ -31,6 +31,7 @@ from tinytune.training import (
     activate_neftune,
     apply_activation_checkpointing,
     apply_activation_offloading,
+    autocast_fp16,
     build_metric_loggers,
     build_optimizer_and_scheduler,
     config_fingerprint,
@@ -39,6 +40,7 @@ from tinytune.training import (
     drop_unlabeled_tail,
     evaluate_loss,
     export_gguf,
+    fp16_loss_scaler,
     load_model_and_tokenizer,
     log_train_row,
     open_checkpointer,
@@ -49,6 +51,7 @@ from tinytune.training import (
     reset_peak_memory,
     resume_training_state,
     save_training_state,
+    scaled,
     setup_device,
     sft_loss,
     to_device,
@@ -66,7 +69,8 @@ def recipe_main(cfg: DictConfig) -> dict:
     # ---- 1. settings (every key checked here), device, precision, seed, output directory -------
     s = FullFinetuneSettings.from_config(cfg)
     loop = s.loop  # log / checkpoint cadence, stop_after, clip, padding-free
-    device, dtype, seed = setup_device(s.hardware)
+    device, dtype, seed = setup_device(s.hardware, loss_scaling=True)
+    scaler = fp16_loss_scaler(s.hardware.dtype, device)  # dtype: fp16 (CUDA): fp32 weights, fp16 autocast, GradScaler
     out_dir = prepare_output_dir(s.output_dir, cfg)
 
     # ---- 2. model and tokenizer ---------------------------------------------------------------
@@ -94,6 +98,11 @@ def recipe_main(cfg: DictConfig) -> dict:
     # ---- 4. optimizer, LR schedule, checkpointer (resume) ----------------------------------
     optimizer, lr_scheduler = build_optimizer_and_scheduler(s.optim, model.named_parameters(), total_steps)
     ckpt = open_checkpointer(loop.keep_last_checkpoints, out_dir)
+    stopper = EarlyStopping(s.early_stopping.patience, s.early_stopping.min_delta, s.save_best)
+    if stopper.active and val_loader is None:
+        raise ConfigError("early_stopping / save_best: need validation data (validation.dataset or split_ratio)")
+    # saved with every checkpoint and restored on resume: early stopping's best step and patience count, the fp16 scale
+    states = {"early_stopping": stopper, **({"loss_scaler": scaler} if scaler is not None else {})}
     fingerprint = config_fingerprint(cfg, model, data.train_ds, info)  # checked on resume
     step = resume_training_state(
         ckpt,
@@ -106,6 +115,7 @@ def recipe_main(cfg: DictConfig) -> dict:
         accum=accum,
         fingerprint=fingerprint,
         total_steps=total_steps,
+        stateful=states,
     )
 
     # ---- 5. generation before training (optional) ------------------------------------------
@@ -117,10 +127,7 @@ def recipe_main(cfg: DictConfig) -> dict:
     # ---- 6. training loop -------------------------------------------------------------------
     loggers = build_metric_loggers(loop.metric_loggers, out_dir)
     guard = NonFiniteGuard(loop.nan_policy)  # a NaN/Inf loss or grad norm stops the run (or skips the step)
-    stopper = EarlyStopping(s.early_stopping.patience, s.early_stopping.min_delta, s.save_best)
     gen_n, gen_tokens = val_cfg.generation.num_samples, val_cfg.generation.max_new_tokens
-    if stopper.active and val_loader is None:
-        raise ConfigError("early_stopping / save_best: need validation data (validation.dataset or split_ratio)")
     model.train()
     progress = TrainProgress(total_steps, initial_step=step, desc="full_finetune")
     window = LogWindow()  # means since the last log line, and run totals
@@ -136,12 +143,13 @@ def recipe_main(cfg: DictConfig) -> dict:
         for mb in micro_batches:
             if loop.padding_free:  # drop positions no label depends on; rows laid end to end: [1, n]
                 mb = drop_unlabeled_tail(mb)
-            mb_loss = sft_loss(model, to_device(mb, device), window_tokens)
-            mb_loss.backward()
+            with autocast_fp16(scaler):  # fp16 compute under dtype: fp16, else a no-op
+                mb_loss = sft_loss(model, to_device(mb, device), window_tokens)
+            scaled(mb_loss, scaler).backward()  # fp16: times the loss scale (unscaled once per step)
             loss += mb_loss.detach()
         n_tokens = int(num_tokens)
         grad_norm = optimizer_step(
-            model, optimizer, lr_scheduler, loop.clip_grad_norm, guard=guard, loss=loss, step=step + 1
+            model, optimizer, lr_scheduler, loop.clip_grad_norm, guard=guard, loss=loss, step=step + 1, scaler=scaler
         )
         step += 1
         dt = progress.tick()
@@ -167,6 +175,7 @@ def recipe_main(cfg: DictConfig) -> dict:
                 stream=stream,
                 accum=accum,
                 fingerprint=fingerprint,
+                stateful=states,
             )
         if loop.stops_early(step, total_steps):
             progress.close()
@@ -181,6 +190,7 @@ def recipe_main(cfg: DictConfig) -> dict:
         "loss": window.last_loss,
         "output_dir": out_dir,
         "skipped_steps": guard.skipped,
+        **({"fp16_overflow_skipped_steps": scaler.skipped} if scaler is not None else {}),
         **window.totals(),
         "data": data_summary(data.train_ds),
     }

@@ -12,7 +12,8 @@ meta device, tensor-parallelised (``tensor_parallel > 1``), sharded with ``fully
 every global batch, so the run takes the same samples in the same order as ``full_finetune`` with
 the global batch. Losses are divided by the label-token count of the whole global step, so the
 update equals one process running the global batch. Checkpoints are sharded (DCP); at the end the
-full model is gathered on rank 0 and written as HF safetensors (``hf_model/``).
+full model is gathered on rank 0 and written as HF safetensors (``hf_model/``). NEFTune and early
+stopping (``save_best``: each rank keeps its own parameter shards) behave as in ``full_finetune``.
 
 Pipeline parallelism (``parallelism.pipeline_parallel > 1``, :mod:`tinytune.distributed.pipeline`):
 the mesh is ``[pp, dp_replicate, dp_shard, tp]``, each rank builds only its stages of the model, and a
@@ -32,11 +33,18 @@ from torch.distributed.tensor.parallel import loss_parallel
 
 import tinytune.config
 from tinytune.checkpoint import save_hf_checkpoint
+from tinytune.config import ConfigError
 from tinytune.config.recipe_settings import FullFinetuneDistributedSettings
 from tinytune.datasets import data_summary
 from tinytune.device import get_dtype, set_seed
 from tinytune.distributed.dist_evaluation import evaluate_loss_distributed
-from tinytune.distributed.fsdp import clip_grad_norm_, gather_full_state_dict, set_gradient_sync
+from tinytune.distributed.fsdp import (
+    clip_grad_norm_,
+    gather_full_state_dict,
+    load_local_shards,
+    local_shards,
+    set_gradient_sync,
+)
 from tinytune.distributed.mesh import (
     ParallelDims,
     all_reduce_sum,
@@ -55,9 +63,11 @@ from tinytune.distributed.pipeline import (
 )
 from tinytune.distributed.sharded_model import load_hf_model_sharded
 from tinytune.training import (
+    EarlyStopping,
     LogWindow,
     NonFiniteGuard,
     TrainProgress,
+    activate_neftune,
     apply_activation_checkpointing,
     build_metric_loggers,
     build_optimizer_and_scheduler,
@@ -153,6 +163,8 @@ def recipe_main(cfg: DictConfig) -> dict:
                 activation_checkpointing=ac,
                 fsdp=fsdp_policy(s.fsdp, dtype),
             )
+        if s.neftune_noise_alpha is not None:  # NEFTune noise on the input embeddings, training only
+            activate_neftune(model, s.neftune_noise_alpha)
         params = [p for p in model.parameters() if p.requires_grad]
         if rank0:
             print(
@@ -178,6 +190,14 @@ def recipe_main(cfg: DictConfig) -> dict:
         # ---- 4. optimizer, LR schedule, DCP checkpointer (resume) --------------------------------
         # named: optimizer.no_decay groups (biases, norms, embeddings), as in the single-device recipes
         optimizer, lr_scheduler = build_optimizer_and_scheduler(s.optim, model.named_parameters(), total_steps)
+        # early stopping: the validation loss is the same on every rank, so every rank stops at the same
+        # step; save_best keeps each rank's own shards (no communication). Checkpoints hold the tracking
+        # (best loss and step, patience count) but not the kept shards.
+        stopper = EarlyStopping(s.early_stopping.patience, s.early_stopping.min_delta, s.save_best)
+        kept = model if pipe is None else torch.nn.ModuleList(pipe.stages.values())  # PP: this rank's stages
+        if stopper.active and data.val_ds is None:
+            raise ConfigError("early_stopping / save_best: need validation data (validation.dataset or split_ratio)")
+        states = {"early_stopping": stopper.tracking_only()}
         ckpt = open_sharded_checkpointer(loop.keep_last_checkpoints, out_dir)  # (clears crashed writes)
         fingerprint = config_fingerprint(cfg, model, data.train_ds, info)  # checked on resume
         step = resume_sharded_state(
@@ -190,7 +210,9 @@ def recipe_main(cfg: DictConfig) -> dict:
             accum=accum,
             fingerprint=fingerprint,
             total_steps=total_steps,
+            stateful=states,
         )
+        stopper.restore_kept_weights(step, lambda: local_shards(kept))  # save_best: best step = resumed one
 
         # ---- 5. training loop ----------------------------------------------------------------------
         loss_sum = sft_loss_sum_vocab_parallel if par.loss_parallel else sft_loss_sum
@@ -251,6 +273,12 @@ def recipe_main(cfg: DictConfig) -> dict:
                     loss_ctx,
                 )
                 loggers.log_dict(validation_row(val), step)
+                if stopper.update(val["loss"], step, lambda: local_shards(kept)):
+                    if rank0:
+                        print(
+                            f"early stopping at step {step}: no validation improvement in {stopper.patience} evaluations"
+                        )
+                    break
             if loop.checkpoint_due(step):
                 save_sharded_state(
                     ckpt,
@@ -261,6 +289,7 @@ def recipe_main(cfg: DictConfig) -> dict:
                     stream=stream,
                     accum=accum,
                     fingerprint=fingerprint,
+                    stateful=states,
                 )
             if loop.stops_early(step, total_steps):
                 progress.close()
@@ -296,6 +325,11 @@ def recipe_main(cfg: DictConfig) -> dict:
             )
             loggers.log_dict(val, step)
             summary.update(val)
+            if stopper.active and step != stopper.best_step:
+                stopper.update(val["val_loss"], step, lambda: local_shards(kept))
+        if stopper.active:
+            summary.update(stopper.summary(), stopped_early=step < total_steps)
+            stopper.restore_best(kept, load_local_shards)  # save_best: hf_model/ holds the best step's weights
         loggers.close()
         if s.save_hf:
             full = gather_full_state_dict(model) if pipe is None else pipe.gather_full_state_dict()  # collective

@@ -10,7 +10,9 @@ and ``plot_loss``; ``batch_size`` is per data-parallel rank. Adapters go on the 
 LoRA settings name; only they train, the frozen base is sharded by FSDP too. Data order, loss
 normalisation and checkpoints are as in ``full_finetune_distributed``. At the end rank 0 writes
 the PEFT adapter (``adapter/``) and the merged model as HF safetensors (``hf_model/``).
-QLoRA (``model.quantize_base``) is single-device only.
+QLoRA (``model.quantize_base``) is single-device only. LoRA+, DoRA, PiSSA (initialised on each
+layer's gathered base weight), NEFTune and early stopping (``save_best``: each rank keeps its own
+adapter shards) behave as in ``lora_finetune``.
 
 Pipeline parallelism (``parallelism.pipeline_parallel > 1``, :mod:`tinytune.distributed.pipeline`):
 the mesh is ``[pp, dp_replicate, dp_shard, tp]``, each rank builds only its stages of the model, and a
@@ -35,7 +37,13 @@ from tinytune.config.recipe_settings import LoRAFinetuneDistributedSettings, LoR
 from tinytune.datasets import data_summary
 from tinytune.device import get_dtype, set_seed
 from tinytune.distributed.dist_evaluation import evaluate_loss_distributed
-from tinytune.distributed.fsdp import clip_grad_norm_, gather_full_state_dict, set_gradient_sync
+from tinytune.distributed.fsdp import (
+    clip_grad_norm_,
+    gather_full_state_dict,
+    load_local_shards,
+    local_shards,
+    set_gradient_sync,
+)
 from tinytune.distributed.mesh import (
     ParallelDims,
     all_reduce_sum,
@@ -52,13 +60,15 @@ from tinytune.distributed.pipeline import (
     check_pipeline_layout,
     world_size_from_env,
 )
-from tinytune.distributed.sharded_model import load_hf_model_sharded
+from tinytune.distributed.sharded_model import load_hf_model_sharded, pissa_initial_factors
 from tinytune.models.lora_builders import lora_factory
 from tinytune.modules.peft import set_trainable_params
 from tinytune.training import (
+    EarlyStopping,
     LogWindow,
     NonFiniteGuard,
     TrainProgress,
+    activate_neftune,
     apply_activation_checkpointing,
     build_metric_loggers,
     build_optimizer_and_scheduler,
@@ -105,11 +115,6 @@ def recipe_main(cfg: DictConfig) -> dict:
         raise ConfigError(
             "model.quantize_base: QLoRA (NF4 base) is not supported by the distributed recipe; "
             "use lora_finetune for QLoRA, or LoRA with quantize_base: false here."
-        )
-    if lora.use_dora or lora.lora_init == "pissa":  # both need each layer's full base weight at init
-        raise ConfigError(
-            "model.use_dora / model.lora_init=pissa: not supported by the distributed recipe (sharded "
-            "loading never holds a full base weight); use lora_finetune for them."
         )
     if par.loss_parallel and lora.apply_lora_to_output:
         raise ConfigError("parallelism.loss_parallel cannot be combined with model.apply_lora_to_output.")
@@ -177,6 +182,8 @@ def recipe_main(cfg: DictConfig) -> dict:
                 activation_checkpointing=ac,
                 fsdp=fsdp_policy(s.fsdp, dtype),
             )
+        if s.neftune_noise_alpha is not None:  # NEFTune noise on the input embeddings, training only
+            activate_neftune(model, s.neftune_noise_alpha)
         params = [p for p in model.parameters() if p.requires_grad]
         stray = [n for n, p in model.named_parameters() if p.requires_grad and ".lora_" not in n]
         if stray:
@@ -204,8 +211,18 @@ def recipe_main(cfg: DictConfig) -> dict:
             )
 
         # ---- 4. optimizer, LR schedule, DCP checkpointer (resume) --------------------------------
-        # named: optimizer.no_decay groups (biases, norms, embeddings), as in the single-device recipes
-        optimizer, lr_scheduler = build_optimizer_and_scheduler(s.optim, model.named_parameters(), total_steps)
+        # named: optimizer.no_decay groups; loraplus_lr_ratio (LoRA+): the B matrices (their shards) at lr x ratio
+        optimizer, lr_scheduler = build_optimizer_and_scheduler(
+            s.optim, model.named_parameters(), total_steps, s.loraplus_lr_ratio
+        )
+        # early stopping: the validation loss is the same on every rank, so every rank stops at the same
+        # step; save_best keeps each rank's own shards (no communication). Checkpoints hold the tracking
+        # (best loss and step, patience count) but not the kept shards.
+        stopper = EarlyStopping(s.early_stopping.patience, s.early_stopping.min_delta, s.save_best)
+        kept = model if pipe is None else torch.nn.ModuleList(pipe.stages.values())  # PP: this rank's stages
+        if stopper.active and data.val_ds is None:
+            raise ConfigError("early_stopping / save_best: need validation data (validation.dataset or split_ratio)")
+        states = {"early_stopping": stopper.tracking_only()}
         ckpt = open_sharded_checkpointer(loop.keep_last_checkpoints, out_dir)  # (clears crashed writes)
         fingerprint = config_fingerprint(cfg, model, data.train_ds, info)  # checked on resume
         step = resume_sharded_state(
@@ -218,7 +235,11 @@ def recipe_main(cfg: DictConfig) -> dict:
             accum=accum,
             fingerprint=fingerprint,
             total_steps=total_steps,
+            stateful=states,
         )
+        stopper.restore_kept_weights(
+            step, lambda: local_shards(kept, trainable_only=True)
+        )  # save_best: best step = resumed one
 
         # ---- 5. training loop ----------------------------------------------------------------------
         loss_sum = sft_loss_sum_vocab_parallel if par.loss_parallel else sft_loss_sum
@@ -279,6 +300,12 @@ def recipe_main(cfg: DictConfig) -> dict:
                     loss_ctx,
                 )
                 loggers.log_dict(validation_row(val), step)
+                if stopper.update(val["loss"], step, lambda: local_shards(kept, trainable_only=True)):
+                    if rank0:
+                        print(
+                            f"early stopping at step {step}: no validation improvement in {stopper.patience} evaluations"
+                        )
+                    break
             if loop.checkpoint_due(step):
                 save_sharded_state(
                     ckpt,
@@ -289,6 +316,7 @@ def recipe_main(cfg: DictConfig) -> dict:
                     stream=stream,
                     accum=accum,
                     fingerprint=fingerprint,
+                    stateful=states,
                 )
             if loop.stops_early(step, total_steps):
                 progress.close()
@@ -324,11 +352,17 @@ def recipe_main(cfg: DictConfig) -> dict:
             )
             loggers.log_dict(val, step)
             summary.update(val)
+            if stopper.active and step != stopper.best_step:
+                stopper.update(val["val_loss"], step, lambda: local_shards(kept, trainable_only=True))
+        if stopper.active:
+            summary.update(stopper.summary(), stopped_early=step < total_steps)
+            stopper.restore_best(kept, load_local_shards)  # save_best: the exports hold the best step's adapters
         loggers.close()
         if s.save_adapter or s.save_merged:
             full = gather_full_state_dict(model) if pipe is None else pipe.gather_full_state_dict()  # collective
             if rank0 and s.save_adapter:
-                adapter = {k: v for k, v in full.items() if ".lora_" in k}
+                # PiSSA: the initial factors too (the export is peft's PiSSA -> LoRA conversion)
+                adapter = {k: v for k, v in full.items() if ".lora_" in k} | pissa_initial_factors(model)
                 summary["adapter_dir"] = save_peft_adapter(
                     adapter, info, os.path.join(out_dir, "adapter"), lora, base_model_name_or_path=checkpoint_dir
                 )

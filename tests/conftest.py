@@ -41,6 +41,7 @@ HEAVY_MODULES = {
     "test_recipes",
     "test_recipe_parity",
     "test_distributed_recipes",
+    "test_distributed_methods",
     "test_distributed_primitives",
     "test_checkpoint_bundled",
     "test_model_parity",

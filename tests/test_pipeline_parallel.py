@@ -235,3 +235,31 @@ def test_recipe_refuses_a_bad_layout_before_creating_a_process_group(ckpt, tmp_p
     with pytest.raises(ConfigError, match="1 processes are not divisible by parallelism.pipeline_parallel=2"):
         recipe_main(OmegaConf.create(cfg))
     assert not dist.is_initialized()
+
+
+def test_stage_lora_init_follows_lora_init(tmp_path):
+    """The pipeline draws every adapter of the whole model up front; lora_init: gaussian must draw N(0, 1/r),
+    the same values as the module's own init in module order (as one process loads them)."""
+    from tinytune.checkpoint.loader import build_model
+    from tinytune.checkpoint.model_info import read_model_info
+    from tinytune.config.recipe_settings import LoRASettings
+    from tinytune.distributed.pipeline import _lora_init_values
+    from tinytune.models.lora_builders import lora_factory
+
+    info = read_model_info(write_tiny_checkpoint(str(tmp_path / "ckpt"), "qwen3", tie=False))
+    factory = lora_factory(LoRASettings(lora_init="gaussian", lora_rank=4))
+    with torch.device("meta"):
+        model = build_model(info, factory)
+    torch.manual_seed(0)
+    got = _lora_init_values(model)
+    model.to_empty(device="cpu")
+    torch.manual_seed(0)
+    for m in model.modules():
+        if hasattr(m, "reset_lora_parameters"):
+            m.reset_lora_parameters()
+    want = {k: v for k, v in model.state_dict().items() if ".lora_" in k}
+    assert sorted(got) == sorted(want)
+    for k in want:
+        torch.testing.assert_close(got[k], want[k])
+    a = torch.cat([v.flatten() for k, v in got.items() if k.endswith("lora_a.weight")])
+    assert float(a.std()) == pytest.approx(1 / 4, rel=0.1)  # N(0, 1/r), not Kaiming-uniform

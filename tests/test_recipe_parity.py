@@ -1,7 +1,7 @@
 """The distributed recipes behave like the single-device ones for the same keys.
 
 One test per behaviour that used to differ (progress bar, final-step checkpoint, ``save_merged``,
-resume checks, fp16 policy). The distributed recipes run in this process as a one-process gloo
+resume checks, fp16 refused before any work). The distributed recipes run in this process as a one-process gloo
 group (what ``python recipes/<name>.py`` does without torchrun); ``test_distributed_recipes.py``
 covers real multi-process runs.
 """
@@ -119,7 +119,9 @@ def test_resume_refuses_other_batching(assets, tmp_path, distributed, change, wo
 
 
 @BOTH
-def test_fp16_is_refused_the_same_way(assets, tmp_path, distributed):
-    with pytest.raises(ConfigError, match="dtype: fp16 needs loss scaling, which the training recipes do not do"):
+def test_fp16_is_refused_before_any_work(assets, tmp_path, distributed):
+    # single-device: loss scaling exists but runs on CUDA only; distributed: no loss scaling (FSDP2)
+    words = "needs loss scaling, which only the single-device" if distributed else "trains with dynamic loss scaling"
+    with pytest.raises(ConfigError, match=f"dtype: fp16 {words}.* use bf16 or fp32"):
         _run(assets, tmp_path, "full", distributed, dtype="fp16")
     assert not os.path.exists(tmp_path / ("dist" if distributed else "single"))

@@ -22,6 +22,7 @@ from tinytune.checkpoint.keys import hf_key_map
 from tinytune.checkpoint.model_info import CheckpointError, ModelInfo
 from tinytune.checkpoint.tensors import to_plain_tensor
 from tinytune.config.recipe_settings import LoRASettings
+from tinytune.modules.peft.lora import pissa_as_lora
 
 _LORA_SUFFIXES = (".lora_a.weight", ".lora_b.weight", ".lora_magnitude.weight")
 PEFT_PREFIX = "base_model.model."
@@ -161,7 +162,8 @@ def save_peft_adapter(
         lora_cfg: a :class:`LoRASettings`, or a mapping with ``lora_rank`` (or ``rank``/``r``),
             ``lora_alpha``, ``lora_dropout``, ``use_rslora``, ``init`` (``pissa`` adapters are written
             as the equivalent rank-``2r`` plain LoRA on the original base, as peft converts them;
-            needs ``model`` to be the module).
+            needs ``model`` to be the module, or a state dict holding each adapter's initial
+            factors as ``<proj>.pissa_a0`` / ``<proj>.pissa_b0``).
         base_model_name_or_path: recorded in the config (default: ``info.source_dir``).
 
     Returns:
@@ -175,15 +177,22 @@ def save_peft_adapter(
     use_rslora = bool(_cfg_get(lora_cfg, "use_rslora", default=False))
     init = str(_cfg_get(lora_cfg, "init", "lora_init", default="default"))
     if init == "pissa":
-        if not isinstance(model, nn.Module):
-            raise CheckpointError(
-                "save_peft_adapter: a PiSSA adapter needs the model (its initial factors), not a state dict"
-            )
         # peft's PiSSA -> LoRA conversion: the delta s (B A - B0 A0) as rank 2r on the original base
-        for name, m in model.named_modules():
-            if hasattr(m, "peft_lora_delta"):
-                prefix = f"{name}." if name else ""
-                sd[prefix + "lora_a.weight"], sd[prefix + "lora_b.weight"], _ = m.peft_lora_delta()
+        if isinstance(model, nn.Module):
+            for name, m in model.named_modules():
+                if hasattr(m, "peft_lora_delta"):
+                    prefix = f"{name}." if name else ""
+                    sd[prefix + "lora_a.weight"], sd[prefix + "lora_b.weight"], _ = m.peft_lora_delta()
+        else:  # a state dict with the initial factors beside the adapters (gathered from a sharded model)
+            for key in [k for k in sd if k.endswith(".lora_a.weight")]:
+                prefix = key[: -len("lora_a.weight")]
+                a0, b0 = model.get(prefix + "pissa_a0"), model.get(prefix + "pissa_b0")
+                if a0 is None or b0 is None:
+                    raise CheckpointError(
+                        f"save_peft_adapter: PiSSA adapter {key!r} without its initial factors "
+                        f"({prefix}pissa_a0 / pissa_b0); pass the model or add them to the state dict"
+                    )
+                sd[key], sd[prefix + "lora_b.weight"] = pissa_as_lora(sd[key], sd[prefix + "lora_b.weight"], a0, b0)
         rank, alpha = 2 * rank, alpha * (2**0.5 if use_rslora else 2.0)
     tensors = {_peft_key(k, info): to_plain_tensor(v, None) for k, v in sd.items()}
     targets = sorted(

@@ -175,7 +175,12 @@ class LoRASettings(Settings):
 @dataclass(frozen=True)
 class DeviceSettings(Settings):
     device: str = setting("auto", "auto | cpu | cuda[:N] | npu[:N] | mps")
-    dtype: str = setting("fp32", "parameter / compute dtype", choices=DTYPE_NAMES)
+    dtype: str = setting(
+        "fp32",
+        "parameter / compute dtype; fp16 in training: fp32 weights, fp16 autocast, dynamic loss scaling "
+        "(CUDA; full_finetune, lora_finetune)",
+        choices=DTYPE_NAMES,
+    )
     seed: int | None = setting(0, "seed of every RNG (null: a random seed, printed)")
 
 
@@ -440,22 +445,34 @@ class FSDPSettings(Settings):
 
 
 @dataclass(frozen=True)
-class SFTSettings(TrainSettings):
-    """Keys of the single-device SFT recipes (full_finetune, lora_finetune)."""
+class SFTMethodSettings(TrainSettings):
+    """Training-method keys of every SFT recipe, single-device and distributed."""
 
-    data: SFTDataSettings = group(SFTDataSettings)
-    sample_generation: SampleGenerationSettings = section(SampleGenerationSettings)
     neftune_noise_alpha: float | None = setting(
         None, "NEFTune noise on the input embeddings, training only (null: off)", gt=0
     )
     early_stopping: EarlyStoppingSettings = section(EarlyStoppingSettings)
     save_best: bool = setting(False, "export the weights of the best validation step (needs validation data)")
+
+
+@dataclass(frozen=True)
+class SFTSettings(SFTMethodSettings):
+    """Keys of the single-device SFT recipes (full_finetune, lora_finetune)."""
+
+    data: SFTDataSettings = group(SFTDataSettings)
+    sample_generation: SampleGenerationSettings = section(SampleGenerationSettings)
+    # single-device only: under FSDP the saved tensors include gathered parameters (not handled yet)
     activation_offloading: bool | str = setting(
         False,
         "move tensors saved for backward out of compute memory: true = pinned host memory via a CUDA side "
         "stream; disk = unlinked temporary files in output_dir (CPU)",
         choices=(False, True, "disk"),
     )
+
+
+def _loraplus_setting() -> Any:
+    """``loraplus_lr_ratio`` (one definition, read by both LoRA SFT recipes)."""
+    return setting(None, "LoRA+: the B matrices train at optimizer.lr x this (null: off)", gt=0)
 
 
 # ---- one class per recipe -----------------------------------------------------------------------------
@@ -478,9 +495,7 @@ class LoRAFinetuneSettings(SFTSettings):
     export_gguf: str | None = setting(
         None, "also write output_dir/model-TYPE.gguf, adapters merged (null: no GGUF)", check=_gguf_type
     )
-    loraplus_lr_ratio: float | None = setting(
-        None, "LoRA+: the B matrices train at optimizer.lr x this (null: off)", gt=0
-    )
+    loraplus_lr_ratio: float | None = _loraplus_setting()
 
 
 @dataclass(frozen=True)
@@ -527,8 +542,41 @@ class RewardModelSettings(TrainSettings):
     )
 
 
+def distributed_methods_problem(
+    s: SFTMethodSettings, par: ParallelismSettings, lora: LoRASettings | None = None
+) -> str | None:
+    """The training methods a distributed layout does not run, as an error message (None: all fine).
+
+    DoRA's row norms would span tensor-parallel shards. With pipeline parallelism the stages are built
+    and initialised apart (no whole base weight for DoRA / PiSSA), and micro-batches have a fixed
+    padded length (it would change NEFTune's noise scale from the single-device run's).
+    """
+    if lora is not None and lora.use_dora and par.tensor_parallel > 1:
+        return (
+            "model.use_dora: not supported with parallelism.tensor_parallel > 1 (DoRA's row norms would span "
+            "tensor-parallel shards); use data parallelism (FSDP) only"
+        )
+    if par.pipeline_parallel == 1:
+        return None
+    used = [
+        key
+        for key, on in (
+            ("neftune_noise_alpha", s.neftune_noise_alpha is not None),
+            ("model.use_dora", lora is not None and lora.use_dora),
+            ("model.lora_init=pissa", lora is not None and lora.lora_init == "pissa"),
+        )
+        if on
+    ]
+    if used:
+        return (
+            f"{', '.join(used)}: not supported with parallelism.pipeline_parallel > 1; remove them or use "
+            "pipeline_parallel: 1 (FSDP / tensor parallelism)"
+        )
+    return None
+
+
 @dataclass(frozen=True)
-class FullFinetuneDistributedSettings(TrainSettings):
+class FullFinetuneDistributedSettings(SFTMethodSettings):
     NAME = "full_finetune_distributed"
     parallelism: ParallelismSettings = section(ParallelismSettings)
     fsdp: FSDPSettings = section(FSDPSettings)
@@ -536,9 +584,14 @@ class FullFinetuneDistributedSettings(TrainSettings):
     save_hf: bool = setting(True, "write hf_model/ at the end (gathered on rank 0)")
     plot_loss: bool = setting(True, "write loss.png at the end")
 
+    def __post_init__(self) -> None:
+        problem = distributed_methods_problem(self, self.parallelism)
+        if problem:
+            raise ValueError(problem)
+
 
 @dataclass(frozen=True)
-class LoRAFinetuneDistributedSettings(TrainSettings):
+class LoRAFinetuneDistributedSettings(SFTMethodSettings):
     NAME = "lora_finetune_distributed"
     model: Any = component("LoRA keys only (applied to config.json's architecture)", plain=LoRASettings)
     parallelism: ParallelismSettings = section(ParallelismSettings)
@@ -547,6 +600,12 @@ class LoRAFinetuneDistributedSettings(TrainSettings):
     save_adapter: bool = setting(True, "write adapter/ (PEFT) at the end")
     save_merged: bool = setting(True, "write hf_model/ (adapters merged) at the end")
     plot_loss: bool = setting(True, "write loss.png at the end")
+    loraplus_lr_ratio: float | None = _loraplus_setting()
+
+    def __post_init__(self) -> None:
+        problem = distributed_methods_problem(self, self.parallelism, LoRASettings.from_node(self.model))
+        if problem:
+            raise ValueError(problem)
 
 
 @dataclass(frozen=True)

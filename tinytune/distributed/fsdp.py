@@ -27,6 +27,8 @@ __all__ = [
     "clip_grad_norm_",
     "gather_full_state_dict",
     "load_full_state_dict",
+    "load_local_shards",
+    "local_shards",
     "materialize_meta_model",
     "set_gradient_sync",
 ]
@@ -186,6 +188,55 @@ def gather_full_state_dict(model: nn.Module, *, trainable_only: bool = False) ->
         options=StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=trainable_only),
     )
     return sd if dist.get_rank() == 0 else {}
+
+
+def _reshard_all(model: nn.Module) -> None:
+    """Register the sharded parameters everywhere (the root and the last layer stay gathered after a forward)."""
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
+@torch.no_grad()
+def local_shards(model: nn.Module, *, trainable_only: bool = False) -> dict[str, torch.Tensor]:
+    """This rank's part of every parameter (a DTensor's local shard, else the whole tensor), by name.
+
+    No communication: e.g. to keep the best validation step's weights on each rank
+    (``EarlyStopping(save_best=True)``) and put them back with :func:`load_local_shards`. The
+    tensors are the parameters' own storage (detached); copy them to keep them.
+
+    Args:
+        model: the (sharded) model.
+        trainable_only: only parameters with ``requires_grad`` (LoRA: the adapters).
+    """
+    _reshard_all(model)
+    return {
+        name: (p.to_local() if isinstance(p, DTensor) else p).detach()
+        for name, p in model.named_parameters()
+        if p.requires_grad or not trainable_only
+    }
+
+
+@torch.no_grad()
+def load_local_shards(model: nn.Module, shards: Mapping[str, torch.Tensor]) -> None:
+    """Copy tensors from :func:`local_shards` (taken on this rank, same sharding) back into ``model``.
+
+    Raises:
+        KeyError: a name the model does not have.
+        ValueError: a shard whose shape differs from this rank's.
+    """
+    _reshard_all(model)
+    params = dict(model.named_parameters())
+    unknown = sorted(set(shards) - set(params))
+    if unknown:
+        raise KeyError(f"load_local_shards: the model has no parameters {unknown[:6]}")
+    for name, src in shards.items():
+        dst = params[name].to_local() if isinstance(params[name], DTensor) else params[name]
+        if dst.shape != src.shape:
+            raise ValueError(
+                f"load_local_shards: {name} has shape {tuple(src.shape)}, this rank's shard {tuple(dst.shape)}"
+            )
+        dst.copy_(src)
 
 
 @torch.no_grad()

@@ -94,6 +94,8 @@ def _lora_init_values(model: nn.Module) -> dict[str, torch.Tensor]:
         if reset is None:
             continue
         stub = nn.Module()
+        # the init the module would run (gaussian: N(0, 1/rank)); pissa / DoRA are refused with PP
+        stub.init, stub.rank = getattr(module, "init", "default"), module.rank
         for sub in ("lora_a", "lora_b"):
             lin = nn.Module()
             lin.weight = nn.Parameter(torch.empty(getattr(module, sub).weight.shape, device="cpu"))

@@ -11,6 +11,7 @@ from typing import Any, Callable
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from tinytune.checkpoint.hf_reader import find_weight_files, iter_shards, list_keys
 from tinytune.checkpoint.keys import hf_key_map
@@ -20,20 +21,64 @@ from tinytune.checkpoint.model_info import CheckpointError, ModelInfo, read_mode
 from tinytune.distributed.fsdp import apply_fsdp, load_full_state_dict, materialize_meta_model
 from tinytune.distributed.mesh import ParallelMesh
 from tinytune.distributed.parallel_plans import apply_tp
+from tinytune.modules.peft import LoRALinear
 
-__all__ = ["load_hf_model_sharded"]
+__all__ = ["load_hf_model_sharded", "pissa_initial_factors"]
 
 
 def _has_lm_head(path: str) -> bool:
     return any("lm_head.weight" in list_keys(f) for f in find_weight_files(path))
 
 
+def _full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a (possibly sharded) parameter, gathered on every rank (a collective for DTensors)."""
+    if not isinstance(t, DTensor):
+        return t.detach()
+    local = t.to_local()
+    if local.device.type != t.device_mesh.device_type:  # a CPU-offloaded shard: gather on the mesh's device
+        local = local.to(torch.device(t.device_mesh.device_type, torch.accelerator.current_device_index()))
+        t = DTensor.from_local(local, t.device_mesh, t.placements, run_check=False, shape=t.shape, stride=t.stride())
+    return t.full_tensor().detach()
+
+
 @torch.no_grad()
-def _init_lora_adapters(model: nn.Module) -> None:
+def _init_from_full_base(model: nn.Module, name: str, module: LoRALinear) -> None:
+    """PiSSA / DoRA init of one sharded ``LoRALinear`` on its full base weight, as one device runs it.
+
+    The base weight is gathered (every rank, same module order), a full-size copy of the layer on
+    the CPU runs the module's own ``reset_lora_parameters`` (the same random draws and the same
+    SVD as a one-process run), and the results are sliced back into the shards: ``lora_a``,
+    ``lora_b``, DoRA's ``lora_magnitude`` and, for PiSSA, the residual base weight. PiSSA's initial
+    factors (small: ``[r, in]``, ``[out, r]``) stay whole on every rank as the module's buffers.
+    """
+    base = _full_tensor(module.weight).to("cpu", torch.float32)  # [out, in]
+    with torch.device("meta"):
+        full = LoRALinear(
+            module.in_dim,
+            module.out_dim,
+            module.rank,
+            module.alpha,
+            use_dora=module.lora_magnitude is not None,
+            use_rslora=module.use_rslora,
+            init=module.init,
+        )
+    full.to_empty(device="cpu")
+    full.weight.copy_(base)
+    full.reset_lora_parameters()
+    values = {f"{name}.{k}": v for k, v in full.state_dict().items() if k != "weight" or module.init == "pissa"}
+    load_full_state_dict(model, values, strict=False, where=f"LoRA init of {name}")
+    if module.init == "pissa":
+        device = module.lora_a.weight.device
+        module.pissa_a0, module.pissa_b0 = full.pissa_a0.to(device), full.pissa_b0.to(device)
+
+
+@torch.no_grad()
+def _init_lora_adapters(model: nn.Module, tensor_parallel: bool = False) -> None:
     """Fresh adapter init with the module's own ``reset_lora_parameters``, done on full CPU tensors.
 
     Running the init on full tensors in module order draws the same random numbers as a
-    single-process run with the same seed; the values are then sliced into the shards.
+    single-process run with the same seed; the values are then sliced into the shards. PiSSA and
+    DoRA also need the layer's full base weight (:func:`_init_from_full_base`).
     """
     for name, module in model.named_modules():
         reset = getattr(module, "reset_lora_parameters", None)
@@ -41,11 +86,13 @@ def _init_lora_adapters(model: nn.Module) -> None:
             continue
         init = getattr(module, "init", "default")
         if init == "pissa" or getattr(module, "lora_magnitude", None) is not None:
-            # both need the full base weight of the layer, which sharded loading never holds
-            raise ValueError(
-                f"{name}: lora_init=pissa and use_dora are not supported with sharded loading "
-                "(the distributed recipes); use the single-device lora_finetune recipe"
-            )
+            if tensor_parallel and module.lora_magnitude is not None:
+                raise ValueError(
+                    f"{name}: use_dora with tensor_parallel > 1 is not supported (the DoRA row norms would "
+                    "span tensor-parallel shards); use data parallelism (FSDP) only"
+                )
+            _init_from_full_base(model, name, module)
+            continue
         stub = nn.Module()
         stub.init, stub.rank, stub.lora_magnitude = init, module.rank, None
         stub.weight = nn.Parameter(torch.empty(0), requires_grad=False)  # not meta: the init runs
@@ -58,6 +105,17 @@ def _init_lora_adapters(model: nn.Module) -> None:
             full[f"{name}.{sub}.weight"] = lin.weight
         type(module).reset_lora_parameters(stub)
         load_full_state_dict(model, full, strict=False, where=f"LoRA init of {name}")
+
+
+def pissa_initial_factors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """PiSSA's initial adapter factors (``<proj>.pissa_a0 [r, in]``, ``<proj>.pissa_b0 [out, r]``), whole on
+    every rank, for :func:`tinytune.checkpoint.save_peft_adapter` to convert a PiSSA adapter given as a
+    gathered state dict; ``{}`` without PiSSA."""
+    return {
+        name: buf.detach().cpu()
+        for name, buf in model.named_buffers()
+        if buf is not None and name.endswith((".pissa_a0", ".pissa_b0"))
+    }
 
 
 def load_hf_model_sharded(
@@ -121,5 +179,5 @@ def load_hf_model_sharded(
     missing = sorted(k for k in model.state_dict() if k not in loaded and not is_lora_key(k))
     if missing:
         raise CheckpointError(f"{path}: checkpoint lacks parameters {missing[:6]}{' ...' if len(missing) > 6 else ''}")
-    _init_lora_adapters(model)
+    _init_lora_adapters(model, tensor_parallel=mesh.tp.size() > 1)
     return model, info

@@ -233,7 +233,18 @@ def lora_linear(
 
     Returns:
         ``[..., out]``. Saves ``x``, ``x_dropped`` and the ``[N, rank]`` product for backward.
+        Under autocast (fp16 training) every input is cast to the autocast dtype first, as
+        ``F.linear`` would be, and the Function runs with autocast off (its in-place GEMMs are not
+        autocast ops and would meet mixed dtypes); gradients reach fp32 parameters through the casts.
     """
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        dt = torch.get_autocast_dtype(device_type)
+        x, x_dropped, weight, bias, lora_a, lora_b = (
+            None if t is None else t.to(dt) for t in (x, x_dropped, weight, bias, lora_a, lora_b)
+        )
+        with torch.autocast(device_type, enabled=False):
+            return _LoRALinearFn.apply(x, x_dropped, weight, bias, lora_a, lora_b, float(scale))
     return _LoRALinearFn.apply(x, x_dropped, weight, bias, lora_a, lora_b, float(scale))
 
 

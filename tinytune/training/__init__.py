@@ -22,6 +22,7 @@ from tinytune.training.early_stopping import EarlyStopping
 from tinytune.training.evaluation import evaluate_loss
 from tinytune.training.gguf_export import export_gguf
 from tinytune.training.kto import kto_accumulate, kto_eval
+from tinytune.training.loss_scaling import LossScaler, autocast_fp16, fp16_loss_scaler, scaled
 from tinytune.training.losses import (
     IGNORE_INDEX,
     count_label_tokens,
@@ -119,6 +120,10 @@ __all__ = [
     "open_checkpointer",
     "open_sharded_checkpointer",
     "optimizer_step",
+    "LossScaler",
+    "autocast_fp16",
+    "fp16_loss_scaler",
+    "scaled",
     "param_groups",
     "plot_loss",
     "prepare_output_dir",

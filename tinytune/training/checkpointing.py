@@ -74,6 +74,7 @@ def resume_training_state(
     accum: int = 1,
     fingerprint: dict[str, Any] | None = None,
     total_steps: int | None = None,
+    stateful: dict[str, Any] | None = None,
 ) -> int:
     """Restores a saved training state when ``resume_from`` (``auto``, a path or None) names one.
 
@@ -88,6 +89,9 @@ def resume_training_state(
         fingerprint: this run's fingerprint; a checkpoint written by a different run is refused.
         total_steps: this run's step count; a checkpoint past it is refused (it would be exported as
             if it had trained ``total_steps``).
+        stateful: further objects with ``load_state_dict`` restored from the state's keys of the same
+            names (the fp16 ``loss_scaler``, ``early_stopping``); a key the checkpoint lacks is refused
+            unless the object's ``active`` is False.
 
     Returns:
         The step to continue from (0 when nothing is resumed). RNG states are restored too.
@@ -107,12 +111,26 @@ def resume_training_state(
     lr_scheduler.load_state_dict(state["lr_scheduler"])
     refresh_lr(lr_scheduler)
     stream.load_state_dict(state["data"])
+    _restore_stateful(state, stateful, path)
     set_rng_state(state["rng"])
     step = int(state["step"])
     check_not_past_end(step, total_steps, path)
     run_context.step = step
     print(f"resumed from {path} at step {step}")
     return step
+
+
+def _restore_stateful(state: dict[str, Any], stateful: dict[str, Any] | None, path: Any) -> None:
+    """Loads each of ``stateful``'s objects from ``state[key]`` (see :func:`resume_training_state`)."""
+    for key, obj in (stateful or {}).items():
+        if key not in state and not getattr(obj, "active", True):  # nothing tracked then, nothing now
+            continue
+        if key not in state:
+            raise ResumeError(
+                f"resume_from_checkpoint: {path} holds no {key} state (written with other settings or an older "
+                "tinytune); resume with the settings it was written with, or start a new output_dir"
+            )
+        obj.load_state_dict(state[key])
 
 
 def save_training_state(
@@ -125,6 +143,7 @@ def save_training_state(
     stream,
     accum: int = 1,
     fingerprint: dict[str, Any] | None = None,
+    stateful: dict[str, Any] | None = None,
 ) -> None:
     """Saves ``{**weights, "optimizer", "lr_scheduler", "data", "step", "accum"}`` as the checkpoint of ``step``.
 
@@ -132,6 +151,8 @@ def save_training_state(
         weights: ``{"model": state_dict}`` or ``{"adapter": adapter_state_dict}``.
         accum: the run's ``gradient_accumulation_steps`` (checked on resume).
         fingerprint: this run's fingerprint, stored with the checkpoint.
+        stateful: further objects with ``state_dict()`` saved under their keys (the fp16
+            ``loss_scaler``, ``early_stopping``; :func:`resume_training_state` restores them).
     """
     ckpt.save(
         step,
@@ -142,6 +163,7 @@ def save_training_state(
             "data": stream.state_dict(),
             "step": step,
             "accum": accum,
+            **{key: obj.state_dict() for key, obj in (stateful or {}).items()},
         },
         fingerprint=fingerprint,
     )
@@ -172,6 +194,7 @@ def resume_sharded_state(
     accum: int,
     fingerprint: dict[str, Any] | None = None,
     total_steps: int | None = None,
+    stateful: dict[str, Any] | None = None,
 ) -> int:
     """:func:`resume_training_state` for the distributed recipes' DCP checkpoints (collective).
 
@@ -184,6 +207,8 @@ def resume_sharded_state(
         accum: this run's ``gradient_accumulation_steps`` (must equal the checkpoint's).
         fingerprint: this run's fingerprint; a checkpoint written by a different run is refused.
         total_steps: this run's step count; a checkpoint past it is refused.
+        stateful: as in :func:`resume_training_state` (JSON-able states, e.g.
+            ``EarlyStopping.tracking_only()``).
 
     Returns:
         The step to continue from (0 when nothing is resumed).
@@ -201,6 +226,7 @@ def resume_sharded_state(
     lr_scheduler.load_state_dict(state["lr_scheduler"])
     refresh_lr(lr_scheduler)
     stream.load_state_dict(state["data"])
+    _restore_stateful(state, stateful, path)
     step = int(state["step"])
     check_not_past_end(step, total_steps, path)
     run_context.step = step
@@ -219,14 +245,21 @@ def save_sharded_state(
     stream,
     accum: int,
     fingerprint: dict[str, Any] | None = None,
+    stateful: dict[str, Any] | None = None,
 ) -> None:
     """Saves a DCP checkpoint of ``step`` (collective): sharded weights and optimizer, and
     ``{"step", "accum", "lr_scheduler", "data"}`` (the same trainer state as the single-device one,
-    as JSON) with the run fingerprint."""
+    as JSON) with the run fingerprint; ``stateful`` objects' (JSON-able) ``state_dict()`` under their keys."""
     ckpt.save(
         step,
         model,
         optimizer,
-        {"step": step, "accum": accum, "lr_scheduler": lr_scheduler.state_dict(), "data": stream.state_dict()},
+        {
+            "step": step,
+            "accum": accum,
+            "lr_scheduler": lr_scheduler.state_dict(),
+            "data": stream.state_dict(),
+            **{key: obj.state_dict() for key, obj in (stateful or {}).items()},
+        },
         fingerprint=fingerprint,
     )

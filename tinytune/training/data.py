@@ -166,8 +166,21 @@ class BatchStream:
 
 
 def validation_batches(dataset: Dataset, batch_size: int, collate_fn: Callable[[list], dict]) -> DataLoader:
-    """Validation batches in dataset order (no shuffling, keeps the last partial batch)."""
-    return DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_fn, drop_last=False)
+    """Validation batches in dataset order (no shuffling, keeps the last partial batch).
+
+    The loader has its own generator: a ``DataLoader`` draws a base seed every time it is iterated,
+    which would otherwise advance the global RNG, so dropout / NEFTune noise after a validation
+    would depend on the validation cadence (and differ from the distributed recipes, whose
+    validation draws nothing).
+    """
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        collate_fn=collate_fn,
+        drop_last=False,
+        generator=torch.Generator(),
+    )
 
 
 def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:

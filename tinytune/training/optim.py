@@ -37,6 +37,28 @@ def _fused_adamw_ok(params: list[torch.nn.Parameter]) -> bool:
     )
 
 
+def is_offloaded(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``optimizer`` is torchao's ``CPUOffloadOptimizer`` (host copies of the gradients)."""
+    return hasattr(optimizer, "param_d2h_map") and hasattr(optimizer, "queue")
+
+
+def resync_offloaded_grads(optimizer: torch.optim.Optimizer) -> None:
+    """Copies the device gradients to the host copies a ``CPUOffloadOptimizer`` steps on (no-op otherwise).
+
+    torchao's offload optimizer copies each gradient to pinned host memory in a post-accumulate-grad
+    hook, i.e. when backward produces it; a change made to the device gradients afterwards
+    (gradient clipping) would not reach the update. The pending copies are waited for first so they
+    cannot land after this one.
+    """
+    if not is_offloaded(optimizer):
+        return
+    for event in list(optimizer.queue.values()):  # the hook's asynchronous copies
+        event.synchronize()
+    for p_device, p_host in optimizer.param_d2h_map.items():
+        if p_device.grad is not None:
+            p_host.grad.copy_(p_device.grad)
+
+
 DEFAULT_LR = 2e-5
 # parameters exempt from weight decay by default (HF Trainer / torchtune): biases, norms, embeddings
 DEFAULT_NO_DECAY = ("bias", "norm", "tok_embeddings")

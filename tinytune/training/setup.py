@@ -36,34 +36,60 @@ from tinytune.hub import HubError, resolve_hf_checkpoint
 from tinytune.models.lora_builders import is_lora_builder, lora_factory
 from tinytune.tokenizers import load_tokenizer as _load_tokenizer
 from tinytune.training.data import BatchStream, split_dataset
+from tinytune.training.loss_scaling import FP16_NAMES
 from tinytune.training.stream_data import IterableBatchStream
 
 log = logging.getLogger(__name__)
 
 
-FP16_NAMES = ("fp16", "float16", "half")
+def check_training_dtype(name: str, device: torch.device | None = None, loss_scaling: bool = False) -> None:
+    """The training recipes' precision policy: fp16 only with loss scaling, and only on CUDA.
 
+    ``full_finetune`` and ``lora_finetune`` train fp16 with dynamic loss scaling
+    (:mod:`tinytune.training.loss_scaling`: fp32 weights, fp16 autocast, ``torch.amp.GradScaler``);
+    the other training recipes (preference, reward, distributed) do no loss scaling.
 
-def check_training_dtype(name: str) -> None:
-    """The training recipes' precision policy (single-device and distributed alike): no fp16.
+    Args:
+        name: the ``dtype`` setting.
+        device: the training device (None: not known yet, only the recipe rule is checked).
+        loss_scaling: whether the recipe does loss scaling.
 
     Raises:
-        ConfigError: for fp16, which needs loss scaling that no training recipe does.
+        ConfigError: fp16 in a recipe without loss scaling, or on a device other than CUDA.
     """
-    if name in FP16_NAMES:
-        raise ConfigError(f"dtype: {name} needs loss scaling, which the training recipes do not do; use bf16 or fp32.")
+    if name not in FP16_NAMES:
+        return
+    if not loss_scaling:
+        raise ConfigError(
+            f"dtype: {name} needs loss scaling, which only the single-device SFT recipes (full_finetune, "
+            "lora_finetune) do; use bf16 or fp32."
+        )
+    if device is not None and device.type != "cuda":
+        raise ConfigError(
+            f"dtype: {name} trains with dynamic loss scaling (torch.amp.GradScaler), which tinytune runs on CUDA "
+            f"only; on {device.type} use bf16 or fp32."
+        )
 
 
-def setup_device(hw: DeviceSettings, training: bool = True) -> tuple[torch.device, torch.dtype, int]:
+def setup_device(
+    hw: DeviceSettings, training: bool = True, loss_scaling: bool = False
+) -> tuple[torch.device, torch.dtype, int]:
     """``(device, dtype, seed)`` from the ``device``, ``dtype`` and ``seed`` settings.
 
     Seeds every RNG (:func:`tinytune.device.set_seed`) and returns the seed used. With
-    ``training`` the dtype policy of :func:`check_training_dtype` applies.
+    ``training`` the dtype policy of :func:`check_training_dtype` applies; with ``loss_scaling``
+    (fp16 accepted on CUDA) an fp16 run gets fp32 weights (the master copy; the compute is fp16
+    under autocast, see :func:`tinytune.training.loss_scaling.fp16_loss_scaler`).
     """
     if training:
-        check_training_dtype(hw.dtype)
+        check_training_dtype(hw.dtype, loss_scaling=loss_scaling)
     device = get_device(hw.device)
-    dtype = get_dtype(hw.dtype, device)
+    if training:
+        check_training_dtype(hw.dtype, device, loss_scaling=loss_scaling)
+    if training and hw.dtype in FP16_NAMES:
+        dtype = torch.float32  # fp32 master weights; fp16 autocast in the forward
+    else:
+        dtype = get_dtype(hw.dtype, device)
     seed = set_seed(hw.seed)
     return device, dtype, seed
 

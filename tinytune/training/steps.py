@@ -15,16 +15,27 @@ from tinytune.config import ConfigError
 from tinytune.config.recipe_settings import NAN_POLICIES, OptimSettings
 from tinytune.errors import NonFiniteError, last_good_checkpoint, run_context
 from tinytune.training.data import to_device
+from tinytune.training.loss_scaling import LossScaler, autocast_fp16, scaled
 from tinytune.training.losses import count_label_tokens, sft_loss
 from tinytune.training.lr_schedulers import build_lr_scheduler
-from tinytune.training.optim import DEFAULT_LR, DEFAULT_NO_DECAY, build_optimizer, param_groups
+from tinytune.training.optim import (
+    DEFAULT_LR,
+    DEFAULT_NO_DECAY,
+    build_optimizer,
+    param_groups,
+    resync_offloaded_grads,
+)
 from tinytune.training.padding_free import drop_unlabeled_tail
 
 log = logging.getLogger(__name__)
 
 
 def sft_accumulate(
-    model: nn.Module, micro_batches: Sequence[dict], device: torch.device, padding_free: bool = True
+    model: nn.Module,
+    micro_batches: Sequence[dict],
+    device: torch.device,
+    padding_free: bool = True,
+    scaler: LossScaler | None = None,
 ) -> tuple[torch.Tensor, int]:
     """Forward + backward over an accumulation window, normalised by its label-token count.
 
@@ -36,6 +47,9 @@ def sft_accumulate(
     label tokens and is flattened into one packed row
     (:func:`tinytune.training.padding_free.drop_unlabeled_tail`): no compute on padding, same loss.
 
+    With a ``scaler`` (fp16) each forward runs under fp16 autocast and each micro-batch loss is
+    scaled before its backward; :func:`optimizer_step` unscales the window's gradients once.
+
     Returns:
         ``(loss, label_tokens)``: the window's mean loss per label token (detached) and the count.
     """
@@ -46,8 +60,9 @@ def sft_accumulate(
     for mb in micro_batches:
         if padding_free:
             mb = drop_unlabeled_tail(mb)
-        loss = sft_loss(model, to_device(mb, device), denom)
-        loss.backward()
+        with autocast_fp16(scaler):
+            loss = sft_loss(model, to_device(mb, device), denom)
+        scaled(loss, scaler).backward()
         total += loss.detach()
     return total, n
 
@@ -113,12 +128,19 @@ def optimizer_step(
     guard: NonFiniteGuard | None = None,
     loss: torch.Tensor | float | None = None,
     step: int | None = None,
+    scaler: LossScaler | None = None,
 ) -> float | None:
     """Clips gradients (if asked), steps the optimizer and scheduler, zeroes gradients.
 
     With a ``guard`` the loss and the gradient norm are checked first: a non-finite one stops the
     run or (``skip_step``) drops the gradients without touching the optimizer; the LR schedule
     still advances, so step numbers and LRs stay aligned.
+
+    With a ``scaler`` (fp16, :class:`~tinytune.training.loss_scaling.LossScaler`) the gradients
+    (accumulated from scaled losses over the whole window) are unscaled once, here, before
+    clipping; an inf/NaN gradient is then an fp16 overflow, not an error: the scaler skips the
+    optimizer step, backs the scale off and counts it, and the LR schedule does not advance (as in
+    HF Trainer). The guard then checks the loss only.
 
     Args:
         clip_fn: ``(params, max_norm) -> total norm``; the distributed recipes pass the DTensor-aware
@@ -127,20 +149,31 @@ def optimizer_step(
         guard: the run's :class:`NonFiniteGuard` (None: no check).
         loss: the step's loss (checked by the guard).
         step: the step being taken, for messages.
+        scaler: the run's loss scaler (None: no loss scaling).
 
     Returns:
         The total gradient norm before clipping (None without clipping and without a guard).
     """
     norm = None
     params = [p for p in model.parameters() if p.grad is not None]
+    if scaler is not None:
+        scaler.unscale_(optimizer)  # clipping and the norm see the true gradients
     if clip_grad_norm:
         norm = float(clip_fn(params, float(clip_grad_norm)))
+        resync_offloaded_grads(optimizer)  # adamw_offload: its host copies of the gradients get clipped too
     elif guard is not None:
         # an infinite threshold measures the (DTensor-aware) total norm and scales nothing
         norm = float(clip_fn(params, float("inf"))) if params else 0.0
-    if guard is None or guard.check(int(step or 0), float(loss) if loss is not None else 0.0, norm):
+    checked_norm = None if scaler is not None else norm  # with a scaler an overflow is the scaler's
+    applied = guard is None or guard.check(int(step or 0), float(loss) if loss is not None else 0.0, checked_norm)
+    advance = True
+    if applied and scaler is not None:
+        advance = scaler.step(optimizer, int(step or 0))  # False: overflow, step skipped
+    elif applied:
         optimizer.step()
-    if lr_scheduler is not None:
+    elif scaler is not None:
+        scaler.discard()
+    if lr_scheduler is not None and advance:
         lr_scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return norm

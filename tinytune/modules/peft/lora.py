@@ -227,7 +227,7 @@ class LoRALinear(nn.Module):
             return a, b, self.rank
         if self.pissa_a0 is None:
             raise ValueError("PiSSA adapter without its initial factors (was reset_lora_parameters skipped?)")
-        return torch.cat([a, self.pissa_a0]), torch.cat([b, -self.pissa_b0], dim=1), 2 * self.rank
+        return (*pissa_as_lora(a, b, self.pissa_a0, self.pissa_b0), 2 * self.rank)
 
     def extra_repr(self) -> str:
         return (
@@ -265,6 +265,16 @@ class LoRALinear(nn.Module):
             self._parameters["weight"] = w
         self._parameters["weight"] = nn.Parameter(to_nf4(moved), requires_grad=False)
         return self
+
+
+def pissa_as_lora(
+    a: torch.Tensor, b: torch.Tensor, a0: torch.Tensor, b0: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A trained PiSSA adapter as plain-LoRA factors on the original base (peft's conversion).
+
+    ``B A - B0 A0 = [B, -B0] [A; A0]``: returns ``([A; A0] [2r, in], [B, -B0] [out, 2r])``.
+    """
+    return torch.cat([a, a0]), torch.cat([b, -b0], dim=1)
 
 
 def canonical_lora_modules(names: Iterable[str]) -> list[str]:
