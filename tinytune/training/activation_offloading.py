@@ -151,6 +151,8 @@ class _PinnedStored(_Stored):
 
     def __init__(self, flat: torch.Tensor, streams: _Streams, stats: OffloadStats) -> None:
         super().__init__(flat.device, flat.numel())
+        self._stats = stats
+        self._counted = False
         self._streams = streams
         self._host = torch.empty(self.nbytes, dtype=torch.uint8, pin_memory=True)  # [nbytes]
         side = streams.side
@@ -161,8 +163,8 @@ class _PinnedStored(_Stored):
         flat.record_stream(side)
         self._d2h = side.record_event()
         self._ready: tuple[torch.Tensor, torch.cuda.Event] | None = None
-        self._stats = stats
         stats.add(self.nbytes)
+        self._counted = True
 
     def prefetch(self) -> None:
         """Starts the copy back to the device on the side stream (once)."""
@@ -187,7 +189,8 @@ class _PinnedStored(_Stored):
         return out
 
     def __del__(self) -> None:
-        self._stats.drop(self.nbytes)
+        if self._counted:
+            self._stats.drop(self.nbytes)
 
 
 class _Streams:
