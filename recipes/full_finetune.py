@@ -31,6 +31,7 @@ from tinytune.training import (
     TrainProgress,
     activate_neftune,
     apply_activation_checkpointing,
+    apply_activation_offloading,
     autocast_fp16,
     build_metric_loggers,
     build_optimizer_and_scheduler,
@@ -83,6 +84,7 @@ def recipe_main(cfg: DictConfig) -> dict:
     print(precision.describe(model))
     if loop.activation_checkpointing:
         apply_activation_checkpointing(model)
+    apply_activation_offloading(model, s.activation_offloading, device, out_dir)  # saved tensors: host / disk
     if s.neftune_noise_alpha is not None:  # NEFTune noise on the input embeddings, training only
         activate_neftune(model, s.neftune_noise_alpha)
 

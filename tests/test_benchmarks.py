@@ -257,3 +257,81 @@ def test_bench_precision_smoke(tmp_path):
     data = json.load(open(tmp_path / "out" / "precision_curves.json"))
     assert len(data["runs"]["mixed"]["loss"]) == 12 and len(data["runs"]["mixed"]["cpu_steps"]) == 12
     assert os.path.isfile(tmp_path / "out" / "precision_curves.png") or "plot skipped" in out
+
+
+# ---- bench_memory --max-seq ----------------------------------------------------------------------
+
+
+def _bench_memory():
+    sys.path.insert(0, BENCH)
+    import bench_memory
+
+    return bench_memory
+
+
+def test_max_seq_search_finds_the_grid_boundary():
+    bm = _bench_memory()
+    for limit_ok in (0, 512, 1024, 3000, 5120, 9000, 70000):
+        tried = []
+
+        def trial(seq, limit_ok=limit_ok):
+            tried.append(seq)
+            return {"status": "ok" if seq <= limit_ok else "over_cap"}
+
+        best, trials = bm.search_max_seq(trial, start=4096, step=1024, limit=65536, log=lambda *_: None)
+        assert best == min(limit_ok // 1024 * 1024, 65536), (limit_ok, tried)
+        assert len(tried) == len(set(tried)) <= 10  # doubling + bisection, no repeats
+
+
+_ALLOCATOR = """
+import json, sys, time
+spec = json.loads(sys.argv[2])
+block = bytearray(spec["mib"] * 2**20)  # zero pages: touch them so they become resident
+for i in range(0, len(block), 4096):
+    block[i] = 1
+time.sleep(0.3)
+hwm = [int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:")][0] / 1024
+print("RESULT " + json.dumps({"hwm_mib": hwm, "seq": spec["mib"]}), flush=True)
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs Linux /proc")
+def test_run_capped_kills_a_child_over_the_cap(tmp_path):
+    bm = _bench_memory()
+    script = tmp_path / "alloc.py"
+    script.write_text(_ALLOCATOR)
+    small = bm.run_capped(sys.executable, str(script), {"mib": 8}, cap_mib=200, timeout=60)
+    assert small["status"] == "ok" and small["hwm_mib"] < 200, small
+    big = bm.run_capped(sys.executable, str(script), {"mib": 400}, cap_mib=200, timeout=60)
+    assert big["status"] == "over_cap" and big["hwm_mib"] > 200, big
+    slow = bm.run_capped(sys.executable, "-c", {"mib": 1}, cap_mib=200, timeout=0.5)  # python -c "--worker": exits
+    assert slow["status"] in ("error", "timeout")
+
+
+def test_bench_memory_max_seq_smoke():
+    """One trial (tiny model, tinytune only): the worker, the watchdog and the table end to end."""
+    out = _run(
+        "bench_memory.py",
+        *("--max-seq", "--smoke", "--methods", "tinytune", "--cap-mib", "8192"),
+        *("--start", "128", "--step", "128", "--limit", "128"),
+    )
+    rows = {r[0]: r for r in _table(out)}
+    assert set(rows) == {"tinytune"} and rows["tinytune"][1] == ">= 128 (limit)", out
+    assert 0 < float(rows["tinytune"][3]) <= 8192, out  # VmHWM under the cap
+    assert "tinytune / best peer: -" in out
+
+
+@pytest.mark.slow
+def test_bench_memory_max_seq_smoke_vs_hf():
+    pytest.importorskip("transformers")
+    pytest.importorskip("peft")
+    out = _run(
+        "bench_memory.py",
+        *("--max-seq", "--smoke", "--methods", "tinytune,hf", "--cap-mib", "8192"),
+        *("--start", "128", "--step", "128", "--limit", "256"),
+    )
+    rows = {r[0]: r for r in _table(out)}
+    assert set(rows) == {"tinytune", "hf"}, out
+    assert rows["tinytune"][1] == rows["hf"][1] == ">= 256 (limit)", out  # both reach the limit under a generous cap
+    assert abs(float(rows["tinytune"][2]) - float(rows["hf"][2])) < 1e-3, out  # same loss at that length
+    assert "tinytune / best peer: >= 1.00x" in out

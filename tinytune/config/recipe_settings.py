@@ -501,6 +501,13 @@ class SFTSettings(SFTMethodSettings):
     hardware: SFTDeviceSettings = group(SFTDeviceSettings)
     data: SFTDataSettings = group(SFTDataSettings)
     sample_generation: SampleGenerationSettings = section(SampleGenerationSettings)
+    # single-device only: under FSDP the saved tensors include gathered parameters (not handled yet)
+    activation_offloading: bool | str = setting(
+        False,
+        "move tensors saved for backward out of compute memory: true = pinned host memory via a CUDA side "
+        "stream; disk = unlinked temporary files in output_dir (CPU)",
+        choices=(False, True, "disk"),
+    )
 
 
 def _loraplus_setting() -> Any:

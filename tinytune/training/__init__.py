@@ -7,6 +7,7 @@ the log window and progress bar, validation, sample generations, and training-st
 """
 
 from tinytune.training.activation_checkpointing import apply_activation_checkpointing
+from tinytune.training.activation_offloading import ActivationOffloader, apply_activation_offloading
 from tinytune.training.checkpointing import (
     open_checkpointer,
     open_sharded_checkpointer,
@@ -88,6 +89,8 @@ __all__ = [
     "TrainProgress",
     "activate_neftune",
     "apply_activation_checkpointing",
+    "apply_activation_offloading",
+    "ActivationOffloader",
     "build_collate",
     "check_training_dtype",
     "fsdp_policy",
