@@ -58,6 +58,7 @@ from tinytune.training import (
     open_sharded_checkpointer,
     optimizer_step,
     plot_and_write_summary,
+    report_patience_stop,
     reset_peak_memory,
     resolve_checkpoint_dir,
     sft_loss_sum,
@@ -96,16 +97,10 @@ def recipe_main(cfg: DictConfig) -> dict:
         # named: optimizer.no_decay groups (biases, norms, embeddings), as in the single-device recipes
         optimizer, lr_scheduler = build_optimizer_and_scheduler(s.optim, model.named_parameters(), total_steps)
         stopper, kept, shards = sharded_early_stopping(s, data, model, pipe)  # save_best: this rank's shards
-        state = ShardedTrainingState(
-            open_sharded_checkpointer(loop.keep_last_checkpoints, out_dir),  # (clears crashed writes)
-            model=model,
-            optimizer=optimizer,
-            lr_scheduler=lr_scheduler,
-            stream=stream,
-            accum=accum,
-            fingerprint=config_fingerprint(cfg, model, data.train_ds, info),  # checked on resume
-            stateful={"early_stopping": stopper.tracking_only()},
-        )
+        ckpt = open_sharded_checkpointer(loop.keep_last_checkpoints, out_dir)  # (clears crashed writes)
+        fingerprint = config_fingerprint(cfg, model, data.train_ds, info)  # checked on resume
+        states = {"early_stopping": stopper.tracking_only()}  # the tracking, not the kept shards
+        state = ShardedTrainingState(ckpt, model, optimizer, lr_scheduler, data, fingerprint, states)
         step = state.resume(loop.resume_from_checkpoint, total_steps)
         stopper.restore_kept_weights(step, shards)  # save_best: best step = resumed one
 
@@ -161,9 +156,7 @@ def recipe_main(cfg: DictConfig) -> dict:
                 loggers.log_dict(validation_row(val), step)
                 if stopper.update(val["loss"], step, shards):
                     if rank0:
-                        print(
-                            f"early stopping at step {step}: no validation improvement in {stopper.patience} evaluations"
-                        )
+                        report_patience_stop(step, stopper.patience)
                     break
             if loop.checkpoint_due(step):
                 state.save(step)

@@ -20,7 +20,6 @@ from omegaconf import DictConfig
 import tinytune.config
 from tinytune.config import ConfigError
 from tinytune.config.recipe_settings import KTOSettings
-from tinytune.datasets import data_summary
 from tinytune.modules.peft import get_adapter_state_dict
 from tinytune.training import (
     NonFiniteGuard,
@@ -44,6 +43,7 @@ from tinytune.training import (
     policy_and_reference,
     prepare_output_dir,
     reset_peak_memory,
+    run_summary,
     setup_device,
     train_data,
     validation_batches,
@@ -80,15 +80,9 @@ def recipe_main(cfg: DictConfig) -> dict:
 
     # ---- 4. optimizer, LR schedule, checkpointer (resume) ----------------------------------
     optimizer, lr_scheduler = build_optimizer_and_scheduler(s.optim, model.named_parameters(), total_steps)
-    state = TrainingState(
-        open_checkpointer(loop.keep_last_checkpoints, out_dir),
-        "adapter" if use_lora else "model",
-        optimizer=optimizer,
-        lr_scheduler=lr_scheduler,
-        stream=stream,
-        accum=accum,
-        fingerprint=config_fingerprint(cfg, model, data.train_ds, info),  # checked on resume
-    )
+    ckpt = open_checkpointer(loop.keep_last_checkpoints, out_dir)
+    fingerprint = config_fingerprint(cfg, model, data.train_ds, info)  # checked on resume
+    state = TrainingState(ckpt, "adapter" if use_lora else "model", optimizer, lr_scheduler, data, fingerprint)
     step = state.resume(loop.resume_from_checkpoint, model, total_steps)
 
     # ---- 5. training loop -------------------------------------------------------------------
@@ -122,13 +116,7 @@ def recipe_main(cfg: DictConfig) -> dict:
     loggers.close()
 
     # ---- 6. export and plot -----------------------------------------------------------------
-    summary = {
-        "step": step,
-        "loss": metrics["loss"],
-        "output_dir": out_dir,
-        "skipped_steps": guard.skipped,
-        "data": data_summary(data.train_ds),
-    }
+    summary = run_summary(step, metrics["loss"], out_dir, guard.skipped, data.train_ds)
     summary.update(export_hf_model(model, info, out_dir, checkpoint_dir, lora))  # LoRA: adapter/ + merged
     return plot_and_write_summary(out_dir, summary, t_start, f"kto: {os.path.basename(out_dir)}")
 

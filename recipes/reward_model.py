@@ -21,7 +21,6 @@ from omegaconf import DictConfig
 import tinytune.config
 from tinytune.checkpoint import save_reward_checkpoint
 from tinytune.config.recipe_settings import RewardModelSettings
-from tinytune.datasets import data_summary
 from tinytune.modules.peft import get_adapter_params, get_merged_state_dict, set_trainable_params
 from tinytune.modules.reward import RewardModel
 from tinytune.training import (
@@ -43,6 +42,7 @@ from tinytune.training import (
     reset_peak_memory,
     reward_accumulate,
     reward_eval,
+    run_summary,
     setup_device,
     train_data,
     validation_batches,
@@ -85,15 +85,9 @@ def recipe_main(cfg: DictConfig) -> dict:
 
     # ---- 4. optimizer, LR schedule, checkpointer (resume) ----------------------------------
     optimizer, lr_scheduler = build_optimizer_and_scheduler(s.optim, model.named_parameters(), total_steps)
-    state = TrainingState(
-        open_checkpointer(loop.keep_last_checkpoints, out_dir),
-        "adapter" if use_lora else "model",
-        optimizer=optimizer,
-        lr_scheduler=lr_scheduler,
-        stream=stream,
-        accum=accum,
-        fingerprint=config_fingerprint(cfg, model, data.train_ds, info),  # checked on resume
-    )
+    ckpt = open_checkpointer(loop.keep_last_checkpoints, out_dir)
+    fingerprint = config_fingerprint(cfg, model, data.train_ds, info)  # checked on resume
+    state = TrainingState(ckpt, "adapter" if use_lora else "model", optimizer, lr_scheduler, data, fingerprint)
 
     def weights():  # LoRA: adapters + head (what trains); full: everything
         return (
@@ -132,13 +126,7 @@ def recipe_main(cfg: DictConfig) -> dict:
     loggers.close()
 
     # ---- 6. export (HF sequence classification) and plot --------------------------------------
-    summary = {
-        "step": step,
-        "loss": metrics["loss"],
-        "output_dir": out_dir,
-        "skipped_steps": guard.skipped,
-        "data": data_summary(data.train_ds),
-    }
+    summary = run_summary(step, metrics["loss"], out_dir, guard.skipped, data.train_ds)
     if val is not None:
         summary["val_accuracy"] = val["accuracy"]
     sd = get_merged_state_dict(decoder) if use_lora else decoder.state_dict()

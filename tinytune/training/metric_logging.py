@@ -20,6 +20,7 @@ import sys
 import time
 from typing import Any, Iterable, Mapping, TextIO
 
+from tinytune.datasets import data_summary
 from tinytune.errors import dumps_json_line, json_safe
 from tinytune.training.plotting import plot_loss
 
@@ -288,6 +289,11 @@ def report_early_stop(step: int) -> None:
     print(f"stopped after step {step} (stop_after_steps); resume with resume_from_checkpoint=auto")
 
 
+def report_patience_stop(step: int, patience: int) -> None:
+    """Prints the early-stopping message (no validation improvement in ``patience`` evaluations)."""
+    print(f"early stopping at step {step}: no validation improvement in {patience} evaluations")
+
+
 def end_after_stop(step: int, loss: float, out_dir: str, progress, loggers, rank0: bool = True) -> dict:
     """Ends a run at ``stop_after_steps``: closes the progress bar and the loggers, prints the resume
     hint (rank 0) and returns the short summary ``{"step", "loss", "output_dir"}``."""
@@ -296,6 +302,18 @@ def end_after_stop(step: int, loss: float, out_dir: str, progress, loggers, rank
     if rank0:
         report_early_stop(step)
     return {"step": step, "loss": loss, "output_dir": out_dir}
+
+
+def run_summary(step: int, loss: float, out_dir: str, skipped_steps: int, train_ds) -> dict:
+    """The summary every single-device preference run starts from: ``{"step", "loss", "output_dir",
+    "skipped_steps", "data"}`` (``data``: :func:`tinytune.datasets.data_summary` of ``train_ds``)."""
+    return {
+        "step": step,
+        "loss": loss,
+        "output_dir": out_dir,
+        "skipped_steps": skipped_steps,
+        "data": data_summary(train_ds),
+    }
 
 
 def write_summary(out_dir: str, summary: dict, t_start: float) -> dict:
