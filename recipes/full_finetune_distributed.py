@@ -165,9 +165,10 @@ def recipe_main(cfg: DictConfig) -> dict:
         progress.close()
 
         # ---- 6. final validation, export (gathered on rank 0), plot --------------------------------
+        # final validation, early-stopping outcome (save_best: the best step's weights restored), loggers closed
         summary = finish_distributed(
             run, data, step, total_steps, window, guard, validate, loggers, stopper, kept, shards
-        )  # save_best: the best step's weights restored
+        )
         if s.save_hf:
             full = gather_full_state_dict(model) if pipe is None else pipe.gather_full_state_dict()  # collective
             if rank0:
