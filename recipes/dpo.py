@@ -12,25 +12,18 @@ fine-tuning it is a frozen copy. Reference-free losses build no reference.
 
 from __future__ import annotations
 
-import copy
 import os
 import time
 
 from omegaconf import DictConfig
 
 import tinytune.config
-from tinytune.checkpoint import save_hf_checkpoint, save_peft_adapter
 from tinytune.config.recipe_settings import DPOSettings
-from tinytune.datasets import data_summary
-from tinytune.modules.peft import (
-    get_adapter_params,
-    get_adapter_state_dict,
-    get_merged_state_dict,
-    set_trainable_params,
-)
+from tinytune.modules.peft import get_adapter_state_dict
 from tinytune.training import (
     NonFiniteGuard,
     PreferenceLoss,
+    TrainingState,
     TrainProgress,
     apply_activation_checkpointing,
     build_metric_loggers,
@@ -39,22 +32,21 @@ from tinytune.training import (
     current_lr,
     dpo_accumulate,
     dpo_eval,
+    end_after_stop,
+    export_hf_model,
     load_model_and_tokenizer,
     log_train_row,
-    make_reference,
     model_lora,
     open_checkpointer,
     optimizer_step,
-    plot_loss,
+    plot_and_write_summary,
+    policy_and_reference,
     prepare_output_dir,
-    report_early_stop,
     reset_peak_memory,
-    resume_training_state,
-    save_training_state,
+    run_summary,
     setup_device,
     train_data,
     validation_batches,
-    write_summary,
 )
 
 
@@ -70,16 +62,10 @@ def recipe_main(cfg: DictConfig) -> dict:
 
     # ---- 2. policy, reference, tokenizer -----------------------------------------------------
     checkpoint_dir, tokenizer, model, info = load_model_and_tokenizer(s, device, dtype)
-    use_lora = bool(get_adapter_params(model))
-    frozen = None  # LoRA: reference = this model with adapters disabled; reference-free losses: none
-    if use_lora:
-        lora = model_lora(s.model)
-        set_trainable_params(model)
-    else:
-        model.requires_grad_(True)
-        if loss_fn.needs_reference:
-            frozen = copy.deepcopy(model).requires_grad_(False).eval()  # reference = frozen copy
-    reference = make_reference(model, frozen)
+    # LoRA: only adapters train, reference = this model with adapters disabled; full: a frozen copy
+    # (reference-free losses: none)
+    use_lora, reference = policy_and_reference(model, loss_fn.needs_reference)
+    lora = model_lora(s.model) if use_lora else None
     if loop.activation_checkpointing:
         apply_activation_checkpointing(model)
     ref_text = ("base with adapters disabled" if use_lora else "frozen copy") if loss_fn.needs_reference else "none"
@@ -98,19 +84,8 @@ def recipe_main(cfg: DictConfig) -> dict:
     optimizer, lr_scheduler = build_optimizer_and_scheduler(s.optim, model.named_parameters(), total_steps)
     ckpt = open_checkpointer(loop.keep_last_checkpoints, out_dir)
     fingerprint = config_fingerprint(cfg, model, data.train_ds, info)  # checked on resume
-    weights_key = "adapter" if use_lora else "model"
-    step = resume_training_state(
-        ckpt,
-        loop.resume_from_checkpoint,
-        model=model,
-        weights_key=weights_key,
-        optimizer=optimizer,
-        lr_scheduler=lr_scheduler,
-        stream=stream,
-        accum=accum,
-        fingerprint=fingerprint,
-        total_steps=total_steps,
-    )
+    state = TrainingState(ckpt, "adapter" if use_lora else "model", optimizer, lr_scheduler, data, fingerprint)
+    step = state.resume(loop.resume_from_checkpoint, model, total_steps)
 
     # ---- 5. training loop -------------------------------------------------------------------
     loggers = build_metric_loggers(loop.metric_loggers, out_dir)
@@ -132,55 +107,20 @@ def recipe_main(cfg: DictConfig) -> dict:
         if loop.log_due(step, total_steps):
             row = {**metrics, "lr": lr, "tokens_per_s": metrics["label_tokens"] / max(dt, 1e-9)}
             log_train_row(loggers, step, row, device, grad_norm)
-        if (
-            val_loader is not None
-            and val_cfg.every_n_steps
-            and (step % val_cfg.every_n_steps == 0 or step == total_steps)
-        ):
+        if val_loader is not None and val_cfg.due(step, total_steps, include_last=True):
             val = dpo_eval(model, reference, val_loader, device, loss_fn, val_cfg.max_batches)
             loggers.log_dict({f"val_{k}": v for k, v in val.items() if k != "pairs"}, step)
         if loop.checkpoint_due(step):
-            weights = get_adapter_state_dict(model) if use_lora else model.state_dict()
-            save_training_state(
-                ckpt,
-                step,
-                {weights_key: weights},
-                optimizer=optimizer,
-                lr_scheduler=lr_scheduler,
-                stream=stream,
-                accum=accum,
-                fingerprint=fingerprint,
-            )
+            state.save(step, get_adapter_state_dict(model) if use_lora else model.state_dict())
         if loop.stops_early(step, total_steps):
-            progress.close()
-            loggers.close()
-            report_early_stop(step)
-            return {"step": step, "loss": metrics["loss"], "output_dir": out_dir}
+            return end_after_stop(step, metrics["loss"], out_dir, progress, loggers)
     progress.close()
     loggers.close()
 
     # ---- 6. export and plot -----------------------------------------------------------------
-    summary = {
-        "step": step,
-        "loss": metrics["loss"],
-        "output_dir": out_dir,
-        "skipped_steps": guard.skipped,
-        "data": data_summary(data.train_ds),
-    }
-    if use_lora:
-        summary["adapter_dir"] = save_peft_adapter(
-            model, info, os.path.join(out_dir, "adapter"), lora, base_model_name_or_path=checkpoint_dir
-        )
-        sd = get_merged_state_dict(model)
-    else:
-        sd = model.state_dict()
-    summary["hf_dir"] = save_hf_checkpoint(sd, info, os.path.join(out_dir, "hf_model"), tokenizer_dir=checkpoint_dir)
-    summary["loss_plot"] = plot_loss(
-        os.path.join(out_dir, "metrics.jsonl"),
-        os.path.join(out_dir, "loss.png"),
-        title=f"dpo: {os.path.basename(out_dir)}",
-    )
-    return write_summary(out_dir, summary, t_start)
+    summary = run_summary(step, metrics["loss"], out_dir, guard.skipped, data.train_ds)
+    summary.update(export_hf_model(model, info, out_dir, checkpoint_dir, lora))  # LoRA: adapter/ + merged
+    return plot_and_write_summary(out_dir, summary, t_start, f"dpo: {os.path.basename(out_dir)}")
 
 
 if __name__ == "__main__":

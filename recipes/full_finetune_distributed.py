@@ -33,67 +33,39 @@ from torch.distributed.tensor.parallel import loss_parallel
 
 import tinytune.config
 from tinytune.checkpoint import save_hf_checkpoint
-from tinytune.config import ConfigError
 from tinytune.config.recipe_settings import FullFinetuneDistributedSettings
-from tinytune.datasets import data_summary
-from tinytune.device import get_dtype, set_seed
-from tinytune.distributed.dist_evaluation import evaluate_loss_distributed
-from tinytune.distributed.fsdp import (
-    clip_grad_norm_,
-    gather_full_state_dict,
-    load_local_shards,
-    local_shards,
-    set_gradient_sync,
-)
-from tinytune.distributed.mesh import (
-    ParallelDims,
-    all_reduce_sum,
-    build_device_mesh,
-    get_dp_info,
-    is_rank_zero,
-    process_group,
-    rank_zero_first,
-)
-from tinytune.distributed.pipeline import (
-    PipelineSettings,
-    build_pipeline,
-    build_pipeline_mesh,
-    check_pipeline_layout,
-    world_size_from_env,
-)
-from tinytune.distributed.sharded_model import load_hf_model_sharded
+from tinytune.distributed.fsdp import clip_grad_norm_, gather_full_state_dict, set_gradient_sync
+from tinytune.distributed.mesh import all_reduce_sum
 from tinytune.training import (
-    EarlyStopping,
     LogWindow,
     NonFiniteGuard,
+    ShardedTrainingState,
     TrainProgress,
-    activate_neftune,
-    apply_activation_checkpointing,
     build_metric_loggers,
     build_optimizer_and_scheduler,
-    check_training_dtype,
     config_fingerprint,
     count_label_tokens,
     current_lr,
+    distributed_run,
+    distributed_train_data,
+    distributed_validator,
     drop_unlabeled_tail,
-    fsdp_policy,
+    end_after_stop,
+    finish_distributed,
+    load_sharded_model,
     load_tokenizer,
     log_train_row,
     open_sharded_checkpointer,
     optimizer_step,
-    plot_loss,
-    prepare_output_dir,
-    report_early_stop,
+    plot_and_write_summary,
+    report_patience_stop,
     reset_peak_memory,
     resolve_checkpoint_dir,
-    resume_sharded_state,
-    save_sharded_state,
     sft_loss_sum,
     sft_loss_sum_vocab_parallel,
+    sharded_early_stopping,
     to_device,
-    train_data,
     validation_row,
-    write_summary,
 )
 
 
@@ -103,121 +75,40 @@ def recipe_main(cfg: DictConfig) -> dict:
     # ---- 1. settings (every key checked here), processes, mesh, precision, seed ----------------
     s = FullFinetuneDistributedSettings.from_config(cfg)
     loop, par, val_cfg = s.loop, s.parallelism, s.data.validation
-    check_training_dtype(s.hardware.dtype)
-    pipe_settings, pipe = PipelineSettings.from_parallelism(par), None
-    if pipe_settings.degree > 1:  # pipeline parallelism: world size, layers, heads checked before any process group
-        pipe_dims = check_pipeline_layout(
-            pipe_settings,
-            world_size_from_env(),
-            resolve_checkpoint_dir(s.source),
-            data_parallel_shard=par.data_parallel_shard,
-            data_parallel_replicate=par.data_parallel_replicate,
-            tensor_parallel=par.tensor_parallel,
-            loss_parallel=par.loss_parallel,
-            sequence_parallel=par.sequence_parallel,
-        )
-    with process_group(s.hardware.device, cpu_offload=s.fsdp.cpu_offload) as dist_info:
-        device, rank0 = dist_info.device, is_rank_zero()
-        if pipe_settings.degree > 1:  # 4-D mesh [pp, dp_replicate, dp_shard, tp]
-            dims = pipe_dims
-            mesh, pp_mesh = build_pipeline_mesh(pipe_settings.degree, dims, device.type)
-        else:
-            dims = ParallelDims.from_config(
-                dist_info.world_size,
-                data_parallel_shard=par.data_parallel_shard,
-                data_parallel_replicate=par.data_parallel_replicate,
-                tensor_parallel=par.tensor_parallel,
-            )
-            mesh = build_device_mesh(dims, device.type)
-        dp_rank, dp_size = get_dp_info(mesh)
-        # padding-free rows have any length; tensor/sequence parallelism needs the collated [b, s] shape
-        padding_free = loop.padding_free and dims.tp == 1
-        dtype = get_dtype(s.hardware.dtype, device)
-        seed = set_seed(s.hardware.seed)
-        out_dir = prepare_output_dir(s.output_dir, cfg) if rank0 else os.path.abspath(os.path.expanduser(s.output_dir))
+    with distributed_run(s, cfg) as run:  # pipeline layout checked before any process group
+        device, mesh, dp_size, rank0, out_dir = run.device, run.mesh, run.dp_size, run.rank0, run.out_dir
 
-        # ---- 2. sharded model and tokenizer ------------------------------------------------------
+        # ---- 2. sharded model (PP: this rank's stages and the schedule) and tokenizer ------------
         checkpoint_dir = resolve_checkpoint_dir(s.source)
         tokenizer = load_tokenizer(s.source, checkpoint_dir)
-        ac = apply_activation_checkpointing if loop.activation_checkpointing else None
-        if pipe_settings.degree > 1:  # this rank's pipeline stages (sharded, filled) and the schedule
-            pipe = build_pipeline(
-                pipe_settings,
-                checkpoint_dir,
-                mesh,
-                pp_mesh,
-                device,
-                batch_size=s.data.batch_size,
-                packed=padding_free,
-                fsdp=fsdp_policy(s.fsdp, dtype),
-                activation_checkpointing=ac,
-            )
-            model, info = pipe.model, pipe.info
-        else:
-            model, info = load_hf_model_sharded(
-                checkpoint_dir,
-                mesh,
-                device,
-                loss_parallel=par.loss_parallel,
-                sequence_parallel=par.sequence_parallel,
-                activation_checkpointing=ac,
-                fsdp=fsdp_policy(s.fsdp, dtype),
-            )
-        if s.neftune_noise_alpha is not None:  # NEFTune noise on the input embeddings, training only
-            activate_neftune(model, s.neftune_noise_alpha)
+        model, info, pipe = load_sharded_model(s, run, checkpoint_dir)
         params = [p for p in model.parameters() if p.requires_grad]
         if rank0:
             print(
                 f"model: {info.model_type} from {checkpoint_dir}; training all "
-                f"{sum(p.numel() for p in params):,} parameters on {dist_info.world_size} processes "
-                f"(pp={pipe_settings.degree}, dp_replicate={dims.dp_replicate}, dp_shard={dims.dp_shard}, "
-                f"tp={dims.tp})"
+                f"{sum(p.numel() for p in params):,} parameters {run.layout()}"
             )
 
         # ---- 3. data: this rank's slice of every global batch ------------------------------------
-        with rank_zero_first():  # rank 0 tokenises (token cache on disk), the others read it
-            data = train_data(
-                s.data, tokenizer, seed, s.hardware.seed, dp_rank=dp_rank, dp_size=dp_size, num_workers=s.num_workers
-            )
+        data = distributed_train_data(s, tokenizer, run)
         stream, accum, total_steps = data.stream, data.accum, data.total_steps
-        val_batch_size = val_cfg.batch_size or data.batch_size
-        if rank0:
-            print(
-                f"data: {len(data.train_ds)} train / {len(data.val_ds) if data.val_ds else 0} validation samples; "
-                f"{total_steps} steps of {accum} x {data.batch_size} samples x {dp_size} data-parallel ranks"
-            )
 
-        # ---- 4. optimizer, LR schedule, DCP checkpointer (resume) --------------------------------
+        # ---- 4. optimizer, LR schedule, early stopping, DCP checkpointer (resume) ----------------
         # named: optimizer.no_decay groups (biases, norms, embeddings), as in the single-device recipes
         optimizer, lr_scheduler = build_optimizer_and_scheduler(s.optim, model.named_parameters(), total_steps)
-        # early stopping: the validation loss is the same on every rank, so every rank stops at the same
-        # step; save_best keeps each rank's own shards (no communication). Checkpoints hold the tracking
-        # (best loss and step, patience count) but not the kept shards.
-        stopper = EarlyStopping(s.early_stopping.patience, s.early_stopping.min_delta, s.save_best)
-        kept = model if pipe is None else torch.nn.ModuleList(pipe.stages.values())  # PP: this rank's stages
-        if stopper.active and data.val_ds is None:
-            raise ConfigError("early_stopping / save_best: need validation data (validation.dataset or split_ratio)")
-        states = {"early_stopping": stopper.tracking_only()}
+        stopper, kept, shards = sharded_early_stopping(s, data, model, pipe)  # save_best: this rank's shards
         ckpt = open_sharded_checkpointer(loop.keep_last_checkpoints, out_dir)  # (clears crashed writes)
         fingerprint = config_fingerprint(cfg, model, data.train_ds, info)  # checked on resume
-        step = resume_sharded_state(
-            ckpt,
-            loop.resume_from_checkpoint,
-            model=model,
-            optimizer=optimizer,
-            lr_scheduler=lr_scheduler,
-            stream=stream,
-            accum=accum,
-            fingerprint=fingerprint,
-            total_steps=total_steps,
-            stateful=states,
-        )
-        stopper.restore_kept_weights(step, lambda: local_shards(kept))  # save_best: best step = resumed one
+        states = {"early_stopping": stopper.tracking_only()}  # the tracking, not the kept shards
+        state = ShardedTrainingState(ckpt, model, optimizer, lr_scheduler, data, fingerprint, states)
+        step = state.resume(loop.resume_from_checkpoint, total_steps)
+        stopper.restore_kept_weights(step, shards)  # save_best: best step = resumed one
 
         # ---- 5. training loop ----------------------------------------------------------------------
         loss_sum = sft_loss_sum_vocab_parallel if par.loss_parallel else sft_loss_sum
         loss_ctx = loss_parallel if par.loss_parallel else contextlib.nullcontext
         val_loss_sum = pipe.eval_loss_fn if pipe is not None else loss_sum  # PP: forward-only through the schedule
+        validate = distributed_validator(model, data, val_cfg, run, val_loss_sum, loss_ctx)
         clip_fn = pipe.clip_grad_norm_ if pipe is not None else clip_grad_norm_  # PP: norm over every stage
         loss_mesh = mesh.dp if pipe is None else None  # PP: only last stages hold losses, so sum over the world
         loggers = build_metric_loggers(loop.metric_loggers if rank0 else [], out_dir)  # rank 0 logs
@@ -236,7 +127,7 @@ def recipe_main(cfg: DictConfig) -> dict:
                 local_loss = pipe.train_step(micro_batches, num_tokens, device, data.train_ds)
             else:
                 for i, mb in enumerate(micro_batches):
-                    mb = to_device(drop_unlabeled_tail(mb) if padding_free else mb, device)
+                    mb = to_device(drop_unlabeled_tail(mb) if run.padding_free else mb, device)
                     set_gradient_sync(model, i == accum - 1)  # reduce-scatter only after the last micro-batch
                     with loss_ctx():
                         loss = loss_sum(model, mb) / num_tokens  # forward + loss
@@ -261,76 +152,23 @@ def recipe_main(cfg: DictConfig) -> dict:
             if loop.log_due(step, total_steps):  # means over the steps since the last log
                 log_train_row(loggers, step, window.flush(lr, stream.epoch), device, grad_norm)
             if data.val_ds is not None and val_cfg.due(step, total_steps):
-                val = evaluate_loss_distributed(
-                    model,
-                    data.val_ds,
-                    data.collate,
-                    val_batch_size,
-                    mesh.dp,
-                    device,
-                    val_loss_sum,
-                    val_cfg.max_batches,
-                    loss_ctx,
-                )
+                val = validate()
                 loggers.log_dict(validation_row(val), step)
-                if stopper.update(val["loss"], step, lambda: local_shards(kept)):
+                if stopper.update(val["loss"], step, shards):
                     if rank0:
-                        print(
-                            f"early stopping at step {step}: no validation improvement in {stopper.patience} evaluations"
-                        )
+                        report_patience_stop(step, stopper.patience)
                     break
             if loop.checkpoint_due(step):
-                save_sharded_state(
-                    ckpt,
-                    step,
-                    model=model,
-                    optimizer=optimizer,
-                    lr_scheduler=lr_scheduler,
-                    stream=stream,
-                    accum=accum,
-                    fingerprint=fingerprint,
-                    stateful=states,
-                )
+                state.save(step)
             if loop.stops_early(step, total_steps):
-                progress.close()
-                loggers.close()
-                if rank0:
-                    report_early_stop(step)
-                return {"step": step, "loss": window.last_loss, "output_dir": out_dir}
+                return end_after_stop(step, window.last_loss, out_dir, progress, loggers, rank0)
         progress.close()
 
         # ---- 6. final validation, export (gathered on rank 0), plot --------------------------------
-        summary = {
-            "step": step,
-            "loss": window.last_loss,
-            "output_dir": out_dir,
-            "world_size": dist_info.world_size,
-            "skipped_steps": guard.skipped,
-            **window.totals(),
-            "data": data_summary(data.train_ds),
-        }
-        if data.val_ds is not None:
-            val = validation_row(
-                evaluate_loss_distributed(
-                    model,
-                    data.val_ds,
-                    data.collate,
-                    val_batch_size,
-                    mesh.dp,
-                    device,
-                    val_loss_sum,
-                    val_cfg.max_batches,
-                    loss_ctx,
-                )
-            )
-            loggers.log_dict(val, step)
-            summary.update(val)
-            if stopper.active and step != stopper.best_step:
-                stopper.update(val["val_loss"], step, lambda: local_shards(kept))
-        if stopper.active:
-            summary.update(stopper.summary(), stopped_early=step < total_steps)
-            stopper.restore_best(kept, load_local_shards)  # save_best: hf_model/ holds the best step's weights
-        loggers.close()
+        # final validation, early-stopping outcome (save_best: the best step's weights restored), loggers closed
+        summary = finish_distributed(
+            run, data, step, total_steps, window, guard, validate, loggers, stopper, kept, shards
+        )
         if s.save_hf:
             full = gather_full_state_dict(model) if pipe is None else pipe.gather_full_state_dict()  # collective
             if rank0:
@@ -339,13 +177,7 @@ def recipe_main(cfg: DictConfig) -> dict:
                 )
             del full
         if rank0:
-            if s.plot_loss:
-                summary["loss_plot"] = plot_loss(
-                    os.path.join(out_dir, "metrics.jsonl"),
-                    os.path.join(out_dir, "loss.png"),
-                    title="full_finetune_distributed",
-                )
-            write_summary(out_dir, summary, t_start)
+            plot_and_write_summary(out_dir, summary, t_start, "full_finetune_distributed" if s.plot_loss else None)
         return summary
 
 

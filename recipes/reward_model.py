@@ -21,33 +21,31 @@ from omegaconf import DictConfig
 import tinytune.config
 from tinytune.checkpoint import save_reward_checkpoint
 from tinytune.config.recipe_settings import RewardModelSettings
-from tinytune.datasets import data_summary
 from tinytune.modules.peft import get_adapter_params, get_merged_state_dict, set_trainable_params
 from tinytune.modules.reward import RewardModel
 from tinytune.training import (
     NonFiniteGuard,
+    TrainingState,
     TrainProgress,
     apply_activation_checkpointing,
     build_metric_loggers,
     build_optimizer_and_scheduler,
     config_fingerprint,
     current_lr,
+    end_after_stop,
     load_model_and_tokenizer,
     log_train_row,
     open_checkpointer,
     optimizer_step,
-    plot_loss,
+    plot_and_write_summary,
     prepare_output_dir,
-    report_early_stop,
     reset_peak_memory,
-    resume_training_state,
     reward_accumulate,
     reward_eval,
-    save_training_state,
+    run_summary,
     setup_device,
     train_data,
     validation_batches,
-    write_summary,
 )
 
 
@@ -89,25 +87,14 @@ def recipe_main(cfg: DictConfig) -> dict:
     optimizer, lr_scheduler = build_optimizer_and_scheduler(s.optim, model.named_parameters(), total_steps)
     ckpt = open_checkpointer(loop.keep_last_checkpoints, out_dir)
     fingerprint = config_fingerprint(cfg, model, data.train_ds, info)  # checked on resume
-    weights_key = "adapter" if use_lora else "model"
+    state = TrainingState(ckpt, "adapter" if use_lora else "model", optimizer, lr_scheduler, data, fingerprint)
 
     def weights():  # LoRA: adapters + head (what trains); full: everything
         return (
             {n: p.detach() for n, p in model.named_parameters() if p.requires_grad} if use_lora else model.state_dict()
         )
 
-    step = resume_training_state(
-        ckpt,
-        loop.resume_from_checkpoint,
-        model=model,
-        weights_key=weights_key,
-        optimizer=optimizer,
-        lr_scheduler=lr_scheduler,
-        stream=stream,
-        accum=accum,
-        fingerprint=fingerprint,
-        total_steps=total_steps,
-    )
+    step = state.resume(loop.resume_from_checkpoint, model, total_steps)
 
     # ---- 5. training loop -------------------------------------------------------------------
     loggers = build_metric_loggers(loop.metric_loggers, out_dir)
@@ -128,40 +115,18 @@ def recipe_main(cfg: DictConfig) -> dict:
         progress.update(metrics["loss"], lr, metrics["pairs"] / max(dt, 1e-9))
         if loop.log_due(step, total_steps):
             log_train_row(loggers, step, {**metrics, "lr": lr}, device, grad_norm)
-        if (
-            val_loader is not None
-            and val_cfg.every_n_steps
-            and (step % val_cfg.every_n_steps == 0 or step == total_steps)
-        ):
+        if val_loader is not None and val_cfg.due(step, total_steps, include_last=True):
             val = reward_eval(model, val_loader, device, val_cfg.max_batches)
             loggers.log_dict({f"val_{k}": v for k, v in val.items() if k != "pairs"}, step)
         if loop.checkpoint_due(step):
-            save_training_state(
-                ckpt,
-                step,
-                {weights_key: weights()},
-                optimizer=optimizer,
-                lr_scheduler=lr_scheduler,
-                stream=stream,
-                accum=accum,
-                fingerprint=fingerprint,
-            )
+            state.save(step, weights())
         if loop.stops_early(step, total_steps):
-            progress.close()
-            loggers.close()
-            report_early_stop(step)
-            return {"step": step, "loss": metrics["loss"], "output_dir": out_dir}
+            return end_after_stop(step, metrics["loss"], out_dir, progress, loggers)
     progress.close()
     loggers.close()
 
     # ---- 6. export (HF sequence classification) and plot --------------------------------------
-    summary = {
-        "step": step,
-        "loss": metrics["loss"],
-        "output_dir": out_dir,
-        "skipped_steps": guard.skipped,
-        "data": data_summary(data.train_ds),
-    }
+    summary = run_summary(step, metrics["loss"], out_dir, guard.skipped, data.train_ds)
     if val is not None:
         summary["val_accuracy"] = val["accuracy"]
     sd = get_merged_state_dict(decoder) if use_lora else decoder.state_dict()
@@ -173,12 +138,7 @@ def recipe_main(cfg: DictConfig) -> dict:
         pad_token_id=pad_id,
         tokenizer_dir=checkpoint_dir,
     )
-    summary["loss_plot"] = plot_loss(
-        os.path.join(out_dir, "metrics.jsonl"),
-        os.path.join(out_dir, "loss.png"),
-        title=f"reward_model: {os.path.basename(out_dir)}",
-    )
-    return write_summary(out_dir, summary, t_start)
+    return plot_and_write_summary(out_dir, summary, t_start, f"reward_model: {os.path.basename(out_dir)}")
 
 
 if __name__ == "__main__":

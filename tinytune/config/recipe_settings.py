@@ -279,9 +279,15 @@ class ValidationSettings(Settings):
     max_batches: int | None = setting(None, "cap on validation batches (null: all)", ge=1)
     batch_size: int | None = setting(None, "validation batch size (null: batch_size)", ge=1)
 
-    def due(self, step: int, total_steps: int) -> bool:
-        """Validation runs at this step during training (the final one is the recipe's own)."""
-        return bool(self.every_n_steps) and step % self.every_n_steps == 0 and step != total_steps
+    def due(self, step: int, total_steps: int, include_last: bool = False) -> bool:
+        """Validation runs at this step during training: every ``every_n_steps`` (0: never). The last
+        step counts only with ``include_last`` (recipes with no final validation of their own); else
+        the final one is the recipe's own."""
+        if not self.every_n_steps:
+            return False
+        if step == total_steps:
+            return include_last
+        return step % self.every_n_steps == 0
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,8 @@ the log window and progress bar, validation, sample generations, and training-st
 from tinytune.training.activation_checkpointing import apply_activation_checkpointing
 from tinytune.training.activation_offloading import ActivationOffloader, apply_activation_offloading
 from tinytune.training.checkpointing import (
+    ShardedTrainingState,
+    TrainingState,
     open_checkpointer,
     open_sharded_checkpointer,
     resume_sharded_state,
@@ -17,10 +19,26 @@ from tinytune.training.checkpointing import (
     save_training_state,
 )
 from tinytune.training.data import BatchStream, split_dataset, to_device, validation_batches
-from tinytune.training.dpo import chosen_rejected_logps, dpo_accumulate, dpo_eval, make_reference
+from tinytune.training.distributed_run import (
+    DistributedRun,
+    distributed_run,
+    distributed_train_data,
+    distributed_validator,
+    finish_distributed,
+    load_sharded_model,
+    sharded_early_stopping,
+)
+from tinytune.training.dpo import (
+    chosen_rejected_logps,
+    dpo_accumulate,
+    dpo_eval,
+    make_reference,
+    policy_and_reference,
+)
 from tinytune.training.early_stopping import EarlyStopping
 from tinytune.training.evaluation import evaluate_loss
 from tinytune.training.gguf_export import export_gguf
+from tinytune.training.hf_export import export_hf_model
 from tinytune.training.kto import kto_accumulate, kto_eval
 from tinytune.training.loss_scaling import LossScaler, autocast_fp16, fp16_loss_scaler, scaled
 from tinytune.training.losses import (
@@ -36,8 +54,12 @@ from tinytune.training.memory import memory_stats, reset_peak_memory
 from tinytune.training.metric_logging import (
     LogWindow,
     build_metric_loggers,
+    end_after_stop,
     log_train_row,
+    plot_and_write_summary,
     report_early_stop,
+    report_patience_stop,
+    run_summary,
     train_row,
     validation_row,
     write_summary,
@@ -79,14 +101,17 @@ from tinytune.training.text_metrics import evaluate_generations, validation_gene
 __all__ = [
     "IGNORE_INDEX",
     "BatchStream",
+    "DistributedRun",
     "EarlyStopping",
     "LogWindow",
     "Precision",
     "NonFiniteGuard",
     "PreferenceLoss",
     "SampleGenerations",
+    "ShardedTrainingState",
     "TrainData",
     "TrainProgress",
+    "TrainingState",
     "activate_neftune",
     "apply_activation_checkpointing",
     "apply_activation_offloading",
@@ -102,18 +127,25 @@ __all__ = [
     "config_fingerprint",
     "count_label_tokens",
     "current_lr",
+    "distributed_run",
+    "distributed_train_data",
+    "distributed_validator",
     "dpo_accumulate",
     "dpo_eval",
     "dpo_loss",
     "drop_unlabeled_tail",
+    "end_after_stop",
     "evaluate_generations",
     "evaluate_loss",
     "export_gguf",
+    "export_hf_model",
+    "finish_distributed",
     "get_lr_scheduler",
     "kto_accumulate",
     "kto_eval",
     "load_model",
     "load_model_and_tokenizer",
+    "load_sharded_model",
     "load_tokenizer",
     "log_train_row",
     "model_lora",
@@ -127,18 +159,23 @@ __all__ = [
     "fp16_loss_scaler",
     "scaled",
     "param_groups",
+    "plot_and_write_summary",
     "plot_loss",
+    "policy_and_reference",
     "prepare_output_dir",
     "report_early_stop",
+    "report_patience_stop",
     "reset_peak_memory",
     "resolve_checkpoint_dir",
     "resume_sharded_state",
     "resume_training_state",
     "reward_accumulate",
     "reward_eval",
+    "run_summary",
     "save_sharded_state",
     "save_training_state",
     "setup_device",
+    "sharded_early_stopping",
     "sft_accumulate",
     "sft_loss",
     "sft_loss_sum",

@@ -263,3 +263,70 @@ def save_sharded_state(
         },
         fingerprint=fingerprint,
     )
+
+
+class TrainingState:
+    """A single-device run's checkpointer with what each of its resumes and saves passes along.
+
+    Args:
+        ckpt: from :func:`open_checkpointer`.
+        weights_key: ``"model"`` (every weight) or ``"adapter"`` (the trained parameters).
+        optimizer, lr_scheduler: saved with every checkpoint, restored on resume.
+        data: the run's :class:`tinytune.training.setup.TrainData` (its ``stream`` is saved and
+            restored; its ``accum`` must match on resume).
+        fingerprint: the run's fingerprint (stored; compared on resume).
+    """
+
+    def __init__(self, ckpt, weights_key: str, optimizer, lr_scheduler, data, fingerprint: dict):
+        self.ckpt, self.weights_key = ckpt, weights_key
+        self.common = dict(
+            optimizer=optimizer,
+            lr_scheduler=lr_scheduler,
+            stream=data.stream,
+            accum=data.accum,
+            fingerprint=fingerprint,
+        )
+
+    def resume(self, resume_from: Any, model: nn.Module, total_steps: int) -> int:
+        """:func:`resume_training_state`; returns the step to continue from (0: nothing resumed)."""
+        return resume_training_state(
+            self.ckpt, resume_from, model=model, weights_key=self.weights_key, total_steps=total_steps, **self.common
+        )
+
+    def save(self, step: int, weights: dict[str, Any]) -> None:
+        """:func:`save_training_state` of ``weights`` (a state dict) under ``weights_key``."""
+        save_training_state(self.ckpt, step, {self.weights_key: weights}, **self.common)
+
+
+class ShardedTrainingState:
+    """A distributed run's DCP checkpointer with what each of its resumes and saves passes along.
+
+    Args:
+        ckpt: from :func:`open_sharded_checkpointer`.
+        model, optimizer: sharded; saved and restored in place.
+        lr_scheduler: saved with every checkpoint, restored on resume.
+        data: the run's :class:`tinytune.training.setup.TrainData` (``stream`` saved and restored,
+            ``accum`` checked).
+        fingerprint: the run's fingerprint (stored; compared on resume).
+        stateful: further JSON-able states (e.g. ``EarlyStopping.tracking_only()``) by key.
+    """
+
+    def __init__(self, ckpt, model: nn.Module, optimizer, lr_scheduler, data, fingerprint: dict, stateful=None):
+        self.ckpt = ckpt
+        self.common = dict(
+            model=model,
+            optimizer=optimizer,
+            lr_scheduler=lr_scheduler,
+            stream=data.stream,
+            accum=data.accum,
+            fingerprint=fingerprint,
+            stateful=stateful,
+        )
+
+    def resume(self, resume_from: Any, total_steps: int) -> int:
+        """:func:`resume_sharded_state` (collective); returns the step to continue from."""
+        return resume_sharded_state(self.ckpt, resume_from, total_steps=total_steps, **self.common)
+
+    def save(self, step: int) -> None:
+        """:func:`save_sharded_state` of ``step`` (collective)."""
+        save_sharded_state(self.ckpt, step, **self.common)

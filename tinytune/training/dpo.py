@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 from typing import Callable, Sequence
 
 import torch
 from torch import nn
 
-from tinytune.modules.peft import disable_adapters
+from tinytune.modules.peft import disable_adapters, get_adapter_params, set_trainable_params
 from tinytune.training.data import to_device
 from tinytune.training.losses import IGNORE_INDEX, sequence_logps
 from tinytune.training.preference_losses import PreferenceLoss
@@ -47,6 +48,25 @@ def make_reference(model: nn.Module, frozen_copy: nn.Module | None) -> Callable[
                 yield model
 
     return reference
+
+
+def policy_and_reference(model: nn.Module, needs_reference: bool = True) -> tuple[bool, Callable]:
+    """Makes ``model`` the trained policy of a preference recipe; returns ``(use_lora, reference)``.
+
+    A LoRA policy (the model has adapters) trains only its adapters, and its reference is itself
+    with adapters disabled; a full policy trains every parameter, and its reference is a frozen copy
+    taken now (none when ``needs_reference`` is false: reference-free losses). ``reference`` is
+    :func:`make_reference`'s context.
+    """
+    use_lora = bool(get_adapter_params(model))
+    frozen = None
+    if use_lora:
+        set_trainable_params(model)
+    else:
+        model.requires_grad_(True)
+        if needs_reference:
+            frozen = copy.deepcopy(model).requires_grad_(False).eval()  # reference = frozen copy
+    return use_lora, make_reference(model, frozen)
 
 
 def _pair_terms(model: nn.Module, reference, mb: dict, loss_fn: PreferenceLoss):

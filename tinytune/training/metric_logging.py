@@ -20,7 +20,9 @@ import sys
 import time
 from typing import Any, Iterable, Mapping, TextIO
 
+from tinytune.datasets import data_summary
 from tinytune.errors import dumps_json_line, json_safe
+from tinytune.training.plotting import plot_loss
 
 log = logging.getLogger(__name__)
 
@@ -287,6 +289,33 @@ def report_early_stop(step: int) -> None:
     print(f"stopped after step {step} (stop_after_steps); resume with resume_from_checkpoint=auto")
 
 
+def report_patience_stop(step: int, patience: int) -> None:
+    """Prints the early-stopping message (no validation improvement in ``patience`` evaluations)."""
+    print(f"early stopping at step {step}: no validation improvement in {patience} evaluations")
+
+
+def end_after_stop(step: int, loss: float, out_dir: str, progress, loggers, rank0: bool = True) -> dict:
+    """Ends a run at ``stop_after_steps``: closes the progress bar and the loggers, prints the resume
+    hint (rank 0) and returns the short summary ``{"step", "loss", "output_dir"}``."""
+    progress.close()
+    loggers.close()
+    if rank0:
+        report_early_stop(step)
+    return {"step": step, "loss": loss, "output_dir": out_dir}
+
+
+def run_summary(step: int, loss: float, out_dir: str, skipped_steps: int, train_ds) -> dict:
+    """The summary every single-device preference run starts from: ``{"step", "loss", "output_dir",
+    "skipped_steps", "data"}`` (``data``: :func:`tinytune.datasets.data_summary` of ``train_ds``)."""
+    return {
+        "step": step,
+        "loss": loss,
+        "output_dir": out_dir,
+        "skipped_steps": skipped_steps,
+        "data": data_summary(train_ds),
+    }
+
+
 def write_summary(out_dir: str, summary: dict, t_start: float) -> dict:
     """Adds ``total_seconds`` (since ``t_start``, a ``perf_counter`` value), writes
     ``out_dir/summary.json``, prints ``done: {...}`` and returns ``summary``.
@@ -299,3 +328,13 @@ def write_summary(out_dir: str, summary: dict, t_start: float) -> dict:
         json.dump(json_safe(summary), f, indent=2, default=str, allow_nan=False)
     print(f"done: {json.dumps(summary, default=str)}")
     return summary
+
+
+def plot_and_write_summary(out_dir: str, summary: dict, t_start: float, plot_title: str | None) -> dict:
+    """Plots ``out_dir/metrics.jsonl`` into ``out_dir/loss.png`` titled ``plot_title`` (``None``: no
+    plot; the path goes in ``summary["loss_plot"]``), then :func:`write_summary`."""
+    if plot_title is not None:
+        summary["loss_plot"] = plot_loss(
+            os.path.join(out_dir, "metrics.jsonl"), os.path.join(out_dir, "loss.png"), title=plot_title
+        )
+    return write_summary(out_dir, summary, t_start)
