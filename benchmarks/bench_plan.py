@@ -82,8 +82,8 @@ def write_checkpoint(out_dir: str, sizes: dict) -> str:
 
     from tests._recipe_fixtures import make_tokenizer_files
     from tinytune.checkpoint import save_hf_checkpoint
-    from tinytune.checkpoint.loader import build_model
     from tinytune.checkpoint.model_info import model_info_from_hf_config
+    from tinytune.checkpoint.model_loading import build_model
 
     make_tokenizer_files(out_dir, vocab_size=320)
     cfg = {

@@ -1,7 +1,7 @@
 """Reward model training on one device: a scalar head on the decoder, Bradley-Terry loss on pairs.
 
 Each sequence's score is ``score(h_last)``: a ``Linear(dim, 1)`` on the final hidden state at its
-last non-padding token (:class:`tinytune.modules.reward.RewardModel`). The loss is
+last non-padding token (:class:`tinytune.modules.reward_head.RewardModel`). The loss is
 ``-log sigmoid(r_chosen - r_rejected)`` averaged over the pairs of an optimizer step; validation
 reports the loss and the accuracy (chosen scored above rejected). The result is exported as an HF
 ``<Arch>ForSequenceClassification`` checkpoint (``hf_model/``) that transformers loads with the
@@ -22,7 +22,7 @@ import tinytune.config
 from tinytune.checkpoint import save_reward_checkpoint
 from tinytune.config.recipe_settings import RewardModelSettings
 from tinytune.modules.peft import get_adapter_params, get_merged_state_dict, set_trainable_params
-from tinytune.modules.reward import RewardModel
+from tinytune.modules.reward_head import RewardModel
 from tinytune.training import (
     NonFiniteGuard,
     TrainingState,

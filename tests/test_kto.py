@@ -13,7 +13,7 @@ import torch
 from tinytune.datasets import DatasetError, kto_collate, kto_dataset
 from tinytune.models.smollm2 import smollm2_tiny
 from tinytune.training.dpo import make_reference
-from tinytune.training.kto import kto_accumulate, kto_eval, mismatched_batches
+from tinytune.training.kto_step import kto_accumulate, kto_eval, mismatched_batches
 from tinytune.training.preference_losses import kto_kl, kto_losses
 
 

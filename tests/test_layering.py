@@ -112,17 +112,8 @@ def test_recipes_import_no_other_recipe():
             assert not any(n == "recipes" or n.startswith("recipes.") for n in names), (path.name, names)
 
 
-#: Clashes older than this test, left for a rename when those files are next reworked (renaming them
-#: now would collide with open branches): the test keeps new ones out.
-KNOWN_CLASHES = {
-    "lora",
-    "base",
-    "loader",
-    # merged from the methods / tmpl branches before this test reached main; rename next
-    "errors",
-    "reward",
-    "kto",
-}
+#: Module names that may repeat across packages (none today: the old clashes were renamed).
+KNOWN_CLASHES: set[str] = set()
 
 
 def test_no_two_modules_share_a_name_across_packages():

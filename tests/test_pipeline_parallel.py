@@ -197,8 +197,8 @@ def test_layers_per_stage_fixes_the_split():
     from tinytune.distributed.pipeline_stages import stage_layer_ranges
 
     with torch.device("meta"):
-        from tinytune.checkpoint.loader import build_model
         from tinytune.checkpoint.model_info import model_info_from_hf_config
+        from tinytune.checkpoint.model_loading import build_model
 
         model = build_model(
             model_info_from_hf_config(
@@ -240,8 +240,8 @@ def test_recipe_refuses_a_bad_layout_before_creating_a_process_group(ckpt, tmp_p
 def test_stage_lora_init_follows_lora_init(tmp_path):
     """The pipeline draws every adapter of the whole model up front; lora_init: gaussian must draw N(0, 1/r),
     the same values as the module's own init in module order (as one process loads them)."""
-    from tinytune.checkpoint.loader import build_model
     from tinytune.checkpoint.model_info import read_model_info
+    from tinytune.checkpoint.model_loading import build_model
     from tinytune.config.recipe_settings import LoRASettings
     from tinytune.distributed.pipeline import _lora_init_values
     from tinytune.models.lora_builders import lora_factory

@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-from tinytune.checkpoint.loader import build_model
 from tinytune.checkpoint.model_info import model_info_from_hf_config
+from tinytune.checkpoint.model_loading import build_model
 from tinytune.cli.main import main as tune
 from tinytune.config import ConfigError
 from tinytune.config.recipe_settings import LoRASettings

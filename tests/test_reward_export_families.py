@@ -15,7 +15,7 @@ from _recipe_fixtures import make_tokenizer_files, write_preference_jsonl
 from omegaconf import OmegaConf
 
 from tinytune.checkpoint import load_hf_model, save_reward_checkpoint
-from tinytune.modules.reward import RewardModel
+from tinytune.modules.reward_head import RewardModel
 
 transformers = pytest.importorskip("transformers")
 

@@ -13,8 +13,8 @@ import yaml
 from _recipe_fixtures import make_tiny_checkpoint, write_preference_jsonl
 
 from tinytune.checkpoint import load_hf_model, save_reward_checkpoint
-from tinytune.modules.reward import RewardModel, last_non_pad_index
-from tinytune.training.reward import reward_accumulate
+from tinytune.modules.reward_head import RewardModel, last_non_pad_index
+from tinytune.training.reward_step import reward_accumulate
 
 transformers = pytest.importorskip("transformers")
 

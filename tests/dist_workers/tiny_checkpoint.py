@@ -3,8 +3,8 @@
 import torch
 
 from tinytune.checkpoint import save_hf_checkpoint
-from tinytune.checkpoint.loader import build_model
 from tinytune.checkpoint.model_info import model_info_from_hf_config
+from tinytune.checkpoint.model_loading import build_model
 
 
 def write_tiny_checkpoint(

@@ -236,7 +236,7 @@ def convert_hf_to_gguf(hf_dir: str, out_path: str, out_type: str = "f16") -> str
     Returns:
         ``out_path``.
     """
-    from tinytune.checkpoint.loader import load_hf_model  # noqa: PLC0415  (loader imports the model builders)
+    from tinytune.checkpoint.model_loading import load_hf_model  # noqa: PLC0415  (loader imports the model builders)
     from tinytune.tokenizers import load_tokenizer  # noqa: PLC0415
 
     out_type = check_gguf_type(out_type)

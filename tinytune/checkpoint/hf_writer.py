@@ -13,9 +13,9 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from tinytune.checkpoint.adapters import is_lora_key, lora_scaling_from, merge_lora_state_dict
 from tinytune.checkpoint.atomic import fsync_dir, write_file_atomic, write_json_atomic
 from tinytune.checkpoint.keys import hf_key_map
-from tinytune.checkpoint.lora import is_lora_key, lora_scaling_from, merge_lora_state_dict
 from tinytune.checkpoint.model_info import CheckpointError, ModelInfo, hf_config_from_model_info
 from tinytune.checkpoint.tensors import to_plain_tensor
 

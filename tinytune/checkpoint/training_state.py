@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from tinytune.checkpoint.lora import is_lora_key
+from tinytune.checkpoint.adapters import is_lora_key
 from tinytune.checkpoint.model_info import CheckpointError
 from tinytune.checkpoint.step_dirs import StepDirectories
 from tinytune.device import rng_state, set_rng_state

@@ -51,8 +51,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run_gguf(args: argparse.Namespace) -> int:
     """Convert; print where the checkpoint went. Returns the exit status."""
     from tinytune.checkpoint.gguf_convert import convert_gguf_to_hf  # noqa: PLC0415
-    from tinytune.checkpoint.loader import resolve_dtype  # noqa: PLC0415
     from tinytune.checkpoint.model_info import CheckpointError  # noqa: PLC0415
+    from tinytune.checkpoint.model_loading import resolve_dtype  # noqa: PLC0415
 
     if os.path.exists(args.out_dir) and not args.overwrite:
         print(f"tune convert: error: {args.out_dir} exists; pass --overwrite to replace it", file=sys.stderr)

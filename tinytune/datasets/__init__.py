@@ -8,9 +8,8 @@ Config builders: :func:`sft_dataset` (alias ``chat_dataset``), :func:`text_datas
 from tinytune.datasets.cache import TokenCache, default_cache_dir
 from tinytune.datasets.collate import packed_collate, padded_collate, preference_collate
 from tinytune.datasets.corpora import chatterbot_dataset, chitchat_dataset
+from tinytune.datasets.data_errors import DatasetError
 from tinytune.datasets.encoding import IGNORE_INDEX, SampleEncoder, labels_from_mask
-from tinytune.datasets.errors import DatasetError
-from tinytune.datasets.kto import KTODataset, kto_collate, kto_dataset
 from tinytune.datasets.packing import PackedDataset, pack_bins
 from tinytune.datasets.readers import iter_rows
 from tinytune.datasets.sampler import GroupByLengthSampler
@@ -24,6 +23,7 @@ from tinytune.datasets.sft import (
 )
 from tinytune.datasets.show import data_summary, dataset_stats, show_dataset
 from tinytune.datasets.templates import TemplateError, get_template
+from tinytune.datasets.unpaired import KTODataset, kto_collate, kto_dataset
 
 __all__ = [
     "IGNORE_INDEX",

@@ -31,8 +31,8 @@ from typing import Any
 
 import numpy as np
 
+from tinytune.datasets.data_errors import BadSampleLog, DatasetError
 from tinytune.datasets.encoding import DROP_REASONS
-from tinytune.datasets.errors import BadSampleLog, DatasetError
 from tinytune.datasets.readers import _plain, is_row_list, resolve_files
 
 log = logging.getLogger("tinytune.datasets")

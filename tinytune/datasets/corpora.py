@@ -19,8 +19,8 @@ from typing import Any
 import yaml
 
 from tinytune.datasets.cache import _hash_file
+from tinytune.datasets.data_errors import BadSampleLog, DatasetError
 from tinytune.datasets.encoding import DEFAULT_TRUNCATION
-from tinytune.datasets.errors import BadSampleLog, DatasetError
 from tinytune.datasets.sft import _finish_sft, _resolve_template, build_token_cache
 
 

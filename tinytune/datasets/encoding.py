@@ -15,10 +15,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tinytune.datasets.errors import DatasetError
+from tinytune.datasets.data_errors import DatasetError
 from tinytune.datasets.styles import ChatSample, PreferenceSample, TextSample
 from tinytune.datasets.templates import Segment, TemplateError
-from tinytune.datasets.templates.base import check_enable_thinking
+from tinytune.datasets.templates.template_spec import check_enable_thinking
 
 IGNORE_INDEX = -100
 TRUNCATION_POLICIES = ("balanced", "prompt_first", "right", "drop")

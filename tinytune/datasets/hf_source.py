@@ -21,8 +21,8 @@ from typing import Any
 
 from torch.utils.data import IterableDataset
 
+from tinytune.datasets.data_errors import DatasetError
 from tinytune.datasets.encoding import DEFAULT_TRUNCATION, DROP_REASONS, SampleEncoder
-from tinytune.datasets.errors import DatasetError
 from tinytune.datasets.readers import _plain
 from tinytune.datasets.sft import _finish_sft, _resolve_template, build_token_cache, convert_row
 from tinytune.datasets.styles import check_tags

@@ -14,7 +14,7 @@ from typing import Any
 
 from tinytune.datasets.cache import _hash_file
 from tinytune.datasets.corpora import _build
-from tinytune.datasets.errors import BadSampleLog, DatasetError
+from tinytune.datasets.data_errors import BadSampleLog, DatasetError
 
 IDENTITY_FILE = os.path.join(os.path.dirname(__file__), "data", "identity.json")
 

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 import numpy as np
 from torch.utils.data import Dataset, IterableDataset
 
-from tinytune.datasets.errors import DatasetError
+from tinytune.datasets.data_errors import DatasetError
 
 log = logging.getLogger("tinytune.datasets")
 

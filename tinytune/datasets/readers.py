@@ -13,7 +13,7 @@ import os
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
-from tinytune.datasets.errors import BadSampleLog, DatasetError
+from tinytune.datasets.data_errors import BadSampleLog, DatasetError
 
 SUPPORTED_EXTENSIONS = (".json", ".jsonl", ".csv", ".parquet", ".arrow", ".ipc", ".feather", ".txt")
 LIST_SOURCE = "<list>"

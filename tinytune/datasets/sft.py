@@ -28,8 +28,8 @@ from tinytune.datasets.cache import (
     load_or_build,
 )
 from tinytune.datasets.collate import preference_collate
+from tinytune.datasets.data_errors import BadSampleLog, DatasetError
 from tinytune.datasets.encoding import DEFAULT_TRUNCATION, SampleEncoder
-from tinytune.datasets.errors import BadSampleLog, DatasetError
 from tinytune.datasets.packing import PackedDataset
 from tinytune.datasets.readers import _plain, apply_column_map, iter_rows
 from tinytune.datasets.styles import STYLES, ChatSample, PreferenceSample, check_tags, row_to_sample

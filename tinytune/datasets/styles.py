@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from tinytune.datasets.errors import DatasetError
+from tinytune.datasets.data_errors import DatasetError
 
 STYLES = ("auto", "alpaca", "sharegpt", "messages", "prompt_completion", "text", "preference")
 

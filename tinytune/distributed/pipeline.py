@@ -28,11 +28,11 @@ from torch.distributed.pipelining import (
 )
 from torch.distributed.tensor import DTensor
 
+from tinytune.checkpoint.adapters import is_lora_key
 from tinytune.checkpoint.hf_reader import iter_shards
 from tinytune.checkpoint.keys import hf_key_map
-from tinytune.checkpoint.loader import build_model
-from tinytune.checkpoint.lora import is_lora_key
 from tinytune.checkpoint.model_info import CheckpointError, ModelInfo, read_model_info
+from tinytune.checkpoint.model_loading import build_model
 from tinytune.config._errors import ConfigError
 from tinytune.datasets.encoding import IGNORE_INDEX
 from tinytune.distributed.fsdp import apply_fsdp, load_full_state_dict, materialize_meta_model

@@ -13,11 +13,11 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 
+from tinytune.checkpoint.adapters import is_lora_key
 from tinytune.checkpoint.hf_reader import find_weight_files, iter_shards, list_keys
 from tinytune.checkpoint.keys import hf_key_map
-from tinytune.checkpoint.loader import build_model
-from tinytune.checkpoint.lora import is_lora_key
 from tinytune.checkpoint.model_info import CheckpointError, ModelInfo, read_model_info
+from tinytune.checkpoint.model_loading import build_model
 from tinytune.distributed.fsdp import apply_fsdp, load_full_state_dict, materialize_meta_model
 from tinytune.distributed.mesh import ParallelMesh
 from tinytune.distributed.parallel_plans import apply_tp

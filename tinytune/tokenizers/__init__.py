@@ -4,6 +4,13 @@ HF `tokenizer.json` / `vocab.json`+`merges.txt` vocabularies run on tiktoken's R
 `tokenizers` package is not needed at run time. See docs/ARCHITECTURE.md ("Tokenizer").
 """
 
+from tinytune.tokenizers.autodetect import (
+    gguf_tokenizer,
+    hf_json_tokenizer,
+    load_tokenizer,
+    tiktoken_tokenizer,
+    vocab_merges_tokenizer,
+)
 from tinytune.tokenizers.base import AddedToken, Tokenizer
 from tinytune.tokenizers.bpe import BPETokenizer
 from tinytune.tokenizers.families import (
@@ -16,13 +23,6 @@ from tinytune.tokenizers.families import (
     smollm2_tokenizer,
 )
 from tinytune.tokenizers.gguf import hf_tokenizer_files_from_gguf
-from tinytune.tokenizers.loader import (
-    gguf_tokenizer,
-    hf_json_tokenizer,
-    load_tokenizer,
-    tiktoken_tokenizer,
-    vocab_merges_tokenizer,
-)
 from tinytune.tokenizers.sentencepiece import SentencePieceTokenizer
 from tinytune.tokenizers.special_tokens import llama3_special_tokens, qwen_special_tokens
 

@@ -8,10 +8,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
+from tinytune.tokenizers.autodetect import load_tokenizer
+from tinytune.tokenizers.autodetect import sentencepiece_tokenizer as _load_sentencepiece
 from tinytune.tokenizers.base import AddedToken, Tokenizer
 from tinytune.tokenizers.bpe import BPETokenizer
-from tinytune.tokenizers.loader import load_tokenizer
-from tinytune.tokenizers.loader import sentencepiece_tokenizer as _load_sentencepiece
 from tinytune.tokenizers.patterns import LLAMA3_PATTERN, QWEN2_PATTERN
 from tinytune.tokenizers.special_tokens import QWEN_NON_SPECIAL, llama3_special_tokens, qwen_special_tokens
 from tinytune.tokenizers.tiktoken_file import load_tiktoken_ranks

@@ -1,6 +1,6 @@
 """Special-token tables of the tokenizer families (ids as in their published HF `tokenizer_config.json`).
 
-Read by the family constructors (`families.py`) and by the file loaders (`loader.py`).
+Read by the family constructors (`families.py`) and by the file loaders (`autodetect.py`).
 """
 
 from __future__ import annotations

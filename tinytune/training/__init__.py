@@ -39,7 +39,7 @@ from tinytune.training.early_stopping import EarlyStopping
 from tinytune.training.evaluation import evaluate_loss
 from tinytune.training.gguf_export import export_gguf
 from tinytune.training.hf_export import export_hf_model
-from tinytune.training.kto import kto_accumulate, kto_eval
+from tinytune.training.kto_step import kto_accumulate, kto_eval
 from tinytune.training.loss_scaling import LossScaler, autocast_fp16, fp16_loss_scaler, scaled
 from tinytune.training.losses import (
     IGNORE_INDEX,
@@ -73,7 +73,7 @@ from tinytune.training.preference_losses import PreferenceLoss
 from tinytune.training.progress import TrainProgress
 from tinytune.training.prompting import SampleGenerations
 from tinytune.training.resume_check import config_fingerprint
-from tinytune.training.reward import reward_accumulate, reward_eval
+from tinytune.training.reward_step import reward_accumulate, reward_eval
 from tinytune.training.setup import (
     TrainData,
     build_collate,

@@ -11,10 +11,10 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 
-from tinytune.datasets.templates.base import ChatTemplate, Segment, TemplateError, segments_to_text
 from tinytune.datasets.templates.builtin import BUILTIN_TEMPLATES
 from tinytune.datasets.templates.hf import HFChatTemplate, render_jinja
 from tinytune.datasets.templates.mindspeed import MindSpeedTemplate, mindspeed_table, mindspeed_template
+from tinytune.datasets.templates.template_spec import ChatTemplate, Segment, TemplateError, segments_to_text
 
 _REGISTRY: dict[str, ChatTemplate] = dict(BUILTIN_TEMPLATES)
 

@@ -7,7 +7,7 @@ LLaMA-Factory write it.
 
 from __future__ import annotations
 
-from tinytune.datasets.templates.base import ChatTemplate
+from tinytune.datasets.templates.template_spec import ChatTemplate
 
 _CHATML = dict(
     system="<|im_start|>system\n{content}<|im_end|>\n",

@@ -13,7 +13,7 @@ import json
 from datetime import datetime
 from functools import lru_cache
 
-from tinytune.datasets.templates.base import (
+from tinytune.datasets.templates.template_spec import (
     Segment,
     TemplateError,
     check_enable_thinking,

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
-from tinytune.datasets.templates.base import Segment, TemplateError, segments_to_text
+from tinytune.datasets.templates.template_spec import Segment, TemplateError, segments_to_text
 
 TABLE_FILE = os.path.join(os.path.dirname(__file__), "mindspeed_templates.json")
 

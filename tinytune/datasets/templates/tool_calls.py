@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import re
 
-from tinytune.datasets.templates.errors import TemplateError
+from tinytune.datasets.templates.template_error import TemplateError
 
 TOOL_FORMATS = ("qwen2_5", "qwen3", "llama3_1")
 

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from tinytune.datasets.collate import padded_collate
-from tinytune.datasets.kto import join_prompt_completion
+from tinytune.datasets.unpaired import join_prompt_completion
 from tinytune.training.data import to_device
 from tinytune.training.losses import IGNORE_INDEX, sequence_logps
 from tinytune.training.preference_losses import kto_kl, kto_losses

@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass, field
 
 from tinytune.datasets.templates import tool_calls
-from tinytune.datasets.templates.errors import TemplateError
+from tinytune.datasets.templates.template_error import TemplateError
 
 _PLACEHOLDER = re.compile(r"\{(bos|eos|content)\}")
 

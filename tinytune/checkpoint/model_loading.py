@@ -9,11 +9,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from tinytune.checkpoint.adapters import is_lora_key
 from tinytune.checkpoint.builder_check import check_builder_matches
 from tinytune.checkpoint.gguf_reader import read_gguf
 from tinytune.checkpoint.hf_reader import find_weight_files, iter_shards, list_keys
 from tinytune.checkpoint.keys import hf_key_map
-from tinytune.checkpoint.lora import is_lora_key
 from tinytune.checkpoint.model_info import CheckpointError, ModelInfo, read_model_info
 from tinytune.errors import NonFiniteError
 from tinytune.models import llama_decoder, qwen2_decoder, qwen3_decoder

@@ -3,7 +3,7 @@
 Each row becomes ``prompt_ids`` (the rendered prompt up to the answer, template scaffolding
 included) and ``completion_ids`` (the trained answer tokens, end-of-turn included), so a
 collate can join any prompt with any completion: KTO's KL estimate pairs each prompt with
-another example's completion (:func:`tinytune.training.kto.mismatched_batches`).
+another example's completion (:func:`tinytune.training.kto_step.mismatched_batches`).
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ import torch
 from torch.utils.data import Dataset
 
 from tinytune.datasets.collate import padded_collate
+from tinytune.datasets.data_errors import DatasetError
 from tinytune.datasets.encoding import IGNORE_INDEX, SampleEncoder
-from tinytune.datasets.errors import DatasetError
 from tinytune.datasets.readers import _plain, apply_column_map, iter_rows
 from tinytune.datasets.sft import _resolve_template, _split_indices
 from tinytune.datasets.styles import ChatSample, _text, _turns, validate_conversation
