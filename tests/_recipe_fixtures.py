@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import pathlib
 
 import torch
 
@@ -128,3 +129,37 @@ def write_preference_jsonl(path: str) -> str:
             wrong = QA[(i + 3) % len(QA)][1]
             f.write(json.dumps({"prompt": q, "chosen": a, "rejected": wrong}) + "\n")
     return path
+
+
+def tiny_recipe_assets(root) -> dict:
+    """The inputs most recipe tests share, written under ``root``: a tiny checkpoint and chat data.
+
+    Returns:
+        ``{"root": pathlib.Path, "ckpt": checkpoint dir, "chat": chat JSONL path}``.
+    """
+    root = pathlib.Path(root)
+    return {
+        "root": root,
+        "ckpt": make_tiny_checkpoint(str(root / "model")),
+        "chat": write_chat_jsonl(str(root / "chat.jsonl")),
+    }
+
+
+def tiny_sft_config(assets: dict, out, **over) -> dict:
+    """An SFT recipe config on :func:`tiny_recipe_assets`: CPU, fp32, seed 0, the chat data as
+    ChatML at 64 tokens; ``over`` adds or replaces top-level keys."""
+    cfg = {
+        "output_dir": str(out),
+        "checkpoint_dir": assets["ckpt"],
+        "device": "cpu",
+        "dtype": "fp32",
+        "seed": 0,
+        "dataset": {
+            "_component_": "tinytune.datasets.chat_dataset",
+            "source": assets["chat"],
+            "template": "chatml",
+            "max_seq_len": 64,
+        },
+    }
+    cfg.update(over)
+    return cfg

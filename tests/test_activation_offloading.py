@@ -14,6 +14,7 @@ import os
 
 import pytest
 import torch
+from _recipe_fixtures import tiny_recipe_assets, tiny_sft_config
 
 from tinytune.config import ConfigError
 from tinytune.models.smollm2 import smollm2_tiny
@@ -242,10 +243,7 @@ def test_pinned_offloading_cuda_streams(ac):
 
 @pytest.fixture(scope="module")
 def recipe_assets(tmp_path_factory):
-    from _recipe_fixtures import make_tiny_checkpoint, write_chat_jsonl
-
-    root = tmp_path_factory.mktemp("offload_recipes")
-    return {"ckpt": make_tiny_checkpoint(str(root / "tiny_model")), "chat": write_chat_jsonl(str(root / "chat.jsonl"))}
+    return tiny_recipe_assets(tmp_path_factory.mktemp("offload_recipes"))
 
 
 def _recipe(recipe_assets, tmp_path, recipe, name, rc=(0, None), **over):
@@ -256,28 +254,21 @@ def _recipe(recipe_assets, tmp_path, recipe, name, rc=(0, None), **over):
     from tinytune.cli.main import main as tune_main
 
     out = tmp_path / name
-    cfg = {
-        "output_dir": str(out),
-        "checkpoint_dir": recipe_assets["ckpt"],
-        "device": "cpu",
-        "dtype": "fp32",
-        "seed": 0,
-        "template": "chatml",
-        "dataset": {
-            "_component_": "tinytune.datasets.chat_dataset",
-            "source": recipe_assets["chat"],
+    cfg = tiny_sft_config(
+        recipe_assets,
+        out,
+        **{
             "template": "chatml",
-            "max_seq_len": 64,
+            "batch_size": 4,
+            "shuffle": False,
+            "max_steps": 2,
+            "optimizer": {"name": "adamw", "lr": 1e-3},
+            "lr_scheduler": {"name": "constant"},
+            "metric_loggers": ["jsonl"],
+            "activation_checkpointing": True,
+            **over,
         },
-        "batch_size": 4,
-        "shuffle": False,
-        "max_steps": 2,
-        "optimizer": {"name": "adamw", "lr": 1e-3},
-        "lr_scheduler": {"name": "constant"},
-        "metric_loggers": ["jsonl"],
-        "activation_checkpointing": True,
-        **over,
-    }
+    )
     if recipe == "lora_finetune":
         cfg["model"] = {"lora_attn_modules": ["q_proj", "v_proj"], "lora_rank": 4, "lora_alpha": 8.0}
         cfg["save_merged"] = False

@@ -5,7 +5,7 @@ step and exports the bytes an uninterrupted run does. Changed early-stopping set
 import os
 
 import pytest
-from _recipe_fixtures import make_tiny_checkpoint, write_chat_jsonl
+from _recipe_fixtures import tiny_recipe_assets, tiny_sft_config
 from omegaconf import OmegaConf
 
 from recipes.lora_finetune import recipe_main as lora_main
@@ -15,12 +15,7 @@ from tinytune.errors import ResumeError
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("es_resume")
-    return {
-        "root": root,
-        "ckpt": make_tiny_checkpoint(str(root / "model")),
-        "chat": write_chat_jsonl(str(root / "chat.jsonl")),
-    }
+    return tiny_recipe_assets(tmp_path_factory.mktemp("es_resume"))
 
 
 @pytest.fixture(autouse=True)
@@ -32,31 +27,25 @@ def _cfg(assets, out, **over):
     # lr 0.2 on the tiny model: validation losses 7.49 6.48 6.58 6.00 6.41 6.13: best at step 4, and
     # patience 2 stops at step 6; a run resumed at step 5 that forgot its state would take step 6's
     # 6.13 as a new best and run on
-    cfg = {
-        "output_dir": str(out),
-        "checkpoint_dir": assets["ckpt"],
-        "device": "cpu",
-        "dtype": "fp32",
-        "seed": 0,
-        "dataset": {
-            "_component_": "tinytune.datasets.chat_dataset",
-            "source": assets["chat"],
-            "template": "chatml",
-            "max_seq_len": 64,
-        },
-        "model": {"lora_attn_modules": ["q_proj", "v_proj"], "lora_rank": 4, "lora_alpha": 8.0},
-        "batch_size": 2,
-        "shuffle": True,
-        "max_steps": 12,
-        "optimizer": {"name": "adamw", "lr": 0.2},
-        "validation": {"split_size": 4, "every_n_steps": 1},
-        "early_stopping": {"patience": 2},
-        "save_best": True,
-        "checkpoint_every_n_steps": 1,
-        "metric_loggers": ["jsonl"],
-    }
-    cfg.update(over)
-    return OmegaConf.create(cfg)
+    return OmegaConf.create(
+        tiny_sft_config(
+            assets,
+            out,
+            **{
+                "model": {"lora_attn_modules": ["q_proj", "v_proj"], "lora_rank": 4, "lora_alpha": 8.0},
+                "batch_size": 2,
+                "shuffle": True,
+                "max_steps": 12,
+                "optimizer": {"name": "adamw", "lr": 0.2},
+                "validation": {"split_size": 4, "every_n_steps": 1},
+                "early_stopping": {"patience": 2},
+                "save_best": True,
+                "checkpoint_every_n_steps": 1,
+                "metric_loggers": ["jsonl"],
+                **over,
+            },
+        )
+    )
 
 
 def _bytes(out):

@@ -9,7 +9,7 @@ import logging
 import pytest
 import torch
 import torch.nn.functional as F
-from _recipe_fixtures import make_tiny_checkpoint, write_chat_jsonl
+from _recipe_fixtures import tiny_recipe_assets, tiny_sft_config
 from omegaconf import OmegaConf
 
 from tinytune.checkpoint import TrainingCheckpointer
@@ -256,33 +256,24 @@ def test_checkpoint_round_trip_restores_the_scale(tmp_path):
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("fp16")
-    return {"ckpt": make_tiny_checkpoint(str(root / "model")), "chat": write_chat_jsonl(str(root / "chat.jsonl"))}
+    return tiny_recipe_assets(tmp_path_factory.mktemp("fp16"))
 
 
 def _cfg(assets, out, **over):
-    cfg = {
-        "output_dir": str(out),
-        "checkpoint_dir": assets["ckpt"],
-        "device": "cpu",
-        "dtype": "fp16",
-        "seed": 0,
-        "dataset": {
-            "_component_": "tinytune.datasets.chat_dataset",
-            "source": assets["chat"],
-            "template": "chatml",
-            "max_seq_len": 64,
-        },
-        "model": {"lora_attn_modules": ["q_proj", "v_proj"], "lora_rank": 4, "lora_alpha": 8.0},
-        "batch_size": 2,
-        "gradient_accumulation_steps": 2,
-        "shuffle": False,
-        "max_steps": 6,
-        "optimizer": {"name": "adamw", "lr": 3e-3},
-        "clip_grad_norm": 1.0,
-        "metric_loggers": ["jsonl"],
-        "log_every_n_steps": 1,
-    }
+    cfg = tiny_sft_config(
+        assets,
+        out,
+        dtype="fp16",
+        model={"lora_attn_modules": ["q_proj", "v_proj"], "lora_rank": 4, "lora_alpha": 8.0},
+        batch_size=2,
+        gradient_accumulation_steps=2,
+        shuffle=False,
+        max_steps=6,
+        optimizer={"name": "adamw", "lr": 3e-3},
+        clip_grad_norm=1.0,
+        metric_loggers=["jsonl"],
+        log_every_n_steps=1,
+    )
     cfg.update(over)
     return OmegaConf.create(cfg)
 
