@@ -39,6 +39,7 @@ from tinytune.training import (
     count_label_tokens,
     current_lr,
     drop_unlabeled_tail,
+    end_after_stop,
     evaluate_loss,
     export_gguf,
     fp16_loss_scaler,
@@ -46,9 +47,9 @@ from tinytune.training import (
     log_train_row,
     open_checkpointer,
     optimizer_step,
-    plot_loss,
+    plot_and_write_summary,
     prepare_output_dir,
-    report_early_stop,
+    report_patience_stop,
     reset_peak_memory,
     resume_training_state,
     save_training_state,
@@ -60,7 +61,6 @@ from tinytune.training import (
     validation_batches,
     validation_generation_row,
     validation_row,
-    write_summary,
 )
 
 
@@ -172,7 +172,7 @@ def recipe_main(cfg: DictConfig) -> dict:
                     gen = validation_generation_row(model, tokenizer, data.val_ds, gen_n, gen_tokens)
                 loggers.log_dict(gen, step)
             if stopper.update(val["loss"], step, model.state_dict):
-                print(f"early stopping at step {step}: no validation improvement in {stopper.patience} evaluations")
+                report_patience_stop(step, stopper.patience)
                 break
         if loop.checkpoint_due(step):
             save_training_state(
@@ -187,10 +187,7 @@ def recipe_main(cfg: DictConfig) -> dict:
                 stateful=states,
             )
         if loop.stops_early(step, total_steps):
-            progress.close()
-            loggers.close()
-            report_early_stop(step)
-            return {"step": step, "loss": window.last_loss, "output_dir": out_dir}
+            return end_after_stop(step, window.last_loss, out_dir, progress, loggers)
     progress.close()
 
     # ---- 7. final validation, export, plot, generation after ---------------------------------
@@ -226,15 +223,10 @@ def recipe_main(cfg: DictConfig) -> dict:
     summary.update(
         export_gguf(s.export_gguf, model.state_dict(), info, checkpoint_dir, out_dir, tokenizer.chat_template)
     )
-    summary["loss_plot"] = plot_loss(
-        os.path.join(out_dir, "metrics.jsonl"),
-        os.path.join(out_dir, "loss.png"),
-        title=f"full_finetune: {os.path.basename(out_dir)}",
-    )
     with precision.autocast():
         after = samples.generate_after(model, out_dir)
     summary.update(after)  # held-out fractions, if any
-    return write_summary(out_dir, summary, t_start)
+    return plot_and_write_summary(out_dir, summary, t_start, f"full_finetune: {os.path.basename(out_dir)}")
 
 
 if __name__ == "__main__":
