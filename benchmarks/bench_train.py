@@ -104,6 +104,10 @@ def _build_tinytune(spec, torch, dtype, device):
     from tinytune.training.steps import optimizer_step, sft_accumulate
 
     precision = Precision.from_settings(spec["dtype"] == "bf16_mixed", dtype, device)
+    if spec.get("compile"):  # the recipes' hardware.compile: compiled RMSNorm / SwiGLU / RoPE bodies
+        from tinytune.kernels.compiled_ops import set_compiled
+
+        set_compiled(True)
     factory = None
     if spec["mode"] == "lora":
         factory = lora_linear_factory(
@@ -465,6 +469,11 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="LoRA with the frozen base in NF4 (torchao) on tinytune and torchtune (needs --mode lora)",
     )
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="tinytune with hardware.compile: true (compiled elementwise bodies; compiled in the warm-up step)",
+    )
     p.add_argument("--json", help="also write all raw results to this file")
     p.add_argument("--smoke", action="store_true", help="tiny model, bs 2, seq 64, 1 step, 1 round")
     args = p.parse_args(argv)
@@ -521,6 +530,7 @@ def main(argv: list[str] | None = None) -> int:
         alpha=args.alpha,
         threads=args.threads,
         padding_free=args.padding_free == "on",
+        compile=args.compile,
         optim={"lr": args.lr, "weight_decay": 0.01, "fused": fused},
         **qlora,
     )

@@ -28,12 +28,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--packed", action="store_true")
     p.add_argument("--bs", type=int, default=4)
     p.add_argument("--seq", type=int, default=512)
-    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "bf16_mixed"], default="fp32")
     p.add_argument("--device", default="cpu")
     p.add_argument("--weights", default="random", help="bundled | random | PATH (HF checkpoint dir)")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--rows", type=int, default=25, help="rows of each op table")
     p.add_argument("--smoke", action="store_true", help="tiny model, bs 2 x 64 (checks the script)")
+    p.add_argument("--shapes", action="store_true", help="also a table grouped by op and input shapes")
     args = p.parse_args(argv)
     if args.smoke:
         args.bs, args.seq, args.weights = 2, 64, "random"
@@ -80,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         timed()
     plain = min(timed() for _ in range(3))
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    with profile(activities=activities) as prof:
+    with profile(activities=activities, record_shapes=args.shapes) as prof:
         timed()
     events = prof.key_averages()
     n_ops = sum(e.count for e in events if e.key.startswith("aten::"))
@@ -90,6 +91,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(f"# step {plain * 1e3:.1f} ms (best of 3, unprofiled); aten op calls per step: {n_ops}")
     print(events.table(sort_by="self_cpu_time_total", row_limit=args.rows, max_name_column_width=48))
+    if args.shapes:
+        by_shape = prof.key_averages(group_by_input_shape=True)
+        print(by_shape.table(sort_by="self_cpu_time_total", row_limit=args.rows, max_name_column_width=32))
     if cuda:
         print(events.table(sort_by="self_device_time_total", row_limit=args.rows, max_name_column_width=48))
     return 0

@@ -77,6 +77,8 @@ HEAVY_TESTS = {
     "test_datasets_fastpath::test_fast_path_equals_whole_string_reference",
     "test_cli::test_run_torchrun_two_processes",
     "test_kto::test_kto_recipe_first_step_and_validation",
+    "test_compiled_ops::test_compiled_bodies_match_eager_and_the_fp64_reference",
+    "test_compiled_ops::test_model_loss_and_gradients_do_not_move_under_compile",
 }
 
 

@@ -182,6 +182,11 @@ class DeviceSettings(Settings):
         choices=DTYPE_NAMES,
     )
     seed: int | None = setting(0, "seed of every RNG (null: a random seed, printed)")
+    compile: bool = setting(
+        False,
+        "torch.compile the fused RMSNorm / SwiGLU / RoPE bodies (inductor; on CPU needs a C++ compiler; "
+        "seconds of compiling on the first step)",
+    )
 
 
 BF16_NAMES = ("bf16", "bfloat16")

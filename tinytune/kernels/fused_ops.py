@@ -32,6 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tinytune.kernels.compiled_ops import compiled
+
 _PLAIN_TYPES = (torch.Tensor, nn.Parameter)
 
 
@@ -61,28 +63,36 @@ def _rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tupl
     return weight * y, rstd  # [..., d]
 
 
+def _rms_norm_backward(
+    grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor, need_x: bool, need_w: bool
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """``(grad_x, grad_weight)`` of :func:`_rms_norm_forward` (``None`` where not needed)."""
+    xf = _upcast(x)
+    xhat = xf * rstd  # [..., d] fp32
+    grad_w = None
+    if need_w:
+        y = xhat.to(x.dtype)
+        grad_w = (grad * y).reshape(-1, y.shape[-1]).sum(0).to(weight.dtype)  # [d]
+    grad_x = None
+    if need_x:
+        gy = _upcast((grad * weight).to(x.dtype))  # [..., d] grad of the normalised value
+        dot = (gy * xhat).mean(-1, keepdim=True)  # [..., 1]
+        grad_x = (gy - xhat.mul_(dot)).mul_(rstd).to(x.dtype)  # [..., d]
+    return grad_x, grad_w
+
+
 class _RMSNormFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        out, rstd = _rms_norm_forward(x, weight, eps)  # [..., d], [..., 1]
+        out, rstd = compiled(_rms_norm_forward)(x, weight, eps)  # [..., d], [..., 1]
         ctx.save_for_backward(x, weight, rstd)
-        ctx.in_dtype = x.dtype
         return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         x, weight, rstd = ctx.saved_tensors
-        xf = _upcast(x)
-        xhat = xf * rstd  # [..., d] fp32
-        grad_w = None
-        if ctx.needs_input_grad[1]:
-            y = xhat.to(ctx.in_dtype)
-            grad_w = (grad * y).reshape(-1, y.shape[-1]).sum(0).to(weight.dtype)  # [d]
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            gy = _upcast((grad * weight).to(ctx.in_dtype))  # [..., d] grad of the normalised value
-            dot = (gy * xhat).mean(-1, keepdim=True)  # [..., 1]
-            grad_x = (gy - xhat.mul_(dot)).mul_(rstd).to(x.dtype)  # [..., d]
+        need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_x, grad_w = compiled(_rms_norm_backward)(grad, x, weight, rstd, need_x, need_w)
         return grad_x, grad_w, None
 
 
@@ -98,7 +108,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         ``[..., d]`` in ``promote_types(weight.dtype, x.dtype)``.
     """
     if not torch.is_grad_enabled():
-        return _rms_norm_forward(x, weight, eps)[0]
+        return compiled(_rms_norm_forward)(x, weight, eps)[0]
     return _RMSNormFn.apply(x, weight, eps)
 
 
@@ -109,21 +119,29 @@ def _swiglu_forward(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate).mul_(up) if gate.dtype == torch.promote_types(gate.dtype, up.dtype) else F.silu(gate) * up
 
 
+def _swiglu_backward(
+    grad: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, need_gate: bool, need_up: bool
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """``(grad_gate, grad_up)`` of :func:`_swiglu_forward` (``None`` where not needed)."""
+    grad_gate = grad_up = None
+    if need_up:
+        grad_up = F.silu(gate).mul_(grad).to(up.dtype)  # [..., h]
+    if need_gate:
+        grad_gate = torch.ops.aten.silu_backward(grad * up, gate).to(gate.dtype)  # [..., h]
+    return grad_gate, grad_up
+
+
 class _SwiGLUFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(gate, up)
-        return _swiglu_forward(gate, up)
+        return compiled(_swiglu_forward)(gate, up)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         gate, up = ctx.saved_tensors
-        grad_gate = grad_up = None
-        if ctx.needs_input_grad[1]:
-            grad_up = F.silu(gate).mul_(grad).to(up.dtype)  # [..., h]
-        if ctx.needs_input_grad[0]:
-            grad_gate = torch.ops.aten.silu_backward(grad * up, gate).to(gate.dtype)  # [..., h]
-        return grad_gate, grad_up
+        need_gate, need_up = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        return compiled(_swiglu_backward)(grad, gate, up, need_gate, need_up)
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -137,7 +155,7 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         ``[..., hidden]``.
     """
     if not torch.is_grad_enabled():
-        return _swiglu_forward(gate, up)
+        return compiled(_swiglu_forward)(gate, up)
     return _SwiGLUFn.apply(gate, up)
 
 
@@ -159,18 +177,23 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sign: float) 
     return out
 
 
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sign: float) -> torch.Tensor:
+    """:func:`_rotate` back in ``x``'s dtype."""
+    return _rotate(x, cos, sin, sign).to(x.dtype)
+
+
 class _RoPEFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(cos, sin)
         ctx.dtype = x.dtype
-        return _rotate(x, cos, sin, 1.0).to(x.dtype)
+        return compiled(_rope)(x, cos, sin, 1.0)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         cos, sin = ctx.saved_tensors
         # The rotation is orthogonal: its transpose is the rotation by the opposite angle.
-        return _rotate(grad, cos, sin, -1.0).to(ctx.dtype), None, None
+        return compiled(_rope)(grad, cos, sin, -1.0).to(ctx.dtype), None, None
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -185,7 +208,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
         ``[b, h, s, d]`` in the dtype of ``x``. Gradients flow to ``x`` only.
     """
     if not torch.is_grad_enabled():
-        return _rotate(x, cos, sin, 1.0).to(x.dtype)
+        return compiled(_rope)(x, cos, sin, 1.0)
     return _RoPEFn.apply(x, cos.detach(), sin.detach())
 
 

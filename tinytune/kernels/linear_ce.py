@@ -150,17 +150,35 @@ class _LinearCE(torch.autograd.Function):
         # half inputs on CUDA: GEMMs write fp32 directly (see the module docstring)
         half = hidden.dtype in (torch.bfloat16, torch.float16)
         f32_gemm = hidden.is_cuda and half and _fp32_gemm_ok(hidden.device, hidden.dtype)
+        # CPU: one fp32 (and one native) [chunk, V] buffer reused by every chunk. A fresh buffer of
+        # this size is mapped by the allocator and page-faulted in on every use, which cost more
+        # than the bf16 -> fp32 copy itself (measured: 49.7 ms fresh vs 17.2 ms reused, 680 x 49152).
+        reuse = hidden.device.type == "cpu"
+        if reuse:
+            rows_c = min(chunk_size, n)
+            f32_buf = torch.empty((rows_c, weight.shape[0]), dtype=torch.float32)  # [c, V]
+            native_buf = torch.empty((rows_c, weight.shape[0]), dtype=hidden.dtype) if half else None  # [c, V]
         for start in range(0, n, chunk_size):
             end = min(start + chunk_size, n)
             h_c = hidden[start:end]  # [c, d]
             if f32_gemm:
                 logits = torch.mm(h_c, weight.t(), out_dtype=torch.float32)  # [c, V] fp32
+            elif reuse and half:
+                native = torch.mm(h_c, weight.t(), out=native_buf[: end - start])  # [c, V] bf16/fp16
+                logits = f32_buf[: end - start].copy_(native)  # [c, V] fp32
+            elif reuse:
+                logits = torch.mm(h_c, weight.t(), out=f32_buf[: end - start])  # [c, V] fp32
             else:
                 logits = (h_c @ weight.t()).float()  # [c, V] fp32
             total += row_step(logits, labels[start:end], ignore_index, inv).sum()
             if not (need_h or need_w):
                 continue
-            g = logits if hidden.dtype == torch.float32 else logits.to(hidden.dtype)  # [c, V]
+            if hidden.dtype == torch.float32:
+                g = logits  # [c, V]
+            elif reuse:
+                g = native.copy_(logits)  # [c, V] the gradient, rounded once to the native dtype
+            else:
+                g = logits.to(hidden.dtype)  # [c, V]
             del logits
             if need_h:
                 torch.mm(g, weight, out=grad_h[start:end])

@@ -46,6 +46,7 @@ from tinytune.training.metric_logging import LogWindow, validation_row
 from tinytune.training.neftune import activate_neftune
 from tinytune.training.setup import (
     TrainData,
+    apply_compile_setting,
     check_training_dtype,
     fsdp_policy,
     prepare_output_dir,
@@ -141,6 +142,7 @@ def distributed_run(s: Any, cfg: DictConfig) -> Iterator[DistributedRun]:
         dp_rank, dp_size = get_dp_info(mesh)
         dtype = get_dtype(s.hardware.dtype, device)
         seed = set_seed(s.hardware.seed)
+        apply_compile_setting(s.hardware)
         out_dir = prepare_output_dir(s.output_dir, cfg) if rank0 else os.path.abspath(os.path.expanduser(s.output_dir))
         yield DistributedRun(
             device=device,

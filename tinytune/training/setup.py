@@ -33,6 +33,7 @@ from tinytune.datasets import DatasetError, padded_collate
 from tinytune.datasets.mixing import MixedDataset
 from tinytune.device import get_device, get_dtype, set_seed
 from tinytune.hub import HubError, resolve_hf_checkpoint
+from tinytune.kernels.compiled_ops import set_compiled
 from tinytune.models.lora_builders import is_lora_builder, lora_factory
 from tinytune.tokenizers import load_tokenizer as _load_tokenizer
 from tinytune.training.data import BatchStream, split_dataset
@@ -91,7 +92,20 @@ def setup_device(
     else:
         dtype = get_dtype(hw.dtype, device)
     seed = set_seed(hw.seed)
+    apply_compile_setting(hw)
     return device, dtype, seed
+
+
+def apply_compile_setting(hw: DeviceSettings) -> None:
+    """``compile``: compiled elementwise bodies for this process (:mod:`tinytune.kernels.compiled_ops`).
+
+    Raises:
+        ConfigError: ``compile: true`` where ``torch.compile`` does not work (names the key and the cause).
+    """
+    try:
+        set_compiled(hw.compile)
+    except RuntimeError as e:
+        raise ConfigError(f"compile: {e}; set compile: false to run without it") from e
 
 
 def prepare_output_dir(output_dir: str | None, cfg: DictConfig) -> str:
