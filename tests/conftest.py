@@ -79,6 +79,7 @@ HEAVY_TESTS = {
     "test_kto::test_kto_recipe_first_step_and_validation",
     "test_compiled_ops::test_compiled_bodies_match_eager_and_the_fp64_reference",
     "test_compiled_ops::test_model_loss_and_gradients_do_not_move_under_compile",
+    "test_compiled_ops::test_recipe_with_compile_true_trains_the_same_losses",
 }
 
 

@@ -6,9 +6,14 @@ from an fp64 reference than the eager ones in bf16 (plus one bf16 rounding), kee
 strides, and a whole model's loss and gradients must not move.
 """
 
+import json
+
 import pytest
 import torch
+import yaml
+from _recipe_fixtures import tiny_recipe_assets, tiny_sft_config
 
+from tinytune.cli.main import main as tune_main
 from tinytune.config import ConfigError
 from tinytune.config.recipe_settings import DeviceSettings
 from tinytune.kernels import compiled_ops
@@ -84,7 +89,7 @@ def test_compiled_bodies_match_eager_and_the_fp64_reference(dtype, compile_on):
                 c_err = (c.double() - r).abs().max().item()
                 e_err = (e.double() - r).abs().max().item()
                 assert c_err <= e_err + 2**-8 * r.abs().max().item(), (name, what, c_err, e_err)
-    bodies = {f.__name__ for f in compiled_ops._STATE["compiled"]}
+    bodies = {f.__name__ for f in compiled_ops._STATE["compiled"].values()}
     assert {"_rms_norm_forward", "_rms_norm_backward", "_swiglu_forward", "_swiglu_backward", "_rope"} <= bodies
 
 
@@ -109,9 +114,13 @@ def test_model_loss_and_gradients_do_not_move_under_compile(compile_on):
 
 
 def test_compile_setting_turns_the_bodies_on_and_off():
+    torch.manual_seed(0)
+    want = torch.rand(3)
+    torch.manual_seed(0)
     try:
         apply_compile_setting(DeviceSettings(compile=True))
         assert compiled_ops.is_compiled()
+        torch.testing.assert_close(torch.rand(3), want)  # turning it on draws nothing from the seeded RNG
         apply_compile_setting(DeviceSettings(compile=False))
         assert not compiled_ops.is_compiled()
     finally:
@@ -129,3 +138,42 @@ def test_broken_toolchain_is_a_clear_error_naming_the_key(monkeypatch):
     with pytest.raises(ConfigError, match=r"compile: .*C\+\+ compiler.*set compile: false"):
         apply_compile_setting(DeviceSettings(compile=True))
     assert not compiled_ops.is_compiled()
+
+
+@pytest.mark.parametrize("recipe", ["lora_finetune", "full_finetune"])
+def test_recipe_with_compile_true_trains_the_same_losses(tmp_path, recipe):
+    assets = tiny_recipe_assets(tmp_path / "assets")
+
+    def run(name, **over):
+        out = tmp_path / name
+        cfg = tiny_sft_config(
+            assets,
+            out,
+            batch_size=4,
+            shuffle=False,
+            max_steps=3,
+            optimizer={"name": "adamw", "lr": 1e-3},
+            lr_scheduler={"name": "constant"},
+            metric_loggers=["jsonl"],
+            activation_checkpointing=True,
+            **over,
+        )
+        if recipe == "lora_finetune":
+            cfg["model"] = {"lora_attn_modules": ["q_proj", "v_proj"], "lora_rank": 4, "lora_alpha": 8.0}
+            cfg["save_merged"] = False
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(f"# recipe: {recipe}\n" + yaml.safe_dump(cfg))
+        assert tune_main(["run", recipe, "--config", str(path)]) in (0, None)
+        with open(out / "metrics.jsonl") as f:
+            return [json.loads(line)["loss"] for line in f if '"loss"' in line]
+
+    try:
+        compiled_ops._STATE["compiled"].clear()
+        got = run("compiled", compile=True)
+        assert compiled_ops.is_compiled() and compiled_ops._STATE["compiled"]  # the recipe turned it on
+        want = run("eager")
+        assert not compiled_ops.is_compiled()  # and the next run (compile: false) off again
+    finally:
+        compiled_ops.set_compiled(False)
+    assert len(want) == 3
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
