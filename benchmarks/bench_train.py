@@ -161,6 +161,9 @@ def _build_hf(spec, torch, dtype, device):
         )
         model = get_peft_model(model, cfg)
     model.train()
+    if spec.get("compile_peers"):  # regional: every decoder layer compiled (same code: compiled once)
+        for layer in model.get_base_model().model.layers if spec["mode"] == "lora" else model.model.layers:
+            layer.compile()
     optimizer = _adamw(torch, [p for p in model.parameters() if p.requires_grad], spec)
 
     def make_step(batch):
@@ -250,6 +253,15 @@ def _build_torchtune(spec, torch, dtype, device):
     model.train()
     loss_fn = CEWithChunkedOutputLoss()
     model.set_num_output_chunks(loss_fn.num_output_chunks)
+    if spec.get("compile_peers"):
+        # What torchtune's compile: True does (training.compile_model / compile_loss), written out:
+        # its torchtune.training package does not import against torchao 0.18.
+        from torchtune.modules import TransformerSelfAttentionLayer
+
+        for m in model.modules():
+            if isinstance(m, TransformerSelfAttentionLayer):
+                m.compile()
+        loss_fn.compute_cross_entropy = torch.compile(loss_fn.compute_cross_entropy)
     optimizer = _adamw(torch, [p for p in model.parameters() if p.requires_grad], spec)
 
     def make_step(batch):
@@ -474,6 +486,11 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="tinytune with hardware.compile: true (compiled elementwise bodies; compiled in the warm-up step)",
     )
+    p.add_argument(
+        "--compile-peers",
+        action="store_true",
+        help="HF: every decoder layer torch.compile'd; torchtune: compile_model + compile_loss (its compile: True)",
+    )
     p.add_argument("--json", help="also write all raw results to this file")
     p.add_argument("--smoke", action="store_true", help="tiny model, bs 2, seq 64, 1 step, 1 round")
     args = p.parse_args(argv)
@@ -531,6 +548,7 @@ def main(argv: list[str] | None = None) -> int:
         threads=args.threads,
         padding_free=args.padding_free == "on",
         compile=args.compile,
+        compile_peers=args.compile_peers,
         optim={"lr": args.lr, "weight_decay": 0.01, "fused": fused},
         **qlora,
     )
@@ -541,7 +559,8 @@ def main(argv: list[str] | None = None) -> int:
         f"threads {args.threads or 'default'}; tinytune padding-free {args.padding_free}; "
         f"AdamW lr {args.lr} wd 0.01; {'QLoRA (NF4 base)' if qlora else 'LoRA'} r={args.rank} alpha={args.alpha} "
         f"on {','.join(LORA_TARGETS)}; "
-        f"{args.warmup} warm-up + {args.steps} timed steps x {args.rounds} rounds per config",
+        f"{args.warmup} warm-up + {args.steps} timed steps x {args.rounds} rounds per config"
+        f"{'; tinytune compile: true' if args.compile else ''}{'; peers compiled' if args.compile_peers else ''}",
         flush=True,
     )
     results: dict[tuple, list[dict]] = {}

@@ -35,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rows", type=int, default=25, help="rows of each op table")
     p.add_argument("--smoke", action="store_true", help="tiny model, bs 2 x 64 (checks the script)")
     p.add_argument("--shapes", action="store_true", help="also a table grouped by op and input shapes")
+    p.add_argument("--compile", action="store_true", help="tinytune with compile: true (compiled elementwise bodies)")
     args = p.parse_args(argv)
     if args.smoke:
         args.bs, args.seq, args.weights = 2, 64, "random"
@@ -60,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         framework=args.framework,
         mode=args.mode,
         packed=args.packed,
+        compile=args.compile,
         optim={"lr": 2e-4, "weight_decay": 0.01, "fused": True},
     )
     torch_, dtype, device = bt._torch_setup(spec)
