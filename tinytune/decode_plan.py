@@ -1,0 +1,287 @@
+"""Decode-time weights and a lean one-position decode step for a :class:`TransformerDecoder` on CPU.
+
+:func:`tinytune.generation.decode_layout` builds a :class:`DecodePlan` on entry and
+:func:`tinytune.generation.generate` runs its KV-cache steps (one new position per row) through
+:meth:`DecodePlan.step` instead of the module tree. The plan holds its own copies of the projection
+weights, laid out for a few rows times every weight:
+
+* q/k/v fused into one ``[dim, (h + 2 h_kv) d]`` matrix and gate/up into one ``[dim, 2 hidden]``
+  matrix (two GEMMs per layer instead of five), every matrix stored as ``W^T`` contiguous
+  (column-major ``W``, the faster operand for MKL's small-M GEMM);
+* LoRA adapters merged (``W + s B A``; DoRA's magnitude included, an adapter switched off left out);
+* for batches of more than one row in fp32, MKL's packed GEMM format, packed on the first step of a
+  given batch size (``torch.ops.mkl._mkl_reorder_linear_weight``; the format inductor uses).
+
+The step itself is the module code without the module calls and without the checks that only
+training needs: ``torch.rms_norm`` in fp32, RoPE rows gathered from a table of every position,
+one rotation for q and k together, SDPA on the cached keys, in-place residual adds. Outputs agree
+with the module path to fp32 rounding (the GEMMs sum in a different order). The model's own
+parameters are only read; a plan notices a changed parameter (``load_state_dict``, an optimizer
+step, a swapped ``.data``) and is rebuilt by :meth:`DecodePlan.current`.
+
+Models with a part the plan does not know (NF4 bases, tensor subclasses, non-CPU weights,
+training-mode dropout, other module types) get no plan: :meth:`DecodePlan.build` returns ``None``
+and generation runs the modules.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tinytune.kernels.fused_ops import apply_rope, rms_norm
+from tinytune.modules import (
+    FeedForward,
+    MultiHeadAttention,
+    RMSNorm,
+    RotaryPositionalEmbeddings,
+    TiedLinear,
+    TransformerDecoder,
+    TransformerSelfAttentionLayer,
+)
+from tinytune.modules.peft.lora import LoRALinear
+from tinytune.modules.peft.nf4 import is_nf4
+
+_PLAIN = (torch.Tensor, nn.Parameter)
+
+
+def _mkl_packing_available() -> bool:
+    return torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, "_mkl_linear")
+
+
+class _Linear:
+    """``x [n, in] -> [n, out]`` with ``W^T`` stored contiguous, optionally MKL-packed for ``n`` rows."""
+
+    __slots__ = ("w_t", "bias", "packed", "rows")
+
+    def __init__(self, weights: list[torch.Tensor], biases: list[torch.Tensor | None]) -> None:
+        w = torch.cat(weights) if len(weights) > 1 else weights[0]  # [out, in]
+        self.w_t = w.t().contiguous()  # [in, out]
+        if any(b is not None for b in biases):
+            parts = [b if b is not None else w.new_zeros(wi.shape[0]) for b, wi in zip(biases, weights)]
+            self.bias = torch.cat(parts).contiguous()  # [out]
+        else:
+            self.bias = None
+        self.packed: torch.Tensor | None = None
+        self.rows = 0
+
+    def pack(self, rows: int) -> None:
+        """Packs ``W`` for ``rows``-row inputs (fp32, MKL builds only); ``rows == 1`` unpacks."""
+        if rows == self.rows:
+            return
+        self.packed, self.rows = None, rows
+        if rows > 1 and self.w_t.dtype == torch.float32 and _mkl_packing_available():
+            self.packed = torch.ops.mkl._mkl_reorder_linear_weight(self.w_t.t(), rows)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is not None and x.shape[0] == self.rows:
+            return torch.ops.mkl._mkl_linear(x, self.packed, self.w_t.t(), self.bias, self.rows)  # [n, out]
+        if self.bias is not None:
+            return torch.addmm(self.bias, x, self.w_t)  # [n, out]
+        return torch.mm(x, self.w_t)  # [n, out]
+
+
+@dataclasses.dataclass
+class _Layer:
+    attn: MultiHeadAttention  # for its KV cache
+    rope: RotaryPositionalEmbeddings
+    sa_norm: RMSNorm
+    mlp_norm: RMSNorm
+    q_norm: RMSNorm | None
+    k_norm: RMSNorm | None
+    qkv: _Linear
+    o: _Linear
+    gate_up: _Linear
+    down: _Linear
+
+
+def _effective_linear(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """``(W [out, in], bias)`` that ``module`` applies in eval mode, or ``None`` when not plannable."""
+    if type(module) is nn.Linear:
+        return module.weight.detach(), None if module.bias is None else module.bias.detach()
+    if type(module) is TiedLinear:
+        return module.weight.detach(), None
+    if type(module) is LoRALinear:
+        if is_nf4(module.weight) or type(module.weight) not in _PLAIN:
+            return None  # QLoRA keeps its base compressed: a full-precision copy would defeat it
+        if module.training and isinstance(module.dropout, nn.Dropout):
+            return None  # dropout is active: the merged weight would not be what the module computes
+        bias = None if module.bias is None else module.bias.detach()
+        if module.disabled:
+            return (module.weight.detach(), bias) if module.pissa_a0 is None else None
+        return module.merged_weight(), bias
+    return None
+
+
+def _norm(x: torch.Tensor, norm: RMSNorm) -> torch.Tensor:
+    if x.dtype == torch.float32 and norm.weight.dtype == torch.float32:
+        return torch.rms_norm(x, (x.shape[-1],), norm.weight, norm.eps)  # one kernel, same numbers in fp32
+    return rms_norm(x, norm.weight, norm.eps)  # HF's order for bf16/fp16: normalise, cast, scale
+
+
+def _sources(model: nn.Module) -> list[tuple[torch.Tensor, int, int]]:
+    """``(parameter, storage pointer, version)`` of every parameter, to notice later changes."""
+    return [(p, p.data_ptr(), p._version) for p in model.parameters()]
+
+
+class DecodePlan:
+    """Decode-time weights of one :class:`TransformerDecoder` and its one-position step.
+
+    Build it with :meth:`build` (``None`` when the model cannot be planned); see the module
+    docstring for what it holds. Not thread-safe; valid while the model's weights are unchanged
+    (:meth:`current` rebuilds it otherwise).
+    """
+
+    def __init__(
+        self, model: TransformerDecoder, layers: list[_Layer], output: _Linear, flags: list[tuple[nn.Module, bool]]
+    ) -> None:
+        self.model = model
+        self.layers = layers
+        self.output = output
+        self._flags = flags  # (LoRA module, disabled) as planned
+        self._sources = _sources(model)
+        self._tables: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(rope) -> cos, sin [T, d]
+        self._rows = 1
+
+    @classmethod
+    @torch.no_grad()
+    def build(cls, model: nn.Module) -> DecodePlan | None:
+        """The plan of ``model``, or ``None`` when any part of it is not a known CPU module.
+
+        Args:
+            model: a :class:`TransformerDecoder` (anything else returns ``None``).
+        """
+        if type(model) is not TransformerDecoder or type(model.tok_embeddings) is not nn.Embedding:
+            return None
+        params = list(model.parameters())
+        if not params or any(type(p) not in _PLAIN or p.device.type != "cpu" for p in params):
+            return None
+        if type(model.norm) is not RMSNorm:
+            return None
+        out = _effective_linear(model.output)
+        if out is None:
+            return None
+        layers = []
+        for layer in model.layers:
+            planned = _plan_layer(layer)
+            if planned is None:
+                return None
+            layers.append(planned)
+        flags = [(m, m.disabled) for m in model.modules() if type(m) is LoRALinear]
+        return cls(model, layers, _Linear([out[0]], [out[1]]), flags)
+
+    def current(self) -> DecodePlan | None:
+        """This plan while the model's parameters are unchanged since it was built, else a new one."""
+        params = list(self.model.parameters())
+        same = len(params) == len(self._sources) and all(
+            p is q and p.data_ptr() == ptr and p._version == ver for p, (q, ptr, ver) in zip(params, self._sources)
+        )
+        if same and all(m.disabled == d for m, d in self._flags):
+            return self
+        return DecodePlan.build(self.model)
+
+    def prepare(self, batch_size: int, max_positions: int) -> None:
+        """Readies ``step`` for ``batch_size`` rows and positions below ``max_positions``.
+
+        Packs the GEMM weights for ``batch_size`` rows when that changed (fp32 with MKL: about one
+        copy of the weights) and extends the RoPE tables.
+        """
+        if batch_size != self._rows:
+            for layer in self.layers:
+                for lin in (layer.qkv, layer.o, layer.gate_up, layer.down):
+                    lin.pack(batch_size)
+            self.output.pack(batch_size)
+            self._rows = batch_size
+        for layer in self.layers:
+            table = self._tables.get(id(layer.rope))
+            if table is None or table[0].shape[0] < max_positions:
+                pos = torch.arange(max(max_positions, 64), device=self.output.w_t.device)[None]  # [1, T]
+                cos, sin = layer.rope.cos_sin(pos)  # [1, 1, T, d] each, the module's own tables
+                self._tables[id(layer.rope)] = (cos[0, 0], sin[0, 0])  # [T, d] each
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Output projection of final-normed hidden states ``[b, dim] -> [b, vocab]``."""
+        return self.output(hidden)
+
+    def step(self, tokens: torch.Tensor, input_pos: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """One new position per row through every layer, appending to the model's KV caches.
+
+        Args:
+            tokens: ``[b]`` token ids.
+            input_pos: ``[b]`` RoPE positions (below ``prepare``'s ``max_positions``).
+            mask: ``[b, 1, 1, s_kv]`` additive mask over every cache slot including the new one
+                (0 = attend, -inf = not), or ``None`` to attend to all of them.
+
+        Returns:
+            ``[b, vocab]`` logits.
+        """
+        b = tokens.shape[0]
+        h = F.embedding(tokens, self.model.tok_embeddings.weight)  # [b, dim] (a fresh tensor)
+        rows: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        for layer in self.layers:
+            attn = layer.attn
+            nh, nkv, d = attn.n_heads, attn.n_kv_heads, attn.head_dim
+            cs = rows.get(id(layer.rope))
+            if cs is None:
+                cos, sin = self._tables[id(layer.rope)]
+                cs = rows[id(layer.rope)] = (cos[input_pos][:, None], sin[input_pos][:, None])  # [b, 1, d] each
+            qkv = layer.qkv(_norm(h, layer.sa_norm))  # [b, (h + 2 h_kv) d]
+            v = qkv[:, (nh + nkv) * d :].view(b, nkv, 1, d)  # [b, h_kv, 1, d]
+            if layer.q_norm is None and layer.k_norm is None:
+                qk = apply_rope(qkv[:, : (nh + nkv) * d].view(b, nh + nkv, d), *cs)  # [b, h + h_kv, d]
+                q, k = qk[:, :nh, None], qk[:, nh:, None]  # [b, h, 1, d], [b, h_kv, 1, d]
+            else:
+                q = qkv[:, : nh * d].view(b, nh, d)  # [b, h, d]
+                k = qkv[:, nh * d : (nh + nkv) * d].view(b, nkv, d)  # [b, h_kv, d]
+                if layer.q_norm is not None:
+                    q = _norm(q, layer.q_norm)
+                if layer.k_norm is not None:
+                    k = _norm(k, layer.k_norm)
+                q, k = apply_rope(q, *cs)[:, :, None], apply_rope(k, *cs)[:, :, None]  # [b, h(_kv), 1, d]
+            keys, values = attn.kv_cache.update(k, v)  # [b, h_kv, s_kv, d] each
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=nh != nkv)  # [b, h, 1, d]
+            h.add_(layer.o(out.reshape(b, nh * d)))  # [b, dim]
+            gate_up = layer.gate_up(_norm(h, layer.mlp_norm))  # [b, 2 hidden]
+            hidden = gate_up.shape[1] // 2
+            act = F.silu(gate_up[:, :hidden]).mul_(gate_up[:, hidden:])  # [b, hidden]
+            h.add_(layer.down(act))  # [b, dim]
+        return self.output(_norm(h, self.model.norm))  # [b, vocab]
+
+
+def _plan_layer(layer: nn.Module) -> _Layer | None:
+    """One layer's fused weights, or ``None`` when a part of it is not a known module."""
+    if type(layer) is not TransformerSelfAttentionLayer:
+        return None
+    attn, mlp = layer.attn, layer.mlp
+    if type(attn) is not MultiHeadAttention or type(mlp) is not FeedForward:
+        return None
+    if attn.kv_cache is not None and attn.kv_cache.k_cache.device.type != "cpu":
+        return None
+    if type(attn.pos_embeddings) is not RotaryPositionalEmbeddings:
+        return None
+    norms = (layer.sa_norm, layer.mlp_norm, attn.q_norm, attn.k_norm)
+    if any(n is not None and type(n) is not RMSNorm for n in norms) or layer.sa_norm is None or layer.mlp_norm is None:
+        return None
+    lins = [_effective_linear(m) for m in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj)]
+    lins += [_effective_linear(m) for m in (mlp.gate_proj, mlp.up_proj, mlp.down_proj)]
+    if any(x is None for x in lins):
+        return None
+    (q, k, v, o, gate, up, down) = lins
+    d = attn.head_dim
+    if q[0].shape[0] != attn.n_heads * d or k[0].shape[0] != attn.n_kv_heads * d or v[0].shape[0] != k[0].shape[0]:
+        return None
+    return _Layer(
+        attn=attn,
+        rope=attn.pos_embeddings,
+        sa_norm=layer.sa_norm,
+        mlp_norm=layer.mlp_norm,
+        q_norm=attn.q_norm,
+        k_norm=attn.k_norm,
+        qkv=_Linear([q[0], k[0], v[0]], [q[1], k[1], v[1]]),
+        o=_Linear([o[0]], [o[1]]),
+        gate_up=_Linear([gate[0], up[0]], [gate[1], up[1]]),
+        down=_Linear([down[0]], [down[1]]),
+    )
