@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tinytune.kernels.fused_ops import apply_rope, rms_norm
+from tinytune.kernels.fused_ops import rms_norm
 from tinytune.modules import (
     FeedForward,
     MultiHeadAttention,
@@ -87,6 +87,10 @@ class _Linear:
 @dataclasses.dataclass
 class _Layer:
     attn: MultiHeadAttention  # for its KV cache
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    hidden: int  # the MLP's hidden size
     rope: RotaryPositionalEmbeddings
     sa_norm: RMSNorm
     mlp_norm: RMSNorm
@@ -117,14 +121,21 @@ def _effective_linear(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | N
 
 
 def _norm(x: torch.Tensor, norm: RMSNorm) -> torch.Tensor:
+    """``norm(x)``: in fp32 the operations of its no-grad path, spelled out (no dtype round trips)."""
     if x.dtype == torch.float32 and norm.weight.dtype == torch.float32:
-        return torch.rms_norm(x, (x.shape[-1],), norm.weight, norm.eps)  # one kernel, same numbers in fp32
+        rstd = x.pow(2).mean(-1, keepdim=True).add_(norm.eps).rsqrt_()  # [..., 1]
+        return (x * rstd).mul_(norm.weight)  # [..., d]
     return rms_norm(x, norm.weight, norm.eps)  # HF's order for bf16/fp16: normalise, cast, scale
 
 
 def _sources(model: nn.Module) -> list[tuple[torch.Tensor, int, int]]:
     """``(parameter, storage pointer, version)`` of every parameter, to notice later changes."""
-    return [(p, p.data_ptr(), p._version) for p in model.parameters()]
+    return [(p, p.data_ptr(), -1 if p.is_inference() else p._version) for p in model.parameters()]
+
+
+def _lora_flags(model: nn.Module) -> list[tuple[nn.Module, bool, bool]]:
+    """``(module, disabled, training)`` of every LoRA layer: what its merged weight depends on besides weights."""
+    return [(m, m.disabled, m.training) for m in model.modules() if type(m) is LoRALinear]
 
 
 class DecodePlan:
@@ -135,13 +146,11 @@ class DecodePlan:
     (:meth:`current` rebuilds it otherwise).
     """
 
-    def __init__(
-        self, model: TransformerDecoder, layers: list[_Layer], output: _Linear, flags: list[tuple[nn.Module, bool]]
-    ) -> None:
+    def __init__(self, model: TransformerDecoder, layers: list[_Layer], output: _Linear) -> None:
         self.model = model
         self.layers = layers
         self.output = output
-        self._flags = flags  # (LoRA module, disabled) as planned
+        self._flags = _lora_flags(model)
         self._sources = _sources(model)
         self._tables: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(rope) -> cos, sin [T, d]
         self._rows = 1
@@ -170,8 +179,7 @@ class DecodePlan:
             if planned is None:
                 return None
             layers.append(planned)
-        flags = [(m, m.disabled) for m in model.modules() if type(m) is LoRALinear]
-        return cls(model, layers, _Linear([out[0]], [out[1]]), flags)
+        return cls(model, layers, _Linear([out[0]], [out[1]]))
 
     def current(self) -> DecodePlan | None:
         """This plan while the model's parameters are unchanged since it was built, else a new one."""
@@ -189,6 +197,12 @@ class DecodePlan:
         Packs the GEMM weights for ``batch_size`` rows when that changed (fp32 with MKL: about one
         copy of the weights) and extends the RoPE tables.
         """
+        for layer in self.layers:
+            cache = layer.attn.kv_cache
+            if cache is None or cache.batch_size != batch_size or cache.k_cache.dtype != self.output.w_t.dtype:
+                raise ValueError(
+                    f"decode plan: every layer needs a KV cache for batch {batch_size} in the weights' dtype"
+                )
         if batch_size != self._rows:
             for layer in self.layers:
                 for lin in (layer.qkv, layer.o, layer.gate_up, layer.down):
@@ -200,7 +214,9 @@ class DecodePlan:
             if table is None or table[0].shape[0] < max_positions:
                 pos = torch.arange(max(max_positions, 64), device=self.output.w_t.device)[None]  # [1, T]
                 cos, sin = layer.rope.cos_sin(pos)  # [1, 1, T, d] each, the module's own tables
-                self._tables[id(layer.rope)] = (cos[0, 0], sin[0, 0])  # [T, d] each
+                cos, sin = cos[0, 0].to(self.output.w_t.dtype), sin[0, 0].to(self.output.w_t.dtype)  # [T, d]
+                half = sin.shape[1] // 2
+                self._tables[id(layer.rope)] = (cos, torch.cat((-sin[:, :half], sin[:, half:]), dim=1))
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Output projection of final-normed hidden states ``[b, dim] -> [b, vocab]``."""
@@ -210,7 +226,7 @@ class DecodePlan:
         """One new position per row through every layer, appending to the model's KV caches.
 
         Args:
-            tokens: ``[b]`` token ids.
+            tokens: ``[b]`` token ids (``b`` as given to :meth:`prepare`).
             input_pos: ``[b]`` RoPE positions (below ``prepare``'s ``max_positions``).
             mask: ``[b, 1, 1, s_kv]`` additive mask over every cache slot including the new one
                 (0 = attend, -inf = not), or ``None`` to attend to all of them.
@@ -222,33 +238,46 @@ class DecodePlan:
         h = F.embedding(tokens, self.model.tok_embeddings.weight)  # [b, dim] (a fresh tensor)
         rows: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         for layer in self.layers:
-            attn = layer.attn
-            nh, nkv, d = attn.n_heads, attn.n_kv_heads, attn.head_dim
+            nh, nkv, d = layer.n_heads, layer.n_kv_heads, layer.head_dim
             cs = rows.get(id(layer.rope))
             if cs is None:
-                cos, sin = self._tables[id(layer.rope)]
-                cs = rows[id(layer.rope)] = (cos[input_pos][:, None], sin[input_pos][:, None])  # [b, 1, d] each
+                cos, sin_signed = self._tables[id(layer.rope)]
+                cs = rows[id(layer.rope)] = (cos[input_pos][:, None], sin_signed[input_pos][:, None])  # [b, 1, d]
             qkv = layer.qkv(_norm(h, layer.sa_norm))  # [b, (h + 2 h_kv) d]
-            v = qkv[:, (nh + nkv) * d :].view(b, nkv, 1, d)  # [b, h_kv, 1, d]
             if layer.q_norm is None and layer.k_norm is None:
-                qk = apply_rope(qkv[:, : (nh + nkv) * d].view(b, nh + nkv, d), *cs)  # [b, h + h_kv, d]
-                q, k = qk[:, :nh, None], qk[:, nh:, None]  # [b, h, 1, d], [b, h_kv, 1, d]
+                qk = _rope(qkv[:, : (nh + nkv) * d].view(b, nh + nkv, d), *cs)  # [b, h + h_kv, d]
+                q, k = qk[:, :nh], qk[:, nh:]  # [b, h, d], [b, h_kv, d]
             else:
                 q = qkv[:, : nh * d].view(b, nh, d)  # [b, h, d]
                 k = qkv[:, nh * d : (nh + nkv) * d].view(b, nkv, d)  # [b, h_kv, d]
-                if layer.q_norm is not None:
-                    q = _norm(q, layer.q_norm)
-                if layer.k_norm is not None:
-                    k = _norm(k, layer.k_norm)
-                q, k = apply_rope(q, *cs)[:, :, None], apply_rope(k, *cs)[:, :, None]  # [b, h(_kv), 1, d]
-            keys, values = attn.kv_cache.update(k, v)  # [b, h_kv, s_kv, d] each
-            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=nh != nkv)  # [b, h, 1, d]
-            h.add_(layer.o(out.reshape(b, nh * d)))  # [b, dim]
+                q = _rope(q if layer.q_norm is None else _norm(q, layer.q_norm), *cs)
+                k = _rope(k if layer.k_norm is None else _norm(k, layer.k_norm), *cs)
+            cache = layer.attn.kv_cache
+            end = cache.size + 1
+            if end > cache.max_seq_len:
+                raise ValueError(f"KVCache overflow: {cache.size} cached + 1 new > capacity {cache.max_seq_len}")
+            cache.k_cache[:, :, cache.size] = k
+            cache.v_cache[:, :, cache.size] = qkv[:, (nh + nkv) * d :].view(b, nkv, d)
+            cache.size = end
+            keys, values = cache.k_cache[:, :, :end], cache.v_cache[:, :, :end]  # [b, h_kv, s_kv, d] each
+            out = F.scaled_dot_product_attention(
+                q[:, :, None], keys, values, attn_mask=mask, enable_gqa=nh != nkv
+            )  # [b, h, 1, d]
+            h.add_(layer.o(out.view(b, nh * d)))  # [b, dim]
             gate_up = layer.gate_up(_norm(h, layer.mlp_norm))  # [b, 2 hidden]
-            hidden = gate_up.shape[1] // 2
-            act = F.silu(gate_up[:, :hidden]).mul_(gate_up[:, hidden:])  # [b, hidden]
+            act = F.silu(gate_up[:, : layer.hidden]).mul_(gate_up[:, layer.hidden :])  # [b, hidden]
             h.add_(layer.down(act))  # [b, dim]
         return self.output(_norm(h, self.model.norm))  # [b, vocab]
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+    """RoPE (HF rotate-half) of ``x [b, heads, d]`` with table rows ``[b, 1, d]``; ``sin_signed = [-sin, sin]``.
+
+    ``x * cos + [x2, x1] * [-sin, sin]``: the products and sums of ``apply_rope``, in three ops.
+    """
+    b, n, d = x.shape
+    swapped = x.view(b, n, 2, d // 2).flip(2).view(b, n, d)  # [b, heads, d] = [x2, x1]
+    return (x * cos).addcmul_(swapped, sin_signed)  # [b, heads, d]
 
 
 def _plan_layer(layer: nn.Module) -> _Layer | None:
@@ -275,6 +304,10 @@ def _plan_layer(layer: nn.Module) -> _Layer | None:
         return None
     return _Layer(
         attn=attn,
+        n_heads=attn.n_heads,
+        n_kv_heads=attn.n_kv_heads,
+        head_dim=d,
+        hidden=gate[0].shape[0],
         rope=attn.pos_embeddings,
         sa_norm=layer.sa_norm,
         mlp_norm=layer.mlp_norm,

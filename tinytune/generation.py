@@ -6,7 +6,6 @@ same tokens as the prompt run alone.
 """
 
 import contextlib
-import weakref
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
@@ -14,8 +13,8 @@ from torch import nn
 
 from tinytune.decode_plan import DecodePlan
 
-# model -> its DecodePlan while a decode_layout block is open (weak: a dropped model frees its plan)
-_PLANS: weakref.WeakKeyDictionary[nn.Module, DecodePlan] = weakref.WeakKeyDictionary()
+# id(model) -> its DecodePlan while a decode_layout block is open (removed when the block ends)
+_PLANS: dict[int, DecodePlan] = {}
 
 
 def sample_next_token(
@@ -92,16 +91,16 @@ def decode_layout(model: nn.Module) -> Iterator[nn.Module]:
     Yields:
         ``model``.
     """
-    if model in _PLANS:  # nested block: the outer one owns the plan
+    if id(model) in _PLANS:  # nested block: the outer one owns the plan
         yield model
         return
     plan = DecodePlan.build(model)
     if plan is not None:
-        _PLANS[model] = plan
+        _PLANS[id(model)] = plan
         try:
             yield model
         finally:
-            _PLANS.pop(model, None)
+            del _PLANS[id(model)]
         return
     moved: list[nn.Parameter] = []
     try:
@@ -118,15 +117,12 @@ def decode_layout(model: nn.Module) -> Iterator[nn.Module]:
 
 def _active_plan(model: nn.Module) -> DecodePlan | None:
     """The model's decode plan inside :func:`decode_layout` (rebuilt if its weights changed), else ``None``."""
-    plan = _PLANS.get(model)
-    if plan is None:
+    plan = _PLANS.get(id(model))
+    if plan is None or plan.model is not model:
         return None
     fresh = plan.current()
-    if fresh is not plan:
-        if fresh is None:
-            _PLANS.pop(model, None)
-        else:
-            _PLANS[model] = fresh
+    if fresh is not plan and fresh is not None:
+        _PLANS[id(model)] = fresh
     return fresh
 
 
