@@ -183,11 +183,11 @@ class DecodePlan:
 
     def current(self) -> DecodePlan | None:
         """This plan while the model's parameters are unchanged since it was built, else a new one."""
-        params = list(self.model.parameters())
-        same = len(params) == len(self._sources) and all(
-            p is q and p.data_ptr() == ptr and p._version == ver for p, (q, ptr, ver) in zip(params, self._sources)
+        now = _sources(self.model)
+        same = len(now) == len(self._sources) and all(
+            p is q and ptr == ptr0 and ver == ver0 for (p, ptr, ver), (q, ptr0, ver0) in zip(now, self._sources)
         )
-        if same and all(m.disabled == d for m, d in self._flags):
+        if same and _lora_flags(self.model) == self._flags:
             return self
         return DecodePlan.build(self.model)
 
