@@ -178,6 +178,9 @@ def test_fallbacks_without_a_plan():
     assert DecodePlan.build(dropout) is None
     assert DecodePlan.build(dropout.eval()) is not None
     assert DecodePlan.build(torch.nn.Linear(4, 4)) is None
+    mixed = _model()
+    mixed.norm.to(torch.float64)  # one parameter in another dtype: no single-dtype weight buffer
+    assert DecodePlan.build(mixed) is None
 
     torch.manual_seed(0)
     ref = generate(qlora, PROMPTS, 6)
@@ -244,3 +247,21 @@ def test_bf16_plan_close_to_module_path():
         model.clear_caches()
     assert (got - ref).abs().max() <= 0.05 * ref.abs().max()
     assert got.argmax() == ref.argmax()
+
+
+def test_sampling_and_streaming_inside_the_block():
+    model = _model(smollm2.smollm2_tiny)
+    kw = dict(max_new_tokens=8, temperature=0.9, top_k=40, top_p=0.95)
+    ref = generate(model, PROMPTS, generator=torch.Generator().manual_seed(3), **kw)
+    streamed: list[tuple[int, int]] = []
+    with decode_layout(model):
+        got = generate(
+            model,
+            PROMPTS,
+            generator=torch.Generator().manual_seed(3),
+            on_token=lambda r, t: streamed.append((r, t)),
+            **kw,
+        )
+        assert generate(model, PROMPTS, 1) == [r[:1] for r in generate(model, PROMPTS, 3)]  # no decode step at all
+    assert got == ref
+    assert sorted(streamed) == sorted((r, t) for r, toks in enumerate(got) for t in toks)

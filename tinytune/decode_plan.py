@@ -20,7 +20,7 @@ parameters are only read; a plan notices a changed parameter (``load_state_dict`
 step, a swapped ``.data``) and is rebuilt by :meth:`DecodePlan.current`.
 
 Models with a part the plan does not know (NF4 bases, tensor subclasses, non-CPU weights,
-training-mode dropout, other module types) get no plan: :meth:`DecodePlan.build` returns ``None``
+parameters of mixed dtypes, training-mode dropout, other module types) get no plan: :meth:`DecodePlan.build` returns ``None``
 and generation runs the modules.
 """
 
@@ -220,7 +220,8 @@ class DecodePlan:
         if type(model) is not TransformerDecoder or type(model.tok_embeddings) is not nn.Embedding:
             return None
         params = list(model.parameters())
-        if not params or any(type(p) not in _PLAIN or p.device.type != "cpu" for p in params):
+        dtype = model.tok_embeddings.weight.dtype  # the plan's buffer holds every matrix in this dtype
+        if not params or any(type(p) not in _PLAIN or p.device.type != "cpu" or p.dtype != dtype for p in params):
             return None
         if type(model.norm) is not RMSNorm:
             return None
