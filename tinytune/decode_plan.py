@@ -2,26 +2,29 @@
 
 :func:`tinytune.generation.decode_layout` builds a :class:`DecodePlan` on entry and
 :func:`tinytune.generation.generate` runs its KV-cache steps (one new position per row) through
-:meth:`DecodePlan.step` instead of the module tree. The plan holds its own copies of the projection
-weights, laid out for a few rows times every weight:
+:meth:`DecodePlan.step` instead of the module tree. The plan holds its own copies of the
+projection weights, laid out for multiplying a few rows by every weight:
 
 * q/k/v fused into one ``[dim, (h + 2 h_kv) d]`` matrix and gate/up into one ``[dim, 2 hidden]``
   matrix (two GEMMs per layer instead of five), every matrix stored as ``W^T`` contiguous
-  (column-major ``W``, the faster operand for MKL's small-M GEMM);
-* LoRA adapters merged (``W + s B A``; DoRA's magnitude included, an adapter switched off left out);
-* for batches of more than one row in fp32, MKL's packed GEMM format, packed on the first step of a
-  given batch size (``torch.ops.mkl._mkl_reorder_linear_weight``; the format inductor uses).
+  (column-major ``W``, the faster operand for MKL's small-M GEMM), all in one buffer on
+  transparent huge pages where Linux allows;
+* LoRA adapters merged (``W + s B A``; DoRA's magnitude included; an adapter switched off is left
+  out);
+* for batches of more than one row in fp32, MKL's packed GEMM format, packed on the first call for
+  a batch size (``torch.ops.mkl._mkl_reorder_linear_weight``, the format inductor uses on CPU).
 
-The step itself is the module code without the module calls and without the checks that only
-training needs: ``torch.rms_norm`` in fp32, RoPE rows gathered from a table of every position,
-one rotation for q and k together, SDPA on the cached keys, in-place residual adds. Outputs agree
-with the module path to fp32 rounding (the GEMMs sum in a different order). The model's own
-parameters are only read; a plan notices a changed parameter (``load_state_dict``, an optimizer
-step, a swapped ``.data``) and is rebuilt by :meth:`DecodePlan.current`.
+The step is the module code without the module calls and without the checks only training needs:
+RMSNorm spelled out, RoPE rows gathered from a table of every position and applied to q and k
+together, keys and values written straight into the cache slot, SDPA over the cached slots, the
+o and down GEMMs accumulating into the residual. Outputs agree with the module path to fp32
+rounding (the GEMMs sum in another order). The model's parameters are only read; a changed
+parameter (``load_state_dict``, an optimizer step, a swapped ``.data``) or LoRA switch is noticed
+by :meth:`DecodePlan.current`, which builds a new plan.
 
 Models with a part the plan does not know (NF4 bases, tensor subclasses, non-CPU weights,
-parameters of mixed dtypes, training-mode dropout, other module types) get no plan: :meth:`DecodePlan.build` returns ``None``
-and generation runs the modules.
+parameters of mixed dtypes, training-mode dropout, other module types) get no plan
+(:meth:`DecodePlan.build` returns ``None``) and generation runs the modules.
 """
 
 from __future__ import annotations
@@ -206,7 +209,7 @@ class DecodePlan:
             start += n
         self._flags = _lora_flags(model)
         self._sources = _sources(model)
-        self._tables: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(rope) -> cos, sin [T, d]
+        self._tables: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(rope) -> cos, [-sin, sin] [T, d]
         self._rows = 1
 
     @classmethod
@@ -268,8 +271,8 @@ class DecodePlan:
             table = self._tables.get(id(layer.rope))
             if table is None or table[0].shape[0] < max_positions:
                 pos = torch.arange(max(max_positions, 64), device=self.output.w_t.device)[None]  # [1, T]
-                cos, sin = layer.rope.cos_sin(pos)  # [1, 1, T, d] each, the module's own tables
-                cos, sin = cos[0, 0].to(self.output.w_t.dtype), sin[0, 0].to(self.output.w_t.dtype)  # [T, d]
+                cos, sin = layer.rope.cos_sin(pos)  # [1, 1, T, d] each in fp32: the module's own tables
+                cos, sin = cos[0, 0], sin[0, 0]  # [T, d] each
                 half = sin.shape[1] // 2
                 self._tables[id(layer.rope)] = (cos, torch.cat((-sin[:, :half], sin[:, half:]), dim=1))
 
@@ -330,6 +333,8 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch
 
     ``x * cos + [x2, x1] * [-sin, sin]``: the products and sums of ``apply_rope``, in three ops.
     """
+    if x.dtype != cos.dtype:  # bf16/fp16: rotate in fp32 as the module path does, then cast back
+        return _rope(x.to(cos.dtype), cos, sin_signed).to(x.dtype)
     b, n, d = x.shape
     swapped = x.view(b, n, 2, d // 2).flip(2).view(b, n, d)  # [b, heads, d] = [x2, x1]
     return (x * cos).addcmul_(swapped, sin_signed)  # [b, heads, d]
