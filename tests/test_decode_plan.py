@@ -14,9 +14,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from tinytune.decode_plan import DecodePlan  # noqa: E402
 from tinytune.generation import _PLANS, decode_layout, generate  # noqa: E402
 from tinytune.models import llama3, lora_builders, qwen2, qwen3, smollm2  # noqa: E402
+from tinytune.modules.decode_plan import DecodePlan  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
 from test_generation import _model  # noqa: E402

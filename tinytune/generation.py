@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 from torch import nn
 
-from tinytune.decode_plan import DecodePlan
+from tinytune.modules.decode_plan import DecodePlan
 
 # id(model) -> its DecodePlan while a decode_layout block is open (removed when the block ends)
 _PLANS: dict[int, DecodePlan] = {}
@@ -71,7 +71,7 @@ def decode_layout(model: nn.Module) -> Iterator[nn.Module]:
     """Decode-time weight layout for a series of :func:`generate` calls on CPU; the model is unchanged after.
 
     For a :class:`~tinytune.modules.TransformerDecoder` on CPU this builds a
-    :class:`~tinytune.decode_plan.DecodePlan`: copies of the projection weights with q/k/v and
+    :class:`~tinytune.modules.decode_plan.DecodePlan`: copies of the projection weights with q/k/v and
     gate/up fused, stored column-major (``W^T`` contiguous, the faster operand for MKL's small-M
     GEMM), LoRA adapters merged, packed for MKL's GEMM on the first fp32 step of each batch size >
     1; :func:`generate` runs its KV-cache steps through the plan's lean one-position step. The
