@@ -190,6 +190,10 @@ def test_fallbacks_without_a_plan():
         assert not w.is_contiguous() and w.t().is_contiguous()  # the in-place column-major layout
         assert generate(qlora, PROMPTS, 6) == ref
     assert w.is_contiguous()
+    # NF4's dequantization scratch buffers, first made under generate's inference_mode, serve training too
+    qlora.train()
+    qlora(torch.tensor(PROMPTS[:1])).sum().backward()
+    assert qlora.layers[0].attn.q_proj.lora_a.weight.grad is not None
 
 
 def test_cache_end_stop_tokens_and_nesting(monkeypatch):
