@@ -12,7 +12,7 @@ same thing; fp32 greedy can part ways only where two logits tie to rounding).
     python benchmarks/bench_generate.py --batch-sizes 1,8 --new-tokens 128 --rounds 5
     python benchmarks/bench_generate.py --smoke               # tiny model, seconds (used by the tests)
     python benchmarks/bench_generate.py --decode-layout       # also tinytune inside decode_layout()
-    python benchmarks/bench_generate.py --profile 32          # + torch.profiler table of a 32-token call
+    python benchmarks/bench_generate.py --profile 32          # + torch.profiler table of a 32-token call per side
 
 ``--decode-layout`` adds a third side in the same rounds: a second copy of the tinytune model held
 in ``tinytune.generation.decode_layout`` (its decode plan: fused, column-major, MKL-packed weights and
@@ -144,13 +144,13 @@ def main(argv: list[str] | None = None) -> int:
                     )
                     times[name].append(time.perf_counter() - t0)
                     cpu[name].append(time.process_time() - c0)
-        if args.profile:
+        for name in sides if args.profile else ():
             with (
                 torch.inference_mode(),
                 torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof,
             ):
-                _ours(ours, prompts, args.profile)
-            profiles.append((bs, prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15)))
+                _ours(sides[name], prompts, args.profile)
+            profiles.append((bs, name, prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15)))
         total = bs * args.new_tokens
         assert all(len(r) == args.new_tokens for o in outs.values() for r in o), "a side stopped early"
         tps = {k: total / median(v) for k, v in times.items()}
@@ -171,8 +171,8 @@ def main(argv: list[str] | None = None) -> int:
                 ]
             )
 
-    for bs, table in profiles:
-        print(f"torch.profiler, tinytune generate, batch {bs}, {args.profile} new tokens (self CPU time):")
+    for bs, name, table in profiles:
+        print(f"torch.profiler, {name} generate, batch {bs}, {args.profile} new tokens (self CPU time):")
         print(table)
     print(machine_line())
     print(
