@@ -208,6 +208,7 @@ def test_cache_end_stop_tokens_and_nesting(monkeypatch):
             assert generate(model, PROMPTS, 9) == full
         assert _PLANS
         assert generate(model, PROMPTS, 9, stop_tokens=[stop]) == stopped
+        assert generate(model, PROMPTS, 9, use_cache=False) == full  # no cache: the modules, not the plan
         # caches held by the caller, exactly prompt + new tokens long: the last slot is used
         model.setup_caches(len(PROMPTS), 6 + 9)
         assert generate(model, PROMPTS, 9) == full
