@@ -70,7 +70,7 @@ def recipe_main(cfg: DictConfig) -> list[str]:
     template = get_bound_template(s.source.template, tokenizer)
     prompts = read_prompts(s)
     t0 = time.perf_counter()
-    with decode_layout(model):  # weights column-major while decoding (faster CPU GEMMs); restored after
+    with decode_layout(model):  # fused decode-time weights and a lean decode step (CPU); the model is unchanged after
         replies = generate_replies(
             model,
             tokenizer,

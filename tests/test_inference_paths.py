@@ -84,9 +84,11 @@ def test_decode_layout_same_tokens_and_restores_weights():
     ref = generate(model, prompts, max_new_tokens=6)
     tokens = torch.tensor([[5, 6, 7, 8]])
     ref_logits = model(tokens).detach()
+    w = model.layers[0].attn.q_proj.weight
+    ptr = w.data_ptr()
     with decode_layout(model):
-        w = model.layers[0].attn.q_proj.weight
-        assert not w.is_contiguous() and w.t().is_contiguous()
+        # the decode plan holds its own fused copies; the model's parameters are only read
+        assert w.is_contiguous() and w.data_ptr() == ptr
         assert generate(model, prompts, max_new_tokens=6) == ref
         with torch.no_grad():
             torch.testing.assert_close(model(tokens), ref_logits, rtol=1e-5, atol=1e-5)

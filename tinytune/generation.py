@@ -11,6 +11,11 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 from torch import nn
 
+from tinytune.modules.decode_plan import DecodePlan
+
+# id(model) -> its DecodePlan while a decode_layout block is open (removed when the block ends)
+_PLANS: dict[int, DecodePlan] = {}
+
 
 def sample_next_token(
     logits: torch.Tensor,
@@ -63,23 +68,40 @@ def _validate_prompts(prompt_tokens: Sequence[Sequence[int]], vocab_size: int) -
 
 @contextlib.contextmanager
 def decode_layout(model: nn.Module) -> Iterator[nn.Module]:
-    """Stores the model's 2-D CPU weights column-major while the block runs, then restores them.
+    """Decode-time weight layout for a series of :func:`generate` calls on CPU; the model is unchanged after.
 
-    Decoding multiplies a few rows by every weight matrix (``x [b, in] @ W.T``). On CPU, MKL runs
-    that product faster when ``W.T`` is contiguous, i.e. when ``W [out, in]`` is stored
-    column-major; the values, shapes and parameter objects stay the same (only ``.data``'s strides
-    change), so outputs agree with the row-major model to rounding. Re-laying the weights out
-    costs one copy of each (and back on exit), so wrap a whole series of :func:`generate` calls
-    (a prompt file, an evaluation, a chat session), not a single short one. Only plain floating
-    CPU tensors are touched (NF4, DTensor and GPU weights are left as they are); do not train
-    inside the block.
+    For a :class:`~tinytune.modules.TransformerDecoder` on CPU this builds a
+    :class:`~tinytune.modules.decode_plan.DecodePlan`: copies of the projection weights with q/k/v and
+    gate/up fused, stored column-major (``W^T`` contiguous, the faster operand for MKL's small-M
+    GEMM), LoRA adapters merged, packed for MKL's GEMM on the first fp32 step of each batch size >
+    1; :func:`generate` runs its KV-cache steps through the plan's lean one-position step. The
+    model's own parameters are only read (a change to them inside the block rebuilds the plan).
+    Outputs agree with the module path to fp32 rounding. Building the plan costs about one copy
+    of the weights (a second for packing), held until the block ends, so wrap a whole series of
+    :func:`generate` calls (a prompt file, an evaluation, a chat session), not a single short one.
+
+    Models the plan does not cover (NF4 bases, DTensors, GPU weights, other module types) get the
+    older layout change instead: their plain 2-D floating CPU parameters are stored column-major
+    in place (same values and parameter objects; only ``.data``'s strides change) and restored on
+    exit. Do not train inside the block.
 
     Args:
-        model: any module; every 2-D floating parameter it holds is re-laid out.
+        model: any module.
 
     Yields:
         ``model``.
     """
+    if id(model) in _PLANS:  # nested block: the outer one owns the plan
+        yield model
+        return
+    plan = DecodePlan.build(model)
+    if plan is not None:
+        _PLANS[id(model)] = plan
+        try:
+            yield model
+        finally:
+            del _PLANS[id(model)]
+        return
     moved: list[nn.Parameter] = []
     try:
         for p in model.parameters():
@@ -91,6 +113,17 @@ def decode_layout(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         for p in moved:
             p.data = p.data.contiguous()
+
+
+def _active_plan(model: nn.Module) -> DecodePlan | None:
+    """The model's decode plan inside :func:`decode_layout` (rebuilt if its weights changed), else ``None``."""
+    plan = _PLANS.get(id(model))
+    if plan is None or plan.model is not model:
+        return None
+    fresh = plan.current()
+    if fresh is not plan and fresh is not None:
+        _PLANS[id(model)] = fresh
+    return fresh
 
 
 def _prefix_mask(valid: torch.Tensor, length: int) -> torch.Tensor:
@@ -179,15 +212,20 @@ def generate(
     elif model.caches_are_enabled():
         raise ValueError("generate: use_cache=False but the model has KV caches attached; call model.clear_caches()")
 
+    plan = _active_plan(model) if use_cache else None  # inside decode_layout: the lean decode step
     try:
         cur = prompt_len
         if use_cache:  # prefill: the vocabulary projection only for the last position
             hidden = model(tokens[:, :cur], input_pos[:, :cur], mask=_prefix_mask(valid, cur), return_hidden=True)
-            logits = model.output(hidden[:, -1])  # [b, V]
+            if plan is not None:
+                plan.prepare(b, total)
+            logits = (model.output if plan is None else plan.logits)(hidden[:, -1])  # [b, V]
             # one decode step's mask is a row of this, a view: new token -> every real token so far
             # (all earlier slots: causal by construction); 0 = attend, -inf = left padding
             key_bias = torch.zeros(b, 1, total, dtype=hidden.dtype, device=device)  # [b, 1, T]
             key_bias.masked_fill_(~valid[:, None], float("-inf"))
+            # the plan's step: no mask at all when no row is padded (every cached slot is attended)
+            step_bias = key_bias[:, None] if bool((~valid).any()) else None  # [b, 1, 1, T]
         else:
             full_mask = _prefix_mask(valid, total)  # [b, T, T]
         for step in range(max_new_tokens):
@@ -207,7 +245,11 @@ def generate(
             cur += 1
             if step == max_new_tokens - 1 or bool(done.all()):
                 break
-            if use_cache:  # one position in, its logits out; the KV caches grow in place
+            if plan is not None:  # one position in, its logits out; the KV caches grow in place
+                logits = plan.step(
+                    tokens[:, cur - 1], input_pos[:, cur - 1], None if step_bias is None else step_bias[..., :cur]
+                )
+            elif use_cache:
                 logits = model(tokens[:, cur - 1 : cur], input_pos[:, cur - 1 : cur], mask=key_bias[:, :, :cur])[:, -1]
     finally:
         if owns_cache:

@@ -99,7 +99,10 @@ def _scratch(name: str, numel: int, dtype: torch.dtype, device: torch.device) ->
     key = (name, numel, dtype, device)
     buf = _SCRATCH.buffers.get(key)
     if buf is None:
-        buf = _SCRATCH.buffers[key] = torch.empty(numel, dtype=dtype, device=device)
+        # a normal tensor even when first made under inference_mode (generation), so that a later
+        # training forward may write into it (inference tensors refuse in-place updates outside it)
+        with torch.inference_mode(False):
+            buf = _SCRATCH.buffers[key] = torch.empty(numel, dtype=dtype, device=device)
     return buf
 
 
@@ -108,8 +111,9 @@ def _pair_lut(nf4: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     key = (nf4.data_ptr(), dtype, nf4.device)
     lut = _SCRATCH.luts.get(key)
     if lut is None:
-        codes = torch.arange(256, device=nf4.device)
-        lut = _SCRATCH.luts[key] = torch.stack([nf4[codes >> 4], nf4[codes & 15]], dim=-1).to(dtype)
+        with torch.inference_mode(False):  # usable in and outside inference_mode, as the scratch buffers
+            codes = torch.arange(256, device=nf4.device)
+            lut = _SCRATCH.luts[key] = torch.stack([nf4[codes >> 4], nf4[codes & 15]], dim=-1).to(dtype)
     return lut
 
 
