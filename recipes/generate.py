@@ -9,6 +9,7 @@ with one prompt per line, or JSONL with a ``prompt`` or ``messages`` field per l
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -21,6 +22,10 @@ from tinytune.config.recipe_settings import GenerateSettings
 from tinytune.generation import decode_layout
 from tinytune.training import load_model_and_tokenizer, setup_device
 from tinytune.training.prompting import generate_replies, get_bound_template
+
+# Building the plan and packing its weights cost ~1.7 s on the 2-core CPU for SmolLM2-135M, paid
+# back after ~160 batch-1 tokens (benchmarks/RESULTS.md): below this many tokens in all, auto skips it.
+PLAN_MIN_TOKENS = 256
 
 
 def read_prompts(s: GenerateSettings) -> list:
@@ -69,8 +74,11 @@ def recipe_main(cfg: DictConfig) -> list[str]:
     model.eval()
     template = get_bound_template(s.source.template, tokenizer)
     prompts = read_prompts(s)
+    plan = s.decode_plan is True or (s.decode_plan == "auto" and len(prompts) * s.max_new_tokens >= PLAN_MIN_TOKENS)
+    print(f"decode plan: {'on' if plan else 'off'} (decode_plan: {s.decode_plan})")
     t0 = time.perf_counter()
-    with decode_layout(model):  # fused decode-time weights and a lean decode step (CPU); the model is unchanged after
+    # decode_layout: fused decode-time weights and a lean decode step (CPU); the model is unchanged after
+    with decode_layout(model) if plan else contextlib.nullcontext():
         replies = generate_replies(
             model,
             tokenizer,

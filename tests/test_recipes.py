@@ -570,6 +570,29 @@ def test_generate_recipe_prompt_and_file(assets, tmp_path, capsys):
     assert ">>> What is ice?" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize(
+    "plan,prompts,want", [(True, 1, "on"), (False, 40, "off"), ("auto", 1, "off"), ("auto", 40, "on")]
+)
+def test_generate_recipe_decode_plan_setting(assets, tmp_path, capsys, plan, prompts, want):
+    """decode_plan: true / false / auto (prompts x max_new_tokens >= 256); the replies are the same."""
+    from tinytune.modules import decode_plan
+
+    steps = []
+    original = decode_plan.DecodePlan.step
+    monkey = pytest.MonkeyPatch()
+    monkey.setattr(decode_plan.DecodePlan, "step", lambda self, *a, **k: steps.append(1) or original(self, *a, **k))
+    try:
+        asked = [f"Count to {i}." for i in range(prompts)]
+        out_file = tmp_path / "gen.jsonl"
+        _run("generate", _infer_cfg(assets, prompts=asked, decode_plan=plan, output_file=str(out_file)), tmp_path)
+    finally:
+        monkey.undo()
+    assert f"decode plan: {want} (decode_plan: {plan})" in capsys.readouterr().out
+    assert bool(steps) == (want == "on")  # the plan's decode step ran, or never
+    rows = [json.loads(line) for line in out_file.read_text().splitlines()]
+    assert [r["reply"] for r in rows] == _direct_replies(assets, asked)
+
+
 def test_generate_recipe_without_prompts_is_a_clear_error(assets, tmp_path, capsys):
     path = tmp_path / "g.yaml"
     path.write_text("# recipe: generate\n" + yaml.safe_dump(_infer_cfg(assets)))

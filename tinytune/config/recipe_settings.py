@@ -681,6 +681,12 @@ class GenerateSettings(InferenceSettings):
     prompts: list[str] = setting([], "prompts (a list; a string is refused)")
     prompt_file: str | None = setting(None, "text file (one prompt per line) or JSONL (prompt | messages)")
     output_file: str | None = setting(None, "write {prompt, reply} JSONL here")
+    decode_plan: bool | str = setting(
+        "auto",
+        "decode inside tinytune.generation.decode_layout (fused weights, lean decode step; a copy of the "
+        "weights): auto = when prompts x max_new_tokens >= 256 (below that its one-time cost is not paid back)",
+        choices=("auto", True, False),
+    )
 
 
 @dataclass(frozen=True)
