@@ -34,6 +34,7 @@ from tinytune.datasets.mixing import MixedDataset
 from tinytune.device import get_device, get_dtype, set_seed
 from tinytune.hub import HubError, resolve_hf_checkpoint
 from tinytune.kernels.compiled_ops import set_compiled
+from tinytune.training.host_malloc import apply_malloc_policy
 from tinytune.models.lora_builders import is_lora_builder, lora_factory
 from tinytune.tokenizers import load_tokenizer as _load_tokenizer
 from tinytune.training.data import BatchStream, split_dataset
@@ -93,6 +94,7 @@ def setup_device(
         dtype = get_dtype(hw.dtype, device)
     seed = set_seed(hw.seed)
     apply_compile_setting(hw)
+    apply_malloc_setting(hw)
     return device, dtype, seed
 
 
@@ -106,6 +108,18 @@ def apply_compile_setting(hw: DeviceSettings) -> None:
         set_compiled(hw.compile)
     except RuntimeError as e:
         raise ConfigError(f"compile: {e}; set compile: false to run without it") from e
+
+
+def apply_malloc_setting(hw: DeviceSettings) -> str:
+    """``malloc``: the host allocator policy of this process (:mod:`tinytune.training.host_malloc`).
+
+    Returns:
+        What holds now; anything other than what was asked for is also logged as a warning.
+    """
+    result = apply_malloc_policy(hw.malloc)
+    if result != hw.malloc:
+        log.warning("malloc: %s", result)
+    return result
 
 
 def prepare_output_dir(output_dir: str | None, cfg: DictConfig) -> str:
