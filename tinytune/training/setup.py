@@ -34,10 +34,10 @@ from tinytune.datasets.mixing import MixedDataset
 from tinytune.device import get_device, get_dtype, set_seed
 from tinytune.hub import HubError, resolve_hf_checkpoint
 from tinytune.kernels.compiled_ops import set_compiled
-from tinytune.training.host_malloc import apply_malloc_policy
 from tinytune.models.lora_builders import is_lora_builder, lora_factory
 from tinytune.tokenizers import load_tokenizer as _load_tokenizer
 from tinytune.training.data import BatchStream, split_dataset
+from tinytune.training.host_malloc import apply_malloc_policy
 from tinytune.training.loss_scaling import FP16_NAMES
 from tinytune.training.stream_data import IterableBatchStream
 
