@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import importlib.util
 import json
 import os
 import shutil
@@ -312,6 +313,13 @@ def _qlora_kwargs(spec: dict) -> dict:
 
 def worker_main(spec: dict) -> None:
     """Runs one configuration: build, warm up, time ``steps`` steps, report."""
+    if importlib.util.find_spec("tinytune") is None:  # the torchtune venv: tinytune from this checkout
+        sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from tinytune.training.host_malloc import apply_malloc_policy
+
+    # tinytune: what its recipes do (hardware.malloc, default keep); the peers: --malloc-peers
+    policy = spec.get("malloc", "keep") if spec["framework"] == "tinytune" else spec.get("malloc_peers", "default")
+    malloc = apply_malloc_policy(policy)
     torch, dtype, device = _torch_setup(spec)
     batch = make_batch(spec["bs"], spec["seq"], spec["vocab"], spec["packed"], seed=spec.get("seed", 0))
     build = {"tinytune": _build_tinytune, "hf": _build_hf, "torchtune": _build_torchtune}[spec["framework"]]
@@ -357,6 +365,7 @@ def worker_main(spec: dict) -> None:
         "trainable_dtypes": sorted({str(p.dtype).replace("torch.", "") for p in model.parameters() if p.requires_grad}),
         "peak_rss_mib": peak_rss_mib(),
         "rss_before_mib": rss_before,
+        "malloc": malloc,
     }
     if cuda:
         result["peak_gpu_mib"] = torch.cuda.max_memory_allocated() / 2**20
@@ -491,6 +500,18 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="HF: every decoder layer torch.compile'd; torchtune: compile_model + compile_loss (its compile: True)",
     )
+    p.add_argument(
+        "--malloc",
+        choices=("keep", "default"),
+        default="keep",
+        help="tinytune's host allocator policy (the recipes' hardware.malloc; default keep, as in the recipes)",
+    )
+    p.add_argument(
+        "--malloc-peers",
+        choices=("keep", "default"),
+        default="default",
+        help="the same policy applied to the peers' processes (default: their C library's default)",
+    )
     p.add_argument("--json", help="also write all raw results to this file")
     p.add_argument("--smoke", action="store_true", help="tiny model, bs 2, seq 64, 1 step, 1 round")
     args = p.parse_args(argv)
@@ -549,6 +570,8 @@ def main(argv: list[str] | None = None) -> int:
         padding_free=args.padding_free == "on",
         compile=args.compile,
         compile_peers=args.compile_peers,
+        malloc=args.malloc,
+        malloc_peers=args.malloc_peers,
         optim={"lr": args.lr, "weight_decay": 0.01, "fused": fused},
         **qlora,
     )
@@ -560,7 +583,8 @@ def main(argv: list[str] | None = None) -> int:
         f"AdamW lr {args.lr} wd 0.01; {'QLoRA (NF4 base)' if qlora else 'LoRA'} r={args.rank} alpha={args.alpha} "
         f"on {','.join(LORA_TARGETS)}; "
         f"{args.warmup} warm-up + {args.steps} timed steps x {args.rounds} rounds per config"
-        f"{'; tinytune compile: true' if args.compile else ''}{'; peers compiled' if args.compile_peers else ''}",
+        f"{'; tinytune compile: true' if args.compile else ''}{'; peers compiled' if args.compile_peers else ''}"
+        f"; malloc tinytune {args.malloc}, peers {args.malloc_peers}",
         flush=True,
     )
     results: dict[tuple, list[dict]] = {}
