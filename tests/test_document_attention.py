@@ -7,6 +7,15 @@ import torch.nn.functional as F
 from tinytune.modules.attention import attention, packed_causal_mask, seq_lens_to_document_ids
 from tinytune.modules.document_attention import document_attention
 
+MODES = ["gemm", "sdpa"]
+
+
+@pytest.fixture(params=MODES)
+def mode(request, monkeypatch):
+    """Every test runs on both per-document kernels (TINYTUNE_CPU_ATTENTION)."""
+    monkeypatch.setenv("TINYTUNE_CPU_ATTENTION", request.param)
+    return request.param
+
 
 def _qkv(b, h, hkv, s, d, dtype, seed=0):
     g = torch.Generator().manual_seed(seed)
@@ -20,7 +29,7 @@ def _reference(q, k, v, seq_lens, scale=None):
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("h,hkv", [(4, 4), (6, 2)])
-def test_matches_dense_mask_values_and_gradients(dtype, h, hkv):
+def test_matches_dense_mask_values_and_gradients(mode, dtype, h, hkv):
     s = 41
     seq_lens = torch.tensor([[10, 1, 0, 30], [41, 0, 0, 0], [7, 7, 7, 20]])
     q, k, v = _qkv(3, h, hkv, s, 16, dtype)
@@ -33,13 +42,13 @@ def test_matches_dense_mask_values_and_gradients(dtype, h, hkv):
         torch.testing.assert_close(a, b, rtol=tol * 10, atol=tol * 10)
 
 
-def test_gradcheck_fp64():
+def test_gradcheck_fp64(mode):
     seq_lens = torch.tensor([[3, 5], [8, 0]])
     q, k, v = _qkv(2, 2, 1, 8, 4, torch.float64, seed=1)
     assert torch.autograd.gradcheck(lambda a, b, c: document_attention(a, b, c, seq_lens), (q, k, v))
 
 
-def test_output_merges_heads_without_a_copy():
+def test_output_merges_heads_without_a_copy(mode):
     q, k, v = _qkv(2, 3, 3, 9, 8, torch.float32)
     out = document_attention(q, k, v, torch.tensor([[4, 5], [9, 0]]))
     assert out.shape == (2, 3, 9, 8) and out.transpose(1, 2).is_contiguous()
@@ -56,9 +65,45 @@ def test_attention_entry_point_uses_it_on_cpu(monkeypatch):
     assert len(calls) == 1
 
 
-def test_bad_seq_lens_name_the_row():
+def test_bad_seq_lens_name_the_row(mode):
     q, k, v = _qkv(2, 2, 2, 6, 4, torch.float32)
     with pytest.raises(ValueError, match="row 1"):
         document_attention(q, k, v, torch.tensor([[2, 4], [3, 2]]))
     with pytest.raises(ValueError, match="row 0"):
         document_attention(q, k, v, torch.tensor([[-1, 7], [6, 0]]))
+
+
+@pytest.mark.parametrize("h,hkv,d", [(9, 3, 64), (4, 2, 16), (2, 2, 8)])
+def test_gemm_kernel_at_block_borders_no_further_from_fp64_than_sdpa(monkeypatch, h, hkv, d):
+    """Documents of 1, 31, 32, 33, 64, 65 and 96 tokens (the GEMM path's query blocks are 32), fp32 and
+    bf16: values and gradients no further from an fp64 reference than PyTorch's fused kernel's
+    (bf16: the fused kernel rounds P and dS to bf16; the GEMM path keeps them in fp32)."""
+    from tinytune.kernels import cpu_attention
+
+    assert cpu_attention.BLOCK == 32
+    seq_lens = torch.tensor([[1, 31, 32, 33, 64, 0], [65, 96, 0, 0, 0, 0]])
+    s = int(seq_lens[0].sum())
+    assert int(seq_lens[1].sum()) == s
+    for dtype, tol in ((torch.float32, 2e-6), (torch.bfloat16, 0.0)):
+        q, k, v = _qkv(2, h, hkv, s, d, torch.float64, seed=d)
+        ref = _reference(q, k, v, seq_lens)
+        do = torch.randn(ref.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+        ref_grads = torch.autograd.grad(ref, (q, k, v), do)
+        errors = {}
+        for m in MODES:
+            monkeypatch.setenv("TINYTUNE_CPU_ATTENTION", m)
+            ql, kl, vl = (x.detach().to(dtype).requires_grad_() for x in (q, k, v))
+            out = document_attention(ql, kl, vl, seq_lens)
+            grads = torch.autograd.grad(out, (ql, kl, vl), do.to(dtype))
+            errors[m] = [(a.double() - b).abs().max().item() for a, b in zip((out, *grads), (ref, *ref_grads))]
+        for name, g_err, s_err, r in zip(("out", "dq", "dk", "dv"), errors["gemm"], errors["sdpa"], (ref, *ref_grads)):
+            # plus one rounding of the result in its dtype (bf16: 2^-8 of the largest value)
+            one_rounding = r.abs().max().item() * (2**-8 if dtype == torch.bfloat16 else 0.0)
+            assert g_err <= 1.25 * s_err + tol + one_rounding, (dtype, name, g_err, s_err)
+
+
+def test_unknown_cpu_attention_mode_is_refused(monkeypatch):
+    monkeypatch.setenv("TINYTUNE_CPU_ATTENTION", "flash")
+    q, k, v = _qkv(1, 2, 2, 6, 4, torch.float32)
+    with pytest.raises(ValueError, match=r"TINYTUNE_CPU_ATTENTION='flash': use one of gemm \| sdpa"):
+        document_attention(q, k, v, torch.tensor([[2, 4]]))

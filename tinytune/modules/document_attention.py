@@ -1,16 +1,21 @@
-"""Causal attention inside each packed document, one SDPA call per document (CPU path).
+"""Causal attention inside each packed document, one attention call per document (CPU path).
 
 A dense ``[s, s]`` block-diagonal mask makes SDPA's CPU kernel visit every (query, key) block of
-the row and apply the mask element by element. Calling PyTorch's fused CPU attention kernel once per
-document with ``is_causal=True`` does only the work inside the documents (``sum(n_i^2) / 2`` instead
-of ``s^2``) and builds no mask. The documents' outputs, log-sum-exps and gradients are written into
-whole-row buffers, so autograd sees one node (no per-slice gradient buffers).
+the row and apply the mask element by element. Attending once per document, causally, does only
+the work inside the documents (``sum(n_i^2) / 2`` instead of ``s^2``) and builds no mask. Each
+document runs through the blocked-GEMM attention of :mod:`tinytune.kernels.cpu_attention` (default)
+or PyTorch's fused CPU kernel (``TINYTUNE_CPU_ATTENTION=sdpa``). The documents' outputs,
+log-sum-exps and gradients are written into whole-row buffers, so autograd sees one node (no
+per-slice gradient buffers).
 """
 
 from __future__ import annotations
 
+import os
+
 import torch
 
+from tinytune.kernels.cpu_attention import gemm_attention_backward, gemm_attention_forward
 from tinytune.kernels.flash_attn import check_seq_lens
 
 _aten = torch.ops.aten
@@ -28,18 +33,40 @@ def _segments(seq_lens: torch.Tensor) -> list[tuple[int, int, int]]:
     return out
 
 
+CPU_ATTENTION_CHOICES = ("gemm", "sdpa")
+
+
+def cpu_attention_mode() -> str:
+    """``TINYTUNE_CPU_ATTENTION``: ``gemm`` (default; :mod:`tinytune.kernels.cpu_attention`) or ``sdpa``
+    (PyTorch's fused CPU kernel, one call per document).
+
+    Raises:
+        ValueError: any other value (names the variable and the choices).
+    """
+    mode = os.environ.get("TINYTUNE_CPU_ATTENTION", "gemm").lower()
+    if mode not in CPU_ATTENTION_CHOICES:
+        raise ValueError(f"TINYTUNE_CPU_ATTENTION={mode!r}: use one of {' | '.join(CPU_ATTENTION_CHOICES)}")
+    return mode
+
+
 class _DocumentAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, segments, scale):  # noqa: D102
         b, h, s, d = q.shape
         out = torch.empty((b, s, h, d), dtype=q.dtype, device=q.device).transpose(1, 2)  # [b, h, s, d] view
         lse = torch.empty((b, h, s), dtype=torch.promote_types(q.dtype, torch.float32), device=q.device)  # [b, h, s]
+        gemm = cpu_attention_mode() == "gemm"
+        scale_ = scale if scale is not None else q.shape[-1] ** -0.5
         for r, a, e in segments:
+            if gemm:
+                gemm_attention_forward(q[r, :, a:e], k[r, :, a:e], v[r, :, a:e], scale_, out[r, :, a:e], lse[r, :, a:e])
+                continue
             o, l_ = _aten._scaled_dot_product_flash_attention_for_cpu(
                 q[r : r + 1, :, a:e], k[r : r + 1, :, a:e], v[r : r + 1, :, a:e], 0.0, True, scale=scale
             )  # [1, h, n, d], [1, h, n]
             out[r : r + 1, :, a:e] = o
             lse[r : r + 1, :, a:e] = l_
+        ctx.gemm, ctx.scale_ = gemm, scale_
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.segments, ctx.scale = segments, scale
         return out
@@ -50,6 +77,12 @@ class _DocumentAttention(torch.autograd.Function):
         q, k, v, out, lse = ctx.saved_tensors
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         for r, a, e in ctx.segments:
+            if ctx.gemm:
+                s_ = (r, slice(None), slice(a, e))
+                gemm_attention_backward(
+                    dout[s_], q[s_], k[s_], v[s_], out[s_], lse[s_], ctx.scale_, dq[s_], dk[s_], dv[s_]
+                )
+                continue
             sl = (slice(r, r + 1), slice(None), slice(a, e))
             gq, gk, gv = _aten._scaled_dot_product_flash_attention_for_cpu_backward(
                 dout[sl], q[sl], k[sl], v[sl], out[sl], lse[sl], 0.0, True, scale=ctx.scale
