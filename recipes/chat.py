@@ -8,6 +8,7 @@ input) quits, ``/reset`` clears the conversation. Input is read from stdin, so i
 
 from __future__ import annotations
 
+import contextlib
 import sys
 
 import torch
@@ -15,9 +16,11 @@ from omegaconf import DictConfig
 
 import tinytune.config
 from tinytune.config.recipe_settings import ChatSettings
-from tinytune.generation import generate
+from tinytune.generation import decode_layout, generate
 from tinytune.training import load_model_and_tokenizer, setup_device
 from tinytune.training.prompting import encode_chat_prompt, get_bound_template, stop_token_ids
+
+PLAN_MIN_TOKENS = 256  # as in the generate recipe: below this one reply does not pay the plan's set-up back
 
 
 class StreamPrinter:
@@ -42,7 +45,6 @@ class StreamPrinter:
 def recipe_main(cfg: DictConfig) -> list[dict]:
     """Runs the chat loop; returns the conversation (list of messages)."""
     s = ChatSettings.from_config(cfg)  # every key checked before the model loads
-    thinking = s.enable_thinking
     device, dtype, seed = setup_device(s.hardware, training=False)
     _, tokenizer, model, info = load_model_and_tokenizer(s, device, dtype)
     model.eval()
@@ -50,13 +52,21 @@ def recipe_main(cfg: DictConfig) -> list[dict]:
     stops = stop_token_ids(tokenizer, template)
     max_new = s.max_new_tokens
     max_len = s.max_seq_len or min(info.max_seq_len, 2048)
-    temperature = s.temperature
-    system = s.system
     gen = None
-    if temperature > 0:
+    if s.temperature > 0:
         gen = torch.Generator(device=device)
         gen.manual_seed(seed)
 
+    plan = s.decode_plan is True or (s.decode_plan == "auto" and max_new >= PLAN_MIN_TOKENS)
+    print(f"decode plan: {'on' if plan else 'off'} (decode_plan: {s.decode_plan})")
+    # decode_layout: fused decode-time weights and a lean decode step (CPU), built once for the session
+    with decode_layout(model) if plan else contextlib.nullcontext():
+        return _chat_loop(s, model, tokenizer, template, stops, max_len, gen)
+
+
+def _chat_loop(s: ChatSettings, model, tokenizer, template, stops, max_len: int, gen) -> list[dict]:
+    """Reads messages from stdin and streams the replies until /exit or end of input."""
+    thinking, max_new, temperature, system = s.enable_thinking, s.max_new_tokens, s.temperature, s.system
     history: list[dict] = []
     print("chat: type a message; /reset clears the conversation, /exit quits.", flush=True)
     while True:

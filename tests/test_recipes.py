@@ -604,14 +604,30 @@ def test_generate_recipe_without_prompts_is_a_clear_error(assets, tmp_path, caps
     assert "no prompts" in capsys.readouterr().err
 
 
-def test_chat_recipe_piped_stdin(assets, tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize(
+    "plan,max_new,want", [(False, 8, "off"), ("auto", 8, "off"), (True, 8, "on"), ("auto", 256, "on")]
+)
+def test_chat_recipe_piped_stdin(assets, tmp_path, capsys, monkeypatch, plan, max_new, want):
+    """The same replies with and without the decode plan (decode_plan: auto = max_new_tokens >= 256)."""
+    from tinytune.modules import decode_plan
+
+    steps = []
+    original = decode_plan.DecodePlan.step
+    monkeypatch.setattr(
+        decode_plan.DecodePlan, "step", lambda self, *a, **k: steps.append(1) or original(self, *a, **k)
+    )
     monkeypatch.setattr(sys, "stdin", io.StringIO("What is ice?\n/reset\nSay hello.\n/exit\nnever read\n"))
-    _run("chat", _infer_cfg(assets), tmp_path)
+    cfg = _infer_cfg(assets, decode_plan=plan)
+    if max_new != 8:
+        cfg.update(max_new_tokens=max_new, max_seq_len=max_new + 64)
+    _run("chat", cfg, tmp_path)
     text = capsys.readouterr().out
-    want = _direct_replies(assets, ["What is ice?", "Say hello."])
+    assert f"decode plan: {want} (decode_plan: {plan})" in text
+    assert bool(steps) == (want == "on")
+    replies = _direct_replies(assets, ["What is ice?", "Say hello."], max_new_tokens=max_new)
     assert "(conversation cleared)" in text
-    for w in want:
-        assert w in text
+    for r in replies:
+        assert r in text
     assert "never read" not in text
 
 

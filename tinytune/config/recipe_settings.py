@@ -700,6 +700,12 @@ class ChatSettings(InferenceSettings):
     NAME = "chat"
     max_new_tokens: int = setting(256, "tokens per answer", ge=1)
     max_seq_len: int | None = setting(None, "context budget; older turns are dropped (null: min(model, 2048))", ge=1)
+    decode_plan: bool | str = setting(
+        "auto",
+        "chat inside tinytune.generation.decode_layout (fused weights, lean decode step; a copy of the "
+        "weights, built once for the session): auto = when max_new_tokens >= 256",
+        choices=("auto", True, False),
+    )
 
 
 @dataclass(frozen=True)
