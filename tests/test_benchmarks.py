@@ -93,6 +93,14 @@ def test_bench_data_vs_hf_smoke():
     assert all(int(r[1]) == 500 for r in rows)
 
 
+def test_bench_cpu_attention_smoke():
+    rows = _table(_run("bench_cpu_attention.py", "--smoke"))
+    assert [(r[0], r[1]) for r in rows] == [("fp32", "5"), ("fp32", "40"), ("bf16", "5"), ("bf16", "40")]
+    for r in rows:
+        gemm_errors = [float(x) for x in r[-1].split(" / ")]
+        assert len(gemm_errors) == 4 and max(gemm_errors) < (1e-5 if r[0] == "fp32" else 0.1), r
+
+
 def test_profile_train_smoke():
     out = _run("profile_train.py", "--smoke", "--packed", "--rows", "8")
     m = re.search(r"aten op calls per step: (\d+)", out)
