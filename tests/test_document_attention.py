@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from tinytune.modules.attention import attention, packed_causal_mask, seq_lens_to_document_ids
 from tinytune.modules.document_attention import document_attention
 
-MODES = ["gemm", "sdpa"]
+MODES = ["gemm", "sdpa", "auto"]
 
 
 @pytest.fixture(params=MODES)
@@ -90,7 +90,7 @@ def test_gemm_kernel_at_block_borders_no_further_from_fp64_than_sdpa(monkeypatch
         do = torch.randn(ref.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
         ref_grads = torch.autograd.grad(ref, (q, k, v), do)
         errors = {}
-        for m in MODES:
+        for m in ("gemm", "sdpa"):
             monkeypatch.setenv("TINYTUNE_CPU_ATTENTION", m)
             ql, kl, vl = (x.detach().to(dtype).requires_grad_() for x in (q, k, v))
             out = document_attention(ql, kl, vl, seq_lens)
@@ -105,5 +105,25 @@ def test_gemm_kernel_at_block_borders_no_further_from_fp64_than_sdpa(monkeypatch
 def test_unknown_cpu_attention_mode_is_refused(monkeypatch):
     monkeypatch.setenv("TINYTUNE_CPU_ATTENTION", "flash")
     q, k, v = _qkv(1, 2, 2, 6, 4, torch.float32)
-    with pytest.raises(ValueError, match=r"TINYTUNE_CPU_ATTENTION='flash': use one of gemm \| sdpa"):
+    with pytest.raises(ValueError, match=r"TINYTUNE_CPU_ATTENTION='flash': use one of auto \| gemm \| sdpa"):
         document_attention(q, k, v, torch.tensor([[2, 4]]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_auto_takes_the_gemm_path_from_the_measured_length(monkeypatch, dtype):
+    """auto: documents of at least GEMM_MIN_TOKENS[dtype] tokens go through the GEMM kernel, shorter
+    ones (and dtypes without a threshold) through PyTorch's fused kernel; each document is counted."""
+    from tinytune.kernels import cpu_attention
+    from tinytune.modules import document_attention as da
+
+    calls = []
+    real = cpu_attention.gemm_attention_forward
+    monkeypatch.setattr(da, "gemm_attention_forward", lambda q, *a: calls.append(q.shape[1]) or real(q, *a))
+    monkeypatch.delenv("TINYTUNE_CPU_ATTENTION", raising=False)
+    t = da.GEMM_MIN_TOKENS.get(dtype)
+    lens = [t - 1, t, 3] if t else [40, 300, 3]
+    q, k, v = _qkv(1, 2, 1, sum(lens), 8, dtype)
+    out = document_attention(q, k, v, torch.tensor([lens]))
+    assert calls == ([t] if t else [])
+    ref = _reference(*(x.detach().double() for x in (q, k, v)), torch.tensor([lens]))
+    torch.testing.assert_close(out.double(), ref, rtol=0.02, atol=0.02)
