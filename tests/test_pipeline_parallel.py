@@ -26,6 +26,12 @@ from tinytune.distributed.pipeline_stages import (
 )
 
 TOL = 1e-5
+# LoRA adapters after 4 AdamW steps: Adam divides each element's gradient by its own running RMS, so
+# an element whose gradient is near zero turns fp32 summation-order differences (two pipeline
+# micro-batches vs one batch) into visible update differences. Measured 2.3e-5 on the AMD EPYC VM
+# (2026-12-03; the same with and without resume, and below 1e-5 on the Intel VM before). With lr 3e-3
+# a lost or doubled micro-batch moves weights by ~1e-3, far outside this bound; the losses keep TOL.
+ADAPTER_TOL = 1e-4
 WORKER = str(REPO / "tests/dist_workers/pipeline_worker.py")
 
 
@@ -73,7 +79,7 @@ def _check_run(tmp, scenario, ref, lora):
     assert _losses(got, "val_loss") == pytest.approx(ref_val, abs=TOL)
     _assert_same_weights(_weights(got, "hf_model"), _weights(ref, "hf_model"), TOL)
     if lora:
-        _assert_same_weights(_weights(got, "adapter"), _weights(ref, "adapter"), TOL)
+        _assert_same_weights(_weights(got, "adapter"), _weights(ref, "adapter"), ADAPTER_TOL)
 
 
 @pytest.fixture(scope="module")
