@@ -502,13 +502,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument(
         "--malloc",
-        choices=("keep", "default"),
+        choices=("keep", "release", "default"),
         default="keep",
         help="tinytune's host allocator policy (the recipes' hardware.malloc; default keep, as in the recipes)",
     )
     p.add_argument(
         "--malloc-peers",
-        choices=("keep", "default"),
+        choices=("keep", "release", "default"),
         default="default",
         help="the same policy applied to the peers' processes (default: their C library's default)",
     )

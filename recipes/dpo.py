@@ -57,7 +57,7 @@ def recipe_main(cfg: DictConfig) -> dict:
     s = DPOSettings.from_config(cfg)
     loss_fn = PreferenceLoss(s.loss, s.beta, s.label_smoothing, s.gamma)  # rules across loss keys checked here
     loop = s.loop  # log / checkpoint cadence, stop_after, clip
-    device, dtype, seed = setup_device(s.hardware)
+    device, dtype, seed = setup_device(s.hardware, memory_saving=loop.activation_checkpointing)
     out_dir = prepare_output_dir(s.output_dir, cfg)
 
     # ---- 2. policy, reference, tokenizer -----------------------------------------------------

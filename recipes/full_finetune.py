@@ -70,7 +70,9 @@ def recipe_main(cfg: DictConfig) -> dict:
     # ---- 1. settings (every key checked here), device, precision, seed, output directory -------
     s = FullFinetuneSettings.from_config(cfg)
     loop = s.loop  # log / checkpoint cadence, stop_after, clip, padding-free
-    device, dtype, seed = setup_device(s.hardware, loss_scaling=True)
+    device, dtype, seed = setup_device(
+        s.hardware, loss_scaling=True, memory_saving=loop.activation_checkpointing or bool(s.activation_offloading)
+    )
     scaler = fp16_loss_scaler(s.hardware.dtype, device)  # dtype: fp16 (CUDA): fp32 weights, fp16 autocast, GradScaler
     precision = Precision.from_settings(s.hardware.mixed_precision, dtype, device)  # bf16 mixed: fp32 trainables
     out_dir = prepare_output_dir(s.output_dir, cfg)

@@ -58,7 +58,7 @@ def recipe_main(cfg: DictConfig) -> dict:
     loop = s.loop  # log / checkpoint cadence, stop_after, clip
     if s.data.batch_size * s.data.gradient_accumulation_steps < 2:
         raise ConfigError("batch_size x gradient_accumulation_steps: KTO's KL estimate needs >= 2 examples a step")
-    device, dtype, seed = setup_device(s.hardware)
+    device, dtype, seed = setup_device(s.hardware, memory_saving=loop.activation_checkpointing)
     out_dir = prepare_output_dir(s.output_dir, cfg)
 
     # ---- 2. policy, reference, tokenizer, loss parameters --------------------------------------

@@ -76,7 +76,9 @@ def recipe_main(cfg: DictConfig) -> dict:
     if lora is None:
         raise ConfigError("model: no LoRA settings; use a lora_* / qlora_* builder or set model.lora_attn_modules")
     loop = s.loop  # log / checkpoint cadence, stop_after, clip, padding-free
-    device, dtype, seed = setup_device(s.hardware, loss_scaling=True)
+    device, dtype, seed = setup_device(
+        s.hardware, loss_scaling=True, memory_saving=loop.activation_checkpointing or bool(s.activation_offloading)
+    )
     scaler = fp16_loss_scaler(s.hardware.dtype, device)  # dtype: fp16 (CUDA): fp32 weights, fp16 autocast, GradScaler
     precision = Precision.from_settings(s.hardware.mixed_precision, dtype, device)  # bf16 mixed: fp32 trainables
     out_dir = prepare_output_dir(s.output_dir, cfg)

@@ -55,7 +55,7 @@ def recipe_main(cfg: DictConfig) -> dict:
     # ---- 1. settings (every key checked here), device, precision, seed, output directory -------
     s = RewardModelSettings.from_config(cfg)
     loop = s.loop  # log / checkpoint cadence, stop_after, clip
-    device, dtype, seed = setup_device(s.hardware)
+    device, dtype, seed = setup_device(s.hardware, memory_saving=loop.activation_checkpointing)
     out_dir = prepare_output_dir(s.output_dir, cfg)
 
     # ---- 2. decoder + score head, tokenizer --------------------------------------------------

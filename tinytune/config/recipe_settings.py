@@ -188,10 +188,11 @@ class DeviceSettings(Settings):
         "seconds of compiling on the first step)",
     )
     malloc: str = setting(
-        "keep",
-        "host allocator (Linux glibc): keep freed memory in the process instead of unmapping and "
-        "re-faulting it every step (0.3-0.7 s/step on the test VM); default: the C library as it is",
-        choices=("keep", "default"),
+        "auto",
+        "host allocator (Linux glibc): keep = freed memory stays in the process (no re-faulting every step; "
+        "0.3-0.7 s/step on the test VM); release = large blocks returned on free (lowest RSS); auto = release "
+        "when activation checkpointing or offloading is on, else keep; default = the C library as it is",
+        choices=("auto", "keep", "release", "default"),
     )
 
 

@@ -144,7 +144,7 @@ def distributed_run(s: Any, cfg: DictConfig) -> Iterator[DistributedRun]:
         dtype = get_dtype(s.hardware.dtype, device)
         seed = set_seed(s.hardware.seed)
         apply_compile_setting(s.hardware)
-        apply_malloc_setting(s.hardware)
+        apply_malloc_setting(s.hardware, memory_saving=s.loop.activation_checkpointing)
         out_dir = prepare_output_dir(s.output_dir, cfg) if rank0 else os.path.abspath(os.path.expanduser(s.output_dir))
         yield DistributedRun(
             device=device,

@@ -37,7 +37,7 @@ from tinytune.kernels.compiled_ops import set_compiled
 from tinytune.models.lora_builders import is_lora_builder, lora_factory
 from tinytune.tokenizers import load_tokenizer as _load_tokenizer
 from tinytune.training.data import BatchStream, split_dataset
-from tinytune.training.host_malloc import apply_malloc_policy
+from tinytune.training.host_malloc import apply_malloc_policy, resolve_malloc_policy
 from tinytune.training.loss_scaling import FP16_NAMES
 from tinytune.training.stream_data import IterableBatchStream
 
@@ -74,14 +74,15 @@ def check_training_dtype(name: str, device: torch.device | None = None, loss_sca
 
 
 def setup_device(
-    hw: DeviceSettings, training: bool = True, loss_scaling: bool = False
+    hw: DeviceSettings, training: bool = True, loss_scaling: bool = False, memory_saving: bool = False
 ) -> tuple[torch.device, torch.dtype, int]:
     """``(device, dtype, seed)`` from the ``device``, ``dtype`` and ``seed`` settings.
 
     Seeds every RNG (:func:`tinytune.device.set_seed`) and returns the seed used. With
     ``training`` the dtype policy of :func:`check_training_dtype` applies; with ``loss_scaling``
     (fp16 accepted on CUDA) an fp16 run gets fp32 weights (the master copy; the compute is fp16
-    under autocast, see :func:`tinytune.training.loss_scaling.fp16_loss_scaler`).
+    under autocast, see :func:`tinytune.training.loss_scaling.fp16_loss_scaler`). ``memory_saving``
+    (activation checkpointing or offloading on) makes ``malloc: auto`` mean ``release``.
     """
     if training:
         check_training_dtype(hw.dtype, loss_scaling=loss_scaling)
@@ -94,7 +95,7 @@ def setup_device(
         dtype = get_dtype(hw.dtype, device)
     seed = set_seed(hw.seed)
     apply_compile_setting(hw)
-    apply_malloc_setting(hw)
+    apply_malloc_setting(hw, memory_saving)
     return device, dtype, seed
 
 
@@ -110,14 +111,19 @@ def apply_compile_setting(hw: DeviceSettings) -> None:
         raise ConfigError(f"compile: {e}; set compile: false to run without it") from e
 
 
-def apply_malloc_setting(hw: DeviceSettings) -> str:
+def apply_malloc_setting(hw: DeviceSettings, memory_saving: bool = False) -> str:
     """``malloc``: the host allocator policy of this process (:mod:`tinytune.training.host_malloc`).
+
+    Args:
+        hw: the device settings.
+        memory_saving: activation checkpointing or offloading is on (``auto`` then means ``release``).
 
     Returns:
         What holds now; anything other than what was asked for is also logged as a warning.
     """
-    result = apply_malloc_policy(hw.malloc)
-    if result != hw.malloc:
+    want = resolve_malloc_policy(hw.malloc, memory_saving)
+    result = apply_malloc_policy(hw.malloc, memory_saving)
+    if result != want:
         log.warning("malloc: %s", result)
     return result
 
