@@ -14,6 +14,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 
 RESULT_PREFIX = "RESULT "
@@ -170,6 +171,16 @@ def seq_lens_tensor(batch: Batch):
 
 
 # ------------------------------------------------------------------------------- stats / tables
+
+
+def best_time(fn, repeat: int) -> float:
+    """Seconds of the fastest of ``repeat`` calls of ``fn`` (no warm-up call: make one first if needed)."""
+    best = float("inf")
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
 
 
 def median(xs: list[float]) -> float:

@@ -16,13 +16,12 @@ import argparse
 import math
 import os
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _common import machine_line  # noqa: E402
+from _common import best_time, machine_line  # noqa: E402
 
 from tinytune.kernels import cpu_attention  # noqa: E402
 
@@ -30,13 +29,8 @@ _aten = torch.ops.aten
 
 
 def _best(fn, repeats: int) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
+    fn()  # warm-up
+    return best_time(fn, repeats)
 
 
 def _case(n: int, h: int, h_kv: int, d: int, dtype: torch.dtype, repeats: int) -> dict:

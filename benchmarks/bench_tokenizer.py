@@ -15,8 +15,9 @@ import importlib.util  # noqa: E402
 import json  # noqa: E402
 import random  # noqa: E402
 import tempfile  # noqa: E402
-import time  # noqa: E402
 from pathlib import Path  # noqa: E402
+
+from _common import best_time  # noqa: E402
 
 import tinytune.tokenizers as T  # noqa: E402
 
@@ -37,15 +38,6 @@ def make_docs(n: int, seed: int = 0) -> list[str]:
         parts = rng.sample(corpus, 8) + [readme[rng.randrange(0, max(1, len(readme) - 400)) :][:400]]
         docs.append("\n".join(parts))
     return docs
-
-
-def best_time(fn, repeat: int) -> float:
-    best = float("inf")
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
 
 
 def main() -> None:

@@ -16,11 +16,9 @@ from omegaconf import DictConfig
 
 import tinytune.config
 from tinytune.config.recipe_settings import ChatSettings
-from tinytune.generation import decode_layout, generate
+from tinytune.generation import decode_layout, generate, use_decode_plan
 from tinytune.training import load_model_and_tokenizer, setup_device
 from tinytune.training.prompting import encode_chat_prompt, get_bound_template, stop_token_ids
-
-PLAN_MIN_TOKENS = 256  # as in the generate recipe: below this one reply does not pay the plan's set-up back
 
 
 class StreamPrinter:
@@ -57,7 +55,7 @@ def recipe_main(cfg: DictConfig) -> list[dict]:
         gen = torch.Generator(device=device)
         gen.manual_seed(seed)
 
-    plan = s.decode_plan is True or (s.decode_plan == "auto" and max_new >= PLAN_MIN_TOKENS)
+    plan = use_decode_plan(s.decode_plan, max_new)  # auto: one reply's budget pays the set-up back
     print(f"decode plan: {'on' if plan else 'off'} (decode_plan: {s.decode_plan})")
     # decode_layout: fused decode-time weights and a lean decode step (CPU), built once for the session
     with decode_layout(model) if plan else contextlib.nullcontext():

@@ -19,13 +19,9 @@ from omegaconf import DictConfig
 import tinytune.config
 from tinytune.config import ConfigError
 from tinytune.config.recipe_settings import GenerateSettings
-from tinytune.generation import decode_layout
+from tinytune.generation import decode_layout, use_decode_plan
 from tinytune.training import load_model_and_tokenizer, setup_device
 from tinytune.training.prompting import generate_replies, get_bound_template
-
-# Building the plan and packing its weights cost ~1.7 s on the 2-core CPU for SmolLM2-135M, paid
-# back after ~160 batch-1 tokens (benchmarks/RESULTS.md): below this many tokens in all, auto skips it.
-PLAN_MIN_TOKENS = 256
 
 
 def read_prompts(s: GenerateSettings) -> list:
@@ -74,7 +70,7 @@ def recipe_main(cfg: DictConfig) -> list[str]:
     model.eval()
     template = get_bound_template(s.source.template, tokenizer)
     prompts = read_prompts(s)
-    plan = s.decode_plan is True or (s.decode_plan == "auto" and len(prompts) * s.max_new_tokens >= PLAN_MIN_TOKENS)
+    plan = use_decode_plan(s.decode_plan, len(prompts) * s.max_new_tokens)
     print(f"decode plan: {'on' if plan else 'off'} (decode_plan: {s.decode_plan})")
     t0 = time.perf_counter()
     # decode_layout: fused decode-time weights and a lean decode step (CPU); the model is unchanged after

@@ -66,6 +66,18 @@ def _validate_prompts(prompt_tokens: Sequence[Sequence[int]], vocab_size: int) -
             raise ValueError(f"generate: prompt {i} has token ids {bad[:5]} outside the vocabulary [0, {vocab_size})")
 
 
+#: ``decode_plan: auto`` turns the plan on from this many tokens to generate (prompts x max_new_tokens
+#: in ``generate``, max_new_tokens per reply in ``chat``): below it the plan's one-time set-up
+#: (~1.7 s for SmolLM2-135M on the 2-core CPU) is not paid back.
+DECODE_PLAN_MIN_TOKENS = 256
+
+
+def use_decode_plan(setting: bool | str, tokens: int) -> bool:
+    """Whether to decode inside :func:`decode_layout`: ``decode_plan`` true / false, or ``auto`` =
+    ``tokens >= DECODE_PLAN_MIN_TOKENS``."""
+    return setting is True or (setting == "auto" and tokens >= DECODE_PLAN_MIN_TOKENS)
+
+
 @contextlib.contextmanager
 def decode_layout(model: nn.Module) -> Iterator[nn.Module]:
     """Decode-time weight layout for a series of :func:`generate` calls on CPU; the model is unchanged after.
