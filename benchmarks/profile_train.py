@@ -36,10 +36,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--smoke", action="store_true", help="tiny model, bs 2 x 64 (checks the script)")
     p.add_argument("--shapes", action="store_true", help="also a table grouped by op and input shapes")
     p.add_argument("--compile", action="store_true", help="tinytune with compile: true (compiled elementwise bodies)")
+    p.add_argument(
+        "--malloc",
+        choices=["auto", "keep", "release", "default"],
+        default=None,
+        help="host allocator policy (default: keep for tinytune, as its recipes do here; glibc's default for peers)",
+    )
     args = p.parse_args(argv)
     if args.smoke:
         args.bs, args.seq, args.weights = 2, 64, "random"
 
+    from tinytune.training.host_malloc import apply_malloc_policy
+
+    apply_malloc_policy(args.malloc or ("keep" if args.framework == "tinytune" else "default"))
     import torch
     from torch.profiler import ProfilerActivity, profile
 

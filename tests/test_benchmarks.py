@@ -101,6 +101,20 @@ def test_bench_cpu_attention_smoke():
         assert len(gemm_errors) == 4 and max(gemm_errors) < (1e-5 if r[0] == "fp32" else 0.1), r
 
 
+def test_bench_cpu_gemm_smoke():
+    from tinytune.kernels import cpu_gemm
+
+    if not cpu_gemm.onednn_available():
+        pytest.skip("this PyTorch build has no oneDNN matmul")
+    rows = [r for r in _table(_run("bench_cpu_gemm.py", "--smoke")) if not r[0].startswith("---")]
+    assert [r[0] for r in rows] == ["smoke fwd", "smoke dW"]
+    for r in rows:
+        assert float(r[2]) > 0 and float(r[3]) > 0
+        for errs in (r[5], r[6]):
+            worst, mean = (float(x) for x in errs.split(" / "))
+            assert 0 <= mean <= worst < 1e-4, r
+
+
 def test_profile_train_smoke():
     out = _run("profile_train.py", "--smoke", "--packed", "--rows", "8")
     m = re.search(r"aten op calls per step: (\d+)", out)

@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from tinytune.modules import Linear
 from tinytune.modules.peft import (
     LoRALinear,
     disable_adapters,
@@ -59,7 +60,7 @@ def test_merge_equals_adapter_forward():
     x = torch.randn(4, 32)
     want = m(x)
     merged = merge_lora(copy.deepcopy(m))
-    assert type(merged) is nn.Linear
+    assert type(merged) is Linear
     torch.testing.assert_close(merged(x), want, atol=1e-5, rtol=1e-5)
 
 
@@ -89,7 +90,7 @@ def test_factory_adapter_utils_and_merged_state_dict():
     f = lora_linear_factory(["q", "v_proj", "down"], rank=2, alpha=4.0)
     model = nn.ModuleDict({n: f(n, 16, 16, False) for n in ["q_proj", "k_proj", "v_proj", "down_proj"]})
     assert isinstance(model["q_proj"], LoRALinear) and isinstance(model["down_proj"], LoRALinear)
-    assert type(model["k_proj"]) is nn.Linear
+    assert type(model["k_proj"]) is Linear
     params = get_adapter_params(model)
     assert set(params) == {f"{n}.{ab}.weight" for n in ["q_proj", "v_proj", "down_proj"] for ab in ["lora_a", "lora_b"]}
     n_train = set_trainable_params(model)
@@ -105,7 +106,7 @@ def test_factory_adapter_utils_and_merged_state_dict():
     want = {n: model[n](x) for n in model}
     merge_lora(model)
     for n in model:
-        assert type(model[n]) is nn.Linear
+        assert type(model[n]) is Linear
         torch.testing.assert_close(model[n](x), want[n], atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(model[n].weight, sd[f"{n}.weight"])
 

@@ -212,3 +212,30 @@ def test_bf16_logits_close_to_hf():
         ref = hf(input_ids=tokens).logits.float()
         got = ours(tokens).float()
     assert (got - ref).abs().max().item() <= 0.1 * ref.abs().max().item()
+
+
+@pytest.mark.parametrize("family", list(CASES))
+def test_logits_match_hf_with_every_gemm_on_onednn(family, monkeypatch):
+    """cpu_gemm=onednn (every fp32 GEMM of the model, however small) keeps HF parity."""
+    from tinytune.kernels import cpu_gemm
+
+    if not cpu_gemm.onednn_available():
+        pytest.skip("this PyTorch build has no oneDNN matmul")
+    saved = dict(cpu_gemm._STATE)
+    cpu_gemm.set_cpu_gemm("onednn")
+    monkeypatch.setattr(cpu_gemm, "MIN_MACS", 0)
+    calls = []
+    real = cpu_gemm._lp
+    monkeypatch.setattr(cpu_gemm, "_lp", lambda x, w, b=None: calls.append(1) or real(x, w, b))
+    try:
+        hf, ours = _pair(family)
+        vocab = CASES[family][2]["vocab_size"]
+        tokens = torch.randint(0, vocab, (2, 33), generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            ref = hf(input_ids=tokens).logits  # [2, 33, vocab]
+            got = ours(tokens)  # [2, 33, vocab]
+    finally:
+        cpu_gemm._STATE.update(saved)
+    n_layers = CASES[family][2]["num_hidden_layers"]
+    assert len(calls) == 7 * n_layers + 1  # q k v o gate up down per layer, and the output
+    assert (got - ref).abs().max().item() <= 1e-4

@@ -379,6 +379,7 @@ def test_declared_choices_equal_the_runtime_tables():
     """The settings layer imports nothing above config/, so it repeats a few name tables: they must agree."""
     from tinytune.checkpoint.gguf_writer import GGUF_TYPES
     from tinytune.config import recipe_settings as rs
+    from tinytune.kernels.cpu_gemm import CPU_GEMM_CHOICES
     from tinytune.modules.peft.lora import LORA_INITS
     from tinytune.training.optim import OPTIMIZERS, PAGED_ALIASES
     from tinytune.training.preference_losses import PREFERENCE_LOSSES
@@ -387,6 +388,7 @@ def test_declared_choices_equal_the_runtime_tables():
     assert tuple(rs.LORA_INITS) == tuple(LORA_INITS)
     assert tuple(rs.PREFERENCE_LOSSES) == tuple(PREFERENCE_LOSSES)
     assert set(rs.OPTIMIZER_NAMES) == set(OPTIMIZERS) | set(PAGED_ALIASES)
+    assert rs.CPU_GEMM_CHOICES == CPU_GEMM_CHOICES
 
 
 def test_every_registered_recipe_has_settings():

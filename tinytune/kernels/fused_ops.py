@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tinytune.kernels import cpu_gemm
 from tinytune.kernels.compiled_ops import compiled
 
 _PLAIN_TYPES = (torch.Tensor, nn.Parameter)
@@ -219,7 +220,7 @@ def _lora_forward(x, x_d, weight, bias, lora_a, lora_b, scale):
     """``(out [..., out], ax [N, r])``: the forward shared by the Function and the no-grad path."""
     x2 = x.reshape(-1, x.shape[-1])  # [N, in]
     xd2 = x2 if x_d is None else x_d.reshape(-1, x_d.shape[-1])  # [N, in]
-    out = F.linear(x2, weight, bias)  # [N, out]
+    out = cpu_gemm.linear_nograd(x2, weight, bias)  # [N, out]
     ax = xd2.mm(lora_a.t())  # [N, r]
     out.addmm_(ax, lora_b.t(), alpha=scale)  # out += scale * ax @ B^T
     return out.view(*x.shape[:-1], out.shape[-1]), ax  # [..., out], [N, r]
@@ -248,14 +249,14 @@ class _LoRALinearFn(torch.autograd.Function):
         grad_x = grad_xd = grad_w = grad_b = grad_a = grad_bb = None
         if need_x:
             w = weight if ctx.weight_fn is None else ctx.weight_fn().to(g.dtype)  # recomputed, not saved
-            grad_x = g.mm(w)  # [N, in]
+            grad_x = cpu_gemm.mm(g, w)  # [N, in]
             if x_d is None:
                 grad_x.addmm_(gb, lora_a)
             grad_x = grad_x.view(x.shape)
         if need_xd:
             grad_xd = gb.mm(lora_a).view(x_d.shape)
         if need_w:
-            grad_w = g.t().mm(x2)  # [out, in]
+            grad_w = cpu_gemm.mm(g.t(), x2)  # [out, in]
         if need_b and ctx.has_bias:
             grad_b = g.sum(0)  # [out]
         if need_a:
@@ -316,11 +317,12 @@ class _FrozenLinearFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight_fn):
         ctx.weight_fn = weight_fn
-        return F.linear(x, weight_fn().to(x.dtype))  # [..., out]
+        return cpu_gemm.linear_nograd(x, weight_fn().to(x.dtype))  # [..., out]
 
     @staticmethod
     def backward(ctx, grad):
-        return grad.matmul(ctx.weight_fn().to(grad.dtype)), None  # [..., in]
+        w = ctx.weight_fn().to(grad.dtype)  # [out, in]
+        return cpu_gemm.mm(grad.reshape(-1, grad.shape[-1]), w).view(*grad.shape[:-1], w.shape[1]), None  # [..., in]
 
 
 def frozen_linear(x: torch.Tensor, weight_fn: Callable[[], torch.Tensor]) -> torch.Tensor:
@@ -335,7 +337,7 @@ def frozen_linear(x: torch.Tensor, weight_fn: Callable[[], torch.Tensor]) -> tor
         ``[..., out]``.
     """
     if not torch.is_grad_enabled():
-        return F.linear(x, weight_fn().to(x.dtype))
+        return cpu_gemm.linear_nograd(x, weight_fn().to(x.dtype))
     return _FrozenLinearFn.apply(x, weight_fn)
 
 

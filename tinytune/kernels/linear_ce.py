@@ -36,6 +36,7 @@ from typing import Callable
 
 import torch
 
+from tinytune.kernels import cpu_gemm
 from tinytune.kernels._runtime import autocast_dtype, triton_usable
 
 _DEFAULT_CHUNK_BYTES = 256 * 1024 * 1024
@@ -176,7 +177,14 @@ class _LinearCE(torch.autograd.Function):
                 hidden_all, hidden, labels = hidden, hidden.index_select(0, rows), labels.index_select(0, rows)
         n, _ = hidden.shape
         grad_h = torch.empty_like(hidden) if need_h else None  # [N, d] (only the kept rows)
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        # fp32 on the CPU with cpu_gemm's oneDNN path: GEMMs return new tensors (oneDNN writes no
+        # out= buffer); the first chunk's weight gradient starts the fp32 accumulator, later chunks
+        # add theirs in the GEMM's epilogue (cpu_gemm.mm_add).
+        dnn = hidden.dtype == torch.float32 and cpu_gemm.use_onednn(hidden, weight, macs=cpu_gemm.MIN_MACS)
+        if need_w and not dnn:
+            grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)  # [V, d]
+        else:
+            grad_w = None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         # The normaliser scales the fp32 gradient before any cast, so low-precision grads round once.
         inv = None if denom is None else 1.0 / denom.to(device=hidden.device, dtype=torch.float32)
@@ -184,7 +192,7 @@ class _LinearCE(torch.autograd.Function):
         half = hidden.dtype in (torch.bfloat16, torch.float16)
         f32_gemm = hidden.is_cuda and half and _fp32_gemm_ok(hidden.device, hidden.dtype)
         # CPU: one fp32 (and one native) [chunk, V] buffer, kept between calls (see cpu_workspace).
-        reuse = hidden.device.type == "cpu" and (half or hidden.dtype == torch.float32)  # fp64 (tests): as before
+        reuse = hidden.device.type == "cpu" and (half or hidden.dtype == torch.float32) and not dnn  # fp64: as before
         if reuse:
             rows_c = min(chunk_size, n)
             f32_buf = cpu_workspace("f32", (rows_c, weight.shape[0]), torch.float32)  # [c, V]
@@ -199,6 +207,8 @@ class _LinearCE(torch.autograd.Function):
                 logits = f32_buf[: end - start].copy_(native)  # [c, V] fp32
             elif reuse:
                 logits = torch.mm(h_c, weight.t(), out=f32_buf[: end - start])  # [c, V] fp32
+            elif dnn:
+                logits = cpu_gemm.mm(h_c, weight.t())  # [c, V] fp32
             else:
                 logits = (h_c @ weight.t()).float()  # [c, V] fp32
             total += row_step(logits, labels[start:end], ignore_index, inv).sum()
@@ -211,10 +221,14 @@ class _LinearCE(torch.autograd.Function):
             else:
                 g = logits.to(hidden.dtype)  # [c, V]
             del logits
-            if need_h:
+            if need_h and dnn:
+                grad_h[start:end] = cpu_gemm.mm(g, weight)  # [c, d]
+            elif need_h:
                 torch.mm(g, weight, out=grad_h[start:end])
             if need_w:
-                if g.dtype == torch.float32:
+                if dnn:
+                    grad_w = cpu_gemm.mm(g.t(), h_c) if grad_w is None else cpu_gemm.mm_add(grad_w, g.t(), h_c)
+                elif g.dtype == torch.float32:
                     grad_w.addmm_(g.t(), h_c)
                 elif f32_gemm:
                     torch.addmm(grad_w, g.t(), h_c, out_dtype=torch.float32, out=grad_w)  # [V, d] += fp32
@@ -223,6 +237,8 @@ class _LinearCE(torch.autograd.Function):
                     grad_w += cpu_workspace("grad_w32", tuple(weight.shape), torch.float32).copy_(gw)  # [V, d]
                 else:
                     grad_w += (g.t() @ h_c).float()
+        if need_w and grad_w is None:  # oneDNN path with no row left to train on
+            grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)  # [V, d]
         if rows is not None and grad_h is not None:
             grad_h = torch.zeros_like(hidden_all).index_copy_(0, rows, grad_h)  # [N, d], 0 on ignored rows
         ctx.save_for_backward(grad_h, grad_w)

@@ -17,6 +17,7 @@ from torch import nn
 
 from tinytune.modules import (
     FeedForward,
+    Linear,
     MultiHeadAttention,
     RMSNorm,
     RotaryPositionalEmbeddings,
@@ -32,8 +33,8 @@ LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 
 
 def default_linear_factory(name: str, in_dim: int, out_dim: int, bias: bool) -> nn.Module:
-    """Plain ``nn.Linear(in_dim, out_dim, bias=bias)``; ``name`` is ignored."""
-    return nn.Linear(in_dim, out_dim, bias=bias)
+    """A plain linear layer (:class:`tinytune.modules.Linear`, an ``nn.Linear``); ``name`` is ignored."""
+    return Linear(in_dim, out_dim, bias=bias)
 
 
 def transformer_decoder(
@@ -71,7 +72,7 @@ def transformer_decoder(
         qkv_bias: biases on q/k/v projections (Qwen2/2.5).
         qk_norm: per-head RMSNorm on queries and keys before RoPE (Qwen3).
         tie_embeddings: reuse the embedding weight as output projection.
-        linear_factory: builds every projection; default ``nn.Linear``.
+        linear_factory: builds every projection; default :class:`~tinytune.modules.Linear`.
 
     Returns:
         A randomly initialised :class:`TransformerDecoder` (std 0.02 matrices, zero biases,

@@ -9,6 +9,7 @@ from tinytune.modules.attention import packed_causal_mask, seq_lens_to_document_
 from tinytune.modules.feed_forward import FeedForward
 from tinytune.modules.init import init_weights
 from tinytune.modules.kv_cache import KVCache
+from tinytune.modules.linear import Linear
 from tinytune.modules.multi_head_attention import MultiHeadAttention
 from tinytune.modules.position_embeddings import RotaryPositionalEmbeddings, check_rope_scaling
 from tinytune.modules.rms_norm import RMSNorm
@@ -17,6 +18,7 @@ from tinytune.modules.transformer import TiedLinear, TransformerDecoder, Transfo
 __all__ = [
     "FeedForward",
     "KVCache",
+    "Linear",
     "MultiHeadAttention",
     "RMSNorm",
     "RotaryPositionalEmbeddings",

@@ -46,6 +46,7 @@ from tinytune.modules import (
     TransformerDecoder,
     TransformerSelfAttentionLayer,
 )
+from tinytune.modules.linear import Linear
 from tinytune.modules.peft.lora import LoRALinear
 from tinytune.modules.peft.nf4 import is_nf4
 
@@ -154,7 +155,7 @@ class _Layer:
 
 def _effective_linear(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
     """``(W [out, in], bias)`` that ``module`` applies in eval mode, or ``None`` when not plannable."""
-    if type(module) is nn.Linear:
+    if type(module) in (nn.Linear, Linear):
         return module.weight.detach(), None if module.bias is None else module.bias.detach()
     if type(module) is TiedLinear:
         return module.weight.detach(), None

@@ -47,6 +47,7 @@ from tinytune.training.neftune import activate_neftune
 from tinytune.training.setup import (
     TrainData,
     apply_compile_setting,
+    apply_cpu_gemm_setting,
     apply_malloc_setting,
     check_training_dtype,
     fsdp_policy,
@@ -145,6 +146,7 @@ def distributed_run(s: Any, cfg: DictConfig) -> Iterator[DistributedRun]:
         seed = set_seed(s.hardware.seed)
         apply_compile_setting(s.hardware)
         apply_malloc_setting(s.hardware, memory_saving=s.loop.activation_checkpointing)
+        apply_cpu_gemm_setting(s.hardware)
         out_dir = prepare_output_dir(s.output_dir, cfg) if rank0 else os.path.abspath(os.path.expanduser(s.output_dir))
         yield DistributedRun(
             device=device,

@@ -34,6 +34,7 @@ from tinytune.datasets.mixing import MixedDataset
 from tinytune.device import get_device, get_dtype, set_seed
 from tinytune.hub import HubError, resolve_hf_checkpoint
 from tinytune.kernels.compiled_ops import set_compiled
+from tinytune.kernels.cpu_gemm import set_cpu_gemm
 from tinytune.models.lora_builders import is_lora_builder, lora_factory
 from tinytune.tokenizers import load_tokenizer as _load_tokenizer
 from tinytune.training.data import BatchStream, split_dataset
@@ -96,6 +97,7 @@ def setup_device(
     seed = set_seed(hw.seed)
     apply_compile_setting(hw)
     apply_malloc_setting(hw, memory_saving)
+    apply_cpu_gemm_setting(hw)
     return device, dtype, seed
 
 
@@ -109,6 +111,23 @@ def apply_compile_setting(hw: DeviceSettings) -> None:
         set_compiled(hw.compile)
     except RuntimeError as e:
         raise ConfigError(f"compile: {e}; set compile: false to run without it") from e
+
+
+def apply_cpu_gemm_setting(hw: DeviceSettings) -> str:
+    """``cpu_gemm``: the fp32 CPU GEMM back end of this process (:mod:`tinytune.kernels.cpu_gemm`).
+
+    Returns:
+        The back end and why, in words (also logged).
+
+    Raises:
+        ConfigError: ``cpu_gemm: onednn`` where this PyTorch build has no usable oneDNN matmul.
+    """
+    try:
+        result = set_cpu_gemm(hw.cpu_gemm)
+    except RuntimeError as e:
+        raise ConfigError(f"cpu_gemm: onednn: {e}; set cpu_gemm: torch") from e
+    log.info("cpu_gemm: %s", result)
+    return result
 
 
 def apply_malloc_setting(hw: DeviceSettings, memory_saving: bool = False) -> str:

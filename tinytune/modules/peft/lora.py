@@ -9,7 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tinytune.kernels import cpu_gemm
 from tinytune.kernels.fused_ops import frozen_linear, lora_linear, plain_tensors
+from tinytune.modules.linear import Linear
 from tinytune.modules.peft.nf4 import dequantize, dequantize_nf4, is_nf4, to_nf4
 
 # Short names accepted in configs, mapped to the projection names of docs/ARCHITECTURE.md.
@@ -181,7 +183,7 @@ class LoRALinear(nn.Module):
             if self.bias is not None:
                 out = out + self.bias
             return out
-        return F.linear(x, self.weight, self.bias)
+        return cpu_gemm.linear(x, self.weight, self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [..., in_dim]
         if self.lora_magnitude is not None and not self.disabled:
@@ -345,6 +347,6 @@ def lora_linear_factory(
                 use_rslora=use_rslora,
                 init=init,
             )
-        return nn.Linear(in_dim, out_dim, bias=bias)
+        return Linear(in_dim, out_dim, bias=bias)
 
     return factory

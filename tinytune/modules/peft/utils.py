@@ -8,6 +8,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from tinytune.modules.linear import Linear
 from tinytune.modules.peft.lora import LoRALinear
 
 ADAPTER_KEYS = ("lora_a", "lora_b", "lora_magnitude")
@@ -115,7 +116,7 @@ def merge_lora(model: nn.Module) -> nn.Module:
 
     def merged(m: LoRALinear) -> nn.Linear:
         w = m.merged_weight()
-        lin = nn.Linear(m.in_dim, m.out_dim, bias=m.bias is not None, device=w.device, dtype=w.dtype)
+        lin = Linear(m.in_dim, m.out_dim, bias=m.bias is not None, device=w.device, dtype=w.dtype)
         lin.weight.copy_(w)
         if m.bias is not None:
             lin.bias.copy_(m.bias)
