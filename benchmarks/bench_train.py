@@ -320,6 +320,10 @@ def worker_main(spec: dict) -> None:
     # tinytune: what its recipes do (hardware.malloc, default keep); the peers: --malloc-peers
     policy = spec.get("malloc", "keep") if spec["framework"] == "tinytune" else spec.get("malloc_peers", "default")
     malloc = apply_malloc_policy(policy)
+    if spec["framework"] == "tinytune":
+        from tinytune.kernels.cpu_gemm import set_cpu_gemm
+
+        set_cpu_gemm(spec.get("cpu_gemm", "torch"))
     torch, dtype, device = _torch_setup(spec)
     batch = make_batch(spec["bs"], spec["seq"], spec["vocab"], spec["packed"], seed=spec.get("seed", 0))
     build = {"tinytune": _build_tinytune, "hf": _build_hf, "torchtune": _build_torchtune}[spec["framework"]]
@@ -512,6 +516,12 @@ def main(argv: list[str] | None = None) -> int:
         default="default",
         help="the same policy applied to the peers' processes (default: their C library's default)",
     )
+    p.add_argument(
+        "--cpu-gemm",
+        choices=("torch", "onednn"),
+        default="torch",
+        help="tinytune's fp32 CPU GEMM back end (the recipes' cpu_gemm; default torch, as in the recipes)",
+    )
     p.add_argument("--json", help="also write all raw results to this file")
     p.add_argument("--smoke", action="store_true", help="tiny model, bs 2, seq 64, 1 step, 1 round")
     args = p.parse_args(argv)
@@ -571,6 +581,7 @@ def main(argv: list[str] | None = None) -> int:
         compile=args.compile,
         compile_peers=args.compile_peers,
         malloc=args.malloc,
+        cpu_gemm=args.cpu_gemm,
         malloc_peers=args.malloc_peers,
         optim={"lr": args.lr, "weight_decay": 0.01, "fused": fused},
         **qlora,
@@ -584,7 +595,7 @@ def main(argv: list[str] | None = None) -> int:
         f"on {','.join(LORA_TARGETS)}; "
         f"{args.warmup} warm-up + {args.steps} timed steps x {args.rounds} rounds per config"
         f"{'; tinytune compile: true' if args.compile else ''}{'; peers compiled' if args.compile_peers else ''}"
-        f"; malloc tinytune {args.malloc}, peers {args.malloc_peers}",
+        f"; malloc tinytune {args.malloc}, peers {args.malloc_peers}; tinytune cpu_gemm {args.cpu_gemm}",
         flush=True,
     )
     results: dict[tuple, list[dict]] = {}
