@@ -152,14 +152,19 @@ def _pair(family: str, seed: int = 0):
     return hf, ours
 
 
-@pytest.mark.parametrize("family", list(CASES))
-def test_logits_match_hf(family):
+def _logits_pair(family: str):
+    """``(ours, tokens, HF logits, our logits)`` on two random 33-token rows."""
     hf, ours = _pair(family)
     vocab = CASES[family][2]["vocab_size"]
     tokens = torch.randint(0, vocab, (2, 33), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        ref = hf(input_ids=tokens).logits  # [2, 33, vocab]
-        got = ours(tokens)  # [2, 33, vocab]
+        return ours, tokens, hf(input_ids=tokens).logits, ours(tokens)  # logits [2, 33, vocab]
+
+
+@pytest.mark.parametrize("family", list(CASES))
+def test_logits_match_hf(family):
+    ours, tokens, ref, got = _logits_pair(family)
+    with torch.no_grad():
         hidden = ours(tokens, return_hidden=True)  # [2, 33, dim]
     assert ref.abs().max() > 1.0  # non-trivial logits
     assert (got - ref).abs().max().item() <= 1e-4
@@ -228,12 +233,7 @@ def test_logits_match_hf_with_every_gemm_on_onednn(family, monkeypatch):
     real = cpu_gemm._lp
     monkeypatch.setattr(cpu_gemm, "_lp", lambda x, w, b=None: calls.append(1) or real(x, w, b))
     try:
-        hf, ours = _pair(family)
-        vocab = CASES[family][2]["vocab_size"]
-        tokens = torch.randint(0, vocab, (2, 33), generator=torch.Generator().manual_seed(1))
-        with torch.no_grad():
-            ref = hf(input_ids=tokens).logits  # [2, 33, vocab]
-            got = ours(tokens)  # [2, 33, vocab]
+        _, _, ref, got = _logits_pair(family)
     finally:
         cpu_gemm._STATE.update(saved)
     n_layers = CASES[family][2]["num_hidden_layers"]
