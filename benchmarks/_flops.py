@@ -84,7 +84,7 @@ def gemm_peak_flops(torch, dtype, n: int = 2048, repeats: int = 5) -> float:
     current thread count and dtype, measured in the calling process.
 
     On the CPU every GEMM library the process can reach is tried (``torch.mm``; for fp32 also
-    oneDNN's matmul, ``cpu_gemm: onednn``) and the fastest counts: the limit is the hardware's, not
+    oneDNN's matmul in one pass over ``k``, ``cpu_gemm: onednn_fast``) and the fastest counts: the limit is the hardware's, not
     that of whichever library a run happens to use (on AMD CPUs MKL's fp32 GEMM is about half of
     oneDNN's)."""
     a = torch.randn(n, n, dtype=dtype)
@@ -94,7 +94,7 @@ def gemm_peak_flops(torch, dtype, n: int = 2048, repeats: int = 5) -> float:
         from tinytune.kernels import cpu_gemm
 
         if cpu_gemm.onednn_available():
-            candidates.append(lambda: cpu_gemm._lp(a, b.t()))
+            candidates.append(lambda: cpu_gemm.one_pass(a, b.t()))
     best = float("inf")
     for fn in candidates:
         fn()  # warm-up: thread pool, packing buffers

@@ -1,4 +1,4 @@
-"""fp32 CPU GEMMs: PyTorch's default (``torch.mm``, MKL on x86 wheels) vs oneDNN (``cpu_gemm: onednn``).
+"""fp32 CPU GEMMs: ``torch.mm`` (MKL on x86 wheels) vs oneDNN (``cpu_gemm: onednn`` and ``onednn_fast``).
 
     python benchmarks/bench_cpu_gemm.py                 # SmolLM2-135M training and decode shapes
     python benchmarks/bench_cpu_gemm.py --threads 2
@@ -6,9 +6,11 @@
 
 Every row is one GEMM as a training step of SmolLM2-135M (bs 4 x 512, ~1,624 label-bearing tokens
 padding-free) or a decode step issues it, with the operand layouts the code uses (``A^T``: a
-transposed view, as in the weight gradient). Both back ends are timed interleaved (best of
-``--repeats``, 2 rounds) and compared with an fp64 product: max and mean absolute error. The last
-row is the large square GEMM that ``bench_train.py`` takes as the machine's fp32 peak.
+transposed view, as in the weight gradient), through ``cpu_gemm.mm`` under each back end (so
+with its dispatch rules: decode rows stay on ``torch.mm`` under the oneDNN back ends). The back
+ends are timed interleaved (best of ``--repeats``, 2 rounds) and compared with an fp64 product (max
+and mean absolute error) and with ``torch.mm``'s bits. The last row is the large square GEMM that
+``bench_train.py`` takes as the machine's fp32 peak (its ``fast`` column: oneDNN in one pass).
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ SHAPES = [
     ("decode output, batch 1", 1, 576, 49152, False, True),
     ("square (bench_train peak)", 2048, 2048, 2048, False, False),
 ]
-SMOKE = [("smoke fwd", 64, 48, 96, False, True), ("smoke dW", 48, 64, 96, True, False)]
+SMOKE = [("smoke fwd", 256, 400, 96, False, True), ("smoke dW", 192, 256, 96, True, False)]  # k: 3 and 2 blocks
 
 
 def _operand(rows: int, cols: int, transposed: bool, g: torch.Generator) -> torch.Tensor:
@@ -51,24 +53,39 @@ def _operand(rows: int, cols: int, transposed: bool, g: torch.Generator) -> torc
     return torch.randn(cols, rows, generator=g).t() if transposed else torch.randn(rows, cols, generator=g)
 
 
-def _case(m: int, k: int, n: int, ta: bool, tb: bool, repeats: int) -> dict:
+BACKENDS = ("torch", "onednn", "onednn_fast")
+
+
+def _gemm(backend: str, a: torch.Tensor, b: torch.Tensor, reuse: bool):
+    """``a @ b`` as ``cpu_gemm: backend`` dispatches it (sizes and rows thresholds included)."""
+    cpu_gemm.set_cpu_gemm(backend)
+    if not reuse:
+        return cpu_gemm.mm(a, b)
+    with cpu_gemm.reuse_weight_blocks():  # as the fused CE runs its chunks: one copy of the weight's k-blocks
+        return cpu_gemm.mm(a, b)
+
+
+def _case(what: str, m: int, k: int, n: int, ta: bool, tb: bool, repeats: int) -> dict:
     g = torch.Generator().manual_seed(m + k + n)
     a, b = _operand(m, k, ta, g), _operand(k, n, tb, g)
     ref = a.double() @ b.double()
-    torch_mm = lambda: torch.mm(a, b)  # noqa: E731
-    dnn_mm = lambda: cpu_gemm._lp(a, b.t())  # noqa: E731  (oneDNN, whatever cpu_gemm's size threshold)
-    times = {"torch": [], "onednn": []}
-    for fn in (torch_mm, dnn_mm):
+    fns = {name: (lambda name=name: _gemm(name, a, b, what.startswith("CE"))) for name in BACKENDS}
+    if what.startswith("square"):  # the peak: oneDNN in one pass, whatever the back end's rules
+        fns["onednn_fast"] = lambda: cpu_gemm.one_pass(a, b.t())
+    times = {name: [] for name in fns}
+    for fn in fns.values():
         fn()  # warm-up: thread pool, primitive creation
     for _ in range(2):
-        times["torch"].append(best_time(torch_mm, repeats))
-        times["onednn"].append(best_time(dnn_mm, repeats))
-    errs = {}
-    for name, fn in (("torch", torch_mm), ("onednn", dnn_mm)):
-        e = (fn().double() - ref).abs()
-        errs[name] = (float(e.max()), float(e.mean()))
+        for name, fn in fns.items():
+            times[name].append(best_time(fn, repeats))
+    out, base = {}, fns["torch"]()
     flop = 2 * m * k * n
-    return {name: (flop / min(t) / 1e9, min(t) * 1e3, *errs[name]) for name, t in times.items()}
+    for name, fn in fns.items():
+        got = fn()
+        e = (got.double() - ref).abs()
+        out[name] = (flop / min(times[name]) / 1e9, min(times[name]) * 1e3, float(e.max()), float(e.mean()))
+        out[name + " equal"] = bool(torch.equal(got, base))
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -84,29 +101,39 @@ def main(argv: list[str] | None = None) -> int:
     repeats = 1 if args.smoke else args.repeats
     torch.set_num_threads(args.threads)
     print(f"# bench_cpu_gemm: {machine_line()}; CPU vendor {cpu_gemm.cpu_vendor() or 'n/a'}")
-    print(f"# fp32, threads {args.threads}; best of {repeats} x 2 rounds interleaved; errors: max / mean |x - fp64|")
-    print()
-    rows, ms_t, ms_d = [], 0.0, 0.0
-    for what, m, k, n, ta, tb in shapes:
-        r = _case(m, k, n, ta, tb, repeats)
-        (gt, mt, xt, at), (gd, md, xd, ad) = r["torch"], r["onednn"]
-        if not what.startswith(("square", "decode")):
-            ms_t, ms_d = ms_t + mt, ms_d + md
-        rows.append(
-            [
-                what,
-                f"{m}x{k}x{n}" + (" (A^T)" if ta else ""),
-                f"{gt:.1f}",
-                f"{gd:.1f}",
-                f"{gd / gt:.2f}x",
-                f"{xt:.1e} / {at:.1e}",
-                f"{xd:.1e} / {ad:.1e}",
-            ]
-        )
-    print_table(
-        ["GEMM", "m x k x n", "torch GFLOP/s", "oneDNN GFLOP/s", "oneDNN/torch", "err torch", "err oneDNN"], rows
+    print(
+        f"# fp32, threads {args.threads}; best of {repeats} x 2 rounds interleaved; errors: max / mean |x - fp64|; "
+        "bits: product bitwise equal to torch's"
     )
-    print(f"training-step rows, one of each: torch {ms_t:.1f} ms, oneDNN {ms_d:.1f} ms, {ms_t / max(ms_d, 1e-9):.2f}x")
+    print()
+    saved = dict(cpu_gemm._STATE)
+    rows, step_ms = [], dict.fromkeys(BACKENDS, 0.0)
+    try:
+        for what, m, k, n, ta, tb in shapes:
+            r = _case(what, m, k, n, ta, tb, repeats)
+            if not what.startswith(("square", "decode")):
+                for name in BACKENDS:
+                    step_ms[name] += r[name][1]
+            gt = r["torch"][0]
+            rows.append(
+                [what, f"{m}x{k}x{n}" + (" (A^T)" if ta else "")]
+                + [f"{r[name][0]:.1f}" for name in BACKENDS]
+                + [f"{r[name][0] / gt:.2f}x" for name in BACKENDS[1:]]
+                + [f"{r[name][2]:.1e} / {r[name][3]:.1e}" for name in BACKENDS]
+                + ["/".join("yes" if r[name + " equal"] else "no" for name in BACKENDS[1:])]
+            )
+    finally:
+        cpu_gemm._STATE.update(saved)
+    print_table(
+        ["GEMM", "m x k x n", "torch GFLOP/s", "onednn GFLOP/s", "fast GFLOP/s", "onednn/torch", "fast/torch"]
+        + ["err torch", "err onednn", "err fast", "bits onednn/fast"],
+        rows,
+    )
+    t = step_ms["torch"]
+    print(
+        "training-step rows, one of each: "
+        + ", ".join(f"{name} {ms:.1f} ms ({t / max(ms, 1e-9):.2f}x)" for name, ms in step_ms.items())
+    )
     return 0
 
 

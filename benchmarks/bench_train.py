@@ -323,7 +323,7 @@ def worker_main(spec: dict) -> None:
     if spec["framework"] == "tinytune":
         from tinytune.kernels.cpu_gemm import set_cpu_gemm
 
-        set_cpu_gemm(spec.get("cpu_gemm", "torch"))
+        set_cpu_gemm(spec.get("cpu_gemm", "auto"))
     torch, dtype, device = _torch_setup(spec)
     batch = make_batch(spec["bs"], spec["seq"], spec["vocab"], spec["packed"], seed=spec.get("seed", 0))
     build = {"tinytune": _build_tinytune, "hf": _build_hf, "torchtune": _build_torchtune}[spec["framework"]]
@@ -518,9 +518,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument(
         "--cpu-gemm",
-        choices=("torch", "onednn"),
-        default="torch",
-        help="tinytune's fp32 CPU GEMM back end (the recipes' cpu_gemm; default torch, as in the recipes)",
+        choices=("auto", "torch", "onednn", "onednn_fast"),
+        default="auto",
+        help="tinytune's fp32 CPU GEMM back end (the recipes' cpu_gemm; default auto, as in the recipes)",
     )
     p.add_argument("--json", help="also write all raw results to this file")
     p.add_argument("--smoke", action="store_true", help="tiny model, bs 2, seq 64, 1 step, 1 round")

@@ -109,10 +109,11 @@ def test_bench_cpu_gemm_smoke():
     rows = [r for r in _table(_run("bench_cpu_gemm.py", "--smoke")) if not r[0].startswith("---")]
     assert [r[0] for r in rows] == ["smoke fwd", "smoke dW"]
     for r in rows:
-        assert float(r[2]) > 0 and float(r[3]) > 0
-        for errs in (r[5], r[6]):
+        assert all(float(x) > 0 for x in r[2:5]) and all(x.endswith("x") for x in r[5:7])
+        for errs in r[7:10]:
             worst, mean = (float(x) for x in errs.split(" / "))
             assert 0 <= mean <= worst < 1e-4, r
+        assert all(b in ("yes", "no") for b in r[10].split("/")), r
 
 
 def test_profile_train_smoke():

@@ -219,16 +219,18 @@ def test_bf16_logits_close_to_hf():
     assert (got - ref).abs().max().item() <= 0.1 * ref.abs().max().item()
 
 
+@pytest.mark.parametrize("backend", ["onednn", "onednn_fast"])
 @pytest.mark.parametrize("family", list(CASES))
-def test_logits_match_hf_with_every_gemm_on_onednn(family, monkeypatch):
-    """cpu_gemm=onednn (every fp32 GEMM of the model, however small) keeps HF parity."""
+def test_logits_match_hf_with_every_gemm_on_onednn(family, backend, monkeypatch):
+    """cpu_gemm=onednn / onednn_fast (every fp32 GEMM of the model, however small) keeps HF parity."""
     from tinytune.kernels import cpu_gemm
 
     if not cpu_gemm.onednn_available():
         pytest.skip("this PyTorch build has no oneDNN matmul")
     saved = dict(cpu_gemm._STATE)
-    cpu_gemm.set_cpu_gemm("onednn")
+    cpu_gemm.set_cpu_gemm(backend)
     monkeypatch.setattr(cpu_gemm, "MIN_MACS", 0)
+    monkeypatch.setattr(cpu_gemm, "MIN_ROWS", 0)
     calls = []
     real = cpu_gemm._lp
     monkeypatch.setattr(cpu_gemm, "_lp", lambda x, w, b=None: calls.append(1) or real(x, w, b))

@@ -24,7 +24,7 @@ ATTN_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "q", "k", "v", "o")
 MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
 LORA_INITS = ("default", "gaussian", "pissa")  # as tinytune.modules.peft.LORA_INITS (tested equal)
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")  # as tinytune.checkpoint.gguf_writer.GGUF_TYPES (tested equal)
-CPU_GEMM_CHOICES = ("torch", "onednn")  # as tinytune.kernels.cpu_gemm.CPU_GEMM_CHOICES (tested equal)
+CPU_GEMM_CHOICES = ("auto", "torch", "onednn", "onednn_fast")  # as tinytune.kernels.cpu_gemm.CPU_GEMM_CHOICES (tested equal)
 PREFERENCE_LOSSES = ("sigmoid", "ipo", "hinge", "robust", "simpo", "orpo")  # as training.preference_losses
 TRUNCATION_POLICIES = ("balanced", "prompt_first", "right", "drop")  # as datasets.encoding (tested equal)
 PACKING_STRATEGIES = ("ffd", "greedy")  # as datasets.packing.pack_bins (tested)
@@ -196,10 +196,11 @@ class DeviceSettings(Settings):
         choices=("auto", "keep", "release", "default"),
     )
     cpu_gemm: str = setting(
-        "torch",
+        "auto",
         "fp32 GEMMs on the CPU: torch = torch.mm / F.linear as PyTorch dispatches them (MKL on x86 wheels); "
-        "onednn = the oneDNN matmul bundled with PyTorch: 1.4-2.3x MKL's speed on the training shapes of the "
-        "AMD test VM, at 1.4-2x its rounding error",
+        "onednn = the oneDNN matmul bundled with PyTorch, summed in MKL's k-blocks (MKL's rounding: bitwise "
+        "equal products on the AMD test VM's training shapes) at 1.4-1.8x its speed there; onednn_fast = oneDNN "
+        "in one pass, faster still at 1.4-2x MKL's rounding error; auto = onednn on AMD CPUs, else torch",
         choices=CPU_GEMM_CHOICES,
     )
 

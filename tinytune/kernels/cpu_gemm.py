@@ -1,29 +1,35 @@
 """fp32 GEMMs on the CPU through oneDNN where PyTorch's default BLAS is the slower one.
 
 PyTorch's x86 wheels run fp32 ``torch.mm`` / ``F.linear`` in MKL. On AMD CPUs MKL runs its generic
-code path: on the 2-vCPU AMD EPYC (Zen 5, AVX-512) test VM, one thread, 83-106 GFLOP/s on the
+code path: on the 2-vCPU AMD EPYC (Zen 5, AVX-512) test VM, one thread, 97-104 GFLOP/s on the
 SmolLM2 training shapes, while oneDNN (shipped in the same wheel, and what PyTorch already uses for
-bf16 matmuls and for convolutions) reaches 160-240 GFLOP/s on them, in plain fp32 (no bf16 or TF32
-rounding; ``benchmarks/bench_cpu_gemm.py`` measures both and their errors against fp64).
+bf16 matmuls and for convolutions) reaches 197-238 GFLOP/s on them in plain fp32 (no bf16 or TF32
+rounding; ``benchmarks/bench_cpu_gemm.py`` measures all back ends and their errors against fp64).
 
 ``cpu_gemm`` (a key of every recipe, :func:`set_cpu_gemm` in code):
 
-* ``torch`` (default): ``torch.mm`` / ``F.linear`` as PyTorch dispatches them.
-* ``onednn``: fp32 CPU GEMMs of at least :data:`MIN_MACS` multiply-adds go to oneDNN's matmul
-  (``torch.ops.mkldnn._linear_pointwise``); everything else (other dtypes, other devices, tensor
-  subclasses such as DTensor or NF4, autocast regions, small products) stays on ``torch``.
+* ``auto`` (the recipes' default): ``onednn`` on AMD x86 CPUs with a usable oneDNN, else ``torch``.
+* ``torch`` (what a process that never sets one gets): ``torch.mm`` / ``F.linear`` as PyTorch
+  dispatches them.
+* ``onednn``: fp32 CPU GEMMs of at least :data:`MIN_MACS` multiply-adds and :data:`MIN_ROWS` rows
+  go to oneDNN's matmul (``torch.ops.mkldnn._linear_pointwise``), with the reduction summed in
+  MKL's ``k``-blocks (:func:`_k_bounds`): the same rounding as ``torch.mm`` (bitwise equal products
+  on the test VM) at 1.4-1.75x its speed there. Everything else (other dtypes and devices, tensor
+  subclasses such as DTensor or NF4, autocast regions, small products, few rows, ``k``-blocked
+  outputs over :data:`K_BLOCKED_MAX_OUT`) stays on ``torch``.
+* ``onednn_fast``: the same, with each product in one pass over ``k``: 1.9-2.3x MKL's speed on the
+  test VM, at 1.4-2x its rounding error (one pass accumulates longer sums; on the whole 30-layer
+  SmolLM2-135M forward the logits' RMS error against fp64 was 1.76x that of HF transformers on MKL),
+  both far below bf16's.
 
-``onednn`` is opt-in because it is less accurate: both back ends accumulate in fp32 and are
-deterministic for the same shapes and threads, but oneDNN's rounding error grows faster with the
-reduction length (mean absolute error against fp64 1.4-2x MKL's on the SmolLM2 shapes; on the
-whole 30-layer SmolLM2-135M forward the logits' RMS error was 1.76x that of HF transformers on
-MKL), both far below bf16's. ``tests/test_cpu_gemm.py`` holds it to the worst-case fp32 summation
-bound. A run keeps one back end from start to end, so a resumed run repeats the uninterrupted one
-exactly.
+``tests/test_cpu_gemm.py`` holds every variant to the worst-case fp32 summation bound and
+``onednn``'s mean error to ``torch.mm``'s. A run keeps one back end from start to end, so a
+resumed run repeats the uninterrupted one exactly.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import platform
 
@@ -31,22 +37,107 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-CPU_GEMM_CHOICES = ("torch", "onednn")
+CPU_GEMM_CHOICES = ("auto", "torch", "onednn", "onednn_fast")
 #: Products smaller than this (``m * k * n``) stay on ``torch.mm``: oneDNN's per-call cost loses
 #: on tiny GEMMs (64 x 64 x 64: 15 us against MKL's 7 us on the test VM).
 MIN_MACS = 1 << 21
+#: ... and so do products with fewer rows than this on the left (decoding, short prompts): the
+#: ``k``-block copies of the weight cost more than the GEMM there (``m = 64``: about MKL's speed).
+MIN_ROWS = 128
 
 _STATE: dict[str, str | None] = {"backend": None, "why": None}
 
 
+#: oneDNN sums a whole reduction in one pass, so its rounding error grows with ``k`` faster than
+#: MKL's, which works in blocks of ``k``. ``onednn`` computes a product with a reduction longer than
+#: this as a sum of ``k``-blocks, each block's partial product added in the next GEMM's epilogue, in
+#: the blocks MKL uses (see :func:`_k_bounds`).
+K_BLOCK = 192
+#: Each ``k``-block re-reads and rewrites the ``[m, n]`` output: past this many elements (32 MiB of
+#: fp32, the test VM's L3) that traffic costs more than oneDNN gains, and a ``k``-blocked product
+#: goes to ``torch.mm`` (MKL, the same blocks) instead: the fused CE's ``[chunk, V]`` logits and
+#: ``[V, d]`` weight gradient (0.9-0.96x MKL's speed k-blocked in oneDNN on the test VM).
+K_BLOCKED_MAX_OUT = 1 << 23
+
+
+def _k_bounds(k: int) -> list[tuple[int, int]]:
+    """The ``k``-blocks summed one after the other: one block up to :data:`K_BLOCK`, two halves up to
+    twice that, blocks of :data:`K_BLOCK` (and a shorter last one) beyond.
+
+    These are the blocks of PyTorch's MKL on the AMD test VM: with them oneDNN's fp32 products were
+    bitwise equal to ``torch.mm``'s on every shape of a SmolLM2 training step and on a sweep of
+    16-1624 rows, ``k`` 64-2048 (odd ``k`` between 193 and 383 excepted) and 64-1536 columns, one
+    and two threads (``tests/test_cpu_gemm.py`` checks the error bound, not the bits).
+    """
+    if _STATE["backend"] == "onednn_fast" or k <= K_BLOCK:
+        return [(0, k)]
+    if k <= 2 * K_BLOCK:
+        half = (k + 1) // 2
+        return [(0, half), (half, k)]
+    return [(j, min(j + K_BLOCK, k)) for j in range(0, k, K_BLOCK)]
+
+
+def _w_block(w: torch.Tensor, j: int, e: int) -> torch.Tensor:
+    """Columns ``j:e`` of ``w`` in a layout oneDNN runs fast (row- or column-major, else a copy).
+
+    A column block of a row-major weight is strided: it is copied (oneDNN's strided path is its slow
+    reference kernel), once per call, or once per weight version inside :func:`reuse_weight_blocks`.
+    """
+    blk = w[:, j:e]  # [n, e - j]
+    if blk.is_contiguous() or blk.t().is_contiguous():
+        return blk
+    cache = _BLOCKS.get("cache")
+    if cache is None:
+        return blk.contiguous()
+    key = (w.data_ptr(), w._version, tuple(w.shape), w.stride(), j, e)
+    if key not in cache:
+        cache[key] = blk.contiguous()
+    return cache[key]
+
+
+_BLOCKS: dict[str, dict | None] = {"cache": None}
+
+
+@contextlib.contextmanager
+def reuse_weight_blocks():
+    """Inside this block the ``k``-block copies of a weight are made once and reused by every GEMM
+    on the same weight (the fused CE multiplies each token chunk by the same ``[V, d]`` weight).
+    They are dropped on exit; an in-place change of the weight makes new ones."""
+    outer = _BLOCKS["cache"]
+    _BLOCKS["cache"] = {} if outer is None else outer
+    try:
+        yield
+    finally:
+        _BLOCKS["cache"] = outer
+
+
+def one_pass(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    """oneDNN ``x @ w.T (+ b)`` in one pass over ``k`` (``x`` ``[m, k]``, ``w`` ``[n, k]`` row- or
+    column-major): the fastest fp32 GEMM of the process on AMD CPUs (the benchmarks' peak)."""
+    return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")  # [m, n]
+
+
 def _lp(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
     """oneDNN ``x @ w.T (+ b)`` for a 2-D ``x`` ``[m, k]`` and ``w`` ``[n, k]`` (any strides)."""
-    return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
+    bounds = _k_bounds(x.shape[1])
+    if len(bounds) > 1 and x.shape[0] * w.shape[0] > K_BLOCKED_MAX_OUT:
+        return F.linear(x, w, b)  # [m, n]; MKL: its blocks, its speed (see K_BLOCKED_MAX_OUT)
+    j, e = bounds[0]
+    out = one_pass(x[:, j:e], _w_block(w, j, e), b)  # [m, n]
+    for j, e in bounds[1:]:
+        out = torch.ops.mkldnn._linear_pointwise.binary(x[:, j:e], out, _w_block(w, j, e), None, "add")
+    return out
 
 
 def _lp_add(x: torch.Tensor, acc: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """oneDNN ``acc + x @ w.T`` into a new tensor (the add is the GEMM's epilogue)."""
-    return torch.ops.mkldnn._linear_pointwise.binary(x, acc, w, None, "add")
+    """oneDNN ``acc + x @ w.T``: a new tensor (the add is the GEMM's epilogue), or ``acc`` updated
+    in place where the product goes to MKL (outputs over :data:`K_BLOCKED_MAX_OUT`)."""
+    bounds = _k_bounds(x.shape[1])
+    if len(bounds) > 1 and acc.numel() > K_BLOCKED_MAX_OUT:
+        return acc.addmm_(x, w.t())  # [m, n]
+    for j, e in bounds:
+        acc = torch.ops.mkldnn._linear_pointwise.binary(x[:, j:e], acc, _w_block(w, j, e), None, "add")
+    return acc
 
 
 @functools.cache
@@ -56,7 +147,7 @@ def onednn_available() -> bool:
         return False
     try:
         a = torch.arange(12, dtype=torch.float32).view(3, 4)
-        return bool(torch.equal(_lp(a, a), a @ a.t()))  # small integers: exact in any order
+        return bool(torch.equal(one_pass(a, a), a @ a.t()))  # small integers: exact in any order
     except (AttributeError, RuntimeError, NotImplementedError):
         return False
 
@@ -76,20 +167,28 @@ def cpu_vendor() -> str:
 
 
 def resolve_cpu_gemm(choice: str) -> tuple[str, str]:
-    """``(backend, why)`` for a ``cpu_gemm`` choice: ``backend`` is ``torch`` or ``onednn``.
+    """``(backend, why)`` for a ``cpu_gemm`` choice: ``backend`` is ``torch``, ``onednn`` or
+    ``onednn_fast``; ``auto`` picks ``onednn`` on AMD x86 CPUs with a usable oneDNN, else ``torch``.
 
     Raises:
         ValueError: ``choice`` is not one of :data:`CPU_GEMM_CHOICES`.
-        RuntimeError: ``onednn`` asked for where this PyTorch build has no usable oneDNN.
+        RuntimeError: ``onednn`` / ``onednn_fast`` asked for where this PyTorch build has no usable
+            oneDNN.
     """
     if choice not in CPU_GEMM_CHOICES:
         raise ValueError(f"cpu_gemm: {choice!r} is not one of {' | '.join(CPU_GEMM_CHOICES)}")
+    vendor = cpu_vendor() or "not x86"
     if choice == "torch":
         return "torch", "asked for"
+    if choice == "auto":
+        if vendor != "AuthenticAMD":
+            return "torch", f"auto: CPU vendor {vendor}"
+        if not onednn_available():
+            return "torch", "auto: this PyTorch build has no usable oneDNN matmul"
+        return "onednn", "auto: AMD CPU, where MKL runs its generic code path"
     if not onednn_available():
         raise RuntimeError("this PyTorch build has no usable oneDNN matmul (torch.backends.mkldnn)")
-    vendor = cpu_vendor()
-    return "onednn", f"asked for; CPU vendor {vendor or 'not x86'}"
+    return choice, f"asked for; CPU vendor {vendor}"
 
 
 def set_cpu_gemm(choice: str) -> str:
@@ -104,7 +203,8 @@ def set_cpu_gemm(choice: str) -> str:
 
 
 def cpu_gemm_backend() -> str:
-    """The back end in use: ``torch`` (the default) or ``onednn``."""
+    """The back end in use: ``torch`` (until :func:`set_cpu_gemm` is called), ``onednn`` or
+    ``onednn_fast``."""
     if _STATE["backend"] is None:
         set_cpu_gemm("torch")
     return _STATE["backend"]  # type: ignore[return-value]
@@ -118,7 +218,9 @@ def _plain_fp32_cpu(t: torch.Tensor | None) -> bool:
 
 def use_onednn(a: torch.Tensor, w: torch.Tensor, *more: torch.Tensor | None, macs: int) -> bool:
     """Whether a GEMM of ``macs`` multiply-adds on these tensors goes to oneDNN (see the module doc)."""
-    if macs < MIN_MACS or cpu_gemm_backend() != "onednn" or torch.is_autocast_enabled("cpu"):
+    if macs < MIN_MACS or a.dim() != 2 or a.shape[0] < MIN_ROWS or cpu_gemm_backend() == "torch":
+        return False
+    if torch.is_autocast_enabled("cpu"):
         return False
     return _plain_fp32_cpu(a) and _plain_fp32_cpu(w) and all(_plain_fp32_cpu(t) for t in more)
 

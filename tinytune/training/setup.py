@@ -120,12 +120,13 @@ def apply_cpu_gemm_setting(hw: DeviceSettings) -> str:
         The back end and why, in words (also logged).
 
     Raises:
-        ConfigError: ``cpu_gemm: onednn`` where this PyTorch build has no usable oneDNN matmul.
+        ConfigError: ``cpu_gemm: onednn`` / ``onednn_fast`` where this PyTorch build has no usable oneDNN
+            matmul (``auto`` falls back to ``torch`` there, and says so in the log).
     """
     try:
         result = set_cpu_gemm(hw.cpu_gemm)
     except RuntimeError as e:
-        raise ConfigError(f"cpu_gemm: onednn: {e}; set cpu_gemm: torch") from e
+        raise ConfigError(f"cpu_gemm: {hw.cpu_gemm}: {e}; set cpu_gemm: torch or auto") from e
     log.info("cpu_gemm: %s", result)
     return result
 
