@@ -42,6 +42,12 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="host allocator policy (default: keep for tinytune, as its recipes do here; glibc's default for peers)",
     )
+    p.add_argument(
+        "--cpu-gemm",
+        choices=["auto", "torch", "onednn", "onednn_fast"],
+        default="auto",
+        help="tinytune's fp32 CPU GEMM back end (the recipes' cpu_gemm; default auto, as in the recipes)",
+    )
     args = p.parse_args(argv)
     if args.smoke:
         args.bs, args.seq, args.weights = 2, 64, "random"
@@ -71,8 +77,13 @@ def main(argv: list[str] | None = None) -> int:
         mode=args.mode,
         packed=args.packed,
         compile=args.compile,
+        cpu_gemm=args.cpu_gemm,
         optim={"lr": 2e-4, "weight_decay": 0.01, "fused": True},
     )
+    if args.framework == "tinytune":
+        from tinytune.kernels.cpu_gemm import set_cpu_gemm
+
+        print(f"# tinytune cpu_gemm: {set_cpu_gemm(args.cpu_gemm)}")
     torch_, dtype, device = bt._torch_setup(spec)
     build = {"tinytune": bt._build_tinytune, "hf": bt._build_hf, "torchtune": bt._build_torchtune}[args.framework]
     _, make_step = build(spec, torch_, dtype, device)

@@ -320,3 +320,29 @@ def test_training_gradients_on_onednn_against_fp64(onednn, mode):
         base_err = float((base[name].double() - ref[name]).abs().max())
         scale = float(ref[name].abs().max())
         assert err <= 4 * base_err + 2 * U * scale, (name, err, base_err, scale)
+
+
+@needs_onednn
+@pytest.mark.parametrize("m,n", [(40, 300), (300, 40)])  # column tiles; row tiles
+def test_tiled_k_blocked_products_equal_untiled(backend, monkeypatch, m, n):
+    """Tiling a large k-blocked output changes no bit: every element sums the same k-blocks in the
+    same order (forward with bias, x row- and column-major, and the in-place epilogue add)."""
+    backend("onednn")
+    g = torch.Generator().manual_seed(m)
+    k = 450  # 3 k-blocks
+    w, bias, acc = torch.randn(n, k, generator=g), torch.randn(n, generator=g), torch.randn(m, n, generator=g)
+    xs = (torch.randn(m, k, generator=g), torch.randn(k, m, generator=g).t())
+
+    def products():
+        return [(cpu_gemm._lp(x, w, bias), cpu_gemm._lp_add(x, acc.clone(), w)) for x in xs]
+
+    untiled = products()
+    monkeypatch.setattr(cpu_gemm, "TILED_FROM", 1000)
+    monkeypatch.setattr(cpu_gemm, "TILE_OUT", 700)
+    rows, cols = cpu_gemm._tiles(m, n)
+    assert (rows, cols) != (m, n) and (rows == m or cols == n)
+    for got, want in zip(products(), untiled):
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    ref = xs[0].double() @ w.double().t()
+    assert torch.allclose(untiled[0][0].double(), ref + bias.double(), rtol=0, atol=1e-3)
+    assert torch.allclose(untiled[0][1].double(), ref + acc.double(), rtol=0, atol=1e-3)

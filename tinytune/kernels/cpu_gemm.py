@@ -15,8 +15,8 @@ rounding; ``benchmarks/bench_cpu_gemm.py`` measures all back ends and their erro
   go to oneDNN's matmul (``torch.ops.mkldnn._linear_pointwise``), with the reduction summed in
   MKL's ``k``-blocks (:func:`_k_bounds`): the same rounding as ``torch.mm`` (bitwise equal products
   on the test VM) at 1.4-1.75x its speed there. Everything else (other dtypes and devices, tensor
-  subclasses such as DTensor or NF4, autocast regions, small products, few rows, ``k``-blocked
-  outputs over :data:`K_BLOCKED_MAX_OUT`) stays on ``torch``.
+  subclasses such as DTensor or NF4, autocast regions, small products, few rows) stays on
+  ``torch``. Large ``k``-blocked outputs are computed in cache-sized tiles (:data:`TILED_FROM`).
 * ``onednn_fast``: the same, with each product in one pass over ``k``: 1.9-2.3x MKL's speed on the
   test VM, at 1.4-2x its rounding error (one pass accumulates longer sums; on the whole 30-layer
   SmolLM2-135M forward the logits' RMS error against fp64 was 1.76x that of HF transformers on MKL),
@@ -53,11 +53,13 @@ _STATE: dict[str, str | None] = {"backend": None, "why": None}
 #: this as a sum of ``k``-blocks, each block's partial product added in the next GEMM's epilogue, in
 #: the blocks MKL uses (see :func:`_k_bounds`).
 K_BLOCK = 192
-#: Each ``k``-block re-reads and rewrites the ``[m, n]`` output: past this many elements (32 MiB of
-#: fp32, the test VM's L3) that traffic costs more than oneDNN gains, and a ``k``-blocked product
-#: goes to ``torch.mm`` (MKL, the same blocks) instead: the fused CE's ``[chunk, V]`` logits and
-#: ``[V, d]`` weight gradient (0.9-0.96x MKL's speed k-blocked in oneDNN on the test VM).
-K_BLOCKED_MAX_OUT = 1 << 23
+#: Each ``k``-block re-reads and rewrites its output. A ``k``-blocked output larger than this (32 MiB
+#: of fp32, the test VM's L3) is computed in tiles of :data:`TILE_OUT` elements, each tile through
+#: all its ``k``-blocks before the next, so the partial sums stay in cache: the fused CE's
+#: ``[chunk, V]`` logits and ``[V, d]`` weight gradient (untiled 0.9-0.96x MKL's speed on the test
+#: VM, tiled 1.5-2x). Smaller outputs (the projections) measured no faster tiled.
+TILED_FROM = 1 << 23
+TILE_OUT = 1 << 18
 
 
 def _k_bounds(k: int) -> list[tuple[int, int]]:
@@ -117,26 +119,61 @@ def one_pass(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) ->
     return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")  # [m, n]
 
 
+def _tiles(m: int, n: int) -> tuple[int, int]:
+    """``(rows, cols)`` of the output tiles of a ``k``-blocked ``[m, n]`` product: one tile up to
+    :data:`TILED_FROM` elements; past it tiles of :data:`TILE_OUT`, whole rows where 64 of them fit,
+    else column tiles (multiples of 16) of all ``m`` rows."""
+    if m * n <= TILED_FROM:
+        return m, n
+    if 64 * n <= TILE_OUT:
+        return TILE_OUT // n, n
+    return m, max(16, TILE_OUT // m // 16 * 16)
+
+
+def _blocked(xs, w: torch.Tensor, acc: torch.Tensor | None, b: torch.Tensor | None, bounds) -> torch.Tensor:
+    """``acc + x @ w.T (+ b)`` for one output tile, summed over the ``k``-blocks ``bounds`` in order;
+    ``xs`` holds x's columns of each block (``[m, e - j]`` each), ``w`` is ``[n, k]``."""
+    (j, e), x0 = bounds[0], xs[0]
+    if acc is None:
+        out = one_pass(x0, _w_block(w, j, e), b)  # [m, n]
+    else:
+        out = torch.ops.mkldnn._linear_pointwise.binary(x0, acc, _w_block(w, j, e), b, "add")
+    for (j, e), xj in zip(bounds[1:], xs[1:]):
+        out = torch.ops.mkldnn._linear_pointwise.binary(xj, out, _w_block(w, j, e), None, "add")
+    return out
+
+
 def _lp(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
     """oneDNN ``x @ w.T (+ b)`` for a 2-D ``x`` ``[m, k]`` and ``w`` ``[n, k]`` (any strides)."""
     bounds = _k_bounds(x.shape[1])
-    if len(bounds) > 1 and x.shape[0] * w.shape[0] > K_BLOCKED_MAX_OUT:
-        return F.linear(x, w, b)  # [m, n]; MKL: its blocks, its speed (see K_BLOCKED_MAX_OUT)
-    j, e = bounds[0]
-    out = one_pass(x[:, j:e], _w_block(w, j, e), b)  # [m, n]
-    for j, e in bounds[1:]:
-        out = torch.ops.mkldnn._linear_pointwise.binary(x[:, j:e], out, _w_block(w, j, e), None, "add")
+    (m, n), (tm, tn) = (x.shape[0], w.shape[0]), _tiles(x.shape[0], w.shape[0])
+    if len(bounds) == 1 or (tm, tn) == (m, n):
+        return _blocked([x[:, j:e] for j, e in bounds], w, None, b, bounds)  # [m, n]
+    # column tiles multiply all of x: its k-blocks are copied once (oneDNN copies strided inputs)
+    xs = [x[:, j:e] if tn == n else x[:, j:e].contiguous() for j, e in bounds]
+    out = torch.empty((m, n), dtype=x.dtype)
+    with reuse_weight_blocks():  # row tiles share w's k-block copies
+        for r in range(0, m, tm):
+            for c in range(0, n, tn):
+                bias = None if b is None else b[c : c + tn]
+                tile = _blocked([xj[r : r + tm] for xj in xs], w[c : c + tn], None, bias, bounds)
+                out[r : r + tm, c : c + tn] = tile
     return out
 
 
 def _lp_add(x: torch.Tensor, acc: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """oneDNN ``acc + x @ w.T``: a new tensor (the add is the GEMM's epilogue), or ``acc`` updated
-    in place where the product goes to MKL (outputs over :data:`K_BLOCKED_MAX_OUT`)."""
+    """oneDNN ``acc + x @ w.T`` (the add is the GEMM's epilogue): a new tensor from an untiled
+    product, ``acc`` updated in place from a tiled ``k``-blocked one."""
     bounds = _k_bounds(x.shape[1])
-    if len(bounds) > 1 and acc.numel() > K_BLOCKED_MAX_OUT:
-        return acc.addmm_(x, w.t())  # [m, n]
-    for j, e in bounds:
-        acc = torch.ops.mkldnn._linear_pointwise.binary(x[:, j:e], acc, _w_block(w, j, e), None, "add")
+    (m, n), (tm, tn) = acc.shape, _tiles(*acc.shape)
+    if len(bounds) == 1 or (tm, tn) == (m, n):
+        return _blocked([x[:, j:e] for j, e in bounds], w, acc, None, bounds)  # [m, n]
+    xs = [x[:, j:e] if tn == n else x[:, j:e].contiguous() for j, e in bounds]
+    with reuse_weight_blocks():
+        for r in range(0, m, tm):
+            for c in range(0, n, tn):
+                tile = acc[r : r + tm, c : c + tn]
+                tile.copy_(_blocked([xj[r : r + tm] for xj in xs], w[c : c + tn], tile.contiguous(), None, bounds))
     return acc
 
 
