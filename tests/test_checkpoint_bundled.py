@@ -70,8 +70,10 @@ def _rms_norm_fp64(self, hidden_states):
     return self.weight * h
 
 
-def test_smollm2_matches_hf_transformers(smollm2, smollm2_dir, monkeypatch):
-    """Same math as transformers in fp64; in fp32 no less accurate than transformers' own fp32.
+@pytest.mark.parametrize("cpu_gemm", ["torch", "onednn"])
+def test_smollm2_matches_hf_transformers(smollm2, smollm2_dir, monkeypatch, cpu_gemm):
+    """Same math as transformers in fp64; in fp32 no less accurate than transformers' own fp32,
+    with our fp32 GEMMs in MKL (``torch``) or in k-blocked oneDNN (``onednn``, the default on AMD).
 
     fp32 logits of two implementations that round differently are not comparable element by
     element with a fixed tolerance: the 30 layers amplify a 1-ulp difference (our fused RoPE rounds
@@ -96,8 +98,22 @@ def test_smollm2_matches_hf_transformers(smollm2, smollm2_dir, monkeypatch):
     g = torch.Generator().manual_seed(0)
     rand = torch.randint(100, hf.config.vocab_size, (7, len(ids)), generator=g)  # [7, s]
     x = torch.cat([torch.tensor([ids]), rand])  # [8, s]
+    from tinytune.kernels import cpu_gemm as gemm
+
+    if cpu_gemm == "onednn" and not gemm.onednn_available():
+        pytest.skip("this PyTorch build has no oneDNN matmul")
+    saved, calls = dict(gemm._STATE), []
+    gemm.set_cpu_gemm(cpu_gemm)
+    real = gemm._lp
+    monkeypatch.setattr(gemm, "_lp", lambda x, w, b=None: calls.append(1) or real(x, w, b))
+    try:
+        with torch.no_grad():
+            ours = model(x).double()  # [8, s, V] fp32 result
+    finally:
+        gemm._STATE.update(saved)
+    assert len(calls) == (7 * 30 + 1 if cpu_gemm == "onednn" else 0)  # every projection and the output
     with torch.no_grad():
-        ours, theirs = model(x).double(), hf(input_ids=x).logits.double()  # [8, s, V] fp32 results
+        theirs = hf(input_ids=x).logits.double()  # [8, s, V] fp32 result
         try:
             ours64 = model.double()(x)  # [8, s, V]; fp32 -> fp64 -> fp32 round-trips the weights exactly
         finally:
