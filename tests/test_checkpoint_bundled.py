@@ -105,7 +105,7 @@ def test_smollm2_matches_hf_transformers(smollm2, smollm2_dir, monkeypatch, cpu_
     saved, calls = dict(gemm._STATE), []
     gemm.set_cpu_gemm(cpu_gemm)
     real = gemm._lp
-    monkeypatch.setattr(gemm, "_lp", lambda x, w, b=None: calls.append(1) or real(x, w, b))
+    monkeypatch.setattr(gemm, "_lp", lambda x, w, b=None, out=None: calls.append(1) or real(x, w, b, out=out))
     try:
         with torch.no_grad():
             ours = model(x).double()  # [8, s, V] fp32 result

@@ -41,9 +41,9 @@ def onednn(backend, monkeypatch, request):
     calls = []
     real = cpu_gemm._lp
 
-    def counted(x, w, b=None):
+    def counted(x, w, b=None, out=None):
         calls.append((tuple(x.shape), tuple(w.shape)))
-        return real(x, w, b)
+        return real(x, w, b, out=out)
 
     def counted_add(x, acc, w):
         calls.append((tuple(x.shape), tuple(w.shape), "add"))
@@ -343,6 +343,11 @@ def test_tiled_k_blocked_products_equal_untiled(backend, monkeypatch, m, n):
     assert (rows, cols) != (m, n) and (rows == m or cols == n)
     for got, want in zip(products(), untiled):
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    buf = torch.full((m, n), float("nan"))  # into a kept buffer (the fused CE's logits), tiled
+    assert cpu_gemm._lp(xs[0], w, bias, out=buf) is buf and torch.equal(buf, untiled[0][0])
+    monkeypatch.setattr(cpu_gemm, "TILED_FROM", m * n)  # and untiled
+    buf.fill_(float("nan"))
+    assert cpu_gemm._lp(xs[0], w, bias, out=buf) is buf and torch.equal(buf, untiled[0][0])
     ref = xs[0].double() @ w.double().t()
     assert torch.allclose(untiled[0][0].double(), ref + bias.double(), rtol=0, atol=1e-3)
     assert torch.allclose(untiled[0][1].double(), ref + acc.double(), rtol=0, atol=1e-3)

@@ -233,7 +233,7 @@ def test_logits_match_hf_with_every_gemm_on_onednn(family, backend, monkeypatch)
     monkeypatch.setattr(cpu_gemm, "MIN_ROWS", 0)
     calls = []
     real = cpu_gemm._lp
-    monkeypatch.setattr(cpu_gemm, "_lp", lambda x, w, b=None: calls.append(1) or real(x, w, b))
+    monkeypatch.setattr(cpu_gemm, "_lp", lambda x, w, b=None, out=None: calls.append(1) or real(x, w, b, out=out))
     try:
         _, _, ref, got = _logits_pair(family)
     finally:

@@ -143,15 +143,19 @@ def _blocked(xs, w: torch.Tensor, acc: torch.Tensor | None, b: torch.Tensor | No
     return out
 
 
-def _lp(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
-    """oneDNN ``x @ w.T (+ b)`` for a 2-D ``x`` ``[m, k]`` and ``w`` ``[n, k]`` (any strides)."""
+def _lp(
+    x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """oneDNN ``x @ w.T (+ b)`` for a 2-D ``x`` ``[m, k]`` and ``w`` ``[n, k]`` (any strides), into
+    ``out`` (``[m, n]``, written tile by tile, or copied into) when given, else a new tensor."""
     bounds = _k_bounds(x.shape[1])
     (m, n), (tm, tn) = (x.shape[0], w.shape[0]), _tiles(x.shape[0], w.shape[0])
     if len(bounds) == 1 or (tm, tn) == (m, n):
-        return _blocked([x[:, j:e] for j, e in bounds], w, None, b, bounds)  # [m, n]
+        res = _blocked([x[:, j:e] for j, e in bounds], w, None, b, bounds)  # [m, n]
+        return res if out is None else out.copy_(res)
     # column tiles multiply all of x: its k-blocks are copied once (oneDNN copies strided inputs)
     xs = [x[:, j:e] if tn == n else x[:, j:e].contiguous() for j, e in bounds]
-    out = torch.empty((m, n), dtype=x.dtype)
+    out = torch.empty((m, n), dtype=x.dtype) if out is None else out
     with reuse_weight_blocks():  # row tiles share w's k-block copies
         for r in range(0, m, tm):
             for c in range(0, n, tn):
@@ -262,15 +266,19 @@ def use_onednn(a: torch.Tensor, w: torch.Tensor, *more: torch.Tensor | None, mac
     return _plain_fp32_cpu(a) and _plain_fp32_cpu(w) and all(_plain_fp32_cpu(t) for t in more)
 
 
-def mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def mm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """``a @ b`` for ``a`` ``[m, k]`` and ``b`` ``[k, n]`` (any strides); no autograd.
 
+    Args:
+        out: a contiguous ``[m, n]`` tensor to write the product into (a kept buffer: no fresh
+            memory to fault in), or None.
+
     Returns:
-        A new contiguous ``[m, n]`` tensor.
+        ``out``, or a new contiguous ``[m, n]`` tensor.
     """
     if use_onednn(a, b, macs=a.shape[0] * a.shape[1] * b.shape[1]):
-        return _lp(a, b.t())  # [m, n]
-    return torch.mm(a, b)
+        return _lp(a, b.t(), out=out)  # [m, n]
+    return torch.mm(a, b) if out is None else torch.mm(a, b, out=out)
 
 
 def mm_add(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -178,9 +178,8 @@ class _LinearCE(torch.autograd.Function):
                 hidden_all, hidden, labels = hidden, hidden.index_select(0, rows), labels.index_select(0, rows)
         n, _ = hidden.shape
         grad_h = torch.empty_like(hidden) if need_h else None  # [N, d] (only the kept rows)
-        # fp32 on the CPU with cpu_gemm's oneDNN path: GEMMs return new tensors (oneDNN writes no
-        # out= buffer); the first chunk's weight gradient starts the fp32 accumulator, later chunks
-        # add theirs in the GEMM's epilogue (cpu_gemm.mm_add).
+        # fp32 on the CPU with cpu_gemm's oneDNN path: the first chunk's weight gradient starts the
+        # fp32 accumulator, later chunks add theirs in the GEMM's epilogue (cpu_gemm.mm_add).
         dnn = hidden.dtype == torch.float32 and cpu_gemm.use_onednn(hidden, weight, macs=cpu_gemm.MIN_MACS)
         if need_w and not dnn:
             grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)  # [V, d]
@@ -193,7 +192,7 @@ class _LinearCE(torch.autograd.Function):
         half = hidden.dtype in (torch.bfloat16, torch.float16)
         f32_gemm = hidden.is_cuda and half and _fp32_gemm_ok(hidden.device, hidden.dtype)
         # CPU: one fp32 (and one native) [chunk, V] buffer, kept between calls (see cpu_workspace).
-        reuse = hidden.device.type == "cpu" and (half or hidden.dtype == torch.float32) and not dnn  # fp64: as before
+        reuse = hidden.device.type == "cpu" and (half or hidden.dtype == torch.float32)  # fp64: as before
         if reuse:
             rows_c = min(chunk_size, n)
             f32_buf = cpu_workspace("f32", (rows_c, weight.shape[0]), torch.float32)  # [c, V]
@@ -208,10 +207,8 @@ class _LinearCE(torch.autograd.Function):
                 elif reuse and half:
                     native = torch.mm(h_c, weight.t(), out=native_buf[: end - start])  # [c, V] bf16/fp16
                     logits = f32_buf[: end - start].copy_(native)  # [c, V] fp32
-                elif reuse:
-                    logits = torch.mm(h_c, weight.t(), out=f32_buf[: end - start])  # [c, V] fp32
-                elif dnn:
-                    logits = cpu_gemm.mm(h_c, weight.t())  # [c, V] fp32
+                elif reuse:  # fp32 (oneDNN or torch.mm) into the kept buffer
+                    logits = cpu_gemm.mm(h_c, weight.t(), out=f32_buf[: end - start])  # [c, V] fp32
                 else:
                     logits = (h_c @ weight.t()).float()  # [c, V] fp32
                 total += row_step(logits, labels[start:end], ignore_index, inv).sum()
@@ -224,10 +221,8 @@ class _LinearCE(torch.autograd.Function):
                 else:
                     g = logits.to(hidden.dtype)  # [c, V]
                 del logits
-                if need_h and dnn:
-                    grad_h[start:end] = cpu_gemm.mm(g, weight)  # [c, d]
-                elif need_h:
-                    torch.mm(g, weight, out=grad_h[start:end])
+                if need_h:
+                    cpu_gemm.mm(g, weight, out=grad_h[start:end])  # [c, d]
                 if need_w:
                     if dnn:
                         grad_w = cpu_gemm.mm(g.t(), h_c) if grad_w is None else cpu_gemm.mm_add(grad_w, g.t(), h_c)
