@@ -351,3 +351,15 @@ def test_tiled_k_blocked_products_equal_untiled(backend, monkeypatch, m, n):
     ref = xs[0].double() @ w.double().t()
     assert torch.allclose(untiled[0][0].double(), ref + bias.double(), rtol=0, atol=1e-3)
     assert torch.allclose(untiled[0][1].double(), ref + acc.double(), rtol=0, atol=1e-3)
+
+
+def test_recipes_print_the_fp32_cpu_gemm_back_end(backend):
+    """The precision line a recipe prints names the GEMM back end and why (fp32 on the CPU only)."""
+    from tinytune.training import Precision
+
+    model = nn.Linear(4, 4)
+    backend("torch")
+    line = Precision.from_settings(False, torch.float32, torch.device("cpu")).describe(model)
+    assert line.endswith("; fp32 CPU GEMMs: torch (asked for)"), line
+    bf16 = Precision.from_settings(False, torch.bfloat16, torch.device("cpu")).describe(model.bfloat16())
+    assert "GEMMs" not in bf16

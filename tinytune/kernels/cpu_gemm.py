@@ -251,6 +251,12 @@ def cpu_gemm_backend() -> str:
     return _STATE["backend"]  # type: ignore[return-value]
 
 
+def describe_cpu_gemm() -> str:
+    """The back end in use and why, in words (``onednn (auto: AMD CPU, ...)``)."""
+    backend = cpu_gemm_backend()
+    return f"{backend} ({_STATE['why']})"
+
+
 def _plain_fp32_cpu(t: torch.Tensor | None) -> bool:
     return t is None or (
         type(t) in (torch.Tensor, nn.Parameter) and t.dtype == torch.float32 and t.device.type == "cpu"

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from tinytune.config import ConfigError
+from tinytune.kernels.cpu_gemm import describe_cpu_gemm
 
 
 @dataclass(frozen=True)
@@ -92,7 +93,10 @@ class Precision:
         frozen = {str(p.dtype).replace("torch.", "") for p in model.parameters() if not p.requires_grad}
         mode = "mixed (autocast)" if self.mixed else "pure"
         compute = str(self.compute_dtype).replace("torch.", "")
-        return (
+        line = (
             f"precision: {mode}; compute {compute}, trainable weights + optimizer state "
             f"{'/'.join(sorted(train)) or '-'}, frozen weights {'/'.join(sorted(frozen)) or '-'}"
         )
+        if self.device_type == "cpu" and self.compute_dtype == torch.float32:
+            line += f"; fp32 CPU GEMMs: {describe_cpu_gemm()}"
+        return line
