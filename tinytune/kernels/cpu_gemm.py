@@ -143,6 +143,21 @@ def _blocked(xs, w: torch.Tensor, acc: torch.Tensor | None, b: torch.Tensor | No
     return out
 
 
+def _tiled(x, w, acc, b, out: torch.Tensor, bounds, tm: int, tn: int) -> torch.Tensor:
+    """``out = acc + x @ w.T (+ b)`` in ``[tm, tn]`` tiles (``acc`` None or ``out`` itself), each tile
+    through all its ``k``-blocks before the next (see :data:`TILED_FROM`)."""
+    m, n = out.shape
+    # column tiles multiply all of x: its k-blocks are copied once (oneDNN copies strided inputs)
+    xs = [x[:, j:e] if tn == n else x[:, j:e].contiguous() for j, e in bounds]
+    with reuse_weight_blocks():  # row tiles share w's k-block copies
+        for r in range(0, m, tm):
+            for c in range(0, n, tn):
+                a = None if acc is None else acc[r : r + tm, c : c + tn].contiguous()
+                bias = None if b is None else b[c : c + tn]
+                out[r : r + tm, c : c + tn] = _blocked([xj[r : r + tm] for xj in xs], w[c : c + tn], a, bias, bounds)
+    return out
+
+
 def _lp(
     x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None, out: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -153,16 +168,8 @@ def _lp(
     if len(bounds) == 1 or (tm, tn) == (m, n):
         res = _blocked([x[:, j:e] for j, e in bounds], w, None, b, bounds)  # [m, n]
         return res if out is None else out.copy_(res)
-    # column tiles multiply all of x: its k-blocks are copied once (oneDNN copies strided inputs)
-    xs = [x[:, j:e] if tn == n else x[:, j:e].contiguous() for j, e in bounds]
     out = torch.empty((m, n), dtype=x.dtype) if out is None else out
-    with reuse_weight_blocks():  # row tiles share w's k-block copies
-        for r in range(0, m, tm):
-            for c in range(0, n, tn):
-                bias = None if b is None else b[c : c + tn]
-                tile = _blocked([xj[r : r + tm] for xj in xs], w[c : c + tn], None, bias, bounds)
-                out[r : r + tm, c : c + tn] = tile
-    return out
+    return _tiled(x, w, None, b, out, bounds, tm, tn)
 
 
 def _lp_add(x: torch.Tensor, acc: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -172,13 +179,7 @@ def _lp_add(x: torch.Tensor, acc: torch.Tensor, w: torch.Tensor) -> torch.Tensor
     (m, n), (tm, tn) = acc.shape, _tiles(*acc.shape)
     if len(bounds) == 1 or (tm, tn) == (m, n):
         return _blocked([x[:, j:e] for j, e in bounds], w, acc, None, bounds)  # [m, n]
-    xs = [x[:, j:e] if tn == n else x[:, j:e].contiguous() for j, e in bounds]
-    with reuse_weight_blocks():
-        for r in range(0, m, tm):
-            for c in range(0, n, tn):
-                tile = acc[r : r + tm, c : c + tn]
-                tile.copy_(_blocked([xj[r : r + tm] for xj in xs], w[c : c + tn], tile.contiguous(), None, bounds))
-    return acc
+    return _tiled(x, w, acc, None, acc, bounds, tm, tn)
 
 
 @functools.cache
@@ -193,6 +194,7 @@ def onednn_available() -> bool:
         return False
 
 
+@functools.cache
 def cpu_vendor() -> str:
     """The CPU vendor string on x86 Linux (``AuthenticAMD``, ``GenuineIntel``), else ``""``."""
     if platform.machine().lower() not in ("x86_64", "amd64"):
