@@ -27,6 +27,25 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 
+@pytest.fixture
+def cpu_gemm_calls(monkeypatch):
+    """``use(name)`` sets the fp32 CPU GEMM back end for this test (restored afterwards; skips where
+    oneDNN is missing and ``name`` needs it) and returns the list each oneDNN product appends to."""
+    from tinytune.kernels import cpu_gemm
+
+    saved, calls, real = dict(cpu_gemm._STATE), [], cpu_gemm._lp
+    monkeypatch.setattr(cpu_gemm, "_lp", lambda x, w, b=None, out=None: calls.append(1) or real(x, w, b, out=out))
+
+    def use(name: str) -> list:
+        if name != "torch" and not cpu_gemm.onednn_available():
+            pytest.skip("this PyTorch build has no oneDNN matmul")
+        cpu_gemm.set_cpu_gemm(name)
+        return calls
+
+    yield use
+    cpu_gemm._STATE.update(saved)
+
+
 @pytest.fixture(scope="session")
 def smollm2_dir(tmp_path_factory) -> str:
     """SmolLM2-135M-Instruct as an HF-format dir, converted once per session in a temp TINYTUNE_HOME."""

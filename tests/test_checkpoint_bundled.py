@@ -71,7 +71,7 @@ def _rms_norm_fp64(self, hidden_states):
 
 
 @pytest.mark.parametrize("cpu_gemm", ["torch", "onednn"])
-def test_smollm2_matches_hf_transformers(smollm2, smollm2_dir, monkeypatch, cpu_gemm):
+def test_smollm2_matches_hf_transformers(smollm2, smollm2_dir, monkeypatch, cpu_gemm, cpu_gemm_calls):
     """Same math as transformers in fp64; in fp32 no less accurate than transformers' own fp32,
     with our fp32 GEMMs in MKL (``torch``) or in k-blocked oneDNN (``onednn``, the default on AMD).
 
@@ -98,19 +98,9 @@ def test_smollm2_matches_hf_transformers(smollm2, smollm2_dir, monkeypatch, cpu_
     g = torch.Generator().manual_seed(0)
     rand = torch.randint(100, hf.config.vocab_size, (7, len(ids)), generator=g)  # [7, s]
     x = torch.cat([torch.tensor([ids]), rand])  # [8, s]
-    from tinytune.kernels import cpu_gemm as gemm
-
-    if cpu_gemm == "onednn" and not gemm.onednn_available():
-        pytest.skip("this PyTorch build has no oneDNN matmul")
-    saved, calls = dict(gemm._STATE), []
-    gemm.set_cpu_gemm(cpu_gemm)
-    real = gemm._lp
-    monkeypatch.setattr(gemm, "_lp", lambda x, w, b=None, out=None: calls.append(1) or real(x, w, b, out=out))
-    try:
-        with torch.no_grad():
-            ours = model(x).double()  # [8, s, V] fp32 result
-    finally:
-        gemm._STATE.update(saved)
+    calls = cpu_gemm_calls(cpu_gemm)
+    with torch.no_grad():
+        ours = model(x).double()  # [8, s, V] fp32 result
     assert len(calls) == (7 * 30 + 1 if cpu_gemm == "onednn" else 0)  # every projection and the output
     with torch.no_grad():
         theirs = hf(input_ids=x).logits.double()  # [8, s, V] fp32 result

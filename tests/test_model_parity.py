@@ -221,23 +221,14 @@ def test_bf16_logits_close_to_hf():
 
 @pytest.mark.parametrize("backend", ["onednn", "onednn_fast"])
 @pytest.mark.parametrize("family", list(CASES))
-def test_logits_match_hf_with_every_gemm_on_onednn(family, backend, monkeypatch):
+def test_logits_match_hf_with_every_gemm_on_onednn(family, backend, monkeypatch, cpu_gemm_calls):
     """cpu_gemm=onednn / onednn_fast (every fp32 GEMM of the model, however small) keeps HF parity."""
     from tinytune.kernels import cpu_gemm
 
-    if not cpu_gemm.onednn_available():
-        pytest.skip("this PyTorch build has no oneDNN matmul")
-    saved = dict(cpu_gemm._STATE)
-    cpu_gemm.set_cpu_gemm(backend)
+    calls = cpu_gemm_calls(backend)
     monkeypatch.setattr(cpu_gemm, "MIN_MACS", 0)
     monkeypatch.setattr(cpu_gemm, "MIN_ROWS", 0)
-    calls = []
-    real = cpu_gemm._lp
-    monkeypatch.setattr(cpu_gemm, "_lp", lambda x, w, b=None, out=None: calls.append(1) or real(x, w, b, out=out))
-    try:
-        _, _, ref, got = _logits_pair(family)
-    finally:
-        cpu_gemm._STATE.update(saved)
+    _, _, ref, got = _logits_pair(family)
     n_layers = CASES[family][2]["num_hidden_layers"]
     assert len(calls) == 7 * n_layers + 1  # q k v o gate up down per layer, and the output
     assert (got - ref).abs().max().item() <= 1e-4
