@@ -24,9 +24,9 @@ timeout "${T_TESTS2:-120}" $PY -m pytest -q -p no:cacheprovider -m gpu \
     tests/test_device.py tests/test_checkpoint_hf.py tests/test_distributed_recipes.py 2>&1 | tee -a "$OUTDIR/tests.txt"
 
 echo "== kernels: fused linear+CE"
-timeout "${T_CE:-90}" $PY benchmarks/kernels.py --part ce 2>&1 | tee "$OUTDIR/kernels_ce.txt"
+timeout "${T_CE:-90}" $PY benchmarks/bench_kernels.py --part ce 2>&1 | tee "$OUTDIR/kernels_ce.txt"
 echo "== kernels: flash attention"
-timeout "${T_ATTN:-100}" $PY benchmarks/kernels.py --part attention 2>&1 | tee "$OUTDIR/kernels_attn.txt"
+timeout "${T_ATTN:-100}" $PY benchmarks/bench_kernels.py --part attention 2>&1 | tee "$OUTDIR/kernels_attn.txt"
 
 echo "== training step vs peers (bf16, random SmolLM2-135M-shaped weights)"
 timeout "${T_TRAIN:-170}" $PY benchmarks/bench_train.py --device cuda --dtype bf16 --weights random \

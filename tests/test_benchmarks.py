@@ -37,6 +37,24 @@ def _table(out: str) -> list[list[str]]:
     return [[c.strip() for c in ln.strip("|").split("|")] for ln in lines[1:]]  # drop the header
 
 
+def test_script_names_cannot_shadow_installed_packages():
+    """A script runs with ``benchmarks/`` first on ``sys.path``, so a file named like a package
+    (``kernels.py`` shadowed Hugging Face's ``kernels``, which transformers imports) breaks every
+    library that imports that package. Scripts are ``bench_*``/``profile_*``; helpers start with ``_``.
+    """
+    stems = sorted(f[:-3] for f in os.listdir(BENCH) if f.endswith(".py"))
+    assert stems, BENCH
+    bad = [s for s in stems if not s.startswith(("bench_", "profile_", "_"))]
+    assert not bad, f"rename {bad}: benchmark scripts are named bench_*.py or profile_*.py"
+    saved = sys.path[:]
+    try:
+        sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") not in (BENCH, ROOT)]
+        shadowing = [s for s in stems if importlib.util.find_spec(s) is not None]
+    finally:
+        sys.path[:] = saved
+    assert not shadowing, f"benchmarks/{shadowing}.py shadow installed modules of the same name"
+
+
 def test_common_make_batch_labels_and_positions():
     sys.path.insert(0, BENCH)
     from _common import make_batch, seq_lens_tensor

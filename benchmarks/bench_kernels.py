@@ -1,8 +1,8 @@
 """Kernel benchmarks: flash attention and fused linear cross-entropy.
 
-    python benchmarks/kernels.py            # CUDA: CE time/memory + attention TFLOP/s; CPU: CE memory
-    python benchmarks/kernels.py --part ce  # CUDA: only the fused CE (or --part attention)
-    python benchmarks/kernels.py --cpu      # force the CPU part (chunked CE vs plain linear+CE)
+    python benchmarks/bench_kernels.py            # CUDA: CE time/memory + attention TFLOP/s; CPU: CE memory
+    python benchmarks/bench_kernels.py --part ce  # CUDA: only the fused CE (or --part attention)
+    python benchmarks/bench_kernels.py --cpu      # force the CPU part (chunked CE vs plain linear+CE)
 
 GPU part (needs CUDA):
 * attention fwd and fwd+bwd TFLOP/s, causal, bf16, vs ``F.scaled_dot_product_attention`` pinned to
