@@ -11,6 +11,12 @@ with its dispatch rules: decode rows stay on ``torch.mm`` under the oneDNN back 
 ends are timed interleaved (best of ``--repeats``, 2 rounds) and compared with an fp64 product (max
 and mean absolute error) and with ``torch.mm``'s bits. The last row is the large square GEMM that
 ``bench_train.py`` takes as the machine's fp32 peak (its ``fast`` column: oneDNN in one pass).
+
+A second table times LoRA's rank-``r`` GEMMs (``torch.mm``, ``r = 8``) in two orientations: ``r``
+as the product's columns (``x A^T``, ``g B``, ``g^T ax``, as the eager composition computes them)
+and ``r`` as its rows, used transposed (``A x^T``, ``B^T g^T``, ``ax^T g``), with each one's
+relative RMS error against fp64. ``tinytune``'s LoRA backward uses the rows form for ``g B`` and
+``g^T ax``; its forward keeps ``x A^T`` (see ``tinytune/kernels/fused_ops.py``).
 """
 
 from __future__ import annotations
@@ -46,6 +52,45 @@ SHAPES = [
     ("square (bench_train peak)", 2048, 2048, 2048, False, False),
 ]
 SMOKE = [("smoke fwd", 256, 400, 96, False, True), ("smoke dW", 192, 256, 96, True, False)]  # k: 3 and 2 blocks
+
+# LoRA layers of SmolLM2-135M, (what, d_in, d_out): rank-r GEMMs over N tokens
+LORA_SHAPES = [("q/o", 576, 576), ("k/v", 576, 192), ("gate/up", 576, 1536), ("down", 1536, 576)]
+LORA_SMOKE = [("smoke", 96, 64)]
+
+
+def _lora_cases(n: int, d_in: int, d_out: int, r: int, g: torch.Generator) -> dict:
+    """The rank-``r`` products of one LoRA layer: ``name: (fp64 reference, r as columns, r as rows)``."""
+    x, a = torch.randn(n, d_in, generator=g), torch.randn(r, d_in, generator=g)  # x [N, in], A [r, in]
+    grad, b = torch.randn(n, d_out, generator=g), torch.randn(d_out, r, generator=g)  # g [N, out], B [out, r]
+    ax = torch.randn(n, r, generator=g)  # [N, r]
+    return {
+        "x A^T (fwd)": (x.double() @ a.double().t(), lambda: x.mm(a.t()), lambda: a.mm(x.t()).t()),
+        "g B (bwd)": (grad.double() @ b.double(), lambda: grad.mm(b), lambda: b.t().mm(grad.t()).t()),
+        "g^T ax (bwd dB)": (grad.double().t() @ ax.double(), lambda: grad.t().mm(ax), lambda: ax.t().mm(grad).t()),
+    }
+
+
+def _lora_table(shapes, n: int, r: int, repeats: int) -> None:
+    """Prints the rank-``r`` GEMM table (see the module docstring)."""
+    rows, g = [], torch.Generator().manual_seed(0)
+    for what, d_in, d_out in shapes:
+        for name, (ref, cols, rows_) in _lora_cases(n, d_in, d_out, r, g).items():
+            cols(), rows_()  # warm-up
+            tc, tr = [], []
+            for _ in range(2):  # interleaved rounds
+                tc.append(best_time(cols, repeats))
+                tr.append(best_time(rows_, repeats))
+            err = [float((f().double() - ref).norm() / ref.norm()) for f in (cols, rows_)]
+            rows.append(
+                [f"{what} {name}", f"{d_in}->{d_out}", f"{min(tc) * 1e6:.0f}", f"{min(tr) * 1e6:.0f}"]
+                + [f"{min(tc) / min(tr):.2f}x", f"{err[0]:.2e}", f"{err[1]:.2e}", f"{err[1] / err[0]:.2f}x"]
+            )
+    print(f"LoRA rank-{r} GEMMs over N = {n} tokens (torch.mm; errors: relative RMS against fp64)")
+    print()
+    print_table(
+        ["product", "layer", "r as cols us", "r as rows us", "rows speed-up", "err cols", "err rows", "err rows/cols"],
+        rows,
+    )
 
 
 def _operand(rows: int, cols: int, transposed: bool, g: torch.Generator) -> torch.Tensor:
@@ -93,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--smoke", action="store_true", help="tiny shapes, 1 repeat")
+    p.add_argument("--lora-rank", type=int, default=8, help="r of the LoRA rank-r GEMM table")
     args = p.parse_args(argv)
     if not cpu_gemm.onednn_available():
         print("this PyTorch build has no usable oneDNN matmul: nothing to compare", file=sys.stderr)
@@ -134,6 +180,8 @@ def main(argv: list[str] | None = None) -> int:
         "training-step rows, one of each: "
         + ", ".join(f"{name} {ms:.1f} ms ({t / max(ms, 1e-9):.2f}x)" for name, ms in step_ms.items())
     )
+    print()
+    _lora_table(LORA_SMOKE if args.smoke else LORA_SHAPES, 64 if args.smoke else 2048, args.lora_rank, repeats)
     return 0
 
 

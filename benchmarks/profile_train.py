@@ -32,6 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--weights", default="random", help="bundled | random | PATH (HF checkpoint dir)")
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--rank", type=int, default=16, help="LoRA rank (alpha = 2 x rank, as bench_train's default)")
     p.add_argument("--rows", type=int, default=25, help="rows of each op table")
     p.add_argument("--smoke", action="store_true", help="tiny model, bs 2 x 64 (checks the script)")
     p.add_argument("--shapes", action="store_true", help="also a table grouped by op and input shapes")
@@ -70,8 +71,8 @@ def main(argv: list[str] | None = None) -> int:
         weights=weights,
         steps=1,
         warmup=1,
-        rank=16,
-        alpha=32.0,
+        rank=args.rank,
+        alpha=2.0 * args.rank,
         threads=args.threads,
         framework=args.framework,
         mode=args.mode,

@@ -124,7 +124,8 @@ def test_bench_cpu_gemm_smoke():
 
     if not cpu_gemm.onednn_available():
         pytest.skip("this PyTorch build has no oneDNN matmul")
-    rows = [r for r in _table(_run("bench_cpu_gemm.py", "--smoke")) if not r[0].startswith("---")]
+    gemm_out, lora_out = _run("bench_cpu_gemm.py", "--smoke").split("LoRA rank-8 GEMMs")
+    rows = [r for r in _table(gemm_out) if not r[0].startswith("---")]
     assert [r[0] for r in rows] == ["smoke fwd", "smoke dW"]
     for r in rows:
         assert all(float(x) > 0 for x in r[2:5]) and all(x.endswith("x") for x in r[5:7])
@@ -132,6 +133,11 @@ def test_bench_cpu_gemm_smoke():
             worst, mean = (float(x) for x in errs.split(" / "))
             assert 0 <= mean <= worst < 1e-4, r
         assert all(b in ("yes", "no") for b in r[10].split("/")), r
+    lora = [r for r in _table(lora_out) if not r[0].startswith("---")]
+    assert [r[0] for r in lora] == ["smoke x A^T (fwd)", "smoke g B (bwd)", "smoke g^T ax (bwd dB)"]
+    for r in lora:
+        assert r[1] == "96->64" and float(r[2]) > 0 and float(r[3]) > 0 and r[4].endswith("x"), r
+        assert 0 < float(r[5]) < 1e-6 and 0 < float(r[6]) < 1e-6, r  # fp32 products, relative RMS error
 
 
 def test_profile_train_smoke():
