@@ -6,6 +6,7 @@ that every side reports a result, and that the sides agree on the loss (same wei
 
 from __future__ import annotations
 
+import importlib.machinery
 import importlib.util
 import os
 import re
@@ -46,13 +47,12 @@ def test_script_names_cannot_shadow_installed_packages():
     assert stems, BENCH
     bad = [s for s in stems if not s.startswith(("bench_", "profile_", "_"))]
     assert not bad, f"rename {bad}: benchmark scripts are named bench_*.py or profile_*.py"
-    saved = sys.path[:]
-    try:
-        sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") not in (BENCH, ROOT)]
-        shadowing = [s for s in stems if importlib.util.find_spec(s) is not None]
-    finally:
-        sys.path[:] = saved
-    assert not shadowing, f"benchmarks/{shadowing}.py shadow installed modules of the same name"
+    tests_dir = os.path.join(ROOT, "tests")  # pytest puts it first on sys.path too (no __init__.py)
+    helpers = sorted(f[:-3] for f in os.listdir(tests_dir) if f.endswith(".py")) + ["dist_workers"]
+    elsewhere = [p for p in sys.path if os.path.abspath(p or ".") not in (BENCH, ROOT, tests_dir)]
+    # PathFinder searches only those entries (find_spec would answer from sys.modules for conftest)
+    shadowing = [s for s in stems + helpers if importlib.machinery.PathFinder.find_spec(s, elsewhere) is not None]
+    assert not shadowing, f"{shadowing}: files in benchmarks/ or tests/ shadow installed modules of the same name"
 
 
 def test_common_make_batch_labels_and_positions():
