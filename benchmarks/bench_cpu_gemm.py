@@ -74,16 +74,12 @@ def _lora_table(shapes, n: int, r: int, repeats: int) -> None:
     """Prints the rank-``r`` GEMM table (see the module docstring)."""
     rows, g = [], torch.Generator().manual_seed(0)
     for what, d_in, d_out in shapes:
-        for name, (ref, cols, rows_) in _lora_cases(n, d_in, d_out, r, g).items():
-            cols(), rows_()  # warm-up
-            tc, tr = [], []
-            for _ in range(2):  # interleaved rounds
-                tc.append(best_time(cols, repeats))
-                tr.append(best_time(rows_, repeats))
-            err = [float((f().double() - ref).norm() / ref.norm()) for f in (cols, rows_)]
+        for name, (ref, as_cols, as_rows) in _lora_cases(n, d_in, d_out, r, g).items():
+            t = _interleaved_best({"cols": as_cols, "rows": as_rows}, repeats)
+            err = [float((f().double() - ref).norm() / ref.norm()) for f in (as_cols, as_rows)]
             rows.append(
-                [f"{what} {name}", f"{d_in}->{d_out}", f"{min(tc) * 1e6:.0f}", f"{min(tr) * 1e6:.0f}"]
-                + [f"{min(tc) / min(tr):.2f}x", f"{err[0]:.2e}", f"{err[1]:.2e}", f"{err[1] / err[0]:.2f}x"]
+                [f"{what} {name}", f"{d_in}->{d_out}", f"{t['cols'] * 1e6:.0f}", f"{t['rows'] * 1e6:.0f}"]
+                + [f"{t['cols'] / t['rows']:.2f}x", f"{err[0]:.2e}", f"{err[1]:.2e}", f"{err[1] / err[0]:.2f}x"]
             )
     print(f"LoRA rank-{r} GEMMs over N = {n} tokens (torch.mm; errors: relative RMS against fp64)")
     print()
@@ -110,6 +106,18 @@ def _gemm(backend: str, a: torch.Tensor, b: torch.Tensor, reuse: bool):
         return cpu_gemm.mm(a, b)
 
 
+def _interleaved_best(fns: dict, repeats: int) -> dict:
+    """Seconds of each function's fastest call: one warm-up call each (thread pool, primitive
+    creation), then two rounds of ``repeats`` calls, the functions interleaved."""
+    for fn in fns.values():
+        fn()
+    times = {name: [] for name in fns}
+    for _ in range(2):
+        for name, fn in fns.items():
+            times[name].append(best_time(fn, repeats))
+    return {name: min(ts) for name, ts in times.items()}
+
+
 def _case(what: str, m: int, k: int, n: int, ta: bool, tb: bool, repeats: int) -> dict:
     g = torch.Generator().manual_seed(m + k + n)
     a, b = _operand(m, k, ta, g), _operand(k, n, tb, g)
@@ -117,18 +125,13 @@ def _case(what: str, m: int, k: int, n: int, ta: bool, tb: bool, repeats: int) -
     fns = {name: (lambda name=name: _gemm(name, a, b, what.startswith("CE"))) for name in BACKENDS}
     if what.startswith("square"):  # the peak: oneDNN in one pass, whatever the back end's rules
         fns["onednn_fast"] = lambda: cpu_gemm.one_pass(a, b.t())
-    times = {name: [] for name in fns}
-    for fn in fns.values():
-        fn()  # warm-up: thread pool, primitive creation
-    for _ in range(2):
-        for name, fn in fns.items():
-            times[name].append(best_time(fn, repeats))
+    times = _interleaved_best(fns, repeats)
     out, base = {}, fns["torch"]()
     flop = 2 * m * k * n
     for name, fn in fns.items():
         got = fn()
         e = (got.double() - ref).abs()
-        out[name] = (flop / min(times[name]) / 1e9, min(times[name]) * 1e3, float(e.max()), float(e.mean()))
+        out[name] = (flop / times[name] / 1e9, times[name] * 1e3, float(e.max()), float(e.mean()))
         out[name + " equal"] = bool(torch.equal(got, base))
     return out
 

@@ -229,10 +229,11 @@ def _lora_forward(x, x_d, weight, bias, lora_a, lora_b, scale):
 class _LoRALinearFn(torch.autograd.Function):
     """The backward's rank-``r`` GEMMs with a long reduction (``g B`` over the layer's output width,
     ``g^T ax`` over the ``N`` tokens) are computed with ``r`` as the rows of the product
-    (``B^T g^T``, ``ax^T g``) and used transposed: in MKL on one CPU thread 3-7x faster than with
-    ``r`` as the columns, at 0.35-0.75x the rounding error (``benchmarks/RESULTS.md``, LoRA's thin
-    GEMMs). The forward's ``x A^T`` keeps ``r`` as the columns: ``A x^T`` was 1.5x faster there but
-    rounded up to 1.16x worse at ``in = 576``."""
+    (``B^T g^T``, ``ax^T g``) and used transposed: in MKL on one CPU thread 3.5-7x faster than with
+    ``r`` as the columns at rank 8 (the same speed from rank 16 up), at 0.31-0.99x the rounding
+    error (``benchmarks/bench_cpu_gemm.py``; ``benchmarks/RESULTS.md``). The forward's ``x A^T``
+    keeps ``r`` as the columns: ``A x^T`` was 1.5-2.2x faster but rounded 1.12-1.14x worse at
+    ``in = 576``."""
 
     @staticmethod
     def forward(ctx, x, x_d, weight, bias, lora_a, lora_b, scale, weight_fn):
