@@ -12,11 +12,13 @@ ends are timed interleaved (best of ``--repeats``, 2 rounds) and compared with a
 and mean absolute error) and with ``torch.mm``'s bits. The last row is the large square GEMM that
 ``bench_train.py`` takes as the machine's fp32 peak (its ``fast`` column: oneDNN in one pass).
 
-A second table times LoRA's rank-``r`` GEMMs (``torch.mm``, ``r = 8``) in two orientations: ``r``
-as the product's columns (``x A^T``, ``g B``, ``g^T ax``, as the eager composition computes them)
-and ``r`` as its rows, used transposed (``A x^T``, ``B^T g^T``, ``ax^T g``), with each one's
-relative RMS error against fp64. ``tinytune``'s LoRA backward uses the rows form for ``g B`` and
-``g^T ax``; its forward keeps ``x A^T`` (see ``tinytune/kernels/fused_ops.py``).
+A second table times LoRA's rank-``r`` GEMMs with a long reduction (``torch.mm``, ``r = 8``) in two
+orientations: ``r`` as the product's columns (``x A^T``, ``g B``, ``g^T ax``, as the eager
+composition computes them) and ``r`` as its rows, used transposed (``A x^T``, ``B^T g^T``,
+``ax^T g``), and in the form ``tinytune`` runs under ``cpu_gemm: onednn_fast`` (``cpu_gemm.thin_mm``:
+oneDNN in one pass), with each one's relative RMS error against fp64. ``tinytune``'s LoRA backward
+uses the rows form for ``g B`` and ``g^T ax``; its forward keeps ``x A^T`` (see
+``tinytune/kernels/fused_ops.py``).
 """
 
 from __future__ import annotations
@@ -59,32 +61,61 @@ LORA_SMOKE = [("smoke", 96, 64)]
 
 
 def _lora_cases(n: int, d_in: int, d_out: int, r: int, g: torch.Generator) -> dict:
-    """The rank-``r`` products of one LoRA layer: ``name: (fp64 reference, r as columns, r as rows)``."""
+    """The rank-``r`` products of one LoRA layer: ``name: (fp64 reference, r as columns, r as rows,
+    the form tinytune runs under onednn_fast)``."""
     x, a = torch.randn(n, d_in, generator=g), torch.randn(r, d_in, generator=g)  # x [N, in], A [r, in]
     grad, b = torch.randn(n, d_out, generator=g), torch.randn(d_out, r, generator=g)  # g [N, out], B [out, r]
     ax = torch.randn(n, r, generator=g)  # [N, r]
+    thin = cpu_gemm.thin_mm
     return {
-        "x A^T (fwd)": (x.double() @ a.double().t(), lambda: x.mm(a.t()), lambda: a.mm(x.t()).t()),
-        "g B (bwd)": (grad.double() @ b.double(), lambda: grad.mm(b), lambda: b.t().mm(grad.t()).t()),
-        "g^T ax (bwd dB)": (grad.double().t() @ ax.double(), lambda: grad.t().mm(ax), lambda: ax.t().mm(grad).t()),
+        "x A^T (fwd)": (
+            x.double() @ a.double().t(),
+            lambda: x.mm(a.t()),
+            lambda: a.mm(x.t()).t(),
+            lambda: thin(x, a.t()),
+        ),
+        "g B (bwd)": (
+            grad.double() @ b.double(),
+            lambda: grad.mm(b),
+            lambda: b.t().mm(grad.t()).t(),
+            lambda: thin(b.t(), grad.t()).t(),
+        ),
+        "g^T ax (bwd dB)": (
+            grad.double().t() @ ax.double(),
+            lambda: grad.t().mm(ax),
+            lambda: ax.t().mm(grad).t(),
+            lambda: thin(ax.t(), grad).t(),
+        ),
     }
 
 
 def _lora_table(shapes, n: int, r: int, repeats: int) -> None:
     """Prints the rank-``r`` GEMM table (see the module docstring)."""
     rows, g = [], torch.Generator().manual_seed(0)
-    for what, d_in, d_out in shapes:
-        for name, (ref, as_cols, as_rows) in _lora_cases(n, d_in, d_out, r, g).items():
-            t = _interleaved_best({"cols": as_cols, "rows": as_rows}, repeats)
-            err = [float((f().double() - ref).norm() / ref.norm()) for f in (as_cols, as_rows)]
-            rows.append(
-                [f"{what} {name}", f"{d_in}->{d_out}", f"{t['cols'] * 1e6:.0f}", f"{t['rows'] * 1e6:.0f}"]
-                + [f"{t['cols'] / t['rows']:.2f}x", f"{err[0]:.2e}", f"{err[1]:.2e}", f"{err[1] / err[0]:.2f}x"]
-            )
-    print(f"LoRA rank-{r} GEMMs over N = {n} tokens (torch.mm; errors: relative RMS against fp64)")
+    saved = dict(cpu_gemm._STATE)
+    cpu_gemm.set_cpu_gemm("onednn_fast")  # for the fast column; the other two call torch.mm directly
+    try:
+        for what, d_in, d_out in shapes:
+            for name, (ref, as_cols, as_rows, fast) in _lora_cases(n, d_in, d_out, r, g).items():
+                t = _interleaved_best({"cols": as_cols, "rows": as_rows, "fast": fast}, repeats)
+                err = [float((f().double() - ref).norm() / ref.norm()) for f in (as_cols, as_rows, fast)]
+                rows.append(
+                    [f"{what} {name}", f"{d_in}->{d_out}"]
+                    + [f"{t[key] * 1e6:.0f}" for key in ("cols", "rows", "fast")]
+                    + [f"{t['cols'] / t['rows']:.2f}x", f"{t['rows'] / t['fast']:.2f}x"]
+                    + [f"{e:.2e}" for e in err]
+                    + [f"{err[1] / err[0]:.2f}x", f"{err[2] / err[1]:.2f}x"]
+                )
+    finally:
+        cpu_gemm._STATE.update(saved)
+    print(
+        f"LoRA rank-{r} GEMMs over N = {n} tokens (torch.mm, and onednn_fast's cpu_gemm.thin_mm; errors: "
+        "relative RMS against fp64)"
+    )
     print()
     print_table(
-        ["product", "layer", "r as cols us", "r as rows us", "rows speed-up", "err cols", "err rows", "err rows/cols"],
+        ["product", "layer", "r as cols us", "r as rows us", "fast us", "rows/cols speed-up", "fast/rows speed-up"]
+        + ["err cols", "err rows", "err fast", "err rows/cols", "err fast/rows"],
         rows,
     )
 

@@ -363,3 +363,30 @@ def test_recipes_print_the_fp32_cpu_gemm_back_end(backend):
     assert line.endswith("; fp32 CPU GEMMs: torch (asked for)"), line
     bf16 = Precision.from_settings(False, torch.bfloat16, torch.device("cpu")).describe(model.bfloat16())
     assert "GEMMs" not in bf16
+
+
+@needs_onednn
+@pytest.mark.parametrize("name", ["torch", "onednn", "onednn_fast"])
+def test_thin_mm_runs_one_pass_only_under_onednn_fast(backend, monkeypatch, name):
+    """LoRA's long-reduction rank-r products: oneDNN in one pass under onednn_fast (within the fp32
+    bound, 3x torch's mean error at most), torch.mm's own bits under the other back ends and for
+    what use_onednn refuses (bf16, products below MIN_MACS)."""
+    backend(name)
+    calls = []
+    real = cpu_gemm.one_pass
+    monkeypatch.setattr(cpu_gemm, "one_pass", lambda x, w, b=None: calls.append(tuple(x.shape)) or real(x, w, b))
+    g = torch.Generator().manual_seed(3)
+    x, a = torch.randn(1024, 576, generator=g), torch.randn(16, 576, generator=g)  # [N, in], A [r, in]
+    grad = torch.randn(1024, 192, generator=g)  # [N, out]
+    for lhs, rhs in ((x, a.t()), (a, x.t()), (grad.t()[:16], x), (x.t(), grad)):  # [N,r], [r,N], [r,in], [in,out]
+        got = cpu_gemm.thin_mm(lhs, rhs)
+        if name == "onednn_fast":
+            _check_product(got, lhs, rhs)
+        else:
+            assert torch.equal(got, torch.mm(lhs, rhs))
+    assert calls == ([(1024, 576), (16, 576), (16, 1024), (576, 1024)] if name == "onednn_fast" else [])
+    calls.clear()
+    cpu_gemm.thin_mm(x.bfloat16(), a.t().bfloat16())
+    monkeypatch.setattr(cpu_gemm, "MIN_MACS", 1024 * 576 * 16 + 1)
+    assert torch.equal(cpu_gemm.thin_mm(x, a.t()), torch.mm(x, a.t()))
+    assert calls == []

@@ -221,7 +221,7 @@ def _lora_forward(x, x_d, weight, bias, lora_a, lora_b, scale):
     x2 = x.reshape(-1, x.shape[-1])  # [N, in]
     xd2 = x2 if x_d is None else x_d.reshape(-1, x_d.shape[-1])  # [N, in]
     out = cpu_gemm.linear_nograd(x2, weight, bias)  # [N, out]
-    ax = xd2.mm(lora_a.t())  # [N, r]
+    ax = cpu_gemm.thin_mm(xd2, lora_a.t())  # [N, r]
     out.addmm_(ax, lora_b.t(), alpha=scale)  # out += scale * ax @ B^T
     return out.view(*x.shape[:-1], out.shape[-1]), ax  # [..., out], [N, r]
 
@@ -233,7 +233,12 @@ class _LoRALinearFn(torch.autograd.Function):
     ``r`` as the columns at rank 8 (the same speed from rank 16 up), at 0.31-0.99x the rounding
     error (``benchmarks/bench_cpu_gemm.py``; ``benchmarks/RESULTS.md``). The forward's ``x A^T``
     keeps ``r`` as the columns: ``A x^T`` was 1.5-2.2x faster but rounded 1.12-1.14x worse at
-    ``in = 576``."""
+    ``in = 576``.
+
+    Under ``cpu_gemm: onednn_fast`` the four long-reduction rank-``r`` products run in oneDNN in one
+    pass (:func:`cpu_gemm.thin_mm`). The products whose reduction is ``r`` (``out += ax B^T``,
+    ``grad_x += g B A``) stay in-place ``addmm_``: they are bound by the ``[N, out]`` accumulator's
+    memory traffic, and oneDNN's add epilogue was no faster."""
 
     @staticmethod
     def forward(ctx, x, x_d, weight, bias, lora_a, lora_b, scale, weight_fn):
@@ -253,7 +258,7 @@ class _LoRALinearFn(torch.autograd.Function):
         g = grad.reshape(-1, grad.shape[-1])  # [N, out]
         x2 = x.reshape(-1, x.shape[-1])  # [N, in]
         xd2 = x2 if x_d is None else x_d.reshape(-1, x_d.shape[-1])
-        gb = lora_b.t().mm(g.t()).mul_(scale).t()  # [N, r] = scale * g B (column-major)
+        gb = cpu_gemm.thin_mm(lora_b.t(), g.t()).mul_(scale).t()  # [N, r] = scale * g B (column-major)
         grad_x = grad_xd = grad_w = grad_b = grad_a = grad_bb = None
         if need_x:
             w = weight if ctx.weight_fn is None else ctx.weight_fn().to(g.dtype)  # recomputed, not saved
@@ -262,15 +267,15 @@ class _LoRALinearFn(torch.autograd.Function):
                 grad_x.addmm_(gb, lora_a)
             grad_x = grad_x.view(x.shape)
         if need_xd:
-            grad_xd = gb.mm(lora_a).view(x_d.shape)
+            grad_xd = cpu_gemm.mm(gb, lora_a).view(x_d.shape)
         if need_w:
             grad_w = cpu_gemm.mm(g.t(), x2)  # [out, in]
         if need_b and ctx.has_bias:
             grad_b = g.sum(0)  # [out]
         if need_a:
-            grad_a = gb.t().mm(xd2)  # [r, in]
+            grad_a = cpu_gemm.thin_mm(gb.t(), xd2)  # [r, in]
         if need_bb:
-            grad_bb = ax.t().mm(g).mul_(scale).t()  # [out, r] = scale * g^T ax (column-major)
+            grad_bb = cpu_gemm.thin_mm(ax.t(), g).mul_(scale).t()  # [out, r] = scale * g^T ax (column-major)
         return grad_x, grad_xd, grad_w, grad_b, grad_a, grad_bb, None, None
 
 
