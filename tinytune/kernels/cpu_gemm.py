@@ -20,7 +20,8 @@ rounding; ``benchmarks/bench_cpu_gemm.py`` measures all back ends and their erro
 * ``onednn_fast``: the same, with each product in one pass over ``k``: 1.9-2.3x MKL's speed on the
   test VM, at 1.4-2x its rounding error (one pass accumulates longer sums; on the whole 30-layer
   SmolLM2-135M forward the logits' RMS error against fp64 was 1.76x that of HF transformers on MKL),
-  both far below bf16's.
+  both far below bf16's. LoRA's rank-``r`` adapter products with a long reduction also run in
+  oneDNN here (:func:`thin_mm`; under ``onednn`` they stay on ``torch.mm``).
 
 ``tests/test_cpu_gemm.py`` holds every variant to the worst-case fp32 summation bound and
 ``onednn``'s mean error to ``torch.mm``'s. A run keeps one back end from start to end, so a
