@@ -24,6 +24,7 @@ uses the rows form for ``g B`` and ``g^T ax``; its forward keeps ``x A^T`` (see
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 
@@ -92,9 +93,8 @@ def _lora_cases(n: int, d_in: int, d_out: int, r: int, g: torch.Generator) -> di
 def _lora_table(shapes, n: int, r: int, repeats: int) -> None:
     """Prints the rank-``r`` GEMM table (see the module docstring)."""
     rows, g = [], torch.Generator().manual_seed(0)
-    saved = dict(cpu_gemm._STATE)
-    cpu_gemm.set_cpu_gemm("onednn_fast")  # for the fast column; the other two call torch.mm directly
-    try:
+    with _kept_backend():
+        cpu_gemm.set_cpu_gemm("onednn_fast")  # for the fast column; the other two call torch.mm directly
         for what, d_in, d_out in shapes:
             for name, (ref, as_cols, as_rows, fast) in _lora_cases(n, d_in, d_out, r, g).items():
                 t = _interleaved_best({"cols": as_cols, "rows": as_rows, "fast": fast}, repeats)
@@ -106,8 +106,6 @@ def _lora_table(shapes, n: int, r: int, repeats: int) -> None:
                     + [f"{e:.2e}" for e in err]
                     + [f"{err[1] / err[0]:.2f}x", f"{err[2] / err[1]:.2f}x"]
                 )
-    finally:
-        cpu_gemm._STATE.update(saved)
     print(
         f"LoRA rank-{r} GEMMs over N = {n} tokens (torch.mm, and onednn_fast's cpu_gemm.thin_mm; errors: "
         "relative RMS against fp64)"
@@ -118,6 +116,16 @@ def _lora_table(shapes, n: int, r: int, repeats: int) -> None:
         + ["err cols", "err rows", "err fast", "err rows/cols", "err fast/rows"],
         rows,
     )
+
+
+@contextlib.contextmanager
+def _kept_backend():
+    """The process's cpu_gemm back end is restored on exit (the tables switch it per call)."""
+    saved = dict(cpu_gemm._STATE)
+    try:
+        yield
+    finally:
+        cpu_gemm._STATE.update(saved)
 
 
 def _operand(rows: int, cols: int, transposed: bool, g: torch.Generator) -> torch.Tensor:
@@ -186,9 +194,8 @@ def main(argv: list[str] | None = None) -> int:
         "bits: product bitwise equal to torch's"
     )
     print()
-    saved = dict(cpu_gemm._STATE)
     rows, step_ms = [], dict.fromkeys(BACKENDS, 0.0)
-    try:
+    with _kept_backend():
         for what, m, k, n, ta, tb in shapes:
             r = _case(what, m, k, n, ta, tb, repeats)
             if not what.startswith(("square", "decode")):
@@ -202,8 +209,6 @@ def main(argv: list[str] | None = None) -> int:
                 + [f"{r[name][2]:.1e} / {r[name][3]:.1e}" for name in BACKENDS]
                 + ["/".join("yes" if r[name + " equal"] else "no" for name in BACKENDS[1:])]
             )
-    finally:
-        cpu_gemm._STATE.update(saved)
     print_table(
         ["GEMM", "m x k x n", "torch GFLOP/s", "onednn GFLOP/s", "fast GFLOP/s", "onednn/torch", "fast/torch"]
         + ["err torch", "err onednn", "err fast", "bits onednn/fast"],

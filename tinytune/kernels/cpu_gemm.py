@@ -316,15 +316,15 @@ def thin_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     Returns:
         A new ``[m, n]`` tensor (contiguous on the oneDNN path).
     """
-    macs = a.shape[0] * a.shape[1] * b.shape[1]
-    if cpu_gemm_backend() != "onednn_fast" or macs < MIN_MACS or torch.is_autocast_enabled("cpu"):
+    k = a.shape[1]
+    if (
+        cpu_gemm_backend() != "onednn_fast"
+        or a.shape[0] * k * b.shape[1] < MIN_MACS
+        or torch.is_autocast_enabled("cpu")
+        or not (_plain_fp32_cpu(a) and _plain_fp32_cpu(b))
+    ):
         return torch.mm(a, b)
-    if not (_plain_fp32_cpu(a) and _plain_fp32_cpu(b)):
-        return torch.mm(a, b)
-    w = b.t()  # [n, k]
-    if not (w.is_contiguous() or w.t().is_contiguous()):
-        w = w.contiguous()  # oneDNN runs strided weights in its slow reference kernel
-    return one_pass(a.contiguous(), w)  # [m, n]
+    return one_pass(a.contiguous(), _w_block(b.t(), 0, k))  # [m, n]; b^T copied only if strided
 
 
 def linear_nograd(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
