@@ -3,6 +3,7 @@
     python benchmarks/bench_kernels.py            # CUDA: CE time/memory + attention TFLOP/s; CPU: CE memory
     python benchmarks/bench_kernels.py --part ce  # CUDA: only the fused CE (or --part attention)
     python benchmarks/bench_kernels.py --cpu      # force the CPU part (chunked CE vs plain linear+CE)
+    python benchmarks/bench_kernels.py --part chunks  # CPU: the fused CE's time and scratch per chunk size
 
 GPU part (needs CUDA):
 * attention fwd and fwd+bwd TFLOP/s, causal, bf16, vs ``F.scaled_dot_product_attention`` pinned to
@@ -13,6 +14,12 @@ GPU part (needs CUDA):
 
 CPU part: peak resident memory (RSS high-water mark, each case in a fresh subprocess) and time of the
 chunked PyTorch CE vs ``F.cross_entropy(F.linear(h, W))``, forward+backward.
+
+``--part chunks`` (CPU): forward+backward of ``linear_cross_entropy`` at a training step's shape
+(SmolLM2-135M: 1,624 tokens of which 448 labelled, d 576, V 49,152) for several chunk sizes, fp32
+and bf16, with and without the weight gradient (full fine-tuning / LoRA), the sizes interleaved;
+best of ``--reps`` rounds, time relative to the largest chunk, and the ``[chunk, V]`` scratch kept
+between calls (what the chunk size adds to the step's memory peak).
 """
 
 from __future__ import annotations
@@ -96,6 +103,59 @@ def run_cpu(cases) -> list[dict]:
             f"{r['chunked_time_s']:>9.2f} {r['chunked_time_s'] / r['unfused_time_s']:>6.2f}"
         )
     return rows
+
+
+def bench_ce_chunks(rows_list: list[int], n: int, labelled: int, d: int, v: int, reps: int) -> list[list[str]]:
+    """CPU: the fused CE's forward+backward time per chunk size (see the module docstring)."""
+    from tinytune.kernels import linear_cross_entropy
+
+    g = torch.Generator().manual_seed(0)
+    labels = torch.full((n,), -100)
+    keep = torch.randperm(n, generator=g)[:labelled]
+    labels[keep] = torch.randint(0, v, (labelled,), generator=g)
+    table = []
+    for dtype, need_w in (
+        (torch.float32, True),
+        (torch.float32, False),
+        (torch.bfloat16, True),
+        (torch.bfloat16, False),
+    ):
+        h = torch.randn(n, d, generator=g).to(dtype).requires_grad_()
+        w = (torch.randn(v, d, generator=g) / math.sqrt(d)).to(dtype).requires_grad_(need_w)
+        best = {c: math.inf for c in rows_list}
+        losses = {}
+        for _ in range(reps):
+            for c in rows_list:  # interleaved: the machine's drift hits every size alike
+                h.grad = w.grad = None
+                t0 = time.perf_counter()
+                loss = linear_cross_entropy(h, w, labels, chunk_size=c)
+                loss.backward()
+                best[c] = min(best[c], time.perf_counter() - t0)
+                losses[c] = float(loss.detach())
+        ref = rows_list[0]
+        for c in rows_list:
+            assert abs(losses[c] - losses[ref]) <= 1e-4 * abs(losses[ref]), (c, losses)
+            rows_used = min(c, labelled)  # the CE runs on the labelled rows only
+            scratch = rows_used * v * (4 + (dtype.itemsize if dtype != torch.float32 else 0)) / 2**20
+            table.append(
+                [
+                    f"{str(dtype).removeprefix('torch.')} {'full' if need_w else 'LoRA'}",
+                    str(c),
+                    f"{1000 * best[c]:.1f}",
+                    f"{best[c] / best[ref]:.2f}x",
+                    f"{scratch:.1f}",
+                ]
+            )
+    head = ["dtype, weight grad", "chunk rows", "fwd+bwd ms", "time / first", "scratch MiB"]
+    print(
+        f"\nfused CE per chunk size: {n} tokens, {labelled} labelled, d {d}, V {v}, best of {reps}, "
+        f"{torch.get_num_threads()} threads"
+    )
+    print("| " + " | ".join(head) + " |")
+    print("| " + " | ".join("---" for _ in head) + " |")
+    for r in table:
+        print("| " + " | ".join(r) + " |")
+    return table
 
 
 # ------------------------------------------------------------------------------------------- GPU
@@ -225,11 +285,24 @@ CPU_CASES = [(2048, 576, 49152, "float32"), (4096, 576, 49152, "float32"), (1024
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cpu", action="store_true", help="run the CPU part even when CUDA is available")
-    p.add_argument("--part", choices=["all", "attention", "ce"], default="all", help="GPU: which benchmark to run")
+    p.add_argument(
+        "--part",
+        choices=["all", "attention", "ce", "chunks"],
+        default="all",
+        help="GPU: which benchmark to run; chunks: the CPU CE per chunk size",
+    )
+    p.add_argument("--reps", type=int, default=3, help="--part chunks: rounds (best of)")
+    p.add_argument("--smoke", action="store_true", help="--part chunks: a tiny shape (checks the script)")
     p.add_argument("--_case", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args._case:
         print(json.dumps(_cpu_case(*json.loads(args._case))))
+        return
+    if args.part == "chunks":
+        if args.smoke:
+            bench_ce_chunks([64, 32, 16], n=96, labelled=48, d=32, v=500, reps=1)
+        else:
+            bench_ce_chunks([448, 320, 256, 192, 128], n=1624, labelled=448, d=576, v=49152, reps=args.reps)
         return
     if torch.cuda.is_available() and not args.cpu:
         if args.part in ("all", "ce"):

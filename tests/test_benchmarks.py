@@ -119,6 +119,18 @@ def test_bench_cpu_attention_smoke():
         assert len(gemm_errors) == 4 and max(gemm_errors) < (1e-5 if r[0] == "fp32" else 0.1), r
 
 
+def test_bench_kernels_ce_chunks_smoke():
+    rows = [r for r in _table(_run("bench_kernels.py", "--part", "chunks", "--smoke")) if not r[0].startswith("---")]
+    assert [(r[0], r[1]) for r in rows] == [
+        (kind, c)
+        for kind in ("float32 full", "float32 LoRA", "bfloat16 full", "bfloat16 LoRA")
+        for c in ("64", "32", "16")
+    ]
+    for r in rows:
+        assert float(r[2]) > 0 and r[3].endswith("x") and float(r[4]) >= 0, r
+    assert [r[3] for r in rows[::3]] == ["1.00x"] * 4
+
+
 def test_bench_cpu_gemm_smoke():
     from tinytune.kernels import cpu_gemm
 

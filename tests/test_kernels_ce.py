@@ -152,8 +152,26 @@ def test_default_chunk_size_respects_budget():
     assert default_chunk_size(5, 10, torch.float32) == 5
     assert default_chunk_size(5, 10**9, torch.float32, budget_bytes=1) == 1
     # CUDA chunks are 4x larger by default: each chunk costs one pass over the fp32 [V, d] accumulator
-    cpu, cuda = (default_chunk_size(100_000, 128_000, torch.bfloat16, cuda=x) for x in (False, True))
-    assert 3.9 <= cuda / cpu <= 4.1 and cuda * 128_000 * (4 + 2 * 2) <= 2**30
+    cpu, cuda = (default_chunk_size(100_000, 152_064, torch.bfloat16, cuda=x) for x in (False, True))
+    assert 3.9 <= cuda / cpu <= 4.1 and cuda * 152_064 * (4 + 2 * 2) <= 2**30
+
+
+def test_default_chunk_size_caps_cpu_rows_unless_a_budget_is_set(monkeypatch):
+    """On CPU more than CPU_MAX_CHUNK_ROWS rows only grow the scratch buffers at the step's memory peak;
+    an explicit budget (argument or TINYTUNE_CE_CHUNK_BYTES) is taken as given."""
+    monkeypatch.delenv("TINYTUNE_CE_CHUNK_BYTES", raising=False)
+    cap = linear_ce.CPU_MAX_CHUNK_ROWS
+    # SmolLM2's vocab: the 256 MiB budget alone would give 455 (fp32) / 680 (bf16) rows
+    assert default_chunk_size(1624, 49152, torch.float32) == cap
+    assert default_chunk_size(1624, 49152, torch.bfloat16) == cap
+    assert default_chunk_size(100, 49152, torch.float32) == 100
+    assert default_chunk_size(1624, 49152, torch.bfloat16, cuda=True) == 1624  # 1 GiB: 2730 rows
+    assert default_chunk_size(1624, 49152, torch.float32, budget_bytes=256 * 2**20) == 448
+    monkeypatch.setenv("TINYTUNE_CE_CHUNK_BYTES", str(256 * 2**20))
+    assert default_chunk_size(1624, 49152, torch.float32) == 448
+    # the budget still binds below the cap (Qwen's vocab in fp32: 145 rows fit in 256 MiB)
+    monkeypatch.delenv("TINYTUNE_CE_CHUNK_BYTES")
+    assert default_chunk_size(1624, 152_064, torch.float32) == 144
 
 
 def test_fp32_output_gemm_probe_is_false_on_cpu():

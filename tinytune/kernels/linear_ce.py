@@ -23,7 +23,8 @@ temporaries. Chunks are larger there (1 GiB budget): each chunk reads and writes
 accumulator once, so few large chunks keep that traffic small next to the matmuls.
 
 Memory: per chunk about ``c * V * (4 + 2 * elem_size)`` bytes (the default chunk size is derived from
-a budget, ``TINYTUNE_CE_CHUNK_BYTES``, default 256 MiB, 1 GiB on CUDA), plus the gradients: ``[N, d]`` in
+a budget, ``TINYTUNE_CE_CHUNK_BYTES``, default 256 MiB, 1 GiB on CUDA; on CPU at most 256 rows unless
+the budget is set), plus the gradients: ``[N, d]`` in
 the input dtype and the fp32 ``[V, d]`` weight-gradient accumulator (for a bf16 weight that is 2x the
 weight's size on top of the final bf16 gradient; the price of fp32 accumulation without recomputing
 the logits).
@@ -42,6 +43,10 @@ from tinytune.kernels._runtime import autocast_dtype, triton_usable
 
 _DEFAULT_CHUNK_BYTES = 256 * 1024 * 1024
 _CUDA_CHUNK_BYTES = 1024 * 1024 * 1024
+# CPU: more rows per chunk than this buy no speed (the chunk's GEMMs already run at the back end's
+# rate from here on; 448 vs 256 rows: 1-5% of the CE's time) and only grow the [chunk, V] scratch
+# buffers, which are live at the step's memory peak (the end of the forward).
+CPU_MAX_CHUNK_ROWS = 256
 _OUT_DTYPE_STATE: dict[str, bool] = {}
 _CPU_WORKSPACE: dict[tuple[str, torch.dtype], torch.Tensor] = {}
 
@@ -87,14 +92,18 @@ def default_chunk_size(
         cuda: the chunks run on a CUDA device (larger default budget).
 
     Returns:
-        A chunk size in ``[1, N]``; a multiple of 8 when larger than 8.
+        A chunk size in ``[1, N]``; a multiple of 8 when larger than 8. Off CUDA and without an
+        explicit budget (argument or ``TINYTUNE_CE_CHUNK_BYTES``) at most :data:`CPU_MAX_CHUNK_ROWS`.
     """
+    explicit = budget_bytes is not None or "TINYTUNE_CE_CHUNK_BYTES" in os.environ
     if budget_bytes is None:
         default = _CUDA_CHUNK_BYTES if cuda else _DEFAULT_CHUNK_BYTES
         budget_bytes = int(os.environ.get("TINYTUNE_CE_CHUNK_BYTES", default))
     elem = torch.empty((), dtype=dtype).element_size()
     per_row = vocab * (4 + 2 * elem)  # fp32 logits/grad buffer + native logits + native grad copy
     chunk = max(1, budget_bytes // per_row)
+    if not (cuda or explicit):
+        chunk = min(chunk, CPU_MAX_CHUNK_ROWS)
     if chunk > 8:
         chunk -= chunk % 8
     return int(max(1, min(chunk, num_tokens)))
