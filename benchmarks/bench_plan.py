@@ -162,6 +162,7 @@ def worker(spec: dict) -> None:
 def predict(sizes: dict, pp: int, dp: int, tp: int):
     from tinytune.checkpoint.model_info import model_info_from_hf_config
     from tinytune.distributed.memory_plan import Layout, Workload, rank_memory
+    from tinytune.kernels.linear_ce import CPU_MAX_CHUNK_ROWS
 
     info = model_info_from_hf_config(
         {
@@ -181,6 +182,7 @@ def predict(sizes: dict, pp: int, dp: int, tp: int):
         compute_dtype="fp32",
         master_dtype="fp32",
         ce_chunk_bytes=256 * 2**20,
+        ce_chunk_rows=CPU_MAX_CHUNK_ROWS,  # the CPU runs' default cap (linear_ce)
         schedule="1f1b",
         load_on_device=True,
     )

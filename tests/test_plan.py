@@ -77,6 +77,18 @@ def test_checkpointing_pipeline_and_tp_shrink_activations():
     assert gpipe["activations_no_ac"] > one_f["activations_no_ac"]  # GPipe keeps every micro-batch alive
 
 
+def test_ce_chunk_rows_caps_the_cross_entropy_scratch():
+    """A CPU run's fused CE takes at most CPU_MAX_CHUNK_ROWS tokens per chunk: the plan counts the same."""
+    from tinytune.kernels.linear_ce import CPU_MAX_CHUNK_ROWS, default_chunk_size
+
+    info = model_info_from_hf_config(HF)
+    kw = dict(rows=1, seq_len=1024, compute_dtype="fp32", ce_chunk_bytes=256 * 2**20)
+    free, capped = (rank_memory(info, Layout(), Workload(**kw, ce_chunk_rows=c))["ce_chunk"] for c in (None, 256))
+    v = info.vocab_size
+    assert free - capped == (1024 - CPU_MAX_CHUNK_ROWS) * v * 4  # the fp32 [chunk, V] logits buffer
+    assert default_chunk_size(1024, v, torch.float32) == CPU_MAX_CHUNK_ROWS == 256
+
+
 def test_refused_layouts():
     info = model_info_from_hf_config(HF)
     with pytest.raises(ConfigError, match="does not divide"):

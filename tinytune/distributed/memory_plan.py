@@ -102,6 +102,8 @@ class Workload:
         activation_checkpointing: recompute each layer in backward.
         schedule: pipeline schedule (``1f1b``, ``gpipe``, ``interleaved_1f1b``, ``looped_bfs``).
         ce_chunk_bytes: the fused cross-entropy's chunk budget (256 MiB on CPU, 1 GiB on CUDA).
+        ce_chunk_rows: the most tokens per chunk whatever the budget (CPU runs: 256,
+            ``tinytune.kernels.linear_ce.CPU_MAX_CHUNK_ROWS``), or None (CUDA).
         attention_scores: the attention kernel keeps ``[b, h, s, s]`` probabilities (plain SDPA math);
             False for flash-style kernels.
         fsdp: parameters are sharded/gathered by FSDP2 (the distributed recipes).
@@ -121,6 +123,7 @@ class Workload:
     activation_checkpointing: bool = False
     schedule: str = "1f1b"
     ce_chunk_bytes: int = 2**30
+    ce_chunk_rows: int | None = None
     attention_scores: bool = False
     fsdp: bool = True
     accum_steps: int = 1
@@ -242,6 +245,8 @@ def rank_memory(info: ModelInfo, layout: Layout, work: Workload, pp_rank: int | 
         ce = 0.0
         if last:
             chunk = min(tokens, max(1, work.ce_chunk_bytes // (info.vocab_size * (4 + 2 * cb))))
+            if work.ce_chunk_rows is not None:
+                chunk = min(chunk, work.ce_chunk_rows)
             ce = chunk * info.vocab_size * (4 + (cb if cb < 4 else 0)) + tokens * info.dim * (cb + 4)  # logits, grad_h
             if work.mode == "full" or head_adapters:
                 ce += info.vocab_size * info.dim * 4  # fp32 [V, d] weight-gradient accumulator
