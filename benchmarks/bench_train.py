@@ -114,7 +114,10 @@ def _build_tinytune(spec, torch, dtype, device):
         factory = lora_linear_factory(
             LORA_TARGETS, rank=spec["rank"], alpha=spec["alpha"], dropout=0.0, **_qlora_kwargs(spec)
         )
-    model, _ = load_hf_model(spec["weights"], dtype=precision.load_dtype, device=device, linear_factory=factory)
+    frozen = precision.frozen_dtype if spec["mode"] == "lora" else None  # the LoRA recipe's load
+    model, _ = load_hf_model(
+        spec["weights"], dtype=precision.load_dtype, device=device, linear_factory=factory, frozen_dtype=frozen
+    )
     if spec["mode"] == "lora":
         set_trainable_params(model)
     precision.cast_frozen(model)

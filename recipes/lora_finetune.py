@@ -84,9 +84,12 @@ def recipe_main(cfg: DictConfig) -> dict:
     out_dir = prepare_output_dir(s.output_dir, cfg)
 
     # ---- 2. model (frozen base + adapters) and tokenizer ----------------------------------
-    checkpoint_dir, tokenizer, model, info = load_model_and_tokenizer(s, device, precision.load_dtype)
+    # mixed precision: the frozen base is read straight into bf16, the fresh adapters are fp32
+    checkpoint_dir, tokenizer, model, info = load_model_and_tokenizer(
+        s, device, precision.load_dtype, frozen_dtype=precision.frozen_dtype
+    )
     n_trainable = set_trainable_params(model)
-    precision.cast_frozen(model)  # mixed precision: frozen weights in bf16, trainable ones stay fp32
+    precision.cast_frozen(model)  # what is still fp32 and frozen (DoRA / PiSSA / NF4 bases load in fp32) to bf16
     n_total = sum(p.numel() for p in model.parameters())
     print(f"model: {info.model_type} from {checkpoint_dir}; trainable {n_trainable:,} of {n_total:,} parameters")
     print(precision.describe(model))

@@ -226,3 +226,56 @@ def test_small_updates_survive_in_mixed_and_are_lost_in_pure_bf16(ckpt):
             # Adam's first steps move each weight by ~lr (sign of a consistent gradient)
             assert float(moved.median()) > 0.5 * steps * lr
             assert float(moved.max()) <= steps * lr * 1.01
+
+
+# ---- loading: a mixed-precision LoRA base read straight into bf16 ----------------------------------
+
+
+def _loaded(ckpt, frozen_dtype, **lora):
+    """The LoRA model as the recipe builds it, from the same seed: load, freeze, cast the frozen."""
+    mixed = Precision.from_settings(True, BF16, CPU)
+    torch.manual_seed(0)
+    factory = lora_linear_factory(TARGETS, rank=4, alpha=8.0, **lora)
+    model, _ = load_hf_model(ckpt, dtype=mixed.load_dtype, linear_factory=factory, frozen_dtype=frozen_dtype)
+    dtypes_at_load = {n: p.dtype for n, p in model.named_parameters() if type(p.data) is torch.Tensor}
+    set_trainable_params(model)
+    mixed.cast_frozen(model)
+    return model, dtypes_at_load
+
+
+@pytest.mark.parametrize("lora", [{}, {"use_dora": True}, {"init": "pissa"}], ids=["lora", "dora", "pissa"])
+def test_mixed_lora_base_loaded_in_bf16_gives_the_same_model_bits(ckpt, lora):
+    """Reading the checkpoint straight into bf16 (no fp32 copy of the base) must give the model an
+    fp32 load followed by cast_frozen gives: every parameter's dtype and bits, the adapters' random
+    init included. DoRA and PiSSA read the base to initialise, so they keep the fp32 load."""
+    want, want_at_load = _loaded(ckpt, None, **lora)
+    got, got_at_load = _loaded(ckpt, BF16, **lora)
+    assert set(dict(want.named_parameters())) == set(dict(got.named_parameters()))
+    for (n, a), (_, b) in zip(want.named_parameters(), got.named_parameters()):
+        assert a.dtype == b.dtype and a.requires_grad == b.requires_grad, n
+        assert torch.equal(a.detach().view(torch.uint8), b.detach().view(torch.uint8)), n  # bitwise
+    base = [n for n in got_at_load if "lora_" not in n]
+    assert base and all(want_at_load[n] == torch.float32 for n in base)
+    if lora:  # the base read at full precision, then cast as before
+        assert all(got_at_load[n] == torch.float32 for n in base)
+    else:  # never an fp32 copy of the base
+        assert all(got_at_load[n] == BF16 for n in base)
+        assert all(got_at_load[n] == torch.float32 for n in got_at_load if "lora_" in n)
+
+
+def test_base_read_in_full_names_the_lora_variants_that_need_an_fp32_base(ckpt):
+    from tinytune.checkpoint.model_info import read_model_info  # noqa: PLC0415
+    from tinytune.checkpoint.model_loading import base_read_in_full, build_model  # noqa: PLC0415
+
+    info = read_model_info(ckpt)
+    for kw, want in [
+        ({}, False),
+        ({"use_dora": True}, True),
+        ({"init": "pissa"}, True),
+        ({"quantize_base": True}, True),
+    ]:
+        with torch.device("meta"):
+            model = build_model(info, lora_linear_factory(TARGETS, rank=4, alpha=8.0, **kw))
+        assert base_read_in_full(model) is want, kw
+    with torch.device("meta"):
+        assert base_read_in_full(build_model(info)) is False

@@ -58,6 +58,17 @@ def build_model(info: ModelInfo, linear_factory: Callable | None = None) -> nn.M
     return builders[info.model_type](**kwargs)
 
 
+def base_read_in_full(model: nn.Module) -> bool:
+    """Whether a LoRA layer of ``model`` reads its base weight when it initialises or stores it:
+    DoRA's magnitude (row norms of the adapted weight), PiSSA (an SVD of the base), an NF4 base
+    (quantised from the loaded weight). Those need the checkpoint at full precision."""
+    return any(
+        getattr(m, "quantize_base", False) or getattr(m, "use_dora", False) or getattr(m, "init", None) == "pissa"
+        for m in model.modules()
+        if hasattr(m, "reset_lora_parameters")
+    )
+
+
 def _materialize_missing(model: nn.Module, device: torch.device, dtype: torch.dtype) -> None:
     """Gives LoRA modules whose adapters were not in the checkpoint real storage and fresh init."""
     for module in model.modules():
@@ -78,6 +89,7 @@ def load_state_into_meta_model(
     where: str,
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
+    adapter_dtype: torch.dtype | None = None,
 ) -> None:
     """Assigns checkpoint tensors into a model built on the meta device, one shard at a time.
 
@@ -90,6 +102,7 @@ def load_state_into_meta_model(
         where: checkpoint path for error messages.
         device: where the loaded tensors go.
         dtype: dtype of floating tensors.
+        adapter_dtype: dtype of the LoRA adapters initialised here (default ``dtype``).
 
     Raises:
         CheckpointError: unexpected key, shape mismatch, or missing keys (named with the file).
@@ -123,7 +136,7 @@ def load_state_into_meta_model(
     if missing:
         more = f" and {len(missing) - 6} more" if len(missing) > 6 else ""
         raise CheckpointError(f"{where}: checkpoint lacks parameters {missing[:6]}{more}")
-    _materialize_missing(model, device, dtype)
+    _materialize_missing(model, device, adapter_dtype or dtype)
     still = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if still:
         raise CheckpointError(f"{where}: parameters left uninitialised after loading: {still[:6]}")
@@ -142,6 +155,7 @@ def load_hf_model(
     device: torch.device | str = "cpu",
     model_builder: Callable[[], nn.Module] | None = None,
     linear_factory: Callable | None = None,
+    frozen_dtype: torch.dtype | None = None,
 ) -> tuple[nn.Module, ModelInfo]:
     """Loads an HF checkpoint directory into a tinytune model.
 
@@ -159,6 +173,9 @@ def load_hf_model(
             builder (e.g. a LoRA builder); every hyperparameter must match config.json
             (:func:`tinytune.checkpoint.builder_check.check_builder_matches`).
         linear_factory: passed to the config-driven builder (e.g. a LoRA factory).
+        frozen_dtype: LoRA under mixed precision (see :func:`load_state_into_meta_model_frozen`):
+            the checkpoint's weights, all frozen, are read straight into this dtype and the fresh
+            adapters are made in ``dtype``.
 
     Returns:
         ``(model, info)``.
@@ -168,7 +185,9 @@ def load_hf_model(
             shape mismatches (the message names the key and the file).
     """
     if os.path.isfile(path) and path.endswith(".gguf"):
-        return load_gguf_model(path, dtype, device, linear_factory=linear_factory, model_builder=model_builder)
+        return load_gguf_model(
+            path, dtype, device, linear_factory=linear_factory, model_builder=model_builder, frozen_dtype=frozen_dtype
+        )
     dtype = resolve_dtype(dtype)
     path = os.path.abspath(path)
     info = read_model_info(path)
@@ -180,8 +199,36 @@ def load_hf_model(
         model = model_builder() if model_builder is not None else build_model(info, linear_factory)
     if model_builder is not None:
         check_builder_matches(model, info, path)
-    load_state_into_meta_model(model, iter_shards(path, keymap, dtype=None, drop=drop), path, device, dtype)
+    load_state_into_meta_model_frozen(
+        model, iter_shards(path, keymap, dtype=None, drop=drop), path, device, dtype, frozen_dtype
+    )
     return model, info
+
+
+def load_state_into_meta_model_frozen(
+    model: nn.Module,
+    shards: Iterable[tuple[str, dict[str, torch.Tensor]]],
+    where: str,
+    device: torch.device | str,
+    dtype: torch.dtype,
+    frozen_dtype: torch.dtype | None,
+) -> None:
+    """:func:`load_state_into_meta_model`, with the checkpoint read straight into ``frozen_dtype``
+    when that changes nothing.
+
+    A LoRA run under mixed precision keeps its frozen base in bf16 and its fresh adapters in fp32.
+    Loading the base in fp32 and casting it afterwards gives the same bits (the cast rounds once
+    either way) but holds an fp32 copy of the whole model first: twice the memory a bf16 base
+    needs, at load and, as freed heap, after it. So the checkpoint goes to ``frozen_dtype``
+    directly and the adapters are initialised in ``dtype`` as before (same random draws), unless a
+    LoRA layer reads its base to initialise or store it (:func:`base_read_in_full`: DoRA, PiSSA,
+    NF4), which needs full precision: then everything loads in ``dtype`` and the caller casts the
+    frozen weights as before.
+    """
+    if frozen_dtype is None or frozen_dtype == dtype or base_read_in_full(model):
+        load_state_into_meta_model(model, shards, where, device, dtype)
+    else:
+        load_state_into_meta_model(model, shards, where, device, frozen_dtype, adapter_dtype=dtype)
 
 
 def load_gguf_model(
@@ -190,6 +237,7 @@ def load_gguf_model(
     device: torch.device | str = "cpu",
     linear_factory: Callable | None = None,
     model_builder: Callable[[], nn.Module] | None = None,
+    frozen_dtype: torch.dtype | None = None,
 ) -> tuple[nn.Module, ModelInfo]:
     """Loads a llama-architecture GGUF file (dequantized) into a tinytune model.
 
@@ -199,6 +247,7 @@ def load_gguf_model(
         device: parameter device.
         linear_factory: passed to the builder (e.g. a LoRA factory).
         model_builder: zero-argument callable building the model instead (shapes must match).
+        frozen_dtype: as in :func:`load_hf_model`.
 
     Returns:
         ``(model, info)``.
@@ -212,7 +261,7 @@ def load_gguf_model(
     if model_builder is not None:
         check_builder_matches(model, g.info, path)
     sd = {k: v for k, v in g.state_dict.items() if k not in drop}
-    load_state_into_meta_model(model, [(path, sd)], path, device, dtype)
+    load_state_into_meta_model_frozen(model, [(path, sd)], path, device, dtype, frozen_dtype)
     return model, g.info
 
 

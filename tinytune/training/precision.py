@@ -59,6 +59,12 @@ class Precision:
         else the compute dtype."""
         return torch.float32 if self.mixed else self.compute_dtype
 
+    @property
+    def frozen_dtype(self) -> torch.dtype | None:
+        """Mixed precision: the dtype frozen weights are stored in (the compute dtype), so a LoRA
+        base can be read straight into it; None otherwise."""
+        return self.compute_dtype if self.mixed else None
+
     def cast_frozen(self, model: nn.Module) -> int:
         """Mixed precision: frozen floating parameters to the compute dtype (trainable ones stay fp32).
 

@@ -205,7 +205,12 @@ def resolve_checkpoint_dir(src: ModelSourceSettings) -> str:
 
 
 def load_model(
-    model_node: Any, lora: LoRASettings | None, checkpoint_dir: str, device: torch.device, dtype: torch.dtype
+    model_node: Any,
+    lora: LoRASettings | None,
+    checkpoint_dir: str,
+    device: torch.device,
+    dtype: torch.dtype,
+    frozen_dtype: torch.dtype | None = None,
 ) -> tuple[nn.Module, Any]:
     """Builds the model the ``model`` setting describes and loads ``checkpoint_dir`` into it.
 
@@ -218,6 +223,8 @@ def load_model(
         lora: the LoRA settings of a plain ``model`` node (None: no adapters unless the builder adds them).
         checkpoint_dir: HF checkpoint directory.
         device, dtype: where and in which dtype the weights go.
+        frozen_dtype: a LoRA run under mixed precision: the checkpoint's (frozen) weights are read
+            straight into this dtype (:func:`tinytune.checkpoint.load_hf_model`).
 
     Returns:
         ``(model, ModelInfo)``.
@@ -229,7 +236,12 @@ def load_model(
     elif lora is not None:
         factory = lora_factory(lora)
     model, info = load_hf_model(
-        checkpoint_dir, dtype=dtype, device=device, model_builder=builder, linear_factory=factory
+        checkpoint_dir,
+        dtype=dtype,
+        device=device,
+        model_builder=builder,
+        linear_factory=factory,
+        frozen_dtype=frozen_dtype,
     )
     return model, info
 
@@ -246,11 +258,12 @@ def model_lora(model_node: Any) -> LoRASettings | None:
     return LoRASettings.from_node(model_node)
 
 
-def load_model_and_tokenizer(s: Any, device: torch.device, dtype: torch.dtype):
+def load_model_and_tokenizer(s: Any, device: torch.device, dtype: torch.dtype, frozen_dtype: torch.dtype | None = None):
     """Resolves the checkpoint directory, then loads the tokenizer and the model from it.
 
     Args:
         s: recipe settings with ``source`` (:class:`ModelSourceSettings`) and ``model``.
+        device, dtype, frozen_dtype: as in :func:`load_model`.
 
     Returns:
         ``(checkpoint_dir, tokenizer, model, ModelInfo)`` (see :func:`resolve_checkpoint_dir`,
@@ -258,7 +271,7 @@ def load_model_and_tokenizer(s: Any, device: torch.device, dtype: torch.dtype):
     """
     checkpoint_dir = resolve_checkpoint_dir(s.source)
     tokenizer = load_tokenizer(s.source, checkpoint_dir)
-    model, info = load_model(s.model, model_lora(s.model), checkpoint_dir, device, dtype)
+    model, info = load_model(s.model, model_lora(s.model), checkpoint_dir, device, dtype, frozen_dtype)
     return checkpoint_dir, tokenizer, model, info
 
 
