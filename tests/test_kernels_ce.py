@@ -158,20 +158,32 @@ def test_default_chunk_size_respects_budget():
 
 def test_default_chunk_size_caps_cpu_rows_unless_a_budget_is_set(monkeypatch):
     """On CPU more than CPU_MAX_CHUNK_ROWS rows only grow the scratch buffers at the step's memory peak;
-    an explicit budget (argument or TINYTUNE_CE_CHUNK_BYTES) is taken as given."""
+    an explicit budget (argument or TINYTUNE_CE_CHUNK_BYTES) is taken as given, other devices uncapped."""
     monkeypatch.delenv("TINYTUNE_CE_CHUNK_BYTES", raising=False)
     cap = linear_ce.CPU_MAX_CHUNK_ROWS
     # SmolLM2's vocab: the 256 MiB budget alone would give 455 (fp32) / 680 (bf16) rows
-    assert default_chunk_size(1624, 49152, torch.float32) == cap
-    assert default_chunk_size(1624, 49152, torch.bfloat16) == cap
-    assert default_chunk_size(100, 49152, torch.float32) == 100
+    assert default_chunk_size(1624, 49152, torch.float32, cpu=True) == cap
+    assert default_chunk_size(1624, 49152, torch.bfloat16, cpu=True) == cap
+    assert default_chunk_size(1624, 49152, torch.bfloat16) == 680  # e.g. an NPU: the budget alone
+    assert default_chunk_size(100, 49152, torch.float32, cpu=True) == 100
     assert default_chunk_size(1624, 49152, torch.bfloat16, cuda=True) == 1624  # 1 GiB: 2730 rows
-    assert default_chunk_size(1624, 49152, torch.float32, budget_bytes=256 * 2**20) == 448
+    assert default_chunk_size(1624, 49152, torch.float32, budget_bytes=256 * 2**20, cpu=True) == 448
     monkeypatch.setenv("TINYTUNE_CE_CHUNK_BYTES", str(256 * 2**20))
-    assert default_chunk_size(1624, 49152, torch.float32) == 448
+    assert default_chunk_size(1624, 49152, torch.float32, cpu=True) == 448
     # the budget still binds below the cap (Qwen's vocab in fp32: 145 rows fit in 256 MiB)
     monkeypatch.delenv("TINYTUNE_CE_CHUNK_BYTES")
-    assert default_chunk_size(1624, 152_064, torch.float32) == 144
+    assert default_chunk_size(1624, 152_064, torch.float32, cpu=True) == 144
+
+
+def test_cpu_call_uses_the_capped_chunk(monkeypatch):
+    """linear_cross_entropy on CPU tensors asks for the capped size (what the step's memory relies on)."""
+    monkeypatch.delenv("TINYTUNE_CE_CHUNK_BYTES", raising=False)
+    seen = []
+    real = linear_ce._linear_ce
+    monkeypatch.setattr(linear_ce, "_linear_ce", lambda *a: seen.append(a[6]) or real(*a))
+    h = torch.randn(600, 16, requires_grad=True)
+    linear_cross_entropy(h, torch.randn(100, 16), torch.randint(0, 100, (600,)))
+    assert seen == [linear_ce.CPU_MAX_CHUNK_ROWS]
 
 
 def test_fp32_output_gemm_probe_is_false_on_cpu():

@@ -86,7 +86,7 @@ def test_ce_chunk_rows_caps_the_cross_entropy_scratch():
     free, capped = (rank_memory(info, Layout(), Workload(**kw, ce_chunk_rows=c))["ce_chunk"] for c in (None, 256))
     v = info.vocab_size
     assert free - capped == (1024 - CPU_MAX_CHUNK_ROWS) * v * 4  # the fp32 [chunk, V] logits buffer
-    assert default_chunk_size(1024, v, torch.float32) == CPU_MAX_CHUNK_ROWS == 256
+    assert default_chunk_size(1024, v, torch.float32, cpu=True) == CPU_MAX_CHUNK_ROWS == 256
 
 
 def test_refused_layouts():

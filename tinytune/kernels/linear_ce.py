@@ -79,7 +79,12 @@ RowStep = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
 
 
 def default_chunk_size(
-    num_tokens: int, vocab: int, dtype: torch.dtype, budget_bytes: int | None = None, cuda: bool = False
+    num_tokens: int,
+    vocab: int,
+    dtype: torch.dtype,
+    budget_bytes: int | None = None,
+    cuda: bool = False,
+    cpu: bool = False,
 ) -> int:
     """Chunk size (tokens per chunk) that keeps the per-chunk logits/gradient buffers within a budget.
 
@@ -90,10 +95,11 @@ def default_chunk_size(
         budget_bytes: memory budget per chunk; default from ``TINYTUNE_CE_CHUNK_BYTES``, else 256 MiB
             (1 GiB when ``cuda``).
         cuda: the chunks run on a CUDA device (larger default budget).
+        cpu: the chunks run on the CPU: without an explicit budget (argument or
+            ``TINYTUNE_CE_CHUNK_BYTES``) at most :data:`CPU_MAX_CHUNK_ROWS` tokens.
 
     Returns:
-        A chunk size in ``[1, N]``; a multiple of 8 when larger than 8. Off CUDA and without an
-        explicit budget (argument or ``TINYTUNE_CE_CHUNK_BYTES``) at most :data:`CPU_MAX_CHUNK_ROWS`.
+        A chunk size in ``[1, N]``; a multiple of 8 when larger than 8.
     """
     explicit = budget_bytes is not None or "TINYTUNE_CE_CHUNK_BYTES" in os.environ
     if budget_bytes is None:
@@ -102,7 +108,7 @@ def default_chunk_size(
     elem = torch.empty((), dtype=dtype).element_size()
     per_row = vocab * (4 + 2 * elem)  # fp32 logits/grad buffer + native logits + native grad copy
     chunk = max(1, budget_bytes // per_row)
-    if not (cuda or explicit):
+    if cpu and not explicit:
         chunk = min(chunk, CPU_MAX_CHUNK_ROWS)
     if chunk > 8:
         chunk -= chunk % 8
@@ -359,7 +365,7 @@ def linear_cross_entropy(
     labels = labels.long()
     n, vocab = hidden.shape[0], weight.shape[0]
     if chunk_size is None:
-        chunk_size = default_chunk_size(n, vocab, hidden.dtype, cuda=hidden.is_cuda)
+        chunk_size = default_chunk_size(n, vocab, hidden.dtype, cuda=hidden.is_cuda, cpu=hidden.device.type == "cpu")
     if chunk_size < 1:
         raise ValueError(f"linear_cross_entropy: chunk_size must be >= 1, got {chunk_size}")
     if hidden.device.type == "cpu":  # cheap here; on accelerators this would force a host sync
