@@ -136,13 +136,11 @@ def _operand(rows: int, cols: int, transposed: bool, g: torch.Generator) -> torc
 BACKENDS = ("torch", "onednn", "onednn_fast")
 
 
-def _gemm(backend: str, a: torch.Tensor, b: torch.Tensor, reuse: bool):
-    """``a @ b`` as ``cpu_gemm: backend`` dispatches it (sizes and rows thresholds included)."""
+def _gemm(backend: str, a: torch.Tensor, b: torch.Tensor):
+    """``a @ b`` as ``cpu_gemm: backend`` dispatches it (sizes and rows thresholds included); the CE
+    rows as the fused CE runs them (each call copies the weight's k-blocks it needs)."""
     cpu_gemm.set_cpu_gemm(backend)
-    if not reuse:
-        return cpu_gemm.mm(a, b)
-    with cpu_gemm.reuse_weight_blocks():  # as the fused CE runs its chunks: one copy of the weight's k-blocks
-        return cpu_gemm.mm(a, b)
+    return cpu_gemm.mm(a, b)
 
 
 def _interleaved_best(fns: dict, repeats: int) -> dict:
@@ -161,7 +159,7 @@ def _case(what: str, m: int, k: int, n: int, ta: bool, tb: bool, repeats: int) -
     g = torch.Generator().manual_seed(m + k + n)
     a, b = _operand(m, k, ta, g), _operand(k, n, tb, g)
     ref = a.double() @ b.double()
-    fns = {name: (lambda name=name: _gemm(name, a, b, what.startswith("CE"))) for name in BACKENDS}
+    fns = {name: (lambda name=name: _gemm(name, a, b)) for name in BACKENDS}
     if what.startswith("square"):  # the peak: oneDNN in one pass, whatever the back end's rules
         fns["onednn_fast"] = lambda: cpu_gemm.one_pass(a, b.t())
     times = _interleaved_best(fns, repeats)

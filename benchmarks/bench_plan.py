@@ -112,6 +112,9 @@ def recipe_cfg(out: str, ckpt: str, pp: int, dp: int, tp: int, vocab: int, smoke
         "seed": 0,
         "device": "cpu",
         "dtype": "fp32",
+        # the measurement fixes glibc's mmap threshold (MALLOC_MMAP_THRESHOLD_ below) so freed buffers
+        # leave the resident set; the recipes' own policy (auto = keep) would keep them in the heap
+        "malloc": "default",
         "checkpoint_dir": ckpt,
         "plot_loss": False,
         "dataset": {

@@ -390,3 +390,31 @@ def test_thin_mm_runs_one_pass_only_under_onednn_fast(backend, monkeypatch, name
     monkeypatch.setattr(cpu_gemm, "MIN_MACS", 1024 * 576 * 16 + 1)
     assert torch.equal(cpu_gemm.thin_mm(x, a.t()), torch.mm(x, a.t()))
     assert calls == []
+
+
+@needs_onednn
+def test_tiled_product_holds_one_column_tiles_weight_copies_at_a_time(backend, monkeypatch):
+    """A column-tiled k-blocked product (the fused CE's [chunk, V] logits) copies the weight's strided
+    k-blocks tile by tile and drops them after each column tile: never a whole copy of the weight."""
+    backend("onednn")
+    g = torch.Generator().manual_seed(3)
+    m, k, n = 40, 450, 300  # 3 k-blocks; column tiles of 16
+    x, w = torch.randn(m, k, generator=g), torch.randn(n, k, generator=g)
+    want = cpu_gemm._lp(x, w)
+    monkeypatch.setattr(cpu_gemm, "TILED_FROM", 1000)
+    monkeypatch.setattr(cpu_gemm, "TILE_OUT", 700)
+    rows, cols = cpu_gemm._tiles(m, n)
+    assert rows == m and cols < n
+    held, real = [], cpu_gemm._w_block
+
+    def spy(wt, j, e):
+        blk = real(wt, j, e)
+        cache = cpu_gemm._BLOCKS["cache"] or {}
+        held.append(sum(t.numel() for t in cache.values()))
+        return blk
+
+    monkeypatch.setattr(cpu_gemm, "_w_block", spy)
+    assert torch.equal(cpu_gemm._lp(x, w), want)
+    assert len(held) == 3 * -(-n // cols)  # every k-block of every column tile, copied once
+    assert max(held) == cols * k < n * k  # one column tile's blocks at a time
+    assert cpu_gemm._BLOCKS["cache"] is None

@@ -104,8 +104,8 @@ _BLOCKS: dict[str, dict | None] = {"cache": None}
 @contextlib.contextmanager
 def reuse_weight_blocks():
     """Inside this block the ``k``-block copies of a weight are made once and reused by every GEMM
-    on the same weight (the fused CE multiplies each token chunk by the same ``[V, d]`` weight).
-    They are dropped on exit; an in-place change of the weight makes new ones."""
+    on the same weight (the row tiles of one column tile in :func:`_tiled`). They are dropped on exit
+    (the outermost block's); an in-place change of the weight makes new ones."""
     outer = _BLOCKS["cache"]
     _BLOCKS["cache"] = {} if outer is None else outer
     try:
@@ -150,9 +150,11 @@ def _tiled(x, w, acc, b, out: torch.Tensor, bounds, tm: int, tn: int) -> torch.T
     m, n = out.shape
     # column tiles multiply all of x: its k-blocks are copied once (oneDNN copies strided inputs)
     xs = [x[:, j:e] if tn == n else x[:, j:e].contiguous() for j, e in bounds]
-    with reuse_weight_blocks():  # row tiles share w's k-block copies
-        for r in range(0, m, tm):
-            for c in range(0, n, tn):
+    for c in range(0, n, tn):
+        # the row tiles of one column tile share its weight k-block copies, dropped after it (one tile's
+        # copies live at a time, not a whole copy of w)
+        with reuse_weight_blocks():
+            for r in range(0, m, tm):
                 a = None if acc is None else acc[r : r + tm, c : c + tn].contiguous()
                 bias = None if b is None else b[c : c + tn]
                 out[r : r + tm, c : c + tn] = _blocked([xj[r : r + tm] for xj in xs], w[c : c + tn], a, bias, bounds)
