@@ -89,26 +89,38 @@ def load_state_into_meta_model(
     where: str,
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
-    adapter_dtype: torch.dtype | None = None,
+    frozen_dtype: torch.dtype | None = None,
 ) -> None:
     """Assigns checkpoint tensors into a model built on the meta device, one shard at a time.
 
     Parameters the checkpoint lacks are an error, except LoRA adapters, which get their fresh
     initialisation.
 
+    ``frozen_dtype`` is for a LoRA run under mixed precision, which keeps its frozen base in bf16
+    and its fresh adapters in fp32. Loading the base in ``dtype`` and casting it afterwards gives
+    the same bits (the cast rounds once either way) but holds an fp32 copy of the whole model
+    first: twice the memory a bf16 base needs, at load and, as freed heap, after it. So the
+    checkpoint goes to ``frozen_dtype`` directly and the adapters are initialised in ``dtype`` as
+    before (same random draws), unless a LoRA layer reads its base to initialise or store it
+    (:func:`base_read_in_full`: DoRA, PiSSA, NF4), which needs full precision: then everything
+    loads in ``dtype`` and the caller casts the frozen weights as before.
+
     Args:
         model: model whose parameters are on the meta device (or real: then they are replaced).
         shards: ``(file, state_dict)`` pairs with tinytune names.
         where: checkpoint path for error messages.
         device: where the loaded tensors go.
-        dtype: dtype of floating tensors.
-        adapter_dtype: dtype of the LoRA adapters initialised here (default ``dtype``).
+        dtype: dtype of floating tensors (and of the fresh LoRA adapters).
+        frozen_dtype: dtype of the checkpoint's tensors when all of them stay frozen (see above).
 
     Raises:
         CheckpointError: unexpected key, shape mismatch, or missing keys (named with the file).
         NonFiniteError: a tensor holding NaN/Inf (named with the file).
     """
     device = torch.device(device)
+    adapter_dtype = dtype
+    if frozen_dtype is not None and not base_read_in_full(model):
+        dtype = frozen_dtype
     expected = {k: tuple(v.shape) for k, v in model.state_dict(keep_vars=True).items()}
     loaded: set[str] = set()
     for file, sd in shards:
@@ -136,7 +148,7 @@ def load_state_into_meta_model(
     if missing:
         more = f" and {len(missing) - 6} more" if len(missing) > 6 else ""
         raise CheckpointError(f"{where}: checkpoint lacks parameters {missing[:6]}{more}")
-    _materialize_missing(model, device, adapter_dtype or dtype)
+    _materialize_missing(model, device, adapter_dtype)
     still = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if still:
         raise CheckpointError(f"{where}: parameters left uninitialised after loading: {still[:6]}")
@@ -173,7 +185,7 @@ def load_hf_model(
             builder (e.g. a LoRA builder); every hyperparameter must match config.json
             (:func:`tinytune.checkpoint.builder_check.check_builder_matches`).
         linear_factory: passed to the config-driven builder (e.g. a LoRA factory).
-        frozen_dtype: LoRA under mixed precision (see :func:`load_state_into_meta_model_frozen`):
+        frozen_dtype: LoRA under mixed precision (see :func:`load_state_into_meta_model`):
             the checkpoint's weights, all frozen, are read straight into this dtype and the fresh
             adapters are made in ``dtype``.
 
@@ -199,36 +211,10 @@ def load_hf_model(
         model = model_builder() if model_builder is not None else build_model(info, linear_factory)
     if model_builder is not None:
         check_builder_matches(model, info, path)
-    load_state_into_meta_model_frozen(
+    load_state_into_meta_model(
         model, iter_shards(path, keymap, dtype=None, drop=drop), path, device, dtype, frozen_dtype
     )
     return model, info
-
-
-def load_state_into_meta_model_frozen(
-    model: nn.Module,
-    shards: Iterable[tuple[str, dict[str, torch.Tensor]]],
-    where: str,
-    device: torch.device | str,
-    dtype: torch.dtype,
-    frozen_dtype: torch.dtype | None,
-) -> None:
-    """:func:`load_state_into_meta_model`, with the checkpoint read straight into ``frozen_dtype``
-    when that changes nothing.
-
-    A LoRA run under mixed precision keeps its frozen base in bf16 and its fresh adapters in fp32.
-    Loading the base in fp32 and casting it afterwards gives the same bits (the cast rounds once
-    either way) but holds an fp32 copy of the whole model first: twice the memory a bf16 base
-    needs, at load and, as freed heap, after it. So the checkpoint goes to ``frozen_dtype``
-    directly and the adapters are initialised in ``dtype`` as before (same random draws), unless a
-    LoRA layer reads its base to initialise or store it (:func:`base_read_in_full`: DoRA, PiSSA,
-    NF4), which needs full precision: then everything loads in ``dtype`` and the caller casts the
-    frozen weights as before.
-    """
-    if frozen_dtype is None or frozen_dtype == dtype or base_read_in_full(model):
-        load_state_into_meta_model(model, shards, where, device, dtype)
-    else:
-        load_state_into_meta_model(model, shards, where, device, frozen_dtype, adapter_dtype=dtype)
 
 
 def load_gguf_model(
@@ -261,7 +247,7 @@ def load_gguf_model(
     if model_builder is not None:
         check_builder_matches(model, g.info, path)
     sd = {k: v for k, v in g.state_dict.items() if k not in drop}
-    load_state_into_meta_model_frozen(model, [(path, sd)], path, device, dtype, frozen_dtype)
+    load_state_into_meta_model(model, [(path, sd)], path, device, dtype, frozen_dtype)
     return model, g.info
 
 
